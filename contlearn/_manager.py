@@ -1,0 +1,76 @@
+"""The plugin manager of a run: a pluggy ``PluginManager`` with contlearn's hooks.
+
+There is no global manager: every :class:`~contlearn.Experiment` makes its own
+with :func:`make_plugin_manager`, so two experiments in one process never see
+each other's plugins.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pluggy
+
+from contlearn import hookspecs
+from contlearn.errors import PluginError
+
+DEFAULTS_NAME = "defaults"
+
+
+def make_plugin_manager() -> pluggy.PluginManager:
+    """A fresh manager that knows every hook of :mod:`contlearn.hookspecs`."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    return pm
+
+
+def register_plugins(pm: pluggy.PluginManager, plugins: dict[str, Any], defaults: Any) -> None:
+    """Register the defaults and then ``plugins`` in order, and check them.
+
+    :raises PluginError: a hook implementation that matches no hookspec or has
+        arguments the spec lacks (``check_pending``), or two plugins that both
+        answer the same ``firstresult`` hook without declaring an order.
+    """
+    try:
+        pm.register(defaults, name=DEFAULTS_NAME)
+        for name, plugin in plugins.items():
+            pm.register(plugin, name=name)
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        name = pm.get_name(exc.plugin) or repr(exc.plugin)
+        raise PluginError(f"plugin '{name}' does not fit the hook contract: {exc}") from None
+    except ValueError as exc:  # duplicate registration
+        raise PluginError(str(exc)) from None
+    check_firstresult_conflicts(pm)
+
+
+def check_firstresult_conflicts(pm: pluggy.PluginManager) -> None:
+    """Two strategies implementing one ``firstresult`` hook must say which goes first.
+
+    Only one implementation's result would be used, chosen by registration order;
+    that silently disables the other strategy's behaviour. Marking one of them
+    ``tryfirst`` or ``trylast`` (or ``wrapper``) states the intent and passes.
+    """
+    for hook_name in dir(pm.hook):
+        caller = getattr(pm.hook, hook_name)
+        if not isinstance(caller, pluggy.HookCaller) or caller.spec is None:
+            continue
+        if not caller.spec.opts.get("firstresult"):
+            continue
+        impls = [
+            impl
+            for impl in caller.get_hookimpls()
+            if impl.plugin_name != DEFAULTS_NAME and not (impl.tryfirst or impl.trylast or impl.wrapper or impl.hookwrapper)
+        ]
+        if len(impls) > 1:
+            names = " and ".join(f"'{impl.plugin_name}'" for impl in impls)
+            raise PluginError(
+                f"plugins {names} both implement the firstresult hook '{hook_name}'; only one "
+                f"result can be used. Mark one implementation tryfirst or trylast, or drop a plugin."
+            )
+
+
+def implemented(pm: pluggy.PluginManager, hook_name: str, include_defaults: bool = True) -> bool:
+    """Whether any registered plugin implements ``hook_name``."""
+    caller = getattr(pm.hook, hook_name)
+    return any(include_defaults or impl.plugin_name != DEFAULTS_NAME for impl in caller.get_hookimpls())

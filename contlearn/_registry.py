@@ -1,0 +1,121 @@
+"""Where plugins come from: built-ins by short name, others by entry point.
+
+A plugin is a class with an optional ``Config`` dataclass, built as
+``cls(config)`` (or ``cls()`` when it has no ``Config``), whose methods marked
+with :data:`contlearn.hookimpl` implement hooks. Built-in strategies are listed
+in :data:`BUILTIN_PLUGINS`; third-party packages register theirs in the
+entry-point group ``contlearn.plugins`` (``name = "pkg.module:Class"``).
+Setting ``CONTLEARN_DISABLE_PLUGIN_AUTOLOAD=1`` skips entry points.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+from contlearn.errors import PluginError, choices
+
+ENTRY_POINT_GROUP = "contlearn.plugins"
+DISABLE_AUTOLOAD_ENV = "CONTLEARN_DISABLE_PLUGIN_AUTOLOAD"
+
+#: Built-in plugins: short name -> "module:Class".
+BUILTIN_PLUGINS: dict[str, str] = {
+    "finetune": "contlearn.plugins.finetune:Finetune",
+}
+
+
+class PluginLoadWarning(UserWarning):
+    """A third-party plugin could not be loaded; the others still are."""
+
+
+@dataclass
+class PluginEntry:
+    """One available plugin: its name, where it comes from, how to import it."""
+
+    name: str
+    target: str  # "module:attr"
+    source: str  # "builtin" or "<distribution> <version>"
+    _loaded: Any = None
+
+    def load(self) -> type:
+        """Import the plugin class; a failure names the plugin and its source."""
+        if self._loaded is None:
+            module_name, _, attr = self.target.partition(":")
+            try:
+                obj: Any = importlib.import_module(module_name)
+                for part in attr.split(".") if attr else ():
+                    obj = getattr(obj, part)
+            except Exception as exc:
+                raise PluginError(
+                    f"plugin '{self.name}' ({self.target}, from {self.source}) failed to load: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            self._loaded = obj
+        return self._loaded
+
+    @property
+    def config_class(self) -> type | None:
+        return getattr(self.load(), "Config", None)
+
+
+class PluginRegistry:
+    """The plugins a run can name, built-ins first."""
+
+    def __init__(self, entries: dict[str, PluginEntry], broken: dict[str, str] | None = None):
+        self.entries = entries
+        self.broken = broken or {}
+
+    @classmethod
+    def load(cls, autoload: bool | None = None) -> PluginRegistry:
+        """Built-ins, plus entry points of the group ``contlearn.plugins`` unless
+        autoload is off. A third-party plugin that fails to import is reported
+        with a :class:`PluginLoadWarning` naming it and its distribution, and left
+        out; the others are still available."""
+        entries = {name: PluginEntry(name, target, "builtin") for name, target in BUILTIN_PLUGINS.items()}
+        broken: dict[str, str] = {}
+        if autoload is None:
+            autoload = not os.environ.get(DISABLE_AUTOLOAD_ENV)
+        if autoload:
+            for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+                dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist is not None else "unknown distribution"
+                entry = PluginEntry(ep.name, ep.value, dist)
+                if ep.name in entries:
+                    warnings.warn(
+                        f"plugin '{ep.name}' from {dist} has the name of a plugin from "
+                        f"{entries[ep.name].source}; it is ignored",
+                        PluginLoadWarning,
+                        stacklevel=2,
+                    )
+                    continue
+                try:
+                    entry.load()
+                except PluginError as exc:
+                    broken[ep.name] = str(exc)
+                    warnings.warn(str(exc), PluginLoadWarning, stacklevel=2)
+                    continue
+                entries[ep.name] = entry
+        return cls(entries, broken)
+
+    def get(self, name: str) -> PluginEntry:
+        """The entry of a plugin; an unknown name lists the available ones."""
+        if name in self.entries:
+            return self.entries[name]
+        if name in self.broken:
+            raise PluginError(self.broken[name])
+        raise PluginError(f"unknown plugin '{name}'; available plugins: {choices(self.entries)}")
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def create(self, name: str, config: Any) -> Any:
+        """Build the plugin ``name`` from its validated config."""
+        cls = self.get(name).load()
+        try:
+            plugin = cls(config) if getattr(cls, "Config", None) is not None else cls()
+        except Exception as exc:
+            raise PluginError(f"plugin '{name}' could not be built: {type(exc).__name__}: {exc}") from exc
+        return plugin

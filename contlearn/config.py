@@ -1,0 +1,266 @@
+"""Experiment configuration: OmegaConf structured configs, loading and validation.
+
+One YAML file is one experiment. :func:`load_config` merges, in this order, the
+schema's defaults, the file (and the files it names as ``base``), and
+``key=value`` overrides, then validates every plugin's section against that
+plugin's ``Config`` dataclass. Every mistake becomes a :class:`ConfigError`
+that names the key and lists what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from contlearn.errors import ConfigError, choices
+
+DEFAULT_EXPERIMENT = "split-digits"
+
+
+@dataclass
+class ScenarioConfig:
+    """What the stream of experiences is made of (see docs/scenarios.md)."""
+
+    source: str = "digits"  # digits | npz | mnist | fashion_mnist | cifar10 | cifar100 | svhn | folder | avalanche
+    setting: str = "class"  # class | task | domain
+    n_experiences: int = 5
+    class_order: Optional[List[int]] = None  # explicit order; None: shuffled by seed
+    classes_per_experience: Optional[List[int]] = None  # None: equal split
+    test_fraction: float = 0.2  # stratified split when the source has no test set
+    path: Optional[str] = None  # file for source=npz, folder for source=folder
+    root: Optional[str] = None  # torchvision root
+    download: bool = False  # let torchvision download into root
+    transform: str = "none"  # domain shift for setting=domain: permute | rotate
+    validation_fraction: float = 0.0
+    samples_per_class: Optional[int] = None  # subsample for quick runs
+
+
+@dataclass
+class ModelConfig:
+    """Backbone and head (see docs/models.md)."""
+
+    backbone: str = "mlp"
+    hidden: List[int] = field(default_factory=lambda: [256, 256])
+    head: str = "incremental"  # incremental | multi | cosine
+    pretrained: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """How each experience is trained."""
+
+    epochs: int = 20
+    batch_size: int = 32
+    optimizer: str = "sgd"  # sgd | adam | adamw
+    lr: float = 0.1
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    eval_batch_size: int = 512
+
+
+@dataclass
+class EvalConfig:
+    """What is measured after each experience."""
+
+    fwt: bool = True  # evaluate the initial model too, for forward transfer
+
+
+@dataclass
+class ExperimentConfig:
+    """One experiment. ``plugins`` maps plugin names to their config sections, in
+    the order in which they are registered."""
+
+    name: str = DEFAULT_EXPERIMENT
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    out: Optional[str] = None  # run directory; None: runs/<name>-<timestamp>
+    scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    plugins: Dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------ resolution
+
+
+def shipped_configs() -> list[str]:
+    """Names of the experiments shipped with the package (``contlearn run NAME``)."""
+    folder = resources.files("contlearn.configs")
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A path to an existing YAML file, or the shipped config of that name."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    if path.suffix in {".yaml", ".yml"} or path.parent != Path("."):
+        raise ConfigError(f"config file '{name_or_path}' does not exist")
+    shipped = resources.files("contlearn.configs") / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return Path(str(shipped))
+    raise ConfigError(
+        f"no config file or shipped experiment named '{name_or_path}'; "
+        f"shipped experiments: {', '.join(shipped_configs())}"
+    )
+
+
+def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    """Load one file, merged over the file its ``base`` key names."""
+    if path.resolve() in seen:
+        raise ConfigError(f"config '{path}' includes itself through 'base'")
+    try:
+        data = OmegaConf.load(path)
+    except Exception as exc:  # yaml.YAMLError, UnicodeDecodeError...
+        raise ConfigError(f"cannot read config '{path}': {exc}") from None
+    if not isinstance(data, DictConfig):
+        raise ConfigError(f"config '{path}' must be a mapping of keys to values")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    base_path = Path(str(base))
+    if not base_path.is_absolute() and (path.parent / base_path).is_file():
+        base_path = path.parent / base_path
+    parent = _load_yaml(resolve_config_path(str(base_path)), (*seen, path.resolve()))
+    return OmegaConf.merge(parent, data)  # type: ignore[return-value]
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> DictConfig:
+    """``["train.lr=0.1", "plugins.ewc.lam=10"]`` as a config."""
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"cannot parse overrides {list(overrides)}: {exc}") from None
+
+
+# ------------------------------------------------------------------ validation
+
+
+def _valid_keys(schema: Any, full_key: str) -> list[str]:
+    """The valid keys of the config section that holds ``full_key``."""
+    node: Any = schema
+    for part in str(full_key).split(".")[:-1]:
+        if not dataclasses.is_dataclass(node):
+            return []
+        node = typing.get_type_hints(node).get(part)
+    if dataclasses.is_dataclass(node):
+        return [f.name for f in dataclasses.fields(node)]
+    return []
+
+
+def _first_line(text: str) -> str:
+    return str(text).strip().splitlines()[0] if str(text).strip() else ""
+
+
+def _merge_checked(schema: Any, *layers: Any, where: str = "") -> DictConfig:
+    """Merge layers over a structured schema, turning OmegaConf errors into
+    :class:`ConfigError` messages that name the key and the valid choices."""
+    try:
+        return OmegaConf.merge(OmegaConf.structured(schema), *layers)  # type: ignore[return-value]
+    except ConfigKeyError as exc:
+        full_key = f"{where}{exc.full_key}" if exc.full_key else where.rstrip(".")
+        valid = _valid_keys(schema, str(exc.full_key))
+        raise ConfigError(f"unknown config key '{full_key}'; valid keys here: {choices(valid)}") from None
+    except ValidationError as exc:
+        full_key = f"{where}{exc.full_key}"
+        raise ConfigError(f"wrong value for '{full_key}': {_first_line(exc.msg)}") from None
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"invalid config{f' at {where}' if where else ''}: {_first_line(exc.msg)}") from None
+
+
+def plugin_config(name: str, config_cls: type | None, section: Any) -> Any:
+    """Validate one plugin's section and return its ``Config`` instance."""
+    if section is None:
+        section = {}
+    if not isinstance(section, (dict, DictConfig)):
+        raise ConfigError(f"plugins.{name} must be a mapping of fields, got {section!r}")
+    if config_cls is None:
+        if len(section):
+            raise ConfigError(f"plugin '{name}' takes no config fields, got {choices(section.keys())}")
+        return None
+    merged = _merge_checked(config_cls, section, where=f"plugins.{name}.")
+    return OmegaConf.to_object(merged)
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Check what the schema cannot: enumerations, ranges and plugin sections.
+
+    Plugin sections are replaced by their validated values, defaults filled in.
+    """
+    from contlearn._registry import PluginRegistry  # a plugin may import config
+
+    allowed = {
+        "device": None,
+        "scenario.setting": ("class", "task", "domain"),
+        "model.head": ("incremental", "multi", "cosine"),
+        "train.optimizer": ("sgd", "adam", "adamw"),
+    }
+    for key, valid in allowed.items():
+        value = OmegaConf.select(cfg, key)
+        if valid is not None and value not in valid:
+            raise ConfigError(f"'{key}' must be one of {choices(valid)}, got {value!r}")
+    device = str(cfg.device)
+    if not (device in ("auto", "cpu", "cuda", "mps") or device.startswith("cuda:")):
+        raise ConfigError(f"'device' must be auto, cpu, cuda or cuda:N, got {device!r}")
+    for key in ("scenario.n_experiences", "train.epochs", "train.batch_size", "train.eval_batch_size"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"'{key}' must be at least 1, got {OmegaConf.select(cfg, key)}")
+    if cfg.train.lr <= 0:
+        raise ConfigError(f"'train.lr' must be positive, got {cfg.train.lr}")
+    if not 0 < cfg.scenario.test_fraction < 1:
+        raise ConfigError(f"'scenario.test_fraction' must be in (0, 1), got {cfg.scenario.test_fraction}")
+
+    registry = PluginRegistry.load()
+    for name in list(cfg.plugins.keys()):
+        entry = registry.get(name)
+        section = cfg.plugins[name]
+        plugin_cfg = plugin_config(name, getattr(entry.load(), "Config", None), section)
+        cfg.plugins[name] = OmegaConf.structured(plugin_cfg) if plugin_cfg is not None else {}
+    return cfg
+
+
+def load_config(
+    source: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    check: bool = True,
+) -> DictConfig:
+    """Load an experiment config.
+
+    :param source: a YAML file, the name of a shipped experiment
+        (see :func:`shipped_configs`), or ``None`` for the default experiment.
+    :param overrides: ``key=value`` strings, applied last.
+    :param check: validate values and plugin sections (needs the plugins).
+    :return: the merged config (an OmegaConf ``DictConfig`` over
+        :class:`ExperimentConfig`).
+    :raises ConfigError: for a missing file, an unknown key or plugin, a wrong type.
+    """
+    layers: list[Any] = []
+    if source is None:
+        source = DEFAULT_EXPERIMENT
+    layers.append(_load_yaml(resolve_config_path(str(source))))
+    layers.append(parse_overrides(overrides))
+    cfg = _merge_checked(ExperimentConfig, *layers)
+    return validate(cfg) if check else cfg
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    """The config as YAML text (what ``config.yaml`` in a run directory holds)."""
+    return OmegaConf.to_yaml(cfg)
+
+
+def to_container(cfg: DictConfig | ListConfig) -> Any:
+    """Plain Python containers, for JSON."""
+    return OmegaConf.to_container(cfg, resolve=True)

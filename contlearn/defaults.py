@@ -1,0 +1,56 @@
+"""The defaults every run starts from: cross-entropy, the configured optimizer,
+the model's own forward and argmax prediction.
+
+:class:`Defaults` is registered before any strategy and its implementations are
+``trylast``: they answer a ``firstresult`` hook only when no strategy does.
+Each takes its spec's full signature, because the loop calls it directly (not
+through pluggy) when no strategy implements the hook.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from contlearn.hookspecs import hookimpl
+from contlearn.models import Output
+from contlearn.run import Run
+from contlearn.scenarios import Batch, Experience
+
+OPTIMIZERS = {
+    "sgd": lambda params, cfg: torch.optim.SGD(
+        params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    ),
+    "adam": lambda params, cfg: torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
+    "adamw": lambda params, cfg: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
+}
+
+
+def build_optimizer(params, train_cfg) -> torch.optim.Optimizer:
+    """The optimizer ``train.optimizer`` names, over ``params``."""
+    return OPTIMIZERS[train_cfg.optimizer](params, train_cfg)
+
+
+class Defaults:
+    """The built-in behaviour of the loop, as the lowest-priority plugin."""
+
+    @hookimpl(trylast=True)
+    def configure_optimizer(self, run: Run, exp: Experience) -> torch.optim.Optimizer:
+        params = [p for p in run.model.parameters() if p.requires_grad]
+        return build_optimizer(params, run.config.train)
+
+    @hookimpl(trylast=True)
+    def forward(self, run: Run, batch: Batch) -> Output:
+        return run.model(batch.x, batch.t)
+
+    @hookimpl(trylast=True)
+    def compute_loss(self, run: Run, batch: Batch, out: Output) -> torch.Tensor:
+        return F.cross_entropy(out.logits, batch.y)
+
+    @hookimpl(trylast=True)
+    def predict(self, run: Run, batch: Batch) -> torch.Tensor:
+        return run.model(batch.x, batch.t).logits.argmax(dim=1)
+
+    @hookimpl(trylast=True)
+    def train_data(self, run: Run, exp: Experience):
+        return exp.train

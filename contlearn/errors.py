@@ -1,0 +1,46 @@
+"""Errors that reach the user as one clear message and an exit code.
+
+The CLI catches :class:`ContlearnError` and prints its message without a
+traceback; ``exit_code`` is 2 for usage and configuration errors and 1 for
+failures at run time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class ContlearnError(Exception):
+    """Base class: an error whose message is meant for the user."""
+
+    exit_code = 1
+
+
+class ConfigError(ContlearnError):
+    """A configuration, a command-line override or a name is wrong."""
+
+    exit_code = 2
+
+
+class PluginError(ContlearnError):
+    """A plugin cannot be found, built or combined with the others."""
+
+    exit_code = 2
+
+
+class DataError(ContlearnError):
+    """A data set is missing or its content does not fit the experiment."""
+
+    exit_code = 1
+
+
+class TrainingError(ContlearnError):
+    """Training cannot go on (non-finite loss, an empty experience...)."""
+
+    exit_code = 1
+
+
+def choices(valid: Iterable[str]) -> str:
+    """Format valid names for an error message: ``'a', 'b', 'c'``."""
+    names = sorted(valid)
+    return ", ".join(repr(n) for n in names) if names else "(none)"

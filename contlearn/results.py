@@ -1,0 +1,131 @@
+"""What a run leaves behind: the run directory, ``results.json``,
+``metrics.csv``, ``config.yaml``, and the table printed at the end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from contlearn.errors import ContlearnError
+
+
+@dataclass
+class Results:
+    """The measurements of a run, as ``results.json`` holds them."""
+
+    name: str
+    seed: int
+    accuracy_matrix: list[list[float]]
+    average_accuracy: float
+    average_incremental_accuracy: float
+    forgetting: float
+    bwt: float
+    fwt: float | None
+    initial_accuracy: list[float] | None
+    per_class_accuracy: list[float | None]
+    class_names: list[str]
+    timings: dict[str, float]
+    versions: dict[str, str]
+    config: dict[str, Any]
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the libraries a result depends on."""
+    import numpy
+    import torch
+
+    from contlearn import __version__
+
+    return {
+        "contlearn": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def default_run_dir(name: str, root: str | Path = "runs") -> Path:
+    """``runs/<name>-<timestamp>``, made unique if it exists."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(root) / f"{name}-{stamp}"
+    path, k = base, 1
+    while path.exists():
+        path, k = Path(f"{base}-{k}"), k + 1
+    return path
+
+
+def prepare_run_dir(path: str | Path) -> Path:
+    """Create the run directory and check that it can be written, before training."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise ContlearnError(f"cannot write to the output directory '{path}': {exc.strerror or exc}") from None
+    return path
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a file so that it is either the old or the whole new content."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_results(run_dir: Path, results: Results) -> None:
+    """``results.json`` and ``metrics.csv`` (one row per matrix entry)."""
+    write_atomic(run_dir / "results.json", json.dumps(results.to_dict(), indent=2) + "\n")
+    tmp = run_dir / ".metrics.csv.tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["trained_experience", "eval_experience", "accuracy"])
+        for i, row in enumerate(results.accuracy_matrix):
+            for j, acc in enumerate(row):
+                writer.writerow([i, j, f"{acc:.6f}"])
+    os.replace(tmp, run_dir / "metrics.csv")
+
+
+def format_matrix(matrix: list[list[float]]) -> str:
+    """The accuracy matrix as a small text table, rows = after training experience i."""
+    n = len(matrix[0]) if matrix else 0
+    lines = ["after exp | " + " ".join(f"exp{j:<3d}" for j in range(n))]
+    lines.append("-" * len(lines[0]))
+    for i, row in enumerate(matrix):
+        lines.append(f"{i:>9d} | " + " ".join(f"{acc:6.3f}" for acc in row))
+    return "\n".join(lines)
+
+
+def format_summary(results: Results) -> str:
+    """Matrix and headline metrics, as printed at the end of a run."""
+
+    def fmt(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:+.4f}" if v < 0 else f"{v:.4f}"
+
+    rows = [
+        ("average accuracy", fmt(results.average_accuracy)),
+        ("avg incremental accuracy", fmt(results.average_incremental_accuracy)),
+        ("forgetting", fmt(results.forgetting)),
+        ("BWT", fmt(results.bwt)),
+        ("FWT", fmt(results.fwt)),
+        ("train seconds", f"{results.timings['train_seconds']:.2f}"),
+        ("total seconds", f"{results.timings['total_seconds']:.2f}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    table = "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    return f"Accuracy matrix (row i: after training experience i)\n{format_matrix(results.accuracy_matrix)}\n\n{table}"

@@ -1,0 +1,65 @@
+"""The command line: exit codes, messages, output files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from contlearn.cli import main
+
+
+def test_run_default_with_overrides(tmp_path, capsys):
+    assert main(["run", "train.epochs=1", "--out", str(tmp_path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "Accuracy matrix" in out and "average accuracy" in out
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["config"]["train"]["epochs"] == 1
+
+
+def test_run_by_name_prints_progress(tmp_path, capsys):
+    assert main(["run", "split-digits", "train.epochs=1", "eval.fwt=false", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "experience 5/5" in out
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["run", "no-such-config"], "shipped experiments"),
+        (["run", "train.epochz=1"], "valid keys here"),
+        (["run", "plugins.nope.x=1"], "available plugins"),
+        (["show-config", "split-digits", "train.lr=fast"], "train.lr"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(argv, needle, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_plugins_lists_builtins_with_fields(capsys):
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "finetune  [builtin]" in out
+
+
+def test_show_config_prints_merged_yaml(capsys):
+    assert main(["show-config", "split-digits", "train.lr=0.3"]) == 0
+    assert "lr: 0.3" in capsys.readouterr().out
+
+
+def test_configs_lists_shipped_names(capsys):
+    assert main(["configs"]) == 0
+    assert "split-digits" in capsys.readouterr().out.split()
+
+
+def test_python_dash_m_and_exit_code_in_a_real_process(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "contlearn", "run", "train.epochz=1"], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert "error: unknown config key 'train.epochz'" in proc.stderr and "Traceback" not in proc.stderr

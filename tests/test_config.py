@@ -1,0 +1,102 @@
+"""Loading, merging and validating experiment configs."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from contlearn import ConfigError, PluginError, load_config
+from contlearn.config import shipped_configs
+
+
+def test_default_experiment_loads_with_documented_keys():
+    cfg = load_config()
+    for key in (
+        "name", "seed", "device", "scenario.source", "scenario.n_experiences", "scenario.class_order",
+        "model.backbone", "train.epochs", "train.batch_size", "train.optimizer", "train.lr",
+    ):
+        assert OmegaConf.select(cfg, key, default="MISSING") != "MISSING", key
+    assert cfg.scenario.source == "digits" and cfg.scenario.n_experiences == 5
+    assert list(cfg.plugins) == ["finetune"]
+
+
+def test_overrides_apply_last_and_convert_types():
+    cfg = load_config("split-digits", ["train.lr=0.5", "seed=3", "scenario.class_order=[9,8,7,6,5,4,3,2,1,0]"])
+    assert cfg.train.lr == 0.5 and cfg.seed == 3 and list(cfg.scenario.class_order)[0] == 9
+
+
+def test_yaml_file_with_base(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("base: split-digits\nname: mine\ntrain:\n  epochs: 2\n")
+    cfg = load_config(str(path))
+    assert cfg.name == "mine" and cfg.train.epochs == 2 and cfg.train.batch_size == 32
+
+
+def test_unknown_key_names_it_and_lists_valid_keys():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["train.epochz=3"])
+    msg = str(err.value)
+    assert "train.epochz" in msg and "'epochs'" in msg and "'batch_size'" in msg
+    assert err.value.exit_code == 2
+
+
+def test_unknown_top_level_key():
+    with pytest.raises(ConfigError, match="unknown config key 'foo'.*'scenario'"):
+        load_config(None, ["foo=1"])
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigError, match="train.epochs"):
+        load_config(None, ["train.epochs=many"])
+
+
+def test_unknown_plugin_lists_available_ones():
+    with pytest.raises(PluginError, match="unknown plugin 'ewk'.*'finetune'") as err:
+        load_config(None, ["plugins.ewk.lam=1"])
+    assert err.value.exit_code == 2
+
+
+def test_plugin_without_fields_rejects_fields():
+    with pytest.raises(ConfigError, match="finetune"):
+        load_config(None, ["plugins.finetune.lr=1"])
+
+
+def test_missing_file_and_unknown_name():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("nowhere/exp.yaml")
+    with pytest.raises(ConfigError, match="shipped experiments: .*split-digits"):
+        load_config("no-such-experiment")
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["train.lr"])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("device=tpu", "device"),
+        ("train.optimizer=lbfgs", "train.optimizer"),
+        ("train.epochs=0", "train.epochs"),
+        ("train.lr=-1", "train.lr"),
+        ("scenario.setting=online", "scenario.setting"),
+    ],
+)
+def test_values_out_of_range(override, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, [override])
+
+
+def test_invalid_yaml_is_a_config_error(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(str(path))
+
+
+def test_every_shipped_config_loads():
+    names = shipped_configs()
+    assert "split-digits" in names
+    for name in names:
+        load_config(name)

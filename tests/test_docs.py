@@ -1,0 +1,53 @@
+"""Every Python code block in the README and docs runs, and meta-checks that
+every hook and every built-in plugin is documented."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from contlearn import hookspecs
+from contlearn._registry import BUILTIN_PLUGINS
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
+BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+HOOKS = sorted(n for n, f in vars(hookspecs).items() if inspect.isfunction(f) and hasattr(f, "contlearn_spec"))
+
+
+def python_blocks(path: Path) -> list[str]:
+    return BLOCK.findall(path.read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("path", [p for p in DOCS if python_blocks(p)], ids=lambda p: str(p.relative_to(ROOT)))
+def test_python_blocks_run(path, tmp_path, monkeypatch):
+    """The blocks of one page run in order in one module (dataclasses need a real one)."""
+    monkeypatch.chdir(tmp_path)
+    module = types.ModuleType(f"docs_{path.stem.replace('-', '_')}")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    for k, code in enumerate(python_blocks(path)):
+        exec(compile(code, f"{path.name}[block {k}]", "exec"), module.__dict__)
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_every_hookspec_has_a_docstring(hook):
+    doc = inspect.getdoc(getattr(hookspecs, hook)) or ""
+    assert ":return:" in doc and ":param run:" in doc, f"{hook} must say its parameters and return"
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_every_hook_is_in_the_concepts_table(hook):
+    assert f"`{hook}(" in (ROOT / "docs" / "concepts.md").read_text()
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_PLUGINS))
+def test_every_builtin_plugin_has_a_docs_page(name):
+    page = ROOT / "docs" / "plugins" / f"{name}.md"
+    assert page.is_file(), f"docs/plugins/{name}.md is missing"
+    text = page.read_text()
+    assert "## Config" in text and "## Result" in text, f"{page.name} needs Config and Result sections"

@@ -1,0 +1,105 @@
+"""End-to-end runs of the loop on split digits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from contlearn import Experiment, load_config
+from contlearn.experiment import resolve_device
+
+
+def test_finetune_forgets_catastrophically(tmp_path):
+    """The sanity check that split digits is truly class-incremental."""
+    results = Experiment(load_config("split-digits"), out_dir=tmp_path).run()
+    R = results.accuracy_matrix
+    assert results.average_accuracy <= 0.25
+    assert R[-1][-1] >= 0.95
+    assert all(R[i][i] >= 0.9 for i in range(5))
+    assert results.forgetting > 0.9
+    # a class-incremental head knows nothing about future classes
+    assert all(R[i][j] == 0.0 for i in range(5) for j in range(i + 1, 5))
+
+
+def test_run_directory_contents(tmp_path, quick):
+    Experiment(load_config(None, quick[:1]), out_dir=tmp_path).run()
+    data = json.loads((tmp_path / "results.json").read_text())
+    for key in ("accuracy_matrix", "average_accuracy", "average_incremental_accuracy", "forgetting", "bwt", "fwt", "seed", "versions", "config"):
+        assert key in data, key
+    assert set(data["timings"]) == {"train_seconds", "eval_seconds", "total_seconds"}
+    assert len(data["accuracy_matrix"]) == 5 and all(0 <= a <= 1 for row in data["accuracy_matrix"] for a in row)
+    assert data["fwt"] is not None and len(data["initial_accuracy"]) == 5
+    assert data["config"]["train"]["epochs"] == 1
+    csv_lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert csv_lines[0] == "trained_experience,eval_experience,accuracy" and len(csv_lines) == 26
+    assert "epochs: 1" in (tmp_path / "config.yaml").read_text()
+
+
+def test_same_seed_same_results(quick):
+    a = Experiment(load_config(None, quick)).run()
+    b = Experiment(load_config(None, quick)).run()
+    c = Experiment(load_config(None, [*quick, "seed=1"])).run()
+    assert a.accuracy_matrix == b.accuracy_matrix
+    assert a.accuracy_matrix != c.accuracy_matrix
+
+
+def test_fwt_baseline_does_not_change_the_run(quick):
+    with_fwt = Experiment(load_config(None, quick[:1])).run()
+    without = Experiment(load_config(None, quick)).run()
+    assert with_fwt.accuracy_matrix == without.accuracy_matrix
+    assert without.fwt is None and with_fwt.fwt is not None
+
+
+def test_explicit_class_order_is_used(quick):
+    results = Experiment(load_config(None, [*quick, "scenario.class_order=[9,8,7,6,5,4,3,2,1,0]"])).run()
+    assert results.class_names == [str(c) for c in range(9, -1, -1)]
+
+
+def test_cnn_backbone_and_adam(quick):
+    results = Experiment(load_config(None, [*quick, "model.backbone=cnn", "model.hidden=[8,16]", "train.optimizer=adam", "train.lr=0.01"])).run()
+    assert results.accuracy_matrix[0][0] > 0.5
+
+
+def test_head_grows_with_each_experience(quick):
+    exp = Experiment(load_config(None, quick))
+    sizes = []
+
+    from contlearn import hookimpl
+
+    class Watch:
+        @hookimpl
+        def before_experience(self, run):
+            sizes.append(run.model.head.out_features)
+
+    exp.extra_plugins["watch"] = Watch()
+    exp.run()
+    assert sizes == [2, 4, 6, 8, 10]
+
+
+def test_device_resolution():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        from contlearn import ConfigError
+
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+def test_unwritable_output_directory_fails_before_training(tmp_path, quick):
+    from contlearn import ContlearnError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ContlearnError, match="cannot write to the output directory"):
+        Experiment(load_config(None, quick), out_dir=blocker / "run").run()
+
+
+def test_library_use_matches_the_readme():
+    from contlearn import Experiment, load_config
+
+    cfg = load_config("split-digits", ["train.epochs=1"])
+    results = Experiment(cfg).run()
+    assert len(results.accuracy_matrix) == cfg.scenario.n_experiences

@@ -1,0 +1,288 @@
+"""The hook contract: every hook is called at its phase, results combine as
+documented, and plugins that break the contract are refused."""
+
+from __future__ import annotations
+
+import inspect
+
+import pluggy
+import pytest
+import torch
+from contlearn.scenarios import Batch
+
+from contlearn import Experiment, PluginError, TrainingError, hookimpl, hookspecs, load_config
+from contlearn.experiment import _StepHooks
+
+ALL_HOOKS = sorted(
+    name for name, fn in vars(hookspecs).items() if inspect.isfunction(fn) and hasattr(fn, "contlearn_spec")
+)
+
+
+class Recorder:
+    """Implements every hook, records each call, and lets the defaults answer."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def _rec(self, name):
+        self.calls.append(name)
+
+    @hookimpl
+    def setup(self, run):
+        self._rec("setup")
+
+    @hookimpl
+    def teardown(self, run):
+        self._rec("teardown")
+
+    @hookimpl
+    def train_data(self, run, exp):
+        self._rec("train_data")
+
+    @hookimpl
+    def before_experience(self, run, exp):
+        self._rec("before_experience")
+
+    @hookimpl
+    def configure_optimizer(self, run, exp):
+        self._rec("configure_optimizer")
+
+    @hookimpl
+    def after_experience(self, run, exp):
+        self._rec("after_experience")
+
+    @hookimpl
+    def extra_samples(self, run, batch):
+        self._rec("extra_samples")
+
+    @hookimpl
+    def forward(self, run, batch):
+        self._rec("forward")
+
+    @hookimpl
+    def compute_loss(self, run, batch, out):
+        self._rec("compute_loss")
+
+    @hookimpl
+    def loss_terms(self, run, batch, out):
+        self._rec("loss_terms")
+
+    @hookimpl
+    def after_backward(self, run):
+        self._rec("after_backward")
+
+    @hookimpl
+    def after_step(self, run):
+        self._rec("after_step")
+
+    @hookimpl
+    def predict(self, run, batch):
+        self._rec("predict")
+
+    @hookimpl
+    def after_eval_batch(self, run, batch, predictions):
+        self._rec("after_eval_batch")
+
+    @hookimpl
+    def unlearn(self, run, request):
+        self._rec("unlearn")
+        return {"forgot": request}
+
+    @hookimpl
+    def on_metrics(self, run, metrics):
+        self._rec(f"on_metrics:{metrics['kind']}")
+
+
+def _run(quick, *overrides, plugins=None):
+    exp = Experiment(load_config(None, [*quick, "scenario.n_experiences=2", "scenario.class_order=[0,1,2,3,4,5,6,7,8,9]", *overrides]), plugins=plugins)
+    return exp, exp.run()
+
+
+def test_recorder_covers_every_hookspec():
+    implemented = {name for name, fn in vars(Recorder).items() if hasattr(fn, "contlearn_impl")}
+    assert implemented == set(ALL_HOOKS)
+
+
+def test_hooks_are_called_in_lifecycle_order(quick):
+    rec = Recorder()
+    exp, _ = _run(quick, plugins={"rec": rec})
+    exp.unlearn(classes=[1])
+    calls = rec.calls
+    assert calls[0] == "setup" and calls[-2:] == ["teardown", "unlearn"]
+    step = ["extra_samples", "forward", "compute_loss", "loss_terms", "after_backward", "after_step"]
+    first_step = calls.index("extra_samples")
+    assert calls[first_step : first_step + len(step)] == step
+    per_exp = ["train_data", "before_experience", "configure_optimizer"]
+    assert calls[1:4] == per_exp
+    # per experience: epoch metrics before after_experience, evaluation after it
+    for name in (*per_exp, "after_experience", "on_metrics:eval", "on_metrics:epoch"):
+        assert calls.count(name) == 2, name
+    i_after = calls.index("after_experience")
+    assert calls.index("on_metrics:epoch") < i_after < calls.index("predict") < calls.index("on_metrics:eval")
+    assert calls.index("after_eval_batch") == calls.index("predict") + 1
+    # one training step per batch: 2 experiences of 5 classes, ~720 training samples each, batch 32
+    assert calls.count("forward") == calls.count("after_step") > 40
+
+
+def test_firstresult_strategy_wins_over_default(quick):
+    class ConstantPredictor:
+        @hookimpl
+        def predict(self, run, batch):
+            return torch.full_like(batch.y, 3)
+
+    _, results = _run(quick, plugins={"const": ConstantPredictor()})
+    # only class 3 is ever predicted: accuracy on experience 0 (classes 0-4) is 1/5 of it, on exp 1 zero
+    assert results.accuracy_matrix[-1][1] == 0.0
+    assert 0.1 < results.accuracy_matrix[-1][0] < 0.3
+
+
+def test_compute_loss_override_is_used(quick):
+    class NoLoss:
+        @hookimpl
+        def compute_loss(self, out):
+            return out.logits.sum() * 0.0
+
+    _, results = _run(quick, plugins={"noloss": NoLoss()})
+    # the model never learns: accuracy stays near chance on the first experience
+    assert results.accuracy_matrix[0][0] < 0.5
+
+
+def test_loss_terms_are_summed_and_logged_by_name(quick):
+    seen = []
+
+    class Terms:
+        def __init__(self, name, value):
+            self.name, self.value = name, value
+
+        @hookimpl
+        def loss_terms(self, out):
+            return {self.name: out.logits.sum() * 0 + self.value}
+
+    class Log:
+        @hookimpl
+        def on_metrics(self, metrics):
+            if metrics["kind"] == "epoch":
+                seen.append(metrics)
+
+    class TotalCheck:
+        """Sees the total through the gradient: a term of value v adds nothing to it."""
+
+    _run(quick, plugins={"a": Terms("alpha", 1.5), "b": Terms("beta", 2.0), "log": Log()})
+    assert seen and all(m["loss/alpha"] == pytest.approx(1.5) and m["loss/beta"] == pytest.approx(2.0) for m in seen)
+    assert all(m["loss"] > 0 for m in seen)
+
+
+def test_loss_terms_change_training(quick):
+    class Decay:
+        @hookimpl
+        def loss_terms(self, run):
+            return {"huge": sum((p**2).sum() for p in run.model.parameters()) * 10.0}
+
+    _, plain = _run(quick)
+    _, decayed = _run(quick, plugins={"decay": Decay()})
+    assert decayed.accuracy_matrix != plain.accuracy_matrix
+
+
+def test_duplicate_loss_term_names_are_an_error(quick):
+    class Same:
+        @hookimpl
+        def loss_terms(self, out):
+            return {"same": out.logits.sum() * 0}
+
+    with pytest.raises(TrainingError, match="same"):
+        _run(quick, plugins={"a": Same(), "b": Same()})
+
+
+def test_extra_samples_are_concatenated(quick):
+    sizes = []
+
+    class Extra:
+        @hookimpl
+        def extra_samples(self, batch):
+            return Batch(batch.x[:3], batch.y[:3], batch.t[:3])
+
+        @hookimpl
+        def compute_loss(self, batch, out):
+            sizes.append((len(batch), out.logits.shape[0]))
+            return None  # let the default compute it
+
+    class Second:
+        @hookimpl(trylast=True)
+        def compute_loss(self):
+            return None
+
+    _run(quick, plugins={"extra": Extra()})
+    assert sizes and all(n == m for n, m in sizes)
+    assert sizes[0][0] == 32 + 3
+
+
+def test_two_firstresult_implementations_need_an_order():
+    class P1:
+        @hookimpl
+        def predict(self, batch):
+            return batch.y
+
+    class P2:
+        @hookimpl
+        def predict(self, batch):
+            return batch.y
+
+    class P3:
+        @hookimpl(tryfirst=True)
+        def predict(self, batch):
+            return batch.y
+
+    with pytest.raises(PluginError, match="'p1' and 'p2'.*predict"):
+        Experiment(load_config(None, ["train.epochs=1"]), plugins={"p1": P1(), "p2": P2()}).build()
+    Experiment(load_config(None, ["train.epochs=1"]), plugins={"p1": P1(), "p3": P3()}).build()
+
+
+def test_implementation_of_unknown_hook_is_refused():
+    class Typo:
+        @hookimpl
+        def after_experiance(self, run):
+            pass
+
+    with pytest.raises(PluginError, match="typo"):
+        Experiment(load_config(None, ["train.epochs=1"]), plugins={"typo": Typo()}).build()
+
+
+def test_implementation_with_unknown_argument_is_refused():
+    class BadArgs:
+        @hookimpl
+        def after_step(self, run, gradients):
+            pass
+
+    with pytest.raises(PluginError, match="badargs"):
+        Experiment(load_config(None, ["train.epochs=1"]), plugins={"badargs": BadArgs()}).build()
+
+
+def test_unimplemented_step_hooks_are_not_dispatched():
+    exp = Experiment(load_config(None, ["train.epochs=1"]))
+    run = exp.build()
+    hooks = _StepHooks(run.pm, exp.defaults)
+    assert hooks.extra_samples is None and hooks.loss_terms is None and hooks.after_step is None
+    # only the defaults answer: bound methods, no pluggy dispatch
+    assert hooks.forward == exp.defaults.forward
+    assert not isinstance(hooks.compute_loss, pluggy.HookCaller)
+
+
+def test_unlearn_without_an_implementation_is_a_clear_error(quick):
+    from contlearn import ContlearnError
+
+    exp, _ = _run(quick)
+    with pytest.raises(ContlearnError, match="no active plugin implements unlearning"):
+        exp.unlearn(classes=[0])
+
+
+def test_teardown_runs_when_training_fails(quick):
+    rec = Recorder()
+
+    class Boom:
+        @hookimpl
+        def after_step(self, run):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        _run(quick, plugins={"rec": rec, "boom": Boom()})
+    assert rec.calls[-1] == "teardown"

@@ -1,0 +1,73 @@
+"""Metrics on hand-made accuracy matrices, each value worked out by hand."""
+
+import numpy as np
+import pytest
+
+from contlearn import metrics
+
+# Three experiences. Row i: accuracies after training experience i.
+R = [
+    [0.9, 0.1, 0.0],
+    [0.6, 0.8, 0.2],
+    [0.3, 0.7, 0.9],
+]
+
+
+def test_average_accuracy_is_mean_of_last_row():
+    assert metrics.average_accuracy(R) == pytest.approx((0.3 + 0.7 + 0.9) / 3)
+
+
+def test_average_incremental_accuracy():
+    expected = (0.9 + (0.6 + 0.8) / 2 + (0.3 + 0.7 + 0.9) / 3) / 3
+    assert metrics.average_incremental_accuracy(R) == pytest.approx(expected)
+
+
+def test_forgetting_uses_best_earlier_accuracy():
+    # exp0: best of R[0][0], R[1][0] = 0.9, final 0.3 -> 0.6; exp1: best R[1][1] = 0.8, final 0.7 -> 0.1
+    assert metrics.forgetting(R) == pytest.approx((0.6 + 0.1) / 2)
+
+
+def test_forgetting_when_accuracy_rises_after_training():
+    # accuracy that rises is negative forgetting (Chaudhry et al. do not clip at 0)
+    assert metrics.forgetting([[0.5, 0.0], [0.7, 0.9]]) == pytest.approx(-0.2)
+    # exp0 improves after exp1 (0.5 -> 0.7) then drops to 0.6: forgetting 0.1 from its best
+    assert metrics.forgetting([[0.5, 0, 0], [0.7, 0.9, 0], [0.6, 0.9, 1.0]]) == pytest.approx((0.1 + 0.0) / 2)
+
+
+def test_bwt():
+    assert metrics.bwt(R) == pytest.approx(((0.3 - 0.9) + (0.7 - 0.8)) / 2)
+
+
+def test_fwt_against_initial_accuracies():
+    b = [0.1, 0.05, 0.1]
+    assert metrics.fwt(R, b) == pytest.approx(((0.1 - 0.05) + (0.2 - 0.1)) / 2)
+    assert metrics.fwt(R, None) is None
+
+
+def test_single_experience_has_no_forgetting():
+    assert metrics.forgetting([[0.8]]) == 0.0
+    assert metrics.bwt([[0.8]]) == 0.0
+    assert metrics.fwt([[0.8]], [0.1]) is None
+
+
+def test_partial_matrix_uses_rows_so_far():
+    partial = R[:2]
+    assert metrics.average_accuracy(partial) == pytest.approx((0.6 + 0.8 + 0.2) / 3)
+    assert metrics.forgetting(partial) == pytest.approx(0.3)
+
+
+def test_bad_shapes_are_rejected():
+    with pytest.raises(ValueError, match="accuracy matrix"):
+        metrics.average_accuracy([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]])
+    with pytest.raises(ValueError):
+        metrics.average_accuracy([])
+
+
+def test_per_class_accuracy_from_confusion():
+    confusion = np.array([[3, 1, 0], [0, 0, 0], [2, 0, 2]])
+    assert metrics.per_class_accuracy(confusion) == [0.75, None, 0.5]
+
+
+def test_summary_names_match_results_json():
+    s = metrics.summary(R, [0, 0, 0])
+    assert set(s) == {"average_accuracy", "average_incremental_accuracy", "forgetting", "bwt", "fwt"}

@@ -1,0 +1,101 @@
+"""Plugin discovery: built-ins by short name, third-party plugins through a
+real entry point (a dist-info directory on sys.path), broken plugins reported."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import pytest
+
+from contlearn import Experiment, PluginError, load_config
+from contlearn._registry import (
+    BUILTIN_PLUGINS,
+    DISABLE_AUTOLOAD_ENV,
+    PluginLoadWarning,
+    PluginRegistry,
+)
+
+
+@pytest.fixture
+def third_party(tmp_path, monkeypatch):
+    """Installs, on sys.path, a distribution 'cl-extras' with one working plugin
+    ('shout') and one broken one ('broken')."""
+    (tmp_path / "cl_extras.py").write_text(
+        textwrap.dedent(
+            '''
+            from dataclasses import dataclass
+            from contlearn import hookimpl
+
+            class Shout:
+                """Counts training steps."""
+
+                @dataclass
+                class Config:
+                    volume: int = 3
+
+                def __init__(self, config):
+                    self.config = config
+                    self.steps = 0
+
+                @hookimpl
+                def after_step(self, run):
+                    self.steps += 1
+            '''
+        )
+    )
+    (tmp_path / "cl_broken.py").write_text("raise ImportError('needs a missing library')\n")
+    dist = tmp_path / "cl_extras-1.2.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: cl-extras\nVersion: 1.2\n")
+    (dist / "entry_points.txt").write_text(
+        "[contlearn.plugins]\nshout = cl_extras:Shout\nbroken = cl_broken:Plugin\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    sys.modules.pop("cl_extras", None)
+
+
+def test_builtins_are_listed_by_short_name():
+    registry = PluginRegistry.load(autoload=False)
+    assert set(BUILTIN_PLUGINS) <= set(registry.names())
+    assert registry.get("finetune").source == "builtin"
+
+
+def test_entry_point_plugin_is_found_and_runs(third_party):
+    with pytest.warns(PluginLoadWarning):
+        registry = PluginRegistry.load()
+    entry = registry.get("shout")
+    assert entry.source == "cl-extras 1.2"
+    with pytest.warns(PluginLoadWarning):
+        cfg = load_config(None, ["train.epochs=1", "eval.fwt=false", "plugins.shout.volume=5"])
+    assert cfg.plugins.shout.volume == 5
+    with pytest.warns(PluginLoadWarning):
+        exp = Experiment(cfg)
+        exp.run()
+    assert exp.run_state.plugins["shout"].steps > 0
+
+
+def test_broken_entry_point_warns_with_name_and_distribution(third_party):
+    with pytest.warns(PluginLoadWarning, match=r"'broken'.*cl-extras 1\.2.*needs a missing library"):
+        registry = PluginRegistry.load()
+    assert "shout" in registry.names() and "broken" not in registry.names()
+    with pytest.raises(PluginError, match="broken.*cl-extras"):
+        registry.get("broken")
+
+
+def test_autoload_can_be_disabled(third_party, monkeypatch):
+    monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, "1")
+    registry = PluginRegistry.load()
+    assert "shout" not in registry.names()
+    with pytest.raises(PluginError, match="unknown plugin 'shout'"):
+        registry.get("shout")
+
+
+def test_wrong_plugin_field_type(third_party):
+    from contlearn import ConfigError
+
+    with pytest.warns(PluginLoadWarning), pytest.raises(ConfigError, match="plugins.shout.volume"):
+        load_config(None, ["plugins.shout.volume=loud"])
+    with pytest.warns(PluginLoadWarning), pytest.raises(ConfigError, match="plugins.shout.pitch.*'volume'"):
+        load_config(None, ["plugins.shout.pitch=1"])
