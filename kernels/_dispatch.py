@@ -1,0 +1,249 @@
+"""Backend choice, lazy Triton loading and multi-tensor launch tables for the kernels.
+
+Triton is optional: nothing here imports it until a Triton kernel is launched. Kernel
+bodies are plain functions handed to ``triton.jit`` at their first launch, so the
+``TRITON_INTERPRET`` switch is read then and not when the module is imported. The
+bodies call only Triton builtins: ``tl.sum`` and ``tl.zeros`` are themselves jitted
+when Triton is imported, and then cannot run in an interpreter switched on later, so
+sums are ``tl.reduce(x, axis, tl.standard._sum_combine)`` (what ``tl.sum`` expands
+to) and zeros are ``tl.full``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Literal
+
+import torch
+
+Backend = Literal["auto", "triton", "torch"]
+BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
+
+_TRUTHY = {"1", "true", "on", "yes"}
+
+
+def interpreter_enabled() -> bool:
+    """Whether ``TRITON_INTERPRET`` asks Triton to run kernels on the CPU (Triton's truthy values)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUTHY
+
+
+@functools.cache
+def _load_triton() -> tuple[ModuleType | None, str]:
+    try:
+        import triton
+        import triton.language  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install raising at import
+        return None, f"{type(exc).__name__}: {exc}"
+    return triton, ""
+
+
+def triton_available() -> bool:
+    """Whether ``import triton`` succeeds here."""
+    return _load_triton()[0] is not None
+
+
+def import_triton() -> ModuleType:
+    """Return the ``triton`` module, or raise RuntimeError saying why it cannot be imported."""
+    triton, reason = _load_triton()
+    if triton is None:
+        raise RuntimeError(f"triton is not importable ({reason})")
+    return triton
+
+
+def resolve_backend(
+    op: str, backend: str, tensors: Sequence[torch.Tensor]
+) -> Literal["triton", "torch"]:
+    """Pick the implementation of ``op`` for ``tensors``.
+
+    ``auto`` runs Triton when every tensor is on a CUDA device and Triton imports, and
+    the torch reference otherwise. ``triton`` runs Triton on CUDA tensors, or on CPU
+    tensors through the interpreter when ``TRITON_INTERPRET=1``; anything else raises
+    RuntimeError saying why. ``torch`` always runs the reference.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    devices = {t.device for t in tensors}
+    kinds = {d.type for d in devices}
+    if backend == "auto":
+        return (
+            "triton" if kinds == {"cuda"} and len(devices) == 1 and triton_available() else "torch"
+        )
+    triton, reason = _load_triton()
+    if triton is None:
+        raise RuntimeError(
+            f"{op}: backend='triton' requested but triton is not importable ({reason})"
+        )
+    if len(devices) > 1:
+        raise RuntimeError(
+            f"{op}: backend='triton' needs all tensors on one device, got {sorted(map(str, devices))}"
+        )
+    if kinds <= {"cuda"}:
+        return "triton"
+    if kinds == {"cpu"} and interpreter_enabled():
+        return "triton"
+    raise RuntimeError(
+        f"{op}: backend='triton' cannot run on {sorted(kinds)} tensors: Triton needs CUDA tensors, "
+        "or CPU tensors with TRITON_INTERPRET=1 in the environment (its interpreter)"
+    )
+
+
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make ``device`` current while launching: Triton launches on the current CUDA device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+class TritonKernel:
+    """A kernel body that becomes a ``triton.jit`` function at its first launch.
+
+    The module holding ``fn`` must define a global ``tl`` placeholder: it is bound to
+    ``triton.language`` when the kernel is first built. ``autotune`` maps the triton
+    module to the keyword arguments of ``triton.autotune``; it applies on the GPU only,
+    and in the interpreter the launcher passes fixed block sizes instead (see
+    :attr:`tuned`).
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., None],
+        autotune: Callable[[ModuleType], dict[str, Any]] | None = None,
+    ):
+        self.fn = fn
+        self.autotune = autotune
+        self._built: dict[bool, Any] = {}
+        functools.update_wrapper(self, fn)
+
+    def build(self) -> Any:
+        interpret = interpreter_enabled()
+        kernel = self._built.get(interpret)
+        if kernel is None:
+            triton = import_triton()
+            self.fn.__globals__["tl"] = triton.language
+            kernel = triton.jit(self.fn)
+            if self.autotune is not None and not interpret:
+                kernel = triton.autotune(**self.autotune(triton))(kernel)
+            self._built[interpret] = kernel
+        return kernel
+
+    @property
+    def tuned(self) -> bool:
+        """Whether launches on this machine go through ``triton.autotune``."""
+        return self.autotune is not None and not interpreter_enabled()
+
+    def __getitem__(self, grid: Any) -> Callable[..., Any]:
+        return self.build()[grid]
+
+
+def triton_kernel(
+    fn: Callable[..., None] | None = None,
+    *,
+    autotune: Callable[[ModuleType], dict[str, Any]] | None = None,
+) -> Any:
+    """Decorator form of :class:`TritonKernel`."""
+    if fn is None:
+        return lambda f: TritonKernel(f, autotune)
+    return TritonKernel(fn, autotune)
+
+
+def elementwise_block() -> int:
+    """Elements per program of the multi-tensor kernels (smaller in the interpreter, to keep it quick)."""
+    return 1024 if interpreter_enabled() else 4096
+
+
+@dataclass
+class LaunchTable:
+    """Device-side description of a list of same-dtype tensors processed in one launch.
+
+    Program ``p`` works on tensor ``block_tensor[p]``, elements
+    ``[(p - block_first[k]) * block, ...)`` of it, reading each operand ``j`` at
+    address ``addrs[j][k]``; ``elem_first[k]`` is the tensor's first element in the
+    concatenation of the list.
+    """
+
+    addrs: list[torch.Tensor]
+    numels: torch.Tensor
+    block_first: torch.Tensor
+    elem_first: torch.Tensor
+    block_tensor: torch.Tensor
+    n_blocks: int
+    n_elements: int
+    aligned: bool
+
+
+_TABLES: OrderedDict[tuple, LaunchTable] = OrderedDict()
+_TABLE_CACHE_SIZE = 16
+
+
+def launch_table(operands: Sequence[Sequence[torch.Tensor]], block: int) -> LaunchTable:
+    """The pointer table for ``operands`` (lists of contiguous tensors, one list per operand).
+
+    A table depends only on the tensors' addresses and sizes, so the last few are kept
+    and reused: repeated calls on the same parameters skip the host work and the copy.
+    A new table travels to the device in one host-to-device copy, and the
+    block->tensor map is expanded there, without a synchronisation.
+    """
+    device = operands[0][0].device
+    numels = [t.numel() for t in operands[0]]
+    addrs = [[t.data_ptr() for t in ops] for ops in operands]
+    key = (device, block, tuple(numels), tuple(a for row in addrs for a in row))
+    table = _TABLES.get(key)
+    if table is None:
+        table = _build_table(device, addrs, numels, block)
+        _TABLES[key] = table
+        if len(_TABLES) > _TABLE_CACHE_SIZE:
+            _TABLES.popitem(last=False)
+    else:
+        _TABLES.move_to_end(key)
+    return table
+
+
+def _build_table(
+    device: torch.device, addrs: list[list[int]], numels: list[int], block: int
+) -> LaunchTable:
+    n = len(numels)
+    blocks = [-(-m // block) for m in numels]
+    block_first, elem_first, nb, ne = [], [], 0, 0
+    for m, b in zip(numels, blocks, strict=True):
+        block_first.append(nb)
+        elem_first.append(ne)
+        nb += b
+        ne += m
+    aligned = all(a % 16 == 0 for row in addrs for a in row)
+    host = torch.tensor(
+        [a for row in addrs for a in row] + numels + block_first + elem_first + blocks,
+        dtype=torch.int64,
+    )
+    meta = host.to(device, non_blocking=device.type == "cuda")
+    rows = meta.view(len(addrs) + 4, n)
+    block_tensor = torch.repeat_interleave(torch.arange(n, device=device), rows[-1], output_size=nb)
+    return LaunchTable(
+        addrs=[rows[j] for j in range(len(addrs))],
+        numels=rows[-4],
+        block_first=rows[-3],
+        elem_first=rows[-2],
+        block_tensor=block_tensor,
+        n_blocks=nb,
+        n_elements=ne,
+        aligned=aligned,
+    )
+
+
+def triton_dtype(dtype: torch.dtype) -> Any:
+    """The ``triton.language`` dtype matching a floating torch dtype."""
+    tl = import_triton().language
+    table = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+    if dtype not in table:
+        raise TypeError(f"unsupported dtype {dtype}; expected one of {list(table)}")
+    return table[dtype]
+
+
+def contiguous_work(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when contiguous, else a contiguous copy to compute in and copy back."""
+    return t if t.is_contiguous() else t.contiguous()

@@ -1,0 +1,269 @@
+"""Selective Synaptic Dampening's select-and-dampen step over all parameters in one pass.
+
+SSD (Foster et al., "Fast Machine Unlearning Without Retraining Through Selective
+Synaptic Dampening", AAAI 2024) compares the diagonal Fisher information of the
+forget set ``F_f`` with that of the full training data ``F_D`` element by element
+and shrinks the parameters that matter much more to the forget set::
+
+    selected = F_f > alpha * F_D  and  F_f > 0
+    theta    = theta * min(lam * F_D / F_f, 1)      where selected
+
+Edge cases: ``F_f = 0`` is never selected (no division by zero); ``F_D = 0`` with
+``F_f > 0`` is selected with factor 0, so theta becomes 0, as in the reference code.
+A NaN or infinity in any theta, F_D or F_f raises ValueError naming the tensor and
+leaves every parameter as it was. Arithmetic is fp32 whatever the storage dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from . import _dispatch
+from ._dispatch import Backend
+
+__all__ = ["dampen_", "dampen_reference_"]
+
+tl: Any = None  # triton.language once a kernel is built (see _dispatch.TritonKernel)
+
+Tensors = Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
+
+
+def _as_lists(
+    params: Tensors, fisher_d: Tensors, fisher_f: Tensors
+) -> tuple[list[str], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    if isinstance(params, Mapping):
+        names = list(params)
+        if not isinstance(fisher_d, Mapping) or not isinstance(fisher_f, Mapping):
+            raise TypeError(
+                "dampen_: params is a mapping, so fisher_d and fisher_f must be mappings too"
+            )
+        missing = [n for n in names if n not in fisher_d or n not in fisher_f]
+        if missing:
+            raise ValueError(f"dampen_: no Fisher information for {missing[:5]}")
+        thetas = list(params.values())
+        fds = [fisher_d[n] for n in names]
+        ffs = [fisher_f[n] for n in names]
+    else:
+        thetas, fds, ffs = list(params), list(fisher_d), list(fisher_f)  # type: ignore[arg-type]
+        names = [f"params[{k}]" for k in range(len(thetas))]
+        if not len(thetas) == len(fds) == len(ffs):
+            raise ValueError(
+                f"dampen_: got {len(thetas)} params, {len(fds)} fisher_d, {len(ffs)} fisher_f"
+            )
+    for name, theta, fd, ff in zip(names, thetas, fds, ffs, strict=True):
+        if theta.shape != fd.shape or theta.shape != ff.shape:
+            raise ValueError(
+                f"dampen_: {name} has shape {tuple(theta.shape)} but its Fisher tensors "
+                f"have {tuple(fd.shape)} and {tuple(ff.shape)}"
+            )
+        if fd.device != theta.device or ff.device != theta.device:
+            raise ValueError(f"dampen_: {name} and its Fisher tensors are on different devices")
+    return names, thetas, fds, ffs
+
+
+def _nonfinite_error(
+    name: str, theta: torch.Tensor, fd: torch.Tensor, ff: torch.Tensor
+) -> ValueError:
+    which = [
+        label
+        for label, t in (("theta", theta), ("F_D", fd), ("F_f", ff))
+        if not bool(torch.isfinite(t).all())
+    ]
+    return ValueError(
+        f"dampen_: non-finite values in {', '.join(which)} of {name}; no parameter was changed"
+    )
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    # min and max propagate NaN and hold any infinity: one pass, no boolean temporary
+    return t.numel() == 0 or bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())
+
+
+def _check_scalars(alpha: float, lam: float) -> None:
+    if not (math.isfinite(alpha) and math.isfinite(lam)):
+        raise ValueError(f"dampen_: alpha and lam must be finite, got alpha={alpha}, lam={lam}")
+
+
+@torch.no_grad()
+def dampen_reference_(
+    params: Tensors, fisher_d: Tensors, fisher_f: Tensors, alpha: float, lam: float
+) -> int:
+    """Plain-torch :func:`dampen_`: validates every tensor, then dampens them one by one."""
+    _check_scalars(alpha, lam)
+    names, thetas, fds, ffs = _as_lists(params, fisher_d, fisher_f)
+    for name, theta, fd, ff in zip(names, thetas, fds, ffs, strict=True):
+        if not (_all_finite(theta) and _all_finite(fd) and _all_finite(ff)):
+            raise _nonfinite_error(name, theta, fd, ff)
+    counts = []
+    for theta, fd, ff in zip(thetas, fds, ffs, strict=True):
+        fd32, ff32 = fd.float(), ff.float()
+        selected = (ff32 > alpha * fd32) & (ff32 > 0)
+        factor = torch.clamp(lam * fd32 / ff32, max=1.0)
+        theta.mul_(torch.where(selected, factor, 1.0))  # in fp32, rounded once to theta's dtype
+        counts.append(selected.sum())
+    return sum(int(c) for c in counts)  # read back once all updates are queued
+
+
+@_dispatch.triton_kernel
+def _dampen_kernel(
+    theta_addrs,
+    fd_addrs,
+    ff_addrs,
+    numels,
+    block_first,
+    elem_first,
+    block_tensor,
+    backup_ptr,
+    stats_ptr,
+    n_blocks,
+    alpha,
+    lam,
+    THETA: tl.constexpr,
+    FD: tl.constexpr,
+    FF: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    RESTORE: tl.constexpr,
+):
+    # A block holding any non-finite value writes nothing and reports it in
+    # stats[1]; the others save the selected theta to the backup and dampen them.
+    # RESTORE replays the same selection and writes the backup back (error path).
+    pid = tl.program_id(0)
+    k = tl.load(block_tensor + pid)
+    start = (pid - tl.load(block_first + k)) * BLOCK
+    n = tl.load(numels + k)
+    theta_ptr = tl.load(theta_addrs + k).to(tl.pointer_type(THETA))
+    fd_ptr = tl.load(fd_addrs + k).to(tl.pointer_type(FD))
+    ff_ptr = tl.load(ff_addrs + k).to(tl.pointer_type(FF))
+    if ALIGNED:
+        theta_ptr = tl.multiple_of(theta_ptr, 16)
+        fd_ptr = tl.multiple_of(fd_ptr, 16)
+        ff_ptr = tl.multiple_of(ff_ptr, 16)
+    offs = start + tl.arange(0, BLOCK)
+    theta_ptr += offs
+    fd_ptr += offs
+    ff_ptr += offs
+    backup = backup_ptr + tl.load(elem_first + k) + offs
+    if start + BLOCK <= n:  # unmasked, so that the loads vectorise
+        in_range = tl.full((BLOCK,), 1, tl.int1)
+        raw = tl.load(theta_ptr)
+        fd = tl.load(fd_ptr).to(tl.float32)
+        ff = tl.load(ff_ptr).to(tl.float32)
+    else:
+        in_range = offs < n
+        raw = tl.load(theta_ptr, mask=in_range, other=0.0)
+        fd = tl.load(fd_ptr, mask=in_range, other=0.0).to(tl.float32)
+        ff = tl.load(ff_ptr, mask=in_range, other=0.0).to(tl.float32)
+    theta = raw.to(tl.float32)
+    inf = float("inf")
+    finite = (tl.abs(theta) < inf) & (tl.abs(fd) < inf) & (tl.abs(ff) < inf)
+    n_bad = tl.reduce((~finite).to(tl.int32), 0, tl.standard._sum_combine)
+    selected = (ff > alpha * fd) & (ff > 0.0) & in_range & (n_bad == 0)
+    if RESTORE:
+        tl.store(theta_ptr, tl.load(backup, mask=selected), mask=selected)
+    else:
+        factor = tl.minimum(tl.math.div_rn(lam * fd, tl.where(ff > 0.0, ff, 1.0)), 1.0)
+        tl.store(backup, raw, mask=selected)
+        tl.store(theta_ptr, (theta * factor).to(THETA), mask=selected)
+        tl.store(stats_ptr + pid, tl.reduce(selected.to(tl.int32), 0, tl.standard._sum_combine))
+        tl.store(stats_ptr + n_blocks + pid, n_bad)
+
+
+@torch.no_grad()
+def dampen_(
+    params: Tensors,
+    fisher_d: Tensors,
+    fisher_f: Tensors,
+    alpha: float,
+    lam: float,
+    *,
+    backend: Backend = "auto",
+) -> int:
+    """Dampen ``params`` in place where the forget-set Fisher ``fisher_f`` dominates ``fisher_d``.
+
+    ``params``, ``fisher_d`` and ``fisher_f`` are parallel sequences of same-shaped
+    tensors, or mappings keyed by parameter name (``params``'s keys are used). Returns
+    the number of selected (dampened) elements. See the module docstring for the rule
+    and its edge cases.
+
+    The Triton path is one launch per dtype combination (one in practice): a pointer
+    table lets each program find its tensor, and it reads theta, F_D and F_f once and
+    writes only the selected theta. Those originals are also written to a scratch
+    buffer the size of the parameters, so that a non-finite value found anywhere can
+    be undone without a second reading pass before the write.
+    """
+    _check_scalars(alpha, lam)
+    names, thetas, fds, ffs = _as_lists(params, fisher_d, fisher_f)
+    if _dispatch.resolve_backend("dampen_", backend, thetas + fds + ffs) == "torch":
+        return dampen_reference_(params, fisher_d, fisher_f, alpha, lam)
+    if not thetas:
+        return 0
+    with _dispatch.device_guard(thetas[0].device):
+        return _dampen_triton(names, thetas, fds, ffs, float(alpha), float(lam))
+
+
+def _dampen_triton(
+    names: list[str],
+    thetas: list[torch.Tensor],
+    fds: list[torch.Tensor],
+    ffs: list[torch.Tensor],
+    alpha: float,
+    lam: float,
+) -> int:
+    groups: dict[tuple[torch.dtype, ...], list[int]] = {}
+    for k, (theta, fd, ff) in enumerate(zip(thetas, fds, ffs, strict=True)):
+        if theta.numel():
+            groups.setdefault((theta.dtype, fd.dtype, ff.dtype), []).append(k)
+    device = thetas[0].device
+    block = _dispatch.elementwise_block()
+    launches = []
+    for (t_dtype, fd_dtype, ff_dtype), index in groups.items():
+        work = [_dispatch.contiguous_work(thetas[k]) for k in index]
+        table = _dispatch.launch_table(
+            [work, [fds[k].contiguous() for k in index], [ffs[k].contiguous() for k in index]],
+            block,
+        )
+        backup = torch.empty(table.n_elements, dtype=t_dtype, device=device)
+        stats = torch.empty(2, table.n_blocks, dtype=torch.int32, device=device)
+        args = (
+            *table.addrs,
+            table.numels,
+            table.block_first,
+            table.elem_first,
+            table.block_tensor,
+            backup,
+            stats,
+            table.n_blocks,
+            alpha,
+            lam,
+        )
+        meta = dict(
+            THETA=_dispatch.triton_dtype(t_dtype),
+            FD=_dispatch.triton_dtype(fd_dtype),
+            FF=_dispatch.triton_dtype(ff_dtype),
+            BLOCK=block,
+            ALIGNED=table.aligned,
+            num_warps=8,
+        )
+        _dampen_kernel[(table.n_blocks,)](*args, RESTORE=False, **meta)
+        launches.append((index, work, table, stats, args, meta))
+
+    totals = [stats.sum(dim=1, dtype=torch.int64) for *_, stats, _, _ in launches]
+    counts = torch.stack(totals).tolist() if totals else []
+    bad = next((g for g, (_, n_bad) in enumerate(counts) if n_bad), None)
+    if bad is not None:
+        for _, _, table, _, args, meta in launches:
+            _dampen_kernel[(table.n_blocks,)](*args, RESTORE=True, **meta)
+        index, _, table, stats, _, _ = launches[bad]
+        first_block = int(torch.nonzero(stats[1])[0, 0])
+        k = index[int(table.block_tensor[first_block])]
+        raise _nonfinite_error(names[k], thetas[k], fds[k], ffs[k])
+    for index, work, *_ in launches:
+        for k, w in zip(index, work, strict=True):
+            if w is not thetas[k]:
+                thetas[k].copy_(w)
+    return sum(selected for selected, _ in counts)

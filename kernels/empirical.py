@@ -1,0 +1,256 @@
+"""Diagonal empirical Fisher information of a model (Kirkpatrick et al., 2017, EWC).
+
+Batch mode squares batch gradients, as the SSD (Foster et al., AAAI 2024) and EWC
+reference codes do; per-sample mode is exact for Linear layers through
+:func:`~contlearn.kernels.per_sample.per_sample_linear`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ._dispatch import Backend
+from .accumulate import accumulate_
+from .per_sample import per_sample_linear, per_sample_linear_bias
+
+__all__ = ["empirical_fisher"]
+
+
+def _unpack(batch: Any) -> tuple[Any, Any]:
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    if hasattr(batch, "x") and hasattr(batch, "y"):
+        return batch.x, batch.y
+    raise TypeError(
+        f"empirical_fisher: a batch must be an (x, y, ...) sequence or have .x and .y, got {type(batch)}"
+    )
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    return value.to(device) if torch.is_tensor(value) else value
+
+
+class _GradTap(torch.autograd.Function):
+    """Identity whose backward stores the gradient reaching it in ``record[1]``.
+
+    A tensor hook on the Linear output would be lost when the output is a view that a
+    later op modifies in place (``relu_`` on a [B, T, O] output); the copy made here
+    is an ordinary tensor, so in-place ops after it are chained behind this node.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, record: list) -> torch.Tensor:
+        ctx.record = record
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        ctx.record[1] = grad.detach()
+        return grad, None
+
+
+class _LinearTaps:
+    """Records each call's input and output gradient of the model's Linear layers."""
+
+    def __init__(self, model: nn.Module, trainable: set[int]):
+        owners: dict[int, int] = {}
+        for module in model.modules():
+            for p in module.parameters(recurse=False):
+                owners[id(p)] = owners.get(id(p), 0) + 1
+        self.modules = [
+            m
+            for m in model.modules()
+            if isinstance(m, nn.Linear)
+            and any(id(p) in trainable for p in m.parameters(recurse=False))
+        ]
+        self.exclusive = {
+            id(p)
+            for m in self.modules
+            for p in m.parameters(recurse=False)
+            if owners[id(p)] == 1 and id(p) in trainable
+        }
+        self.calls: dict[nn.Module, list[list[torch.Tensor | None]]] = {m: [] for m in self.modules}
+        self.handles = [m.register_forward_hook(self._hook, with_kwargs=True) for m in self.modules]
+
+    def _hook(
+        self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor
+    ) -> torch.Tensor | None:
+        a = args[0] if args else kwargs["input"]
+        record: list[torch.Tensor | None] = [a.detach(), None]
+        self.calls[module].append(record)
+        return _GradTap.apply(output, record) if output.requires_grad else None
+
+    def fired(self) -> frozenset[nn.Module]:
+        return frozenset(m for m, calls in self.calls.items() if calls)
+
+    def stacked(
+        self, module: nn.Module, batch_size: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Inputs [B, T, I] and output gradients [B, T, O] of every call, calls along T."""
+        pairs = [(a, d) for a, d in self.calls[module] if d is not None]
+        if not pairs:
+            return None
+        for a, _ in pairs:
+            if a.dim() < 2 or (batch_size is not None and a.shape[0] != batch_size):
+                raise ValueError(
+                    f"empirical_fisher(per_sample): a Linear layer saw input {tuple(a.shape)}; per-sample mode "
+                    f"needs the batch ({batch_size} samples) as the leading dimension of every Linear input"
+                )
+        b = pairs[0][0].shape[0]
+        a_all = torch.cat([a.reshape(b, -1, a.shape[-1]) for a, _ in pairs], dim=1)
+        d_all = torch.cat([d.reshape(b, -1, d.shape[-1]) for _, d in pairs], dim=1)  # type: ignore[union-attr]
+        return a_all, d_all
+
+    def clear(self) -> None:
+        for calls in self.calls.values():
+            calls.clear()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def empirical_fisher(
+    model: nn.Module,
+    batches: Iterable[Any],
+    loss_fn: Callable[[nn.Module, Any, Any], torch.Tensor],
+    mode: Literal["batch", "per_sample"] = "batch",
+    *,
+    backend: Backend = "auto",
+) -> dict[str, torch.Tensor]:
+    """Diagonal empirical Fisher information of ``model``'s trainable parameters over ``batches``.
+
+    Batch protocol: each item of ``batches`` is an ``(x, y, ...)`` tuple/list or an
+    object with ``.x`` and ``.y``; tensors among x and y are moved to the device of the
+    model's first trainable parameter. ``loss_fn(model, x, y)`` returns the scalar MEAN
+    over the batch of the per-sample losses (e.g. ``F.cross_entropy(model(x), y)``).
+
+    ``mode="batch"`` (the SSD and EWC reference codes): with ``L_k`` the mean loss of
+    batch k of K, ``F = (1/K) sum_k (dL_k/dtheta)**2``.
+
+    ``mode="per_sample"``: the standard empirical Fisher ``F = (1/N) sum_n
+    (dl_n/dtheta)**2`` over all N samples, with ``l_n`` the per-sample loss, computed
+    exactly for the parameters of ``nn.Linear`` modules called through their forward
+    (hooks record inputs and output gradients; since ``L_k`` is a mean over B_k
+    samples, ``dl_n/dtheta = B_k * dL_k/dtheta`` restricted to sample n). Parameters of
+    other modules, Linear layers bypassed by functional calls (e.g.
+    ``nn.MultiheadAttention.out_proj``) and parameters shared between modules fall back
+    to the batch-mode formula, which is about B times smaller in scale. Per-sample mode
+    assumes samples do not interact (BatchNorm in eval mode) and that the batch is the
+    leading dimension of every Linear input.
+
+    Returns fp32 tensors keyed by ``model.named_parameters()`` names (only those with
+    ``requires_grad``). The model's mode is left as the caller set it and no ``.grad``
+    is written (gradients come from ``torch.autograd.grad``).
+    """
+    if mode not in ("batch", "per_sample"):
+        raise ValueError(f"empirical_fisher: mode must be 'batch' or 'per_sample', got {mode!r}")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        return {}
+    device = named[0][1].device
+    fisher = {n: torch.zeros(p.shape, dtype=torch.float32, device=device) for n, p in named}
+    taps = _LinearTaps(model, {id(p) for _, p in named}) if mode == "per_sample" else None
+    per_sample_modules: frozenset[nn.Module] | None = None
+    n_batches = n_samples = 0
+    try:
+        for batch in batches:
+            x, y = (_to(v, device) for v in _unpack(batch))
+            with torch.enable_grad():
+                loss = loss_fn(model, x, y)
+            if not torch.is_tensor(loss) or loss.numel() != 1:
+                raise ValueError(
+                    "empirical_fisher: loss_fn must return a scalar tensor (the batch-mean loss)"
+                )
+            if taps is None:
+                _accumulate_batch(fisher, named, loss, backend)
+            else:
+                if per_sample_modules is None:
+                    per_sample_modules = taps.fired()
+                elif taps.fired() != per_sample_modules:
+                    raise RuntimeError(
+                        "empirical_fisher(per_sample): the model called different Linear layers "
+                        "in different batches"
+                    )
+                batch_size = next(
+                    (v.shape[0] for v in (x, y) if torch.is_tensor(v) and v.dim() > 0), None
+                )
+                n_samples += _accumulate_per_sample(
+                    fisher, named, taps, per_sample_modules, loss, batch_size, backend
+                )
+                taps.clear()
+            n_batches += 1
+    finally:
+        if taps is not None:
+            taps.remove()
+    if n_batches == 0:
+        raise ValueError("empirical_fisher: batches yielded nothing")
+    sample_params = _sample_params(taps, per_sample_modules)
+    for n, p in named:
+        fisher[n] /= n_samples if id(p) in sample_params else n_batches
+    return fisher
+
+
+def _sample_params(taps: _LinearTaps | None, modules: frozenset[nn.Module] | None) -> set[int]:
+    if taps is None or modules is None:
+        return set()
+    return {id(p) for m in modules for p in m.parameters(recurse=False) if id(p) in taps.exclusive}
+
+
+def _accumulate_batch(
+    fisher: dict[str, torch.Tensor],
+    named: list[tuple[str, nn.Parameter]],
+    loss: torch.Tensor,
+    backend: Backend,
+) -> None:
+    grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+    used = [(fisher[n], g) for (n, _), g in zip(named, grads, strict=True) if g is not None]
+    accumulate_([f for f, _ in used], [g for _, g in used], backend=backend)
+
+
+def _accumulate_per_sample(
+    fisher: dict[str, torch.Tensor],
+    named: list[tuple[str, nn.Parameter]],
+    taps: _LinearTaps,
+    modules: frozenset[nn.Module],
+    loss: torch.Tensor,
+    batch_size: int | None,
+    backend: Backend,
+) -> int:
+    sample_params = _sample_params(taps, modules)
+    fallback = [(n, p) for n, p in named if id(p) not in sample_params]
+    # Asking autograd for one parameter per tapped layer makes it run every output
+    # hook while skipping those layers' batch weight-gradient GEMMs.
+    anchors = []
+    for m in modules:
+        own = [p for p in (m.bias, m.weight) if p is not None and id(p) in sample_params]
+        anchors.extend(own[:1])
+    grads = torch.autograd.grad(loss, [p for _, p in fallback] + anchors, allow_unused=True)
+    used = [
+        (fisher[n], g)
+        for (n, _), g in zip(fallback, grads[: len(fallback)], strict=True)
+        if g is not None
+    ]
+    accumulate_([f for f, _ in used], [g for _, g in used], backend=backend)
+
+    names = {id(p): n for n, p in named}
+    b = batch_size
+    for m in modules:
+        stacked = taps.stacked(m, batch_size)
+        if stacked is None:
+            continue
+        a, d = stacked
+        b = a.shape[0]
+        if id(m.weight) in sample_params:
+            fisher[names[id(m.weight)]] += per_sample_linear(a, d, backend=backend).mul_(b * b)
+        if m.bias is not None and id(m.bias) in sample_params:
+            fisher[names[id(m.bias)]] += per_sample_linear_bias(d, backend=backend).mul_(b * b)
+    if b is None and sample_params:
+        raise ValueError(
+            "empirical_fisher(per_sample): cannot tell the batch size (x and y are not tensors)"
+        )
+    return b or 0

@@ -1,0 +1,166 @@
+"""dampen_ (SSD's select-and-dampen): the Triton kernel against the reference, and edge cases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from contlearn.kernels import dampen
+
+SIZES = [(1,), (7,), (1023,), (33, 31), (1025,), (4097,), (0,), (3, 5, 7)]
+ALPHA, LAM = 2.0, 1.5
+
+
+def _problem(
+    device: torch.device,
+    theta_dtype: torch.dtype = torch.float32,
+    fisher_dtype: torch.dtype = torch.float32,
+):
+    thetas = [torch.randn(s, device=device).to(theta_dtype) for s in SIZES]
+    fds = [torch.rand(s, device=device).to(fisher_dtype) for s in SIZES]
+    ffs = [(torch.rand(s, device=device) * 4).to(fisher_dtype) for s in SIZES]
+    return thetas, fds, ffs
+
+
+def _ssd_loop(
+    theta: torch.Tensor, fd: torch.Tensor, ff: torch.Tensor, alpha: float, lam: float
+) -> None:
+    """The published SSD update, written as its authors' loop does it (with F_f > 0 added)."""
+    locations = torch.where((ff > fd * alpha) & (ff > 0))
+    update = (fd * lam / ff)[locations]
+    update[update > 1] = 1
+    theta[locations] = theta[locations] * update
+
+
+@pytest.mark.parametrize(
+    ("theta_dtype", "fisher_dtype"),
+    [
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+    ],
+    ids=["fp32", "bf16-params", "bf16"],
+)
+def test_kernel_matches_reference(
+    device: torch.device, theta_dtype: torch.dtype, fisher_dtype: torch.dtype
+) -> None:
+    thetas, fds, ffs = _problem(device, theta_dtype, fisher_dtype)
+    want = [t.clone() for t in thetas]
+    want_count = dampen.dampen_reference_(want, fds, ffs, ALPHA, LAM)
+    count = dampen.dampen_(thetas, fds, ffs, ALPHA, LAM, backend="triton")
+    assert count == want_count > 0
+    for got, ref in zip(thetas, want, strict=True):
+        if theta_dtype == torch.float32:
+            torch.testing.assert_close(got, ref, rtol=1e-6, atol=0)
+        else:  # the interpreter rounds fp32 -> bf16 towards zero, CUDA to nearest even
+            torch.testing.assert_close(got, ref, rtol=2**-7, atol=0)
+
+
+def test_reference_is_the_ssd_update() -> None:
+    thetas, fds, ffs = _problem(torch.device("cpu"))
+    fds[1][:3] = 0.0
+    want = [t.clone() for t in thetas]
+    for theta, fd, ff in zip(want, fds, ffs, strict=True):
+        _ssd_loop(theta, fd, ff, ALPHA, LAM)
+    dampen.dampen_reference_(thetas, fds, ffs, ALPHA, LAM)
+    for got, ref in zip(thetas, want, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_edge_cases(device: torch.device, backend: str) -> None:
+    theta = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], device=device)
+    fd = torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0, 2.0], device=device)
+    ff = torch.tensor([0.0, 5.0, 0.0, 3.0, 1.0, 8.0], device=device)
+    count = dampen.dampen_([theta], [fd], [ff], alpha=2.0, lam=4.0, backend=backend)
+    # 0: F_f = 0 never selected; 1: F_D = 0 < F_f -> theta 0; 2: F_f = 0; 3: factor 4/3 capped at 1;
+    # 4: F_f = F_D not selected; 5: factor 4*2/8 = 1 exactly.
+    assert count == 3
+    assert theta.tolist() == [1.0, 0.0, 3.0, 4.0, 5.0, 6.0]
+    theta2 = torch.tensor([10.0], device=device)
+    assert dampen.dampen_([theta2], [torch.tensor([1.0], device=device)], [torch.tensor([8.0], device=device)],
+                          alpha=2.0, lam=2.0, backend=backend) == 1  # fmt: skip
+    assert theta2.item() == 2.5
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("where", ["theta", "fd", "ff"])
+@pytest.mark.parametrize(
+    "value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"]
+)
+def test_non_finite_raises_and_leaves_params_untouched(
+    device: torch.device, backend: str, where: str, value: float
+) -> None:
+    thetas, fds, ffs = _problem(device)
+    bad = 5  # (1025,): earlier and later tensors have selected elements the kernel must restore
+    {"theta": thetas, "fd": fds, "ff": ffs}[where][bad][700] = value
+    before = [t.clone() for t in thetas]
+    label = {"theta": "theta", "fd": "F_D", "ff": "F_f"}[where]
+    with pytest.raises(ValueError, match=rf"{label} of params\[{bad}\]"):
+        dampen.dampen_(thetas, fds, ffs, ALPHA, LAM, backend=backend)
+    for got, ref in zip(thetas, before, strict=True):
+        assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(
+            got.nan_to_num(), ref.nan_to_num()
+        )
+
+
+def test_non_finite_restores_every_dtype_group(device: torch.device) -> None:
+    thetas, fds, ffs = _problem(device)
+    thetas[0] = thetas[0].to(torch.bfloat16)  # a second launch group
+    thetas[2] = thetas[2].to(torch.bfloat16)
+    ffs[-1][0, 0, 0] = float("nan")
+    before = [t.clone() for t in thetas]
+    with pytest.raises(ValueError, match=r"params\[7\]"):
+        dampen.dampen_(thetas, fds, ffs, ALPHA, LAM, backend="triton")
+    assert all(torch.equal(g, r) for g, r in zip(thetas, before, strict=True))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_mappings_name_the_offending_parameter(device: torch.device, backend: str) -> None:
+    params = {
+        "encoder.weight": torch.ones(4, device=device),
+        "head.bias": torch.ones(3, device=device),
+    }
+    fd = {name: torch.zeros_like(t) for name, t in params.items()}
+    ff = {name: torch.ones_like(t) for name, t in params.items()}
+    assert dampen.dampen_(params, fd, ff, 1.0, 1.0, backend=backend) == 7
+    assert all(torch.equal(t, torch.zeros_like(t)) for t in params.values())
+    ff["head.bias"][1] = float("inf")
+    with pytest.raises(ValueError, match="F_f of head.bias"):
+        dampen.dampen_(params, fd, ff, 1.0, 1.0, backend=backend)
+
+
+def test_one_launch_for_all_tensors(device: torch.device, count_launches) -> None:
+    counter = count_launches(dampen, "_dampen_kernel")
+    dampen.dampen_(*_problem(device), ALPHA, LAM, backend="triton")
+    assert counter.launches == 1
+
+
+def test_non_contiguous_params(device: torch.device) -> None:
+    base = torch.randn(17, 9, device=device)
+    fd, ff = torch.rand(9, 17, device=device), torch.rand(9, 17, device=device) * 4
+    want = base.T.clone()
+    want_count = dampen.dampen_reference_([want], [fd], [ff], ALPHA, LAM)
+    assert dampen.dampen_([base.T], [fd], [ff], ALPHA, LAM, backend="triton") == want_count
+    torch.testing.assert_close(base.T, want, rtol=1e-6, atol=0)
+
+
+def test_parameters_with_requires_grad(device: torch.device) -> None:
+    p = torch.nn.Parameter(torch.ones(5, device=device))
+    assert (
+        dampen.dampen_(
+            [p], [torch.zeros(5, device=device)], [torch.ones(5, device=device)], 1.0, 1.0
+        )
+        == 5
+    )
+    assert torch.equal(p.detach(), torch.zeros(5, device=device))
+
+
+def test_argument_errors() -> None:
+    with pytest.raises(ValueError, match="shape"):
+        dampen.dampen_([torch.ones(3)], [torch.ones(2)], [torch.ones(3)], 1.0, 1.0)
+    with pytest.raises(ValueError, match="1 params, 2 fisher_d"):
+        dampen.dampen_([torch.ones(3)], [torch.ones(3)] * 2, [torch.ones(3)], 1.0, 1.0)
+    with pytest.raises(ValueError, match="finite"):
+        dampen.dampen_([torch.ones(3)], [torch.ones(3)], [torch.ones(3)], float("nan"), 1.0)
+    with pytest.raises(ValueError, match="no Fisher"):
+        dampen.dampen_({"w": torch.ones(1)}, {}, {}, 1.0, 1.0)

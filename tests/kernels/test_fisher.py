@@ -1,0 +1,220 @@
+"""accumulate_ and empirical_fisher against their references, hand computations and autograd."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from contlearn.kernels import accumulate, fisher
+from torch import nn
+from torch.nn import functional as F
+
+SIZES = [(1,), (7,), (1023,), (33, 31), (1025,), (4097,), (0,), (3, 5, 7)]
+
+
+def _lists(device: torch.device, imp_dtype: torch.dtype, grad_dtype: torch.dtype):
+    imps = [torch.rand(s, device=device).to(imp_dtype) for s in SIZES]
+    grads = [torch.randn(s, device=device).to(grad_dtype) for s in SIZES]
+    return imps, grads
+
+
+@pytest.mark.parametrize(
+    ("imp_dtype", "grad_dtype"),
+    [
+        (torch.float32, torch.float32),
+        (torch.float32, torch.bfloat16),
+        (torch.bfloat16, torch.bfloat16),
+    ],
+    ids=["fp32", "fp32+bf16grad", "bf16"],
+)
+def test_accumulate_matches_reference(
+    device: torch.device, imp_dtype: torch.dtype, grad_dtype: torch.dtype
+) -> None:
+    imps, grads = _lists(device, imp_dtype, grad_dtype)
+    want = [t.clone() for t in imps]
+    fisher.accumulate_reference_(want, grads, scale=0.37)
+    fisher.accumulate_(imps, grads, scale=0.37, backend="triton")
+    for got, ref in zip(imps, want, strict=True):
+        torch.testing.assert_close(got, ref)
+
+
+def test_accumulate_is_one_launch_for_many_tensors(device: torch.device, count_launches) -> None:
+    counter = count_launches(accumulate, "_accumulate_kernel")
+    imps, grads = _lists(device, torch.float32, torch.float32)
+    fisher.accumulate_(imps, grads, backend="triton")
+    assert counter.launches == 1
+    imps.append(torch.zeros(3, device=device, dtype=torch.bfloat16))
+    grads.append(torch.ones(3, device=device))
+    fisher.accumulate_(imps, grads, backend="triton")
+    assert counter.launches == 3  # one more launch per extra dtype pair
+
+
+def test_accumulate_fp32_sums_bf16_grads_in_fp32(device: torch.device) -> None:
+    imp = torch.full((1000,), 256.0, device=device)
+    grad = torch.full((1000,), 0.25, device=device, dtype=torch.bfloat16)
+    for _ in range(4):
+        fisher.accumulate_([imp], [grad], backend="triton")
+    assert torch.all(imp == 256.25)  # 256 + 4/16 is exact in fp32, lost in bf16
+
+
+def test_accumulate_non_contiguous_importance(device: torch.device) -> None:
+    base = torch.zeros(13, 9, device=device)
+    view = base.T
+    grad = torch.randn(9, 13, device=device)
+    fisher.accumulate_([view], [grad], backend="triton")
+    torch.testing.assert_close(base, grad.square().T)
+
+
+def test_accumulate_argument_errors() -> None:
+    with pytest.raises(ValueError, match="2 importances but 1 grads"):
+        fisher.accumulate_([torch.zeros(2), torch.zeros(2)], [torch.zeros(2)])
+    with pytest.raises(ValueError, match=r"importances\[0\]"):
+        fisher.accumulate_([torch.zeros(2)], [torch.zeros(3)])
+
+
+# --------------------------------------------------------------------------- empirical_fisher
+
+
+def _mse(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(model(x), y)
+
+
+def _xent(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(x), y)
+
+
+def test_batch_mode_matches_hand_computation() -> None:
+    model = nn.Linear(2, 1)
+    w, c = model.weight.detach()[0].clone(), model.bias.detach()[0].clone()
+    batches = [(torch.randn(4, 2), torch.randn(4, 1)), (torch.randn(3, 2), torch.randn(3, 1))]
+    want_w, want_c = torch.zeros(2), torch.zeros(())
+    for x, y in batches:  # L = mean_b (w.x_b + c - y_b)**2
+        r = x @ w + c - y[:, 0]
+        want_w += (2 * (r[:, None] * x).mean(0)) ** 2
+        want_c += (2 * r.mean()) ** 2
+    got = fisher.empirical_fisher(model, batches, _mse, mode="batch")
+    assert list(got) == ["weight", "bias"]
+    torch.testing.assert_close(got["weight"], (want_w / 2)[None])
+    torch.testing.assert_close(got["bias"], (want_c / 2).reshape(1))
+
+
+class _LinearNet(nn.Module):
+    """Linear layers only, one of them called twice and followed by an in-place ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(5, 8)
+        self.mid = nn.Linear(8, 8, bias=False)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, T, 5]
+        h = F.relu(self.inp(x), inplace=True)
+        h = torch.tanh(self.mid(h))
+        h = torch.tanh(self.mid(h))
+        return self.out(h).mean(1)
+
+
+class _ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 4, kernel_size=3)
+        self.head = nn.Linear(4 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, 2, 6]
+        return self.head(torch.relu(self.conv(x)).flatten(1))
+
+
+def _per_sample_loop(model: nn.Module, batches, loss_fn) -> dict[str, torch.Tensor]:
+    """(1/N) sum_n (d l_n / d theta)**2 with one backward pass per sample."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    out = {n: torch.zeros_like(p) for n, p in named}
+    count = 0
+    for x, y in batches:
+        for i in range(x.shape[0]):
+            grads = torch.autograd.grad(
+                loss_fn(model, x[i : i + 1], y[i : i + 1]), [p for _, p in named]
+            )
+            for (n, _), g in zip(named, grads, strict=True):
+                out[n] += g**2
+            count += 1
+    return {n: v / count for n, v in out.items()}
+
+
+def _batch_loop(model: nn.Module, batches, loss_fn) -> dict[str, torch.Tensor]:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    out = {n: torch.zeros_like(p) for n, p in named}
+    for x, y in batches:
+        grads = torch.autograd.grad(loss_fn(model, x, y), [p for _, p in named])
+        for (n, _), g in zip(named, grads, strict=True):
+            out[n] += g**2
+    return {n: v / len(batches) for n, v in out.items()}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_per_sample_mode_matches_autograd_loop(device: torch.device, backend: str) -> None:
+    model = _LinearNet().to(device)
+    batches = [
+        (torch.randn(b, 4, 5, device=device), torch.randint(0, 3, (b,), device=device))
+        for b in (3, 2)
+    ]
+    got = fisher.empirical_fisher(model, batches, _xent, mode="per_sample", backend=backend)
+    want = _per_sample_loop(model, batches, _xent)
+    assert list(got) == list(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_per_sample_mode_falls_back_to_batch_mode_for_conv(
+    device: torch.device, backend: str
+) -> None:
+    model = _ConvNet().to(device)
+    batches = [
+        (torch.randn(b, 2, 6, device=device), torch.randint(0, 3, (b,), device=device))
+        for b in (4, 3)
+    ]
+    got = fisher.empirical_fisher(model, batches, _xent, mode="per_sample", backend=backend)
+    per_sample, batch = _per_sample_loop(model, batches, _xent), _batch_loop(model, batches, _xent)
+    for name in ("head.weight", "head.bias"):
+        torch.testing.assert_close(got[name], per_sample[name], rtol=1e-4, atol=1e-7)
+    for name in ("conv.weight", "conv.bias"):
+        torch.testing.assert_close(got[name], batch[name], rtol=1e-4, atol=1e-7)
+
+
+def test_leaves_grads_mode_and_frozen_params_alone() -> None:
+    model = _ConvNet().eval()
+    model.conv.bias.requires_grad_(False)
+    sentinel = torch.full_like(model.head.weight, 7.0)
+    model.head.weight.grad = sentinel.clone()
+    batches = [SimpleNamespace(x=torch.randn(3, 2, 6), y=torch.randint(0, 3, (3,)))]
+    for mode in ("batch", "per_sample"):
+        got = fisher.empirical_fisher(model, batches, _xent, mode=mode)
+        assert list(got) == ["conv.weight", "head.weight", "head.bias"]
+        assert all(v.dtype == torch.float32 for v in got.values())
+    assert not model.training
+    assert torch.equal(model.head.weight.grad, sentinel)
+    assert model.conv.weight.grad is None and model.head.bias.grad is None
+    assert not model.head._forward_hooks
+
+
+def test_per_sample_with_shared_weight_falls_back() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    model[2].weight = model[0].weight  # tied: its per-sample gradient spans two layers
+    batches = [(torch.randn(3, 4), torch.randint(0, 4, (3,)))]
+    got = fisher.empirical_fisher(model, batches, _xent, mode="per_sample")
+    batch, per_sample = _batch_loop(model, batches, _xent), _per_sample_loop(model, batches, _xent)
+    torch.testing.assert_close(got["0.weight"], batch["0.weight"])
+    torch.testing.assert_close(got["2.bias"], per_sample["2.bias"])
+
+
+def test_empirical_fisher_argument_errors() -> None:
+    model = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="mode"):
+        fisher.empirical_fisher(model, [], _xent, mode="exact")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="yielded nothing"):
+        fisher.empirical_fisher(model, [], _xent)
+    with pytest.raises(TypeError, match="batch must be"):
+        fisher.empirical_fisher(model, [torch.randn(2, 2)], _xent)
+    with pytest.raises(ValueError, match="scalar"):
+        fisher.empirical_fisher(model, [(torch.randn(2, 2), None)], lambda m, x, y: m(x))
