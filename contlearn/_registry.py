@@ -25,6 +25,17 @@ DISABLE_AUTOLOAD_ENV = "CONTLEARN_DISABLE_PLUGIN_AUTOLOAD"
 #: Built-in plugins: short name -> "module:Class".
 BUILTIN_PLUGINS: dict[str, str] = {
     "finetune": "contlearn.plugins.finetune:Finetune",
+    "dmn": "contlearn.plugins.dmn:DMN",
+    "replay": "contlearn.plugins.replay:Replay",
+    "ewc": "contlearn.plugins.ewc:EWC",
+    "l2": "contlearn.plugins.l2:L2",
+    "lwf": "contlearn.plugins.lwf:LwF",
+    "joint": "contlearn.plugins.joint:Joint",
+    "powerlaw": "contlearn.plugins.powerlaw:PowerLaw",
+    "prd": "contlearn.plugins.prd:PRD",
+    "memo": "contlearn.plugins.memo:MEMO",
+    "ssd": "contlearn.plugins.ssd:SSD",
+    "clr": "contlearn.plugins.clr:CLR",
 }
 
 

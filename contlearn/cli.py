@@ -1,9 +1,13 @@
 """The ``contlearn`` command.
 
 ``contlearn run [CONFIG_OR_NAME] [key=value ...] [--out DIR] [--quiet]``,
-``contlearn plugins``, ``contlearn show-config CONFIG_OR_NAME [key=value ...]``.
+``contlearn plugins``, ``contlearn show-config CONFIG_OR_NAME [key=value ...]``,
+``contlearn report RUN_DIR [RUN_DIR ...] [--out DIR]``,
+``contlearn resume RUN_DIR [key=value ...] [--quiet]``,
+``contlearn unlearn RUN_DIR (--classes C ... | --samples I ...) [--alpha A --lam L | --auto [--target T]]``.
 Errors meant for the user print one line to stderr and exit with 2 (usage and
-config) or 1 (run time), without a traceback.
+config) or 1 (run time), without a traceback. The first Ctrl-C during a run
+finishes the current step, writes a checkpoint and exits with 130.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ import dataclasses
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
-from contlearn.errors import ConfigError, ContlearnError
+from contlearn.errors import ConfigError, ContlearnError, Interrupted
 
 EXIT_INTERRUPTED = 130
 
@@ -33,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="key=value overrides")
     run.add_argument("--out", default=None, help="run directory (default runs/<name>-<timestamp>)")
     run.add_argument("--quiet", action="store_true", help="print only the final table")
+    run.add_argument("--tensorboard", action="store_true", help="also log to RUN_DIR/tensorboard")
 
     sub.add_parser("plugins", help="list available plugins and their config fields")
 
@@ -41,6 +47,30 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("overrides", nargs="*", help="key=value overrides")
 
     sub.add_parser("configs", help="list the experiments shipped with the package")
+
+    report = sub.add_parser("report", help="plots and Markdown tables of finished runs")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
+    report.add_argument("--out", default=None, help="where to compare several runs (default: the first RUN_DIR)")
+
+    resume = sub.add_parser("resume", help="continue a run from its newest checkpoint")
+    resume.add_argument("run_dir", metavar="RUN_DIR", help="the run directory")
+    resume.add_argument("overrides", nargs="*", help="key=value overrides (device, checkpoint.*)")
+    resume.add_argument("--quiet", action="store_true", help="print only the final table")
+    resume.add_argument("--tensorboard", action="store_true", help="also log to RUN_DIR/tensorboard")
+
+    unlearn = sub.add_parser("unlearn", help="make a run's model forget classes or samples (SSD), into a new run dir")
+    unlearn.add_argument("run_dir", metavar="RUN_DIR", help="the run directory")
+    what = unlearn.add_mutually_exclusive_group(required=True)
+    what.add_argument("--classes", nargs="+", metavar="C", help="class names, as the data set calls them")
+    what.add_argument("--samples", nargs="+", type=int, metavar="I", help="indices into the training data seen")
+    unlearn.add_argument("--experience", type=int, default=None, help="--samples index this experience's data")
+    unlearn.add_argument("--alpha", type=float, default=None, help="selection threshold (default: plugins.ssd.alpha)")
+    unlearn.add_argument("--lam", type=float, default=None, help="dampening constant (default: plugins.ssd.lam)")
+    unlearn.add_argument("--auto", action="store_true", help="choose alpha and lambda until the target is met")
+    unlearn.add_argument("--target", type=float, default=None, help="--auto: forget-set accuracy to reach")
+    unlearn.add_argument("--fisher", choices=["batch", "per_sample"], default=None, help="importance estimator")
+    unlearn.add_argument("--recompute-fisher", action="store_true", help="recompute F_D instead of the cached one")
+    unlearn.add_argument("--out", default=None, help="new run directory (default RUN_DIR/unlearn-<k>)")
     return parser
 
 
@@ -51,20 +81,63 @@ def _split_config_arg(config: str | None, overrides: list[str]) -> tuple[str | N
     return config, overrides
 
 
+def _command_plugins(args: argparse.Namespace, out: str | Path) -> dict:
+    """The plugins a command-line run adds: progress display and loggers."""
+    from contlearn.loggers import JSONLLogger, TensorBoardLogger
+    from contlearn.reporting import progress_plugins
+
+    plugins = progress_plugins(args.quiet)
+    plugins["events"] = JSONLLogger(Path(out) / "events.jsonl")
+    if args.tensorboard:
+        plugins["tensorboard"] = TensorBoardLogger(Path(out) / "tensorboard")
+    return plugins
+
+
+def _run_to_the_end(experiment, out: str | Path) -> int:
+    """Run (Ctrl-C: checkpoint and exit 130), then write the report and print the table."""
+    from contlearn.report import write_report
+
+    with experiment.interruptible():
+        experiment.run()
+    write_report([out])
+    print(experiment.summary_text())
+    print(f"\nrun directory: {out}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from contlearn.config import load_config
     from contlearn.experiment import Experiment
-    from contlearn.reporting import ConsoleProgress
     from contlearn.results import default_run_dir
 
     source, overrides = _split_config_arg(args.config, args.overrides)
     cfg = load_config(source, overrides)
     out = args.out or cfg.out or default_run_dir(cfg.name)
-    plugins = {} if args.quiet else {"console": ConsoleProgress()}
-    experiment = Experiment(cfg, out_dir=out, plugins=plugins)
-    experiment.run()
-    print(experiment.summary_text())
-    print(f"\nrun directory: {out}")
+    return _run_to_the_end(Experiment(cfg, out_dir=out, plugins=_command_plugins(args, out)), out)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from contlearn.experiment import Experiment
+
+    plugins = _command_plugins(args, args.run_dir)
+    return _run_to_the_end(Experiment.resume(args.run_dir, args.overrides, plugins=plugins), args.run_dir)
+
+
+def cmd_unlearn(args: argparse.Namespace) -> int:
+    from contlearn.plugins._unlearn_run import summary, unlearn_run_dir
+
+    if args.auto and (args.alpha is not None or args.lam is not None):
+        raise ConfigError("contlearn unlearn: give either --alpha/--lam or --auto, not both")
+    if args.target is not None and not args.auto:
+        raise ConfigError("contlearn unlearn: --target needs --auto")
+    request = {
+        "classes": args.classes, "samples": args.samples, "experience": args.experience, "alpha": args.alpha,
+        "lam": args.lam, "auto": args.auto or None, "target": args.target, "fisher": args.fisher,
+        "recompute": args.recompute_fisher or None,
+    }  # fmt: skip
+    report, out = unlearn_run_dir(args.run_dir, {k: v for k, v in request.items() if v is not None}, args.out)
+    print(summary(report))
+    print(f"\nnew run directory: {out}")
     return 0
 
 
@@ -109,17 +182,44 @@ def cmd_configs(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "plugins": cmd_plugins, "show-config": cmd_show_config, "configs": cmd_configs}
+def cmd_report(args: argparse.Namespace) -> int:
+    from contlearn.report import comparison_table, load_run, write_report
+
+    for path in write_report(args.run_dirs, args.out):
+        print(f"wrote {path}")
+    print()
+    print(comparison_table([load_run(p) for p in args.run_dirs]), end="")
+    return 0
+
+
+COMMANDS = {"report": cmd_report, "resume": cmd_resume, "unlearn": cmd_unlearn, "run": cmd_run, "plugins": cmd_plugins, "show-config": cmd_show_config, "configs": cmd_configs}
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # type: ignore[no-untyped-def]
+    """contlearn's own warnings (a broken plugin, a skipped checkpoint) as one line."""
+    if category.__module__.split(".")[0] == "contlearn":
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
+_python_showwarning = warnings.showwarning
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
+    previous, warnings.showwarning = warnings.showwarning, _show_warning
     try:
         args = _parser().parse_args(argv)
         return COMMANDS[args.command](args)
+    except Interrupted as exc:
+        print(exc, file=sys.stderr)
+        return exc.exit_code
     except ContlearnError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        warnings.showwarning = previous

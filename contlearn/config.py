@@ -37,9 +37,18 @@ class ScenarioConfig:
     path: Optional[str] = None  # file for source=npz, folder for source=folder
     root: Optional[str] = None  # torchvision root
     download: bool = False  # let torchvision download into root
-    transform: str = "none"  # domain shift for setting=domain: permute | rotate
-    validation_fraction: float = 0.0
-    samples_per_class: Optional[int] = None  # subsample for quick runs
+    transform: str = "none"  # domain shift for setting=domain: none | permute | rotate
+    validation_fraction: float = 0.0  # carved from each experience's train, stratified
+    samples_per_class: Optional[int] = None  # subsample the training set for quick runs
+    domains: Optional[List[str]] = None  # setting=domain: one source per experience (npz:FILE, mnist...)
+    rotations: Optional[List[float]] = None  # transform=rotate: one experience per angle; None: i*180/n
+    identity_first: bool = False  # transform=permute: experience 0 keeps the original inputs
+    train_transform: List[str] = field(default_factory=list)  # e.g. [normalize, random_crop:4, hflip]
+    eval_transform: List[str] = field(default_factory=list)  # deterministic only, e.g. [normalize]
+    image_size: Optional[int] = None  # source=folder: resize images to this square size
+    storage: str = "auto"  # auto | tensor (in memory, batched by index) | loader (DataLoader)
+    memory_limit_gb: float = 4.0  # storage=auto: tensors when the inputs fit in this
+    num_workers: int = 4  # DataLoader workers for storage=loader
 
 
 @dataclass
@@ -49,7 +58,9 @@ class ModelConfig:
     backbone: str = "mlp"
     hidden: List[int] = field(default_factory=lambda: [256, 256])
     head: str = "incremental"  # incremental | multi | cosine
-    pretrained: bool = False
+    pretrained: bool = False  # load weights for timm:/tv:/clip: backbones through their library
+    weights: Optional[str] = None  # which weights: timm tag, torchvision enum name, open_clip tag
+    cosine_scale: float = 16.0  # head=cosine: initial (learnable) scale of the cosine logits
 
 
 @dataclass
@@ -63,6 +74,9 @@ class TrainConfig:
     momentum: float = 0.0
     weight_decay: float = 0.0
     eval_batch_size: int = 512
+    amp: bool = False  # bf16 autocast of forward and loss (CUDA or CPU)
+    compile: bool = False  # torch.compile the model (nn.Module.compile, in place)
+    channels_last: bool = False  # model and 4-d inputs in channels-last memory format
 
 
 @dataclass
@@ -70,6 +84,15 @@ class EvalConfig:
     """What is measured after each experience."""
 
     fwt: bool = True  # evaluate the initial model too, for forward transfer
+
+
+@dataclass
+class CheckpointConfig:
+    """When the run writes checkpoints into ``RUN_DIR/checkpoints`` (see docs/reliability.md)."""
+
+    enabled: bool = True  # after every experience (needs a run directory)
+    every_n_steps: Optional[int] = None  # also every N training steps inside an experience
+    keep_last: int = 3  # checkpoint files kept; older ones are deleted
 
 
 @dataclass
@@ -85,6 +108,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     plugins: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -130,6 +154,8 @@ def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     if not base_path.is_absolute() and (path.parent / base_path).is_file():
         base_path = path.parent / base_path
     parent = _load_yaml(resolve_config_path(str(base_path)), (*seen, path.resolve()))
+    if "plugins" in data:
+        parent.plugins = {}  # a file's plugin list replaces its base's: plugins are a choice, not a default
     return OmegaConf.merge(parent, data)  # type: ignore[return-value]
 
 
@@ -204,6 +230,8 @@ def validate(cfg: DictConfig) -> DictConfig:
     allowed = {
         "device": None,
         "scenario.setting": ("class", "task", "domain"),
+        "scenario.transform": ("none", "permute", "rotate"),
+        "scenario.storage": ("auto", "tensor", "loader"),
         "model.head": ("incremental", "multi", "cosine"),
         "train.optimizer": ("sgd", "adam", "adamw"),
     }
@@ -219,6 +247,12 @@ def validate(cfg: DictConfig) -> DictConfig:
             raise ConfigError(f"'{key}' must be at least 1, got {OmegaConf.select(cfg, key)}")
     if cfg.train.lr <= 0:
         raise ConfigError(f"'train.lr' must be positive, got {cfg.train.lr}")
+    if cfg.checkpoint.keep_last < 1:
+        raise ConfigError(f"'checkpoint.keep_last' must be at least 1, got {cfg.checkpoint.keep_last}")
+    if cfg.checkpoint.every_n_steps is not None and cfg.checkpoint.every_n_steps < 1:
+        raise ConfigError(
+            f"'checkpoint.every_n_steps' must be at least 1 (or null), got {cfg.checkpoint.every_n_steps}"
+        )
     if not 0 < cfg.scenario.test_fraction < 1:
         raise ConfigError(f"'scenario.test_fraction' must be in (0, 1), got {cfg.scenario.test_fraction}")
 
@@ -252,6 +286,8 @@ def load_config(
         source = DEFAULT_EXPERIMENT
     layers.append(_load_yaml(resolve_config_path(str(source))))
     layers.append(parse_overrides(overrides))
+    if any(item.partition("=")[0].strip() == "plugins" for item in overrides):
+        layers[0].plugins = {}  # `plugins=...` replaces the file's plugin list instead of merging into it
     cfg = _merge_checked(ExperimentConfig, *layers)
     return validate(cfg) if check else cfg
 

@@ -40,6 +40,19 @@ class TrainingError(ContlearnError):
     exit_code = 1
 
 
+class CheckpointError(ContlearnError):
+    """No usable checkpoint, or one that does not fit the run it is loaded into."""
+
+    exit_code = 1
+
+
+class Interrupted(ContlearnError):
+    """The run was stopped on request (Ctrl-C) at a step boundary; the message
+    says where, and which checkpoint holds the state to resume from."""
+
+    exit_code = 130
+
+
 def choices(valid: Iterable[str]) -> str:
     """Format valid names for an error message: ``'a', 'b', 'c'``."""
     names = sorted(valid)

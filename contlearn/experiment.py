@@ -6,14 +6,22 @@ written to cost next to nothing over a hand-written PyTorch loop: data stays
 on the device and is batched by index; losses are kept as device tensors and
 read once per epoch; hooks that no plugin implements are not called, and
 ``firstresult`` hooks only the defaults answer are called directly.
+
+With a run directory, a checkpoint is written after every experience (and every
+``checkpoint.every_n_steps`` steps); :meth:`Experiment.resume` continues a run
+from its newest one (:mod:`contlearn.checkpoint`, docs/reliability.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
+import signal
+import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +31,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from contlearn import _manager
+from contlearn import checkpoint as ckpt
 from contlearn._registry import PluginRegistry
+from contlearn.checkpoint import EpochState, Progress, Resumed
 from contlearn.config import load_config, parse_overrides, to_container, to_yaml, validate
 from contlearn.defaults import Defaults
-from contlearn.errors import ConfigError, ContlearnError, DataError, TrainingError
+from contlearn.errors import ConfigError, ContlearnError, DataError, Interrupted, TrainingError
 from contlearn.metrics import per_class_accuracy, summary
 from contlearn.models import create_model
 from contlearn.results import (
@@ -63,7 +73,7 @@ class _StepHooks:
     hooks nobody implements become ``None``, ``firstresult`` hooks that only
     the defaults answer call the default directly (no pluggy dispatch)."""
 
-    def __init__(self, pm: pluggy.PluginManager, defaults: Defaults):
+    def __init__(self, pm: pluggy.PluginManager, defaults: Defaults, autocast: bool = False, device_type: str = "cpu"):
         def bind(name: str) -> Callable[..., Any] | None:
             impls = getattr(pm.hook, name).get_hookimpls()
             if not impls:
@@ -80,6 +90,12 @@ class _StepHooks:
         self.after_step = bind("after_step")
         self.predict = bind("predict")
         self.after_eval_batch = bind("after_eval_batch")
+        #: bf16 autocast for forward and loss (``train.amp``); None when off
+        self.autocast = torch.autocast(device_type, dtype=torch.bfloat16) if autocast else None
+
+    @classmethod
+    def for_run(cls, run: Run, defaults: Defaults) -> _StepHooks:
+        return cls(run.pm, defaults, bool(run.config.train.amp), run.device.type)  # type: ignore[attr-defined]
 
 
 class Experiment:
@@ -92,6 +108,8 @@ class Experiment:
         and nothing is written when both are unset.
     :param plugins: plugin objects to register after the configured ones, by
         name (for library use and tests: a plugin need not be installed).
+    :param stream: a stream to train on instead of the one ``config.scenario``
+        describes (e.g. from :func:`contlearn.interop.avalanche.stream_from_avalanche`).
 
     >>> results = Experiment("split-digits", ["train.epochs=1"]).run()  # doctest: +SKIP
     >>> results.accuracy_matrix[-1]  # doctest: +SKIP
@@ -104,6 +122,7 @@ class Experiment:
         *,
         out_dir: str | Path | None = None,
         plugins: dict[str, Any] | None = None,
+        stream: Stream | None = None,
     ):
         if config is None or isinstance(config, (str, Path)):
             config = load_config(config, overrides)
@@ -113,9 +132,73 @@ class Experiment:
         out = out_dir if out_dir is not None else config.out
         self.out_dir: Path | None = Path(out) if out is not None else None
         self.extra_plugins = dict(plugins or {})
+        self.stream = stream
         self.run_state: Run | None = None
         self.results: Results | None = None
         self.defaults = Defaults()
+        self._resume_from: tuple[Path, dict[str, Any]] | None = None
+        self._stop_requested = False
+        self._control: _Control | None = None
+
+    @classmethod
+    def resume(
+        cls,
+        run_dir: str | Path,
+        overrides: list[str] | tuple[str, ...] = (),
+        *,
+        plugins: dict[str, Any] | None = None,
+        stream: Stream | None = None,
+    ) -> Experiment:
+        """The experiment of the run directory ``run_dir``, set to continue from
+        its newest readable checkpoint when :meth:`run` is called.
+
+        The config is ``run_dir/config.yaml`` with ``overrides``; only ``out``,
+        ``device`` and ``checkpoint.*`` may differ from the checkpoint's. A newer
+        checkpoint that cannot be read is skipped with a
+        :class:`~contlearn.checkpoint.CheckpointWarning`. ``plugins`` and
+        ``stream`` are those the run was started with, if any.
+
+        :raises ConfigError: not a run directory, or a config that differs.
+        :raises CheckpointError: no readable checkpoint.
+        """
+        run_dir = Path(run_dir)
+        config_file = run_dir / "config.yaml"
+        if not config_file.is_file():
+            raise ConfigError(f"'{run_dir}' is not a run directory: it has no config.yaml")
+        config = load_config(config_file, overrides)
+        path, state = ckpt.latest(run_dir / ckpt.DIRNAME)
+        ckpt.check_config(state["config"], to_container(config), path.name)
+        experiment = cls(config, out_dir=run_dir, plugins=plugins, stream=stream)
+        experiment._resume_from = (path, state)
+        return experiment
+
+    def request_stop(self) -> None:
+        """Stop after the current training step (or evaluation): write a
+        checkpoint if the run has a directory, then raise
+        :class:`~contlearn.errors.Interrupted`. Safe to call from a signal handler."""
+        self._stop_requested = True
+        if self._control is not None:
+            self._control.stop = True
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """While active (in the main thread), the first Ctrl-C calls
+        :meth:`request_stop`; a second one interrupts at once
+        (``KeyboardInterrupt``)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            print("\nstopping after the current step (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+            self.request_stop()
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     # ------------------------------------------------------------------ build
 
@@ -126,8 +209,13 @@ class Experiment:
             prepare_run_dir(self.out_dir)
         seed_everything(cfg.seed)
         device = resolve_device(cfg.device)
-        stream = build_stream(cfg.scenario, cfg.seed).to(device)
+        stream = (self.stream if self.stream is not None else build_stream(cfg.scenario, cfg.seed)).to(device)
         model = create_model(cfg.model, stream.input_shape).to(device)
+        if cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+            _inputs_channels_last(stream)
+        if cfg.train.compile:
+            model.compile()  # in place: parameter names and plugins' view of the model are unchanged
 
         registry = PluginRegistry.load()
         plugins: dict[str, Any] = {}
@@ -153,24 +241,32 @@ class Experiment:
     # -------------------------------------------------------------------- run
 
     def run(self) -> Results:
-        """Train on every experience of the stream and return the results."""
+        """Train on every experience of the stream (from the checkpoint, after
+        :meth:`resume`) and return the results."""
         t_start = time.perf_counter()
         run = self.build()
         pm: pluggy.PluginManager = run.pm  # type: ignore[attr-defined]
-        timings = {"train_seconds": 0.0, "eval_seconds": 0.0}
-        initial = None
+        progress = Progress()
+        ctl = self._control = _Control(self, run, progress, t_start)
+        resumed: Resumed | None = None
         try:
-            run.hook.setup(run=run)
-            if self.config.eval.fwt:
-                t0 = time.perf_counter()
-                initial = evaluate_initial(run)
-                timings["eval_seconds"] += time.perf_counter() - t0
-            confusion = None
-            for exp in run.stream:
-                t0 = time.perf_counter()
-                train_experience(run, exp, _StepHooks(pm, self.defaults))
+            if self._resume_from is None:
+                run.hook.setup(run=run)
+                if self.config.eval.fwt:
+                    t0 = time.perf_counter()
+                    progress.initial = evaluate_initial(run)
+                    progress.timings["eval_seconds"] += time.perf_counter() - t0
+            else:
+                path, state = self._resume_from
+                progress, resumed = ckpt.restore(run, state, path.name)
+                ctl.progress = progress
+            timings = progress.timings
+            for exp in run.stream.experiences[len(run.accuracy_rows) :]:
+                t0 = ctl.t_experience = time.perf_counter()
+                train_experience(run, exp, _StepHooks.for_run(run, self.defaults), ctl, resumed)
+                resumed = None
                 t1 = time.perf_counter()
-                row, confusion = evaluate(run, _StepHooks(pm, self.defaults))
+                row, progress.confusion = evaluate(run, _StepHooks.for_run(run, self.defaults))
                 timings["train_seconds"] += t1 - t0
                 timings["eval_seconds"] += time.perf_counter() - t1
                 run.accuracy_rows.append(row)
@@ -185,11 +281,13 @@ class Experiment:
                         "average_accuracy": float(np.mean(row)),
                     },
                 )
-            timings["total_seconds"] = time.perf_counter() - t_start
-            self.results = self._results(run, initial, confusion, timings)
+                ctl.end_of_experience(run, exp)
+            timings["total_seconds"] = progress.elapsed + time.perf_counter() - t_start
+            self.results = self._results(run, progress.initial, progress.confusion, timings)
             if self.out_dir is not None:
                 write_results(self.out_dir, self.results)
         finally:
+            self._control = None
             run.hook.teardown(run=run)
         return self.results
 
@@ -226,38 +324,170 @@ class Experiment:
         return format_summary(self.results)
 
 
+def _inputs_channels_last(stream: Stream) -> None:
+    """Store 4-d in-memory inputs in channels-last format, once."""
+    for exp in stream:
+        for data in (exp.train, exp.test, exp.val):
+            if isinstance(data, TensorData) and data.x.dim() == 4:
+                data.x = data.x.contiguous(memory_format=torch.channels_last)
+
+
 def _default_config(registry: PluginRegistry, name: str) -> Any:
     cls = registry.get(name).config_class
     return cls() if cls is not None else None
 
 
+class _Control:
+    """Checkpoints and stop requests at step and experience boundaries.
+
+    Checkpoints go to ``out_dir/checkpoints`` when the run has a directory and
+    ``checkpoint.enabled``; inside experiences every ``checkpoint.every_n_steps``
+    global steps, and at the step where a stop was requested. Nothing is read
+    from the device except when a checkpoint is written.
+    """
+
+    def __init__(self, experiment: Experiment, run: Run, progress: Progress, t_start: float):
+        cfg = run.config.checkpoint
+        out = experiment.out_dir
+        self.directory = out / ckpt.DIRNAME if out is not None and cfg.enabled else None
+        self.every: int | None = cfg.every_n_steps if self.directory is not None else None
+        self.keep_last = int(cfg.keep_last)
+        self.stop = experiment._stop_requested
+        self.out_dir = out
+        self.config = to_container(run.config)
+        self.progress = progress
+        self.t_start = self.t_experience = t_start
+        if self.directory is not None:
+            ckpt.remove_temporaries(self.directory)
+
+    def due(self, global_step: int) -> bool:
+        """Whether the step just done ends with a checkpoint or a stop."""
+        return self.stop or (self.every is not None and global_step % self.every == 0)
+
+    def end_of_step(self, run: Run, exp: Experience, epoch: EpochState) -> None:
+        where = f"step {run.step} of experience {exp.index} (epoch {run.epoch})"
+        path = None
+        if self.directory is not None:
+            names, values = loss_table(epoch.losses, epoch.terms)
+            raise_if_not_finite(run, exp, names, values)
+            path = self._save(run, exp, epoch, time.perf_counter() - self.t_experience)
+        if self.stop:
+            raise Interrupted(self._stopped(f"after {where}", path))
+
+    def end_of_experience(self, run: Run, exp: Experience) -> None:
+        path = self._save(run, exp, None, 0.0) if self.directory is not None else None
+        if self.stop and exp.index < len(run.stream) - 1:
+            raise Interrupted(self._stopped(f"after experience {exp.index} of {len(run.stream)}", path))
+
+    def _save(self, run: Run, exp: Experience, epoch: EpochState | None, train_so_far: float) -> Path:
+        assert self.directory is not None
+        check_weights(run, exp)
+        timings = dict(self.progress.timings)
+        timings["train_seconds"] += train_so_far
+        now = Progress(timings, self.progress.initial, self.progress.confusion,
+                       elapsed=self.progress.elapsed + time.perf_counter() - self.t_start)
+        return ckpt.write(self.directory, ckpt.capture(run, self.config, now, epoch), self.keep_last)
+
+    def _stopped(self, where: str, path: Path | None) -> str:
+        if path is None:
+            return f"interrupted {where}; no checkpoint was written (no run directory, or checkpoint.enabled=false)"
+        return f"interrupted {where}; state saved in {path}; continue with: contlearn resume {self.out_dir}"
+
+
 # ---------------------------------------------------------------------- training
 
 
-def train_experience(run: Run, exp: Experience, hooks: _StepHooks) -> None:
-    """Train one experience: grow the head, call the experience hooks, run the epochs."""
+def train_experience(
+    run: Run,
+    exp: Experience,
+    hooks: _StepHooks,
+    ctl: _Control | None = None,
+    resumed: Resumed | None = None,
+) -> None:
+    """Train one experience: grow the head, call the experience hooks, run the
+    epochs. ``resumed``: continue where a checkpoint inside it left off (the
+    experience hooks have run; the data and optimizer are restored)."""
     cfg = run.config.train
-    run.experience, run.epoch, run.step = exp, 0, 0
-    run.model.adapt(exp.classes, exp.task)
-    data: TensorData = run.hook.train_data(run=run, exp=exp)
+    if resumed is None:
+        run.experience, run.epoch, run.step = exp, 0, 0
+        run.model.adapt(exp.classes, exp.task)
+        data: TensorData = run.hook.train_data(run=run, exp=exp)
+        check_training_data(run, exp, data)
+        run.hook.before_experience(run=run, exp=exp)
+        run.optimizer = run.hook.configure_optimizer(run=run, exp=exp)
+    else:
+        data = resumed.data
+    run.model.train()
+    try:
+        for epoch in range(run.epoch, cfg.epochs):
+            run.epoch = epoch
+            batches = data.batches(cfg.batch_size, shuffle=True, generator=run.generator)
+            if resumed is not None:
+                state = resumed.epoch
+                batches = _rest_of_epoch(batches, state, run.generator)
+                resumed = None
+            else:
+                state = EpochState([], {}, run.generator.get_state())
+            for batch in batches:
+                train_step(run, batch, hooks, state.losses, state.terms)
+                if ctl is not None and ctl.due(run.global_step):
+                    ctl.end_of_step(run, exp, state)
+            report_epoch(run, exp, state.losses, state.terms)
+    except IndexError as exc:  # cross-entropy's "Target 12 is out of bounds", e.g. from extra samples
+        if "out of bounds" not in str(exc):
+            raise
+        n_out = getattr(run.model.head, "out_features", "?")
+        raise DataError(
+            f"a training batch of experience {exp.index} has a label outside the head's {n_out} outputs "
+            f"({exc}); check the plugin that adds samples"
+        ) from None
+    run.hook.after_experience(run=run, exp=exp)
+
+
+def check_training_data(run: Run, exp: Experience, data: Any) -> None:
+    """An experience's training data is not empty and its labels fit the head (one host read)."""
     if len(data) == 0:
         raise TrainingError(f"experience {exp.index} has no training samples")
     n_out = getattr(run.model.head, "out_features", None)
-    if n_out is not None and int(data.y.max()) >= n_out:
-        raise DataError(
-            f"experience {exp.index} has label {int(data.y.max())} but the head has {n_out} outputs"
-        )
-    run.hook.before_experience(run=run, exp=exp)
-    run.optimizer = run.hook.configure_optimizer(run=run, exp=exp)
-    run.model.train()
-    for epoch in range(cfg.epochs):
-        run.epoch = epoch
-        losses: list[torch.Tensor] = []
-        terms: dict[str, list[torch.Tensor]] = {}
-        for batch in data.batches(cfg.batch_size, shuffle=True, generator=run.generator):
-            train_step(run, batch, hooks, losses, terms)
-        report_epoch(run, exp, losses, terms)
-    run.hook.after_experience(run=run, exp=exp)
+    if n_out is not None:
+        low, high = (int(v) for v in torch.stack(torch.aminmax(data.y)).cpu())
+        if low < 0 or high >= n_out:
+            raise DataError(
+                f"experience {exp.index} trains on label {low if low < 0 else high}, outside the head's "
+                f"{n_out} outputs (labels 0 to {n_out - 1}: the classes seen so far)"
+            )
+
+
+def _rest_of_epoch(batches: Iterator[Batch], state: EpochState, generator: torch.Generator) -> Iterator[Batch]:
+    """The batches of an epoch that a checkpoint interrupted: the order is drawn
+    again from the generator's state at the epoch's start, the batches done are
+    skipped, and the generator is set back to the checkpoint's state."""
+    now = generator.get_state()
+    generator.set_state(state.generator)
+    with torch.random.fork_rng(devices=[]):
+        for _ in range(len(state.losses)):
+            next(batches)
+    generator.set_state(now)
+    return batches
+
+
+def _forward_and_losses(
+    run: Run, batch: Batch, hooks: _StepHooks, terms: dict[str, list[torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The base loss and the total with every plugin's terms (appended to ``terms``)."""
+    out = hooks.forward(run=run, batch=batch)
+    loss = hooks.compute_loss(run=run, batch=batch, out=out)
+    total = loss
+    if hooks.loss_terms is not None:
+        seen: set[str] = set()
+        for result in hooks.loss_terms(run=run, batch=batch, out=out):
+            for name, value in result.items():
+                if name in seen:
+                    raise TrainingError(f"two plugins return a loss term named '{name}'")
+                seen.add(name)
+                total = total + value
+                terms.setdefault(name, []).append(value.detach())
+    return loss, total
 
 
 def train_step(
@@ -272,18 +502,11 @@ def train_step(
         extra = hooks.extra_samples(run=run, batch=batch)
         if extra:
             batch = Batch.cat([batch, *extra])
-    out = hooks.forward(run=run, batch=batch)
-    loss = hooks.compute_loss(run=run, batch=batch, out=out)
-    total = loss
-    if hooks.loss_terms is not None:
-        seen: set[str] = set()
-        for result in hooks.loss_terms(run=run, batch=batch, out=out):
-            for name, value in result.items():
-                if name in seen:
-                    raise TrainingError(f"two plugins return a loss term named '{name}'")
-                seen.add(name)
-                total = total + value
-                terms.setdefault(name, []).append(value.detach())
+    if hooks.autocast is None:
+        loss, total = _forward_and_losses(run, batch, hooks, terms)
+    else:
+        with hooks.autocast:
+            loss, total = _forward_and_losses(run, batch, hooks, terms)
     optimizer = run.optimizer
     optimizer.zero_grad(set_to_none=True)
     total.backward()
@@ -297,10 +520,14 @@ def train_step(
     run.global_step += 1
 
 
-def report_epoch(run: Run, exp: Experience, losses: list[torch.Tensor], terms: dict[str, list[torch.Tensor]]) -> None:
-    """Read the epoch's losses once, stop on a non-finite one, report them."""
+def loss_table(losses: list[torch.Tensor], terms: dict[str, list[torch.Tensor]]) -> tuple[list[str], torch.Tensor]:
+    """The names and the [terms, steps] values of an epoch's losses so far, read once."""
     names = ["loss", *terms]
-    values = torch.stack([torch.stack(losses), *(torch.stack(v) for v in terms.values())]).float().cpu()
+    return names, torch.stack([torch.stack(losses), *(torch.stack(v) for v in terms.values())]).float().cpu()
+
+
+def raise_if_not_finite(run: Run, exp: Experience, names: list[str], values: torch.Tensor) -> None:
+    """:raises TrainingError: naming the first step with a non-finite loss and its bad terms."""
     finite = torch.isfinite(values)
     if not bool(finite.all()):
         bad_step = int((~finite).any(dim=0).nonzero()[0])
@@ -310,6 +537,26 @@ def report_epoch(run: Run, exp: Experience, losses: list[torch.Tensor], terms: d
             f"non-finite loss at step {first_step} (epoch {run.epoch}) of experience {exp.index}: "
             f"{', '.join(bad_terms)} went bad; lower train.lr or check the plugin that adds it"
         )
+
+
+def check_weights(run: Run, exp: Experience) -> None:
+    """:raises TrainingError: when a model tensor holds a non-finite value (one host read)."""
+    tensors = [(k, v) for k, v in run.model.state_dict().items() if v.is_floating_point() and v.numel()]
+    if not tensors:
+        return
+    finite = torch.stack([torch.isfinite(v).all() for _, v in tensors]).cpu().tolist()
+    bad = [k for (k, _), ok in zip(tensors, finite, strict=True) if not ok]
+    if bad:
+        raise TrainingError(
+            f"non-finite weights ({', '.join(bad[:3])}) after step {run.step} of experience {exp.index}; "
+            f"no checkpoint is written for it: lower train.lr or check the plugins"
+        )
+
+
+def report_epoch(run: Run, exp: Experience, losses: list[torch.Tensor], terms: dict[str, list[torch.Tensor]]) -> None:
+    """Read the epoch's losses once, stop on a non-finite one, report them."""
+    names, values = loss_table(losses, terms)
+    raise_if_not_finite(run, exp, names, values)
     means = values.mean(dim=1).tolist()
     metrics: dict[str, Any] = {"kind": "epoch", "experience": exp.index, "epoch": run.epoch, "loss": means[0]}
     for name, value in zip(names[1:], means[1:], strict=True):
@@ -334,7 +581,11 @@ def evaluate(run: Run, hooks: _StepHooks) -> tuple[list[float], np.ndarray]:
     for exp in run.stream:
         hits = torch.zeros((), dtype=torch.long, device=run.device)
         for batch in exp.test.batches(batch_size):
-            pred = hooks.predict(run=run, batch=batch)
+            if hooks.autocast is None:
+                pred = hooks.predict(run=run, batch=batch)
+            else:
+                with hooks.autocast:
+                    pred = hooks.predict(run=run, batch=batch)
             if hooks.after_eval_batch is not None:
                 hooks.after_eval_batch(run=run, batch=batch, predictions=pred)
             hits += (pred == batch.y).sum()

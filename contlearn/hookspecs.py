@@ -57,7 +57,8 @@ def teardown(run: Run) -> None:
     """Called once when the run ends, also when it ends by an error or an
     interruption (then before the error propagates).
 
-    :param run: the finished run; ``run.results`` holds the metrics so far.
+    :param run: the finished run; ``run.accuracy_rows`` holds the accuracy
+        matrix measured so far.
     :return: nothing; every implementation is called.
 
     Close files and loggers.

@@ -1,4 +1,4 @@
-"""Reporters: plugins on ``on_metrics`` that show a run's progress."""
+"""Reporters: plugins on ``on_metrics`` that show a run's progress (lines, tqdm bars)."""
 
 from __future__ import annotations
 
@@ -31,3 +31,73 @@ class ConsoleProgress:
                 file=self.stream,
                 flush=True,
             )
+
+
+class TqdmProgress:
+    """Progress bars: one over the experiences (with the average accuracy after
+    each) and one over the epochs of the current experience (with its mean loss).
+
+    Updated only from ``on_metrics``, which the loop calls once per epoch and per
+    evaluation, so it never reads a tensor during training. Bars go to stderr.
+    """
+
+    def __init__(self, file: TextIO | None = None, disable: bool | None = None):
+        self.file = file
+        self.disable = disable
+        self.experiences: Any = None
+        self.epochs: Any = None
+        self._current: int | None = None
+
+    def _bar(self, **kwargs: Any) -> Any:
+        from tqdm.auto import tqdm
+
+        return tqdm(file=self.file or sys.stderr, disable=self.disable, dynamic_ncols=True, **kwargs)
+
+    @hookimpl
+    def setup(self, run: Any) -> None:
+        if self.experiences is None:
+            done = len(run.accuracy_rows)
+            self.experiences = self._bar(total=len(run.stream), initial=done, desc="experiences", unit="exp")
+
+    @hookimpl
+    def on_metrics(self, run: Any, metrics: dict[str, Any]) -> None:
+        if metrics["kind"] == "epoch":
+            if self._current != metrics["experience"] or self.epochs is None:
+                self._close_epochs()
+                self._current = metrics["experience"]
+                n = len(run.stream)
+                self.epochs = self._bar(
+                    total=run.config.train.epochs,
+                    initial=metrics["epoch"],
+                    desc=f"experience {metrics['experience'] + 1}/{n}",
+                    unit="epoch",
+                    leave=False,
+                )
+            self.epochs.update(1)
+            self.epochs.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+        elif metrics["kind"] == "eval" and self.experiences is not None:
+            self._close_epochs()
+            self.experiences.update(1)
+            self.experiences.set_postfix(avg_acc=f"{metrics['average_accuracy']:.4f}")
+
+    def _close_epochs(self) -> None:
+        if self.epochs is not None:
+            self.epochs.close()
+            self.epochs = None
+
+    @hookimpl
+    def teardown(self) -> None:
+        self._close_epochs()
+        if self.experiences is not None:
+            self.experiences.close()
+            self.experiences = None
+
+
+def progress_plugins(quiet: bool = False, interactive: bool | None = None) -> dict[str, Any]:
+    """The progress display of a command-line run: bars on a terminal, one line
+    per experience otherwise (logs, pipes), nothing when ``quiet``."""
+    if quiet:
+        return {}
+    if interactive is None:
+        interactive = sys.stderr.isatty()
+    return {"progress": TqdmProgress()} if interactive else {"console": ConsoleProgress()}

@@ -1,35 +1,41 @@
-"""Scenarios: streams of experiences, the builders that make them, and data sources."""
+"""Scenarios: streams of experiences, the builders that make them, and data sources.
+
+See docs/scenarios.md. ``build_stream(scenario_cfg, seed)`` is what an
+experiment calls; ``Stream.from_tensors(x, y, ...)`` makes a stream from
+in-memory data; ``SOURCES`` maps ``scenario.source`` names to loaders (add an
+entry to make a data set of your own available to configs).
+"""
 
 from __future__ import annotations
 
-from typing import Any
-
 from contlearn.scenarios import sources
-from contlearn.scenarios.builders import class_incremental
+from contlearn.scenarios.build import build_from_split, build_stream, scenario_config
+from contlearn.scenarios.builders import (
+    class_incremental,
+    domain_incremental,
+    one_dataset_per_experience,
+    permuted,
+    rotated,
+)
+from contlearn.scenarios.loader import LoaderData
+from contlearn.scenarios.sources import SOURCES, Split
 from contlearn.scenarios.stream import Batch, Experience, Stream, TensorData
 
-from contlearn.errors import ConfigError, choices
-
-__all__ = ["Batch", "Experience", "Stream", "TensorData", "build_stream", "class_incremental", "SOURCES"]
-
-#: Data sources by name: ``scenario.source`` -> loader(scenario_cfg, seed) -> Split.
-SOURCES: dict[str, Any] = {
-    "digits": lambda cfg, seed: sources.digits(cfg.test_fraction, seed),
-}
-
-
-def build_stream(scenario: Any, seed: int) -> Stream:
-    """The stream a ``scenario`` config section describes."""
-    if scenario.source not in SOURCES:
-        raise ConfigError(f"unknown scenario.source '{scenario.source}'; valid sources: {choices(SOURCES)}")
-    split = SOURCES[scenario.source](scenario, seed)
-    if scenario.setting in ("class", "task"):
-        return class_incremental(
-            split,
-            scenario.n_experiences,
-            scenario.class_order,
-            scenario.classes_per_experience,
-            seed,
-            task_labels=scenario.setting == "task",
-        )
-    raise ConfigError(f"scenario.setting '{scenario.setting}' is not available yet; valid: 'class', 'task'")
+__all__ = [
+    "SOURCES",
+    "Batch",
+    "Experience",
+    "LoaderData",
+    "Split",
+    "Stream",
+    "TensorData",
+    "build_from_split",
+    "build_stream",
+    "class_incremental",
+    "domain_incremental",
+    "one_dataset_per_experience",
+    "permuted",
+    "rotated",
+    "scenario_config",
+    "sources",
+]

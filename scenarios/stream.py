@@ -9,8 +9,9 @@ without a DataLoader.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -48,14 +49,29 @@ class Batch:
 class TensorData:
     """A data set held as tensors: inputs ``x`` [N, ...], labels ``y`` [N], task
     labels ``t`` [N]. Batches are slices by index, on whatever device the
-    tensors are on."""
+    tensors are on.
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None = None):
+    ``x`` holds the inputs as the model sees them, deterministic transforms
+    (normalisation, domain shifts) applied; ``augment``, if set, is the random
+    augmentation that :meth:`batches` applies to each batch.
+    :class:`~contlearn.scenarios.loader.LoaderData` offers the same interface for
+    data read through a DataLoader.
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        t: torch.Tensor | None = None,
+        augment: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor] | None = None,
+    ):
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"x has {x.shape[0]} samples but y has {y.shape[0]}")
         self.x = x
         self.y = y.long()
         self.t = torch.zeros_like(self.y) if t is None else t.long()
+        #: random transform applied to every batch of :meth:`batches` (training data only)
+        self.augment = augment
 
     def __len__(self) -> int:
         return self.y.shape[0]
@@ -70,16 +86,40 @@ class TensorData:
     def classes(self) -> list[int]:
         return sorted(int(c) for c in torch.unique(self.y).tolist())
 
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
     def to(self, device: torch.device | str) -> TensorData:
         if self.x.device == torch.device(device):
             return self
-        return TensorData(self.x.to(device), self.y.to(device), self.t.to(device))
+        return TensorData(self.x.to(device), self.y.to(device), self.t.to(device), self.augment)
 
     def subset(self, index: torch.Tensor | Sequence[int]) -> TensorData:
         index = torch.as_tensor(index, dtype=torch.long, device=self.x.device)
-        return TensorData(self.x[index], self.y[index], self.t[index])
+        return TensorData(self.x[index], self.y[index], self.t[index], self.augment)
+
+    def map(self, op: Callable[[torch.Tensor], torch.Tensor], chunk: int = 8192) -> TensorData:
+        """The data with a deterministic transform applied to its inputs (in
+        chunks of ``chunk`` samples)."""
+        if len(self) == 0:
+            return self
+        x = torch.cat([op(self.x[s : s + chunk]) for s in range(0, len(self), chunk)])
+        return TensorData(x, self.y, self.t, self.augment)
+
+    def with_labels(self, y: torch.Tensor) -> TensorData:
+        """The data with labels ``y`` instead."""
+        return TensorData(self.x, y.to(self.x.device), self.t, self.augment)
+
+    def with_tasks(self, task: int) -> TensorData:
+        """The data with every task label set to ``task``."""
+        return TensorData(self.x, self.y, torch.full_like(self.y, task), self.augment)
+
+    def with_augment(self, augment) -> TensorData:
+        return TensorData(self.x, self.y, self.t, augment)
 
     def batch(self, index: torch.Tensor) -> Batch:
+        """The samples at ``index``, without augmentation."""
         return Batch(self.x[index], self.y[index], self.t[index])
 
     def batches(
@@ -90,25 +130,37 @@ class TensorData:
         drop_last: bool = False,
     ) -> Iterator[Batch]:
         """Yield batches; with ``shuffle``, in an order drawn from ``generator``
-        (a CPU generator, so the order is the same on every device)."""
+        (a CPU generator, so the order is the same on every device). ``augment``
+        draws from ``generator`` too, after the order."""
         n = len(self)
+        stop = n - n % batch_size if drop_last else n
         if shuffle:
             order = torch.randperm(n, generator=generator).to(self.x.device)
-            stop = n - n % batch_size if drop_last else n
             for start in range(0, stop, batch_size):
-                yield self.batch(order[start : start + batch_size])
+                yield self._augmented(self.batch(order[start : start + batch_size]), generator)
         else:
-            stop = n - n % batch_size if drop_last else n
             for start in range(0, stop, batch_size):
                 end = start + batch_size
-                yield Batch(self.x[start:end], self.y[start:end], self.t[start:end])
+                yield self._augmented(Batch(self.x[start:end], self.y[start:end], self.t[start:end]), generator)
+
+    def _augmented(self, batch: Batch, generator: torch.Generator | None) -> Batch:
+        if self.augment is None:
+            return batch
+        return Batch(self.augment(batch.x, generator), batch.y, batch.t)
 
     @staticmethod
-    def concat(parts: Sequence[TensorData]) -> TensorData:
+    def concat(parts: Sequence[Any]) -> Any:
+        """One data set of all ``parts`` (a :class:`LoaderData` if any part is one)."""
+        if not all(isinstance(p, TensorData) for p in parts):
+            from contlearn.scenarios.loader import LoaderData
+
+            return LoaderData.concat(parts)
+        augment = parts[0].augment if all(p.augment is parts[0].augment for p in parts) else None
         return TensorData(
             torch.cat([p.x for p in parts]),
             torch.cat([p.y for p in parts]),
             torch.cat([p.t for p in parts]),
+            augment,
         )
 
 
@@ -120,9 +172,13 @@ class Experience:
     :ivar classes: the classes whose training samples this experience holds
         (labels as the model sees them).
     :ivar task: the task label (0 for class- and domain-incremental streams).
-    :ivar train: training data.
+    :ivar train: training data (:class:`TensorData`, or
+        :class:`~contlearn.scenarios.loader.LoaderData` for data read through a
+        DataLoader).
     :ivar test: test data of the same classes / domain.
     :ivar val: validation data carved from train, if asked for.
+    :ivar shift: the input shift of a domain-incremental experience, e.g.
+        ``Rotate(36)``; ``None`` otherwise.
     """
 
     index: int
@@ -131,11 +187,15 @@ class Experience:
     train: TensorData
     test: TensorData
     val: TensorData | None = None
+    shift: Any = None
 
     def __repr__(self) -> str:
         return (
             f"Experience(index={self.index}, classes={self.classes}, task={self.task}, "
-            f"train={len(self.train)}, test={len(self.test)})"
+            f"train={len(self.train)}, test={len(self.test)}"
+            + (f", val={len(self.val)}" if self.val is not None else "")
+            + (f", shift={self.shift!r}" if self.shift is not None else "")
+            + ")"
         )
 
 
@@ -168,6 +228,37 @@ class Stream:
     @property
     def n_tasks(self) -> int:
         return len({e.task for e in self.experiences})
+
+    @classmethod
+    def from_tensors(
+        cls,
+        x_train: Any,
+        y_train: Any,
+        x_test: Any = None,
+        y_test: Any = None,
+        *,
+        seed: int = 0,
+        name: str = "tensors",
+        **scenario: Any,
+    ) -> Stream:
+        """A stream from in-memory arrays or tensors.
+
+        ``x_*`` are inputs [N, ...] (uint8 images are divided by 255), ``y_*``
+        integer labels or names. Without a test set, a stratified split of the
+        training data by ``seed``. ``scenario`` takes the fields of the
+        ``scenario`` config section (``setting``, ``n_experiences``,
+        ``class_order``, ``transform``, ``train_transform`` ...; see
+        docs/scenarios.md), e.g.
+        ``Stream.from_tensors(x, y, setting="domain", transform="permute", n_experiences=3)``.
+        """
+        from contlearn.scenarios.build import build_from_split, scenario_config
+        from contlearn.scenarios.sources import Split
+
+        cfg = scenario_config(scenario)
+        split = Split.from_arrays(
+            x_train, y_train, x_test, y_test, name=name, test_fraction=cfg.test_fraction, seed=seed
+        )
+        return build_from_split(split, cfg, seed)
 
     def to(self, device: torch.device | str) -> Stream:
         """The same stream with every experience's data on ``device``."""

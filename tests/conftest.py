@@ -11,3 +11,14 @@ QUICK = ["train.epochs=1", "eval.fwt=false"]
 @pytest.fixture
 def quick() -> list[str]:
     return list(QUICK)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny models run faster on one thread, and the suite shares a 2-core machine."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

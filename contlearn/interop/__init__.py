@@ -1,0 +1,1 @@
+"""Interoperability with other continual-learning libraries: :mod:`contlearn.interop.avalanche`."""

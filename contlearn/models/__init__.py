@@ -15,16 +15,22 @@ import torch
 from torch import nn
 
 from contlearn.models.backbones import BACKBONES, MLP, SmallCNN, create_backbone
-from contlearn.models.heads import IncrementalLinear
+from contlearn.models.heads import HEADS, CosineLinear, IncrementalLinear, MultiHead, create_head
+from contlearn.models.resnet import ResNet
 
 __all__ = [
     "BACKBONES",
+    "HEADS",
     "ContinualModel",
+    "CosineLinear",
     "IncrementalLinear",
     "MLP",
+    "MultiHead",
     "Output",
+    "ResNet",
     "SmallCNN",
     "create_backbone",
+    "create_head",
     "create_model",
 ]
 
@@ -64,8 +70,9 @@ class ContinualModel(nn.Module):
 
 
 def create_model(cfg: Any, input_shape: Sequence[int]) -> ContinualModel:
-    """Build the model a ``model`` config section describes, with an empty head
-    that grows as experiences arrive."""
+    """Build the model a ``model`` config section describes (``backbone``,
+    ``head``, ``pretrained``...), with an empty head that grows as experiences
+    arrive."""
     backbone = create_backbone(cfg.backbone, input_shape, cfg)
-    head = IncrementalLinear(backbone.out_features)
+    head = create_head(getattr(cfg, "head", "incremental"), backbone.out_features, cfg)
     return ContinualModel(backbone, head)

@@ -1,6 +1,9 @@
 """Backbones: networks from inputs to feature vectors, built by name.
 
 Every backbone exposes ``out_features``, the size of the features it returns.
+Built in: ``mlp``, ``cnn``, ``cnn-bn`` (small nets for vectors and small
+images), CIFAR ResNets (:mod:`contlearn.models.resnet`); by prefix: ``timm:``,
+``tv:``, ``clip:`` (:mod:`contlearn.models.external`).
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from collections.abc import Callable, Sequence
 from torch import nn
 
 from contlearn.errors import ConfigError, choices
+from contlearn.models import resnet
+from contlearn.models.external import EXTERNAL
 
 
 class MLP(nn.Module):
@@ -58,16 +63,47 @@ class SmallCNN(nn.Module):
 
 BackboneFactory = Callable[..., nn.Module]
 
+
+def _image_shape(name: str, shape: Sequence[int]) -> int:
+    if len(shape) != 3:
+        raise ConfigError(f"backbone '{name}' needs image inputs [C, H, W], got shape {tuple(shape)}")
+    return int(shape[0])
+
+
+def _cifar_resnet(depth: int) -> BackboneFactory:
+    return lambda shape, cfg: resnet.cifar_resnet(depth, _image_shape(f"resnet{depth}", shape))
+
+
 #: Backbones by name: factory(input_shape, model_cfg) -> module with ``out_features``.
+#: Names with a prefix (``timm:``, ``tv:``, ``clip:``) come from other libraries
+#: (:mod:`contlearn.models.external`).
 BACKBONES: dict[str, BackboneFactory] = {
     "mlp": lambda shape, cfg: MLP(shape, cfg.hidden),
     "cnn": lambda shape, cfg: SmallCNN(shape, cfg.hidden if len(cfg.hidden) else (32, 64)),
     "cnn-bn": lambda shape, cfg: SmallCNN(shape, cfg.hidden if len(cfg.hidden) else (32, 64), batch_norm=True),
+    "resnet18": lambda shape, cfg: resnet.resnet18(_image_shape("resnet18", shape), stem="3x3"),
+    "resnet18-imagenet": lambda shape, cfg: resnet.resnet18(_image_shape("resnet18-imagenet", shape), stem="7x7"),
+    **{f"resnet{d}": _cifar_resnet(d) for d in (20, 32, 44, 56)},
 }
 
 
 def create_backbone(name: str, input_shape: Sequence[int], cfg) -> nn.Module:
     """Build the backbone ``name`` for inputs of ``input_shape``."""
+    pretrained = bool(getattr(cfg, "pretrained", False))
+    prefix, sep, arch = name.partition(":")
+    if sep:
+        if prefix not in EXTERNAL:
+            raise ConfigError(f"unknown backbone prefix '{prefix}:' in model.backbone '{name}'; valid: "
+                              f"{', '.join(f'{p}:<name>' for p in EXTERNAL)}")
+        return EXTERNAL[prefix](arch, tuple(input_shape), pretrained, getattr(cfg, "weights", None))
     if name not in BACKBONES:
-        raise ConfigError(f"unknown model.backbone '{name}'; valid backbones: {choices(BACKBONES)}")
+        raise ConfigError(
+            f"unknown model.backbone '{name}'; valid backbones: {choices(BACKBONES)}, "
+            f"or timm:<name>, tv:<name>, clip:<arch>"
+        )
+    if pretrained:
+        raise ConfigError(
+            f"backbone '{name}' has no pretrained weights; model.pretrained works with "
+            f"timm:<name>, tv:<name> and clip:<arch> backbones"
+        )
     return BACKBONES[name](tuple(input_shape), cfg)

@@ -16,7 +16,7 @@ SHAPES = [  # (B, T, I, O)
 
 def _autograd_loop(a: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of squared per-sample weight and bias gradients, one backward pass per sample."""
-    lin = torch.nn.Linear(a.shape[-1], d.shape[-1]).double()
+    lin = torch.nn.Linear(a.shape[-1], d.shape[-1]).double().to(a.device)
     fw = torch.zeros_like(lin.weight)
     fb = torch.zeros_like(lin.bias)
     for b in range(a.shape[0]):

@@ -1,0 +1,399 @@
+"""Checkpoints: the whole state of a run as tensors and plain containers.
+
+A checkpoint is one file in ``RUN_DIR/checkpoints/``, written by the loop after
+every experience and, with ``checkpoint.every_n_steps``, inside experiences. It
+holds the model's, the optimizer's and every plugin's ``state_dict()``, the
+random states (Python, NumPy, torch, CUDA and ``run.generator``), the position
+in the stream and the metrics so far. It is written atomically (temporary file,
+fsync, rename), its name sorts in run order (``ckpt-<experiences done>-<steps
+done>.pt``), and it loads with ``torch.load(weights_only=True)``: loading never
+executes code. :func:`restore` rebuilds a run from one, so that the resumed run
+is the run that was interrupted (see docs/reliability.md).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from contlearn.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    from contlearn.run import Run
+    from contlearn.scenarios import Experience
+
+FORMAT = "contlearn-checkpoint"
+VERSION = 1
+DIRNAME = "checkpoints"
+#: Top-level config keys that may differ between a checkpoint and the run resuming it.
+MAY_DIFFER = ("out", "device", "checkpoint")
+_NAME = re.compile(r"^ckpt-(\d+)-(\d+)\.pt$")
+_REQUIRED = ("config", "position", "model", "optimizer", "plugins", "rng", "metrics")
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was skipped (unreadable) and an older one is used."""
+
+
+@dataclass
+class Progress:
+    """What the loop has measured beyond ``run.accuracy_rows``: the FWT baseline,
+    the last confusion matrix and the timings (seconds); ``elapsed`` is the run's
+    time before this session (restored) or until now (captured)."""
+
+    timings: dict[str, float] = field(default_factory=lambda: {"train_seconds": 0.0, "eval_seconds": 0.0})
+    initial: list[float] | None = None
+    confusion: np.ndarray | None = None
+    elapsed: float = 0.0
+
+
+@dataclass
+class EpochState:
+    """Where a checkpoint inside an experience stands in its epoch: the losses
+    of the epoch's steps so far, and ``run.generator``'s state at the epoch's
+    start (it drew the epoch's sample order)."""
+
+    losses: list[torch.Tensor]
+    terms: dict[str, list[torch.Tensor]]
+    generator: torch.Tensor
+
+
+@dataclass
+class Resumed:
+    """A run restored inside an experience: the data it trains on, and the epoch
+    to continue with ``epoch.losses`` batches of it done."""
+
+    data: Any
+    epoch: EpochState
+
+
+# --------------------------------------------------------------------- naming, files
+
+
+def checkpoint_name(completed: int, global_step: int) -> str:
+    """``ckpt-<experiences completed>-<training steps done>.pt``: names sort in run order."""
+    return f"ckpt-{completed:03d}-{global_step:09d}.pt"
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Checkpoint files of ``directory``, oldest first (temporary files excluded)."""
+    if not directory.is_dir():
+        return []
+    found = [(tuple(int(g) for g in m.groups()), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def check_plain(obj: Any, where: str = "checkpoint") -> None:
+    """Refuse anything but tensors and plain containers (what ``weights_only``
+    loading accepts), naming where the offending value is."""
+    if obj is None or isinstance(obj, (torch.Tensor, str, int, float, bool)):
+        return
+    if isinstance(obj, (dict, OrderedDict)):
+        for key, value in obj.items():
+            if not isinstance(key, (str, int)):
+                raise CheckpointError(f"{where} has a key of type {type(key).__name__}; use str or int keys")
+            check_plain(value, f"{where}.{key}")
+        return
+    if isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            check_plain(value, f"{where}[{i}]")
+        return
+    raise CheckpointError(
+        f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}; checkpoints hold only tensors "
+        f"and plain containers (dict, list, tuple, str, int, float, bool, None)"
+    )
+
+
+def write(directory: Path, state: dict[str, Any], keep_last: int) -> Path:
+    """Write ``state`` atomically as the next checkpoint of ``directory`` and
+    delete all but the newest ``keep_last`` checkpoints."""
+    check_plain(state)
+    pos = state["position"]
+    path = directory / checkpoint_name(pos["completed"], pos["global_step"])
+    tmp = directory / f".{path.name}.tmp"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(directory)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write checkpoint '{path}': {exc.strerror or exc}") from None
+    for old in list_checkpoints(directory)[:-keep_last]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_temporaries(directory: Path) -> None:
+    """Delete the temporary files a killed writer left behind."""
+    if directory.is_dir():
+        for p in directory.glob(".ckpt-*.tmp"):
+            p.unlink(missing_ok=True)
+
+
+def load(path: Path) -> dict[str, Any]:
+    """Read one checkpoint with ``weights_only=True`` onto the CPU and check its format.
+
+    :raises CheckpointError: unreadable (truncated, corrupt, not a checkpoint) or of another version.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, bad pickle, forbidden global...
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint '{path.name}' is truncated or corrupt ({reason[:200]})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"'{path.name}' is not a contlearn checkpoint")
+    if state.get("version") != VERSION:
+        raise CheckpointError(
+            f"checkpoint '{path.name}' has format version {state.get('version')}; this contlearn reads {VERSION}"
+        )
+    missing = [k for k in _REQUIRED if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint '{path.name}' is incomplete: it lacks {missing}")
+    return state
+
+
+def latest(directory: Path) -> tuple[Path, dict[str, Any]]:
+    """The newest checkpoint of ``directory`` that loads; each newer one that does
+    not is reported with a :class:`CheckpointWarning` naming it and the one used.
+
+    :raises CheckpointError: no checkpoint, or none readable.
+    """
+    paths = list_checkpoints(directory)
+    if not paths:
+        raise CheckpointError(f"no checkpoint in '{directory}': nothing to resume")
+    problems: list[str] = []
+    for path in reversed(paths):
+        try:
+            state = load(path)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            continue
+        for problem in problems:
+            warnings.warn(f"{problem}; resuming from the previous one, '{path.name}'", CheckpointWarning, stacklevel=2)
+        return path, state
+    raise CheckpointError(f"no readable checkpoint in '{directory}': {'; '.join(problems)}")
+
+
+# ------------------------------------------------------------------ compatibility
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict) and obj:
+        out: dict[str, Any] = {}
+        for key, value in obj.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: obj}
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The keys on which two configs (as plain containers) differ, with both
+    values; keys of :data:`MAY_DIFFER` are ignored."""
+    a = {k: v for k, v in _flatten(saved).items() if k.split(".")[0] not in MAY_DIFFER}
+    b = {k: v for k, v in _flatten(current).items() if k.split(".")[0] not in MAY_DIFFER}
+    diffs = [
+        f"{k}: {a.get(k, '(absent)')!r} in the checkpoint, {b.get(k, '(absent)')!r} now"
+        for k in sorted(set(a) | set(b))
+        if a.get(k, "(absent)") != b.get(k, "(absent)")
+    ]
+    order_a, order_b = list(saved.get("plugins") or {}), list(current.get("plugins") or {})
+    if sorted(order_a) == sorted(order_b) and order_a != order_b:
+        diffs.append(f"plugin order: {order_a} in the checkpoint, {order_b} now")
+    return diffs
+
+
+def check_config(saved: dict[str, Any], current: dict[str, Any], source: str) -> None:
+    """:raises ConfigError: naming the differences when ``current`` is not the
+    experiment that wrote checkpoint ``source``."""
+    diffs = config_differences(saved, current)
+    if diffs:
+        shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+        raise ConfigError(f"checkpoint '{source}' was written by a different experiment: {shown}")
+
+
+def check_model(model: torch.nn.Module, saved: dict[str, torch.Tensor], source: str) -> None:
+    """:raises CheckpointError: naming the parameters the model and the
+    checkpoint disagree on (missing, unexpected, other shape)."""
+    own = model.state_dict()
+    problems = [f"'{k}' missing from the checkpoint" for k in own if k not in saved]
+    problems += [f"'{k}' not in the model" for k in saved if k not in own]
+    problems += [
+        f"'{k}' is {list(saved[k].shape)} in the checkpoint but {list(own[k].shape)} in the model"
+        for k in own
+        if k in saved and saved[k].shape != own[k].shape
+    ]
+    if problems:
+        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+        raise CheckpointError(
+            f"checkpoint '{source}' does not fit the model: {shown}. A plugin that changes the model "
+            f"must rebuild the change in restore(run, state) (docs/reliability.md)"
+        )
+
+
+# ------------------------------------------------------------------------ random state
+
+
+def rng_state(generator: torch.Generator) -> dict[str, Any]:
+    """Python's, NumPy's, torch's (CPU and, once initialised, CUDA) and ``generator``'s state."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+    return {
+        "python": random.getstate(),
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
+        "generator": generator.get_state(),
+    }
+
+
+def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+    """Inverse of :func:`rng_state`."""
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    generator.set_state(state["generator"].cpu())
+
+
+# ------------------------------------------------------------------- capture, restore
+
+
+def _plugin_states(run: Run) -> dict[str, Any]:
+    return {name: p.state_dict() for name, p in run.plugins.items() if callable(getattr(p, "state_dict", None))}
+
+
+def capture(run: Run, config: dict[str, Any], progress: Progress, epoch: EpochState | None = None) -> dict[str, Any]:
+    """The checkpoint of ``run`` now: between experiences (``epoch`` is ``None``)
+    or after a step inside one."""
+    completed = len(run.accuracy_rows)
+    inside = epoch is not None
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": config,
+        "position": {
+            "completed": completed,
+            "inside_experience": inside,
+            "epoch": run.epoch if inside else 0,
+            "batch": len(epoch.losses) if inside else 0,
+            "step": run.step if inside else 0,
+            "global_step": run.global_step,
+        },
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict() if inside and run.optimizer is not None else None,
+        "plugins": _plugin_states(run),
+        "rng": rng_state(run.generator),
+        "metrics": {
+            "accuracy_rows": [list(r) for r in run.accuracy_rows],
+            "initial_accuracy": progress.initial,
+            "confusion": None if progress.confusion is None else torch.from_numpy(np.asarray(progress.confusion)),
+            "timings": dict(progress.timings),
+            "elapsed": progress.elapsed,
+            "epoch_losses": torch.stack(epoch.losses).cpu() if inside and epoch.losses else None,
+            "epoch_terms": {k: torch.stack(v).cpu() for k, v in epoch.terms.items()} if inside else {},
+            "epoch_generator": epoch.generator if inside else None,
+        },
+    }
+
+
+def restore(run: Run, state: dict[str, Any], source: str) -> tuple[Progress, Resumed | None]:
+    """Bring a freshly built run to the checkpoint's state, calling ``setup``.
+
+    Order: position and metrics; the head grown for every experience started;
+    each plugin's ``restore(run, state)`` (when it has one: model surgery) or
+    ``load_state_dict(state)``; the model's weights (checked against its
+    structure); the ``setup`` hook; inside an experience, ``train_data`` and
+    ``configure_optimizer`` again and the optimizer's state; the random states
+    last, so that nothing above shifts them.
+    """
+    pos, metrics = state["position"], state["metrics"]
+    completed, inside = int(pos["completed"]), bool(pos["inside_experience"])
+    stream = run.stream
+    if completed + inside > len(stream):
+        raise CheckpointError(f"checkpoint '{source}' is past the end of the stream ({len(stream)} experiences)")
+    run.accuracy_rows = [list(r) for r in metrics["accuracy_rows"]]
+    run.global_step = int(pos["global_step"])
+    current: Experience | None = stream[completed] if inside else None
+    for exp in stream.experiences[: completed + inside]:
+        run.model.adapt(exp.classes, exp.task)
+    run.experience = current
+    run.epoch, run.step = int(pos["epoch"]), int(pos["step"])
+
+    saved = state["plugins"]
+    own = {name for name, p in run.plugins.items() if callable(getattr(p, "state_dict", None))}
+    if set(saved) != own:
+        missing, extra = sorted(own - set(saved)), sorted(set(saved) - own)
+        raise CheckpointError(
+            f"checkpoint '{source}' holds plugin states for {sorted(saved)} but this run has {sorted(own)}"
+            + (f" (no state for {missing})" if missing else "")
+            + (f" (no plugin for {extra})" if extra else "")
+        )
+    for name, plugin_state in saved.items():  # tensors on the CPU: plugins move them (generator states stay)
+        plugin = run.plugins[name]
+        if callable(getattr(plugin, "restore", None)):
+            plugin.restore(run, plugin_state)
+        else:
+            plugin.load_state_dict(plugin_state)
+
+    check_model(run.model, state["model"], source)
+    run.model.load_state_dict(state["model"])
+    run.hook.setup(run=run)
+
+    resumed = None
+    if current is not None:
+        data = run.hook.train_data(run=run, exp=current)
+        run.optimizer = run.hook.configure_optimizer(run=run, exp=current)
+        if state["optimizer"] is not None:
+            run.optimizer.load_state_dict(state["optimizer"])
+        losses = metrics["epoch_losses"]
+        resumed = Resumed(
+            data,
+            EpochState(
+                list(losses.to(run.device).unbind()) if losses is not None else [],
+                {k: list(v.to(run.device).unbind()) for k, v in metrics["epoch_terms"].items()},
+                metrics["epoch_generator"],
+            ),
+        )
+    set_rng_state(state["rng"], run.generator)
+    confusion = metrics["confusion"]
+    progress = Progress(
+        timings=dict(metrics["timings"]),
+        initial=metrics["initial_accuracy"],
+        confusion=None if confusion is None else confusion.numpy(),
+        elapsed=float(metrics["elapsed"]),
+    )
+    return progress, resumed

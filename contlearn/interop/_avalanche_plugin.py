@@ -1,0 +1,454 @@
+"""contlearn strategies inside Avalanche: an Avalanche ``SupervisedPlugin`` that
+calls a contlearn plugin's hooks from the strategy's callbacks.
+
+The contlearn hooks receive a real :class:`~contlearn.run.Run` whose fields are
+views of the Avalanche strategy: ``run.model`` returns an
+:class:`~contlearn.models.Output` (logits, ``features=None``) from the
+strategy's model, ``run.optimizer`` / ``run.device`` are the strategy's,
+``run.experience`` is the current Avalanche experience as a contlearn
+:class:`~contlearn.scenarios.Experience` (data read lazily as tensors), and
+``run.stream`` is the benchmark as a contlearn stream. The mapping:
+
+===================== ============================================ =====================
+contlearn hook        Avalanche callback                           note
+===================== ============================================ =====================
+setup                 first ``before_training_exp``                before the first experience
+before_experience     ``before_training_exp``                      after Avalanche built the optimizer;
+                                                                   new parameters are added to it
+configure_optimizer   ``before_training_exp``                      replaces ``strategy.optimizer``
+extra_samples         ``before_forward``                           concatenated to ``strategy.mbatch``
+loss_terms            ``before_backward``                          added to ``strategy.loss``
+after_backward        ``after_backward``
+after_step            ``after_training_iteration``                 after the optimizer step
+after_experience      ``after_training_exp``
+after_eval_batch      ``after_eval_iteration``                     predictions: argmax of the logits
+on_metrics            ``after_training_epoch``, ``after_eval``     losses; accuracy row
+teardown              none: ``adapter.close()``                    Avalanche has no end-of-run callback
+unlearn               none: ``adapter.unlearn(**request)``         no post-hoc phase in Avalanche
+train_data            cannot be mapped                             PluginError
+forward               cannot be mapped                             PluginError
+compute_loss          cannot be mapped                             PluginError
+predict               cannot be mapped                             PluginError
+===================== ============================================ =====================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from contlearn import _manager
+from contlearn.errors import ContlearnError, PluginError, TrainingError
+from contlearn.interop._avalanche_stream import (
+    LazyExperience,
+    _loader,
+    _unmasked,
+    detect_setting,
+    experience_classes,
+    experience_index,
+    experience_task,
+    input_shape,
+    lazy_stream,
+    require_avalanche,
+)
+from contlearn.models import Output
+from contlearn.run import Run
+from contlearn.scenarios import Batch, Stream
+
+#: Hooks an Avalanche strategy cannot honour, and why.
+UNSUPPORTED: dict[str, str] = {
+    "train_data": "the Avalanche strategy builds its training data itself (strategy.adapted_dataset); "
+    "write an Avalanche plugin with before_train_dataset_adaptation instead",
+    "forward": "the Avalanche strategy computes the model output itself (strategy.forward)",
+    "compute_loss": "the Avalanche strategy computes the base loss with its criterion; add terms with "
+    "loss_terms, or give the strategy another criterion",
+    "predict": "Avalanche's metrics read the model's logits (strategy.mb_output), not predictions",
+}
+
+#: Hooks the adapter calls, in the order the loop would.
+MAPPED = (
+    "setup",
+    "before_experience",
+    "configure_optimizer",
+    "extra_samples",
+    "loss_terms",
+    "after_backward",
+    "after_step",
+    "after_experience",
+    "after_eval_batch",
+    "on_metrics",
+    "teardown",
+    "unlearn",
+)
+
+
+class LogitsModel(nn.Module):
+    """A contlearn model that returns logits, for an Avalanche strategy to train.
+    The adapter unwraps it, so contlearn plugins see the model itself."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, task_labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(x, task_labels).logits
+
+
+class AvalancheModelView(nn.Module):
+    """An Avalanche model seen as a contlearn model: ``forward(x, task)`` returns
+    ``Output(logits, features=None)``. Parameters are the model's own (prefixed
+    ``module.``). ``adapt`` does nothing: Avalanche adapts its dynamic modules."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor, task: torch.Tensor | None = None) -> Output:
+        if task is None:
+            return Output(self.module(x))
+        from avalanche.models.utils import avalanche_forward
+
+        return Output(avalanche_forward(self.module, x, task))
+
+    def adapt(self, classes: Sequence[int], task: int = 0) -> None:
+        pass
+
+
+def model_view(model: nn.Module) -> nn.Module:
+    """What ``run.model`` is for an Avalanche strategy's model."""
+    return model.model if isinstance(model, LogitsModel) else AvalancheModelView(model)
+
+
+class _AdapterLogic:
+    """The callbacks; mixed into a ``SupervisedPlugin`` subclass made on first use,
+    so that this module imports without Avalanche."""
+
+    def __init__(self, plugin: Any, name: str, benchmark: Any, transforms: str, seed: int):
+        super().__init__()
+        self.plugin, self.name = plugin, name
+        self.pm = _manager.make_plugin_manager()
+        from contlearn.defaults import Defaults
+
+        _manager.register_plugins(self.pm, {name: plugin}, Defaults())
+        bad = [h for h in UNSUPPORTED if _manager.implemented(self.pm, h, include_defaults=False)]
+        if bad:
+            reasons = "; ".join(f"{h}: {UNSUPPORTED[h]}" for h in bad)
+            raise PluginError(
+                f"plugin '{name}' implements {', '.join(bad)}, which an Avalanche strategy cannot call ({reasons})"
+            )
+        self.implements = {h: _manager.implemented(self.pm, h, include_defaults=False) for h in MAPPED}
+        self.benchmark, self.transforms, self.seed = benchmark, transforms, seed
+        self.run: Run | None = None
+        self._seen: dict[int, LazyExperience] = {}
+        self._in_training = False
+        self._losses: list[torch.Tensor] = []
+        self._terms: dict[str, list[torch.Tensor]] = {}
+        self._hits: dict[int, list[int]] = {}
+
+    # ---------------------------------------------------------------- run view
+
+    def _stream(self, strategy: Any) -> Stream | None:
+        """The whole stream, when it is known: the benchmark (given, or the one
+        Avalanche records for the experience's stream), with its test data; or the
+        experience's origin stream, without test data. ``None`` when neither is."""
+        if self.benchmark is not None:
+            return self._lazy(self.benchmark.train_stream, self.benchmark.test_stream)
+        with _unmasked(strategy.experience):
+            origin = getattr(strategy.experience, "_origin_stream", None)
+        if origin is None:
+            return None
+        bench = getattr(origin, "benchmark", None)
+        if bench is not None and getattr(bench, "train_stream", None) is not None and origin.name == "train":
+            return self._lazy(bench.train_stream, getattr(bench, "test_stream", ()))
+        return self._lazy(origin, ())
+
+    def _lazy(self, train: Any, test: Any) -> Stream:
+        return lazy_stream(list(train), list(test), self.transforms, name="avalanche")
+
+    def _seen_stream(self) -> Stream:
+        """The experiences trained so far (no test data)."""
+        exps = [self._seen[k] for k in sorted(self._seen)]
+        classes = [e.classes for e in exps]
+        return Stream(
+            list(exps),
+            setting=detect_setting([e.task for e in exps], classes),
+            n_classes=max(c for cl in classes for c in cl) + 1,
+            input_shape=self._input_shape,
+            class_names=[],
+            name="avalanche",
+        )
+
+    def _make_run(self, strategy: Any) -> Run:
+        from omegaconf import OmegaConf
+
+        from contlearn.config import ExperimentConfig
+
+        cfg = OmegaConf.structured(ExperimentConfig(name="avalanche", seed=self.seed))
+        cfg.device = str(strategy.device)
+        cfg.train.batch_size = int(strategy.train_mb_size)
+        cfg.train.eval_batch_size = int(strategy.eval_mb_size)
+        cfg.train.epochs = int(strategy.train_epochs)
+        group = strategy.optimizer.param_groups[0]
+        cfg.train.lr = float(group.get("lr", cfg.train.lr))
+        cfg.train.momentum = float(group.get("momentum", 0.0))
+        cfg.train.weight_decay = float(group.get("weight_decay", 0.0))
+        kind = type(strategy.optimizer).__name__.lower()
+        if kind in ("sgd", "adam", "adamw"):
+            cfg.train.optimizer = kind
+        config = getattr(self.plugin, "config", None)
+        if dataclasses.is_dataclass(config):
+            cfg.plugins[self.name] = OmegaConf.structured(config)
+        self._input_shape = input_shape(strategy.experience, self.transforms)
+        self._note_experience(strategy)
+        whole = self._stream(strategy)
+        self._whole = whole is not None
+        run = Run(
+            cfg,
+            model_view(strategy.model),
+            whole if whole is not None else self._seen_stream(),
+            torch.device(strategy.device),
+            self.pm.hook,
+            {self.name: self.plugin},
+            torch.Generator().manual_seed(self.seed),
+        )
+        run.pm = self.pm  # type: ignore[attr-defined]
+        self._model_source = strategy.model
+        return run
+
+    def _note_experience(self, strategy: Any) -> LazyExperience:
+        exp = strategy.experience
+        index = experience_index(exp, len(self._seen))
+        if index not in self._seen:
+            self._seen[index] = LazyExperience(
+                index,
+                experience_classes(exp),
+                experience_task(exp),
+                _loader(exp, self.transforms, 1024, f"train experience {index}"),
+                _loader(None, self.transforms, 1024, "", self._input_shape),  # test data unknown
+            )
+        return self._seen[index]
+
+    def _batch(self, strategy: Any) -> Batch:
+        mb = strategy.mbatch
+        t = mb[2] if len(mb) > 2 else torch.zeros_like(mb[1])
+        return Batch(mb[0], mb[1].long(), t.long())
+
+    # ---------------------------------------------------------------- callbacks
+
+    def before_training(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        self._in_training = True
+
+    def after_training(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        self._in_training = False
+
+    def before_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        first = self.run is None
+        if first:
+            self.run = self._make_run(strategy)
+        run = self.run
+        seen = self._note_experience(strategy)
+        if not self._whole:
+            run.stream = self._seen_stream()
+        exp = run.stream[seen.index] if self._whole and seen.index < len(run.stream) else seen
+        if self._model_source is not strategy.model:
+            run.model, self._model_source = model_view(strategy.model), strategy.model
+        run.device = torch.device(strategy.device)
+        run.experience, run.epoch, run.step = exp, 0, 0
+        run.optimizer = strategy.optimizer
+        if first and self.implements["setup"]:
+            self.pm.hook.setup(run=run)
+        params = [id(p) for p in strategy.model.parameters()]
+        if self.implements["before_experience"]:
+            self.pm.hook.before_experience(run=run, exp=exp)
+        optimizer = None
+        if self.implements["configure_optimizer"]:
+            optimizer = self.pm.hook.configure_optimizer(run=run, exp=exp)
+        if optimizer is not None:
+            strategy.optimizer = optimizer
+            if hasattr(strategy, "optimized_param_id"):
+                strategy.optimized_param_id = None  # Avalanche re-reads it at the next experience
+        elif [id(p) for p in strategy.model.parameters()] != params and hasattr(strategy, "make_optimizer"):
+            strategy.make_optimizer()
+        run.optimizer = strategy.optimizer
+
+    def before_training_epoch(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        self.run.epoch = int(strategy.clock.train_exp_epochs)
+        self._losses, self._terms = [], {}
+
+    def before_forward(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        if not self.implements["extra_samples"]:
+            return
+        batch = self._batch(strategy)
+        extra = [b for b in self.pm.hook.extra_samples(run=self.run, batch=batch) if b is not None]
+        if not extra:
+            return
+        if len(strategy.mbatch) > 3:
+            raise PluginError(
+                f"plugin '{self.name}' adds samples (extra_samples) but the strategy's mini-batch has "
+                f"{len(strategy.mbatch)} fields; only (x, y) and (x, y, task) batches can be extended"
+            )
+        full = Batch.cat([batch, *extra])
+        strategy.mbatch = [full.x, full.y, full.t][: max(len(strategy.mbatch), 2)]
+
+    def before_backward(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        if self.implements["on_metrics"]:
+            self._losses.append(strategy.loss.detach().reshape(()))
+        if not self.implements["loss_terms"]:
+            return
+        batch = self._batch(strategy)
+        out = Output(strategy.mb_output)
+        total = None
+        seen: set[str] = set()
+        for result in self.pm.hook.loss_terms(run=self.run, batch=batch, out=out):
+            for name, value in (result or {}).items():
+                if name in seen:
+                    raise TrainingError(f"two plugins return a loss term named '{name}'")
+                seen.add(name)
+                total = value if total is None else total + value
+                self._terms.setdefault(name, []).append(value.detach().reshape(()))
+        if total is not None:
+            strategy.loss = strategy.loss + total
+
+    def after_backward(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        if self.implements["after_backward"]:
+            self.pm.hook.after_backward(run=self.run)
+
+    def after_training_iteration(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        if self.implements["after_step"]:
+            self.pm.hook.after_step(run=self.run)
+        self.run.step += 1
+        self.run.global_step += 1
+
+    def after_training_epoch(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        if not self.implements["on_metrics"] or not self._losses:
+            return
+        metrics: dict[str, Any] = {
+            "kind": "epoch",
+            "experience": self.run.experience.index,
+            "epoch": self.run.epoch,
+            "loss": float(torch.stack(self._losses).mean()),
+        }
+        for name, values in self._terms.items():
+            metrics[f"loss/{name}"] = float(torch.stack(values).mean())
+        self.pm.hook.on_metrics(run=self.run, metrics=metrics)
+
+    def after_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        if self.implements["after_experience"]:
+            self.pm.hook.after_experience(run=self.run, exp=self.run.experience)
+
+    def before_eval(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        self._hits = {}
+
+    def after_eval_iteration(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        if self.run is None:
+            return
+        batch = self._batch(strategy)
+        predictions = strategy.mb_output.argmax(dim=1)
+        if self.implements["after_eval_batch"]:
+            self.pm.hook.after_eval_batch(run=self.run, batch=batch, predictions=predictions)
+        index = experience_index(strategy.experience, 0)
+        hits = self._hits.setdefault(index, [0, 0])
+        hits[0] += int((predictions == batch.y).sum())
+        hits[1] += len(batch)
+
+    def after_eval(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        if self.run is None or not self._hits:
+            return
+        row = [self._hits[k][0] / max(self._hits[k][1], 1) for k in sorted(self._hits)]
+        if not self._in_training:
+            self.run.accuracy_rows.append(row)
+        if self.implements["on_metrics"]:
+            metrics = {
+                "kind": "eval",
+                "experience": self.run.experience.index if self.run.experience is not None else None,
+                "epoch": None,
+                "accuracy": row,
+                "average_accuracy": sum(row) / len(row),
+            }
+            self.pm.hook.on_metrics(run=self.run, metrics=metrics)
+
+    # ---------------------------------------------------------------- explicit calls
+
+    def close(self) -> None:
+        """Call the plugin's ``teardown`` (Avalanche has no end-of-run callback)."""
+        if self.run is not None and self.implements["teardown"]:
+            self.pm.hook.teardown(run=self.run)
+
+    def unlearn(self, **request: Any) -> dict[str, Any]:
+        """Call the plugin's ``unlearn`` hook on the trained model, e.g. ``unlearn(classes=[3])``."""
+        if self.run is None:
+            raise ContlearnError("nothing to unlearn: the Avalanche strategy has not trained with this plugin")
+        report = self.pm.hook.unlearn(run=self.run, request=request) if self.implements["unlearn"] else None
+        if report is None:
+            raise ContlearnError(f"plugin '{self.name}' does not implement unlearning")
+        return report
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.plugin.state_dict() if hasattr(self.plugin, "state_dict") else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if hasattr(self.plugin, "load_state_dict"):
+            self.plugin.load_state_dict(state)
+
+
+@functools.cache
+def adapter_class() -> type:
+    """The adapter as a subclass of Avalanche's ``SupervisedPlugin`` (made once)."""
+    from avalanche.core import SupervisedPlugin
+
+    class ContlearnPluginAdapter(_AdapterLogic, SupervisedPlugin):  # type: ignore[misc]
+        """Drives a contlearn plugin from an Avalanche strategy's callbacks."""
+
+        def __init__(self, plugin: Any, name: str, benchmark: Any, transforms: str, seed: int):
+            _AdapterLogic.__init__(self, plugin, name, benchmark, transforms, seed)
+
+    return ContlearnPluginAdapter
+
+
+def as_avalanche_plugin(
+    plugin: Any,
+    config: Any = None,
+    *,
+    name: str | None = None,
+    benchmark: Any = None,
+    transforms: str = "eval",
+    seed: int = 0,
+) -> Any:
+    """An Avalanche ``SupervisedPlugin`` that drives a contlearn plugin.
+
+    :param plugin: a contlearn plugin object, or the name of a registered plugin
+        (``"ewc"``), built with ``config``.
+    :param config: for a plugin name: its ``Config`` instance or a mapping of its
+        fields (validated like a config file's section); default: the defaults.
+    :param name: the plugin's name in the run (``run.plugins``, error messages);
+        default: the given name or the class name in lower case.
+    :param benchmark: the Avalanche benchmark being trained, for ``run.stream``
+        (test data included); default: the benchmark of the experience's stream
+        when Avalanche records it, else the experiences seen so far.
+    :param transforms: the Avalanche transform group used when a plugin reads an
+        experience's data (``exp.train``): ``eval`` (default) or ``train``.
+    :param seed: seed of ``run.generator`` and ``run.config.seed``.
+    :raises PluginError: a plugin that implements a hook an Avalanche strategy
+        cannot call (``train_data``, ``forward``, ``compute_loss``, ``predict``).
+    """
+    require_avalanche()
+    if isinstance(plugin, str):
+        from contlearn._registry import PluginRegistry
+        from contlearn.config import plugin_config
+
+        registry = PluginRegistry.load()
+        cls = registry.get(plugin).config_class
+        if config is not None and cls is not None and isinstance(config, cls):
+            value = config
+        else:
+            value = plugin_config(plugin, cls, config)
+        name = name or plugin
+        plugin = registry.create(plugin, value)
+    elif config is not None:
+        raise PluginError("config is only used with a plugin name; configure a plugin object when building it")
+    return adapter_class()(plugin, name or type(plugin).__name__.lower(), benchmark, transforms, seed)

@@ -1,0 +1,120 @@
+"""Loggers: plugins on ``on_metrics`` that record a run's metrics as it goes.
+
+* :class:`JSONLLogger` appends one JSON object per report to a file (the CLI
+  always writes ``RUN_DIR/events.jsonl``);
+* :class:`TensorBoardLogger` writes TensorBoard scalars (needs the
+  ``tensorboard`` extra: ``pip install 'contlearn[tensorboard]'``).
+
+The loop reports once per training epoch (``kind: "epoch"``, mean losses by
+name) and once per evaluation (``kind: "eval"``, the accuracy row), so a logger
+never reads a tensor back from the device. Only the main process writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from contlearn.errors import ContlearnError, PluginError
+from contlearn.hookspecs import hookimpl
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe: non-finite floats become strings (``"nan"``, ``"inf"``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+class JSONLLogger:
+    """One JSON object per line for every ``on_metrics`` report, appended to ``path``.
+
+    Each line is the reported mapping plus ``time`` (seconds since the epoch) and
+    ``global_step``; ``kind`` is ``epoch`` or ``eval``. The file is opened in
+    append mode, so a resumed run continues the same log.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._file: IO[str] | None = None
+
+    @hookimpl
+    def setup(self, run: Any) -> None:
+        if not run.dist.is_main or self._file is not None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in teardown
+        except OSError as exc:
+            raise ContlearnError(f"cannot open the event log '{self.path}': {exc.strerror or exc}") from None
+
+    @hookimpl
+    def on_metrics(self, run: Any, metrics: dict[str, Any]) -> None:
+        if self._file is None:
+            return
+        event = {**_plain(metrics), "time": time.time(), "global_step": run.global_step}
+        self._file.write(json.dumps(event) + "\n")
+        self._file.flush()
+
+    @hookimpl
+    def teardown(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_events(path: str | Path) -> list[dict[str, Any]]:
+    """The events of a JSONL log, in order."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class TensorBoardLogger:
+    """TensorBoard scalars in ``log_dir``: ``train/<loss>`` per epoch (x: global
+    step), ``eval/average_accuracy`` and ``eval/accuracy/exp<j>`` per evaluation
+    (x: the experience just trained)."""
+
+    def __init__(self, log_dir: str | Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise PluginError(
+                "the TensorBoard logger needs the tensorboard package: pip install 'contlearn[tensorboard]'"
+            ) from None
+        self._writer_cls = SummaryWriter
+        self.log_dir = Path(log_dir)
+        self.writer: Any = None
+
+    @hookimpl
+    def setup(self, run: Any) -> None:
+        if run.dist.is_main and self.writer is None:
+            self.writer = self._writer_cls(log_dir=str(self.log_dir))
+
+    @hookimpl
+    def on_metrics(self, run: Any, metrics: dict[str, Any]) -> None:
+        if self.writer is None:
+            return
+        if metrics["kind"] == "epoch":
+            for name, value in metrics.items():
+                if name == "loss" or name.startswith("loss/"):
+                    tag = "train/loss" if name == "loss" else f"train/{name}"
+                    self.writer.add_scalar(tag, value, run.global_step)
+        elif metrics["kind"] == "eval":
+            step = metrics["experience"]
+            self.writer.add_scalar("eval/average_accuracy", metrics["average_accuracy"], step)
+            for j, acc in enumerate(metrics["accuracy"]):
+                self.writer.add_scalar(f"eval/accuracy/exp{j}", acc, step)
+        self.writer.flush()
+
+    @hookimpl
+    def teardown(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None

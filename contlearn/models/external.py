@@ -1,0 +1,172 @@
+"""Backbones from other libraries, by prefixed name: ``timm:<name>``,
+``tv:<name>`` (torchvision) and ``clip:<arch>`` (open_clip image towers).
+
+Each returns a module mapping images to pooled features, with its
+classification layer removed and ``out_features`` set. With
+``model.pretrained: true`` weights load through the library's own loader and
+cache (Hugging Face hub cache for timm and open_clip, ``torch.hub`` for
+torchvision); ``model.weights`` picks which. When they are neither cached nor
+downloadable the error names the weights and where they were looked for.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from contlearn.errors import ConfigError, ContlearnError
+
+
+class WeightsError(ContlearnError):
+    """Pretrained weights are neither cached nor downloadable."""
+
+    exit_code = 1
+
+
+def _hf_cache() -> str:
+    try:
+        from huggingface_hub import constants
+
+        return str(constants.HF_HUB_CACHE)
+    except Exception:  # pragma: no cover - huggingface_hub is a timm dependency
+        return os.path.expanduser("~/.cache/huggingface/hub")
+
+
+def _offline_hint() -> str:
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return " (HF_HUB_OFFLINE is set, so nothing was downloaded)"
+    return ""
+
+
+class _Features(nn.Module):
+    """Wraps a feature extractor with ``out_features``."""
+
+    def __init__(self, net: nn.Module, out_features: int, name: str):
+        super().__init__()
+        self.net, self.out_features, self.name = net, out_features, name
+
+    def forward(self, x):
+        return self.net(x)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, out_features={self.out_features}"
+
+
+def _rgb(name: str, input_shape: Sequence[int]) -> None:
+    if len(input_shape) != 3 or input_shape[0] != 3:
+        raise ConfigError(
+            f"backbone '{name}' needs RGB image inputs [3, H, W], the data has shape {tuple(input_shape)}; "
+            f"add 'rgb' (and maybe 'resize:224') to scenario.train_transform and eval_transform"
+        )
+
+
+def timm_backbone(arch: str, input_shape: Sequence[int], pretrained: bool, weights: str | None) -> nn.Module:
+    """``timm.create_model(arch, num_classes=0)``: pooled features; ``weights``
+    is a pretrained tag (``resnet50.a1_in1k`` is ``arch=resnet50, weights=a1_in1k``)."""
+    import timm
+
+    if len(input_shape) != 3:
+        raise ConfigError(f"backbone 'timm:{arch}' needs image inputs [C, H, W], got {tuple(input_shape)}")
+    name = f"{arch}.{weights}" if weights else arch
+    base = arch.split(".")[0]
+    if not timm.is_model(base):
+        raise ConfigError(f"unknown timm model '{arch}' (backbone 'timm:{arch}'); list them with timm.list_models()")
+    try:
+        net = timm.create_model(name, pretrained=pretrained, num_classes=0, in_chans=int(input_shape[0]))
+    except (OSError, RuntimeError, ValueError) as exc:
+        if not pretrained:
+            raise ConfigError(f"cannot build timm model '{name}': {exc}") from None
+        cfg = timm.models.get_pretrained_cfg(name) if hasattr(timm.models, "get_pretrained_cfg") else None
+        hub = getattr(cfg, "hf_hub_id", None) or getattr(cfg, "url", None) or name
+        raise WeightsError(
+            f"pretrained weights for timm model '{name}' ({hub}) are not in the Hugging Face cache "
+            f"'{_hf_cache()}' and could not be downloaded{_offline_hint()}: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}; connect once to fill the cache, or set "
+            f"model.pretrained=false"
+        ) from None
+    return _Features(net, int(net.num_features), f"timm:{name}")
+
+
+def _last_linear(net: nn.Module) -> tuple[str, nn.Linear]:
+    found = [(n, m) for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+    if not found:
+        raise ConfigError(f"torchvision model {type(net).__name__} has no linear classifier to remove")
+    return found[-1]
+
+
+def torchvision_backbone(arch: str, input_shape: Sequence[int], pretrained: bool, weights: str | None) -> nn.Module:
+    """``torchvision.models.get_model(arch)`` with its last linear layer (the
+    classifier) replaced by the identity; ``weights`` is the weights enum's
+    member name (default ``DEFAULT``)."""
+    import torchvision
+
+    _rgb(f"tv:{arch}", input_shape)
+    if arch not in torchvision.models.list_models():
+        raise ConfigError(f"unknown torchvision model '{arch}' (backbone 'tv:{arch}'); "
+                          f"list them with torchvision.models.list_models()")
+    net = torchvision.models.get_model(arch, weights=None)
+    if pretrained:
+        enum = torchvision.models.get_model_weights(arch)
+        tag = weights or "DEFAULT"
+        try:
+            chosen = enum[tag] if tag != "DEFAULT" else enum.DEFAULT
+        except KeyError:
+            raise ConfigError(f"model.weights '{tag}' is not a weight of tv:{arch}; valid: "
+                              f"{', '.join(['DEFAULT', *enum.__members__])}") from None
+        file = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(chosen.url))
+        try:
+            state = chosen.get_state_dict(progress=False, check_hash=True)
+        except (OSError, RuntimeError) as exc:
+            raise WeightsError(
+                f"pretrained weights {chosen} for tv:{arch} are not cached at '{file}' and could not be "
+                f"downloaded from {chosen.url}: {type(exc).__name__}: {exc}; connect once to fill the cache "
+                f"(TORCH_HOME moves it), or set model.pretrained=false"
+            ) from None
+        net.load_state_dict(state)
+    name, layer = _last_linear(net)
+    out_features = layer.in_features
+    parent = net.get_submodule(name.rpartition(".")[0]) if "." in name else net
+    setattr(parent, name.rpartition(".")[2], nn.Identity())
+    return _Features(net, out_features, f"tv:{arch}")
+
+
+def clip_backbone(arch: str, input_shape: Sequence[int], pretrained: bool, weights: str | None) -> nn.Module:
+    """The image tower (``model.visual``) of open_clip's ``arch``; ``weights`` is
+    a pretrained tag (default: the first open_clip lists for ``arch``).
+    Needs the ``clip`` extra (``pip install contlearn[clip]``)."""
+    try:
+        import open_clip
+    except ImportError:
+        raise ConfigError(f"backbone 'clip:{arch}' needs open_clip: pip install 'contlearn[clip]'") from None
+    _rgb(f"clip:{arch}", input_shape)
+    if arch not in open_clip.list_models():
+        raise ConfigError(f"unknown open_clip model '{arch}' (backbone 'clip:{arch}'); "
+                          f"list them with open_clip.list_models()")
+    tag = None
+    if pretrained:
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        tag = weights or (tags[0] if tags else None)
+        if tag is None or tag not in tags:
+            raise ConfigError(f"model.weights '{tag}' is not a pretrained tag of clip:{arch}; valid: {', '.join(tags) or '(none)'}")
+    try:
+        model = open_clip.create_model(arch, pretrained=tag)
+    except (OSError, RuntimeError) as exc:
+        cfg: Any = open_clip.get_pretrained_cfg(arch, tag) if tag else {}
+        hub = cfg.get("hf_hub") or cfg.get("url") or tag
+        raise WeightsError(
+            f"pretrained weights '{tag}' for clip:{arch} ({hub}) are not in the Hugging Face cache "
+            f"'{_hf_cache()}' and could not be downloaded{_offline_hint()}: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; connect once to fill the cache, "
+            f"or set model.pretrained=false"
+        ) from None
+    visual = model.visual
+    out_features = int(getattr(visual, "output_dim", 0) or model.text_projection.shape[1])
+    return _Features(visual, out_features, f"clip:{arch}" + (f"@{tag}" if tag else ""))
+
+
+#: Backbone name prefixes: ``prefix:name`` -> factory(name, input_shape, pretrained, weights).
+EXTERNAL = {"timm": timm_backbone, "tv": torchvision_backbone, "clip": clip_backbone}

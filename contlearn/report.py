@@ -1,0 +1,244 @@
+"""Reports of finished runs: plots of the accuracy matrix and a Markdown summary.
+
+For every run directory :func:`write_report` writes
+
+* ``accuracy_matrix.png``: heatmap of ``R[i][j]`` (rows: after training
+  experience i; columns: evaluated on experience j);
+* ``accuracy.png``: accuracy over experiences (the average over the experiences
+  seen so far, the average over all, and each experience's own curve);
+* ``report.md``: headline metrics, the matrix as a table, links to the plots;
+
+and, given several runs, ``comparison.md`` (one table row per run) and
+``comparison.png`` (their accuracy curves) in ``out_dir`` (default: the first
+run's directory). Plots use matplotlib's Agg canvas directly, so no display is
+needed and the global pyplot backend is left alone.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from contlearn.errors import ConfigError
+from contlearn.results import write_atomic
+
+MATRIX_PNG = "accuracy_matrix.png"
+CURVE_PNG = "accuracy.png"
+REPORT_MD = "report.md"
+COMPARISON_MD = "comparison.md"
+COMPARISON_PNG = "comparison.png"
+
+
+@dataclass
+class FinishedRun:
+    """A run directory with a complete ``results.json``."""
+
+    path: Path
+    results: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        return self.path.name
+
+    @property
+    def strategy(self) -> str:
+        plugins = list((self.results.get("config") or {}).get("plugins") or {})
+        if len(plugins) > 1 and "finetune" in plugins:  # finetune adds nothing to others
+            plugins.remove("finetune")
+        return " + ".join(plugins) or "-"
+
+    @property
+    def matrix(self) -> np.ndarray:
+        return np.asarray(self.results["accuracy_matrix"], dtype=float)
+
+
+def load_run(path: str | Path) -> FinishedRun:
+    """Read a finished run directory.
+
+    :raises ConfigError: the path is not a directory holding a complete
+        ``results.json`` (one row of the accuracy matrix per experience).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"'{path}' is not a run directory (it does not exist or is not a directory)")
+    file = path / "results.json"
+    if not file.is_file():
+        raise ConfigError(
+            f"'{path}' is not a finished run: it has no results.json (written when a run completes)"
+        )
+    try:
+        results = json.loads(file.read_text(encoding="utf-8"))
+        matrix = results["accuracy_matrix"]
+        complete = bool(matrix) and all(len(row) == len(matrix[0]) for row in matrix) and len(matrix) == len(matrix[0])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"'{file}' is not a contlearn results file: {exc}") from None
+    if not complete:
+        raise ConfigError(f"'{path}' is not a finished run: its accuracy matrix is incomplete")
+    return FinishedRun(path, results)
+
+
+# -------------------------------------------------------------------- numbers
+
+
+def seen_average(R: np.ndarray) -> np.ndarray:
+    """Mean accuracy over the experiences trained so far, after each experience."""
+    return np.array([R[i, : i + 1].mean() for i in range(R.shape[0])])
+
+
+def _fmt(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:+.3f}" if signed else f"{value:.3f}"
+
+
+def comparison_table(runs: list[FinishedRun]) -> str:
+    """A Markdown table with one row per run: its headline metrics and time."""
+    lines = [
+        "| run | strategy | final avg acc | avg incremental acc | forgetting | BWT | FWT | seconds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        r = run.results
+        seconds = (r.get("timings") or {}).get("total_seconds")
+        lines.append(
+            f"| {run.label} | {run.strategy} | {_fmt(r['average_accuracy'])} | "
+            f"{_fmt(r.get('average_incremental_accuracy'))} | {_fmt(r.get('forgetting'))} | "
+            f"{_fmt(r.get('bwt'), True)} | {_fmt(r.get('fwt'), True)} | "
+            f"{'n/a' if seconds is None else f'{seconds:.1f}'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def matrix_table(R: np.ndarray) -> str:
+    """The accuracy matrix as a Markdown table."""
+    n = R.shape[1]
+    lines = ["| after \\ on | " + " | ".join(f"exp {j}" for j in range(n)) + " |", "|---" * (n + 1) + "|"]
+    for i, row in enumerate(R):
+        lines.append(f"| exp {i} | " + " | ".join(f"{a:.3f}" for a in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_markdown(run: FinishedRun) -> str:
+    """``report.md`` of one run."""
+    r = run.results
+    cfg = r.get("config") or {}
+    scenario = cfg.get("scenario") or {}
+    model = cfg.get("model") or {}
+    train = cfg.get("train") or {}
+    return (
+        f"# {r.get('name', run.label)} ({run.label})\n\n"
+        f"Strategy: {run.strategy}. Seed {r.get('seed')}. Scenario: {scenario.get('source')}, "
+        f"{scenario.get('setting')}-incremental, {run.matrix.shape[0]} experiences. "
+        f"Model: {model.get('backbone')}. Training: {train.get('epochs')} epochs per experience, "
+        f"{train.get('optimizer')} lr {train.get('lr')}, batch {train.get('batch_size')}.\n\n"
+        + comparison_table([run])
+        + "\n## Accuracy matrix\n\nRow i: after training experience i; column j: test data of experience j.\n\n"
+        + matrix_table(run.matrix)
+        + f"\n![accuracy matrix]({MATRIX_PNG})\n\n![accuracy over experiences]({CURVE_PNG})\n"
+    )
+
+
+# ---------------------------------------------------------------------- plots
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_matrix(R: np.ndarray, title: str, path: Path) -> None:
+    """Heatmap of the accuracy matrix, each cell annotated."""
+    n_rows, n_cols = R.shape
+    fig = _figure(1.2 + 0.75 * n_cols, 1.0 + 0.6 * n_rows)
+    ax = fig.add_subplot()
+    image = ax.imshow(R, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+    if n_rows * n_cols <= 400:
+        for i in range(n_rows):
+            for j in range(n_cols):
+                ax.text(j, i, f"{R[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                        color="black" if R[i, j] > 0.6 else "white")
+    ax.set_xticks(range(n_cols))
+    ax.set_yticks(range(n_rows))
+    ax.set_xlabel("evaluated on experience")
+    ax.set_ylabel("after training experience")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, label="accuracy")
+    fig.savefig(path)
+
+
+def plot_curve(R: np.ndarray, title: str, path: Path) -> None:
+    """Accuracy after each experience: seen-so-far and overall averages, and per experience."""
+    x = np.arange(1, R.shape[0] + 1)
+    fig = _figure(6.0, 4.0)
+    ax = fig.add_subplot()
+    for j in range(R.shape[1]):
+        ax.plot(x[j:], R[j:, j], color="0.7", linewidth=0.8, label="each experience" if j == 0 else None)
+    ax.plot(x, seen_average(R), marker="o", label="average over experiences seen")
+    ax.plot(x, R.mean(axis=1), marker="s", linestyle="--", label="average over all experiences")
+    _decorate(ax, x, title)
+    fig.savefig(path)
+
+
+def plot_comparison(runs: list[FinishedRun], path: Path) -> None:
+    """The seen-so-far average accuracy of several runs on one plot."""
+    fig = _figure(6.5, 4.0)
+    ax = fig.add_subplot()
+    longest = max(run.matrix.shape[0] for run in runs)
+    for run in runs:
+        R = run.matrix
+        ax.plot(np.arange(1, R.shape[0] + 1), seen_average(R), marker="o", label=f"{run.label} ({run.strategy})")
+    _decorate(ax, np.arange(1, longest + 1), "average accuracy over experiences seen")
+    fig.savefig(path)
+
+
+def _decorate(ax: Any, x: np.ndarray, title: str) -> None:
+    ax.set_xticks(x)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("experiences trained")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+# ---------------------------------------------------------------------- files
+
+
+def write_run_report(run: FinishedRun) -> list[Path]:
+    """The plots and ``report.md`` of one run, in its directory."""
+    title = f"{run.results.get('name', run.label)}: {run.strategy}"
+    paths = [run.path / MATRIX_PNG, run.path / CURVE_PNG, run.path / REPORT_MD]
+    plot_matrix(run.matrix, title, paths[0])
+    plot_curve(run.matrix, title, paths[1])
+    write_atomic(paths[2], run_markdown(run))
+    return paths
+
+
+def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> list[Path]:
+    """Report every run directory; with several, compare them in ``out_dir``
+    (default: the first run's directory). Every directory is checked before
+    anything is written. Returns the files written."""
+    if not run_dirs:
+        raise ConfigError("name at least one run directory to report on")
+    runs = [load_run(p) for p in run_dirs]
+    written: list[Path] = []
+    for run in runs:
+        written += write_run_report(run)
+    if len(runs) > 1:
+        out = Path(out_dir) if out_dir is not None else runs[0].path
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot write the comparison to '{out}': {exc.strerror or exc}") from None
+        write_atomic(out / COMPARISON_MD, "# Comparison\n\n" + comparison_table(runs) + f"\n![comparison]({COMPARISON_PNG})\n")
+        plot_comparison(runs, out / COMPARISON_PNG)
+        written += [out / COMPARISON_MD, out / COMPARISON_PNG]
+    return written

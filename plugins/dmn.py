@@ -1,0 +1,658 @@
+"""Dual Memory Networks: test-time and few-shot adaptation of CLIP.
+
+Zhang, Zhu, Wang, Zhang, "Dual Memory Networks: A Versatile Adaptation
+Approach for Vision-Language Models", CVPR 2024 (reference code YBZh/DMN,
+``dmn_main.py``). A frozen CLIP classifies with three probability vectors:
+
+- ``P_text``: softmax of ``100 v . w_c`` (the zero-shot text classifier);
+- ``P_static``: read out of the *static memory*, per class the text embedding
+  and K few-shot training features;
+- ``P_dynamic``: read out of the *dynamic memory*, per class L slots filled at
+  test time with features of confidently pseudo-labelled test images.
+
+``P = P_text + alpha_d P_dynamic + alpha_s P_static``. A read-out attends over
+a class's memory entries with weights ``exp(-beta (1 - q . k))`` and compares
+the renormalised weighted sum of values with ``v``. The learnable variant adds
+zero-initialised residual biases to queries, keys, values, outputs and text
+embeddings, trained on the shots.
+
+In a stream the classifier and the static memory gain each experience's
+classes; the dynamic memory is emptied before each evaluation or kept.
+``alpha_d`` and ``alpha_s`` are chosen on held-out training samples, never on
+test labels (the reference code searches them on the test set).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+import torch
+from contlearn.plugins._clip import ClipClassifier, class_names_for, random_views
+from torch import nn
+from torch.nn import functional as F
+
+from contlearn.errors import ConfigError, PluginError
+from contlearn.hookspecs import hookimpl
+from contlearn.models import Output
+
+#: Weights searched for alpha_d and alpha_s (the reference code's grid).
+ALPHA_GRID: list[float] = [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0]
+MODES = ("zero_shot", "training_free", "learnable")
+BIASES = ("bias_query", "bias_key", "bias_value", "bias_out", "bias_text")
+
+
+def entropy(p: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy over the last dimension of probabilities."""
+    return -(p * torch.log(p + 1e-8)).sum(dim=-1)
+
+
+class DualMemory(nn.Module):
+    """The static and dynamic memories of DMN and their read-out.
+
+    Buffers (``C`` classes, ``K`` shots, ``L`` slots, ``D`` feature size):
+    ``text [C, D]``, ``shot_feat [C, K, D]``, ``shot_mask [C, K]``,
+    ``dyn_feat [C, L, D]``, ``dyn_ent [C, L]``, ``dyn_count [C]``. Parameters
+    (used only when ``learnable``): the residual biases ``bias_* [C, D]``.
+
+    :param reads_static: the dynamic read-out also attends over each class's
+        static entries (text and shots), as ``get_image_pred`` of the reference
+        code does; a class with no stored test feature then reads out its text
+        embedding instead of nothing.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        memory_size: int = 50,
+        shots: int = 0,
+        beta: float = 5.5,
+        logit_scale: float = 100.0,
+        learnable: bool = False,
+        reads_static: bool = True,
+    ):
+        super().__init__()
+        self.dim, self.memory_size, self.shots = dim, memory_size, shots
+        self.beta, self.logit_scale = beta, logit_scale
+        self.learnable, self.reads_static = learnable, reads_static
+        self.register_buffer("text", torch.zeros(0, dim))
+        self.register_buffer("shot_feat", torch.zeros(0, shots, dim))
+        self.register_buffer("shot_mask", torch.zeros(0, shots, dtype=torch.bool))
+        self.register_buffer("dyn_feat", torch.zeros(0, memory_size, dim))
+        self.register_buffer("dyn_ent", torch.zeros(0, memory_size))
+        self.register_buffer("dyn_count", torch.zeros(0, dtype=torch.long))
+        for name in BIASES:
+            setattr(self, name, nn.Parameter(torch.zeros(0, dim)))
+
+    @property
+    def n_classes(self) -> int:
+        return self.text.shape[0]
+
+    def grow(self, n_classes: int) -> None:
+        """Add empty memories (and zero biases) for classes up to ``n_classes``."""
+        extra = n_classes - self.n_classes
+        if extra <= 0:
+            return
+        for name, buf in list(self._buffers.items()):
+            assert buf is not None
+            pad = buf.new_zeros((extra, *buf.shape[1:]))
+            self._buffers[name] = torch.cat([buf, pad])
+        for name in BIASES:
+            old = getattr(self, name)
+            setattr(self, name, nn.Parameter(torch.cat([old.data, old.new_zeros(extra, self.dim)])))
+
+    def reset_dynamic(self) -> None:
+        """Empty every dynamic slot."""
+        self.dyn_feat.zero_()
+        self.dyn_ent.zero_()
+        self.dyn_count.zero_()
+
+    def dynamic_state(self) -> tuple[torch.Tensor, ...]:
+        return self.dyn_feat.clone(), self.dyn_ent.clone(), self.dyn_count.clone()
+
+    def restore_dynamic(self, state: tuple[torch.Tensor, ...]) -> None:
+        self.dyn_feat.copy_(state[0])
+        self.dyn_ent.copy_(state[1])
+        self.dyn_count.copy_(state[2])
+
+    # ------------------------------------------------------------------ update
+
+    def update(self, v: torch.Tensor, p_bar: torch.Tensor) -> None:
+        """Write test feature ``v`` ``[D]`` into the memory of its pseudo-label
+        ``argmax p_bar``: into the next free slot, or, when the class is full,
+        over its highest-entropy slot if ``v``'s entropy is lower (the rule of
+        ``update_memory_bank`` in the reference code). One image at a time;
+        :meth:`stream` does a whole batch at once."""
+        c = p_bar.argmax()
+        h = entropy(p_bar)
+        n = self.dyn_count[c]
+        full = n >= self.memory_size
+        j = torch.where(full, self.dyn_ent[c].argmax(), n.clamp(max=self.memory_size - 1))
+        take = ~full | (h < self.dyn_ent[c, j])
+        self.dyn_feat[c, j] = torch.where(take, v, self.dyn_feat[c, j])
+        self.dyn_ent[c, j] = torch.where(take, h, self.dyn_ent[c, j])
+        self.dyn_count[c] += (~full).long()
+
+    # ---------------------------------------------------------------- read-out
+
+    def text_weights(self) -> torch.Tensor:
+        """The text classifier ``[C, D]``, with its residual bias when learnable."""
+        if self.learnable:
+            return F.normalize(self.text + self.bias_text, dim=-1)
+        return self.text
+
+    def read(self, v: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, C]`` of queries ``v [B, D]`` against memories ``keys
+        [C, M, D]`` whose valid entries ``mask`` (``[C, M]``, or ``[B, C, M]``
+        per query) marks: per class, the
+        values weighted by ``exp(-beta (1 - q . k))``, summed, renormalised,
+        times ``logit_scale``, dotted with ``v``. Empty entries weigh nothing."""
+        q, k, val = v, keys, keys
+        if self.learnable:
+            q = F.normalize(v + self.bias_query.mean(dim=0), dim=-1)
+            k = keys + self.bias_key[:, None]
+            val = keys + self.bias_value[:, None]
+        k, val = F.normalize(k, dim=-1), F.normalize(val, dim=-1)
+        z = (-self.beta * (1 - torch.einsum("bd,cmd->bcm", q, k))).masked_fill(~mask, -math.inf)
+        # Subtracting the per-class maximum changes no renormalised read-out and
+        # keeps exp finite for any beta (beta -> inf is the nearest entry).
+        top = z.amax(dim=-1, keepdim=True)
+        w = torch.exp(z - torch.where(torch.isfinite(top), top, torch.zeros_like(top)))
+        a = F.normalize(torch.einsum("bcm,cmd->bcd", w, val), dim=-1)
+        if self.learnable:
+            a = F.normalize(a + self.bias_out, dim=-1)
+        return self.logit_scale * torch.einsum("bcd,bd->bc", a, v)
+
+    def static_entries(self) -> tuple[torch.Tensor, torch.Tensor]:
+        ones = torch.ones(self.n_classes, 1, dtype=torch.bool, device=self.text.device)
+        return torch.cat([self.text[:, None], self.shot_feat], 1), torch.cat([ones, self.shot_mask], 1)
+
+    def static_logits(self, v: torch.Tensor) -> torch.Tensor:
+        return self.read(v, *self.static_entries())
+
+    def dynamic_logits(self, v: torch.Tensor) -> torch.Tensor:
+        slots = torch.arange(self.memory_size, device=v.device)[None] < self.dyn_count[:, None]
+        if not self.reads_static:
+            return self.read(v, self.dyn_feat, slots)
+        keys, mask = self.static_entries()
+        return self.read(v, torch.cat([self.dyn_feat, keys], 1), torch.cat([slots, mask], 1))
+
+    def stream(self, v: torch.Tensor, p_bar: torch.Tensor) -> torch.Tensor:
+        """:meth:`update` with each of ``v [N, D]`` in turn, each followed by its
+        :meth:`dynamic_logits`; returns those logits ``[N, C]``.
+
+        Computed in one batch, exactly: the write decisions depend only on
+        pseudo-labels and entropies, so they are replayed on the host first,
+        giving every memory entry the interval of stream positions in which it
+        is held; read-out ``i`` then masks out entries not held at ``i``.
+        """
+        N, D = v.shape
+        C, L = self.n_classes, self.memory_size
+        labels, ents = p_bar.argmax(dim=1).tolist(), entropy(p_bar).tolist()
+        count, slot_ent = self.dyn_count.tolist(), self.dyn_ent.tolist()
+        # entries[c]: [row of `table`, first position held, first position not held]
+        entries: list[list[list[int]]] = [[[c * L + j, 0, N] for j in range(count[c])] for c in range(C)]
+        holder = [list(range(count[c])) + [-1] * (L - count[c]) for c in range(C)]
+        for i, (c, h) in enumerate(zip(labels, ents, strict=True)):
+            if count[c] < L:
+                j = count[c]
+                count[c] += 1
+            else:
+                row = slot_ent[c]
+                j = max(range(L), key=row.__getitem__)
+                if not h < row[j]:
+                    continue
+                entries[c][holder[c][j]][2] = i
+            slot_ent[c][j] = h
+            holder[c][j] = len(entries[c])
+            entries[c].append([C * L + i, i, N])
+        M = max(1, max(len(e) for e in entries))
+        layout = torch.tensor([e + [[0, N, 0]] * (M - len(e)) for e in entries], dtype=torch.long).view(C, M, 3)
+        layout = layout.to(v.device)
+        table = torch.cat([self.dyn_feat.reshape(C * L, D), v])
+        t = torch.arange(N, device=v.device)[:, None, None]
+        held = (layout[None, :, :, 1] <= t) & (t < layout[None, :, :, 2])
+        keys = table[layout[..., 0]]
+        if self.reads_static:
+            s_keys, s_mask = self.static_entries()
+            keys = torch.cat([keys, s_keys], 1)
+            held = torch.cat([held, s_mask[None].expand(N, -1, -1)], 2)
+        logits = self.read(v, keys, held)
+        final = torch.tensor(
+            [[entries[c][holder[c][j]][0] if holder[c][j] >= 0 else c * L + j for j in range(L)] for c in range(C)],
+            dtype=torch.long,
+            device=v.device,
+        ).view(C, L)
+        self.dyn_feat.copy_(table[final])
+        self.dyn_ent.copy_(torch.tensor(slot_ent, dtype=self.dyn_ent.dtype).view(C, L))
+        self.dyn_count.copy_(torch.tensor(count, dtype=torch.long))
+        return logits
+
+    @torch.no_grad()
+    def episode(self, feats: torch.Tensor, fraction: float = 0.1) -> tuple[torch.Tensor, ...]:
+        """Classify a stream of test images, updating the dynamic memory.
+
+        :param feats: ``[N, V, D]`` normalised features of ``V`` views of each
+            image, view 0 the image itself.
+        :param fraction: the share of lowest-entropy views averaged into ``p_bar``.
+        :return: ``P_text``, ``P_dynamic``, ``P_static``, each ``[N, C]``. Image
+            ``i`` updates the memory (with its pseudo-label ``argmax p_bar``)
+            before its dynamic read-out, as in the reference code.
+        """
+        V = feats.shape[1]
+        p_views = F.softmax(self.logit_scale * feats @ self.text_weights().t(), dim=-1)
+        keep = max(1, int(V * fraction))
+        idx = entropy(p_views).argsort(dim=1)[:, :keep]
+        p_bar = torch.gather(p_views, 1, idx[..., None].expand(-1, -1, p_views.shape[-1])).mean(dim=1)
+        v = feats[:, 0]
+        p_static = F.softmax(self.static_logits(v), dim=-1)
+        p_dynamic = F.softmax(self.stream(v, p_bar), dim=-1)
+        return p_views[:, 0], p_dynamic, p_static
+
+
+def search_alphas(
+    p: tuple[torch.Tensor, ...], y: torch.Tensor, grid_d: list[float], grid_s: list[float]
+) -> tuple[float, float, float]:
+    """The ``(alpha_d, alpha_s)`` of the grids with the best accuracy of
+    ``P_text + alpha_d P_dynamic + alpha_s P_static`` on labels ``y`` (the first
+    in grid order on ties, as the reference code), and that accuracy."""
+    p_text, p_dyn, p_static = p
+    ad = torch.tensor(grid_d, device=y.device)[:, None, None, None]
+    as_ = torch.tensor(grid_s, device=y.device)[None, :, None, None]
+    pred = (p_text + ad * p_dyn + as_ * p_static).argmax(dim=-1)
+    acc = (pred == y).float().mean(dim=-1).flatten()
+    best = int(acc.argmax())
+    return grid_d[best // len(grid_s)], grid_s[best % len(grid_s)], float(acc[best])
+
+
+class _NoOptimizer:
+    """The optimizer of an experience with nothing to train (a frozen CLIP)."""
+
+    param_groups: list = []
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+    def step(self) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class DMN:
+    """Dual Memory Networks for CLIP (Zhang et al., CVPR 2024): text, static and dynamic memories.
+
+    ``setup`` replaces the run's model by a :class:`~contlearn.plugins._clip.ClipClassifier`
+    built from ``clip``/``pretrained``; its head is the text classifier, which
+    grows with each experience's classes. Prediction is DMN's, in ``predict``.
+    """
+
+    smoke_overrides = [
+        "plugins.dmn.clip=contlearn-tiny-clip",
+        "plugins.dmn.pretrained=null",
+        "plugins.dmn.train_clip=true",
+        "plugins.dmn.shots=4",
+        "plugins.dmn.views=8",
+        "train.optimizer=adam",
+        "train.lr=0.001",
+        "train.batch_size=16",
+        "plugins.dmn.templates=['a photo of the digit {}.']",
+    ]
+
+    @dataclass
+    class Config:
+        clip: str = "ViT-B-16"  # open_clip architecture, or contlearn-tiny-clip
+        pretrained: Optional[str] = "openai"  # tag (local cache only) or file; null: random weights
+        cache_dir: Optional[str] = None  # where open_clip caches weights
+        class_names: Optional[List[str]] = None  # by original label; null: source default / stream names
+        templates: Optional[List[str]] = None  # prompt templates; null: CLIP's 7
+        mode: str = "training_free"  # zero_shot | training_free | learnable
+        shots: int = 16  # K training features per class in the static memory
+        memory_size: int = 50  # L dynamic slots per class
+        views: int = 32  # the image and views - 1 random resized crops
+        view_fraction: float = 0.1  # lowest-entropy share of views averaged into p_bar
+        crop_min: float = 0.08  # smallest crop area fraction
+        flip: bool = True  # random horizontal flips of the crops
+        beta: float = 5.5  # sharpness of the read-out weights
+        logit_scale: float = 100.0
+        alpha_dynamic: Optional[float] = None  # null: searched on validation samples
+        alpha_static: Optional[float] = None  # null: searched (0 in zero_shot mode)
+        alpha_grid: List[float] = field(default_factory=lambda: list(ALPHA_GRID))
+        validation_per_class: int = 10  # held out of each class's training data for the search
+        dynamic_memory: str = "reset"  # reset: emptied before each evaluation | keep
+        dynamic_reads_static: bool = True  # dynamic read-out also attends over static entries
+        train_clip: bool = False  # the loop trains CLIP by cross-entropy through the text head
+        lr: float = 1e-4  # learnable: AdamW on the residual biases
+        epochs: int = 20
+        batch_size: int = 128
+        weight_decay: float = 1e-4
+
+    def __init__(self, config: Config):
+        c = self.config = config
+        if c.mode not in MODES:
+            raise ConfigError(f"plugins.dmn.mode must be one of {', '.join(MODES)}, got {c.mode!r}")
+        if c.dynamic_memory not in ("reset", "keep"):
+            raise ConfigError(f"plugins.dmn.dynamic_memory must be 'reset' or 'keep', got {c.dynamic_memory!r}")
+        for key in ("memory_size", "views", "epochs", "batch_size"):
+            if getattr(c, key) < 1:
+                raise ConfigError(f"plugins.dmn.{key} must be at least 1, got {getattr(c, key)}")
+        if c.mode != "zero_shot" and c.shots < 1:
+            raise ConfigError(f"plugins.dmn.shots must be at least 1 in mode {c.mode} (or use mode=zero_shot)")
+        if not 0 < c.view_fraction <= 1 or not 0 < c.crop_min <= 1:
+            raise ConfigError("plugins.dmn.view_fraction and crop_min must be in (0, 1]")
+        if self.searches and c.validation_per_class < 1:
+            raise ConfigError("plugins.dmn.validation_per_class must be at least 1 unless alpha_dynamic and alpha_static are given")
+        if self.searches and not c.alpha_grid:
+            raise ConfigError("plugins.dmn.alpha_grid must list at least one weight")
+        self.shots = 0 if c.mode == "zero_shot" else c.shots
+        self.memory: DualMemory | None = None
+        self.shot_x: torch.Tensor | None = None  # [C, K, *input]: re-encoded when CLIP changes
+        self.shot_mask = torch.zeros(0, self.shots, dtype=torch.bool)
+        self.val_x: torch.Tensor | None = None
+        self.val_y = torch.zeros(0, dtype=torch.long)
+        self.alpha = [c.alpha_dynamic or 0.0, 0.0 if c.mode == "zero_shot" else (c.alpha_static or 0.0)]
+        self.history: list[dict[str, float]] = []
+        self.kept: dict[int, torch.Tensor] = {}  # training samples kept per experience
+        self.generator = torch.Generator()
+
+    @property
+    def searches(self) -> bool:
+        return self.config.alpha_dynamic is None or (self.config.mode != "zero_shot" and self.config.alpha_static is None)
+
+    # ----------------------------------------------------------------- hooks
+
+    @hookimpl
+    def setup(self, run) -> None:
+        """Replaces ``run.model`` by the CLIP (kept when :meth:`restore` built it)."""
+        if not isinstance(run.model, ClipClassifier):
+            run.model = self._build_model(run)
+            self.generator.manual_seed(int(run.config.seed))
+        if self.memory is None:
+            self.memory = self._new_memory(run.model.backbone.out_features)
+        self.memory.to(run.device)
+
+    def restore(self, run, state: dict[str, Any]) -> None:
+        """Resuming from a checkpoint: build the CLIP, grown to the classes of the
+        experiences started, so that the checkpoint's weights fit it; then
+        :meth:`load_state_dict`."""
+        model = self._build_model(run)
+        started = len(run.accuracy_rows) + (run.experience is not None)
+        for exp in run.stream.experiences[:started]:
+            model.adapt(exp.classes, exp.task)
+        run.model = model
+        self.load_state_dict(state)
+
+    @hookimpl
+    def train_data(self, run, exp):
+        """Holds out validation samples and draws the shots of the new classes
+        (once per experience: called again on resume, it returns the same data)."""
+        data, gen, c = exp.train, self.generator, self.config
+        if exp.index in self.kept:
+            return data.subset(self.kept[exp.index])
+        y = data.y.cpu()
+        carve = self.searches and exp.val is None
+        val_idx, rest_idx, shots = [], [], {}
+        for cls in exp.classes:
+            idx = (y == cls).nonzero().flatten()
+            idx = idx[torch.randperm(len(idx), generator=gen)]
+            n_val = min(c.validation_per_class, len(idx) - 1) if carve else 0
+            val_idx.append(idx[:n_val])
+            rest_idx.append(idx[n_val:])
+            if self.shots:
+                shots[cls] = data.batch(idx[n_val : n_val + self.shots]).x.cpu()
+        if self.searches:
+            source = data if carve else exp.val
+            if not carve:
+                vy = exp.val.y.cpu()
+                val_idx = []
+                for cls in exp.classes:
+                    idx = (vy == cls).nonzero().flatten()
+                    val_idx.append(idx[torch.randperm(len(idx), generator=gen)][: c.validation_per_class])
+            val = source.batch(torch.cat(val_idx))
+            self.val_x = val.x.cpu() if self.val_x is None else torch.cat([self.val_x, val.x.cpu()])
+            self.val_y = torch.cat([self.val_y, val.y.cpu()])
+        if shots:
+            self._store_shots(shots)
+        self.kept[exp.index] = torch.cat(rest_idx).sort().values
+        return data.subset(self.kept[exp.index])
+
+    @hookimpl
+    def configure_optimizer(self, run, exp):
+        return None if self.config.train_clip else _NoOptimizer()
+
+    @hookimpl
+    def forward(self, run, batch):
+        if self.config.train_clip:
+            return None
+        return Output(torch.zeros(len(batch), run.model.head.out_features, device=batch.x.device))
+
+    @hookimpl
+    def compute_loss(self, run, batch, out):
+        return None if self.config.train_clip else torch.zeros((), device=batch.x.device, requires_grad=True)
+
+    @hookimpl
+    def after_experience(self, run, exp) -> None:
+        """Refreshes the memories, trains the biases (learnable), searches the alphas."""
+        model, _ = self._parts(run)
+        was_training = model.training
+        self.adapt(model, reset=self.config.dynamic_memory == "reset")
+        self.history.append({"experience": exp.index, "alpha_dynamic": self.alpha[0], "alpha_static": self.alpha[1]})
+        model.train(was_training)
+
+    @hookimpl
+    def predict(self, run, batch) -> torch.Tensor:
+        model, _ = self._parts(run)
+        return self.probabilities(model, batch.x).argmax(dim=1)
+
+    # ----------------------------------------------------- outside a stream
+
+    def fit(
+        self,
+        model: ClipClassifier,
+        shots: dict[int, torch.Tensor] | None = None,
+        val_x: torch.Tensor | None = None,
+        val_y: torch.Tensor | None = None,
+        val_feats: torch.Tensor | None = None,
+    ) -> None:
+        """DMN on a fixed set of classes (``model.head``'s), without a run:
+        ``shots[c]`` the images of class ``c``'s shots, ``val_x``/``val_y`` the
+        held-out samples for the alpha search (``val_feats``: their
+        :meth:`view_features`). Then :meth:`probabilities` classifies."""
+        if self.memory is None:
+            self.memory = self._new_memory(model.backbone.out_features).to(model.head.tokens.device)
+        if shots:
+            self._store_shots({c: x.cpu() for c, x in shots.items()})
+        if val_x is not None and val_y is not None:
+            self.val_x, self.val_y = val_x.cpu(), val_y.cpu()
+        if self.searches and self.val_x is None:
+            raise ConfigError("DMN.fit needs val_x and val_y unless alpha_dynamic and alpha_static are given")
+        if self.shots and self.shot_x is None:
+            raise ConfigError(f"DMN.fit needs the shots of mode {self.config.mode} (or use mode=zero_shot)")
+        self.adapt(model, reset=True, val_feats=val_feats)
+
+    def adapt(self, model: ClipClassifier, reset: bool, val_feats: torch.Tensor | None = None) -> None:
+        """Refresh the memories from ``model``, train the biases (learnable),
+        empty the dynamic memory if ``reset``, search the alphas."""
+        assert self.memory is not None
+        model.eval()
+        self.refresh(model)
+        if self.config.mode == "learnable":
+            self.train_biases(model)
+        if reset:
+            self.memory.reset_dynamic()
+        if self.searches:
+            self.choose_alphas(model, val_feats)
+
+    def probabilities(
+        self, model: ClipClassifier, x: torch.Tensor | None = None, feats: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``P_text + alpha_d P_dynamic + alpha_s P_static`` ``[N, C]`` of images
+        ``x`` (or of their :meth:`view_features` ``feats``), in order, updating
+        the dynamic memory."""
+        assert self.memory is not None
+        if feats is None:
+            assert x is not None
+            feats = self.view_features(model, x)
+        p_text, p_dyn, p_static = self.memory.episode(feats, self.config.view_fraction)
+        return p_text + self.alpha[0] * p_dyn + self.alpha[1] * p_static
+
+    # --------------------------------------------------------------- pieces
+
+    def _build_model(self, run) -> ClipClassifier:
+        c = self.config
+        names = class_names_for(run.stream.name, run.stream.class_names, c.class_names)
+        model = ClipClassifier.build(c.clip, names, c.templates, c.pretrained, c.cache_dir, None, run.device)
+        model.set_trainable(c.train_clip)
+        if run.config.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if run.config.train.compile:
+            model.compile()
+        return model
+
+    def _new_memory(self, dim: int) -> DualMemory:
+        c = self.config
+        return DualMemory(
+            dim, c.memory_size, self.shots, c.beta, c.logit_scale, c.mode == "learnable", c.dynamic_reads_static
+        )
+
+    def _parts(self, run) -> tuple[ClipClassifier, DualMemory]:
+        if not isinstance(run.model, ClipClassifier) or self.memory is None:
+            raise PluginError("plugin 'dmn' needs the CLIP model it builds in setup; another plugin replaced run.model")
+        return run.model, self.memory
+
+    def _store_shots(self, shots: dict[int, torch.Tensor]) -> None:
+        """Keep the images of each class's shots (``shots[c]``: ``[k <= K, ...]``)."""
+        n = max(shots) + 1
+        first = next(iter(shots.values()))
+        if self.shot_x is None:
+            self.shot_x = first.new_zeros((0, self.shots, *first.shape[1:]))
+        if n > self.shot_x.shape[0]:
+            extra = n - self.shot_x.shape[0]
+            self.shot_x = torch.cat([self.shot_x, self.shot_x.new_zeros((extra, *self.shot_x.shape[1:]))])
+            self.shot_mask = torch.cat([self.shot_mask, self.shot_mask.new_zeros(extra, self.shots)])
+        for cls, x in shots.items():
+            self.shot_x[cls, : len(x)] = x
+            self.shot_mask[cls] = torch.arange(self.shots) < len(x)
+
+    def view_features(self, model: ClipClassifier, x: torch.Tensor) -> torch.Tensor:
+        """``[N, views, D]`` features of each image and its random views."""
+        c, enc = self.config, model.backbone
+        step = max(1, 1024 // c.views)
+        out = []
+        with torch.no_grad():
+            for part in torch.split(x, step):
+                views = random_views(enc.prepare(part), c.views, self.generator, (c.crop_min, 1.0), flip=c.flip)
+                out.append(enc.encode_prepared(views.flatten(0, 1)).view(len(part), c.views, -1))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def refresh(self, model: ClipClassifier) -> None:
+        """Grow the memory to the model's classes; text embeddings and shot
+        features from the current CLIP (shots are re-encoded, so a CLIP trained
+        in the stream keeps its static memory current)."""
+        mem = self.memory
+        assert mem is not None
+        mem.grow(model.head.out_features)
+        mem.text.copy_(model.head.classifier())
+        if self.shots and self.shot_x is not None:
+            n = min(self.shot_x.shape[0], mem.n_classes)
+            x = self.shot_x[:n].flatten(0, 1).to(mem.text.device)
+            mem.shot_feat[:n] = model.backbone(x).view(n, self.shots, -1) * self.shot_mask[:n, :, None].to(x.device)
+            mem.shot_mask[:n] = self.shot_mask[:n].to(x.device)
+
+    def train_biases(self, model: ClipClassifier) -> list[float]:
+        """DMN's learnable variant: AdamW (cosine schedule) on the residual
+        biases, cross-entropy of the static-memory logits plus of the text
+        logits, on random crops of the shots. Returns the mean loss per epoch."""
+        c, mem = self.config, self.memory
+        assert mem is not None and self.shot_x is not None
+        n = min(self.shot_x.shape[0], mem.n_classes)
+        mask = self.shot_mask[:n].flatten()
+        x = self.shot_x[:n].flatten(0, 1)[mask]
+        y = torch.arange(n).repeat_interleave(self.shots)[mask]
+        device = mem.text.device
+        params = [getattr(mem, name) for name in BIASES]
+        opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay, eps=1e-8)
+        steps = c.epochs * math.ceil(len(y) / c.batch_size)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=1e-7)
+        losses = []
+        for _ in range(c.epochs):
+            order, total = torch.randperm(len(y), generator=self.generator), 0.0
+            for idx in torch.split(order, c.batch_size):
+                xb, yb = x[idx].to(device), y[idx].to(device)
+                with torch.no_grad():
+                    crops = random_views(model.backbone.prepare(xb), 2, self.generator, (c.crop_min, 1.0), flip=c.flip)
+                    v = model.backbone.encode_prepared(crops[:, 1])
+                loss = F.cross_entropy(mem.static_logits(v), yb) + F.cross_entropy(
+                    mem.logit_scale * v @ mem.text_weights().t(), yb
+                )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += float(loss.detach()) * len(idx)
+            losses.append(total / len(y))
+        return losses
+
+    def choose_alphas(self, model: ClipClassifier, feats: torch.Tensor | None = None) -> float:
+        """Grid-search alpha_d and alpha_s on the held-out samples of every class
+        seen so far (in a random order), in an episode that leaves the dynamic
+        memory as it was. ``feats``: their :meth:`view_features`, if already
+        computed. Returns the accuracy of the chosen pair on them."""
+        c, mem = self.config, self.memory
+        assert mem is not None and self.val_x is not None
+        device = mem.text.device
+        if feats is None:
+            feats = self.view_features(model, self.val_x.to(device))
+        order = torch.randperm(len(self.val_y), generator=self.generator).to(device)
+        snapshot = mem.dynamic_state()
+        probs = mem.episode(feats[order], c.view_fraction)
+        mem.restore_dynamic(snapshot)
+        grid_d = [c.alpha_dynamic] if c.alpha_dynamic is not None else list(c.alpha_grid)
+        if c.mode == "zero_shot":
+            grid_s = [0.0]
+        else:
+            grid_s = [c.alpha_static] if c.alpha_static is not None else list(c.alpha_grid)
+        ad, as_, acc = search_alphas(probs, self.val_y.to(device)[order], grid_d, grid_s)
+        self.alpha = [ad, as_]
+        return acc
+
+    # ---------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        mem = self.memory
+        return {
+            "memory": None if mem is None else {k: v.detach().cpu().clone() for k, v in mem.state_dict().items()},
+            "shot_x": None if self.shot_x is None else self.shot_x.clone(),
+            "shot_mask": self.shot_mask.clone(),
+            "val_x": None if self.val_x is None else self.val_x.clone(),
+            "val_y": self.val_y.clone(),
+            "alpha": list(self.alpha),
+            "history": [dict(h) for h in self.history],
+            "kept": {k: v.clone() for k, v in self.kept.items()},
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("memory")
+        if saved is not None:
+            device = self.memory.text.device if self.memory is not None else torch.device("cpu")
+            mem = self._new_memory(saved["text"].shape[1])
+            mem.grow(saved["text"].shape[0])
+            mem.load_state_dict(saved)
+            self.memory = mem.to(device)
+        else:
+            self.memory = None
+        self.shot_x = None if state.get("shot_x") is None else state["shot_x"].cpu().clone()
+        self.shot_mask = state["shot_mask"].cpu().clone()
+        self.val_x = None if state.get("val_x") is None else state["val_x"].cpu().clone()
+        self.val_y = state["val_y"].cpu().clone()
+        self.alpha = list(state["alpha"])
+        self.history = [dict(h) for h in state.get("history", [])]
+        self.kept = {int(k): v.cpu().clone() for k, v in state.get("kept", {}).items()}
+        self.generator.set_state(state["generator"].cpu())

@@ -1,0 +1,207 @@
+"""Elastic Weight Consolidation: a quadratic penalty weighted by the Fisher information.
+
+After each experience the diagonal of the empirical Fisher information ``F`` of
+the model on that experience's training data is estimated
+(:func:`contlearn.kernels.fisher.empirical_fisher`) and the parameters are kept
+as the anchor ``theta*``. While later experiences are trained, the loss gains
+
+    L_ewc = lam/2 * sum_i F_i (theta_i - theta*_i)^2,   dL_ewc/dtheta = lam * F * (theta - theta*)
+
+(Kirkpatrick et al., "Overcoming catastrophic forgetting in neural networks",
+PNAS 2017, eq. 3). ``mode: separate`` keeps one anchor and one Fisher per past
+experience and sums their penalties (the paper's multi-task form); ``mode:
+online`` keeps one anchor, the latest parameters, and a running Fisher
+``F <- gamma * F + F_new`` (online EWC; Schwarz et al., "Progress & Compress",
+ICML 2018).
+
+The head grows with the classes: a parameter is penalised only over the part
+that existed at its anchor (the rows of the classes known then); parameters
+added since are free.
+
+The penalties of separate mode are kept summed: a sum of quadratics
+``sum_k F_k (theta - a_k)^2`` is the single quadratic ``S (theta - m)^2 + c``
+with ``S = sum_k F_k``, ``m = sum_k F_k a_k / S`` and the constant ``c`` (the
+value at the minimum), so a step costs the same after 100 experiences as after
+one, and memory does not grow with the stream. Value and gradient are the sum's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from contlearn.kernels.fisher import empirical_fisher
+from contlearn.plugins._common import overlap, plugin_generator, snapshot
+from torch.nn import functional as F
+
+from contlearn.errors import ConfigError, choices
+from contlearn.hookspecs import hookimpl
+
+MODES = ("separate", "online")
+FISHERS = ("batch", "per_sample")
+
+
+def fisher_information(
+    model: torch.nn.Module, data: Any, batch_size: int, mode: str = "batch"
+) -> dict[str, torch.Tensor]:
+    """Diagonal empirical Fisher of ``model``'s cross-entropy on ``data`` (a
+    :class:`~contlearn.scenarios.TensorData` or ``LoaderData``), with the true
+    labels, without augmentation, in eval mode (BatchNorm statistics as at test
+    time, no dropout)."""
+    was_training = model.training
+    model.eval()
+    try:
+        plain = data.with_augment(None) if getattr(data, "augment", None) is not None else data
+        batches = (((b.x, b.t), b.y) for b in plain.batches(batch_size))
+        return empirical_fisher(
+            model, batches, lambda m, xt, y: F.cross_entropy(m(xt[0], xt[1]).logits, y), mode=mode
+        )
+    finally:
+        model.train(was_training)
+
+
+def quadratic_penalty(
+    params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor], weight: dict[str, torch.Tensor] | None
+) -> torch.Tensor | None:
+    """``sum_i w_i (theta_i - anchor_i)^2`` over the anchored parameters (``w = 1``
+    without ``weight``), each cut to its anchor's shape; ``None`` if none is present."""
+    total = None
+    for name, a in anchor.items():
+        p = params.get(name)
+        if p is None:
+            continue
+        current = overlap(p, a)
+        if current is None:
+            continue
+        sq = (current - a).square()
+        term = (sq * weight[name]).sum() if weight is not None else sq.sum()
+        total = term if total is None else total + term
+    return total
+
+
+def _grow_to(value: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``value`` zero-padded to ``shape`` (a Fisher of a head that has grown since)."""
+    if value.shape == shape:
+        return value
+    out = value.new_zeros(shape)
+    out[tuple(slice(0, s) for s in value.shape)] = value
+    return out
+
+
+def merge_quadratic(
+    importance: torch.Tensor | None,
+    center: torch.Tensor | None,
+    fisher: torch.Tensor,
+    anchor: torch.Tensor,
+    decay: float | None,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Fold a new penalty ``F (theta - a)^2`` into ``S (theta - m)^2``.
+
+    ``decay=None`` (separate): the sum of both quadratics, returned as
+    ``(S + F, (S m + F a) / (S + F), c)`` with ``c`` the constant the sum gains
+    (its value at the new centre). ``decay=gamma`` (online): ``(gamma S + F, a, 0)``.
+    The old terms are zero-padded to the new shape when the parameter has grown.
+    """
+    if importance is None or center is None or overlap(fisher, importance) is None:
+        return fisher, anchor, 0.0
+    old_s, old_m = _grow_to(importance, fisher.shape), _grow_to(center, fisher.shape)
+    if decay is not None:
+        return old_s * decay + fisher, anchor, 0.0
+    total = old_s + fisher
+    weighted = old_s * old_m + fisher * anchor
+    new_m = torch.where(total > 0, weighted / total.clamp_min(torch.finfo(total.dtype).tiny), anchor)
+    # constant: S m^2 + F a^2 - (S + F) m'^2, in float64 (a difference of near-equal sums)
+    d = torch.float64
+    c = (old_s.to(d) * old_m.to(d) ** 2 + fisher.to(d) * anchor.to(d) ** 2 - total.to(d) * new_m.to(d) ** 2).sum()
+    return total, new_m, max(float(c), 0.0)
+
+
+class EWC:
+    """Elastic Weight Consolidation (Kirkpatrick et al., PNAS 2017), separate or online."""
+
+    @dataclass
+    class Config:
+        lam: float = 30.0  # penalty weight: L = lam/2 * sum F (theta - theta*)^2 (chosen on validation data, docs/results.md)
+        mode: str = "separate"  # separate (one penalty per past experience) | online
+        gamma: float = 1.0  # online mode: decay of the running Fisher
+        fisher: str = "batch"  # batch (squared batch gradients) | per_sample (exact for Linear layers)
+        fisher_batch_size: Optional[int] = None  # None: train.batch_size
+        fisher_samples: Optional[int] = None  # a random subset of the experience; None: all of it
+
+        def __post_init__(self) -> None:
+            if self.mode not in MODES:
+                raise ConfigError(f"plugins.ewc.mode must be one of {choices(MODES)}, got {self.mode!r}")
+            if self.fisher not in FISHERS:
+                raise ConfigError(f"plugins.ewc.fisher must be one of {choices(FISHERS)}, got {self.fisher!r}")
+            if self.lam < 0:
+                raise ConfigError(f"plugins.ewc.lam must be non-negative, got {self.lam}")
+            if not 0 <= self.gamma <= 1:
+                raise ConfigError(f"plugins.ewc.gamma must be in [0, 1], got {self.gamma}")
+            for key in ("fisher_batch_size", "fisher_samples"):
+                value = getattr(self, key)
+                if value is not None and value < 1:
+                    raise ConfigError(f"plugins.ewc.{key} must be at least 1, got {value}")
+
+    def __init__(self, config: Config):
+        self.config = config
+        #: the penalty S (theta - m)^2 + offset, by parameter name
+        self.importance: dict[str, torch.Tensor] = {}
+        self.center: dict[str, torch.Tensor] = {}
+        self.offset = 0.0
+        self.generator = torch.Generator()
+        self._seeded = False
+
+    @hookimpl
+    def setup(self, run: Any) -> None:
+        if not self._seeded:
+            self.generator.manual_seed(plugin_generator(run.config.seed, "ewc"))
+            self._seeded = True
+        # after a resume, the tensors move to the run's device
+        self.importance = {n: t.to(run.device) for n, t in self.importance.items()}
+        self.center = {n: t.to(run.device) for n, t in self.center.items()}
+
+    @hookimpl
+    def after_experience(self, run: Any, exp: Any) -> None:
+        cfg = self.config
+        data = exp.train
+        if cfg.fisher_samples is not None and cfg.fisher_samples < len(data):
+            pick = torch.randperm(len(data), generator=self.generator)[: cfg.fisher_samples]
+            data = data.subset(pick)
+        fisher = fisher_information(run.model, data, cfg.fisher_batch_size or run.config.train.batch_size, cfg.fisher)
+        anchor = snapshot(run.model)
+        decay = cfg.gamma if cfg.mode == "online" else None
+        offset = 0.0
+        for name, a in anchor.items():
+            if name not in fisher:
+                continue
+            s, m, c = merge_quadratic(self.importance.get(name), self.center.get(name), fisher[name], a, decay)
+            self.importance[name], self.center[name] = s, m
+            offset += c
+        self.offset = offset if decay is not None else self.offset + offset
+
+    @hookimpl
+    def loss_terms(self, run: Any) -> dict[str, torch.Tensor] | None:
+        if not self.importance:
+            return None
+        total = quadratic_penalty(dict(run.model.named_parameters()), self.center, self.importance)
+        if total is None:
+            return None
+        return {"ewc": 0.5 * self.config.lam * (total + self.offset)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The summed penalty (importance, centre, offset by parameter name) and the generator's state."""
+        return {
+            "importance": dict(self.importance),
+            "center": dict(self.center),
+            "offset": self.offset,
+            "generator": self.generator.get_state(),
+            "seeded": self._seeded,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.importance = dict(state["importance"])
+        self.center = dict(state["center"])
+        self.offset = float(state["offset"])
+        self.generator.set_state(state["generator"])
+        self._seeded = bool(state["seeded"])

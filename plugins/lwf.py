@@ -1,0 +1,88 @@
+"""Learning without Forgetting: distil the previous model's outputs on the current data.
+
+At the end of each experience a frozen copy of the model is kept (the teacher).
+While later experiences are trained, the loss gains, on every training batch,
+the cross-entropy between the teacher's and the model's temperature-softened
+distributions over the classes the teacher knew (its ``K`` outputs):
+
+    L_lwf = alpha * mean_b [ -sum_{k<K} softmax(z_teacher / T)_k * log softmax(z_model[:K] / T)_k ]
+
+(Li and Hoiem, "Learning without Forgetting", ECCV 2016 / TPAMI 2017, eq. 2,
+with their ``T = 2``; their loss weight ``lambda_o`` is ``alpha``, 1 in the
+paper, 4 by default here, chosen on validation data: docs/results.md). The
+term equals the KL divergence plus the teacher's entropy, so its gradient is
+that of the KL divergence and its smallest value is that entropy, not 0.
+
+Deviations from the paper, named: one growing head over all classes
+(class-incremental) rather than one head per task, so the old outputs are the
+old classes' logits; no warm-up phase training the new head alone first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from contlearn.plugins._common import frozen_copy, load_tensors, module_tensors
+from torch import nn
+from torch.nn import functional as F
+
+from contlearn.errors import ConfigError
+from contlearn.hookspecs import hookimpl
+
+
+def distillation(student: torch.Tensor, teacher: torch.Tensor, T: float) -> torch.Tensor:
+    """Mean over the batch of the cross-entropy of ``softmax(student / T)``
+    against the soft targets ``softmax(teacher / T)`` (same number of columns)."""
+    targets = F.softmax(teacher.float() / T, dim=1)
+    return -(targets * F.log_softmax(student.float() / T, dim=1)).sum(dim=1).mean()
+
+
+class LwF:
+    """Learning without Forgetting (Li and Hoiem, ECCV 2016): distillation of the old model's outputs."""
+
+    @dataclass
+    class Config:
+        T: float = 2.0  # distillation temperature
+        alpha: float = 4.0  # weight of the distillation term (chosen on validation data, docs/results.md)
+
+        def __post_init__(self) -> None:
+            if self.T <= 0:
+                raise ConfigError(f"plugins.lwf.T must be positive, got {self.T}")
+            if self.alpha < 0:
+                raise ConfigError(f"plugins.lwf.alpha must be non-negative, got {self.alpha}")
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.teacher: nn.Module | None = None
+        self._pending: dict[str, torch.Tensor] | None = None
+
+    @hookimpl
+    def setup(self, run: Any) -> None:
+        if self._pending is not None:  # after a resume: the teacher's weights over a copy of the model
+            teacher = frozen_copy(run.model)
+            load_tensors(teacher, self._pending)
+            self.teacher, self._pending = teacher, None
+
+    @hookimpl
+    def after_experience(self, run: Any) -> None:
+        self.teacher = frozen_copy(run.model)
+
+    @hookimpl
+    def loss_terms(self, batch: Any, out: Any) -> dict[str, torch.Tensor] | None:
+        if self.teacher is None:
+            return None
+        with torch.no_grad():
+            old = self.teacher(batch.x, batch.t).logits
+        return {"lwf": self.config.alpha * distillation(out.logits[:, : old.shape[1]], old, self.config.T)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The teacher's parameters and buffers by name (empty before the first experience)."""
+        if self.teacher is None:
+            return {"teacher": dict(self._pending or {})}
+        return {"teacher": {k: v.clone() for k, v in module_tensors(self.teacher).items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.teacher = None
+        self._pending = dict(state["teacher"]) or None

@@ -1,0 +1,102 @@
+"""Experience replay: rehearse samples of past experiences kept in a small buffer.
+
+At every training step a batch drawn from the buffer is trained on together
+with the current batch (the ``extra_samples`` hook), as in experience replay
+(ER; Chaudhry et al., "On Tiny Episodic Memories in Continual Learning", 2019;
+Rolnick et al., "Experience Replay for Continual Learning", NeurIPS 2019).
+
+Two buffers (:mod:`contlearn.plugins._buffers`):
+
+* ``reservoir``: reservoir sampling (Vitter's algorithm R), updated at every
+  step with the current batch after the replay batch is drawn, as in ER. Each
+  training sample is offered once: during the first epoch of its experience.
+* ``class_balanced``: the same number of slots per class seen, filled at the end
+  of each experience with a uniform random subset of each class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from contlearn.plugins._buffers import ClassBalancedBuffer, ReservoirBuffer
+from contlearn.plugins._common import plugin_generator
+from contlearn.scenarios import Batch
+
+from contlearn.errors import ConfigError, choices
+from contlearn.hookspecs import hookimpl
+
+POLICIES = ("reservoir", "class_balanced")
+STORAGES = ("device", "cpu")
+
+
+class Replay:
+    """Experience replay from a reservoir or class-balanced buffer (Chaudhry et al., 2019)."""
+
+    @dataclass
+    class Config:
+        size: int = 200  # samples kept in the buffer
+        policy: str = "reservoir"  # reservoir | class_balanced
+        batch_size: Optional[int] = None  # replayed samples per step; None: train.batch_size
+        storage: str = "device"  # device (the training device) | cpu
+
+        def __post_init__(self) -> None:
+            if self.policy not in POLICIES:
+                raise ConfigError(f"plugins.replay.policy must be one of {choices(POLICIES)}, got {self.policy!r}")
+            if self.storage not in STORAGES:
+                raise ConfigError(f"plugins.replay.storage must be one of {choices(STORAGES)}, got {self.storage!r}")
+            if self.size < 1:
+                raise ConfigError(f"plugins.replay.size must be at least 1, got {self.size}")
+            if self.batch_size is not None and self.batch_size < 1:
+                raise ConfigError(f"plugins.replay.batch_size must be at least 1, got {self.batch_size}")
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.generator = torch.Generator()
+        self.buffer: ReservoirBuffer | ClassBalancedBuffer | None = None
+        self._pending: dict[str, Any] | None = None
+
+    def _make_buffer(self, device: torch.device) -> ReservoirBuffer | ClassBalancedBuffer:
+        storage = torch.device("cpu") if self.config.storage == "cpu" else device
+        cls = ReservoirBuffer if self.config.policy == "reservoir" else ClassBalancedBuffer
+        return cls(self.config.size, self.generator, storage)
+
+    @hookimpl
+    def setup(self, run: Any) -> None:
+        if self.buffer is None:
+            self.generator.manual_seed(plugin_generator(run.config.seed, "replay"))
+            self.buffer = self._make_buffer(run.device)
+        if self._pending is not None:
+            state, self._pending = self._pending, None
+            self.load_state_dict(state)
+
+    @hookimpl
+    def extra_samples(self, run: Any, batch: Batch) -> Batch | None:
+        buffer = self.buffer
+        assert buffer is not None, "replay: setup was not called"
+        n = self.config.batch_size or run.config.train.batch_size
+        replayed = buffer.sample(n, run.device)
+        if isinstance(buffer, ReservoirBuffer) and run.epoch == 0:
+            buffer.add(batch)
+        return replayed
+
+    @hookimpl
+    def after_experience(self, run: Any, exp: Any) -> None:
+        if isinstance(self.buffer, ClassBalancedBuffer):
+            data = exp.train
+            self.buffer.add(data.y.cpu(), lambda rows: data.batch(rows.to(data.y.device)))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The buffer's samples and bookkeeping, and the generator's state."""
+        if self.buffer is None:
+            return {"generator": self.generator.get_state(), "buffer": None}
+        return {"generator": self.generator.get_state(), "buffer": self.buffer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.buffer is None:  # before setup: applied there, once the device is known
+            self._pending = state
+            return
+        self.generator.set_state(state["generator"])
+        if state["buffer"] is not None:
+            self.buffer.load_state_dict(state["buffer"])

@@ -1,0 +1,542 @@
+"""Avalanche interop: benchmarks -> streams, contlearn plugins inside Avalanche
+strategies, and metric parity (docs/avalanche.md)."""
+
+from __future__ import annotations
+
+import copy
+import sys
+import types
+import warnings
+
+import pytest
+import torch
+from contlearn.scenarios import Batch, TensorData
+from contlearn.scenarios.sources import digits
+
+from contlearn import ConfigError, ContlearnError, Experiment, PluginError, hookimpl, load_config
+from contlearn import metrics as M
+from contlearn.experiment import seed_everything, stream_of
+from contlearn.interop import avalanche as cav
+from contlearn.models import Output, create_model
+
+
+def test_missing_avalanche_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "avalanche", None)  # makes `import avalanche` fail
+    with pytest.raises(ContlearnError, match=r"pip install 'contlearn\[avalanche\]'"):
+        cav.stream_from_avalanche(object())
+    with pytest.raises(ContlearnError, match=r"pip install 'contlearn\[avalanche\]'"):
+        cav.as_avalanche_plugin(Quiet())
+
+
+# --------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is ~10x faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def av():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import avalanche.benchmarks as benchmarks
+        import avalanche.evaluation.metrics as metrics
+        import avalanche.training as training
+        from avalanche.training.plugins import EvaluationPlugin
+    return types.SimpleNamespace(b=benchmarks, m=metrics, t=training, EvaluationPlugin=EvaluationPlugin)
+
+
+@pytest.fixture(scope="module")
+def raw():
+    """sklearn digits, split as contlearn's digits source splits it (seed 0)."""
+    return cav.split_tensors(digits(0.2, 0))
+
+
+def dataset(x, y):
+    return cav.tensor_dataset(x, y)
+
+
+def silent(av, *metrics):
+    """An evaluator that prints nothing."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "No loggers specified")
+        return av.EvaluationPlugin(*metrics, loggers=[])
+
+
+def train_eval(strategy, bench):
+    """Train each experience, then evaluate the whole test stream: the results dicts."""
+    results = []
+    for exp in bench.train_stream:
+        strategy.train(exp, eval_streams=[])
+        results.append(strategy.eval(bench.test_stream))
+    return results
+
+
+class Quiet:
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+# ------------------------------------------------------------- benchmark -> stream
+
+
+def test_class_incremental_benchmark_is_renumbered_in_class_order(av, raw):
+    x_tr, y_tr, x_te, y_te = raw
+    bench = av.b.class_incremental_benchmark(
+        {"train": dataset(x_tr, y_tr), "test": dataset(x_te, y_te)}, num_experiences=5, seed=3
+    )
+    stream = cav.stream_from_avalanche(bench)
+    assert stream.setting == "class" and len(stream) == 5 and stream.n_classes == 10
+    assert [e.classes for e in stream] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+    names = [int(n) for n in stream.class_names]
+    assert sorted(names) == list(range(10)) and names != list(range(10))  # seed 3 shuffles the order
+    for exp, av_exp in zip(stream, bench.train_stream, strict=True):
+        assert sorted(names[c] for c in exp.classes) == sorted(av_exp.classes_in_this_experience)
+        assert exp.task == 0 and bool((exp.train.t == 0).all())
+        assert set(exp.test.classes()) == set(exp.classes)
+    # every sample lands in one experience with its original label
+    for split_x, split_y, part in ((x_tr, y_tr, "train"), (x_te, y_te, "test")):
+        data = TensorData.concat([getattr(e, part) for e in stream])
+        original = torch.tensor(names)[data.y]
+        assert len(data) == len(split_y)
+        for c in range(10):
+            assert int((original == c).sum()) == int((split_y == c).sum())
+            assert torch.allclose(data.x[original == c].sum(0), split_x[split_y == c].sum(0), atol=1e-4)
+
+
+def test_nc_benchmark_keeps_its_class_order(av, raw):
+    x_tr, y_tr, x_te, y_te = raw
+    bench = av.b.nc_benchmark(dataset(x_tr, y_tr), dataset(x_te, y_te), 5, task_labels=False, seed=1)
+    stream = cav.stream_from_avalanche(bench, class_names=[f"digit {c}" for c in range(10)])
+    assert stream.class_names == [f"digit {c}" for c in bench.classes_order]
+    assert len(stream.experiences[0].train) == len(bench.train_stream[0].dataset)
+
+
+def test_task_incremental_benchmarks_keep_task_labels(av, raw):
+    x_tr, y_tr, x_te, y_te = raw
+    old = av.b.nc_benchmark(
+        dataset(x_tr, y_tr), dataset(x_te, y_te), 5, task_labels=True, seed=0, class_ids_from_zero_in_each_exp=True
+    )
+    new = av.b.task_incremental_benchmark(
+        av.b.class_incremental_benchmark({"train": dataset(x_tr, y_tr), "test": dataset(x_te, y_te)}, num_experiences=5, seed=0)
+    )
+    for bench in (old, new):
+        stream = cav.stream_from_avalanche(bench)
+        assert stream.setting == "task" and stream.n_tasks == 5
+        for k, exp in enumerate(stream):
+            assert exp.task == k
+            assert bool((exp.train.t == k).all()) and bool((exp.test.t == k).all()) and len(exp.test) > 0
+    assert [e.classes for e in cav.stream_from_avalanche(old)] == [[0, 1]] * 5  # ids from zero in each task
+
+
+def test_new_instances_benchmarks_are_domain_incremental(av, raw):
+    x_tr, y_tr, x_te, y_te = raw
+    for bench in (
+        av.b.ni_benchmark(dataset(x_tr, y_tr), dataset(x_te, y_te), 3, seed=0),
+        av.b.new_instances_benchmark(dataset(x_tr, y_tr), dataset(x_te, y_te), 3, seed=0),
+    ):
+        stream = cav.stream_from_avalanche(bench)
+        assert stream.setting == "domain" and len(stream) == 3
+        assert sum(len(e.train) for e in stream) == len(y_tr)
+        assert all(len(e.test) == len(y_te) for e in stream)  # the single test set, for each experience
+
+
+def test_tensors_benchmark_round_trip(av):
+    stream = stream_of(load_config("split-digits"))
+    bench = av.b.tensors_benchmark(
+        [[e.train.x, e.train.y] for e in stream], [[e.test.x, e.test.y] for e in stream], task_labels=[0] * 5
+    )
+    back = cav.stream_from_avalanche(bench)
+    assert back.setting == "class" and back.input_shape == stream.input_shape
+    for a, b in zip(stream, back, strict=True):
+        assert a.classes == b.classes
+        assert torch.equal(a.train.x, b.train.x) and torch.equal(a.train.y, b.train.y)
+        assert torch.equal(a.test.x, b.test.x) and torch.equal(a.test.y, b.test.y)
+
+
+def test_bad_benchmark_arguments(av):
+    with pytest.raises(ContlearnError, match="train_stream"):
+        cav.stream_from_avalanche(object())
+    with pytest.raises(ConfigError, match="setting"):
+        cav.stream_from_avalanche(object(), setting="online")
+    with pytest.raises(ContlearnError, match="ToTensor"):
+        cav.materialise([("an image", 0), ("another", 1)])
+    with pytest.raises(ContlearnError, match="ToTensor"):
+        cav.materialise([(torch.zeros(2), 0), (torch.zeros(3), 1)])
+    data = cav.materialise([(torch.ones(2), 3, 1), (torch.zeros(2), 4, 1)])
+    assert data.y.tolist() == [3, 4] and data.t.tolist() == [1, 1] and data.x.shape == (2, 2)
+
+
+# ------------------------------------------------------------------- configs
+
+
+def test_stream_from_config_alias_and_dotted_factory(av, monkeypatch):
+    section = {"factory": "class_incremental_benchmark", "args": {"num_experiences": 5}, "test_fraction": 0.2}
+    a = cav.stream_from_config(section, seed=4)
+    b = cav.stream_from_config(section, seed=4)
+    c = cav.stream_from_config(section, seed=5)
+    assert a.setting == "class" and len(a) == 5 and a.class_names == b.class_names != c.class_names
+
+    module = types.ModuleType("my_benchmarks")
+
+    def make(n_experiences, seed=None):
+        x, y = torch.randn(40, 3), torch.arange(40) % 4
+        return av.b.tensors_benchmark(
+            [[x[y < 2], y[y < 2]], [x[y >= 2], y[y >= 2]]], [[x[y < 2], y[y < 2]], [x[y >= 2], y[y >= 2]]],
+            task_labels=[0] * n_experiences,
+        )
+
+    module.make = make
+    monkeypatch.setitem(sys.modules, "my_benchmarks", module)
+    stream = cav.stream_from_config({"factory": "my_benchmarks.make", "args": {"n_experiences": 2}}, seed=0)
+    assert [e.classes for e in stream] == [[0, 1], [2, 3]] and stream.input_shape == (3,)
+
+    with pytest.raises(ConfigError, match="class_incremental_benchmark"):
+        cav.stream_from_config({"factory": "split_mnist", "args": {}}, seed=0)
+    with pytest.raises(ConfigError, match="cannot be imported"):
+        cav.stream_from_config({"factory": "my_benchmarks.nothing", "args": {}}, seed=0)
+    with pytest.raises(ConfigError, match="rejected"):
+        cav.stream_from_config({"factory": "my_benchmarks.make", "args": {"bogus": 1}}, seed=0)
+    with pytest.raises(ConfigError, match="needs scenario.factory"):
+        cav.stream_from_config({"args": {}}, seed=0)
+
+
+# --------------------------------------------------------------- metric helpers
+
+
+def test_metric_helpers():
+    R = [[0.9, 0.1, 0.0], [0.5, 0.8, 0.1], [0.7, 0.4, 0.9]]
+    # Avalanche: accuracy when last trained minus final, over experiences before the last
+    assert cav.avalanche_forgetting(R) == pytest.approx(((0.9 - 0.7) + (0.8 - 0.4)) / 2)
+    assert cav.avalanche_forgetting(R) == pytest.approx(-M.bwt(R))
+    # contlearn's forgetting takes the best earlier accuracy: here the same
+    assert M.forgetting(R) == pytest.approx(cav.avalanche_forgetting(R))
+    R2 = [[0.5, 0.0, 0.0], [0.9, 0.8, 0.0], [0.6, 0.7, 0.9]]  # experience 0 improved after it was trained
+    assert M.forgetting(R2) == pytest.approx(0.2) and cav.avalanche_forgetting(R2) == pytest.approx(0.0)
+    assert cav.avalanche_stream_accuracy(R, [10, 10, 20]) == pytest.approx((7 + 4 + 18) / 40)
+    results = [
+        {"Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp000": 0.5, "Top1_Acc_Exp/eval_phase/test_stream/Task001/Exp001": 0.25,
+         "Top1_Acc_Exp/eval_phase/train_stream/Task000/Exp000": 1.0, "Loss_Stream/eval_phase/test_stream": 3.0},
+    ]
+    assert cav.accuracy_matrix_from_avalanche(results) == [[0.5, 0.25]]
+    with pytest.raises(ContlearnError, match="Top1_Acc_Exp"):
+        cav.accuracy_matrix_from_avalanche([{}])
+
+
+# ------------------------------------------------------ Naive vs finetune, parity
+
+
+class OrderedNaive:
+    """Avalanche's Naive drawing each epoch's sample order as contlearn does:
+    ``randperm`` from one CPU generator seeded with the run seed."""
+
+    @staticmethod
+    def make(av, *, seed, **kwargs):
+        class _OrderedNaive(av.t.Naive):
+            def make_train_dataloader(self, **_):
+                data, gen = self.adapted_dataset, self.order_generator
+
+                class Order(torch.utils.data.Sampler):
+                    def __len__(self):
+                        return len(data)
+
+                    def __iter__(self):
+                        return iter(torch.randperm(len(data), generator=gen).tolist())
+
+                self.dataloader = torch.utils.data.DataLoader(
+                    data, batch_size=self.train_mb_size, sampler=Order(), collate_fn=data.collate_fn
+                )
+
+        strategy = _OrderedNaive(**kwargs)
+        strategy.order_generator = torch.Generator().manual_seed(seed)
+        return strategy
+
+
+def test_naive_equals_finetune_and_metric_parity(av):
+    epochs, lr, batch_size, seed = 2, 0.1, 32, 0
+    cfg = load_config(
+        "split-digits",
+        [f"train.epochs={epochs}", f"train.lr={lr}", f"train.batch_size={batch_size}", "eval.fwt=false", "model.hidden=[64]"],
+    )
+    cl_stream = stream_of(cfg)
+    bench = av.b.tensors_benchmark(
+        [[e.train.x, e.train.y] for e in cl_stream], [[e.test.x, e.test.y] for e in cl_stream], task_labels=[0] * 5
+    )
+    stream = cav.stream_from_avalanche(bench)
+
+    seed_everything(seed)
+    model = create_model(cfg.model, stream.input_shape)
+    model.head.grow(stream.n_classes)  # full head from the start: same initial weights in both
+    init = copy.deepcopy(model.state_dict())
+
+    class Init(Quiet):
+        @hookimpl
+        def setup(self, run):
+            run.model.head.grow(stream.n_classes)
+            run.model.load_state_dict(init)
+
+    contlearn_results = Experiment(cfg, stream=stream, plugins={"init": Init()}).run()
+
+    evaluator = silent(
+        av,
+        av.m.accuracy_metrics(experience=True, stream=True),
+        av.m.forgetting_metrics(experience=True, stream=True),
+        av.m.bwt_metrics(experience=True, stream=True),
+    )
+    av_model = cav.as_avalanche_model(model)
+    strategy = OrderedNaive.make(
+        av, model=av_model, optimizer=torch.optim.SGD(av_model.parameters(), lr=lr), train_mb_size=batch_size,
+        train_epochs=epochs, eval_mb_size=512, evaluator=evaluator, seed=seed,
+    )
+    results = train_eval(strategy, bench)
+    R = cav.accuracy_matrix_from_avalanche(results)
+    last = results[-1]
+    print(f"\nfinal average accuracy: Avalanche Naive {M.average_accuracy(R):.4f}, contlearn finetune "
+          f"{contlearn_results.average_accuracy:.4f}; StreamForgetting {last['StreamForgetting/eval_phase/test_stream']:.4f}")
+
+    assert abs(M.average_accuracy(R) - contlearn_results.average_accuracy) <= 0.01
+    assert M.average_accuracy(R) < 0.3  # class-incremental fine-tuning forgets
+    for row_av, row_cl in zip(R, contlearn_results.accuracy_matrix, strict=True):
+        assert row_av == pytest.approx(row_cl, abs=0.02)
+    # metric parity on that run
+    assert cav.avalanche_forgetting(R) == pytest.approx(last["StreamForgetting/eval_phase/test_stream"], abs=1e-9)
+    assert M.bwt(R) == pytest.approx(last["StreamBWT/eval_phase/test_stream"], abs=1e-9)
+    assert M.forgetting(R) >= cav.avalanche_forgetting(R) - 1e-12
+    sizes = [len(e.test) for e in stream]
+    assert cav.avalanche_stream_accuracy(R, sizes) == pytest.approx(last["Top1_Acc_Stream/eval_phase/test_stream/Task000"], abs=1e-6)
+    for j in range(4):
+        assert R[j][j] - R[4][j] == pytest.approx(last[f"ExperienceForgetting/eval_phase/test_stream/Task000/Exp{j:03d}"], abs=1e-9)
+
+
+# ------------------------------------------------------ contlearn plugins in Avalanche
+
+
+def permuted_digits(av, raw, n):
+    """Domain-incremental digits: experience i permutes the 64 pixels with a fixed permutation."""
+    x_tr, y_tr, x_te, y_te = raw
+    g = torch.Generator().manual_seed(0)
+    perms = [torch.randperm(64, generator=g) for _ in range(n)]
+
+    def permute(x, p):
+        return x.flatten(1)[:, p].reshape(x.shape)
+
+    return av.b.tensors_benchmark(
+        [[permute(x_tr, p), y_tr] for p in perms], [[permute(x_te, p), y_te] for p in perms], task_labels=[0] * n
+    )
+
+
+def mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+
+
+def test_contlearn_ewc_in_avalanche_naive_reduces_forgetting(av, raw):
+    bench = permuted_digits(av, raw, 2)
+    lam = 1000.0
+
+    def run(plugins):
+        model = mlp()
+        strategy = av.t.Naive(
+            model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05), train_mb_size=32, train_epochs=2,
+            eval_mb_size=512, evaluator=silent(av, av.m.accuracy_metrics(experience=True)), plugins=plugins,
+        )
+        return cav.accuracy_matrix_from_avalanche(train_eval(strategy, bench))
+
+    naive = run([])
+    ewc = run([cav.as_avalanche_plugin("ewc", {"lam": lam})])
+    reference = run([av.t.plugins.EWCPlugin(ewc_lambda=lam / 2)])  # Avalanche's penalty has no 1/2
+    print(f"\nforgetting: Naive {M.forgetting(naive):.3f}, Naive + contlearn ewc {M.forgetting(ewc):.3f}, "
+          f"Avalanche EWCPlugin {M.forgetting(reference):.3f}; average accuracy {M.average_accuracy(naive):.3f} / "
+          f"{M.average_accuracy(ewc):.3f} / {M.average_accuracy(reference):.3f}")
+    assert M.forgetting(naive) > 0.08
+    assert M.forgetting(ewc) < M.forgetting(naive) - 0.05
+    assert M.average_accuracy(ewc) > M.average_accuracy(naive)
+    for row_ewc, row_ref in zip(ewc, reference, strict=True):  # the same method, implemented twice
+        assert row_ewc == pytest.approx(row_ref, abs=0.02)
+
+
+class Recorder(Quiet):
+    """Records what the adapter calls and what the hooks see."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+        self.batch_sizes: list[int] = []
+        self.metrics: list[dict] = []
+        self.seen: dict[str, object] = {}
+
+    @hookimpl
+    def setup(self, run):
+        self.calls.append("setup")
+
+    @hookimpl
+    def before_experience(self, run, exp):
+        self.calls.append(f"before_experience {exp.index}")
+        self.seen[f"exp{exp.index}"] = (run.experience is exp, len(exp.train), len(exp.test), exp.classes, exp.task)
+        self.seen["stream"] = (len(run.stream), run.stream.setting)
+        self.seen["batch_size"] = run.config.train.batch_size
+
+    @hookimpl
+    def extra_samples(self, run, batch):
+        return Batch(batch.x[:2], batch.y[:2], batch.t[:2])
+
+    @hookimpl
+    def loss_terms(self, run, batch, out):
+        assert isinstance(out, Output) and out.features is None
+        assert out.logits.shape[0] == len(batch)
+        self.batch_sizes.append(len(batch))
+        return {"zero": 0.0 * out.logits.sum()}
+
+    @hookimpl
+    def after_backward(self, run):
+        self.calls.append("after_backward")
+
+    @hookimpl
+    def after_step(self, run):
+        self.calls.append("after_step")
+
+    @hookimpl
+    def after_experience(self, run, exp):
+        self.calls.append(f"after_experience {exp.index}")
+
+    @hookimpl
+    def after_eval_batch(self, run, batch, predictions):
+        self.calls.append("after_eval_batch")
+
+    @hookimpl
+    def on_metrics(self, run, metrics):
+        self.metrics.append(metrics)
+
+    @hookimpl
+    def teardown(self, run):
+        self.calls.append("teardown")
+
+    @hookimpl
+    def unlearn(self, run, request):
+        return {"request": request}
+
+
+def test_adapter_calls_the_hooks_at_the_matching_callbacks(av, raw):
+    x_tr, y_tr, x_te, y_te = raw
+    small = [(y_tr < 2), (y_tr >= 2) & (y_tr < 4)]
+    small_te = [(y_te < 2), (y_te >= 2) & (y_te < 4)]
+    bench = av.b.tensors_benchmark(
+        [[x_tr[m], y_tr[m]] for m in small], [[x_te[m], y_te[m]] for m in small_te], task_labels=[0, 1]
+    )
+    recorder = Recorder()
+    adapter = cav.as_avalanche_plugin(recorder)
+    model = mlp()
+    strategy = av.t.Naive(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05), train_mb_size=64, train_epochs=1,
+        eval_mb_size=512, evaluator=silent(av), plugins=[adapter],
+    )
+    train_eval(strategy, bench)
+    n_train = [int(m.sum()) for m in small]
+    steps = sum(-(-n // 64) for n in n_train)
+    assert recorder.calls.count("setup") == 1
+    assert recorder.calls.count("after_step") == recorder.calls.count("after_backward") == steps
+    assert [c for c in recorder.calls if "experience" in c] == [
+        "before_experience 0", "after_experience 0", "before_experience 1", "after_experience 1"
+    ]
+    assert recorder.seen["exp0"] == (True, n_train[0], int(small_te[0].sum()), [0, 1], 0)
+    assert recorder.seen["exp1"] == (True, n_train[1], int(small_te[1].sum()), [2, 3], 1)
+    assert recorder.seen["stream"] == (2, "task") and recorder.seen["batch_size"] == 64
+    assert recorder.batch_sizes[0] == 64 + 2  # extra samples joined the mini-batch
+    assert recorder.calls.count("after_eval_batch") == 2 * 2  # two evaluations of two test experiences
+    evals = [m for m in recorder.metrics if m["kind"] == "eval"]
+    epochs = [m for m in recorder.metrics if m["kind"] == "epoch"]
+    assert len(evals) == 2 and len(evals[-1]["accuracy"]) == 2 and len(epochs) == 2 and "loss/zero" in epochs[0]
+    assert adapter.run.accuracy_rows == [m["accuracy"] for m in evals]
+    assert adapter.unlearn(classes=[1]) == {"request": {"classes": [1]}}
+    adapter.close()
+    assert recorder.calls[-1] == "teardown"
+
+
+def test_adapter_uses_a_plugin_optimizer(av, raw):
+    x_tr, y_tr, x_te, y_te = raw
+
+    class Frozen(Quiet):
+        @hookimpl
+        def configure_optimizer(self, run, exp):
+            return torch.optim.SGD(run.model.parameters(), lr=0.0)
+
+    bench = av.b.tensors_benchmark([[x_tr[:64], y_tr[:64]]], [[x_te[:64], y_te[:64]]], task_labels=[0])
+    model = mlp()
+    before = copy.deepcopy(model.state_dict())
+    strategy = av.t.Naive(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5), train_mb_size=32, train_epochs=1,
+        evaluator=silent(av), plugins=[cav.as_avalanche_plugin(Frozen())],
+    )
+    strategy.train(bench.train_stream[0], eval_streams=[])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_unmappable_hooks_are_refused(av):
+    class Forwarding(Quiet):
+        @hookimpl
+        def forward(self, run, batch):
+            return None
+
+    class Predicting(Quiet):
+        @hookimpl
+        def predict(self, run, batch):
+            return None
+
+    with pytest.raises(PluginError, match="forward"):
+        cav.as_avalanche_plugin(Forwarding())
+    with pytest.raises(PluginError, match="predict"):
+        cav.as_avalanche_plugin(Predicting())
+    with pytest.raises(PluginError, match="unknown plugin"):
+        cav.as_avalanche_plugin("no-such-plugin")
+    with pytest.raises(ConfigError, match="lamda"):
+        cav.as_avalanche_plugin("ewc", {"lamda": 1.0})
+    with pytest.raises(ContlearnError, match="not trained"):
+        cav.as_avalanche_plugin(Recorder()).unlearn(classes=[0])
+
+
+def test_adapter_stream_with_and_without_a_benchmark(av, raw):
+    """run.stream: the benchmark given (test data included); the experience's origin
+    stream (Avalanche's new API records no benchmark: no test data); or, for
+    experiences without a stream, the experiences trained so far."""
+    from avalanche.benchmarks.scenarios.dataset_scenario import DatasetExperience
+
+    x_tr, y_tr, x_te, y_te = raw
+    keep, keep_te = y_tr < 4, y_te < 4
+    bench = av.b.class_incremental_benchmark(
+        {"train": dataset(x_tr[keep], y_tr[keep]), "test": dataset(x_te[keep_te], y_te[keep_te])},
+        class_order=[0, 1, 2, 3], num_experiences=2,
+    )
+    loose = [DatasetExperience(dataset=e.dataset, current_experience=k) for k, e in enumerate(bench.train_stream)]
+    n_train = [int((y_tr == a).sum() + (y_tr == b).sum()) for a, b in ((0, 1), (2, 3))]
+    n_test = [int((y_te == a).sum() + (y_te == b).sum()) for a, b in ((0, 1), (2, 3))]
+
+    def seen_by_plugin(experiences, **kwargs):
+        seen = []
+
+        class Look(Quiet):
+            @hookimpl
+            def before_experience(self, run, exp):
+                seen.append((len(run.stream), [e.classes for e in run.stream], len(exp.train), len(exp.test)))
+
+        model = mlp()
+        strategy = av.t.Naive(
+            model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05), train_mb_size=64,
+            evaluator=silent(av), plugins=[cav.as_avalanche_plugin(Look(), **kwargs)],
+        )
+        for exp in experiences:
+            strategy.train(exp, eval_streams=[])
+        return seen
+
+    both = [[0, 1], [2, 3]]
+    assert seen_by_plugin(bench.train_stream, benchmark=bench) == [
+        (2, both, n_train[0], n_test[0]), (2, both, n_train[1], n_test[1])
+    ]
+    assert seen_by_plugin(bench.train_stream) == [(2, both, n_train[0], 0), (2, both, n_train[1], 0)]
+    assert seen_by_plugin(loose) == [(1, both[:1], n_train[0], 0), (2, both, n_train[1], 0)]

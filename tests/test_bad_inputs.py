@@ -1,0 +1,224 @@
+"""The catalogue of bad inputs, through the command line: each one gets one
+clear line on stderr and its exit code (2: usage and config, 1: run time,
+130: interrupted), never a traceback. docs/reliability.md lists the catalogue."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from contlearn import checkpoint as ckpt
+from contlearn.cli import main
+
+TINY = [
+    "scenario.n_experiences=2",
+    "scenario.samples_per_class=10",
+    "model.hidden=[8]",
+    "train.epochs=1",
+    "eval.fwt=false",
+]
+
+
+def one_error_line(capsys, code: int, argv: list[str]) -> str:
+    """Run the command, check its exit code and that stderr is one line, return it."""
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err.strip()
+
+
+def install_distribution(root: Path, module: str, source: str, dist: str, entry_points: dict[str, str]) -> None:
+    """A module and the dist-info that declares its entry points, on ``root``."""
+    (root / f"{module}.py").write_text(textwrap.dedent(source))
+    info = root / f"{dist.replace('-', '_')}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+    lines = "".join(f"{name} = {target}\n" for name, target in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[contlearn.plugins]\n{lines}")
+
+
+@pytest.fixture
+def catalogue_plugins(tmp_path, monkeypatch):
+    """Installed plugins that misbehave: two claims on each firstresult hook, data
+    with labels out of the head's range, an empty experience."""
+    source = '''
+        import torch
+        from contlearn import hookimpl
+        from contlearn.scenarios import TensorData
+
+        class PredictA:
+            @hookimpl
+            def predict(self, run, batch):
+                return batch.y
+
+        class ForwardA:
+            @hookimpl
+            def forward(self, run, batch):
+                return run.model(batch.x)
+
+        class ComputeLossA:
+            @hookimpl
+            def compute_loss(self, out):
+                return out.logits.sum()
+
+        PredictB, ForwardB, ComputeLossB = (type(c.__name__[:-1] + "B", (c,), {}) for c in (PredictA, ForwardA, ComputeLossA))
+
+        class BadLabels:
+            @hookimpl
+            def train_data(self, exp):
+                return TensorData(exp.train.x, exp.train.y + 100, exp.train.t)
+
+        class Empty:
+            @hookimpl
+            def train_data(self, exp):
+                return exp.train.subset(torch.zeros(0, dtype=torch.long))
+    '''
+    names = {f"{hook}_{v}": f"cl_catalogue:{cls}{v.upper()}" for hook, cls in
+             (("predict", "Predict"), ("forward", "Forward"), ("compute_loss", "ComputeLoss")) for v in "ab"}
+    names |= {"bad_labels": "cl_catalogue:BadLabels", "empty": "cl_catalogue:Empty"}
+    install_distribution(tmp_path, "cl_catalogue", source, "cl-catalogue", names)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield
+    sys.modules.pop("cl_catalogue", None)
+
+
+# ------------------------------------------------------------------ usage and config: exit 2
+
+
+def test_config_file_that_does_not_exist(capsys):
+    err = one_error_line(capsys, 2, ["run", "nowhere/exp.yaml"])
+    assert err == "error: config file 'nowhere/exp.yaml' does not exist"
+
+
+def test_config_name_that_does_not_exist_lists_shipped_names(capsys):
+    err = one_error_line(capsys, 2, ["run", "split-digitz"])
+    assert "no config file or shipped experiment named 'split-digitz'" in err and "split-digits" in err
+
+
+def test_unknown_plugin_lists_available_ones(capsys):
+    err = one_error_line(capsys, 2, ["run", "plugins.ewk.lam=1"])
+    assert "unknown plugin 'ewk'; available plugins:" in err and "'finetune'" in err
+
+
+@pytest.mark.parametrize(
+    "override, key, valid",
+    [
+        ("train.epochz=1", "train.epochz", "'epochs'"),
+        ("trian.epochs=1", "trian", "'train'"),
+        ("checkpoint.every_n_step=5", "checkpoint.every_n_step", "'every_n_steps'"),
+    ],
+)
+def test_unknown_or_mistyped_key_lists_valid_keys(override, key, valid, capsys):
+    err = one_error_line(capsys, 2, ["run", override])
+    assert f"unknown config key '{key}'; valid keys here:" in err and valid in err
+
+
+def test_wrongly_typed_value_names_the_key(capsys):
+    assert "wrong value for 'train.epochs'" in one_error_line(capsys, 2, ["run", "train.epochs=many"])
+
+
+@pytest.mark.parametrize("hook", ["predict", "forward", "compute_loss"])
+def test_two_plugins_claiming_a_firstresult_hook(hook, catalogue_plugins, capsys):
+    err = one_error_line(capsys, 2, ["run", *TINY, f"plugins.{hook}_a={{}}", f"plugins.{hook}_b={{}}"])
+    assert f"plugins '{hook}_a' and '{hook}_b' both implement the firstresult hook '{hook}'" in err
+
+
+def test_npz_source_without_a_path(capsys):
+    assert "needs scenario.path" in one_error_line(capsys, 2, ["run", "scenario.source=npz"])
+
+
+def test_resume_of_a_directory_that_is_no_run(tmp_path, capsys):
+    assert "is not a run directory" in one_error_line(capsys, 2, ["resume", str(tmp_path)])
+
+
+# --------------------------------------------------------------------- run time: exit 1
+
+
+def test_missing_dataset_path(tmp_path, capsys):
+    missing = tmp_path / "digits.npz"
+    err = one_error_line(capsys, 1, ["run", "scenario.source=npz", f"scenario.path={missing}", "--out", str(tmp_path / "run")])
+    assert err == f"error: npz file '{missing}' does not exist (scenario.path)"
+
+
+def test_labels_outside_the_head(catalogue_plugins, tmp_path, capsys):
+    err = one_error_line(capsys, 1, ["run", *TINY, "plugins.bad_labels={}", "--out", str(tmp_path), "--quiet"])
+    assert "experience 0 trains on label 104, outside the head's 5 outputs (labels 0 to 4" in err
+
+
+def test_empty_experience(catalogue_plugins, tmp_path, capsys):
+    err = one_error_line(capsys, 1, ["run", *TINY, "plugins.empty={}", "--out", str(tmp_path), "--quiet"])
+    assert err == "error: experience 0 has no training samples"
+
+
+def test_output_directory_that_cannot_be_written_is_found_before_training(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    err = one_error_line(capsys, 1, ["run", *TINY, "--out", str(blocker / "run")])
+    assert err.startswith(f"error: cannot write to the output directory '{blocker / 'run'}'")
+    assert capsys.readouterr().out == ""  # no progress: nothing was trained
+
+
+def test_non_finite_loss_names_step_experience_and_term(tmp_path, capsys):
+    err = one_error_line(capsys, 1, ["run", *TINY, "train.lr=1e30", "--out", str(tmp_path), "--quiet"])
+    assert "non-finite loss at step 1 (epoch 0) of experience 0: loss went bad" in err
+    assert not ckpt.list_checkpoints(tmp_path / "checkpoints")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("finished")
+    assert main(["run", *TINY, "checkpoint.every_n_steps=2", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    (dst / "checkpoints").mkdir(parents=True)
+    (dst / "config.yaml").write_bytes((src / "config.yaml").read_bytes())
+    for p in ckpt.list_checkpoints(src / "checkpoints"):
+        (dst / "checkpoints" / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+def test_truncated_checkpoint_is_skipped_and_the_user_told(finished_run, tmp_path, capsys):
+    run = copy_run(finished_run, tmp_path / "run")
+    newest = ckpt.list_checkpoints(run / "checkpoints")[-1]
+    newest.write_bytes(newest.read_bytes()[:500])
+    assert main(["resume", str(run), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"warning: checkpoint '{newest.name}' is truncated or corrupt")
+    assert "resuming from the previous one, 'ckpt-" in err
+    assert (run / "results.json").read_text().count('"accuracy_matrix"') == 1
+    assert ckpt.load(newest)  # rewritten whole by the resumed run
+
+
+def test_no_readable_checkpoint(finished_run, tmp_path, capsys):
+    run = copy_run(finished_run, tmp_path / "run")
+    for p in ckpt.list_checkpoints(run / "checkpoints"):
+        p.write_bytes(b"\x00" * 64)
+    assert main(["resume", str(run)]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-1].startswith("error: no readable checkpoint in") and "Traceback" not in "".join(lines)
+    assert all(line.startswith("warning: ") for line in lines[:-1])
+
+
+# ----------------------------------------------------------------------------- warnings
+
+
+def test_broken_third_party_plugin_warns_with_its_distribution_and_the_rest_loads(tmp_path, monkeypatch, capsys):
+    install_distribution(tmp_path, "cl_cat_broken", "raise ImportError('needs libfoo')\n", "cl-broken", {"broken": "cl_cat_broken:Plugin"})
+    install_distribution(tmp_path, "cl_cat_fine", '''
+        class Fine:
+            """Does nothing."""
+    ''', "cl-fine", {"fine": "cl_cat_fine:Fine"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        assert main(["run", *TINY, "plugins.fine={}", "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    finally:
+        sys.modules.pop("cl_cat_fine", None)
+    err = capsys.readouterr().err
+    assert err.startswith("warning: plugin 'broken' (cl_cat_broken:Plugin, from cl-broken 1.0) failed to load")
+    assert "needs libfoo" in err and "Traceback" not in err and all(line.startswith("warning: ") for line in err.splitlines())
+    assert (tmp_path / "run" / "results.json").is_file()

@@ -1,0 +1,204 @@
+"""Checkpoint files: what they hold, how they are written, read and refused."""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from contlearn import ConfigError, Experiment, hookimpl, load_config
+from contlearn import checkpoint as ckpt
+from contlearn.errors import CheckpointError
+
+TINY = [
+    "device=cpu",
+    "scenario.n_experiences=2",
+    "scenario.samples_per_class=10",
+    "model.hidden=[8]",
+    "train.epochs=1",
+    "train.batch_size=16",
+]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A finished run with a checkpoint every 2 steps, all kept."""
+    out = tmp_path_factory.mktemp("run")
+    Experiment(load_config(None, [*TINY, "checkpoint.every_n_steps=2", "checkpoint.keep_last=100"]), out_dir=out).run()
+    return out
+
+
+def test_names_sort_in_run_order_and_hold_the_position(run_dir):
+    paths = ckpt.list_checkpoints(run_dir / "checkpoints")
+    # 5 classes x 10 samples per experience in batches of 16: steps 1-4 train
+    # experience 0 and 5-8 experience 1; every 2 steps, and after each experience
+    assert [p.name for p in paths] == [
+        "ckpt-000-000000002.pt",
+        "ckpt-000-000000004.pt",
+        "ckpt-001-000000004.pt",
+        "ckpt-001-000000006.pt",
+        "ckpt-001-000000008.pt",
+        "ckpt-002-000000008.pt",
+    ]
+    positions = [ckpt.load(p)["position"] for p in paths]
+    assert [(p["completed"], p["inside_experience"], p["batch"], p["global_step"]) for p in positions] == [
+        (0, True, 2, 2), (0, True, 4, 4), (1, False, 0, 4), (1, True, 2, 6), (1, True, 4, 8), (2, False, 0, 8)
+    ]
+
+
+def test_contents_load_with_weights_only(run_dir):
+    path = ckpt.list_checkpoints(run_dir / "checkpoints")[3]  # after 2 steps of experience 1
+    state = torch.load(path, weights_only=True)
+    assert state["format"] == ckpt.FORMAT and state["version"] == ckpt.VERSION
+    assert set(state["rng"]) == {"python", "numpy", "torch", "cuda", "generator"}
+    assert state["rng"]["python"][1][:3] and state["rng"]["numpy"]["keys"].shape == (624,)
+    assert state["model"]["head.weight"].shape[0] == 10  # grown for both experiences' classes
+    assert state["optimizer"]["param_groups"][0]["lr"] == 0.1
+    assert state["plugins"] == {"finetune": {}}
+    metrics = state["metrics"]
+    assert len(metrics["accuracy_rows"]) == 1 and metrics["initial_accuracy"] is not None
+    assert metrics["epoch_losses"].shape == (2,) and metrics["confusion"].shape == (10, 10)
+    assert state["config"]["model"]["hidden"] == [8]
+
+
+def test_keep_last_deletes_the_oldest(tmp_path):
+    Experiment(load_config(None, [*TINY, "checkpoint.every_n_steps=1", "checkpoint.keep_last=2"]), out_dir=tmp_path).run()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [
+        "ckpt-001-000000008.pt",
+        "ckpt-002-000000008.pt",
+    ]
+
+
+def test_disabled_and_library_runs_write_no_checkpoint(tmp_path, monkeypatch):
+    Experiment(load_config(None, [*TINY, "checkpoint.enabled=false"]), out_dir=tmp_path / "a").run()
+    assert (tmp_path / "a" / "results.json").is_file() and not (tmp_path / "a" / "checkpoints").exists()
+    monkeypatch.chdir(tmp_path / "a")
+    Experiment(load_config(None, TINY)).run()  # no out_dir: nothing written anywhere
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["config.yaml", "metrics.csv", "results.json"]
+
+
+def test_write_is_atomic(tmp_path, monkeypatch):
+    state = {"format": ckpt.FORMAT, "version": ckpt.VERSION, "position": {"completed": 1, "global_step": 5}, "x": torch.ones(3)}
+    first = ckpt.write(tmp_path, state, keep_last=3)
+
+    def torch_save_dies_halfway(obj, f):
+        f.write(b"PK\x03\x04 partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", torch_save_dies_halfway)
+    with pytest.raises(CheckpointError, match="cannot write checkpoint .*No space left on device"):
+        ckpt.write(tmp_path, {**state, "position": {"completed": 1, "global_step": 9}}, keep_last=3)
+    assert list(tmp_path.iterdir()) == [first]
+
+
+def test_plain_containers_only(tmp_path):
+    class Holder:
+        def __init__(self, value):
+            self.value = value
+
+        def state_dict(self):
+            return {"ok": [torch.zeros(2), 1, "a", None], "bad": {"inner": self.value}}
+
+        def load_state_dict(self, state):
+            pass
+
+    with pytest.raises(CheckpointError, match=r"checkpoint\.plugins\.holder\.bad\.inner is a numpy\.ndarray"):
+        Experiment(load_config(None, TINY), out_dir=tmp_path, plugins={"holder": Holder(np.zeros(2))}).run()
+    assert not ckpt.list_checkpoints(tmp_path / "checkpoints")
+
+
+class _Payload:
+    """Pickles to a call of ``Path.touch``: what a malicious checkpoint would do."""
+
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __reduce__(self):
+        return (Path.touch, (self.target,))
+
+
+def test_loading_never_executes_code(tmp_path):
+    marker = tmp_path / "executed"
+    path = tmp_path / "ckpt-001-000000001.pt"
+    torch.save({"format": ckpt.FORMAT, "payload": _Payload(marker)}, path)
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        ckpt.load(path)
+    assert not marker.exists()
+    pickle.loads(pickle.dumps(_Payload(marker)))  # the payload does run when unpickled freely
+    assert marker.exists()
+
+
+def test_latest_skips_a_truncated_checkpoint_and_says_so(run_dir, tmp_path):
+    for p in ckpt.list_checkpoints(run_dir / "checkpoints")[-2:]:
+        (tmp_path / p.name).write_bytes(p.read_bytes())
+    newest = ckpt.list_checkpoints(tmp_path)[-1]
+    newest.write_bytes(newest.read_bytes()[:1000])
+    with pytest.warns(ckpt.CheckpointWarning, match=r"'ckpt-002-000000008.pt' is truncated or corrupt .*previous one, 'ckpt-001-000000008.pt'"):
+        path, state = ckpt.latest(tmp_path)
+    assert path.name == "ckpt-001-000000008.pt" and state["position"]["global_step"] == 8
+
+    path.write_bytes(b"not a zip file")
+    with warnings.catch_warnings(), pytest.raises(CheckpointError, match="no readable checkpoint"):
+        warnings.simplefilter("ignore")
+        ckpt.latest(tmp_path)
+
+
+def test_other_files_are_refused(tmp_path):
+    torch.save({"model": {}}, tmp_path / "ckpt-000-000000001.pt")
+    with pytest.raises(CheckpointError, match="not a contlearn checkpoint"):
+        ckpt.load(tmp_path / "ckpt-000-000000001.pt")
+    torch.save({"format": ckpt.FORMAT, "version": 99}, tmp_path / "ckpt-000-000000002.pt")
+    with pytest.raises(CheckpointError, match="format version 99; this contlearn reads 1"):
+        ckpt.load(tmp_path / "ckpt-000-000000002.pt")
+    with pytest.raises(CheckpointError, match="no checkpoint in"):
+        ckpt.latest(tmp_path / "nothing")
+
+
+def test_config_differences_name_keys_and_ignore_device_and_out():
+    a = {"seed": 0, "device": "cuda", "out": "x", "model": {"hidden": [8]}, "plugins": {"finetune": {}, "ewc": {"lam": 1.0}}}
+    b = {"seed": 0, "device": "cpu", "out": None, "model": {"hidden": [16]}, "plugins": {"finetune": {}}}
+    assert ckpt.config_differences(a, b) == [
+        "model.hidden: [8] in the checkpoint, [16] now",
+        "plugins.ewc.lam: 1.0 in the checkpoint, '(absent)' now",
+    ]
+    c = {**a, "plugins": {"ewc": {"lam": 1.0}, "finetune": {}}}
+    assert ckpt.config_differences(a, c) == ["plugin order: ['finetune', 'ewc'] in the checkpoint, ['ewc', 'finetune'] now"]
+    with pytest.raises(ConfigError, match="'ckpt-x' was written by a different experiment: model.hidden"):
+        ckpt.check_config(a, b, "ckpt-x")
+
+
+def test_plugin_states_must_match_the_plugins(run_dir):
+    class Counter:
+        @hookimpl
+        def after_step(self):
+            pass
+
+        def state_dict(self):
+            return {"n": 0}
+
+        def load_state_dict(self, state):
+            pass
+
+    with pytest.raises(CheckpointError, match=r"holds plugin states for \['finetune'\].*no state for \['counter'\]"):
+        Experiment.resume(run_dir, plugins={"counter": Counter()}).run()
+
+
+def test_rng_state_round_trip():
+    g = torch.Generator().manual_seed(3)
+    state = ckpt.rng_state(g)
+    ckpt.check_plain(state)
+    expected = (np.random.rand(), torch.rand(2), torch.rand(2, generator=g), __import__("random").random())
+    ckpt.set_rng_state(state, g)
+    again = (np.random.rand(), torch.rand(2), torch.rand(2, generator=g), __import__("random").random())
+    assert expected[0] == again[0] and expected[3] == again[3]
+    assert torch.equal(expected[1], again[1]) and torch.equal(expected[2], again[2])
+
+
+@pytest.mark.parametrize("override, key", [("checkpoint.keep_last=0", "keep_last"), ("checkpoint.every_n_steps=0", "every_n_steps")])
+def test_checkpoint_settings_are_validated(override, key):
+    with pytest.raises(ConfigError, match=f"checkpoint.{key}"):
+        load_config(None, [override])

@@ -1,0 +1,210 @@
+"""CLR (Ge et al., ICCV 2023): identity at initialisation, what trains, frozen
+banks (zero forgetting), parameter overhead, task routing, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from contlearn.plugins.clr import CLR, ReprogrammedConv, insert_reprogramming, parameter_overhead
+from contlearn.scenarios import Batch
+from torch import nn
+
+from contlearn import Experiment, hookimpl, load_config
+from contlearn.errors import ContlearnError
+from contlearn.models import create_model
+
+#: task-incremental digits, a small BatchNorm CNN, 2 tasks, 1 epoch
+TINY = [
+    "device=cpu",
+    "scenario.n_experiences=2",
+    "scenario.samples_per_class=30",
+    "model.backbone=cnn-bn",
+    "model.hidden=[8,16]",
+    "train.epochs=1",
+    "train.batch_size=16",
+    "eval.fwt=false",
+]
+
+
+def clr_config(*extra: str):
+    return load_config("task-digits-clr", [*TINY, *extra])
+
+
+class _Spy:
+    """Records, per experience, the names of parameters that got a gradient, and
+    after every evaluation the task-0 logits CLR routes to."""
+
+    def __init__(self):
+        self.grads: dict[int, set[str]] = {}
+        self.logits: list[torch.Tensor] = []
+
+    @hookimpl
+    def after_backward(self, run):
+        names = {n for n, p in run.model.named_parameters() if p.grad is not None}
+        self.grads.setdefault(run.experience.index, set()).update(names)
+
+    @hookimpl
+    def on_metrics(self, run, metrics):
+        if metrics["kind"] == "eval":
+            test = run.stream[0].test
+            clr = run.plugins["clr"]
+            with torch.no_grad():
+                feats = clr.features(run, test.x, 0)
+                logits = run.model.head(feats, test.t)  # its columns grow with the tasks
+                self.logits.append(logits[:, run.stream[0].classes].clone())
+
+
+@pytest.mark.parametrize("variant", ["reduced", "full", "scale"])
+def test_identity_at_initialisation(variant):
+    torch.manual_seed(0)
+    cfg = load_config(None, ["model.backbone=cnn-bn", "model.hidden=[8,16]"])
+    backbone = create_model(cfg.model, (1, 8, 8)).backbone
+    for m in backbone.modules():  # non-trivial BatchNorm statistics and affine parameters
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 2), m.bias.data.uniform_(-1, 1)
+    backbone.eval()
+    x = torch.randn(5, 1, 8, 8)
+    before = backbone(x)
+    names = insert_reprogramming(backbone, variant)
+    assert names == ["net.0", "net.4"]
+    assert all(isinstance(backbone.get_submodule(n), ReprogrammedConv) for n in names)
+    assert insert_reprogramming(backbone, variant) == names  # idempotent
+    torch.testing.assert_close(backbone(x), before, rtol=0, atol=1e-6)
+
+
+def test_resnet18_reduced_overhead_and_identity():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None).eval()
+    total = sum(p.numel() for p in net.parameters())
+    x = torch.randn(2, 3, 32, 32)
+    before = net(x)
+    insert_reprogramming(net, "reduced")
+    counts = parameter_overhead(net)
+    assert counts["reprogramming"] == 35_136
+    assert counts["batchnorm"] == 9_600
+    assert round(100 * (counts["reprogramming"] + counts["batchnorm"]) / total, 2) == 0.38
+    torch.testing.assert_close(net(x), before, rtol=0, atol=1e-5)
+    # every 1x1 convolution (the downsample shortcuts) is left as it is in "reduced"
+    assert isinstance(net.layer2[0].downsample[0], nn.Conv2d)
+
+
+def test_only_clr_parameters_train_and_old_tasks_stay_bit_identical():
+    spy = _Spy()
+    results = Experiment(clr_config(), plugins={"spy": spy}).run()
+    # experience 0 (anchor: first_experience) trains the backbone, never the kernels
+    assert not any("reprogram" in n for n in spy.grads[0])
+    assert "backbone.net.0.conv.weight" in spy.grads[0]
+    # experience 1: only kernels, BatchNorm and task 1's head
+    assert spy.grads[1] == {
+        "backbone.net.0.reprogram.weight", "backbone.net.1.weight", "backbone.net.1.bias",
+        "backbone.net.4.reprogram.weight", "backbone.net.5.weight", "backbone.net.5.bias",
+        "head.heads.1.weight", "head.heads.1.bias",
+    }
+    assert torch.equal(spy.logits[0], spy.logits[1])
+    R = results.accuracy_matrix
+    assert R[1][0] == R[0][0] and results.bwt == 0.0
+
+
+def test_mixed_task_batches_are_routed_by_task():
+    experiment = Experiment(clr_config())
+    experiment.run()
+    run = experiment.run_state
+    clr: CLR = run.plugins["clr"]
+    a, b = run.stream[0].test, run.stream[1].test
+    mixed = Batch(torch.cat([a.x[:7], b.x[:9]]), torch.cat([a.y[:7], b.y[:9]]), torch.cat([a.t[:7], b.t[:9]]))
+    run.model.eval()
+    with torch.no_grad():
+        together = clr.predict(run, mixed)
+        apart = torch.cat([clr.predict(run, Batch(a.x[:7], a.y[:7], a.t[:7])),
+                           clr.predict(run, Batch(b.x[:9], b.y[:9], b.t[:9]))])
+        assert torch.equal(together, apart)
+        # task 0's bank differs from the live model (which holds task 1's)
+        assert not torch.equal(clr.features(run, a.x, 0), run.model.backbone(a.x))
+
+
+def test_loss_term_is_lambda_times_sum_of_l2_norms():
+    seen = []
+
+    class Check:
+        @hookimpl
+        def loss_terms(self, run, batch, out):
+            clr = run.plugins["clr"]
+            backbone, head = run.model.backbone, run.model.head.heads[str(run.experience.task)]
+            params = [m.reprogram.weight for m in backbone.modules() if isinstance(m, ReprogrammedConv)]
+            params += [p for m in backbone.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()]
+            params += list(head.parameters())
+            expected = 1e-3 * sum(float(p.detach().norm()) for p in params)
+            seen.append((float(clr.loss_terms(run, batch, out)["clr_l2"].detach()), expected))
+
+    Experiment(clr_config("plugins.clr.lam=1e-3"), plugins={"check": Check()}).run()
+    assert len(seen) > 2
+    for got, expected in seen:
+        assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_checkpoint_anchor_is_loaded_and_frozen(tmp_path):
+    torch.manual_seed(1)
+    cfg = load_config("task-digits-clr", TINY)
+    backbone = create_model(cfg.model, (1, 8, 8)).backbone
+    path = tmp_path / "anchor.pt"
+    torch.save(backbone.state_dict(), path)
+    experiment = Experiment(clr_config("plugins.clr.anchor=checkpoint", f"plugins.clr.anchor_path={path}"))
+    results = experiment.run()
+    live = experiment.run_state.model.backbone
+    torch.testing.assert_close(live.net[0].conv.weight, backbone.net[0].weight, rtol=0, atol=0)
+    assert results.bwt == 0.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["plugins.clr.anchor=random"], "unknown plugins.clr.anchor 'random'"),
+        (["plugins.clr.variant=big"], "unknown plugins.clr.variant 'big'"),
+        (["plugins.clr.anchor=checkpoint"], "needs plugins.clr.anchor_path"),
+        (["plugins.clr.anchor=checkpoint", "plugins.clr.anchor_path=/nonexistent.pt"], "is not a file"),
+        (["plugins.clr.anchor=pretrained"], "needs model.pretrained=true"),
+        (["model.head=incremental"], "model.head=multi"),
+        (["model.backbone=mlp"], "no convolution to reprogram"),
+        (["scenario.setting=class", "model.head=multi"], "scenario.setting=task"),
+    ],
+)
+def test_bad_configs_are_one_clear_error(overrides, message):
+    with pytest.raises(ContlearnError, match=message):  # ConfigError (PluginError when building the plugin)
+        Experiment(clr_config(*overrides)).run()
+
+
+def test_resume_mid_experience_equals_uninterrupted(tmp_path):
+    class Crash(Exception):
+        pass
+
+    class CrashAt:
+        @hookimpl
+        def after_step(self, run):
+            if run.global_step == 27:  # 10 steps per epoch: inside experience 1, after checkpoint 24
+                raise Crash
+
+    overrides = ["checkpoint.every_n_steps=3", "checkpoint.keep_last=50", "train.epochs=2"]
+    Experiment(clr_config(*overrides), out_dir=tmp_path / "whole").run()
+    with pytest.raises(Crash):
+        Experiment(clr_config(*overrides), out_dir=tmp_path / "run", plugins={"crash": CrashAt()}).run()
+    resumed = Experiment.resume(tmp_path / "run")
+    assert resumed._resume_from[1]["position"]["inside_experience"]
+    resumed.run()
+
+    def comparable(d):
+        data = json.loads((d / "results.json").read_text())
+        del data["timings"], data["versions"]
+        return data
+
+    assert comparable(tmp_path / "run") == comparable(tmp_path / "whole")
+
+
+def test_state_round_trips():
+    plugin = CLR(CLR.Config())
+    state = {"anchor_bn": {"a": torch.ones(2)}, "banks": {0: {"a": torch.zeros(2)}}}
+    plugin.load_state_dict(state)
+    assert torch.equal(plugin.state_dict()["banks"][0]["a"], torch.zeros(2))

@@ -1,0 +1,217 @@
+"""EWC: the penalty, its gradient, the Fisher it uses, growth of the head, modes.
+
+Convention: L_ewc = lam/2 * sum_i F_i (theta_i - theta*_i)^2, so
+dL_ewc/dtheta = lam * F * (theta - theta*).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from contlearn.kernels.fisher import empirical_fisher
+from contlearn.plugins.ewc import EWC, fisher_information
+from contlearn.scenarios import TensorData
+from omegaconf import OmegaConf
+from torch.nn import functional as F
+
+from contlearn import ConfigError, Experiment, load_config
+from contlearn.models import MLP, ContinualModel, IncrementalLinear
+
+
+def tiny_run(n_classes: int = 2, seed: int = 0) -> SimpleNamespace:
+    torch.manual_seed(seed)
+    model = ContinualModel(MLP((5,), [6]), IncrementalLinear(6))
+    model.head.grow(n_classes)
+    cfg = OmegaConf.create({"seed": seed, "train": {"batch_size": 8}})
+    return SimpleNamespace(model=model, config=cfg, device=torch.device("cpu"))
+
+
+def tiny_data(n: int = 24, n_classes: int = 2, seed: int = 1) -> TensorData:
+    g = torch.Generator().manual_seed(seed)
+    return TensorData(torch.randn(n, 5, generator=g), torch.randint(0, n_classes, (n,), generator=g))
+
+
+def ewc_after(run, data, **cfg) -> EWC:
+    plugin = EWC(EWC.Config(**cfg))
+    plugin.setup(run)
+    plugin.after_experience(run, SimpleNamespace(train=data))
+    return plugin
+
+
+def penalty(plugin: EWC, run) -> torch.Tensor:
+    return plugin.loss_terms(run)["ewc"]
+
+
+def test_penalty_is_zero_at_the_anchor_with_zero_gradient():
+    run = tiny_run()
+    plugin = ewc_after(run, tiny_data(), lam=50.0)
+    value = penalty(plugin, run)
+    value.backward()
+    assert value.item() == 0.0
+    assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in run.model.parameters())
+
+
+def test_gradient_matches_lam_f_delta():
+    run = tiny_run()
+    lam = 7.0
+    plugin = ewc_after(run, tiny_data(), lam=lam)
+    fisher = {n: f.clone() for n, f in plugin.importance.items()}
+    anchor = {n: p.detach().clone() for n, p in run.model.named_parameters()}
+    with torch.no_grad():
+        for p in run.model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    value = penalty(plugin, run)
+    value.backward()
+    expected_value = 0.0
+    for name, p in run.model.named_parameters():
+        delta = p.detach() - anchor[name]
+        torch.testing.assert_close(p.grad, lam * fisher[name] * delta)
+        expected_value += 0.5 * lam * float((fisher[name] * delta**2).sum())
+    assert value.item() == pytest.approx(expected_value, rel=1e-5)
+
+
+def test_batch_fisher_is_the_mean_of_squared_batch_gradients():
+    """Checked against plain autograd, independently of the kernels."""
+    run = tiny_run()
+    data = tiny_data(24)
+    fisher = fisher_information(run.model, data, batch_size=8)
+    params = dict(run.model.named_parameters())
+    expected = {n: torch.zeros_like(p) for n, p in params.items()}
+    for b in data.batches(8):
+        loss = F.cross_entropy(run.model(b.x).logits, b.y)
+        for (n, _), g in zip(params.items(), torch.autograd.grad(loss, list(params.values())), strict=True):
+            expected[n] += g**2 / 3
+    for n in params:
+        torch.testing.assert_close(fisher[n], expected[n])
+
+
+def test_per_sample_fisher_option_uses_the_kernel():
+    run = tiny_run()
+    data = tiny_data(16)
+    plugin = ewc_after(run, data, lam=1.0, fisher="per_sample")
+    reference = empirical_fisher(
+        run.model, [(b.x, b.y) for b in data.batches(8)], lambda m, x, y: F.cross_entropy(m(x).logits, y), mode="per_sample"
+    )
+    for name, value in reference.items():
+        torch.testing.assert_close(plugin.importance[name], value)
+    # exact per-sample squared gradients of a Linear weight, by brute force
+    w = run.model.backbone.net[1].weight
+    brute = torch.zeros_like(w)
+    for i in range(len(data)):
+        (g,) = torch.autograd.grad(F.cross_entropy(run.model(data.x[i : i + 1]).logits, data.y[i : i + 1]), [w])
+        brute += g**2 / len(data)
+    torch.testing.assert_close(plugin.importance["backbone.net.1.weight"], brute)
+
+
+def test_grown_head_only_old_rows_are_penalised():
+    run = tiny_run(n_classes=2)
+    lam = 3.0
+    plugin = ewc_after(run, tiny_data(), lam=lam)
+    old_weight = run.model.head.weight.detach().clone()
+    run.model.head.grow(5)  # new parameters replace the old ones, with 3 more rows
+    with torch.no_grad():
+        run.model.head.weight.add_(1.0)
+    value = penalty(plugin, run)
+    value.backward()
+    grad = run.model.head.weight.grad
+    assert torch.count_nonzero(grad[2:]) == 0, "rows of new classes must be free"
+    f = plugin.importance["head.weight"]
+    torch.testing.assert_close(grad[:2], lam * f * (run.model.head.weight.detach()[:2] - old_weight))
+    # changing only the new rows leaves the penalty unchanged
+    before = penalty(plugin, run).item()
+    with torch.no_grad():
+        run.model.head.weight[2:] += 5.0
+    assert penalty(plugin, run).item() == before
+
+
+def test_separate_mode_equals_the_sum_of_per_experience_penalties():
+    run = tiny_run(n_classes=2)
+    lam = 2.0
+    plugin = EWC(EWC.Config(lam=lam))
+    plugin.setup(run)
+    terms = []
+    for k, n_classes in enumerate((2, 4)):
+        run.model.head.grow(n_classes)
+        with torch.no_grad():
+            for p in run.model.parameters():
+                p.add_(torch.randn_like(p) * 0.2)
+        data = tiny_data(24, n_classes, seed=k + 10)
+        fisher = fisher_information(run.model, data, 8)
+        terms.append(({n: p.detach().clone() for n, p in run.model.named_parameters()}, fisher))
+        plugin.after_experience(run, SimpleNamespace(train=data))
+    run.model.head.grow(6)
+    with torch.no_grad():
+        for p in run.model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    value = penalty(plugin, run)
+    value.backward()
+    expected = 0.0
+    params = dict(run.model.named_parameters())
+    expected_grad = {n: torch.zeros_like(p) for n, p in params.items()}
+    for anchor, fisher in terms:
+        for n, a in anchor.items():
+            cut = tuple(slice(0, s) for s in a.shape)
+            delta = params[n].detach()[cut] - a
+            expected += 0.5 * lam * float((fisher[n] * delta**2).sum())
+            expected_grad[n][cut] += lam * fisher[n] * delta
+    assert value.item() == pytest.approx(expected, rel=1e-4)
+    for n, p in params.items():
+        torch.testing.assert_close(p.grad, expected_grad[n], rtol=1e-4, atol=1e-7)
+
+
+def test_online_mode_decays_the_running_fisher():
+    run = tiny_run()
+    gamma = 0.5
+    plugin = EWC(EWC.Config(lam=1.0, mode="online", gamma=gamma))
+    plugin.setup(run)
+    fishers = []
+    for seed in (1, 2):
+        data = tiny_data(seed=seed)
+        fishers.append(fisher_information(run.model, data, 8))
+        plugin.after_experience(run, SimpleNamespace(train=data))
+        with torch.no_grad():
+            for p in run.model.parameters():
+                p.add_(0.1)
+    for name, value in plugin.importance.items():
+        torch.testing.assert_close(value, gamma * fishers[0][name] + fishers[1][name])
+        # the anchor is the latest parameters
+        torch.testing.assert_close(plugin.center[name], dict(run.model.named_parameters())[name].detach() - 0.1)
+    assert plugin.offset == 0.0
+
+
+def test_state_round_trip_gives_the_same_penalty():
+    run = tiny_run()
+    plugin = ewc_after(run, tiny_data(), lam=4.0)
+    with torch.no_grad():
+        for p in run.model.parameters():
+            p.add_(0.05)
+    state = plugin.state_dict()
+    assert all(isinstance(v, torch.Tensor) for v in state["importance"].values())
+    copy = EWC(EWC.Config(lam=4.0))
+    copy.load_state_dict(state)
+    copy.setup(run)
+    assert penalty(copy, run).item() == pytest.approx(penalty(plugin, run).item())
+
+
+@pytest.mark.parametrize("field, value", [("mode", "offline"), ("fisher", "exact"), ("gamma", 2.0), ("lam", -1.0)])
+def test_bad_config_is_one_clear_error(field, value):
+    with pytest.raises(ConfigError, match=f"plugins.ewc.{field}"):
+        load_config(None, [f"plugins.ewc.{field}={value}"])
+
+
+def test_ewc_term_is_logged_from_the_second_experience(quick):
+    seen: list[dict] = []
+
+    class Recorder:
+        from contlearn import hookimpl
+
+        @hookimpl
+        def on_metrics(self, metrics):
+            seen.append(metrics)
+
+    cfg = load_config(None, [*quick, "scenario.n_experiences=2", "plugins={}", "plugins.ewc.lam=10"])
+    Experiment(cfg, plugins={"rec": Recorder()}).run()
+    epochs = [m for m in seen if m["kind"] == "epoch"]
+    assert "loss/ewc" not in epochs[0] and epochs[1]["loss/ewc"] >= 0.0

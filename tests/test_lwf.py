@@ -1,0 +1,91 @@
+"""LwF: the distillation term, its restriction to old outputs, the teacher."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from contlearn.plugins.lwf import LwF, distillation
+from contlearn.scenarios import Batch
+from omegaconf import OmegaConf
+from torch.nn import functional as F
+
+from contlearn import ConfigError, load_config
+from contlearn.models import MLP, ContinualModel, IncrementalLinear, Output
+
+
+def test_at_t1_it_is_the_cross_entropy_to_the_teacher_probabilities():
+    """Teacher logits [0, log 3] give targets [1/4, 3/4]; a uniform student
+    predicts [1/2, 1/2]: the cross-entropy is -(1/4 + 3/4) log(1/2) = log 2."""
+    teacher = torch.tensor([[0.0, math.log(3.0)]])
+    student = torch.zeros(1, 2)
+    assert distillation(student, teacher, T=1.0).item() == pytest.approx(math.log(2.0))
+    # a student equal to the teacher scores the teacher's entropy, the minimum
+    entropy = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    assert distillation(teacher, teacher, T=1.0).item() == pytest.approx(entropy)
+
+
+def test_temperature_softens_both_sides_and_gradient_is_kl_gradient():
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(4, 3, generator=g, requires_grad=True)
+    teacher = torch.randn(4, 3, generator=g)
+    T = 2.0
+    value = distillation(student, teacher, T)
+    assert value.item() == pytest.approx(distillation(student / T, teacher / T, 1.0).item())
+    value.backward()
+    expected = (F.softmax(student.detach() / T, 1) - F.softmax(teacher / T, 1)) / T / 4
+    torch.testing.assert_close(student.grad, expected)
+
+
+def tiny_run() -> SimpleNamespace:
+    torch.manual_seed(0)
+    model = ContinualModel(MLP((5,), [6]), IncrementalLinear(6))
+    model.head.grow(2)
+    return SimpleNamespace(model=model, config=OmegaConf.create({"seed": 0}), device=torch.device("cpu"))
+
+
+def test_only_the_teachers_classes_are_distilled_and_the_teacher_is_frozen():
+    run = tiny_run()
+    plugin = LwF(LwF.Config(T=2.0, alpha=0.5))
+    batch = Batch(torch.randn(8, 5), torch.zeros(8, dtype=torch.long), torch.zeros(8, dtype=torch.long))
+    assert plugin.loss_terms(batch, Output(torch.zeros(8, 2))) is None
+    plugin.after_experience(run)
+    teacher_logits = run.model(batch.x).logits.detach()
+    run.model.head.grow(5)
+    with torch.no_grad():
+        for p in run.model.parameters():
+            p.add_(0.3)  # the model moves, the teacher must not
+    logits = run.model(batch.x).logits
+    value = plugin.loss_terms(batch, Output(logits))["lwf"]
+    assert value.item() == pytest.approx(0.5 * distillation(logits[:, :2], teacher_logits, 2.0).item(), rel=1e-6)
+    value.backward()
+    assert all(not p.requires_grad for p in plugin.teacher.parameters())
+    changed = logits.detach().clone()
+    changed[:, 2:] += 10.0
+    assert plugin.loss_terms(batch, Output(changed))["lwf"].item() == pytest.approx(value.item())
+
+
+def test_state_round_trip_rebuilds_the_teacher_over_a_grown_model():
+    run = tiny_run()
+    plugin = LwF(LwF.Config())
+    plugin.after_experience(run)
+    x = torch.randn(3, 5)
+    before = plugin.teacher(x).logits
+    state = plugin.state_dict()
+    assert all(isinstance(v, torch.Tensor) for v in state["teacher"].values())
+    run.model.head.grow(4)
+    with torch.no_grad():
+        for p in run.model.parameters():
+            p.mul_(2.0)
+    copy = LwF(LwF.Config())
+    copy.load_state_dict(state)
+    copy.setup(run)
+    torch.testing.assert_close(copy.teacher(x).logits, before)
+
+
+@pytest.mark.parametrize("override", ["plugins.lwf.T=0", "plugins.lwf.alpha=-1"])
+def test_bad_config(override):
+    with pytest.raises(ConfigError, match="plugins.lwf"):
+        load_config(None, [override])

@@ -1,0 +1,274 @@
+"""MEMO (Zhou et al., ICLR 2023): the split, the surgery, the losses, the memory, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from contlearn.plugins._herding import HerdingMemory, herding
+from contlearn.plugins._memo_net import (
+    ExpandableBackbone,
+    MemoNet,
+    count_parameters,
+    split_backbone,
+)
+from contlearn.plugins.memo import MEMO
+from contlearn.scenarios import TensorData
+
+from contlearn import Experiment, hookimpl, load_config
+from contlearn import checkpoint as ckpt
+from contlearn.errors import ConfigError
+from contlearn.models import resnet
+
+#: 3 experiences (4, 3, 3 classes), a CNN with batch norm in the specialized block
+TINY = [
+    "device=cpu",
+    "eval.fwt=false",
+    "scenario.n_experiences=3",
+    "scenario.classes_per_experience=[4,3,3]",
+    "scenario.samples_per_class=20",
+    "model.backbone=cnn-bn",
+    "model.hidden=[4,6]",
+    "train.epochs=2",
+    "train.batch_size=16",
+    "train.momentum=0.9",
+    "plugins={}",
+    "plugins.memo.memory_size=30",
+]
+
+
+def _tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+# ------------------------------------------------------------------- the split
+
+
+def test_resnet32_split_matches_the_paper():
+    gen, spec, d = split_backbone(resnet.cifar_resnet(32))
+    assert (count_parameters(gen), count_parameters(spec), d) == (112_016, 351_488, 64)
+    x = torch.randn(2, 3, 32, 32)
+    net = resnet.cifar_resnet(32).eval()
+    g, s, _ = split_backbone(net)
+    torch.testing.assert_close(s(g(x)), net(x))
+
+
+def test_resnet18_split_matches_the_paper():
+    gen, spec, d = split_backbone(resnet.resnet18(stem="7x7"))  # MEMO's get_resnet18_imagenet
+    assert (count_parameters(gen), count_parameters(spec), d) == (2_782_784, 8_393_728, 512)
+    gen, spec, d = split_backbone(resnet.resnet18(stem="3x3"))  # the CIFAR stem: 7,680 fewer
+    assert (count_parameters(gen), count_parameters(spec), d) == (2_775_104, 8_393_728, 512)
+
+
+def test_mlp_split_with_a_narrow_specialized_block():
+    from contlearn.models import MLP
+
+    gen, spec, d = split_backbone(MLP((64,), (32, 128)), specialized_width=8)
+    assert d == 8 and spec(gen(torch.randn(5, 64))).shape == (5, 8)
+    assert count_parameters(spec) == 32 * 8 + 8
+
+
+def test_unsplittable_backbone_is_a_config_error():
+    with pytest.raises(ConfigError, match="cannot split a Linear backbone.*valid model.backbone"):
+        split_backbone(torch.nn.Linear(3, 3))
+    with pytest.raises(ConfigError, match="specialized_width applies to the mlp and cnn"):
+        split_backbone(resnet.cifar_resnet(20), specialized_width=8)
+
+
+# ------------------------------------------------------------------ the network
+
+
+def _net(d_in: int = 6, d: int = 4, n_classes: int = 3) -> MemoNet:
+    gen = torch.nn.Sequential(torch.nn.Linear(d_in, 5), torch.nn.ReLU())
+    spec = torch.nn.Sequential(torch.nn.Linear(5, d), torch.nn.BatchNorm1d(d), torch.nn.ReLU())
+    return MemoNet(ExpandableBackbone(gen, spec, d), n_classes)
+
+
+def test_classifier_grows_with_old_weights_intact():
+    torch.manual_seed(0)
+    net = _net()
+    old_w, old_b = net.head.weight.detach().clone(), net.head.bias.detach().clone()
+    net.adapt([3, 4])  # the loop grows the rows first
+    net.expand(old_classes=[0, 1, 2])
+    assert (net.head.in_features, net.head.out_features) == (8, 5)
+    assert torch.equal(net.head.weight[:3, :4], old_w) and torch.equal(net.head.bias[:3], old_b)
+    assert torch.equal(net.blocks[1][0].weight, net.blocks[0][0].weight)  # the new block is a copy
+    out = net(torch.randn(7, 6))
+    assert out.logits.shape == (7, 5) and out.features.shape == (7, 8)
+
+
+def test_weight_aligning_matches_mean_norms_and_touches_only_new_rows():
+    torch.manual_seed(0)
+    net = _net(n_classes=5)
+    with torch.no_grad():
+        net.head.weight[3:] *= 7.0
+    before = net.head.weight.detach().clone()
+    bias = net.head.bias.detach().clone()
+    gamma = net.weight_align([0, 1, 2], [3, 4])
+    norms = net.head.weight.detach().norm(dim=1)
+    expected = before[:3].norm(dim=1).mean() / before[3:].norm(dim=1).mean()
+    assert gamma == pytest.approx(float(expected))
+    assert float(norms[3:].mean()) == pytest.approx(float(norms[:3].mean()), rel=1e-5)
+    assert torch.equal(net.head.weight[:3], before[:3]) and torch.equal(net.head.bias, bias)
+    torch.testing.assert_close(net.head.weight[3:], before[3:] * gamma)
+
+
+def test_aux_labels_map_new_classes_to_rank_plus_one_and_old_ones_to_zero():
+    plugin = MEMO()
+    plugin.new = [4, 5, 6]
+    aux_map = plugin._make_aux_map(10, torch.device("cpu"))
+    y = torch.tensor([0, 4, 5, 6, 3, 9])
+    assert MEMO.aux_targets(aux_map, y).tolist() == [0, 1, 2, 3, 0, 0]
+
+
+def test_frozen_blocks_stay_in_eval_mode():
+    net = _net()
+    net.expand([0, 1, 2])
+    net.freeze(1, generalized=True)
+    net.train()
+    assert not net.blocks[0].training and net.blocks[1].training and not net.backbone.generalized.training
+    assert not any(p.requires_grad for p in net.blocks[0].parameters())
+    assert all(p.requires_grad for p in net.blocks[1].parameters())
+    assert not any(p.requires_grad for p in net.backbone.generalized.parameters())
+
+
+# --------------------------------------------------------------------- herding
+
+
+def test_herding_is_deterministic_without_repeats_and_starts_nearest_the_mean():
+    g = torch.Generator().manual_seed(0)
+    f = torch.nn.functional.normalize(torch.randn(50, 8, generator=g), dim=1)
+    order = herding(f, 20)
+    assert torch.equal(order, herding(f.clone(), 20))
+    assert len(set(order.tolist())) == 20
+    assert int(order[0]) == int(((f - f.mean(0)) ** 2).sum(1).argmin())
+    assert len(herding(f, 80)) == 50
+
+
+def test_herding_memory_keeps_the_budget_and_the_head_of_each_ranking():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 5, generator=g)
+    y = torch.arange(60) % 3
+    data = TensorData(x, y)
+    memory = HerdingMemory(10)
+    identity = lambda v: v  # noqa: E731
+    memory.update(identity, data.subset(torch.nonzero(y < 2).flatten()), [0, 1], n_seen=2)
+    assert memory.counts() == {0: 5, 1: 5}
+    first = {c: memory.x[memory.labels == c][:3].clone() for c in (0, 1)}
+    memory.update(identity, data.subset(torch.nonzero(y == 2).flatten()), [2], n_seen=3)
+    assert memory.counts() == {0: 3, 1: 3, 2: 3} and len(memory) <= 10
+    for c in (0, 1):
+        assert torch.equal(memory.x[memory.labels == c], first[c])
+    rows = torch.nonzero(y == 2).flatten()
+    expected = x[rows][herding(torch.nn.functional.normalize(x[rows], dim=1), 3)]
+    assert torch.equal(memory.x[memory.labels == 2], expected)
+    with pytest.raises(ConfigError, match="cannot hold one exemplar for each of 11 classes"):
+        memory.per_class(11)
+
+
+# ------------------------------------------------------------------ end to end
+
+
+class Snapshot:
+    """Copies the specialized blocks and the generalized blocks as each experience starts."""
+
+    def __init__(self):
+        self.at_start: list[dict[str, dict[str, torch.Tensor]]] = []
+
+    @hookimpl
+    def before_experience(self, run):
+        model = run.model
+        self.at_start.append({f"block{i}": _tensors(b) for i, b in enumerate(model.blocks)}
+                             | {"generalized": _tensors(model.backbone.generalized)})
+
+
+def test_old_blocks_and_their_bn_statistics_are_bit_identical_after_training(quick):
+    snap = Snapshot()
+    experiment = Experiment(load_config(None, TINY), plugins={"snap": snap})
+    experiment.run()
+    model = experiment.run_state.model
+    assert isinstance(model, MemoNet) and len(model.blocks) == 3
+    for i in (0, 1):  # block i as it was when experience i + 1 started (the snapshot runs before MEMO's surgery)
+        before = snap.at_start[i + 1][f"block{i}"]
+        after = _tensors(model.blocks[i])
+        assert any("running_mean" in k for k in after)
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before), i
+    # the newest block and the generalized blocks did train
+    assert not torch.equal(_tensors(model.blocks[2])["0.weight"], _tensors(model.blocks[1])["0.weight"])
+    assert not torch.equal(snap.at_start[2]["generalized"]["0.weight"], _tensors(model.backbone.generalized)["0.weight"])
+    plugin = experiment.run_state.plugins["memo"]
+    assert plugin.memory.counts() == {c: 3 for c in range(10)}
+    assert model.aux_head.out_features == 4 and len(plugin.accuracy["nme"]) == 3
+    report = plugin.memory_rows[-1]
+    assert report["model_bytes"] == 4 * count_parameters(model) and report["bytes_per_exemplar"] == 64 * 4
+    assert report["total_bytes"] == report["model_bytes"] + 30 * 256
+
+
+def test_train_base_false_freezes_the_generalized_blocks():
+    snap = Snapshot()
+    experiment = Experiment(load_config(None, [*TINY, "plugins.memo.train_base=false"]), plugins={"snap": snap})
+    experiment.run()
+    model = experiment.run_state.model
+    assert model.generalized_frozen and not any(p.requires_grad for p in model.backbone.generalized.parameters())
+    final = _tensors(model.backbone.generalized)
+    before = snap.at_start[1]["generalized"]
+    assert all(torch.equal(before[k], final[k]) for k in before)
+
+
+def test_total_memory_sets_the_exemplar_budget():
+    cfg = load_config(None, [*TINY, "plugins.memo.total_memory=200000"])
+    experiment = Experiment(cfg)
+    experiment.run()
+    plugin = experiment.run_state.plugins["memo"]
+    report = plugin.memory_rows[-1]
+    assert report["model_bytes"] + plugin.budget * 256 <= 200_000 < report["model_bytes"] + (plugin.budget + 1) * 256
+    with pytest.raises(ConfigError, match="leaves room for 0 exemplars"):
+        Experiment(load_config(None, [*TINY, "plugins.memo.total_memory=1000"])).run()
+
+
+def test_bad_settings_are_config_errors():
+    with pytest.raises(ConfigError, match="predict must be one of 'classifier', 'nme'"):
+        load_config(None, [*TINY, "plugins.memo.predict=knn"])
+    with pytest.raises(ConfigError, match="needs model.head=incremental"):
+        Experiment(load_config(None, [*TINY, "model.head=cosine"])).run()
+
+
+def _comparable(run_dir: Path) -> dict:
+    data = json.loads((run_dir / "results.json").read_text())
+    del data["timings"], data["versions"]
+    return data
+
+
+class _Crash(BaseException):
+    pass
+
+
+class CrashAt:
+    def __init__(self, step: int):
+        self.step = step
+
+    @hookimpl
+    def after_step(self, run):
+        if run.global_step == self.step:
+            raise _Crash
+
+
+@pytest.mark.parametrize("crash_step", [13, 20])  # inside experience 1 (mid-epoch), inside experience 2
+def test_resume_restores_every_block_and_gives_the_same_run(tmp_path, crash_step):
+    overrides = [*TINY, "checkpoint.every_n_steps=3", "checkpoint.keep_last=50"]
+    whole_dir = tmp_path / "whole"
+    whole = Experiment(load_config(None, overrides), out_dir=whole_dir)
+    whole.run()
+    out = tmp_path / "run"
+    with pytest.raises(_Crash):
+        Experiment(load_config(None, overrides), out_dir=out, plugins={"crash": CrashAt(crash_step)}).run()
+    state = ckpt.load(ckpt.list_checkpoints(out / "checkpoints")[-1])
+    assert state["position"]["inside_experience"] and state["plugins"]["memo"]["n_blocks"] >= 2
+    resumed = Experiment.resume(out)
+    resumed.run()
+    assert _comparable(out) == _comparable(whole_dir)
+    a, b = whole.run_state.model.state_dict(), resumed.run_state.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.run_state.plugins["memo"].accuracy == whole.run_state.plugins["memo"].accuracy

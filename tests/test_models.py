@@ -1,0 +1,230 @@
+"""Backbones (parameter counts, external libraries, offline weights) and heads."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch.nn import functional as F
+
+from contlearn import Experiment, load_config
+from contlearn.config import ModelConfig
+from contlearn.errors import ConfigError
+from contlearn.models import (
+    BACKBONES,
+    CosineLinear,
+    IncrementalLinear,
+    MultiHead,
+    create_backbone,
+    create_model,
+)
+from contlearn.models.heads import MASKED_LOGIT
+
+
+def n_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def model_cfg(**values) -> OmegaConf:
+    return OmegaConf.structured(ModelConfig(**values))
+
+
+# ------------------------------------------------------------- resnets
+
+
+def test_resnet32_matches_memo_counts():
+    net = create_backbone("resnet32", (3, 32, 32), model_cfg())
+    generalized, specialized = net.split()
+    assert n_params(net) == 463_504 and net.out_features == 64
+    assert n_params(generalized) == 112_016 and n_params(specialized) == 351_488
+    # with a 100-way linear head: 463,504 + 64 * 100 + 100
+    model = create_model(model_cfg(backbone="resnet32"), (3, 32, 32))
+    model.adapt(list(range(100)))
+    assert n_params(model) == 470_004
+
+
+@pytest.mark.parametrize("name, stem_to_layer3", [("resnet18", 2_775_104), ("resnet18-imagenet", 2_782_784)])
+def test_resnet18_counts(name, stem_to_layer3):
+    net = create_backbone(name, (3, 32, 32), model_cfg())
+    generalized, specialized = net.split()
+    assert n_params(generalized) == stem_to_layer3
+    assert n_params(specialized) == n_params(net.layer4) == 8_393_728
+    assert net.out_features == 512
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet32", "resnet18", "resnet18-imagenet"])
+def test_resnet_split_composes_to_the_whole(name):
+    net = create_backbone(name, (3, 32, 32), model_cfg()).eval()
+    generalized, specialized = net.split()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(specialized(generalized(x)), net(x))
+    assert net(x).shape == (2, net.out_features)
+
+
+def test_small_inputs_and_channels():
+    net = create_backbone("resnet32", (1, 8, 8), model_cfg())
+    assert net(torch.randn(4, 1, 8, 8)).shape == (4, 64)
+    with pytest.raises(ConfigError, match=r"image inputs \[C, H, W\]"):
+        create_backbone("resnet18", (64,), model_cfg())
+
+
+# ------------------------------------------------------- backbone names
+
+
+def test_unknown_backbones_and_pretrained_builtins():
+    with pytest.raises(ConfigError, match="valid backbones"):
+        create_backbone("resnet99", (3, 8, 8), model_cfg())
+    with pytest.raises(ConfigError, match="unknown backbone prefix"):
+        create_backbone("keras:resnet", (3, 8, 8), model_cfg())
+    with pytest.raises(ConfigError, match="no pretrained weights"):
+        create_backbone("mlp", (64,), model_cfg(pretrained=True))
+    with pytest.raises(ConfigError, match="unknown timm model"):
+        create_backbone("timm:not_a_net", (3, 8, 8), model_cfg())
+    with pytest.raises(ConfigError, match="unknown torchvision model"):
+        create_backbone("tv:not_a_net", (3, 8, 8), model_cfg())
+    assert {"mlp", "cnn", "resnet18", "resnet32"} <= set(BACKBONES)
+
+
+@pytest.mark.parametrize("name", ["timm:resnet18", "tv:resnet18", "tv:mobilenet_v3_small"])
+def test_timm_and_torchvision_backbones_without_weights(name):
+    net = create_backbone(name, (3, 32, 32), model_cfg())
+    out = net(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, net.out_features)
+
+
+def test_timm_takes_other_channel_counts_and_torchvision_asks_for_rgb():
+    assert create_backbone("timm:resnet18", (1, 16, 16), model_cfg())(torch.randn(2, 1, 16, 16)).shape == (2, 512)
+    with pytest.raises(ConfigError, match="'rgb'"):
+        create_backbone("tv:resnet18", (1, 16, 16), model_cfg())
+    with pytest.raises(ConfigError, match="'rgb'"):
+        create_backbone("clip:ViT-S-32", (1, 16, 16), model_cfg())
+
+
+def test_clip_image_tower_without_weights():
+    net = create_backbone("clip:ViT-S-32", (3, 224, 224), model_cfg())
+    assert net(torch.randn(1, 3, 224, 224)).shape == (1, net.out_features)
+    names = [n for n, _ in net.named_parameters()]
+    assert any("conv1" in n for n in names) and not any("token_embedding" in n for n in names)  # no text tower
+    with pytest.raises(ConfigError, match="not a pretrained tag"):
+        create_backbone("clip:ViT-S-32", (3, 224, 224), model_cfg(pretrained=True))
+
+
+OFFLINE_SCRIPT = textwrap.dedent(
+    """
+    from omegaconf import OmegaConf
+    from contlearn.config import ModelConfig
+    from contlearn.models import create_backbone
+    from contlearn.models.external import WeightsError
+    for name in ("timm:resnet18", "tv:resnet18", "clip:ViT-B-32"):
+        cfg = OmegaConf.structured(ModelConfig(backbone=name, pretrained=True))
+        try:
+            create_backbone(name, (3, 32, 32), cfg)
+            print(name, "LOADED")
+        except WeightsError as exc:
+            print(name, "ERROR", exc)
+    """
+)
+
+
+def test_missing_pretrained_weights_say_which_and_where(tmp_path):
+    """The real loaders, offline, with empty caches: one clear error each."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch"),
+           "XDG_CACHE_HOME": str(tmp_path / "xdg"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    env.pop("HUGGINGFACE_HUB_CACHE", None)
+    proc = subprocess.run([sys.executable, "-c", OFFLINE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    lines = {line.split(" ", 1)[0]: line for line in proc.stdout.splitlines() if " ERROR " in line or " LOADED" in line}
+    assert set(lines) == {"timm:resnet18", "tv:resnet18", "clip:ViT-B-32"}, proc.stdout + proc.stderr
+    hf_cache = str(tmp_path / "hf" / "hub")
+    assert "timm/resnet18" in lines["timm:resnet18"] and hf_cache in lines["timm:resnet18"]
+    assert "HF_HUB_OFFLINE" in lines["timm:resnet18"]
+    tv = lines["tv:resnet18"]
+    assert "ResNet18_Weights.IMAGENET1K_V1" in tv and str(tmp_path / "torch" / "hub" / "checkpoints") in tv
+    clip = lines["clip:ViT-B-32"]
+    assert "'openai' for clip:ViT-B-32" in clip and hf_cache in clip and "HF_HUB_OFFLINE" in clip
+
+
+# ---------------------------------------------------------------- heads
+
+
+def test_incremental_linear_grows_and_keeps_old_rows():
+    head = IncrementalLinear(4)
+    head.adapt([0, 1])
+    old = head.weight.detach().clone()
+    head.adapt([2, 3, 4])
+    assert head.out_features == 5 and torch.equal(head.weight[:2], old)
+    head.adapt([1])
+    assert head.out_features == 5
+
+
+def test_cosine_head():
+    head = CosineLinear(6, scale=10.0)
+    head.adapt([0, 1, 2])
+    f = torch.randn(5, 6)
+    logits = head(f)
+    expected = 10.0 * F.normalize(f, dim=1) @ F.normalize(head.weight, dim=1).T
+    assert torch.allclose(logits, expected, atol=1e-6) and float(logits.abs().max()) <= 10.0 + 1e-5
+    assert head.scale.requires_grad
+    old = head.weight.detach().clone()
+    head.adapt([3])
+    assert head.out_features == 4 and torch.equal(head.weight[:3], old)
+
+
+def test_multi_head_masks_other_tasks_and_handles_mixed_batches():
+    torch.manual_seed(0)
+    head = MultiHead(3)
+    head.adapt([0, 1], 0)
+    head.adapt([2, 3, 4], 1)
+    assert head.out_features == 5 and head.tasks == [0, 1]
+    f = torch.randn(6, 3, requires_grad=True)
+    task = torch.tensor([0, 1, 1, 0, 1, 0])
+    logits = head(f, task)
+    own0, own1 = head.heads["0"](f), head.heads["1"](f)
+    for i, t in enumerate(task.tolist()):
+        cols, own = ([0, 1], own0) if t == 0 else ([2, 3, 4], own1)
+        other = [c for c in range(5) if c not in cols]
+        assert torch.equal(logits[i, cols], own[i])
+        assert bool((logits[i, other] == MASKED_LOGIT).all())
+    pred = logits.argmax(1)
+    assert all((p < 2) == (t == 0) for p, t in zip(pred.tolist(), task.tolist(), strict=True))
+    # cross-entropy with global labels trains only each sample's own head
+    y = torch.tensor([1, 3, 4, 0, 2, 1])
+    head.zero_grad()
+    F.cross_entropy(head(f[:1].detach(), task[:1]), y[:1]).backward()
+    assert head.heads["1"].weight.grad is None or float(head.heads["1"].weight.grad.abs().sum()) == 0.0
+    assert float(head.heads["0"].weight.grad.abs().sum()) > 0
+    assert torch.isfinite(F.cross_entropy(logits, y))
+
+
+def test_multi_head_grows_a_known_task_and_shares_classes_across_tasks():
+    head = MultiHead(2)
+    head.adapt([0, 1], 0)
+    head.adapt([0, 1], 1)  # task-incremental over the same classes (e.g. permuted, one head per task)
+    head.adapt([2], 0)
+    assert head.task_classes == {0: [0, 1, 2], 1: [0, 1]} and head.out_features == 3
+    logits = head(torch.randn(2, 2), torch.tensor([0, 1]))
+    assert float(logits[1, 2]) == MASKED_LOGIT and float(logits[0, 2]) != MASKED_LOGIT
+
+
+def test_unknown_head_is_rejected():
+    with pytest.raises(ConfigError, match="model.head"):
+        load_config("split-digits", ["model.head=mystery"])
+
+
+@pytest.mark.parametrize("head", ["multi", "cosine"])
+def test_task_digits_and_cosine_runs(head):
+    overrides = ["train.epochs=5", "eval.fwt=true", f"model.head={head}"]
+    results = Experiment(load_config("task-digits", overrides)).run()
+    R = results.accuracy_matrix
+    assert len(R) == 5 and all(R[i][i] > 0.7 for i in range(5))
+    if head == "multi":
+        # the task label picks the head, so old tasks stay far above the
+        # class-incremental single head (which forgets them all: ~0.2)
+        assert results.average_accuracy > 0.8
+    else:
+        assert results.average_accuracy < 0.4  # one shared head: task labels do not help it

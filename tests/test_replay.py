@@ -1,0 +1,118 @@
+"""Experience replay in runs: what the buffer sees, what is replayed, and replay + ewc."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from contlearn.plugins._buffers import ClassBalancedBuffer, ReservoirBuffer
+
+from contlearn import ConfigError, Experiment, hookimpl, load_config
+
+
+class BatchSizes:
+    """Records the size of every training batch (after extra samples)."""
+
+    def __init__(self):
+        self.sizes: list[tuple[int, int]] = []
+
+    @hookimpl
+    def loss_terms(self, run, batch):
+        self.sizes.append((run.experience.index, len(batch)))
+
+
+def two_experiences(quick, *extra: str) -> list[str]:
+    return [*quick, "scenario.n_experiences=2", "plugins={}", *extra]
+
+
+def test_reservoir_sees_each_sample_once_and_replays_full_batches(quick):
+    sizes = BatchSizes()
+    cfg = load_config(None, two_experiences(quick, "train.epochs=2", "plugins.replay.size=50", "plugins.replay.batch_size=10"))
+    experiment = Experiment(cfg, plugins={"sizes": sizes})
+    experiment.run()
+    run = experiment.run_state
+    buffer = run.plugins["replay"].buffer
+    assert isinstance(buffer, ReservoirBuffer)
+    assert buffer.n_seen == sum(len(exp.train) for exp in run.stream), "offered once, in the first epoch"
+    assert len(buffer) == 50
+    # the first step has an empty buffer; afterwards every full batch gets 10 replayed samples
+    assert sizes.sizes[0] == (0, 32)
+    assert all(n in (42, len(run.stream[e].train) % 32 + 10) for e, n in sizes.sizes[1:])
+
+
+def test_replay_batch_size_defaults_to_the_train_batch_size(quick):
+    sizes = BatchSizes()
+    cfg = load_config(None, two_experiences(quick, "train.batch_size=16", "plugins.replay={}"))
+    Experiment(cfg, plugins={"sizes": sizes}).run()
+    assert max(n for _, n in sizes.sizes) == 32
+
+
+def test_class_balanced_buffer_after_a_run(quick):
+    cfg = load_config(None, two_experiences(quick, "plugins.replay.policy=class_balanced", "plugins.replay.size=30"))
+    experiment = Experiment(cfg)
+    results = experiment.run()
+    buffer = experiment.run_state.plugins["replay"].buffer
+    assert isinstance(buffer, ClassBalancedBuffer)
+    counts = buffer.counts()
+    assert sorted(counts) == list(range(10)) and sum(counts.values()) == 30  # 2 experiences of 5 classes
+    assert set(counts.values()) == {3}
+    assert results.accuracy_matrix[1][0] > 0.2, "replayed classes are remembered"
+
+
+def test_cpu_storage(quick):
+    cfg = load_config(None, two_experiences(quick, "plugins.replay.storage=cpu", "device=cpu"))
+    experiment = Experiment(cfg)
+    experiment.run()
+    assert experiment.run_state.plugins["replay"].buffer.storage.x.device.type == "cpu"
+
+
+def test_replay_is_deterministic_and_remembers(quick):
+    args = two_experiences(quick, "plugins.replay.size=100")
+    a = Experiment(load_config(None, args)).run()
+    b = Experiment(load_config(None, args)).run()
+    finetune = Experiment(load_config(None, two_experiences(quick, "plugins.finetune={}"))).run()
+    assert a.accuracy_matrix == b.accuracy_matrix
+    assert a.accuracy_matrix[1][0] > finetune.accuracy_matrix[1][0] + 0.2
+
+
+def test_replay_and_ewc_together(quick):
+    """Both act in one run: replayed samples in the batches and the EWC term in the loss."""
+    seen: list[dict] = []
+    sizes = BatchSizes()
+
+    class Recorder:
+        @hookimpl
+        def on_metrics(self, metrics):
+            seen.append(metrics)
+
+    cfg = load_config(None, two_experiences(quick, "plugins.replay.size=100", "plugins.ewc.lam=10"))
+    assert list(cfg.plugins) == ["replay", "ewc"]
+    results = Experiment(cfg, plugins={"rec": Recorder(), "sizes": sizes}).run()
+    second = [m for m in seen if m["kind"] == "epoch" and m["experience"] == 1]
+    assert second and second[0]["loss/ewc"] > 0.0
+    assert max(n for e, n in sizes.sizes if e == 1) == 64
+    assert results.accuracy_matrix[1][0] > 0.2
+
+
+def test_state_round_trip_restores_the_buffer(quick):
+    cfg = load_config(None, two_experiences(quick, "plugins.replay.size=40"))
+    experiment = Experiment(cfg)
+    experiment.run()
+    run = experiment.run_state
+    plugin = run.plugins["replay"]
+    state = plugin.state_dict()
+    from contlearn.plugins.replay import Replay
+
+    copy = Replay(Replay.Config(size=40))
+    copy.load_state_dict(state)
+    copy.setup(run)
+    assert torch.equal(copy.buffer.storage.x, plugin.buffer.storage.x)
+    assert copy.buffer.n_seen == plugin.buffer.n_seen
+    a = plugin.buffer.sample(8, "cpu")
+    b = copy.buffer.sample(8, "cpu")
+    assert torch.equal(a.x, b.x), "the generator state is restored too"
+
+
+@pytest.mark.parametrize("override", ["plugins.replay.policy=fifo", "plugins.replay.storage=disk", "plugins.replay.size=0"])
+def test_bad_config(override):
+    with pytest.raises(ConfigError, match="plugins.replay"):
+        load_config(None, [override])

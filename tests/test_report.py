@@ -1,0 +1,81 @@
+"""Reports of finished runs: files, tables, and clear errors for other paths."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from contlearn import ConfigError, Experiment, load_config
+from contlearn.cli import main
+from contlearn.report import load_run, write_report
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """Two finished runs (finetune, replay) of two experiences."""
+    root = tmp_path_factory.mktemp("runs")
+    dirs = []
+    for name, plugin in (("ft", "plugins.finetune={}"), ("rp", "plugins.replay={}")):
+        out = root / name
+        cfg = load_config(None, ["train.epochs=1", "scenario.n_experiences=2", "plugins={}", plugin])
+        Experiment(cfg, out_dir=out).run()
+        dirs.append(out)
+    return dirs
+
+
+def test_report_files_of_a_finished_run(finished):
+    written = write_report([finished[0]])
+    names = sorted(p.name for p in written)
+    assert names == ["accuracy.png", "accuracy_matrix.png", "report.md"]
+    for p in written:
+        if p.suffix == ".png":
+            assert p.read_bytes().startswith(PNG) and p.stat().st_size > 2000
+    text = (finished[0] / "report.md").read_text()
+    results = json.loads((finished[0] / "results.json").read_text())
+    assert f"{results['average_accuracy']:.3f}" in text
+    assert f"{results['accuracy_matrix'][1][0]:.3f}" in text
+    assert "![accuracy matrix](accuracy_matrix.png)" in text
+
+
+def test_comparison_of_several_runs(finished, tmp_path):
+    written = write_report(finished, tmp_path)
+    assert {p.name for p in written} >= {"comparison.md", "comparison.png"}
+    table = (tmp_path / "comparison.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ft") or line.startswith("| rp")]
+    assert len(rows) == 2 and "| replay |" in rows[1] and "| finetune |" in rows[0]
+
+
+def test_cli_report_prints_the_table(finished, capsys):
+    assert main(["report", *map(str, finished)]) == 0
+    out = capsys.readouterr().out
+    assert "wrote" in out and "| run | strategy | final avg acc" in out
+
+
+def test_cli_run_writes_report_and_event_log(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "train.epochs=1", "scenario.n_experiences=2", "eval.fwt=false", "--out", str(out), "--quiet"]) == 0
+    for name in ("accuracy_matrix.png", "accuracy.png", "report.md", "events.jsonl"):
+        assert (out / name).is_file(), name
+
+
+def test_not_a_finished_run_is_one_clear_error(tmp_path, finished, capsys):
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a run directory" in err and err.count("\n") == 1 and "Traceback" not in err
+
+    assert main(["report", str(tmp_path)]) == 2
+    assert "is not a finished run" in capsys.readouterr().err
+
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    data = json.loads((finished[0] / "results.json").read_text())
+    data["accuracy_matrix"] = data["accuracy_matrix"][:1]
+    (partial / "results.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="incomplete"):
+        load_run(partial)
+    (partial / "results.json").write_text("{not json")
+    assert main(["report", str(partial)]) == 2
+    assert "not a contlearn results file" in capsys.readouterr().err

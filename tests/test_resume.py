@@ -1,0 +1,267 @@
+"""Resuming: a run killed or interrupted at any checkpoint, resumed, gives the
+results of the run that was never stopped."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from contlearn import Experiment, TrainingError, hookimpl, load_config
+from contlearn import checkpoint as ckpt
+from contlearn.cli import main
+from contlearn.errors import CheckpointError, Interrupted
+
+#: 3 experiences (4, 3, 3 classes; 80, 60, 60 training samples), 2 epochs of
+#: batches of 16: 10, 8 and 8 steps, so the run's steps 1-10 train experience 0,
+#: 11-18 experience 1 (4 steps per epoch) and 19-26 experience 2.
+TINY = [
+    "device=cpu",  # exactness is guaranteed on the CPU
+    "scenario.n_experiences=3",
+    "scenario.classes_per_experience=[4,3,3]",
+    "scenario.samples_per_class=20",
+    "model.hidden=[16]",
+    "train.epochs=2",
+    "train.batch_size=16",
+    "train.momentum=0.9",
+]
+
+
+def comparable(run_dir: Path) -> dict:
+    """``results.json`` without what may differ between two sessions."""
+    data = json.loads((run_dir / "results.json").read_text())
+    del data["timings"], data["versions"]
+    return data
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """An uninterrupted command-line run of TINY."""
+    out = tmp_path_factory.mktemp("reference")
+    assert main(["run", *TINY, "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_sigkill_after_experience_2_then_resume_equals_uninterrupted(tmp_path, reference):
+    # the real command, killed by SIGKILL as soon as the checkpoint after the
+    # second experience is on disk
+    (tmp_path / "killer.py").write_text(
+        textwrap.dedent(
+            """
+            import os, signal, sys
+            import contlearn.checkpoint as ckpt
+
+            write = ckpt.write
+
+            def write_then_die(directory, state, keep_last):
+                path = write(directory, state, keep_last)
+                pos = state["position"]
+                if pos["completed"] == 2 and not pos["inside_experience"]:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return path
+
+            ckpt.write = write_then_die
+            from contlearn.cli import main
+            sys.exit(main(sys.argv[1:]))
+            """
+        )
+    )
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, str(tmp_path / "killer.py"), "run", *TINY, "--out", str(out), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert not (out / "results.json").exists()
+    assert [p.name[:9] for p in ckpt.list_checkpoints(out / "checkpoints")] == ["ckpt-001-", "ckpt-002-"]
+
+    assert main(["resume", str(out), "--quiet"]) == 0
+    assert comparable(out) == comparable(reference)
+
+
+class _Crash(BaseException):
+    """Stands for the process dying: nothing of the run's memory survives it."""
+
+
+class CrashAt:
+    def __init__(self, global_step: int):
+        self.global_step = global_step
+
+    @hookimpl
+    def after_step(self, run):
+        if run.global_step == self.global_step:
+            raise _Crash
+
+
+def test_resume_inside_an_experience_mid_epoch_is_exact(tmp_path, reference):
+    out = tmp_path / "run"
+    cfg = load_config(None, [*TINY, "checkpoint.every_n_steps=4", "checkpoint.keep_last=50"])
+    with pytest.raises(_Crash):
+        Experiment(cfg, out_dir=out, plugins={"crash": CrashAt(15)}).run()
+    names = [p.name for p in ckpt.list_checkpoints(out / "checkpoints")]
+    assert names[-1] == "ckpt-001-000000012.pt"  # inside experience 1, in the middle of an epoch
+    state = ckpt.load(out / "checkpoints" / names[-1])
+    assert state["position"]["inside_experience"] and 0 < state["position"]["batch"]
+
+    Experiment.resume(out).run()
+    expected = comparable(reference)
+    expected["config"]["checkpoint"] = {"enabled": True, "every_n_steps": 4, "keep_last": 50}
+    assert comparable(out) == expected
+
+
+def test_ctrl_c_finishes_the_step_checkpoints_and_exits_130(tmp_path, reference, monkeypatch, capsys):
+    import contlearn.experiment as loop
+
+    train_step = loop.train_step
+
+    def step_then_sigint(run, *args):
+        train_step(run, *args)
+        if run.global_step == 13:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(loop, "train_step", step_then_sigint)
+    out = tmp_path / "run"
+    assert main(["run", *TINY, "--out", str(out), "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert f"contlearn resume {out}" in err and "Traceback" not in err
+    assert "interrupted after step 3 of experience 1 (epoch 0)" in err
+    assert ckpt.list_checkpoints(out / "checkpoints")[-1].name == "ckpt-001-000000013.pt"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    monkeypatch.setattr(loop, "train_step", train_step)
+    assert main(["resume", str(out), "--quiet"]) == 0
+    assert comparable(out) == comparable(reference)
+
+
+class AddBlock:
+    """Model surgery: a residual block on the features at every experience."""
+
+    class Blocks(nn.Module):
+        def __init__(self, backbone: nn.Module):
+            super().__init__()
+            self.inner, self.out_features = backbone, backbone.out_features
+            self.blocks = nn.ModuleList()
+
+        def forward(self, x):
+            h = self.inner(x)
+            for block in self.blocks:
+                h = h + block(h)
+            return h
+
+    def __init__(self):
+        self.n = 0
+
+    def _graft(self, run, n: int) -> None:
+        if not isinstance(run.model.backbone, self.Blocks):
+            run.model.backbone = self.Blocks(run.model.backbone)
+        d = run.model.out_features
+        while len(run.model.backbone.blocks) < n:
+            run.model.backbone.blocks.append(nn.Linear(d, d).to(run.device))
+
+    @hookimpl
+    def before_experience(self, run):
+        self.n += 1
+        self._graft(run, self.n)
+
+    def state_dict(self):
+        return {"n": self.n}
+
+    def load_state_dict(self, state):
+        self.n = state["n"]
+
+    def restore(self, run, state):
+        self.load_state_dict(state)
+        self._graft(run, self.n)
+
+
+def test_plugin_surgery_is_rebuilt_through_restore(tmp_path):
+    overrides = [*TINY, "checkpoint.every_n_steps=5", "checkpoint.keep_last=50"]
+    whole = Experiment(load_config(None, overrides), out_dir=tmp_path / "whole", plugins={"blocks": AddBlock()}).run()
+    assert whole.accuracy_matrix[0][0] > 0.3
+
+    out = tmp_path / "run"
+    with pytest.raises(_Crash):
+        Experiment(load_config(None, overrides), out_dir=out, plugins={"blocks": AddBlock(), "crash": CrashAt(13)}).run()
+    Experiment.resume(out, plugins={"blocks": AddBlock()}).run()
+    assert comparable(out) == comparable(tmp_path / "whole")
+
+    class NoRestore(AddBlock):
+        restore = None
+
+    with pytest.raises(CheckpointError, match=r"'backbone\.inner\.net\.1\.weight' not in the model.*restore\(run, state\)"):
+        Experiment.resume(out, plugins={"blocks": NoRestore()}).run()
+
+
+def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path):
+    class GoesBad:
+        @hookimpl
+        def loss_terms(self, run, out):
+            bad = run.global_step >= 10  # steps done so far, a host int: no device read
+            return {"boom": out.logits.sum() * 0 + (float("nan") if bad else 0.0)}
+
+    out = tmp_path / "run"
+    cfg = load_config(None, [*TINY, "checkpoint.every_n_steps=4", "checkpoint.keep_last=50"])
+    # the 11th step of the run, step 0 of experience 1, goes bad; the checkpoint due after
+    # 12 steps (before the epoch's end) would hold it: it is refused, the earlier ones stay
+    with pytest.raises(TrainingError, match=r"non-finite loss at step 0 \(epoch 0\) of experience 1: boom went bad"):
+        Experiment(cfg, out_dir=out, plugins={"bad": GoesBad()}).run()
+    names = [p.name for p in ckpt.list_checkpoints(out / "checkpoints")]
+    assert names == ["ckpt-000-000000004.pt", "ckpt-000-000000008.pt", "ckpt-001-000000010.pt"]
+    assert not list((out / "checkpoints").glob(".*"))
+    for name in names:
+        ckpt.load(out / "checkpoints" / name)
+
+
+def test_request_stop_without_a_run_directory_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    experiment = Experiment(load_config(None, TINY))
+
+    class Stop:
+        @hookimpl
+        def after_step(self, run):
+            if run.global_step == 2:
+                experiment.request_stop()
+
+    experiment.extra_plugins["stop"] = Stop()
+    with pytest.raises(Interrupted, match="no checkpoint was written"):
+        experiment.run()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resuming_a_finished_run_rewrites_the_same_results(tmp_path, reference):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "config.yaml").write_text((reference / "config.yaml").read_text())
+    last = ckpt.list_checkpoints(reference / "checkpoints")[-1]
+    assert last.name.startswith("ckpt-003-")
+    (out / "checkpoints" / last.name).write_bytes(last.read_bytes())
+    assert main(["resume", str(out), "--quiet"]) == 0
+    assert comparable(out) == comparable(reference)
+
+
+def test_resume_with_a_different_config_names_the_difference(reference, capsys):
+    assert main(["resume", str(reference), "model.hidden=[32]"]) == 2
+    err = capsys.readouterr().err
+    assert "different experiment: model.hidden: [16] in the checkpoint, [32] now" in err and err.count("\n") == 1
+
+
+def test_library_resume_with_other_checkpoint_settings(tmp_path, reference):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text((reference / "config.yaml").read_text())
+    (out / "checkpoints").mkdir()
+    first = next(p for p in ckpt.list_checkpoints(reference / "checkpoints") if p.name.startswith("ckpt-001-"))
+    (out / "checkpoints" / first.name).write_bytes(first.read_bytes())
+    results = Experiment.resume(out, ["checkpoint.keep_last=1", "checkpoint.every_n_steps=3"]).run()
+    assert results.accuracy_matrix == comparable(reference)["accuracy_matrix"]
+    assert len(ckpt.list_checkpoints(out / "checkpoints")) == 1
+    assert torch.load(ckpt.list_checkpoints(out / "checkpoints")[0], weights_only=True)["position"]["completed"] == 3

@@ -1,0 +1,339 @@
+"""Builders' invariants: class splits, task labels, domain shifts, validation
+and subsampling, and the equality of the tensor and DataLoader storages."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from contlearn.scenarios import Stream, build_stream, class_incremental, sources
+from contlearn.scenarios.builders import (
+    carve_validation,
+    permutations,
+    rotation_angles,
+    subsample_per_class,
+)
+from contlearn.scenarios.loader import LoaderData
+from contlearn.scenarios.transforms import (
+    CenterCrop,
+    Compose,
+    Normalize,
+    Permute,
+    Resize,
+    Rotate,
+    ToGray,
+    ToRGB,
+    parse_transforms,
+)
+
+from contlearn import Experiment, load_config
+from contlearn.errors import ConfigError
+
+
+def stream_of(*overrides: str) -> Stream:
+    cfg = load_config("split-digits", list(overrides))
+    return build_stream(cfg.scenario, cfg.seed)
+
+
+def all_x(data) -> torch.Tensor:
+    return torch.cat([b.x for b in data.batches(4096)])
+
+
+# ----------------------------------------------------------- class / task
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["scenario.n_experiences=2"], ["scenario.classes_per_experience=[4,2,2,1,1]"],
+     ["scenario.class_order=[9,8,7,6,5,4,3,2,1,0]"], ["scenario.storage=loader", "scenario.num_workers=0"]],
+)
+def test_class_sets_are_disjoint_and_cover_the_order(overrides):
+    stream = stream_of(*overrides)
+    split = sources.digits(0.2, 0)
+    seen: list[int] = []
+    for exp in stream:
+        assert set(exp.classes).isdisjoint(seen)
+        seen += exp.classes
+        assert sorted(exp.train.y.unique().tolist()) == exp.classes
+        assert sorted(exp.test.y.unique().tolist()) == exp.classes
+    assert seen == list(range(10))
+    assert sum(len(e.train) for e in stream) == len(split.train)
+    assert sum(len(e.test) for e in stream) == len(split.test)
+    assert sorted(stream.class_names) == [str(d) for d in range(10)]
+
+
+def test_class_names_map_back_to_the_original_labels():
+    stream = stream_of("scenario.class_order=[3,1,4,0,5,9,2,6,8,7]")
+    assert stream.class_names == ["3", "1", "4", "0", "5", "9", "2", "6", "8", "7"]
+    split = sources.digits(0.2, 0)
+    exp0 = stream[0]  # classes 0, 1 = digits 3 and 1
+    digit3 = split.train.x[split.train.targets == 3]
+    assert torch.equal(exp0.train.x[exp0.train.y == 0], digit3)
+
+
+def test_listed_classes_per_experience():
+    stream = stream_of("scenario.n_experiences=4", "scenario.classes_per_experience=[4,2,2,2]")
+    assert [len(e.classes) for e in stream] == [4, 2, 2, 2]
+    assert stream[0].classes == [0, 1, 2, 3]
+
+
+def test_task_labels_are_present_and_right():
+    stream = stream_of("scenario.setting=task")
+    assert stream.setting == "task" and stream.n_tasks == 5
+    for i, exp in enumerate(stream):
+        assert exp.task == i
+        assert bool((exp.train.t == i).all()) and bool((exp.test.t == i).all())
+    class_stream = stream_of()
+    assert all(bool((e.train.t == 0).all()) for e in class_stream)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["scenario.n_experiences=3"], "do not split evenly"),
+        (["scenario.class_order=[0,1,2]"], "missing"),
+        (["scenario.classes_per_experience=[5,5]"], "n_experiences=5"),
+        (["scenario.transform=permute"], "setting=domain"),
+        (["scenario.setting=domain"], "transform=permute|rotate"),
+        (["scenario.setting=domain", "scenario.transform=permute", "scenario.class_order=[0,1,2,3,4,5,6,7,8,9]"], "do not apply"),
+        (["scenario.source=nope"], "valid sources"),
+        (["scenario.validation_fraction=1.5"], "validation_fraction"),
+        (["scenario.eval_transform=[hflip]"], "deterministic"),
+        (["scenario.train_transform=[hflip,normalize]"], "before random"),
+        (["scenario.train_transform=[sharpen]"], "unknown transform"),
+    ],
+)
+def test_bad_scenarios_are_one_clear_error(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        stream_of(*overrides)
+
+
+def test_unknown_storage_is_rejected_by_validation():
+    with pytest.raises(ConfigError, match="scenario.storage"):
+        load_config("split-digits", ["scenario.storage=disk"])
+
+
+# ---------------------------------------------------------------- domain
+
+
+def test_permuted_experiences_share_classes_and_test_samples():
+    stream = stream_of("scenario.setting=domain", "scenario.transform=permute", "scenario.n_experiences=4")
+    split = sources.digits(0.2, 0)
+    base_test = split.test.x
+    perms = permutations(64, 4, seed=0)
+    assert stream.setting == "domain" and stream.n_classes == 10 and len(stream) == 4
+    for exp, perm in zip(stream, perms, strict=True):
+        assert exp.classes == list(range(10)) and exp.task == 0
+        assert torch.equal(exp.test.y, stream[0].test.y)
+        # the same test samples, under this experience's permutation
+        assert torch.equal(exp.test.x.flatten(1), base_test.flatten(1)[:, perm])
+        inverse = torch.argsort(perm)
+        assert torch.equal(exp.test.x.flatten(1)[:, inverse], base_test.flatten(1))
+    assert not torch.equal(stream[0].test.x, base_test)  # experience 0 is permuted too, by default
+
+
+def test_permutations_are_deterministic_per_seed_and_differ_across_experiences():
+    a = permutations(64, 5, seed=3)
+    b = permutations(64, 5, seed=3)
+    c = permutations(64, 5, seed=4)
+    assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
+    assert all(not torch.equal(a[i], a[j]) for i in range(5) for j in range(i + 1, 5))
+    assert any(not torch.equal(p, q) for p, q in zip(a, c, strict=True))
+    assert all(sorted(p.tolist()) == list(range(64)) for p in a)
+    s1 = stream_of("scenario.setting=domain", "scenario.transform=permute", "scenario.n_experiences=3")
+    s2 = stream_of("scenario.setting=domain", "scenario.transform=permute", "scenario.n_experiences=3")
+    assert all(torch.equal(e.train.x, f.train.x) for e, f in zip(s1, s2, strict=True))
+
+
+def test_identity_first_keeps_experience_zero_unpermuted_and_the_others_unchanged():
+    base = stream_of("scenario.setting=domain", "scenario.transform=permute", "scenario.n_experiences=3")
+    ident = stream_of("scenario.setting=domain", "scenario.transform=permute", "scenario.n_experiences=3",
+                      "scenario.identity_first=true")
+    assert torch.equal(ident[0].test.x, sources.digits(0.2, 0).test.x)
+    assert torch.equal(ident[1].test.x, base[1].test.x) and torch.equal(ident[2].test.x, base[2].test.x)
+
+
+def test_rotated_experiences():
+    stream = stream_of("scenario.setting=domain", "scenario.transform=rotate", "scenario.n_experiences=5")
+    base = sources.digits(0.2, 0).test.x
+    assert [e.shift.degrees for e in stream] == rotation_angles(5) == [0, 36, 72, 108, 144]
+    assert torch.equal(stream[0].test.x, base)
+    for exp in stream:
+        assert exp.classes == list(range(10)) and torch.equal(exp.test.y, stream[0].test.y)
+    explicit = stream_of("scenario.setting=domain", "scenario.transform=rotate", "scenario.n_experiences=2",
+                         "scenario.rotations=[0,90]")
+    assert torch.allclose(explicit[1].test.x, torch.rot90(base, 1, (2, 3)), atol=1e-5)
+
+
+def test_rotation_is_counter_clockwise_and_exact_at_right_angles():
+    x = torch.rand(3, 2, 5, 5)
+    assert torch.allclose(Rotate(90)(x), torch.rot90(x, 1, (2, 3)), atol=1e-5)
+    assert torch.allclose(Rotate(-90)(x), torch.rot90(x, -1, (2, 3)), atol=1e-5)
+    assert torch.equal(Rotate(0)(x), x)
+
+
+def test_one_dataset_per_experience(tmp_path):
+    split = sources.digits(0.2, 0)
+    for name, x in (("a", split.train.x.numpy()), ("b", 1 - split.train.x.numpy())):
+        np.savez(tmp_path / f"{name}.npz", x=x, y=split.train.targets.numpy())
+    stream = stream_of("scenario.setting=domain", f"scenario.domains=[npz:{tmp_path}/a.npz,npz:{tmp_path}/b.npz]")
+    assert len(stream) == 2 and stream.name == "a+b"
+    assert all(e.classes == list(range(10)) for e in stream)
+    assert torch.allclose(stream[0].train.x.sum() + stream[1].train.x.sum(),
+                          torch.tensor(float(stream[0].train.x.numel())), rtol=1e-4)
+
+
+def test_domains_must_share_their_classes(tmp_path):
+    split = sources.digits(0.2, 0)
+    x, y = split.train.x.numpy(), split.train.targets.numpy()
+    np.savez(tmp_path / "a.npz", x=x, y=y)
+    np.savez(tmp_path / "b.npz", x=x[y < 5], y=y[y < 5])
+    from contlearn.errors import DataError
+
+    with pytest.raises(DataError, match="share their classes"):
+        stream_of("scenario.setting=domain", f"scenario.domains=[npz:{tmp_path}/a.npz,npz:{tmp_path}/b.npz]")
+
+
+# ------------------------------------------------- validation, subsampling
+
+
+def test_validation_is_carved_from_train_per_class():
+    full = stream_of()
+    stream = stream_of("scenario.validation_fraction=0.25")
+    for exp, whole in zip(stream, full, strict=True):
+        assert exp.val is not None and len(exp.train) + len(exp.val) == len(whole.train)
+        assert sorted(exp.val.y.unique().tolist()) == exp.classes
+        assert abs(len(exp.val) / len(whole.train) - 0.25) < 0.02
+        rows = {tuple(r.tolist()) for r in whole.train.x.flatten(1)}
+        val_rows = {tuple(r.tolist()) for r in exp.val.x.flatten(1)}
+        train_rows = {tuple(r.tolist()) for r in exp.train.x.flatten(1)}
+        assert val_rows <= rows and train_rows <= rows and not (val_rows & train_rows)
+
+
+def test_samples_per_class():
+    stream = stream_of("scenario.samples_per_class=7")
+    for exp in stream:
+        assert torch.bincount(exp.train.y).tolist()[min(exp.classes):] == [7] * len(exp.classes)
+    assert len(stream[0].test) == len(stream_of()[0].test)  # the test set is not subsampled
+    y = torch.tensor([0] * 10 + [1] * 3)
+    keep = subsample_per_class(y, 5, 0)
+    assert torch.bincount(y[keep]).tolist() == [5, 3]
+    assert torch.equal(keep, subsample_per_class(y, 5, 0))
+
+
+def test_carve_validation_keeps_a_training_sample_of_every_class():
+    y = torch.tensor([0, 0, 1, 2, 2, 2])
+    train, val = carve_validation(y, 0.9, 0)
+    assert sorted(torch.cat([train, val]).tolist()) == list(range(6))
+    assert set(y[train].tolist()) == {0, 1, 2}
+
+
+# ------------------------------------------------------ transforms, storage
+
+
+def test_deterministic_ops_give_each_sample_the_same_result_alone_or_batched():
+    x = torch.rand(6, 3, 9, 9)
+    norm = Normalize()
+    norm.fit([x[:4], x[4:]])
+    assert torch.allclose(norm.mean, x.mean(dim=(0, 2, 3))) and torch.allclose(norm.std, x.std(dim=(0, 2, 3), unbiased=False), atol=1e-5)
+    for op in (norm, Resize((5, 5)), Resize((12, 12)), CenterCrop((4, 4)), ToGray(), Rotate(33), Permute(torch.randperm(243)),
+               Compose([ToGray(), ToRGB(), Rotate(-10)])):
+        batched = op(x)
+        assert all(torch.equal(batched[i], op.apply_one(x[i])) for i in range(6)), op
+        assert tuple(batched.shape[1:]) == op.out_shape((3, 9, 9))
+
+
+def test_random_ops_follow_the_generator():
+    _, augment = parse_transforms(["random_crop:2", "hflip"], "k")
+    x = torch.rand(8, 1, 6, 6)
+    a = augment(x, torch.Generator().manual_seed(1))
+    b = augment(x, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.shape == x.shape
+    _, flip = parse_transforms(["hflip:1"], "k")
+    assert torch.equal(flip(x, None), x.flip(3))
+    _, crop0 = parse_transforms(["random_crop:0"], "k")
+    assert torch.equal(crop0(x, None), x)
+
+
+def test_loader_data_batches_like_tensor_data():
+    stream = stream_of("scenario.train_transform=[normalize,random_crop:1,hflip]")
+    loader = stream_of("scenario.train_transform=[normalize,random_crop:1,hflip]", "scenario.storage=loader",
+                       "scenario.num_workers=0")
+    t, ld = stream[0].train, loader[0].train
+    assert isinstance(ld, LoaderData) and not isinstance(t, LoaderData)
+    assert torch.equal(t.y, ld.y) and torch.equal(t.t, ld.t) and t.input_shape == ld.input_shape
+    for x, y in zip(t.batches(50, True, torch.Generator().manual_seed(5)),
+                    ld.batches(50, True, torch.Generator().manual_seed(5)), strict=True):
+        assert torch.equal(x.x, y.x) and torch.equal(x.y, y.y)
+    with pytest.raises(Exception, match="DataLoader"):
+        _ = ld.x
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["scenario.train_transform=[normalize,random_crop:1,hflip]", "scenario.eval_transform=[normalize]",
+         "scenario.setting=domain", "scenario.transform=rotate", "scenario.n_experiences=2", "scenario.num_workers=2"],
+        ["scenario.n_experiences=2", "scenario.classes_per_experience=[5,5]", "scenario.num_workers=0",
+         "scenario.validation_fraction=0.1"],
+    ],
+    ids=["rotate-augment-2workers", "class-0workers"],
+)
+def test_tensor_and_dataloader_paths_give_identical_results(overrides):
+    common = ["train.epochs=1", "eval.fwt=false", "model.backbone=cnn", "model.hidden=[8,16]", "train.batch_size=64",
+              *overrides]
+    runs = []
+    for storage in ("tensor", "loader"):
+        experiment = Experiment(load_config("split-digits", [*common, f"scenario.storage={storage}"]))
+        results = experiment.run()
+        runs.append((results.accuracy_matrix, experiment.run_state.model.state_dict()))
+        assert isinstance(experiment.run_state.stream[0].train, LoaderData) == (storage == "loader")
+    (acc_t, state_t), (acc_l, state_l) = runs
+    assert acc_t == acc_l
+    assert all(torch.equal(state_t[k], state_l[k]) for k in state_t)
+
+
+def test_auto_storage_picks_the_loader_above_the_memory_limit():
+    assert not isinstance(stream_of()[0].train, LoaderData)
+    assert isinstance(stream_of("scenario.memory_limit_gb=0.0001", "scenario.num_workers=0")[0].train, LoaderData)
+
+
+def test_concat_of_tensor_and_loader_data():
+    t = stream_of()[0].train
+    ld = stream_of("scenario.storage=loader", "scenario.num_workers=0")[1].train
+    both = type(t).concat([t, ld])
+    assert isinstance(both, LoaderData) and len(both) == len(t) + len(ld)
+    x = all_x(both)
+    assert torch.equal(x[: len(t)], t.x)
+
+
+# --------------------------------------------------------------- tensors
+
+
+def test_stream_from_tensors():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 5)).astype(np.float32)
+    y = np.repeat(["cat", "dog", "eel", "fox"], 30)
+    stream = Stream.from_tensors(x, y, n_experiences=2, seed=1)
+    assert len(stream) == 2 and stream.n_classes == 4 and stream.input_shape == (5,)
+    assert sorted(stream.class_names) == ["cat", "dog", "eel", "fox"]
+    assert sum(len(e.test) for e in stream) == 24  # test_fraction 0.2, stratified
+    domain = Stream.from_tensors(torch.from_numpy(x), torch.arange(120) % 3, setting="domain", transform="permute",
+                                 n_experiences=3)
+    assert len(domain) == 3 and all(e.classes == [0, 1, 2] for e in domain)
+    with pytest.raises(ConfigError, match="unknown config key"):
+        Stream.from_tensors(x, y, n_experience=2)
+
+
+def test_class_incremental_on_a_split_directly():
+    split = sources.Split.from_arrays(torch.rand(40, 3), torch.arange(40) % 4, torch.rand(8, 3), torch.arange(8) % 4)
+    stream = class_incremental(split, 2, class_order=[3, 2, 1, 0], task_labels=True)
+    assert stream.class_names == ["3", "2", "1", "0"] and stream[1].task == 1
+    assert torch.equal(stream[0].train.x, split.train.x[split.train.targets >= 2])
+
+
+def test_build_stream_takes_a_plain_mapping_or_dataclass():
+    from contlearn.config import ScenarioConfig
+
+    assert len(build_stream({"n_experiences": 2}, 0)) == 2
+    assert build_stream(ScenarioConfig(setting="task"), 0)[4].task == 4

@@ -1,0 +1,164 @@
+"""Data sources: npz files, image folders, torchvision roots (missing, and a
+tiny MNIST written in its own format), and the shipped configs."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+from contlearn.scenarios import build_stream, sources
+from contlearn.scenarios.loader import LoaderData
+
+from contlearn import Experiment, load_config
+from contlearn.cli import main
+from contlearn.config import shipped_configs
+from contlearn.errors import ConfigError, DataError
+
+QUICK = ["train.epochs=1", "eval.fwt=false"]
+
+
+def digits_npz(path, flat: bool = True, test: bool = False):
+    split = sources.digits(0.2, 0)
+    x = split.train.x.numpy()
+    arrays = {"x": x.reshape(len(x), -1) if flat else x, "y": split.train.targets.numpy()}
+    if test:
+        arrays |= {"x_test": split.test.x.numpy().reshape(len(split.test), -1), "y_test": split.test.targets.numpy()}
+    np.savez(path, **arrays)
+    return path
+
+
+def test_cli_runs_split_digits_on_an_npz_file(tmp_path, capsys):
+    file = digits_npz(tmp_path / "mine.npz")
+    out = tmp_path / "run"
+    rc = main(["run", "split-digits", "scenario.source=npz", f"scenario.path={file}", "train.epochs=5",
+               "eval.fwt=false", f"out={out}"])
+    assert rc == 0, capsys.readouterr().err
+    data = json.loads((out / "results.json").read_text())
+    R = data["accuracy_matrix"]
+    assert len(R) == 5 and all(R[i][i] > 0.8 for i in range(5))
+    assert data["config"]["scenario"]["path"] == str(file)
+
+
+def test_npz_layouts_and_a_given_test_split(tmp_path):
+    cfg = load_config("split-digits", ["scenario.source=npz", f"scenario.path={digits_npz(tmp_path / 'a.npz', test=True)}"])
+    stream = build_stream(cfg.scenario, 0)
+    assert stream.input_shape == (64,) and sum(len(e.test) for e in stream) == 360
+    # uint8 channels-last images: made channels-first and divided by 255
+    x = np.random.default_rng(0).integers(0, 256, size=(50, 6, 6, 3), dtype=np.uint8)
+    np.savez(tmp_path / "img.npz", x=x, y=np.arange(50) % 5)
+    split = sources.npz(str(tmp_path / "img.npz"), 0.2, 0)
+    assert split.input_shape == (3, 6, 6) and len(split.test) == 10
+    loaded = split.train.load()
+    assert loaded.dtype == torch.float32 and 0 <= float(loaded.min()) and float(loaded.max()) <= 1
+    # [N, H, W] gets a channel axis
+    np.savez(tmp_path / "hw.npz", x=x[..., 0], y=np.arange(50) % 5)
+    assert sources.npz(str(tmp_path / "hw.npz"), 0.2, 0).input_shape == (1, 6, 6)
+
+
+@pytest.mark.parametrize(
+    "arrays, match",
+    [({"x": np.zeros((4, 2))}, r"lacks array\(s\) \['y'\]"), ({"x": np.zeros((4, 2)), "y": np.zeros(3)}, "samples")],
+)
+def test_bad_npz_files(tmp_path, arrays, match):
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(DataError, match=match):
+        sources.npz(str(tmp_path / "bad.npz"))
+
+
+def test_missing_npz_names_the_path_and_the_key(tmp_path):
+    with pytest.raises(DataError, match="nothere.npz.*scenario.path"):
+        sources.npz(str(tmp_path / "nothere.npz"))
+    with pytest.raises(ConfigError, match="scenario.path=FILE"):
+        build_stream(load_config("split-digits", ["scenario.source=npz"]).scenario, 0)
+
+
+@pytest.mark.parametrize("name", sorted(sources.TORCHVISION))
+def test_missing_torchvision_root_is_one_clear_error(tmp_path, name):
+    root = tmp_path / "empty"
+    cfg = load_config("split-digits", [f"scenario.source={name}", f"scenario.root={root}"])
+    with pytest.raises(DataError) as info:
+        build_stream(cfg.scenario, 0)
+    message = str(info.value)
+    assert str(root) in message and "scenario.download=true" in message and "not found" in message
+
+
+def write_fake_mnist(root, n_train: int = 120, n_test: int = 40, seed: int = 0):
+    """A tiny MNIST in torchvision's raw format (idx files): each digit is a
+    bright square at a digit-specific position, plus noise."""
+    rng = np.random.default_rng(seed)
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = np.arange(n, dtype=np.uint8) % 10
+        images = rng.integers(0, 40, size=(n, 28, 28), dtype=np.uint8)
+        for i, c in enumerate(labels):
+            r, col = 2 + (c // 5) * 12, 2 + (c % 5) * 5
+            images[i, r : r + 8, col : col + 4] = 255
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())
+    return root
+
+
+def test_torchvision_mnist_from_a_local_root(tmp_path):
+    root = write_fake_mnist(tmp_path / "data")
+    split = sources.torchvision_source("mnist", str(root))
+    assert len(split.train) == 120 and len(split.test) == 40 and split.input_shape == (1, 28, 28)
+    assert split.train.x.dtype == torch.uint8 and split.class_names[0].startswith("0")
+    results = Experiment(load_config("split-mnist", [f"scenario.root={root}", *QUICK])).run()
+    assert len(results.accuracy_matrix) == 5 and results.accuracy_matrix[0][0] > 0.5
+    perm = Experiment(load_config("permuted-mnist", [f"scenario.root={root}", "scenario.n_experiences=2",
+                                                     "train.epochs=3", "eval.fwt=false"])).run()
+    assert len(perm.accuracy_matrix) == 2 and perm.accuracy_matrix[1][1] > 0.5
+
+
+def test_environment_variable_sets_the_default_root(tmp_path, monkeypatch):
+    root = write_fake_mnist(tmp_path / "envdata")
+    monkeypatch.setenv("CONTLEARN_DATA", str(root))
+    assert len(sources.torchvision_source("mnist", None).train) == 120
+
+
+def write_image_folder(root, sizes=((5, 5),), per_class: int = 6):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["ant", "bee", "cow"]):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            w, h = sizes[i % len(sizes)]
+            array = np.full((h, w, 3), 60 * c, dtype=np.uint8) + rng.integers(0, 20, size=(h, w, 3), dtype=np.uint8)
+            Image.fromarray(array).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("storage", ["tensor", "loader"])
+def test_image_folder(tmp_path, storage):
+    root = write_image_folder(tmp_path / "imgs")
+    cfg = load_config("split-digits", ["scenario.source=folder", f"scenario.path={root}", "scenario.n_experiences=3",
+                                       f"scenario.storage={storage}", "scenario.num_workers=0",
+                                       "scenario.test_fraction=0.3"])
+    stream = build_stream(cfg.scenario, 0)
+    assert sorted(stream.class_names) == ["ant", "bee", "cow"] and stream.input_shape == (3, 5, 5)
+    assert sum(len(e.train) for e in stream) == 12 and sum(len(e.test) for e in stream) == 6
+    assert isinstance(stream[0].train, LoaderData) == (storage == "loader")
+    batch = next(stream[0].train.batches(4))
+    assert batch.x.shape[1:] == (3, 5, 5) and 0 <= float(batch.x.min()) and float(batch.x.max()) <= 1
+
+
+def test_image_folder_of_mixed_sizes_needs_image_size(tmp_path):
+    root = write_image_folder(tmp_path / "mixed", sizes=((5, 5), (7, 4)))
+    with pytest.raises(DataError, match="scenario.image_size"):
+        sources.folder(str(root)).train.load()
+    assert sources.folder(str(root), image_size=6).train.load().shape[1:] == (3, 6, 6)
+    with pytest.raises(DataError, match="does not exist"):
+        sources.folder(str(tmp_path / "none"))
+
+
+@pytest.mark.parametrize("name", ["task-digits", "permuted-digits", "rotated-digits", "split-mnist", "split-cifar10",
+                                  "split-cifar100", "permuted-mnist"])
+def test_shipped_configs_load(name):
+    assert name in shipped_configs()
+    cfg = load_config(name)
+    assert cfg.name == name

@@ -1,0 +1,368 @@
+"""SSD: importance, selection and dampening, the F_D cache, requests, stream events, bad input."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from contlearn.plugins.ssd import SSD
+from contlearn.scenarios import Experience, Stream, TensorData
+from omegaconf import OmegaConf
+from torch.nn import functional as F
+
+from contlearn import ConfigError, DataError, Experiment, TrainingError, load_config
+from contlearn.models import MLP, ContinualModel, IncrementalLinear
+
+NAMES = ["cat", "dog", "owl"]
+
+
+def _data(n: int, seed: int, n_classes: int = 3) -> TensorData:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % n_classes
+    x = torch.randn(n, 5, generator=g) + 2.0 * F.one_hot(y, 5).float()  # learnable, not trivial
+    return TensorData(x, y)
+
+
+def tiny_run(n_train: int = 30, seed: int = 0, experiences: int = 1) -> SimpleNamespace:
+    """A trained-looking run without the loop: a small model, a stream of 3 named
+    classes in ``experiences`` experiences (each holding all classes), all trained."""
+    torch.manual_seed(seed)
+    model = ContinualModel(MLP((5,), [8]), IncrementalLinear(8))
+    model.head.grow(3)
+    exps = [
+        Experience(k, [0, 1, 2], 0, _data(n_train, seed + 10 * k + 1), _data(12, seed + 10 * k + 2))
+        for k in range(experiences)
+    ]
+    stream = Stream(exps, "class", 3, (5,), NAMES)
+    hook = SimpleNamespace(predict=lambda run, batch: run.model(batch.x, batch.t).logits.argmax(1))
+    cfg = OmegaConf.create({"seed": seed, "train": {"eval_batch_size": 16, "batch_size": 8}})
+    return SimpleNamespace(
+        model=model, stream=stream, experience=None, accuracy_rows=[[0.0]] * experiences, config=cfg,
+        device=torch.device("cpu"), hook=hook, out_dir=None, dist=SimpleNamespace(is_main=True),
+    )  # fmt: skip
+
+
+def trained_plugin(run, **cfg) -> SSD:
+    plugin = SSD(SSD.Config(**cfg))
+    plugin.setup(run)
+    for exp in run.stream:
+        plugin.after_experience(run, exp)
+    return plugin
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def hand_fisher(
+    model, data: TensorData, batch_size: int, per_sample: bool = False
+) -> dict[str, torch.Tensor]:
+    """Squared gradients of the mean cross-entropy, batch by batch (or sample by sample), averaged."""
+    params = dict(model.named_parameters())
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    size = 1 if per_sample else batch_size
+    chunks = [(data.x[s : s + size], data.y[s : s + size]) for s in range(0, len(data), size)]
+    model.eval()
+    for x, y in chunks:
+        grads = torch.autograd.grad(F.cross_entropy(model(x).logits, y), list(params.values()))
+        for (n, _), g in zip(params.items(), grads, strict=True):
+            total[n] += g**2
+    return {n: t / len(chunks) for n, t in total.items()}
+
+
+# ------------------------------------------------------------------ importance
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_importance_matches_a_hand_computation(per_sample):
+    run = tiny_run(n_train=11)
+    data = run.stream[0].train
+    plugin = SSD(SSD.Config(batch_size=4, fisher="per_sample" if per_sample else "batch"))
+    got = plugin._importance(run, data, plugin.config.fisher, 4)
+    want = hand_fisher(run.model, data, 4, per_sample)
+    # per-sample importance is exact for nn.Linear layers; the head (not an nn.Linear)
+    # falls back to the batch formula, as contlearn.kernels.fisher documents
+    fallback = hand_fisher(run.model, data, 4, False)
+    assert got.keys() == want.keys()
+    for n in want:
+        expected = fallback[n] if per_sample and n.startswith("head.") else want[n]
+        torch.testing.assert_close(got[n], expected, rtol=1e-5, atol=1e-9)
+
+
+def test_cached_fisher_d_groups_batches_by_class_as_the_reference():
+    run = tiny_run(n_train=12)
+    plugin = trained_plugin(run, batch_size=4)
+    data = run.stream[0].train
+    ordered = data.subset(torch.sort(data.y, stable=True).indices)
+    want = hand_fisher(run.model, ordered, 4)
+    for n in want:
+        torch.testing.assert_close(plugin.fisher_d[n], want[n], rtol=1e-5, atol=1e-9)
+    mixed = trained_plugin(tiny_run(n_train=12), batch_size=4, fisher_d_order="data")
+    assert not torch.allclose(mixed.fisher_d["head.weight"], plugin.fisher_d["head.weight"])
+
+
+def test_cached_fisher_d_equals_a_recomputed_one():
+    run = tiny_run(n_train=40)
+    plugin = trained_plugin(run, batch_size=8)
+    recomputed = plugin._importance(run, run.stream[0].train, "batch", 8, "class")
+    assert plugin.fisher_d.keys() == recomputed.keys()
+    for n in recomputed:
+        assert torch.equal(plugin.fisher_d[n], recomputed[n]), n
+    before = weights(run.model)
+    cached = plugin.forget(run, {"classes": ["dog"], "metrics": False})
+    from_cache = weights(run.model)
+    run.model.load_state_dict(before)
+    fresh = plugin.forget(run, {"classes": ["dog"], "metrics": False, "recompute": True})
+    assert cached["fisher_d"] == "cache" and fresh["fisher_d"].startswith("computed")
+    assert cached["dampened"] == fresh["dampened"] > 0
+    assert_same(from_cache, weights(run.model))
+
+
+def test_cache_over_a_stream_is_the_batch_weighted_mean_with_a_grown_head():
+    run = tiny_run(n_train=20, experiences=2)
+    # experience 0 knew 2 classes
+    run.model.head.weight.data = run.model.head.weight.data[:2].clone()
+    run.model.head.bias.data = run.model.head.bias.data[:2].clone()
+    run.stream[0].train = run.stream[0].train.subset(
+        torch.nonzero(run.stream[0].train.y < 2).flatten()
+    )
+    plugin = SSD(SSD.Config(batch_size=8))
+    plugin.setup(run)
+    plugin.after_experience(run, run.stream[0])
+    first = {n: f.clone() for n, f in plugin.fisher_d.items()}
+    run.model.head.grow(3)
+    plugin.after_experience(run, run.stream[1])
+    second = plugin._importance(run, run.stream[1].train, "batch", 8, "class")
+    w0, w1 = math.ceil(len(run.stream[0].train) / 8), math.ceil(len(run.stream[1].train) / 8)
+    assert plugin.fisher_d_weight == w0 + w1 and plugin.fisher_d_experiences == [0, 1]
+    for n, f in second.items():
+        old = torch.zeros_like(f)
+        old[tuple(slice(0, s) for s in first[n].shape)] = first[n]
+        torch.testing.assert_close(plugin.fisher_d[n], (w0 * old + w1 * f) / (w0 + w1))
+    assert torch.all(plugin.fisher_d["head.weight"][2] == second["head.weight"][2] * w1 / (w0 + w1))
+
+
+# ---------------------------------------------------------- select and dampen
+
+
+@pytest.mark.parametrize("alpha, lam", [(10.0, 1.0), (2.0, 0.5), (0.0, 1.0)])
+def test_selection_and_dampening_follow_the_formula(alpha, lam):
+    run = tiny_run(n_train=30)
+    plugin = trained_plugin(run, batch_size=8, alpha=alpha, lam=lam)
+    forget = run.stream[0].train.subset(torch.nonzero(run.stream[0].train.y == 1).flatten())
+    fisher_f = hand_fisher(run.model, forget, 8)
+    before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
+    report = plugin.forget(run, {"classes": ["dog"]})
+    selected_total = 0
+    for n, p in run.model.named_parameters():
+        fd, ff = plugin.fisher_d[n], fisher_f[n]
+        selected = ff > alpha * fd
+        selected_total += int(selected.sum())
+        factor = torch.where(selected, torch.clamp(lam * fd / ff, max=1.0), torch.ones_like(ff))
+        torch.testing.assert_close(p.detach(), before[n] * factor, rtol=1e-5, atol=1e-7)
+    assert report["dampened"] == selected_total > 0
+    assert report["dampened_fraction"] == pytest.approx(
+        selected_total / sum(p.numel() for p in before.values())
+    )
+    assert (report["alpha"], report["lam"], report["classes"], report["class_ids"]) == (
+        alpha,
+        lam,
+        ["dog"],
+        [1],
+    )
+
+
+def test_report_holds_the_metrics_before_and_after():
+    run = tiny_run(n_train=60)
+    plugin = trained_plugin(run, batch_size=8)
+    report = plugin.forget(run, {"classes": ["owl"], "alpha": 1.0, "lam": 0.0})
+    for key in ("retain_accuracy", "forget_accuracy", "mia", "dampened_fraction", "seconds"):
+        assert isinstance(report[key], float), key
+    assert set(report["before"]) >= {"retain_accuracy", "forget_accuracy", "mia"}
+    assert 0 <= report["mia"] <= 1 and report["seconds"] > 0
+    assert report["forget_samples"] == 20
+
+
+def test_sample_forgetting_measures_on_the_forget_samples():
+    run = tiny_run(n_train=30, experiences=2)
+    plugin = trained_plugin(run, batch_size=8)
+    report = plugin.forget(run, {"samples": [3, 1, 1], "experience": 1})
+    assert (
+        report["samples"] == [1, 3] and report["experience"] == 1 and report["forget_samples"] == 2
+    )
+    model = run.model.eval()
+    forget = run.stream[1].train.subset([1, 3])
+    acc = float((model(forget.x).logits.argmax(1) == forget.y).float().mean())
+    assert report["forget_accuracy"] == pytest.approx(acc)
+
+
+# ------------------------------------------------------------------ auto mode
+
+
+def test_auto_walks_weak_to_strong_from_the_original_weights():
+    run = tiny_run(n_train=60)
+    plugin = trained_plugin(run, batch_size=8, auto_alphas=[100.0, 10.0, 1.0], auto_lams=[0.1, 0.0])
+    original = weights(run.model)
+    report = plugin.forget(run, {"classes": ["cat"], "auto": True, "target": 0.0})
+    trials = report["trials"]
+    walk = [(100.0, 1.0), (10.0, 1.0), (1.0, 1.0), (1.0, 0.1), (1.0, 0.0)]
+    assert [(t["alpha"], t["lam"]) for t in trials] == walk[: len(trials)]
+    assert all(t["forget_train_accuracy"] > 0.0 for t in trials[:-1])
+    assert report["target_reached"] == (trials[-1]["forget_train_accuracy"] <= 0.0)
+    assert (report["alpha"], report["lam"]) == (trials[-1]["alpha"], trials[-1]["lam"])
+    chosen = weights(run.model)
+    run.model.load_state_dict(original)
+    direct = plugin.forget(
+        run, {"classes": ["cat"], "alpha": report["alpha"], "lam": report["lam"], "metrics": False}
+    )
+    assert direct["dampened"] == report["dampened"]
+    assert_same(chosen, weights(run.model))
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    "request_, error, needle",
+    [
+        ({"classes": ["emu"]}, ConfigError, "unknown class 'emu'"),
+        ({"classes": []}, DataError, "empty"),
+        ({"samples": []}, DataError, "empty"),
+        ({"samples": [0, 999]}, DataError, "outside"),
+        ({"samples": [0], "experience": 5}, DataError, "not been trained"),
+        ({}, ConfigError, "exactly one of"),
+        ({"classes": ["cat"], "samples": [1]}, ConfigError, "exactly one of"),
+        ({"classes": ["cat"], "alpah": 3}, ConfigError, "unknown request key"),
+        ({"classes": ["cat"], "auto": True, "alpha": 3.0}, ConfigError, "not both"),
+        ({"classes": ["cat"], "lam": -1.0}, ConfigError, "lam"),
+        ({"classes": ["cat"], "fisher": "exact"}, ConfigError, "fisher"),
+    ],
+)
+def test_bad_requests_are_clear_errors_and_leave_the_model(request_, error, needle):
+    run = tiny_run()
+    plugin = trained_plugin(run)
+    before = weights(run.model)
+    with pytest.raises(error, match=needle):
+        plugin.forget(run, request_)
+    assert_same(before, weights(run.model))
+
+
+def test_no_cache_and_no_training_data_is_a_clear_error():
+    run = tiny_run()
+    plugin = trained_plugin(run, cache=False)
+    given = run.stream[0].train.subset([0, 3, 6])
+    run.stream[0].train = run.stream[0].train.subset([])  # the training data was not kept
+    before = weights(run.model)
+    with pytest.raises(DataError, match="no cached F_D.*no training data"):
+        plugin.forget(run, {"data": given})
+    assert_same(before, weights(run.model))
+
+
+def test_cached_fisher_d_serves_a_run_whose_data_is_gone():
+    run = tiny_run()
+    plugin = trained_plugin(run)
+    given = run.stream[0].train.subset([0, 3, 6])
+    run.stream[0].train = run.stream[0].train.subset([])
+    report = plugin.forget(run, {"data": given, "alpha": 1.0})
+    assert report["fisher_d"] == "cache" and report["forget_samples"] == 3 and report["mia"] is None
+
+
+def test_non_finite_weights_are_refused_and_the_model_kept():
+    run = tiny_run()
+    plugin = trained_plugin(run)
+    with torch.no_grad():
+        run.model.head.bias[0] = math.nan
+    before = weights(run.model)
+    with pytest.raises(TrainingError, match="unchanged"):
+        plugin.forget(run, {"classes": ["cat"], "metrics": False})
+    after = weights(run.model)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(before[k], after[k]) or k == "head.bias" for k in before)
+    assert torch.equal(before["head.bias"][1:], after["head.bias"][1:])
+
+
+@pytest.mark.parametrize(
+    "field, value, needle",
+    [
+        ("alpha", -1.0, "alpha"),
+        ("fisher", "exact", "fisher"),
+        ("fisher_d_order", "random", "fisher_d_order"),
+        ("batch_size", 0, "batch_size"),
+        ("target", 2.0, "target"),
+        ("forget", [{"after": 0}], "exactly one of"),
+    ],
+)
+def test_bad_config_is_refused(field, value, needle):
+    with pytest.raises(ConfigError, match=needle):
+        SSD.Config(**{field: value})
+
+
+def test_state_round_trips():
+    run = tiny_run()
+    plugin = trained_plugin(run)
+    other = SSD(SSD.Config())
+    other.load_state_dict(plugin.state_dict())
+    assert other.fisher_d_experiences == [0] and other.fisher_d_weight == plugin.fisher_d_weight
+    for n, f in plugin.fisher_d.items():
+        assert torch.equal(other.fisher_d[n], f)
+
+
+# -------------------------------------------------------------- in a stream
+
+
+STREAM = [
+    "train.epochs=2",
+    "eval.fwt=false",
+    "scenario.n_experiences=2",
+    "scenario.classes_per_experience=[2,8]",
+    "scenario.samples_per_class=30",
+    "plugins={}",
+]
+
+
+def test_forgetting_inside_a_stream_shows_in_the_accuracy_matrix(tmp_path):
+    cfg = load_config(None, [*STREAM, "plugins.ssd={}"])
+    names = Experiment(cfg).build().stream.class_names
+    plain = Experiment(cfg).run()
+    forget = f"plugins.ssd.forget=[{{after: 0, classes: ['{names[0]}'], auto: true}}]"
+    experiment = Experiment(
+        load_config(None, [*STREAM, "plugins.ssd={}", forget]), out_dir=tmp_path
+    )
+    results = experiment.run()
+    report = experiment.run_state.plugins["ssd"].reports[0]
+    assert report["after_experience"] == 0 and report["classes"] == [names[0]]
+    assert report["forget_train_accuracy"] <= 0.05 < report["before"]["forget_train_accuracy"]
+    # experience 0 holds two classes: forgetting one of them halves its accuracy, or nearly
+    assert results.accuracy_matrix[0][0] < plain.accuracy_matrix[0][0] - 0.3
+    assert len(results.accuracy_matrix) == 2
+    assert (tmp_path / "forget-events.json").is_file()
+
+
+def test_forget_events_are_checked_before_training():
+    cfg = load_config(
+        None, [*STREAM, "plugins.ssd={}", "plugins.ssd.forget=[{after: 0, classes: ['42']}]"]
+    )
+    with pytest.raises(ConfigError, match="unknown class '42'"):
+        Experiment(cfg).run()
+    cfg = load_config(
+        None, [*STREAM, "plugins.ssd={}", "plugins.ssd.forget=[{after: 7, classes: ['1']}]"]
+    )
+    with pytest.raises(ConfigError, match="stream has 2 experiences"):
+        Experiment(cfg).run()
+
+
+def test_experiment_unlearn_reaches_the_plugin():
+    cfg = load_config(None, [*STREAM, "plugins.ssd={}"])
+    experiment = Experiment(cfg)
+    experiment.run()
+    name = experiment.run_state.stream.class_names[3]
+    report = experiment.unlearn(classes=[int(name)], alpha=5.0)
+    assert report["classes"] == [name] and report["fisher_d"] == "cache" and report["alpha"] == 5.0

@@ -1,0 +1,108 @@
+"""``contlearn unlearn RUN_DIR``: a new run directory with the forgetting model and its report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from contlearn import checkpoint as ckpt
+from contlearn.cli import main
+
+RUN = [
+    "train.epochs=2", "eval.fwt=false", "scenario.n_experiences=2", "scenario.samples_per_class=30", "plugins={}",
+]  # fmt: skip
+
+
+def _train(path, *plugins: str) -> None:
+    assert main(["run", "split-digits", *RUN, *plugins, "--out", str(path), "--quiet"]) == 0
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ssd-run")
+    _train(path, "plugins.ssd={}")
+    return path
+
+
+def _newest(directory):
+    return ckpt.load(ckpt.list_checkpoints(directory / ckpt.DIRNAME)[-1])
+
+
+def test_unlearn_writes_a_new_run_dir_with_checkpoint_and_report(run_dir, capsys):
+    source = ckpt.list_checkpoints(run_dir / ckpt.DIRNAME)[-1]
+    source_bytes = source.read_bytes()
+    assert main(["unlearn", str(run_dir), "--classes", "3", "--alpha", "5", "--lam", "1"]) == 0
+    out = run_dir / "unlearn-1"
+    assert "forget accuracy" in capsys.readouterr().out
+    report = json.loads((out / "unlearn.json").read_text())
+    for key in (
+        "retain_accuracy",
+        "forget_accuracy",
+        "mia",
+        "dampened_fraction",
+        "seconds",
+        "before",
+    ):
+        assert key in report
+    assert report["classes"] == ["3"] and report["alpha"] == 5.0 and report["fisher_d"] == "cache"
+    assert report["dampened_fraction"] > 0
+    assert source.read_bytes() == source_bytes  # the original run is not touched
+    old, new = _newest(run_dir), _newest(out)
+    changed = [k for k in old["model"] if not torch.equal(old["model"][k], new["model"][k])]
+    assert changed and new["position"] == old["position"]
+    assert (out / "config.yaml").read_text() == (run_dir / "config.yaml").read_text()
+    # the new directory is a run directory: it can forget again
+    assert main(["unlearn", str(out), "--classes", "5", "--auto", "--target", "0.1"]) == 0
+    again = json.loads((out / "unlearn-1" / "unlearn.json").read_text())
+    assert again["auto"] and again["trials"] and again["source_checkpoint"].startswith(str(out))
+
+
+def test_unlearn_a_run_trained_without_ssd_computes_f_d(tmp_path):
+    _train(tmp_path, "plugins.finetune={}")
+    assert (
+        main(
+            [
+                "unlearn",
+                str(tmp_path),
+                "--samples",
+                "0",
+                "1",
+                "2",
+                "--experience",
+                "1",
+                "--out",
+                str(tmp_path / "u"),
+            ]
+        )
+        == 0
+    )
+    report = json.loads((tmp_path / "u" / "unlearn.json").read_text())
+    assert report["fisher_d"].startswith("computed") and report["samples"] == [0, 1, 2]
+    assert set(_newest(tmp_path / "u")["plugins"]) == {"finetune"}
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--classes", "42"], "unknown class '42'"),
+        (["--classes", "3", "--auto", "--alpha", "2"], "not both"),
+        (["--classes", "3", "--target", "0.1"], "--target needs --auto"),
+        (["--samples", "100000"], "outside"),
+        (["--classes", "3", "--lam", "-1"], "lam"),
+    ],
+)
+def test_bad_requests_exit_with_one_line_and_write_nothing(run_dir, args, needle, capsys):
+    before = sorted(p.name for p in run_dir.iterdir())
+    assert main(["unlearn", str(run_dir), *args, "--out", str(run_dir / "bad")]) in (1, 2)
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+
+
+def test_not_a_run_dir_and_out_equal_to_run_dir(run_dir, tmp_path, capsys):
+    assert main(["unlearn", str(tmp_path), "--classes", "3"]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    assert main(["unlearn", str(run_dir), "--classes", "3", "--out", str(run_dir)]) == 2
+    assert "new directory" in capsys.readouterr().err
