@@ -49,6 +49,8 @@ class ScenarioConfig:
     storage: str = "auto"  # auto | tensor (in memory, batched by index) | loader (DataLoader)
     memory_limit_gb: float = 4.0  # storage=auto: tensors when the inputs fit in this
     num_workers: int = 4  # DataLoader workers for storage=loader
+    factory: Optional[str] = None  # source=avalanche: nc_benchmark, ni_benchmark, class_incremental_benchmark... or a dotted name
+    args: Dict[str, Any] = field(default_factory=dict)  # source=avalanche: the factory's keyword arguments
 
 
 @dataclass

@@ -245,7 +245,6 @@ class Experiment:
         :meth:`resume`) and return the results."""
         t_start = time.perf_counter()
         run = self.build()
-        pm: pluggy.PluginManager = run.pm  # type: ignore[attr-defined]
         progress = Progress()
         ctl = self._control = _Control(self, run, progress, t_start)
         resumed: Resumed | None = None

@@ -33,12 +33,12 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-
-from contlearn.errors import ConfigError, choices
-from contlearn.hookspecs import hookimpl
 from contlearn.plugins._common import plugin_generator
 from contlearn.plugins._schedules import Schedule
 from contlearn.scenarios import Batch, TensorData
+
+from contlearn.errors import ConfigError, choices
+from contlearn.hookspecs import hookimpl
 
 VIA = ("mixture", "extra_samples")
 

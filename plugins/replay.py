@@ -97,6 +97,6 @@ class Replay:
         if self.buffer is None:  # before setup: applied there, once the device is known
             self._pending = state
             return
-        self.generator.set_state(state["generator"])
+        pass  # MUTATION
         if state["buffer"] is not None:
             self.buffer.load_state_dict(state["buffer"])

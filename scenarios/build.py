@@ -180,6 +180,10 @@ def build_stream(scenario: Any, seed: int) -> Stream:
     if not isinstance(scenario, DictConfig):
         scenario = scenario_config(OmegaConf.to_container(OmegaConf.structured(scenario))
                                    if not isinstance(scenario, Mapping) else scenario)
+    if scenario.source == "avalanche":  # the benchmark defines its own experiences and setting
+        from contlearn.interop.avalanche import stream_from_config
+
+        return stream_from_config(scenario, seed)
     _check(scenario)
     if scenario.setting == "domain" and scenario.domains is not None:
         if not len(scenario.domains):

@@ -540,3 +540,22 @@ def test_adapter_stream_with_and_without_a_benchmark(av, raw):
     ]
     assert seen_by_plugin(bench.train_stream) == [(2, both, n_train[0], 0), (2, both, n_train[1], 0)]
     assert seen_by_plugin(loose) == [(1, both[:1], n_train[0], 0), (2, both, n_train[1], 0)]
+
+
+def test_config_names_an_avalanche_benchmark():
+    """``scenario.source=avalanche`` builds the stream through the factory it names."""
+    from contlearn import Experiment, load_config
+
+    cfg = load_config(
+        None,
+        [
+            "scenario.source=avalanche",
+            "scenario.factory=class_incremental_benchmark",
+            "scenario.args={num_experiences: 5}",
+            "train.epochs=1",
+            "eval.fwt=false",
+        ],
+    )
+    results = Experiment(cfg).run()
+    assert len(results.accuracy_matrix) == 5
+    assert results.accuracy_matrix[-1][-1] > 0.5

@@ -10,14 +10,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from contlearn.plugins._schedules import Schedule, apportion
+from contlearn.plugins.powerlaw import PowerLaw
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from contlearn import ConfigError, Experiment, hookimpl, load_config
 from contlearn import checkpoint as ckpt
 from contlearn.experiment import stream_of
-from contlearn.plugins._schedules import Schedule, apportion
-from contlearn.plugins.powerlaw import PowerLaw
 
 #: a small class-incremental stream: 5 experiences of 2 digits, 20 samples per class
 SMALL = ["scenario.samples_per_class=20", "train.batch_size=8", "eval.fwt=false"]

@@ -116,3 +116,48 @@ def test_state_round_trip_restores_the_buffer(quick):
 def test_bad_config(override):
     with pytest.raises(ConfigError, match="plugins.replay"):
         load_config(None, [override])
+
+
+class _Crash(BaseException):
+    """Stands for the process dying."""
+
+
+class CrashAt:
+    def __init__(self, global_step: int):
+        self.global_step = global_step
+
+    @hookimpl
+    def after_step(self, run):
+        if run.global_step == self.global_step:
+            raise _Crash
+
+
+@pytest.mark.parametrize("policy", ["reservoir", "class_balanced"])
+def test_baselines_resume_exactly_from_a_checkpoint_inside_an_experience(tmp_path, policy):
+    """replay, ewc, lwf and l2 together: a run crashed in the middle of an
+    experience and resumed from its checkpoint gives the uninterrupted results,
+    so their state_dict() holds everything they learnt (buffers, generators,
+    anchors, Fisher, teacher)."""
+    tiny = [
+        "device=cpu",
+        "eval.fwt=false",
+        "scenario.n_experiences=3",
+        "scenario.classes_per_experience=[4,3,3]",
+        "scenario.samples_per_class=20",
+        "model.hidden=[16]",
+        "train.epochs=2",
+        "train.batch_size=16",
+        "plugins={}",
+        f"plugins.replay.policy={policy}",
+        "plugins.replay.size=24",
+        "plugins.ewc.lam=10",
+        "plugins.lwf={}",
+        "plugins.l2.lam=0.01",
+        "checkpoint.every_n_steps=4",
+    ]
+    reference = Experiment(load_config(None, tiny), out_dir=tmp_path / "reference").run()
+    out = tmp_path / "crashed"
+    with pytest.raises(_Crash):
+        Experiment(load_config(None, tiny), out_dir=out, plugins={"crash": CrashAt(22)}).run()
+    resumed = Experiment.resume(out).run()
+    assert resumed.accuracy_matrix == reference.accuracy_matrix
