@@ -128,7 +128,7 @@ def sweep(common: list[str]) -> str:
         for value in values:
             acc = validation_accuracy("permuted-digits", [*common, f"plugins.{key}={value}"])
             cells.append(f"{value:g}: {'diverged' if acc is None else f'{acc:.3f}'}")
-            print(f"  {key}={value:g}: {cells[-1]}", file=sys.stderr, flush=True)
+            print(f"  {key}={cells[-1]}", file=sys.stderr, flush=True)
         lines.append(f"| `{key}` | {', '.join(cells)} |")
     return "\n".join(lines)
 

@@ -74,7 +74,7 @@ class TqdmProgress:
                     leave=False,
                 )
             self.epochs.update(1)
-            self.epochs.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+            self.epochs.set_postfix(loss=f"{metrics['loss']:.4f}")  # refreshes: once per epoch
         elif metrics["kind"] == "eval" and self.experiences is not None:
             self._close_epochs()
             self.experiences.update(1)

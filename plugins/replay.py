@@ -89,6 +89,8 @@ class Replay:
 
     def state_dict(self) -> dict[str, Any]:
         """The buffer's samples and bookkeeping, and the generator's state."""
+        if self._pending is not None:
+            return self._pending
         if self.buffer is None:
             return {"generator": self.generator.get_state(), "buffer": None}
         return {"generator": self.generator.get_state(), "buffer": self.buffer.state_dict()}
@@ -97,6 +99,6 @@ class Replay:
         if self.buffer is None:  # before setup: applied there, once the device is known
             self._pending = state
             return
-        pass  # MUTATION
+        self.generator.set_state(state["generator"])
         if state["buffer"] is not None:
             self.buffer.load_state_dict(state["buffer"])

@@ -215,3 +215,11 @@ def test_ewc_term_is_logged_from_the_second_experience(quick):
     Experiment(cfg, plugins={"rec": Recorder()}).run()
     epochs = [m for m in seen if m["kind"] == "epoch"]
     assert "loss/ewc" not in epochs[0] and epochs[1]["loss/ewc"] >= 0.0
+
+
+@pytest.mark.parametrize("name", ["split-digits-ewc", "permuted-digits-ewc"])
+def test_shipped_configs_run_by_name(name, quick):
+    cfg = load_config(name, [*quick, "scenario.n_experiences=2"])
+    assert list(cfg.plugins) == ["ewc"] and cfg.plugins.ewc.lam == EWC.Config().lam
+    results = Experiment(cfg).run()
+    assert results.accuracy_matrix[0][0] > 0.5

@@ -89,3 +89,11 @@ def test_state_round_trip_rebuilds_the_teacher_over_a_grown_model():
 def test_bad_config(override):
     with pytest.raises(ConfigError, match="plugins.lwf"):
         load_config(None, [override])
+
+
+def test_shipped_config_runs_by_name(quick):
+    from contlearn import Experiment
+
+    cfg = load_config("split-digits-lwf", [*quick, "scenario.n_experiences=2"])
+    assert list(cfg.plugins) == ["lwf"] and cfg.plugins.lwf.alpha == LwF.Config().alpha
+    assert Experiment(cfg).run().accuracy_matrix[0][0] > 0.5

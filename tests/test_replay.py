@@ -112,6 +112,12 @@ def test_state_round_trip_restores_the_buffer(quick):
     assert torch.equal(a.x, b.x), "the generator state is restored too"
 
 
+def test_shipped_config_runs_by_name(quick):
+    cfg = load_config("split-digits-replay", [*quick, "scenario.n_experiences=2"])
+    assert list(cfg.plugins) == ["replay"] and cfg.plugins.replay.size == 200
+    assert Experiment(cfg).run().accuracy_matrix[1][0] > 0.2
+
+
 @pytest.mark.parametrize("override", ["plugins.replay.policy=fifo", "plugins.replay.storage=disk", "plugins.replay.size=0"])
 def test_bad_config(override):
     with pytest.raises(ConfigError, match="plugins.replay"):
