@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
+from _crash import CrashAt, SimulatedCrash, comparable
 from contlearn.plugins._herding import HerdingMemory, herding
 from contlearn.plugins._memo_net import (
     ExpandableBackbone,
@@ -235,24 +233,8 @@ def test_bad_settings_are_config_errors():
         Experiment(load_config(None, [*TINY, "model.head=cosine"])).run()
 
 
-def _comparable(run_dir: Path) -> dict:
-    data = json.loads((run_dir / "results.json").read_text())
-    del data["timings"], data["versions"]
-    return data
 
 
-class _Crash(BaseException):
-    pass
-
-
-class CrashAt:
-    def __init__(self, step: int):
-        self.step = step
-
-    @hookimpl
-    def after_step(self, run):
-        if run.global_step == self.step:
-            raise _Crash
 
 
 @pytest.mark.parametrize("crash_step", [13, 20])  # inside experience 1 (mid-epoch), inside experience 2
@@ -262,13 +244,13 @@ def test_resume_restores_every_block_and_gives_the_same_run(tmp_path, crash_step
     whole = Experiment(load_config(None, overrides), out_dir=whole_dir)
     whole.run()
     out = tmp_path / "run"
-    with pytest.raises(_Crash):
+    with pytest.raises(SimulatedCrash):
         Experiment(load_config(None, overrides), out_dir=out, plugins={"crash": CrashAt(crash_step)}).run()
     state = ckpt.load(ckpt.list_checkpoints(out / "checkpoints")[-1])
     assert state["position"]["inside_experience"] and state["plugins"]["memo"]["n_blocks"] >= 2
     resumed = Experiment.resume(out)
     resumed.run()
-    assert _comparable(out) == _comparable(whole_dir)
+    assert comparable(out) == comparable(whole_dir)
     a, b = whole.run_state.model.state_dict(), resumed.run_state.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.run_state.plugins["memo"].accuracy == whole.run_state.plugins["memo"].accuracy

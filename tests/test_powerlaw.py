@@ -10,12 +10,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from _crash import CrashAt, SimulatedCrash
 from contlearn.plugins._schedules import Schedule, apportion
 from contlearn.plugins.powerlaw import PowerLaw
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from contlearn import ConfigError, Experiment, hookimpl, load_config
+from contlearn import ConfigError, Experiment, load_config
 from contlearn import checkpoint as ckpt
 from contlearn.experiment import stream_of
 
@@ -279,18 +280,6 @@ TINY = [
 ]
 
 
-class _Crash(BaseException):
-    pass
-
-
-class CrashAt:
-    def __init__(self, global_step: int):
-        self.global_step = global_step
-
-    @hookimpl
-    def after_step(self, run):
-        if run.global_step == self.global_step:
-            raise _Crash
 
 
 def _results(run_dir: Path) -> dict:
@@ -309,7 +298,7 @@ def test_experiment_resumed_mid_experience_equals_the_uninterrupted_run(tmp_path
     Experiment(load_config(None, overrides), out_dir=tmp_path / "ref").run()
     out = tmp_path / "run"
     with pytest.raises(
-        _Crash
+        SimulatedCrash
     ):  # experience 0: 5 steps an epoch, 10 in all; experience 1 from step 11
         Experiment(load_config(None, overrides), out_dir=out, plugins={"crash": CrashAt(17)}).run()
     assert ckpt.list_checkpoints(out / "checkpoints")[-1].name == "ckpt-001-000000015.pt"

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from _crash import CrashAt, SimulatedCrash
 from contlearn.plugins._supcon import supcon_loss
 from contlearn.plugins._views import Views
 from contlearn.plugins.prd import PRD, prototype_loss, relation_distillation, relation_scores
@@ -267,25 +268,13 @@ def test_state_round_trips_onto_a_new_run(trained):
     assert torch.equal(again.generator.get_state(), prd.generator.get_state())
 
 
-class _Crash(Exception):
-    pass
-
-
-class CrashAt:
-    def __init__(self, step: int):
-        self.step = step
-
-    @hookimpl
-    def after_step(self, run):
-        if run.global_step == self.step:
-            raise _Crash
 
 
 def test_resume_inside_the_second_experience_is_exact(tmp_path):
     overrides = [*TINY, "checkpoint.every_n_steps=2", "checkpoint.keep_last=50"]
     whole = Experiment(load_config(None, overrides), out_dir=tmp_path / "whole").run()
     out = tmp_path / "run"
-    with pytest.raises(_Crash):  # 7 steps per experience: the last checkpoint, at step 8, is inside experience 1
+    with pytest.raises(SimulatedCrash):  # 7 steps per experience: the last checkpoint, at step 8, is inside experience 1
         Experiment(load_config(None, overrides), out_dir=out, plugins={"crash": CrashAt(10)}).run()
     resumed = Experiment.resume(out).run()
     assert resumed.accuracy_matrix == whole.accuracy_matrix

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _crash import CrashAt, SimulatedCrash
 from contlearn.plugins._buffers import ClassBalancedBuffer, ReservoirBuffer
 
 from contlearn import ConfigError, Experiment, hookimpl, load_config
@@ -124,18 +125,6 @@ def test_bad_config(override):
         load_config(None, [override])
 
 
-class _Crash(BaseException):
-    """Stands for the process dying."""
-
-
-class CrashAt:
-    def __init__(self, global_step: int):
-        self.global_step = global_step
-
-    @hookimpl
-    def after_step(self, run):
-        if run.global_step == self.global_step:
-            raise _Crash
 
 
 @pytest.mark.parametrize("policy", ["reservoir", "class_balanced"])
@@ -163,7 +152,7 @@ def test_baselines_resume_exactly_from_a_checkpoint_inside_an_experience(tmp_pat
     ]
     reference = Experiment(load_config(None, tiny), out_dir=tmp_path / "reference").run()
     out = tmp_path / "crashed"
-    with pytest.raises(_Crash):
+    with pytest.raises(SimulatedCrash):
         Experiment(load_config(None, tiny), out_dir=out, plugins={"crash": CrashAt(22)}).run()
     resumed = Experiment.resume(out).run()
     assert resumed.accuracy_matrix == reference.accuracy_matrix

@@ -3,7 +3,6 @@ results of the run that was never stopped."""
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _crash import CrashAt, SimulatedCrash, comparable
 from torch import nn
 
 from contlearn import Experiment, TrainingError, hookimpl, load_config
@@ -34,11 +34,6 @@ TINY = [
 ]
 
 
-def comparable(run_dir: Path) -> dict:
-    """``results.json`` without what may differ between two sessions."""
-    data = json.loads((run_dir / "results.json").read_text())
-    del data["timings"], data["versions"]
-    return data
 
 
 @pytest.fixture(scope="module")
@@ -88,24 +83,12 @@ def test_sigkill_after_experience_2_then_resume_equals_uninterrupted(tmp_path, r
     assert comparable(out) == comparable(reference)
 
 
-class _Crash(BaseException):
-    """Stands for the process dying: nothing of the run's memory survives it."""
-
-
-class CrashAt:
-    def __init__(self, global_step: int):
-        self.global_step = global_step
-
-    @hookimpl
-    def after_step(self, run):
-        if run.global_step == self.global_step:
-            raise _Crash
 
 
 def test_resume_inside_an_experience_mid_epoch_is_exact(tmp_path, reference):
     out = tmp_path / "run"
     cfg = load_config(None, [*TINY, "checkpoint.every_n_steps=4", "checkpoint.keep_last=50"])
-    with pytest.raises(_Crash):
+    with pytest.raises(SimulatedCrash):
         Experiment(cfg, out_dir=out, plugins={"crash": CrashAt(15)}).run()
     names = [p.name for p in ckpt.list_checkpoints(out / "checkpoints")]
     assert names[-1] == "ckpt-001-000000012.pt"  # inside experience 1, in the middle of an epoch
@@ -190,7 +173,7 @@ def test_plugin_surgery_is_rebuilt_through_restore(tmp_path):
     assert whole.accuracy_matrix[0][0] > 0.3
 
     out = tmp_path / "run"
-    with pytest.raises(_Crash):
+    with pytest.raises(SimulatedCrash):
         Experiment(load_config(None, overrides), out_dir=out, plugins={"blocks": AddBlock(), "crash": CrashAt(13)}).run()
     Experiment.resume(out, plugins={"blocks": AddBlock()}).run()
     assert comparable(out) == comparable(tmp_path / "whole")
