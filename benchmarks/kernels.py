@@ -17,9 +17,10 @@ import time
 from collections.abc import Callable
 
 import torch
-from contlearn.kernels import dampen, fisher, per_sample
+from contlearn.kernels import _dispatch, accumulate, dampen, fisher, per_sample
 from torch.func import grad, vmap
 
+SWEEP = [(1024, 4), (2048, 4), (2048, 8), (4096, 4), (8192, 8)]  # (block, num_warps), --sweep
 ALPHA, LAM = 10.0, 1.0  # SSD's defaults: about 5% of uniform-random Fisher pairs are selected
 
 
@@ -72,6 +73,43 @@ def report(title: str, rows: list[tuple[str, float]], ours: str, notes: dict[str
         print(f"  {name:<34} {ms:10.3f} ms  {ratio}  {notes.get(name, '')}".rstrip())
 
 
+def amortized(fn: Callable[[], object], n: int = 50) -> float:
+    """Milliseconds per call of ``n`` back-to-back calls on the GPU: launch overhead
+    hidden behind the queue, so this is the kernel's own time."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / n
+
+
+def _dampen_kernel_only(thetas, fds, ffs, config: _dispatch.LaunchConfig) -> Callable[[], None]:
+    """The dampening kernel launched on prepared arguments: no checks, no read-back."""
+    plan = dampen.DampenPlan(thetas, fds, ffs, config=config)
+    (group,) = plan.groups
+    table = group.table
+    backup = torch.empty(table.n_elements, device=thetas[0].device)
+    stats = torch.empty(2, table.n_blocks, dtype=torch.int32, device=thetas[0].device)
+    args = (*table.addrs, table.numels, table.block_first, table.elem_first, table.block_tensor)
+    args += (backup, stats, table.n_blocks, ALPHA, LAM)
+    meta = dict(
+        THETA=_dispatch.triton_dtype(torch.float32),
+        FD=_dispatch.triton_dtype(torch.float32),
+        FF=_dispatch.triton_dtype(torch.float32),
+        BLOCK=config.block,
+        ALIGNED=table.aligned,
+        num_warps=config.num_warps,
+        RESTORE=False,
+    )
+    grid = (table.n_blocks,)
+    return lambda: dampen._dampen_kernel[grid](*args, **meta)
+
+
 def _eager_dampen(thetas, fds, ffs) -> None:
     for theta, fd, ff in zip(thetas, fds, ffs, strict=True):
         selected = (ff > ALPHA * fd) & (ff > 0)
@@ -93,7 +131,7 @@ def _foreach_dampen(thetas, fds, ffs) -> None:
 
 
 def bench_dampen(
-    device: torch.device, shapes: list[tuple[int, ...]], timer: Timer, label: str
+    device: torch.device, shapes: list[tuple[int, ...]], timer: Timer, label: str, sweep: bool
 ) -> None:
     thetas = [torch.randn(s, device=device) for s in shapes]
     fds = [torch.rand(s, device=device) for s in shapes]
@@ -109,8 +147,10 @@ def bench_dampen(
     src = torch.empty(2 * n, device=device)
     dst = torch.empty_like(src)
     ours = "contlearn dampen_" + (" (Triton)" if device.type == "cuda" else " (reference)")
+    plan = dampen.DampenPlan(thetas, fds, ffs)
     rows = [
         (ours, timer(lambda: dampen.dampen_(thetas, fds, ffs, ALPHA, LAM))),
+        ("contlearn DampenPlan (validated once)", timer(lambda: plan(ALPHA, LAM))),
         ("eager per-tensor loop", timer(lambda: _eager_dampen(thetas, fds, ffs))),
         ("torch._foreach_*", timer(lambda: _foreach_dampen(thetas, fds, ffs))),
         ("copy, 16 B/param", timer(lambda: dst.copy_(src))),
@@ -118,6 +158,11 @@ def bench_dampen(
     notes = (
         {"copy, 16 B/param": "target on H100: ours/copy <= 1.25"} if device.type == "cuda" else {}
     )
+    if sweep and device.type == "cuda":
+        rows.append(("copy, 16 B/param, back to back", amortized(lambda: dst.copy_(src))))
+        for block, warps in SWEEP:
+            launch = _dampen_kernel_only(thetas, fds, ffs, _dispatch.LaunchConfig(block, warps))
+            rows.append((f"kernel only, back to back, {block}/{warps}w", amortized(launch)))
     report(
         f"dampen_: {n / 1e6:.1f}M params in {len(shapes)} tensors ({label}), fp32",
         rows,
@@ -127,7 +172,7 @@ def bench_dampen(
 
 
 def bench_accumulate(
-    device: torch.device, shapes: list[tuple[int, ...]], timer: Timer, label: str
+    device: torch.device, shapes: list[tuple[int, ...]], timer: Timer, label: str, sweep: bool
 ) -> None:
     imps = [torch.zeros(s, device=device) for s in shapes]
     grads = [torch.randn(s, device=device) for s in shapes]
@@ -149,6 +194,17 @@ def bench_accumulate(
         ),
         ("copy, 12 B/param", timer(lambda: dst.copy_(src))),
     ]
+    if sweep and device.type == "cuda":
+        rows.append(("copy, 12 B/param, back to back", amortized(lambda: dst.copy_(src))))
+        for block, warps in SWEEP:
+            config = _dispatch.LaunchConfig(block, warps)
+            groups = _dispatch.group_tensors([imps, grads], block)
+            rows.append(
+                (
+                    f"kernel only, back to back, {block}/{warps}w",
+                    amortized(lambda g=groups, c=config: accumulate._launch(g, imps, 0.5, c)),
+                )
+            )
     report(
         f"accumulate_: {n / 1e6:.1f}M params in {len(shapes)} tensors ({label}), fp32",
         rows,
@@ -175,7 +231,7 @@ def _loop_fisher(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 
 
 def bench_per_sample(
-    device: torch.device, b: int, t: int, n_in: int, n_out: int, timer: Timer
+    device: torch.device, b: int, t: int, n_in: int, n_out: int, timer: Timer, sweep: bool
 ) -> None:
     a = torch.randn(b, t, n_in, device=device)
     d = torch.randn(b, t, n_out, device=device)
@@ -186,13 +242,35 @@ def bench_per_sample(
     on_gpu = device.type == "cuda"
     ours = "per_sample_linear" + (" (auto)" if on_gpu else " (reference)")
     rows = [(ours, timer(lambda: per_sample.per_sample_linear(a, d)))]
-    if on_gpu and t == 1:
+    if on_gpu:
         rows.append(
             (
-                "per_sample_linear (Triton kernel)",
+                "per_sample_linear (fused Triton kernel)",
                 timer(lambda: per_sample.per_sample_linear(a, d, backend="triton")),
             )
         )
+    if on_gpu and t > 1:
+        rows.append(
+            (
+                "torch reference (chunked bmm)",
+                timer(lambda: per_sample.per_sample_linear_reference(a, d)),
+            )
+        )
+        for chunk in (16, 32, 64) if sweep else ():
+            rows.append(
+                (
+                    f"bmm + square-sum, chunk {chunk}",
+                    timer(lambda c=chunk: per_sample.per_sample_linear_bmm(a, d, chunk=c)),
+                )
+            )
+        if sweep:
+            scratch = torch.empty(32, n_out, n_in, device=device)
+
+            def bmm_only() -> None:
+                for s in range(0, b, 32):
+                    torch.bmm(d[s : s + 32].transpose(1, 2), a[s : s + 32], out=scratch)
+
+            rows.append(("bmm alone, chunk 32 (no squaring)", timer(bmm_only)))
     rows += [
         ("torch.func.vmap per-sample grads", timer(lambda: _vmap_fisher(a, d))),
         ("per-sample loop", timer(lambda: _loop_fisher(a, d))),
@@ -223,6 +301,9 @@ def main() -> None:
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if gpu else "cpu")
     parser.add_argument("--quick", action="store_true", help="fewer repeats; smaller CPU sizes")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
+    parser.add_argument(
+        "--sweep", action="store_true", help="GPU: also time other launch shapes and chunk sizes"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not gpu:
@@ -254,10 +335,10 @@ def main() -> None:
             shapes = vit_shapes(width=384, depth=4, mlp=1536, classes=100)
             label = "ViT shapes, width 384, depth 4"
             cases = [(256, 1, 512, 512), (32, 65, 192, 768)]
-    bench_dampen(device, shapes, timer, label)
-    bench_accumulate(device, shapes, timer, label)
+    bench_dampen(device, shapes, timer, label, args.sweep)
+    bench_accumulate(device, shapes, timer, label, args.sweep)
     for case in cases:
-        bench_per_sample(device, *case, timer)
+        bench_per_sample(device, *case, timer, args.sweep)
 
 
 if __name__ == "__main__":

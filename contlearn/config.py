@@ -77,7 +77,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     eval_batch_size: int = 512
     amp: bool = False  # bf16 autocast of forward and loss (CUDA or CPU)
-    compile: bool = False  # torch.compile the model (nn.Module.compile, in place)
+    compile: bool = False  # torch.compile the backbone (nn.Module.compile, in place)
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune | ...
     channels_last: bool = False  # model and 4-d inputs in channels-last memory format
 
 
@@ -236,6 +237,7 @@ def validate(cfg: DictConfig) -> DictConfig:
         "scenario.storage": ("auto", "tensor", "loader"),
         "model.head": ("incremental", "multi", "cosine"),
         "train.optimizer": ("sgd", "adam", "adamw"),
+        "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     }
     for key, valid in allowed.items():
         value = OmegaConf.select(cfg, key)

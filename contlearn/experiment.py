@@ -215,7 +215,9 @@ class Experiment:
             model = model.to(memory_format=torch.channels_last)
             _inputs_channels_last(stream)
         if cfg.train.compile:
-            model.compile()  # in place: parameter names and plugins' view of the model are unchanged
+            # The backbone only, in place: parameter names and plugins' view of the model
+            # are unchanged, and the growing head does not recompile it at every experience.
+            model.backbone.compile(mode=cfg.train.compile_mode)
 
         registry = PluginRegistry.load()
         plugins: dict[str, Any] = {}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import operator
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -152,9 +153,21 @@ def triton_kernel(
     return TritonKernel(fn, autotune)
 
 
-def elementwise_block() -> int:
-    """Elements per program of the multi-tensor kernels (smaller in the interpreter, to keep it quick)."""
-    return 1024 if interpreter_enabled() else 4096
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Elements per program and warps per program of the multi-tensor kernels."""
+
+    block: int
+    num_warps: int
+
+
+def elementwise_config() -> LaunchConfig:
+    """The multi-tensor kernels' launch shape: 2048 elements over 4 warps on a GPU (16 per
+    thread; the fastest dampening of the shapes ``benchmarks/kernels.py --sweep`` tries
+    on an H200, and as fast as any for accumulation), 1024 in the interpreter."""
+    if interpreter_enabled():
+        return LaunchConfig(1024, 4)
+    return LaunchConfig(2048, 4)
 
 
 @dataclass
@@ -244,6 +257,100 @@ def triton_dtype(dtype: torch.dtype) -> Any:
     return table[dtype]
 
 
-def contiguous_work(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself when contiguous, else a contiguous copy to compute in and copy back."""
-    return t if t.is_contiguous() else t.contiguous()
+@dataclass
+class TensorGroup:
+    """Tensors at positions ``index`` of the caller's lists, all with the same dtypes.
+
+    ``operands[j]`` are contiguous tensors for operand ``j``: the caller's own where
+    they are contiguous, contiguous copies otherwise. Operand 0 is the one written;
+    :meth:`write_back` copies its copies back into the caller's tensors.
+    """
+
+    index: list[int]
+    dtypes: tuple[torch.dtype, ...]
+    operands: list[list[torch.Tensor]]
+    table: LaunchTable
+    copied: bool  # whether any operand is a contiguous copy made for this call
+
+    def write_back(self, targets: Sequence[torch.Tensor]) -> None:
+        if not self.operands:  # a cached group: every tensor was the caller's own
+            return
+        for k, work in zip(self.index, self.operands[0], strict=True):
+            if work is not targets[k]:
+                targets[k].copy_(work)
+
+    def without_tensors(self) -> TensorGroup | None:
+        """This group with no tensor references, for a plan cache; None where it holds
+        contiguous copies (those exist per call, so the plan cannot be reused)."""
+        if self.copied:
+            return None
+        return TensorGroup(self.index, self.dtypes, [], self.table, False)
+
+
+def group_tensors(operands: Sequence[Sequence[torch.Tensor]], block: int) -> list[TensorGroup]:
+    """Split parallel tensor lists into one launch group per dtype combination.
+
+    Empty tensors are left out. Each group gets its (cached) :func:`launch_table`, so a
+    multi-tensor kernel processes a group in one launch, whatever its number of tensors.
+    """
+    by_dtypes: dict[tuple[torch.dtype, ...], list[int]] = {}
+    for k, row in enumerate(zip(*operands, strict=True)):
+        if row[0].numel():
+            by_dtypes.setdefault(tuple(t.dtype for t in row), []).append(k)
+    groups = []
+    for dtypes, index in by_dtypes.items():
+        ops = [[operand[k].contiguous() for k in index] for operand in operands]
+        copied = any(
+            w is not operand[k]
+            for operand, op in zip(operands, ops, strict=True)
+            for k, w in zip(index, op, strict=True)
+        )
+        groups.append(TensorGroup(index, dtypes, ops, launch_table(ops, block), copied))
+    return groups
+
+
+_SHAPE = operator.attrgetter("shape")
+_DTYPE = operator.attrgetter("dtype")
+
+
+def signature(tensors: Sequence[torch.Tensor]) -> tuple:
+    """What a validated multi-tensor plan depends on: every tensor's address, shape,
+    strides and dtype (the address also fixes the device). Cheap: four C-level maps,
+    no Python loop over the tensors."""
+    return (
+        tuple(map(torch.Tensor.data_ptr, tensors)),
+        tuple(map(_SHAPE, tensors)),
+        tuple(map(torch.Tensor.stride, tensors)),
+        tuple(map(_DTYPE, tensors)),
+    )
+
+
+class PlanCache:
+    """The last few plans of one op, keyed by :func:`signature` and the caller's extras.
+
+    A plan validates its tensors and builds its launch tables once; calling the op
+    again on the same tensors (an accumulation per batch, a sweep of dampening
+    strengths) then skips that Python work, which for a model's ~150 parameter
+    tensors costs as much as the kernel itself. Cached plans hold no tensor (see
+    :meth:`TensorGroup.without_tensors`), so the cache never keeps memory alive; a
+    plan found for new tensors at the same addresses, shapes, strides and dtypes is
+    exactly the plan those tensors need.
+    """
+
+    def __init__(self, size: int = 8):
+        self.size = size
+        self._plans: OrderedDict[tuple, Any] = OrderedDict()
+
+    def get(self, key: tuple) -> Any:
+        plan = self._plans.get(key)
+        if plan is not None:
+            self._plans.move_to_end(key)
+        return plan
+
+    def put(self, key: tuple, plan: Any) -> None:
+        self._plans[key] = plan
+        if len(self._plans) > self.size:
+            self._plans.popitem(last=False)
+
+    def clear(self) -> None:
+        self._plans.clear()

@@ -97,30 +97,51 @@ def accumulate_(
 
     The Triton path is one launch per (importance dtype, grad dtype) pair, normally
     one: a table of tensor addresses and a block->tensor map let every program find
-    its tensor, so the list is processed like one flat buffer.
+    its tensor, so the list is processed like one flat buffer. The checks and the
+    table are kept (without the tensors) for the next call on tensors of the same
+    addresses, shapes, strides and dtypes: an accumulation per batch pays them once.
     """
-    _check_lists(importances, grads)
-    if (
-        _dispatch.resolve_backend("accumulate_", backend, list(importances) + list(grads))
-        == "torch"
-    ):
-        accumulate_reference_(importances, grads, scale)
-    elif importances:
+    tensors = [*importances, *grads]
+    key = (backend, _dispatch.interpreter_enabled(), len(importances), _dispatch.signature(tensors))
+    groups = _PLANS.get(key)
+    if groups is None:
+        _check_lists(importances, grads)
+        if _dispatch.resolve_backend("accumulate_", backend, tensors) == "torch":
+            accumulate_reference_(importances, grads, scale)
+            return
+        config = _dispatch.elementwise_config()
+        groups = _dispatch.group_tensors([importances, grads], config.block)
+        reusable = [g.without_tensors() for g in groups]
+        if all(g is not None for g in reusable):
+            _PLANS.put(key, reusable)
+    if groups:
         with _dispatch.device_guard(importances[0].device):
-            _accumulate_triton(importances, grads, float(scale))
+            _launch(groups, importances, float(scale), _dispatch.elementwise_config())
+
+
+_PLANS = _dispatch.PlanCache()
 
 
 def _accumulate_triton(
-    importances: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], scale: float
+    importances: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    scale: float,
+    config: _dispatch.LaunchConfig | None = None,
 ) -> None:
-    groups: dict[tuple[torch.dtype, torch.dtype], list[int]] = {}
-    for k, (imp, g) in enumerate(zip(importances, grads, strict=True)):
-        if imp.numel():
-            groups.setdefault((imp.dtype, g.dtype), []).append(k)
-    block = _dispatch.elementwise_block()
-    for (imp_dtype, grad_dtype), index in groups.items():
-        work = [_dispatch.contiguous_work(importances[k]) for k in index]
-        table = _dispatch.launch_table([work, [grads[k].contiguous() for k in index]], block)
+    """One launch per dtype group, grouping and tables built for this call."""
+    config = config or _dispatch.elementwise_config()
+    _launch(_dispatch.group_tensors([importances, grads], config.block), importances, scale, config)
+
+
+def _launch(
+    groups: list[_dispatch.TensorGroup],
+    importances: Sequence[torch.Tensor],
+    scale: float,
+    config: _dispatch.LaunchConfig,
+) -> None:
+    for group in groups:
+        imp_dtype, grad_dtype = group.dtypes
+        table = group.table
         _accumulate_kernel[(table.n_blocks,)](
             *table.addrs,
             table.numels,
@@ -129,10 +150,8 @@ def _accumulate_triton(
             scale,
             IMP=_dispatch.triton_dtype(imp_dtype),
             GRAD=_dispatch.triton_dtype(grad_dtype),
-            BLOCK=block,
+            BLOCK=config.block,
             ALIGNED=table.aligned,
-            num_warps=8,
+            num_warps=config.num_warps,
         )
-        for k, w in zip(index, work, strict=True):
-            if w is not importances[k]:
-                importances[k].copy_(w)
+        group.write_back(importances)

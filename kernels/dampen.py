@@ -16,6 +16,7 @@ leaves every parameter as it was. Arithmetic is fp32 whatever the storage dtype.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -25,7 +26,7 @@ import torch
 from . import _dispatch
 from ._dispatch import Backend
 
-__all__ = ["dampen_", "dampen_reference_"]
+__all__ = ["DampenPlan", "dampen_", "dampen_reference_"]
 
 tl: Any = None  # triton.language once a kernel is built (see _dispatch.TritonKernel)
 
@@ -94,7 +95,17 @@ def dampen_reference_(
 ) -> int:
     """Plain-torch :func:`dampen_`: validates every tensor, then dampens them one by one."""
     _check_scalars(alpha, lam)
-    names, thetas, fds, ffs = _as_lists(params, fisher_d, fisher_f)
+    return _dampen_lists(*_as_lists(params, fisher_d, fisher_f), alpha, lam)
+
+
+def _dampen_lists(
+    names: list[str],
+    thetas: list[torch.Tensor],
+    fds: list[torch.Tensor],
+    ffs: list[torch.Tensor],
+    alpha: float,
+    lam: float,
+) -> int:
     for name, theta, fd, ff in zip(names, thetas, fds, ffs, strict=True):
         if not (_all_finite(theta) and _all_finite(fd) and _all_finite(ff)):
             raise _nonfinite_error(name, theta, fd, ff)
@@ -129,9 +140,10 @@ def _dampen_kernel(
     ALIGNED: tl.constexpr,
     RESTORE: tl.constexpr,
 ):
-    # A block holding any non-finite value writes nothing and reports it in
-    # stats[1]; the others save the selected theta to the backup and dampen them.
-    # RESTORE replays the same selection and writes the backup back (error path).
+    # Every lane decides alone (no block-wide reduction before the writes): a
+    # selected theta is saved to the backup and dampened; the block's counts of
+    # selected and non-finite elements go to stats. The selection reads only F_D
+    # and F_f, so RESTORE replays it exactly and writes the backup back.
     pid = tl.program_id(0)
     k = tl.load(block_tensor + pid)
     start = (pid - tl.load(block_first + k)) * BLOCK
@@ -150,25 +162,27 @@ def _dampen_kernel(
     backup = backup_ptr + tl.load(elem_first + k) + offs
     if start + BLOCK <= n:  # unmasked, so that the loads vectorise
         in_range = tl.full((BLOCK,), 1, tl.int1)
-        raw = tl.load(theta_ptr)
         fd = tl.load(fd_ptr).to(tl.float32)
         ff = tl.load(ff_ptr).to(tl.float32)
     else:
         in_range = offs < n
-        raw = tl.load(theta_ptr, mask=in_range, other=0.0)
         fd = tl.load(fd_ptr, mask=in_range, other=0.0).to(tl.float32)
         ff = tl.load(ff_ptr, mask=in_range, other=0.0).to(tl.float32)
-    theta = raw.to(tl.float32)
-    inf = float("inf")
-    finite = (tl.abs(theta) < inf) & (tl.abs(fd) < inf) & (tl.abs(ff) < inf)
-    n_bad = tl.reduce((~finite).to(tl.int32), 0, tl.standard._sum_combine)
-    selected = (ff > alpha * fd) & (ff > 0.0) & in_range & (n_bad == 0)
+    selected = (ff > alpha * fd) & (ff > 0.0) & in_range
     if RESTORE:
         tl.store(theta_ptr, tl.load(backup, mask=selected), mask=selected)
     else:
+        if start + BLOCK <= n:
+            raw = tl.load(theta_ptr)
+        else:
+            raw = tl.load(theta_ptr, mask=in_range, other=0.0)
+        theta = raw.to(tl.float32)
+        inf = float("inf")
+        finite = (tl.abs(theta) < inf) & (tl.abs(fd) < inf) & (tl.abs(ff) < inf)
         factor = tl.minimum(tl.math.div_rn(lam * fd, tl.where(ff > 0.0, ff, 1.0)), 1.0)
         tl.store(backup, raw, mask=selected)
         tl.store(theta_ptr, (theta * factor).to(THETA), mask=selected)
+        n_bad = tl.reduce((~finite & in_range).to(tl.int32), 0, tl.standard._sum_combine)
         tl.store(stats_ptr + pid, tl.reduce(selected.to(tl.int32), 0, tl.standard._sum_combine))
         tl.store(stats_ptr + n_blocks + pid, n_bad)
 
@@ -188,82 +202,135 @@ def dampen_(
     ``params``, ``fisher_d`` and ``fisher_f`` are parallel sequences of same-shaped
     tensors, or mappings keyed by parameter name (``params``'s keys are used). Returns
     the number of selected (dampened) elements. See the module docstring for the rule
-    and its edge cases.
-
-    The Triton path is one launch per dtype combination (one in practice): a pointer
-    table lets each program find its tensor, and it reads theta, F_D and F_f once and
-    writes only the selected theta. Those originals are also written to a scratch
-    buffer the size of the parameters, so that a non-finite value found anywhere can
-    be undone without a second reading pass before the write.
+    and its edge cases. ``dampen_(p, fd, ff, alpha, lam)`` is
+    ``DampenPlan(p, fd, ff)(alpha, lam)``.
     """
     _check_scalars(alpha, lam)
-    names, thetas, fds, ffs = _as_lists(params, fisher_d, fisher_f)
-    if _dispatch.resolve_backend("dampen_", backend, thetas + fds + ffs) == "torch":
-        return dampen_reference_(params, fisher_d, fisher_f, alpha, lam)
-    if not thetas:
-        return 0
-    with _dispatch.device_guard(thetas[0].device):
-        return _dampen_triton(names, thetas, fds, ffs, float(alpha), float(lam))
+    if isinstance(params, Mapping) and isinstance(fisher_d, Mapping) and isinstance(fisher_f, Mapping):
+        names = tuple(params)
+        tensors = [*params.values(), *map(fisher_d.get, names), *map(fisher_f.get, names)]
+    else:
+        names, tensors = (), [*params, *fisher_d, *fisher_f]  # type: ignore[misc]
+    if any(t is None for t in tensors):  # a name missing from a Fisher mapping
+        return DampenPlan(params, fisher_d, fisher_f, backend=backend)(alpha, lam)  # raises
+    key = (backend, _dispatch.interpreter_enabled(), names, len(params), _dispatch.signature(tensors))  # type: ignore[arg-type]
+    cached = _PLANS.get(key)
+    if cached is None:
+        plan = DampenPlan(params, fisher_d, fisher_f, backend=backend)
+        reusable = plan.without_tensors()
+        if reusable is not None:
+            _PLANS.put(key, reusable)
+        return plan(alpha, lam)
+    n = len(params)
+    return cached.apply(tensors[:n], tensors[n : 2 * n], tensors[2 * n :], alpha, lam)
 
 
-def _dampen_triton(
-    names: list[str],
-    thetas: list[torch.Tensor],
-    fds: list[torch.Tensor],
-    ffs: list[torch.Tensor],
-    alpha: float,
-    lam: float,
-) -> int:
-    groups: dict[tuple[torch.dtype, ...], list[int]] = {}
-    for k, (theta, fd, ff) in enumerate(zip(thetas, fds, ffs, strict=True)):
-        if theta.numel():
-            groups.setdefault((theta.dtype, fd.dtype, ff.dtype), []).append(k)
-    device = thetas[0].device
-    block = _dispatch.elementwise_block()
-    launches = []
-    for (t_dtype, fd_dtype, ff_dtype), index in groups.items():
-        work = [_dispatch.contiguous_work(thetas[k]) for k in index]
-        table = _dispatch.launch_table(
-            [work, [fds[k].contiguous() for k in index], [ffs[k].contiguous() for k in index]],
-            block,
-        )
-        backup = torch.empty(table.n_elements, dtype=t_dtype, device=device)
-        stats = torch.empty(2, table.n_blocks, dtype=torch.int32, device=device)
-        args = (
-            *table.addrs,
-            table.numels,
-            table.block_first,
-            table.elem_first,
-            table.block_tensor,
-            backup,
-            stats,
-            table.n_blocks,
-            alpha,
-            lam,
-        )
-        meta = dict(
-            THETA=_dispatch.triton_dtype(t_dtype),
-            FD=_dispatch.triton_dtype(fd_dtype),
-            FF=_dispatch.triton_dtype(ff_dtype),
-            BLOCK=block,
-            ALIGNED=table.aligned,
-            num_warps=8,
-        )
-        _dampen_kernel[(table.n_blocks,)](*args, RESTORE=False, **meta)
-        launches.append((index, work, table, stats, args, meta))
+_PLANS = _dispatch.PlanCache()
 
-    totals = [stats.sum(dim=1, dtype=torch.int64) for *_, stats, _, _ in launches]
-    counts = torch.stack(totals).tolist() if totals else []
-    bad = next((g for g, (_, n_bad) in enumerate(counts) if n_bad), None)
-    if bad is not None:
-        for _, _, table, _, args, meta in launches:
-            _dampen_kernel[(table.n_blocks,)](*args, RESTORE=True, **meta)
-        index, _, table, stats, _, _ = launches[bad]
-        first_block = int(torch.nonzero(stats[1])[0, 0])
-        k = index[int(table.block_tensor[first_block])]
-        raise _nonfinite_error(names[k], thetas[k], fds[k], ffs[k])
-    for index, work, *_ in launches:
-        for k, w in zip(index, work, strict=True):
-            if w is not thetas[k]:
-                thetas[k].copy_(w)
-    return sum(selected for selected, _ in counts)
+
+class DampenPlan:
+    """:func:`dampen_` for fixed tensors, validated once and applied any number of times.
+
+    Validation (shapes, devices, dtypes) and the pointer tables are Python work over
+    every tensor; a plan does them once, so that repeated dampening of the same tensors
+    (an SSD sweep over ``alpha`` and ``lam`` on restored weights, or a benchmark) costs
+    one kernel launch per dtype group and one read-back of the counts.
+
+    The Triton path reads theta, F_D and F_f once and writes only the selected theta,
+    saving their originals to a scratch buffer, so that a non-finite value found
+    anywhere is undone without a second reading pass before the writes.
+    """
+
+    def __init__(
+        self,
+        params: Tensors,
+        fisher_d: Tensors,
+        fisher_f: Tensors,
+        *,
+        backend: Backend = "auto",
+        config: _dispatch.LaunchConfig | None = None,
+    ):
+        self.names, self.thetas, self.fds, self.ffs = _as_lists(params, fisher_d, fisher_f)
+        self.backend = _dispatch.resolve_backend(
+            "dampen_", backend, self.thetas + self.fds + self.ffs
+        )
+        self.config = config or _dispatch.elementwise_config()
+        self.groups: list[_dispatch.TensorGroup] = []
+        if self.backend == "triton":
+            self.groups = _dispatch.group_tensors(
+                [self.thetas, self.fds, self.ffs], self.config.block
+            )
+
+    def __call__(self, alpha: float, lam: float) -> int:
+        return self.apply(self.thetas, self.fds, self.ffs, alpha, lam)
+
+    def without_tensors(self) -> DampenPlan | None:
+        """A copy of this plan that holds no tensor, for :data:`_PLANS`; None when a
+        launch group works on contiguous copies made for this plan only."""
+        groups = [g.without_tensors() for g in self.groups]
+        if any(g is None for g in groups):
+            return None
+        plan = copy.copy(self)
+        plan.thetas = plan.fds = plan.ffs = []
+        plan.groups = groups  # type: ignore[assignment]
+        return plan
+
+    @torch.no_grad()
+    def apply(
+        self,
+        thetas: list[torch.Tensor],
+        fds: list[torch.Tensor],
+        ffs: list[torch.Tensor],
+        alpha: float,
+        lam: float,
+    ) -> int:
+        """Dampen ``thetas``: the plan's tensors, or tensors of its exact signature."""
+        _check_scalars(alpha, lam)
+        if self.backend == "torch":
+            return _dampen_lists(self.names, thetas, fds, ffs, alpha, lam)
+        if not self.groups:
+            return 0
+        with _dispatch.device_guard(thetas[0].device):
+            return self._launch(thetas, fds, ffs, float(alpha), float(lam))
+
+    def _launch(
+        self,
+        thetas: list[torch.Tensor],
+        fds: list[torch.Tensor],
+        ffs: list[torch.Tensor],
+        alpha: float,
+        lam: float,
+    ) -> int:
+        device = thetas[0].device
+        launches = []
+        for group in self.groups:
+            table = group.table
+            theta_dtype, fd_dtype, ff_dtype = group.dtypes
+            backup = torch.empty(table.n_elements, dtype=theta_dtype, device=device)
+            stats = torch.empty(2, table.n_blocks, dtype=torch.int32, device=device)
+            args = (*table.addrs, table.numels, table.block_first, table.elem_first)
+            args += (table.block_tensor, backup, stats, table.n_blocks, alpha, lam)
+            meta = dict(
+                THETA=_dispatch.triton_dtype(theta_dtype),
+                FD=_dispatch.triton_dtype(fd_dtype),
+                FF=_dispatch.triton_dtype(ff_dtype),
+                BLOCK=self.config.block,
+                ALIGNED=table.aligned,
+                num_warps=self.config.num_warps,
+            )
+            _dampen_kernel[(table.n_blocks,)](*args, RESTORE=False, **meta)
+            launches.append((group, stats, args, meta))
+
+        totals = [stats.sum(dim=1, dtype=torch.int64) for _, stats, _, _ in launches]
+        counts = (torch.stack(totals) if len(totals) > 1 else totals[0][None]).tolist()
+        bad = next((g for g, (_, n_bad) in enumerate(counts) if n_bad), None)
+        if bad is not None:
+            for group, _, args, meta in launches:
+                _dampen_kernel[(group.table.n_blocks,)](*args, RESTORE=True, **meta)
+            group, stats, _, _ = launches[bad]
+            first_block = int(torch.nonzero(stats[1])[0, 0])
+            k = group.index[int(group.table.block_tensor[first_block])]
+            raise _nonfinite_error(self.names[k], thetas[k], fds[k], ffs[k])
+        for group, *_ in launches:
+            group.write_back(thetas)
+        return sum(selected for selected, _ in counts)

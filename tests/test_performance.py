@@ -9,6 +9,7 @@ import torch
 from torch.nn import functional as F
 
 from contlearn import Experiment, hookimpl, load_config
+from contlearn.errors import ConfigError
 from contlearn.experiment import stream_of
 from contlearn.models import create_model
 
@@ -42,7 +43,16 @@ def count_host_reads(monkeypatch, cfg, plugins) -> int:
 
 @pytest.mark.parametrize("extra", [[], ["plugins.finetune={}"]])
 def test_training_step_never_reads_back_to_the_host(monkeypatch, extra):
-    cfg = load_config(None, ["train.epochs=3", "train.batch_size=8", "eval.fwt=false", "scenario.n_experiences=2", *extra])
+    cfg = load_config(
+        None,
+        [
+            "train.epochs=3",
+            "train.batch_size=8",
+            "eval.fwt=false",
+            "scenario.n_experiences=2",
+            *extra,
+        ],
+    )
     counter = StepCounter()
     reads = count_host_reads(monkeypatch, cfg, {"count": counter})
     # ~540 steps; reads happen per epoch (loss table), per experience (label check, evaluation)
@@ -84,7 +94,9 @@ def plain_loop(cfg) -> list[float]:
                 opt.step()
     model.eval()
     with torch.no_grad():
-        return [float((model(e.test.x).logits.argmax(1) == e.test.y).double().mean()) for e in stream]
+        return [
+            float((model(e.test.x).logits.argmax(1) == e.test.y).double().mean()) for e in stream
+        ]
 
 
 def test_same_results_as_a_plain_loop():
@@ -100,7 +112,9 @@ def test_amp_trains_in_bf16_autocast():
         def compute_loss(self, out):
             dtypes.append(out.logits.dtype)
 
-    cfg = load_config(None, ["train.epochs=1", "eval.fwt=false", "scenario.n_experiences=2", "train.amp=true"])
+    cfg = load_config(
+        None, ["train.epochs=1", "eval.fwt=false", "scenario.n_experiences=2", "train.amp=true"]
+    )
     results = Experiment(cfg, plugins={"watch": Watch()}).run()
     assert set(dtypes) == {torch.bfloat16}
     assert results.accuracy_matrix[0][0] > 0.5
@@ -108,10 +122,46 @@ def test_amp_trains_in_bf16_autocast():
 
 def test_channels_last_model_and_inputs():
     cfg = load_config(
-        None, ["train.epochs=1", "eval.fwt=false", "scenario.n_experiences=2", "model.backbone=cnn", "train.channels_last=true"]
+        None,
+        [
+            "train.epochs=1",
+            "eval.fwt=false",
+            "scenario.n_experiences=2",
+            "model.backbone=cnn",
+            "train.channels_last=true",
+        ],
     )
     exp = Experiment(cfg)
     run = exp.build()
     assert run.stream[0].train.x.is_contiguous(memory_format=torch.channels_last)
     conv = next(m for m in run.model.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_compile_compiles_the_backbone_in_place(monkeypatch: pytest.MonkeyPatch):
+    # Dynamo traces for real; the "eager" backend skips Inductor's C++ code generation,
+    # which takes a minute on two cores and is torch's to test, not ours.
+    compile_ = torch.nn.Module.compile
+    monkeypatch.setattr(
+        torch.nn.Module, "compile", lambda self, **kw: compile_(self, backend="eager", **kw)
+    )
+    cfg = load_config(
+        None, ["train.epochs=1", "eval.fwt=false", "scenario.n_experiences=2", "train.compile=true"]
+    )
+    exp = Experiment(cfg)
+    run = exp.build()
+    names = [name for name, _ in run.model.named_parameters()]
+    assert (
+        run.model.backbone._compiled_call_impl is not None
+    )  # the backbone, whose shapes never change
+    assert run.model.head._compiled_call_impl is None  # the growing head stays eager
+    results = exp.run()
+    assert [
+        name for name, _ in run.model.named_parameters()
+    ] == names  # checkpoints keep their keys
+    assert results.accuracy_matrix[0][0] > 0.5
+
+
+def test_unknown_compile_mode_is_a_config_error():
+    with pytest.raises(ConfigError, match="train.compile_mode"):
+        load_config(None, ["train.compile_mode=fastest"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from contlearn.kernels import dampen
+from contlearn.kernels import _dispatch, dampen
 
 SIZES = [(1,), (7,), (1023,), (33, 31), (1025,), (4097,), (0,), (3, 5, 7)]
 ALPHA, LAM = 2.0, 1.5
@@ -164,3 +164,49 @@ def test_argument_errors() -> None:
         dampen.dampen_([torch.ones(3)], [torch.ones(3)], [torch.ones(3)], float("nan"), 1.0)
     with pytest.raises(ValueError, match="no Fisher"):
         dampen.dampen_({"w": torch.ones(1)}, {}, {}, 1.0, 1.0)
+
+
+def test_a_plan_applies_the_same_update_every_time(device: torch.device, count_launches) -> None:
+    thetas, fds, ffs = _problem(device)
+    want = [t.clone() for t in thetas]
+    plan = dampen.DampenPlan(
+        thetas, fds, ffs, backend="triton", config=_dispatch.LaunchConfig(128, 4)
+    )
+    counter = count_launches(dampen, "_dampen_kernel")
+    counts = [plan(ALPHA, LAM), plan(ALPHA, LAM)]
+    assert counter.launches == 2
+    want_counts = [dampen.dampen_reference_(want, fds, ffs, ALPHA, LAM) for _ in range(2)]
+    assert counts == want_counts
+    for got, ref in zip(thetas, want, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=0)
+
+
+def test_repeated_calls_reuse_a_plan_that_holds_no_tensor(device: torch.device) -> None:
+    import gc
+    import weakref
+
+    dampen._PLANS.clear()
+    thetas, fds, ffs = _problem(device)
+    want = [t.clone() for t in thetas]
+    for _ in range(2):
+        assert dampen.dampen_(thetas, fds, ffs, ALPHA, LAM, backend="triton") == dampen.dampen_reference_(
+            want, fds, ffs, ALPHA, LAM
+        )
+    assert len(dampen._PLANS._plans) == 1
+    for got, ref in zip(thetas, want, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=0)
+    fisher = weakref.ref(fds[0])
+    del fds
+    gc.collect()
+    assert fisher() is None  # the cached plan keeps no Fisher tensor alive
+
+
+def test_non_contiguous_tensors_are_dampened_but_not_cached(device: torch.device) -> None:
+    dampen._PLANS.clear()
+    theta = torch.randn(6, 5, device=device).T  # a transposed view
+    fd, ff = torch.rand(5, 6, device=device), torch.rand(5, 6, device=device) * 8
+    want = theta.clone()
+    count = dampen.dampen_([theta], [fd], [ff], ALPHA, LAM, backend="triton")
+    assert count == dampen.dampen_reference_([want], [fd], [ff], ALPHA, LAM) > 0
+    torch.testing.assert_close(theta, want, rtol=1e-6, atol=0)
+    assert not dampen._PLANS._plans

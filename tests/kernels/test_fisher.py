@@ -218,3 +218,21 @@ def test_empirical_fisher_argument_errors() -> None:
         fisher.empirical_fisher(model, [torch.randn(2, 2)], _xent)
     with pytest.raises(ValueError, match="scalar"):
         fisher.empirical_fisher(model, [(torch.randn(2, 2), None)], lambda m, x, y: m(x))
+
+
+def test_accumulate_reuses_a_plan_that_holds_no_tensor(device: torch.device) -> None:
+    import gc
+    import weakref
+
+    accumulate._PLANS.clear()
+    imps = [torch.zeros(s, device=device) for s in ((3,), (1025,), (4, 7))]
+    grads = [torch.randn(s, device=device) for s in ((3,), (1025,), (4, 7))]
+    for _ in range(3):
+        fisher.accumulate_(imps, grads, 0.5, backend="triton")
+    assert len(accumulate._PLANS._plans) == 1
+    for imp, g in zip(imps, grads, strict=True):
+        torch.testing.assert_close(imp, 1.5 * g * g, rtol=1e-6, atol=1e-7)
+    grad = weakref.ref(grads[0])
+    del grads
+    gc.collect()
+    assert grad() is None

@@ -103,3 +103,18 @@ def test_shape_errors() -> None:
         per_sample.per_sample_linear(torch.randn(2, 3, 4), torch.randn(2, 4, 5))
     with pytest.raises(ValueError, match="must be"):
         per_sample.per_sample_linear(torch.randn(4), torch.randn(4))
+
+
+@pytest.mark.parametrize("chunk", [1, 3, None], ids=["chunk1", "chunk3", "default"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_batched_gemm_path_matches_reference(
+    device: torch.device, chunk: int | None, dtype: torch.dtype
+) -> None:
+    a = torch.randn(7, 13, 21, device=device).to(dtype)
+    d = torch.randn(7, 13, 1030, device=device).to(dtype)  # O x I beyond one square-sum block
+    got = per_sample.per_sample_linear_bmm(a, d, chunk=chunk)
+    assert got.dtype == torch.float32 and got.shape == (1030, 21)
+    torch.testing.assert_close(
+        got, per_sample.per_sample_linear_reference(a, d), rtol=1e-5, atol=1e-5
+    )
+    assert per_sample.per_sample_linear_bmm(a[:0], d[:0]).abs().sum() == 0
