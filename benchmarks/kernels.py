@@ -302,6 +302,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats; smaller CPU sizes")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     parser.add_argument(
+        "--ops",
+        nargs="+",
+        choices=["dampen", "accumulate", "per_sample"],
+        default=["dampen", "accumulate", "per_sample"],
+        help="which benchmarks to run (default: all)",
+    )
+    parser.add_argument(
         "--sweep", action="store_true", help="GPU: also time other launch shapes and chunk sizes"
     )
     args = parser.parse_args()
@@ -335,9 +342,11 @@ def main() -> None:
             shapes = vit_shapes(width=384, depth=4, mlp=1536, classes=100)
             label = "ViT shapes, width 384, depth 4"
             cases = [(256, 1, 512, 512), (32, 65, 192, 768)]
-    bench_dampen(device, shapes, timer, label, args.sweep)
-    bench_accumulate(device, shapes, timer, label, args.sweep)
-    for case in cases:
+    if "dampen" in args.ops:
+        bench_dampen(device, shapes, timer, label, args.sweep)
+    if "accumulate" in args.ops:
+        bench_accumulate(device, shapes, timer, label, args.sweep)
+    for case in cases if "per_sample" in args.ops else ():
         bench_per_sample(device, *case, timer, args.sweep)
 
 

@@ -143,6 +143,17 @@ class HerdingMemory:
             return None
         return TensorData(self.x, self.y, self.t, augment)  # type: ignore[arg-type]
 
+    def joined(self, train: TensorData) -> TensorData | None:
+        """``train`` with the exemplars appended (on ``train``'s device), the
+        training set of iCaRL, PyCIL's ``Replay`` and MEMO (their ``appendent``);
+        ``None`` when the memory is empty."""
+        memory = self.data()
+        if memory is None:
+            return None
+        memory = memory.to(train.device)
+        return TensorData(torch.cat([train.x, memory.x]), torch.cat([train.y, memory.y]),
+                          torch.cat([train.t, memory.t]), train.augment)
+
     def sample(self, n: int, device: torch.device | str) -> Batch | None:
         """``n`` exemplars drawn uniformly without replacement (all when fewer)."""
         if self.x is None or len(self) == 0:

@@ -90,6 +90,7 @@ class MEMO:
         self.class_means: torch.Tensor | None = None
         self.accuracy: dict[str, list[list[float]]] = {"classifier": [], "nme": []}
         self.memory_rows: list[dict[str, int | float]] = []
+        self.align_factors: list[float] = []  # weight aligning's factor, per experience it ran after
         self._pending: dict[str, Any] | None = None
         self._aux_map: torch.Tensor | None = None
         self._hits: dict[str, torch.Tensor] = {}
@@ -185,13 +186,7 @@ class MEMO:
         if not isinstance(exp.train, TensorData):
             raise ConfigError("the memo plugin trains on experience data + exemplars held as tensors: "
                               "use scenario.storage=tensor")
-        memory = self.memory.data() if self.memory is not None else None
-        if memory is None:
-            return None
-        memory = memory.to(exp.train.device)
-        train = exp.train
-        return TensorData(torch.cat([train.x, memory.x]), torch.cat([train.y, memory.y]),
-                          torch.cat([train.t, memory.t]), train.augment)
+        return self.memory.joined(exp.train) if self.memory is not None else None
 
     @hookimpl
     def before_experience(self, run: Any, exp: Any) -> None:
@@ -226,7 +221,7 @@ class MEMO:
     def after_experience(self, run: Any, exp: Any) -> None:
         model: MemoNet = run.model
         if self.old and self.new and self.config.weight_align:
-            model.weight_align(self.old, self.new)
+            self.align_factors.append(model.weight_align(self.old, self.new))
         was_training = model.training
         model.eval()
         assert self.memory is not None
@@ -309,6 +304,7 @@ class MEMO:
             "class_means": self.class_means,
             "accuracy": {k: [list(r) for r in v] for k, v in self.accuracy.items()},
             "memory_rows": [dict(r) for r in self.memory_rows],
+            "align_factors": list(self.align_factors),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -331,3 +327,4 @@ class MEMO:
         self.class_means = None if means is None else means.to(device or self.memory.device or "cpu")
         self.accuracy = {k: [list(r) for r in v] for k, v in state["accuracy"].items()}
         self.memory_rows = [dict(r) for r in state["memory_rows"]]
+        self.align_factors = [float(g) for g in state.get("align_factors", [])]

@@ -166,7 +166,45 @@ def test_herding_memory_keeps_the_budget_and_the_head_of_each_ranking():
         memory.per_class(11)
 
 
+def test_joined_appends_the_exemplars_to_the_training_set():
+    memory = HerdingMemory(4)
+    train = TensorData(torch.randn(6, 3), torch.tensor([2, 2, 2, 3, 3, 3]))
+    assert memory.joined(train) is None
+    memory.update(lambda v: v, TensorData(torch.randn(10, 3), torch.arange(10) % 2), [0, 1], n_seen=2)
+    joined = memory.joined(train)
+    assert torch.equal(joined.x, torch.cat([train.x, memory.x])) and joined.y.tolist() == [2, 2, 2, 3, 3, 3, 0, 0, 1, 1]
+
+
 # ------------------------------------------------------------------ end to end
+
+
+def test_weight_aligning_follows_each_later_experience_before_its_exemplars(monkeypatch):
+    """The reference (``MEMO._train``) aligns after training every experience
+    but the first, unconditionally, then builds the rehearsal memory."""
+    calls: list[str] = []
+    norms: list[float] = []
+    align, update = MemoNet.weight_align, HerdingMemory.update
+
+    def spy_align(self, old, new):
+        w = self.head.weight.detach()
+        norms.append(float(w[old].norm(dim=1).mean() / w[new].norm(dim=1).mean()))
+        calls.append("align")
+        return align(self, old, new)
+
+    def spy_update(self, *args, **kwargs):
+        calls.append("exemplars")
+        return update(self, *args, **kwargs)
+
+    monkeypatch.setattr(MemoNet, "weight_align", spy_align)
+    monkeypatch.setattr(HerdingMemory, "update", spy_update)
+    experiment = Experiment(load_config(None, TINY))
+    experiment.run()
+    assert calls == ["exemplars", "align", "exemplars", "align", "exemplars"]
+    assert experiment.run_state.plugins["memo"].align_factors == pytest.approx(norms)
+    calls.clear()
+    experiment = Experiment(load_config(None, [*TINY, "plugins.memo.weight_align=false"]))
+    experiment.run()
+    assert calls == ["exemplars"] * 3 and experiment.run_state.plugins["memo"].align_factors == []
 
 
 class Snapshot:
@@ -233,10 +271,6 @@ def test_bad_settings_are_config_errors():
         Experiment(load_config(None, [*TINY, "model.head=cosine"])).run()
 
 
-
-
-
-
 @pytest.mark.parametrize("crash_step", [13, 20])  # inside experience 1 (mid-epoch), inside experience 2
 def test_resume_restores_every_block_and_gives_the_same_run(tmp_path, crash_step):
     overrides = [*TINY, "checkpoint.every_n_steps=3", "checkpoint.keep_last=50"]
@@ -254,3 +288,4 @@ def test_resume_restores_every_block_and_gives_the_same_run(tmp_path, crash_step
     a, b = whole.run_state.model.state_dict(), resumed.run_state.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.run_state.plugins["memo"].accuracy == whole.run_state.plugins["memo"].accuracy
+    assert resumed.run_state.plugins["memo"].align_factors == whole.run_state.plugins["memo"].align_factors
