@@ -79,9 +79,20 @@ def _nonfinite_error(
     )
 
 
-def _all_finite(t: torch.Tensor) -> bool:
-    # min and max propagate NaN and hold any infinity: one pass, no boolean temporary
-    return t.numel() == 0 or bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())
+def _first_nonfinite(tensors: list[torch.Tensor]) -> int | None:
+    """Index of the first tensor holding a NaN or an infinity, or None; one read-back.
+
+    ``x * 0`` is 0 for a finite x and NaN otherwise, so a tensor's 1-norm of
+    ``x * 0`` is 0 exactly when it is all finite, whatever the magnitudes (a sum
+    of the values themselves could overflow). Two multi-tensor ops for the list.
+    """
+    index = [k for k, t in enumerate(tensors) if t.numel()]
+    if not index:
+        return None
+    zeroed = torch._foreach_mul([tensors[k] for k in index], 0.0)
+    norms = torch.stack([n.float() for n in torch._foreach_norm(zeroed, 1)])
+    bad = torch.nonzero(norms != 0).flatten().tolist()  # NaN != 0
+    return index[bad[0]] if bad else None
 
 
 def _check_scalars(alpha: float, lam: float) -> None:
@@ -106,9 +117,10 @@ def _dampen_lists(
     alpha: float,
     lam: float,
 ) -> int:
-    for name, theta, fd, ff in zip(names, thetas, fds, ffs, strict=True):
-        if not (_all_finite(theta) and _all_finite(fd) and _all_finite(ff)):
-            raise _nonfinite_error(name, theta, fd, ff)
+    bad = _first_nonfinite([t for row in zip(thetas, fds, ffs, strict=True) for t in row])
+    if bad is not None:
+        k = bad // 3
+        raise _nonfinite_error(names[k], thetas[k], fds[k], ffs[k])
     counts = []
     for theta, fd, ff in zip(thetas, fds, ffs, strict=True):
         fd32, ff32 = fd.float(), ff.float()
