@@ -77,7 +77,25 @@ class _Storage:
             setattr(self, name, value)
 
 
-class ReservoirBuffer:
+class _Buffer:
+    """``size`` slots of stored samples and the generator that draws from them."""
+
+    def __init__(self, size: int, generator: torch.Generator, device: torch.device | str | None = None):
+        if size < 1:
+            raise ValueError(f"buffer size must be at least 1, got {size}")
+        self.size = size
+        self.generator = generator
+        self.storage = _Storage(size, device)
+
+    def _draw(self, filled: torch.Tensor, n: int, device: torch.device | str) -> Batch | None:
+        """``n`` of the ``filled`` slots, uniformly without replacement (all when fewer)."""
+        if len(filled) == 0:
+            return None
+        pick = torch.randperm(len(filled), generator=self.generator)[: min(n, len(filled))]
+        return self.storage.read(filled[pick], device)
+
+
+class ReservoirBuffer(_Buffer):
     """A uniform sample of everything offered so far (algorithm R).
 
     :param size: the number of samples kept.
@@ -86,11 +104,7 @@ class ReservoirBuffer:
     """
 
     def __init__(self, size: int, generator: torch.Generator, device: torch.device | str | None = None):
-        if size < 1:
-            raise ValueError(f"buffer size must be at least 1, got {size}")
-        self.size = size
-        self.generator = generator
-        self.storage = _Storage(size, device)
+        super().__init__(size, generator, device)
         self.n_seen = 0
         self.ids = torch.full((size,), -1, dtype=torch.long)  # which offered sample each slot holds
 
@@ -124,11 +138,7 @@ class ReservoirBuffer:
     def sample(self, n: int, device: torch.device | str) -> Batch | None:
         """``n`` stored samples drawn uniformly without replacement (all of them when
         fewer are stored), or ``None`` when the buffer is empty."""
-        filled = len(self)
-        if filled == 0:
-            return None
-        slots = torch.randperm(filled, generator=self.generator)[: min(n, filled)]
-        return self.storage.read(slots, device)
+        return self._draw(torch.arange(len(self)), n, device)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -172,7 +182,7 @@ def balanced_quotas(available: dict[int, int], size: int) -> dict[int, int]:
     return quota
 
 
-class ClassBalancedBuffer:
+class ClassBalancedBuffer(_Buffer):
     """An equal share of ``size`` per class seen, each a uniform subset of its class.
 
     :param size: the total number of samples kept.
@@ -181,11 +191,7 @@ class ClassBalancedBuffer:
     """
 
     def __init__(self, size: int, generator: torch.Generator, device: torch.device | str | None = None):
-        if size < 1:
-            raise ValueError(f"buffer size must be at least 1, got {size}")
-        self.size = size
-        self.generator = generator
-        self.storage = _Storage(size, device)
+        super().__init__(size, generator, device)
         self.labels = torch.full((size,), -1, dtype=torch.long)  # host copy of y; -1: empty slot
         self.keys = torch.full((size,), float("inf"), dtype=torch.float64)
         self.available: dict[int, int] = {}  # samples of each class offered so far
@@ -235,11 +241,7 @@ class ClassBalancedBuffer:
 
     def sample(self, n: int, device: torch.device | str) -> Batch | None:
         """``n`` stored samples drawn uniformly without replacement, or ``None`` when empty."""
-        filled = torch.nonzero(self.labels >= 0).flatten()
-        if len(filled) == 0:
-            return None
-        pick = torch.randperm(len(filled), generator=self.generator)[: min(n, len(filled))]
-        return self.storage.read(filled[pick], device)
+        return self._draw(torch.nonzero(self.labels >= 0).flatten(), n, device)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -13,9 +13,14 @@ paper, 4 by default here, chosen on validation data: docs/results.md). The
 term equals the KL divergence plus the teacher's entropy, so its gradient is
 that of the KL divergence and its smallest value is that entropy, not 0.
 
-Deviations from the paper, named: one growing head over all classes
-(class-incremental) rather than one head per task, so the old outputs are the
-old classes' logits; no warm-up phase training the new head alone first.
+Which outputs are distilled depends on the head. With one head per task
+(``model.head=multi``, task-incremental: the paper's setting), every old
+task's head is applied to the new data and distilled, and the terms are summed
+over the old tasks, as the paper does for several old tasks. With one growing
+head (class-incremental) the old outputs are the old classes' logits.
+
+Deviation from the paper, named: no warm-up phase training the new head alone
+first.
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ from contlearn.plugins._common import frozen_copy, load_tensors, module_tensors
 from torch import nn
 from torch.nn import functional as F
 
-from contlearn.errors import ConfigError
+from contlearn.errors import ConfigError, PluginError
 from contlearn.hookspecs import hookimpl
+from contlearn.models.heads import MultiHead
 
 
 def distillation(student: torch.Tensor, teacher: torch.Tensor, T: float) -> torch.Tensor:
@@ -70,12 +76,27 @@ class LwF:
         self.teacher = frozen_copy(run.model)
 
     @hookimpl
-    def loss_terms(self, batch: Any, out: Any) -> dict[str, torch.Tensor] | None:
+    def loss_terms(self, run: Any, batch: Any, out: Any) -> dict[str, torch.Tensor] | None:
         if self.teacher is None:
             return None
+        T = self.config.T
+        teacher_head = getattr(self.teacher, "head", None)
+        if isinstance(teacher_head, MultiHead):
+            # A task's head masks the other tasks' samples, so the new data's own
+            # logits say nothing about the old tasks: apply each old head directly.
+            if out.features is None:
+                raise PluginError("lwf: a multi-head model must return its features (Output.features)")
+            with torch.no_grad():
+                features = self.teacher.backbone(batch.x)
+            heads = run.model.head.heads
+            loss = sum(
+                distillation(heads[str(t)](out.features), teacher_head.heads[str(t)](features), T)
+                for t in teacher_head.tasks
+            )
+            return {"lwf": self.config.alpha * loss}
         with torch.no_grad():
             old = self.teacher(batch.x, batch.t).logits
-        return {"lwf": self.config.alpha * distillation(out.logits[:, : old.shape[1]], old, self.config.T)}
+        return {"lwf": self.config.alpha * distillation(out.logits[:, : old.shape[1]], old, T)}
 
     def state_dict(self) -> dict[str, Any]:
         """The teacher's parameters and buffers by name (empty before the first experience)."""

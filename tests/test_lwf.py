@@ -50,7 +50,7 @@ def test_only_the_teachers_classes_are_distilled_and_the_teacher_is_frozen():
     run = tiny_run()
     plugin = LwF(LwF.Config(T=2.0, alpha=0.5))
     batch = Batch(torch.randn(8, 5), torch.zeros(8, dtype=torch.long), torch.zeros(8, dtype=torch.long))
-    assert plugin.loss_terms(batch, Output(torch.zeros(8, 2))) is None
+    assert plugin.loss_terms(run, batch, Output(torch.zeros(8, 2))) is None
     plugin.after_experience(run)
     teacher_logits = run.model(batch.x).logits.detach()
     run.model.head.grow(5)
@@ -58,13 +58,13 @@ def test_only_the_teachers_classes_are_distilled_and_the_teacher_is_frozen():
         for p in run.model.parameters():
             p.add_(0.3)  # the model moves, the teacher must not
     logits = run.model(batch.x).logits
-    value = plugin.loss_terms(batch, Output(logits))["lwf"]
+    value = plugin.loss_terms(run, batch, Output(logits))["lwf"]
     assert value.item() == pytest.approx(0.5 * distillation(logits[:, :2], teacher_logits, 2.0).item(), rel=1e-6)
     value.backward()
     assert all(not p.requires_grad for p in plugin.teacher.parameters())
     changed = logits.detach().clone()
     changed[:, 2:] += 10.0
-    assert plugin.loss_terms(batch, Output(changed))["lwf"].item() == pytest.approx(value.item())
+    assert plugin.loss_terms(run, batch, Output(changed))["lwf"].item() == pytest.approx(value.item())
 
 
 def test_state_round_trip_rebuilds_the_teacher_over_a_grown_model():
@@ -97,3 +97,31 @@ def test_shipped_config_runs_by_name(quick):
     cfg = load_config("split-digits-lwf", [*quick, "scenario.n_experiences=2"])
     assert list(cfg.plugins) == ["lwf"] and cfg.plugins.lwf.alpha == LwF.Config().alpha
     assert Experiment(cfg).run().accuracy_matrix[0][0] > 0.5
+
+
+def test_multi_head_distils_every_old_tasks_head_on_the_new_data():
+    """Task-incremental: the new data's own (task 1) logits mask the old task's
+    classes, so LwF applies task 0's head to it, for the teacher and the model."""
+    from contlearn.models.heads import MultiHead
+
+    torch.manual_seed(0)
+    model = ContinualModel(MLP((5,), [6]), MultiHead(6))
+    model.head.adapt([0, 1], task=0)
+    run = SimpleNamespace(model=model)
+    plugin = LwF(LwF.Config(T=2.0, alpha=1.0))
+    plugin.after_experience(run)
+    model.head.adapt([2, 3], task=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    batch = Batch(torch.randn(8, 5), torch.full((8,), 2), torch.ones(8, dtype=torch.long))
+    out = model(batch.x, batch.t)
+    value = plugin.loss_terms(run, batch, out)["lwf"]
+    with torch.no_grad():
+        teacher_old = plugin.teacher.head.heads["0"](plugin.teacher.backbone(batch.x))
+    want = distillation(model.head.heads["0"](out.features), teacher_old, 2.0)
+    assert value.item() == pytest.approx(want.item(), rel=1e-6)
+    assert value.item() > distillation(teacher_old, teacher_old, 2.0).item() + 1e-4  # the model moved
+    value.backward()
+    assert model.head.heads["0"].weight.grad.abs().sum() > 0  # the old head is held to its outputs
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters())
