@@ -20,250 +20,30 @@ In a stream the classifier and the static memory gain each experience's
 classes; the dynamic memory is emptied before each evaluation or kept.
 ``alpha_d`` and ``alpha_s`` are chosen on held-out training samples, never on
 test labels (the reference code searches them on the test set).
+
+This module holds the plugin; the memories and their read-out are in
+:mod:`contlearn.plugins._dmn_memory`, the view features, the biases' training
+and the alpha search in :mod:`contlearn.plugins._dmn_adapt` (their public
+names are re-exported here).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 import torch
-from contlearn.plugins._clip import ClipClassifier, class_names_for, random_views
-from torch import nn
-from torch.nn import functional as F
+from contlearn.plugins._clip import ClipClassifier, class_names_for
+from contlearn.plugins._dmn_adapt import ALPHA_GRID, encode_views, search_alphas, train_biases
+from contlearn.plugins._dmn_memory import BIASES, DualMemory, entropy
 
 from contlearn.errors import ConfigError, PluginError
 from contlearn.hookspecs import hookimpl
 from contlearn.models import Output
 
-#: Weights searched for alpha_d and alpha_s (the reference code's grid).
-ALPHA_GRID: list[float] = [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0]
+__all__ = ["ALPHA_GRID", "BIASES", "DMN", "MODES", "DualMemory", "entropy", "search_alphas"]
+
 MODES = ("zero_shot", "training_free", "learnable")
-BIASES = ("bias_query", "bias_key", "bias_value", "bias_out", "bias_text")
-
-
-def entropy(p: torch.Tensor) -> torch.Tensor:
-    """Shannon entropy over the last dimension of probabilities."""
-    return -(p * torch.log(p + 1e-8)).sum(dim=-1)
-
-
-class DualMemory(nn.Module):
-    """The static and dynamic memories of DMN and their read-out.
-
-    Buffers (``C`` classes, ``K`` shots, ``L`` slots, ``D`` feature size):
-    ``text [C, D]``, ``shot_feat [C, K, D]``, ``shot_mask [C, K]``,
-    ``dyn_feat [C, L, D]``, ``dyn_ent [C, L]``, ``dyn_count [C]``. Parameters
-    (used only when ``learnable``): the residual biases ``bias_* [C, D]``.
-
-    :param reads_static: the dynamic read-out also attends over each class's
-        static entries (text and shots), as ``get_image_pred`` of the reference
-        code does; a class with no stored test feature then reads out its text
-        embedding instead of nothing.
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        memory_size: int = 50,
-        shots: int = 0,
-        beta: float = 5.5,
-        logit_scale: float = 100.0,
-        learnable: bool = False,
-        reads_static: bool = True,
-    ):
-        super().__init__()
-        self.dim, self.memory_size, self.shots = dim, memory_size, shots
-        self.beta, self.logit_scale = beta, logit_scale
-        self.learnable, self.reads_static = learnable, reads_static
-        self.register_buffer("text", torch.zeros(0, dim))
-        self.register_buffer("shot_feat", torch.zeros(0, shots, dim))
-        self.register_buffer("shot_mask", torch.zeros(0, shots, dtype=torch.bool))
-        self.register_buffer("dyn_feat", torch.zeros(0, memory_size, dim))
-        self.register_buffer("dyn_ent", torch.zeros(0, memory_size))
-        self.register_buffer("dyn_count", torch.zeros(0, dtype=torch.long))
-        for name in BIASES:
-            setattr(self, name, nn.Parameter(torch.zeros(0, dim)))
-
-    @property
-    def n_classes(self) -> int:
-        return self.text.shape[0]
-
-    def grow(self, n_classes: int) -> None:
-        """Add empty memories (and zero biases) for classes up to ``n_classes``."""
-        extra = n_classes - self.n_classes
-        if extra <= 0:
-            return
-        for name, buf in list(self._buffers.items()):
-            assert buf is not None
-            pad = buf.new_zeros((extra, *buf.shape[1:]))
-            self._buffers[name] = torch.cat([buf, pad])
-        for name in BIASES:
-            old = getattr(self, name)
-            setattr(self, name, nn.Parameter(torch.cat([old.data, old.new_zeros(extra, self.dim)])))
-
-    def reset_dynamic(self) -> None:
-        """Empty every dynamic slot."""
-        self.dyn_feat.zero_()
-        self.dyn_ent.zero_()
-        self.dyn_count.zero_()
-
-    def dynamic_state(self) -> tuple[torch.Tensor, ...]:
-        return self.dyn_feat.clone(), self.dyn_ent.clone(), self.dyn_count.clone()
-
-    def restore_dynamic(self, state: tuple[torch.Tensor, ...]) -> None:
-        self.dyn_feat.copy_(state[0])
-        self.dyn_ent.copy_(state[1])
-        self.dyn_count.copy_(state[2])
-
-    # ------------------------------------------------------------------ update
-
-    def update(self, v: torch.Tensor, p_bar: torch.Tensor) -> None:
-        """Write test feature ``v`` ``[D]`` into the memory of its pseudo-label
-        ``argmax p_bar``: into the next free slot, or, when the class is full,
-        over its highest-entropy slot if ``v``'s entropy is lower (the rule of
-        ``update_memory_bank`` in the reference code). One image at a time;
-        :meth:`stream` does a whole batch at once."""
-        c = p_bar.argmax()
-        h = entropy(p_bar)
-        n = self.dyn_count[c]
-        full = n >= self.memory_size
-        j = torch.where(full, self.dyn_ent[c].argmax(), n.clamp(max=self.memory_size - 1))
-        take = ~full | (h < self.dyn_ent[c, j])
-        self.dyn_feat[c, j] = torch.where(take, v, self.dyn_feat[c, j])
-        self.dyn_ent[c, j] = torch.where(take, h, self.dyn_ent[c, j])
-        self.dyn_count[c] += (~full).long()
-
-    # ---------------------------------------------------------------- read-out
-
-    def text_weights(self) -> torch.Tensor:
-        """The text classifier ``[C, D]``, with its residual bias when learnable."""
-        if self.learnable:
-            return F.normalize(self.text + self.bias_text, dim=-1)
-        return self.text
-
-    def read(self, v: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B, C]`` of queries ``v [B, D]`` against memories ``keys
-        [C, M, D]`` whose valid entries ``mask`` (``[C, M]``, or ``[B, C, M]``
-        per query) marks: per class, the
-        values weighted by ``exp(-beta (1 - q . k))``, summed, renormalised,
-        times ``logit_scale``, dotted with ``v``. Empty entries weigh nothing."""
-        q, k, val = v, keys, keys
-        if self.learnable:
-            q = F.normalize(v + self.bias_query.mean(dim=0), dim=-1)
-            k = keys + self.bias_key[:, None]
-            val = keys + self.bias_value[:, None]
-        k, val = F.normalize(k, dim=-1), F.normalize(val, dim=-1)
-        z = (-self.beta * (1 - torch.einsum("bd,cmd->bcm", q, k))).masked_fill(~mask, -math.inf)
-        # Subtracting the per-class maximum changes no renormalised read-out and
-        # keeps exp finite for any beta (beta -> inf is the nearest entry).
-        top = z.amax(dim=-1, keepdim=True)
-        w = torch.exp(z - torch.where(torch.isfinite(top), top, torch.zeros_like(top)))
-        a = F.normalize(torch.einsum("bcm,cmd->bcd", w, val), dim=-1)
-        if self.learnable:
-            a = F.normalize(a + self.bias_out, dim=-1)
-        return self.logit_scale * torch.einsum("bcd,bd->bc", a, v)
-
-    def static_entries(self) -> tuple[torch.Tensor, torch.Tensor]:
-        ones = torch.ones(self.n_classes, 1, dtype=torch.bool, device=self.text.device)
-        return torch.cat([self.text[:, None], self.shot_feat], 1), torch.cat([ones, self.shot_mask], 1)
-
-    def static_logits(self, v: torch.Tensor) -> torch.Tensor:
-        return self.read(v, *self.static_entries())
-
-    def dynamic_logits(self, v: torch.Tensor) -> torch.Tensor:
-        slots = torch.arange(self.memory_size, device=v.device)[None] < self.dyn_count[:, None]
-        if not self.reads_static:
-            return self.read(v, self.dyn_feat, slots)
-        keys, mask = self.static_entries()
-        return self.read(v, torch.cat([self.dyn_feat, keys], 1), torch.cat([slots, mask], 1))
-
-    def stream(self, v: torch.Tensor, p_bar: torch.Tensor) -> torch.Tensor:
-        """:meth:`update` with each of ``v [N, D]`` in turn, each followed by its
-        :meth:`dynamic_logits`; returns those logits ``[N, C]``.
-
-        Computed in one batch, exactly: the write decisions depend only on
-        pseudo-labels and entropies, so they are replayed on the host first,
-        giving every memory entry the interval of stream positions in which it
-        is held; read-out ``i`` then masks out entries not held at ``i``.
-        """
-        N, D = v.shape
-        C, L = self.n_classes, self.memory_size
-        labels, ents = p_bar.argmax(dim=1).tolist(), entropy(p_bar).tolist()
-        count, slot_ent = self.dyn_count.tolist(), self.dyn_ent.tolist()
-        # entries[c]: [row of `table`, first position held, first position not held]
-        entries: list[list[list[int]]] = [[[c * L + j, 0, N] for j in range(count[c])] for c in range(C)]
-        holder = [list(range(count[c])) + [-1] * (L - count[c]) for c in range(C)]
-        for i, (c, h) in enumerate(zip(labels, ents, strict=True)):
-            if count[c] < L:
-                j = count[c]
-                count[c] += 1
-            else:
-                row = slot_ent[c]
-                j = max(range(L), key=row.__getitem__)
-                if not h < row[j]:
-                    continue
-                entries[c][holder[c][j]][2] = i
-            slot_ent[c][j] = h
-            holder[c][j] = len(entries[c])
-            entries[c].append([C * L + i, i, N])
-        M = max(1, max(len(e) for e in entries))
-        layout = torch.tensor([e + [[0, N, 0]] * (M - len(e)) for e in entries], dtype=torch.long).view(C, M, 3)
-        layout = layout.to(v.device)
-        table = torch.cat([self.dyn_feat.reshape(C * L, D), v])
-        t = torch.arange(N, device=v.device)[:, None, None]
-        held = (layout[None, :, :, 1] <= t) & (t < layout[None, :, :, 2])
-        keys = table[layout[..., 0]]
-        if self.reads_static:
-            s_keys, s_mask = self.static_entries()
-            keys = torch.cat([keys, s_keys], 1)
-            held = torch.cat([held, s_mask[None].expand(N, -1, -1)], 2)
-        logits = self.read(v, keys, held)
-        final = torch.tensor(
-            [[entries[c][holder[c][j]][0] if holder[c][j] >= 0 else c * L + j for j in range(L)] for c in range(C)],
-            dtype=torch.long,
-            device=v.device,
-        ).view(C, L)
-        self.dyn_feat.copy_(table[final])
-        self.dyn_ent.copy_(torch.tensor(slot_ent, dtype=self.dyn_ent.dtype).view(C, L))
-        self.dyn_count.copy_(torch.tensor(count, dtype=torch.long))
-        return logits
-
-    @torch.no_grad()
-    def episode(self, feats: torch.Tensor, fraction: float = 0.1) -> tuple[torch.Tensor, ...]:
-        """Classify a stream of test images, updating the dynamic memory.
-
-        :param feats: ``[N, V, D]`` normalised features of ``V`` views of each
-            image, view 0 the image itself.
-        :param fraction: the share of lowest-entropy views averaged into ``p_bar``.
-        :return: ``P_text``, ``P_dynamic``, ``P_static``, each ``[N, C]``. Image
-            ``i`` updates the memory (with its pseudo-label ``argmax p_bar``)
-            before its dynamic read-out, as in the reference code.
-        """
-        V = feats.shape[1]
-        p_views = F.softmax(self.logit_scale * feats @ self.text_weights().t(), dim=-1)
-        keep = max(1, int(V * fraction))
-        idx = entropy(p_views).argsort(dim=1)[:, :keep]
-        p_bar = torch.gather(p_views, 1, idx[..., None].expand(-1, -1, p_views.shape[-1])).mean(dim=1)
-        v = feats[:, 0]
-        p_static = F.softmax(self.static_logits(v), dim=-1)
-        p_dynamic = F.softmax(self.stream(v, p_bar), dim=-1)
-        return p_views[:, 0], p_dynamic, p_static
-
-
-def search_alphas(
-    p: tuple[torch.Tensor, ...], y: torch.Tensor, grid_d: list[float], grid_s: list[float]
-) -> tuple[float, float, float]:
-    """The ``(alpha_d, alpha_s)`` of the grids with the best accuracy of
-    ``P_text + alpha_d P_dynamic + alpha_s P_static`` on labels ``y`` (the first
-    in grid order on ties, as the reference code), and that accuracy."""
-    p_text, p_dyn, p_static = p
-    ad = torch.tensor(grid_d, device=y.device)[:, None, None, None]
-    as_ = torch.tensor(grid_s, device=y.device)[None, :, None, None]
-    pred = (p_text + ad * p_dyn + as_ * p_static).argmax(dim=-1)
-    acc = (pred == y).float().mean(dim=-1).flatten()
-    best = int(acc.argmax())
-    return grid_d[best // len(grid_s)], grid_s[best % len(grid_s)], float(acc[best])
 
 
 class _NoOptimizer:
@@ -541,14 +321,8 @@ class DMN:
 
     def view_features(self, model: ClipClassifier, x: torch.Tensor) -> torch.Tensor:
         """``[N, views, D]`` features of each image and its random views."""
-        c, enc = self.config, model.backbone
-        step = max(1, 1024 // c.views)
-        out = []
-        with torch.no_grad():
-            for part in torch.split(x, step):
-                views = random_views(enc.prepare(part), c.views, self.generator, (c.crop_min, 1.0), flip=c.flip)
-                out.append(enc.encode_prepared(views.flatten(0, 1)).view(len(part), c.views, -1))
-        return torch.cat(out)
+        c = self.config
+        return encode_views(model.backbone, x, c.views, self.generator, c.crop_min, c.flip)
 
     @torch.no_grad()
     def refresh(self, model: ClipClassifier) -> None:
@@ -575,29 +349,10 @@ class DMN:
         mask = self.shot_mask[:n].flatten()
         x = self.shot_x[:n].flatten(0, 1)[mask]
         y = torch.arange(n).repeat_interleave(self.shots)[mask]
-        device = mem.text.device
-        params = [getattr(mem, name) for name in BIASES]
-        opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay, eps=1e-8)
-        steps = c.epochs * math.ceil(len(y) / c.batch_size)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=1e-7)
-        losses = []
-        for _ in range(c.epochs):
-            order, total = torch.randperm(len(y), generator=self.generator), 0.0
-            for idx in torch.split(order, c.batch_size):
-                xb, yb = x[idx].to(device), y[idx].to(device)
-                with torch.no_grad():
-                    crops = random_views(model.backbone.prepare(xb), 2, self.generator, (c.crop_min, 1.0), flip=c.flip)
-                    v = model.backbone.encode_prepared(crops[:, 1])
-                loss = F.cross_entropy(mem.static_logits(v), yb) + F.cross_entropy(
-                    mem.logit_scale * v @ mem.text_weights().t(), yb
-                )
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                total += float(loss.detach()) * len(idx)
-            losses.append(total / len(y))
-        return losses
+        return train_biases(
+            mem, model.backbone, x, y, self.generator, lr=c.lr, weight_decay=c.weight_decay,
+            epochs=c.epochs, batch_size=c.batch_size, crop_min=c.crop_min, flip=c.flip
+        )  # fmt: skip
 
     def choose_alphas(self, model: ClipClassifier, feats: torch.Tensor | None = None) -> float:
         """Grid-search alpha_d and alpha_s on the held-out samples of every class
