@@ -3,13 +3,16 @@ banks (zero forgetting), parameter overhead, task routing, resume."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from contlearn.plugins.clr import CLR, ReprogrammedConv, insert_reprogramming, parameter_overhead
-from contlearn.scenarios import Batch
+from contlearn.scenarios import Batch, build_stream
 from torch import nn
+from torch.nn import functional as F
 
 from contlearn import Experiment, hookimpl, load_config
 from contlearn.errors import ContlearnError
@@ -100,9 +103,14 @@ def test_only_clr_parameters_train_and_old_tasks_stay_bit_identical():
     assert "backbone.net.0.conv.weight" in spy.grads[0]
     # experience 1: only kernels, BatchNorm and task 1's head
     assert spy.grads[1] == {
-        "backbone.net.0.reprogram.weight", "backbone.net.1.weight", "backbone.net.1.bias",
-        "backbone.net.4.reprogram.weight", "backbone.net.5.weight", "backbone.net.5.bias",
-        "head.heads.1.weight", "head.heads.1.bias",
+        "backbone.net.0.reprogram.weight",
+        "backbone.net.1.weight",
+        "backbone.net.1.bias",
+        "backbone.net.4.reprogram.weight",
+        "backbone.net.5.weight",
+        "backbone.net.5.bias",
+        "head.heads.1.weight",
+        "head.heads.1.bias",
     }
     assert torch.equal(spy.logits[0], spy.logits[1])
     R = results.accuracy_matrix
@@ -115,12 +123,18 @@ def test_mixed_task_batches_are_routed_by_task():
     run = experiment.run_state
     clr: CLR = run.plugins["clr"]
     a, b = run.stream[0].test, run.stream[1].test
-    mixed = Batch(torch.cat([a.x[:7], b.x[:9]]), torch.cat([a.y[:7], b.y[:9]]), torch.cat([a.t[:7], b.t[:9]]))
+    mixed = Batch(
+        torch.cat([a.x[:7], b.x[:9]]), torch.cat([a.y[:7], b.y[:9]]), torch.cat([a.t[:7], b.t[:9]])
+    )
     run.model.eval()
     with torch.no_grad():
         together = clr.predict(run, mixed)
-        apart = torch.cat([clr.predict(run, Batch(a.x[:7], a.y[:7], a.t[:7])),
-                           clr.predict(run, Batch(b.x[:9], b.y[:9], b.t[:9]))])
+        apart = torch.cat(
+            [
+                clr.predict(run, Batch(a.x[:7], a.y[:7], a.t[:7])),
+                clr.predict(run, Batch(b.x[:9], b.y[:9], b.t[:9])),
+            ]
+        )
         assert torch.equal(together, apart)
         # task 0's bank differs from the live model (which holds task 1's)
         assert not torch.equal(clr.features(run, a.x, 0), run.model.backbone(a.x))
@@ -134,8 +148,15 @@ def test_loss_term_is_lambda_times_sum_of_l2_norms():
         def loss_terms(self, run, batch, out):
             clr = run.plugins["clr"]
             backbone, head = run.model.backbone, run.model.head.heads[str(run.experience.task)]
-            params = [m.reprogram.weight for m in backbone.modules() if isinstance(m, ReprogrammedConv)]
-            params += [p for m in backbone.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()]
+            params = [
+                m.reprogram.weight for m in backbone.modules() if isinstance(m, ReprogrammedConv)
+            ]
+            params += [
+                p
+                for m in backbone.modules()
+                if isinstance(m, nn.BatchNorm2d)
+                for p in m.parameters()
+            ]
             params += list(head.parameters())
             expected = 1e-3 * sum(float(p.detach().norm()) for p in params)
             seen.append((float(clr.loss_terms(run, batch, out)["clr_l2"].detach()), expected))
@@ -152,7 +173,9 @@ def test_checkpoint_anchor_is_loaded_and_frozen(tmp_path):
     backbone = create_model(cfg.model, (1, 8, 8)).backbone
     path = tmp_path / "anchor.pt"
     torch.save(backbone.state_dict(), path)
-    experiment = Experiment(clr_config("plugins.clr.anchor=checkpoint", f"plugins.clr.anchor_path={path}"))
+    experiment = Experiment(
+        clr_config("plugins.clr.anchor=checkpoint", f"plugins.clr.anchor_path={path}")
+    )
     results = experiment.run()
     live = experiment.run_state.model.backbone
     torch.testing.assert_close(live.net[0].conv.weight, backbone.net[0].weight, rtol=0, atol=0)
@@ -165,7 +188,10 @@ def test_checkpoint_anchor_is_loaded_and_frozen(tmp_path):
         (["plugins.clr.anchor=random"], "unknown plugins.clr.anchor 'random'"),
         (["plugins.clr.variant=big"], "unknown plugins.clr.variant 'big'"),
         (["plugins.clr.anchor=checkpoint"], "needs plugins.clr.anchor_path"),
-        (["plugins.clr.anchor=checkpoint", "plugins.clr.anchor_path=/nonexistent.pt"], "is not a file"),
+        (
+            ["plugins.clr.anchor=checkpoint", "plugins.clr.anchor_path=/nonexistent.pt"],
+            "is not a file",
+        ),
         (["plugins.clr.anchor=pretrained"], "needs model.pretrained=true"),
         (["model.head=incremental"], "model.head=multi"),
         (["model.backbone=mlp"], "no convolution to reprogram"),
@@ -173,7 +199,8 @@ def test_checkpoint_anchor_is_loaded_and_frozen(tmp_path):
     ],
 )
 def test_bad_configs_are_one_clear_error(overrides, message):
-    with pytest.raises(ContlearnError, match=message):  # ConfigError (PluginError when building the plugin)
+    # ConfigError (PluginError when building the plugin)
+    with pytest.raises(ContlearnError, match=message):
         Experiment(clr_config(*overrides)).run()
 
 
@@ -184,13 +211,16 @@ def test_resume_mid_experience_equals_uninterrupted(tmp_path):
     class CrashAt:
         @hookimpl
         def after_step(self, run):
-            if run.global_step == 27:  # 10 steps per epoch: inside experience 1, after checkpoint 24
+            # 10 steps per epoch: inside experience 1, after checkpoint 24
+            if run.global_step == 27:
                 raise Crash
 
     overrides = ["checkpoint.every_n_steps=3", "checkpoint.keep_last=50", "train.epochs=2"]
     Experiment(clr_config(*overrides), out_dir=tmp_path / "whole").run()
     with pytest.raises(Crash):
-        Experiment(clr_config(*overrides), out_dir=tmp_path / "run", plugins={"crash": CrashAt()}).run()
+        Experiment(
+            clr_config(*overrides), out_dir=tmp_path / "run", plugins={"crash": CrashAt()}
+        ).run()
     resumed = Experiment.resume(tmp_path / "run")
     assert resumed._resume_from[1]["position"]["inside_experience"]
     resumed.run()
@@ -208,3 +238,59 @@ def test_state_round_trips():
     state = {"anchor_bn": {"a": torch.ones(2)}, "banks": {0: {"a": torch.zeros(2)}}}
     plugin.load_state_dict(state)
     assert torch.equal(plugin.state_dict()["banks"][0]["a"], torch.zeros(2))
+
+
+def _benchmark():
+    """benchmarks/clr.py, imported as a module (benchmarks/ is not a package)."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "clr.py"
+    spec = importlib.util.spec_from_file_location("clr_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_32x32_inputs_are_the_digits_upsampled_to_rgb():
+    bench = _benchmark()
+    base = ["scenario.setting=task", "scenario.n_experiences=2", "scenario.samples_per_class=5"]
+    small = build_stream(load_config(None, base).scenario, 0)
+    cfg = load_config(None, [*base, *bench.workload_overrides("resnet32x32")])
+    assert cfg.model.backbone == "resnet20"
+    big = build_stream(cfg.scenario, 0)
+    assert big.input_shape == (3, 32, 32)
+    for a, b in zip(small, big, strict=True):
+        for part in ("train", "test"):
+            x8, x32 = getattr(a, part).x, getattr(b, part).x
+            expected = F.interpolate(x8, size=(32, 32), mode="bilinear", align_corners=False)
+            torch.testing.assert_close(x32, expected.expand(-1, 3, -1, -1), rtol=0, atol=1e-6)
+
+
+def test_resnet20_reduced_reprograms_every_convolution():
+    torch.manual_seed(0)
+    cfg = load_config(None, ["model.backbone=resnet20"])
+    backbone = create_model(cfg.model, (3, 32, 32)).backbone.eval()
+    x = torch.randn(2, 3, 32, 32)
+    before = backbone(x)
+    names = insert_reprogramming(backbone, "reduced")
+    assert len(names) == 19  # the stem and 2 per basic block; option-A shortcuts have none
+    counts = parameter_overhead(backbone)
+    assert (counts["reprogramming"], counts["batchnorm"]) == (6_192, 1_376)
+    assert counts["backbone"] - counts["reprogramming"] == 269_072
+    torch.testing.assert_close(backbone(x), before, rtol=0, atol=1e-5)
+
+
+def test_benchmark_resnet32x32_runs_and_clr_has_zero_bwt(capsys):
+    bench = _benchmark()
+    tiny = [
+        "device=cpu",
+        "scenario.n_experiences=2",
+        "scenario.samples_per_class=2",
+        "train.batch_size=10",
+    ]
+    argv = ["--workload", "resnet32x32", "--seeds", "0", "--epochs", "1"]
+    assert bench.main([*argv, "--strategies", "clr", "independent", "--set", *tiny]) == 0
+    table = capsys.readouterr().out
+    assert "32x32" in table and "resnet20" in table
+    rows = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| ")}
+    assert set(rows) == {"| method", "| clr", "| independent"}
+    # 2 tasks of 5 classes: 6,192 kernels + 1,376 BatchNorm + a 5-class head on 64 features
+    assert " | 0.000 | 7,893 (2.9% of the 269,072-parameter backbone) |" in rows["| clr"]
