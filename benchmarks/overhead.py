@@ -87,7 +87,10 @@ def plain_loop(overrides: list[str], amp: bool = False) -> tuple[float, float]:
             order = torch.randperm(n, generator=generator).to(device)
             for start in range(0, n, bs):
                 idx = order[start : start + bs]
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                if amp:
+                    with torch.autocast(device.type, dtype=torch.bfloat16):
+                        loss = F.cross_entropy(model(x[idx], t[idx]).logits, y[idx])
+                else:  # no context at all: the fp32 loop stays the bare minimum
                     loss = F.cross_entropy(model(x[idx], t[idx]).logits, y[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
