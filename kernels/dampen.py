@@ -55,6 +55,11 @@ def _as_lists(
             raise ValueError(
                 f"dampen_: got {len(thetas)} params, {len(fds)} fisher_d, {len(ffs)} fisher_f"
             )
+    seen: dict[int, str] = {}
+    for name, theta in zip(names, thetas, strict=True):
+        if theta.numel() and theta.data_ptr() in seen:  # tied weights: dampened twice, undone once
+            raise ValueError(f"dampen_: {seen[theta.data_ptr()]} and {name} are the same tensor; pass it once")
+        seen[theta.data_ptr()] = name
     for name, theta, fd, ff in zip(names, thetas, fds, ffs, strict=True):
         if theta.shape != fd.shape or theta.shape != ff.shape:
             raise ValueError(
@@ -90,7 +95,10 @@ def _first_nonfinite(tensors: list[torch.Tensor]) -> int | None:
     if not index:
         return None
     zeroed = torch._foreach_mul([tensors[k] for k in index], 0.0)
-    norms = torch.stack([n.float() for n in torch._foreach_norm(zeroed, 1)])
+    norms = [n.float() for n in torch._foreach_norm(zeroed, 1)]
+    if len({n.device for n in norms}) > 1:  # parameters spread over several devices
+        norms = [n.cpu() for n in norms]
+    norms = torch.stack(norms)
     bad = torch.nonzero(norms != 0).flatten().tolist()  # NaN != 0
     return index[bad[0]] if bad else None
 
@@ -218,14 +226,16 @@ def dampen_(
     ``DampenPlan(p, fd, ff)(alpha, lam)``.
     """
     _check_scalars(alpha, lam)
-    if isinstance(params, Mapping) and isinstance(fisher_d, Mapping) and isinstance(fisher_f, Mapping):
+    mappings = [isinstance(x, Mapping) for x in (params, fisher_d, fisher_f)]
+    if all(mappings):
         names = tuple(params)
-        tensors = [*params.values(), *map(fisher_d.get, names), *map(fisher_f.get, names)]
+        tensors = [*params.values(), *map(fisher_d.get, names), *map(fisher_f.get, names)]  # type: ignore[union-attr]
     else:
         names, tensors = (), [*params, *fisher_d, *fisher_f]  # type: ignore[misc]
-    if any(t is None for t in tensors):  # a name missing from a Fisher mapping
-        return DampenPlan(params, fisher_d, fisher_f, backend=backend)(alpha, lam)  # raises
-    key = (backend, _dispatch.interpreter_enabled(), names, len(params), _dispatch.signature(tensors))  # type: ignore[arg-type]
+    lengths = (len(params), len(fisher_d), len(fisher_f))
+    if any(mappings) and not all(mappings) or len(set(lengths)) > 1 or any(t is None for t in tensors):
+        return DampenPlan(params, fisher_d, fisher_f, backend=backend)(alpha, lam)  # raises, saying why
+    key = (backend, _dispatch.interpreter_enabled(), names, lengths, _dispatch.signature(tensors))
     cached = _PLANS.get(key)
     if cached is None:
         plan = DampenPlan(params, fisher_d, fisher_f, backend=backend)
@@ -269,6 +279,8 @@ class DampenPlan:
         self.config = config or _dispatch.elementwise_config()
         self.groups: list[_dispatch.TensorGroup] = []
         if self.backend == "triton":
+            for dtype in {t.dtype for t in (*self.thetas, *self.fds, *self.ffs)}:  # before any launch:
+                _dispatch.triton_dtype(dtype)  # a later group's TypeError would leave earlier ones dampened
             self.groups = _dispatch.group_tensors(
                 [self.thetas, self.fds, self.ffs], self.config.block
             )

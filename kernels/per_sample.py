@@ -235,7 +235,7 @@ def _bias_kernel(
 @_dispatch.triton_kernel
 def _square_sum_kernel(g_ptr, out_ptr, n_g, numel, BLOCK: tl.constexpr):
     # out[j] += sum_c g[c, j]**2 over the n_g per-sample gradients in the scratch buffer.
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # a layer may pass 2^31
     mask = offs < numel
     acc = tl.load(out_ptr + offs, mask=mask, other=0.0)
     g_c = g_ptr + offs

@@ -45,6 +45,17 @@ def distillation(student: torch.Tensor, teacher: torch.Tensor, T: float) -> torc
     return -(targets * F.log_softmax(student.float() / T, dim=1)).sum(dim=1).mean()
 
 
+def _keep_heads(head: MultiHead, tensors: dict[str, torch.Tensor]) -> None:
+    """Drop from a resumed teacher's multi-head the task heads the saved teacher did
+    not have: the copy of the model it was rebuilt from may already hold the head of
+    the experience under way, and that head must not be distilled."""
+    saved = {int(name.split(".")[2]) for name in tensors if name.startswith("head.heads.")}
+    for task in [t for t in head.tasks if t not in saved]:
+        del head.heads[str(task)]
+        del head.task_classes[task]
+        head._columns.pop(task, None)
+
+
 class LwF:
     """Learning without Forgetting (Li and Hoiem, ECCV 2016): distillation of the old model's outputs."""
 
@@ -69,6 +80,8 @@ class LwF:
         if self._pending is not None:  # after a resume: the teacher's weights over a copy of the model
             teacher = frozen_copy(run.model)
             load_tensors(teacher, self._pending)
+            if isinstance(getattr(teacher, "head", None), MultiHead):
+                _keep_heads(teacher.head, self._pending)
             self.teacher, self._pending = teacher, None
 
     @hookimpl
@@ -89,10 +102,12 @@ class LwF:
             with torch.no_grad():
                 features = self.teacher.backbone(batch.x)
             heads = run.model.head.heads
-            loss = sum(
-                distillation(heads[str(t)](out.features), teacher_head.heads[str(t)](features), T)
-                for t in teacher_head.tasks
-            )
+            terms = []
+            for t in teacher_head.tasks:
+                old = teacher_head.heads[str(t)](features)
+                # a known task's head may have grown since: its old classes come first
+                terms.append(distillation(heads[str(t)](out.features)[:, : old.shape[1]], old, T))
+            loss = sum(terms)
             return {"lwf": self.config.alpha * loss}
         with torch.no_grad():
             old = self.teacher(batch.x, batch.t).logits

@@ -4,11 +4,11 @@ banks (zero forgetting), parameter overhead, task routing, resume."""
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import pytest
 import torch
+from _crash import CrashAt, SimulatedCrash, comparable
 from contlearn.plugins.clr import CLR, ReprogrammedConv, insert_reprogramming, parameter_overhead
 from contlearn.scenarios import Batch, build_stream
 from torch import nn
@@ -205,31 +205,13 @@ def test_bad_configs_are_one_clear_error(overrides, message):
 
 
 def test_resume_mid_experience_equals_uninterrupted(tmp_path):
-    class Crash(Exception):
-        pass
-
-    class CrashAt:
-        @hookimpl
-        def after_step(self, run):
-            # 10 steps per epoch: inside experience 1, after checkpoint 24
-            if run.global_step == 27:
-                raise Crash
-
     overrides = ["checkpoint.every_n_steps=3", "checkpoint.keep_last=50", "train.epochs=2"]
     Experiment(clr_config(*overrides), out_dir=tmp_path / "whole").run()
-    with pytest.raises(Crash):
-        Experiment(
-            clr_config(*overrides), out_dir=tmp_path / "run", plugins={"crash": CrashAt()}
-        ).run()
+    with pytest.raises(SimulatedCrash):  # 10 steps per epoch: inside experience 1, after checkpoint 24
+        Experiment(clr_config(*overrides), out_dir=tmp_path / "run", plugins={"crash": CrashAt(27)}).run()
     resumed = Experiment.resume(tmp_path / "run")
     assert resumed._resume_from[1]["position"]["inside_experience"]
     resumed.run()
-
-    def comparable(d):
-        data = json.loads((d / "results.json").read_text())
-        del data["timings"], data["versions"]
-        return data
-
     assert comparable(tmp_path / "run") == comparable(tmp_path / "whole")
 
 

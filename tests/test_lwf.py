@@ -125,3 +125,40 @@ def test_multi_head_distils_every_old_tasks_head_on_the_new_data():
     value.backward()
     assert model.head.heads["0"].weight.grad.abs().sum() > 0  # the old head is held to its outputs
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters())
+
+
+def test_task_incremental_resume_inside_an_experience_equals_the_uninterrupted_run(tmp_path):
+    """The teacher rebuilt on resume must not gain the head of the experience under way."""
+    from _crash import CrashAt, SimulatedCrash, comparable
+
+    from contlearn import Experiment
+
+    overrides = [
+        "plugins={}", "plugins.lwf={}", "train.epochs=2", "train.batch_size=8", "eval.fwt=false",
+        "scenario.samples_per_class=20", "checkpoint.every_n_steps=3", "checkpoint.keep_last=50",
+    ]  # fmt: skip
+    Experiment(load_config("task-digits", overrides), out_dir=tmp_path / "whole").run()
+    with pytest.raises(SimulatedCrash):  # 4 steps per epoch: inside experience 1, after checkpoint 12
+        Experiment(load_config("task-digits", overrides), out_dir=tmp_path / "run", plugins={"crash": CrashAt(13)}).run()
+    resumed = Experiment.resume(tmp_path / "run")
+    assert resumed._resume_from[1]["position"]["inside_experience"]
+    resumed.run()
+    assert comparable(tmp_path / "run") == comparable(tmp_path / "whole")
+
+
+def test_a_known_task_that_gains_classes_is_distilled_on_its_old_classes():
+    from contlearn.models.heads import MultiHead
+
+    torch.manual_seed(0)
+    model = ContinualModel(MLP((5,), [6]), MultiHead(6))
+    model.head.adapt([0, 1], task=0)
+    run = SimpleNamespace(model=model)
+    plugin = LwF(LwF.Config())
+    plugin.after_experience(run)
+    model.head.adapt([4], task=0)  # task 0 comes back with a third class
+    batch = Batch(torch.randn(4, 5), torch.full((4,), 4), torch.zeros(4, dtype=torch.long))
+    out = model(batch.x, batch.t)
+    with torch.no_grad():
+        old = plugin.teacher.head.heads["0"](plugin.teacher.backbone(batch.x))
+    want = 4.0 * distillation(model.head.heads["0"](out.features)[:, :2], old, 2.0)
+    assert plugin.loss_terms(run, batch, out)["lwf"].item() == pytest.approx(want.item(), rel=1e-6)

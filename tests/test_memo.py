@@ -289,3 +289,14 @@ def test_resume_restores_every_block_and_gives_the_same_run(tmp_path, crash_step
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.run_state.plugins["memo"].accuracy == whole.run_state.plugins["memo"].accuracy
     assert resumed.run_state.plugins["memo"].align_factors == whole.run_state.plugins["memo"].align_factors
+
+
+def test_compile_survives_the_surgery(monkeypatch: pytest.MonkeyPatch):
+    # Dynamo traces for real; the "eager" backend skips Inductor's code generation.
+    compile_ = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_(self, backend="eager", **kw))
+    experiment = Experiment(load_config(None, [*TINY, "train.compile=true"]))
+    experiment.run()
+    backbone = experiment.run_state.model.backbone
+    assert backbone.generalized._compiled_call_impl is not None
+    assert all(block._compiled_call_impl is not None for block in backbone.specialized)

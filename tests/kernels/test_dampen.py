@@ -210,3 +210,30 @@ def test_non_contiguous_tensors_are_dampened_but_not_cached(device: torch.device
     assert count == dampen.dampen_reference_([want], [fd], [ff], ALPHA, LAM) > 0
     torch.testing.assert_close(theta, want, rtol=1e-6, atol=0)
     assert not dampen._PLANS._plans
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_tensor_passed_twice_is_refused(device: torch.device, backend: str) -> None:
+    w = torch.full((4,), 2.0, device=device)
+    fd, ff = torch.zeros(4, device=device), torch.ones(4, device=device)
+    with pytest.raises(ValueError, match=r"params\[0\] and params\[1\] are the same tensor"):
+        dampen.dampen_([w, w], [fd, fd], [ff, ff], 1.0, 1.0, backend=backend)
+    assert torch.equal(w, torch.full((4,), 2.0, device=device))
+
+
+def test_an_unsupported_dtype_fails_before_any_tensor_changes(device: torch.device) -> None:
+    thetas = [torch.ones(3, device=device), torch.ones(3, device=device, dtype=torch.float64)]
+    fds = [torch.zeros(3, device=device), torch.zeros(3, device=device, dtype=torch.float64)]
+    ffs = [torch.ones(3, device=device), torch.ones(3, device=device, dtype=torch.float64)]
+    with pytest.raises(TypeError, match="unsupported dtype"):
+        dampen.dampen_(thetas, fds, ffs, 1.0, 1.0, backend="triton")
+    assert all(torch.equal(t, torch.ones_like(t)) for t in thetas)
+
+
+def test_argument_shape_errors_are_not_hidden_by_the_plan_cache() -> None:
+    a, b, c, d, e, g = (torch.rand(2) for _ in range(6))
+    dampen.dampen_([a, b], [c, d], [e, g], 1.0, 1.0)
+    with pytest.raises(ValueError, match="got 2 params, 1 fisher_d, 3 fisher_f"):
+        dampen.dampen_([a, b], [c], [d, e, g], 1.0, 1.0)
+    with pytest.raises(TypeError, match="must be mappings too"):
+        dampen.dampen_({"a": a}, [c], [e], 1.0, 1.0)
