@@ -90,22 +90,14 @@ def amortized(fn: Callable[[], object], n: int = 50) -> float:
 
 def _dampen_kernel_only(thetas, fds, ffs, config: _dispatch.LaunchConfig) -> Callable[[], None]:
     """The dampening kernel launched on prepared arguments: no checks, no read-back."""
-    plan = dampen.DampenPlan(thetas, fds, ffs, config=config)
+    plan = dampen.DampenPlan(thetas, fds, ffs, backend="triton", config=config)
     (group,) = plan.groups
     table = group.table
     backup = torch.empty(table.n_elements, device=thetas[0].device)
     stats = torch.empty(2, table.n_blocks, dtype=torch.int32, device=thetas[0].device)
     args = (*table.addrs, table.numels, table.block_first, table.elem_first, table.block_tensor)
     args += (backup, stats, table.n_blocks, ALPHA, LAM)
-    meta = dict(
-        THETA=_dispatch.triton_dtype(torch.float32),
-        FD=_dispatch.triton_dtype(torch.float32),
-        FF=_dispatch.triton_dtype(torch.float32),
-        BLOCK=config.block,
-        ALIGNED=table.aligned,
-        num_warps=config.num_warps,
-        RESTORE=False,
-    )
+    meta = {**plan.metas[0], "RESTORE": False}
     grid = (table.n_blocks,)
     return lambda: dampen._dampen_kernel[grid](*args, **meta)
 

@@ -190,31 +190,16 @@ class LaunchTable:
     aligned: bool
 
 
-_TABLES: OrderedDict[tuple, LaunchTable] = OrderedDict()
-_TABLE_CACHE_SIZE = 16
-
-
 def launch_table(operands: Sequence[Sequence[torch.Tensor]], block: int) -> LaunchTable:
     """The pointer table for ``operands`` (lists of contiguous tensors, one list per operand).
 
-    A table depends only on the tensors' addresses and sizes, so the last few are kept
-    and reused: repeated calls on the same parameters skip the host work and the copy.
-    A new table travels to the device in one host-to-device copy, and the
-    block->tensor map is expanded there, without a synchronisation.
+    It travels to the device in one host-to-device copy, and the block->tensor map
+    is expanded there, without a synchronisation. Tables are not cached here: the
+    ops keep whole validated plans (:class:`PlanCache`), tables included.
     """
-    device = operands[0][0].device
     numels = [t.numel() for t in operands[0]]
     addrs = [[t.data_ptr() for t in ops] for ops in operands]
-    key = (device, block, tuple(numels), tuple(a for row in addrs for a in row))
-    table = _TABLES.get(key)
-    if table is None:
-        table = _build_table(device, addrs, numels, block)
-        _TABLES[key] = table
-        if len(_TABLES) > _TABLE_CACHE_SIZE:
-            _TABLES.popitem(last=False)
-    else:
-        _TABLES.move_to_end(key)
-    return table
+    return _build_table(operands[0][0].device, addrs, numels, block)
 
 
 def _build_table(
@@ -290,7 +275,7 @@ class TensorGroup:
 def group_tensors(operands: Sequence[Sequence[torch.Tensor]], block: int) -> list[TensorGroup]:
     """Split parallel tensor lists into one launch group per dtype combination.
 
-    Empty tensors are left out. Each group gets its (cached) :func:`launch_table`, so a
+    Empty tensors are left out. Each group gets its :func:`launch_table`, so a
     multi-tensor kernel processes a group in one launch, whatever its number of tensors.
     """
     by_dtypes: dict[tuple[torch.dtype, ...], list[int]] = {}

@@ -103,34 +103,24 @@ def accumulate_(
     """
     tensors = [*importances, *grads]
     key = (backend, _dispatch.interpreter_enabled(), len(importances), _dispatch.signature(tensors))
-    groups = _PLANS.get(key)
-    if groups is None:
+    plan = _PLANS.get(key)
+    if plan is None:
         _check_lists(importances, grads)
         if _dispatch.resolve_backend("accumulate_", backend, tensors) == "torch":
             accumulate_reference_(importances, grads, scale)
             return
         config = _dispatch.elementwise_config()
-        groups = _dispatch.group_tensors([importances, grads], config.block)
-        reusable = [g.without_tensors() for g in groups]
+        plan = config, _dispatch.group_tensors([importances, grads], config.block)
+        reusable = [g.without_tensors() for g in plan[1]]
         if all(g is not None for g in reusable):
-            _PLANS.put(key, reusable)
+            _PLANS.put(key, (config, reusable))
+    config, groups = plan
     if groups:
         with _dispatch.device_guard(importances[0].device):
-            _launch(groups, importances, float(scale), _dispatch.elementwise_config())
+            _launch(groups, importances, float(scale), config)
 
 
 _PLANS = _dispatch.PlanCache()
-
-
-def _accumulate_triton(
-    importances: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    scale: float,
-    config: _dispatch.LaunchConfig | None = None,
-) -> None:
-    """One launch per dtype group, grouping and tables built for this call."""
-    config = config or _dispatch.elementwise_config()
-    _launch(_dispatch.group_tensors([importances, grads], config.block), importances, scale, config)
 
 
 def _launch(

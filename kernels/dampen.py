@@ -278,12 +278,23 @@ class DampenPlan:
         )
         self.config = config or _dispatch.elementwise_config()
         self.groups: list[_dispatch.TensorGroup] = []
+        self.metas: list[dict[str, Any]] = []  # each group's compile-time launch arguments
         if self.backend == "triton":
-            for dtype in {t.dtype for t in (*self.thetas, *self.fds, *self.ffs)}:  # before any launch:
-                _dispatch.triton_dtype(dtype)  # a later group's TypeError would leave earlier ones dampened
             self.groups = _dispatch.group_tensors(
                 [self.thetas, self.fds, self.ffs], self.config.block
             )
+            # Built before any launch: an unsupported dtype (TypeError) then changes nothing.
+            self.metas = [
+                dict(
+                    THETA=_dispatch.triton_dtype(g.dtypes[0]),
+                    FD=_dispatch.triton_dtype(g.dtypes[1]),
+                    FF=_dispatch.triton_dtype(g.dtypes[2]),
+                    BLOCK=self.config.block,
+                    ALIGNED=g.table.aligned,
+                    num_warps=self.config.num_warps,
+                )
+                for g in self.groups
+            ]
 
     def __call__(self, alpha: float, lam: float) -> int:
         return self.apply(self.thetas, self.fds, self.ffs, alpha, lam)
@@ -327,21 +338,12 @@ class DampenPlan:
     ) -> int:
         device = thetas[0].device
         launches = []
-        for group in self.groups:
+        for group, meta in zip(self.groups, self.metas, strict=True):
             table = group.table
-            theta_dtype, fd_dtype, ff_dtype = group.dtypes
-            backup = torch.empty(table.n_elements, dtype=theta_dtype, device=device)
+            backup = torch.empty(table.n_elements, dtype=group.dtypes[0], device=device)
             stats = torch.empty(2, table.n_blocks, dtype=torch.int32, device=device)
             args = (*table.addrs, table.numels, table.block_first, table.elem_first)
             args += (table.block_tensor, backup, stats, table.n_blocks, alpha, lam)
-            meta = dict(
-                THETA=_dispatch.triton_dtype(theta_dtype),
-                FD=_dispatch.triton_dtype(fd_dtype),
-                FF=_dispatch.triton_dtype(ff_dtype),
-                BLOCK=self.config.block,
-                ALIGNED=table.aligned,
-                num_warps=self.config.num_warps,
-            )
             _dampen_kernel[(table.n_blocks,)](*args, RESTORE=False, **meta)
             launches.append((group, stats, args, meta))
 

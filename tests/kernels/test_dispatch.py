@@ -86,10 +86,11 @@ def test_modules_import_without_triton_and_fall_back() -> None:
     assert result.returncode == 0, result.stderr
 
 
-def test_launch_tables_are_reused_for_the_same_tensors() -> None:
+def test_launch_table_maps_blocks_to_tensors() -> None:
     xs, ys = [torch.zeros(5), torch.zeros(3000)], [torch.zeros(5), torch.zeros(3000)]
     table = _dispatch.launch_table([xs, ys], 1024)
-    assert _dispatch.launch_table([xs, ys], 1024) is table
     assert table.block_tensor.tolist() == [0, 1, 1, 1]
     assert table.block_first.tolist() == [0, 1] and table.elem_first.tolist() == [0, 5]
-    assert _dispatch.launch_table([ys, xs], 1024) is not table
+    assert table.addrs[0].tolist() == [t.data_ptr() for t in xs]
+    assert table.addrs[1].tolist() == [t.data_ptr() for t in ys]
+    assert (table.n_blocks, table.n_elements) == (4, 3005)
