@@ -1,4 +1,4 @@
-"""Helpers for crash-and-resume tests: a plugin that kills a run at a given step."""
+"""Helpers for crash-and-resume tests: their small workload and a plugin that kills a run at a given step."""
 
 from __future__ import annotations
 
@@ -6,6 +6,20 @@ import json
 from pathlib import Path
 
 from contlearn import hookimpl
+
+#: The crash-and-resume tests' workload: three experiences (4, 3 and 3 classes) of
+#: 20 samples per class, a 16-unit MLP, two epochs of batches of 16 (a few steps
+#: per epoch, so a crash can fall inside an experience), on the CPU, where
+#: resuming is exact.
+SMALL_RUN = [
+    "device=cpu",
+    "scenario.n_experiences=3",
+    "scenario.classes_per_experience=[4,3,3]",
+    "scenario.samples_per_class=20",
+    "model.hidden=[16]",
+    "train.epochs=2",
+    "train.batch_size=16",
+]
 
 
 class SimulatedCrash(BaseException):

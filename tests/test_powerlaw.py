@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from _crash import CrashAt, SimulatedCrash
+from _crash import SMALL_RUN, CrashAt, SimulatedCrash
 from contlearn.plugins._schedules import Schedule, apportion
 from contlearn.plugins.powerlaw import PowerLaw
 from hypothesis import given, settings
@@ -268,16 +268,7 @@ def test_resume_inside_an_experience_reuses_the_held_draw():
 
 # -------------------------------------------------------------- end to end
 
-TINY = [
-    "scenario.n_experiences=3",
-    "scenario.classes_per_experience=[4,3,3]",
-    "scenario.samples_per_class=20",
-    "model.hidden=[16]",
-    "train.epochs=2",
-    "train.batch_size=16",
-    "eval.fwt=false",
-    "plugins={}",
-]
+TINY = [*SMALL_RUN, "eval.fwt=false", "plugins={}"]
 
 
 

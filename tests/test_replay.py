@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _crash import CrashAt, SimulatedCrash
+from _crash import SMALL_RUN, CrashAt, SimulatedCrash
 from contlearn.plugins._buffers import ClassBalancedBuffer, ReservoirBuffer
 
 from contlearn import ConfigError, Experiment, hookimpl, load_config
@@ -134,14 +134,8 @@ def test_baselines_resume_exactly_from_a_checkpoint_inside_an_experience(tmp_pat
     so their state_dict() holds everything they learnt (buffers, generators,
     anchors, Fisher, teacher)."""
     tiny = [
-        "device=cpu",
+        *SMALL_RUN,
         "eval.fwt=false",
-        "scenario.n_experiences=3",
-        "scenario.classes_per_experience=[4,3,3]",
-        "scenario.samples_per_class=20",
-        "model.hidden=[16]",
-        "train.epochs=2",
-        "train.batch_size=16",
         "plugins={}",
         f"plugins.replay.policy={policy}",
         "plugins.replay.size=24",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _crash import CrashAt, SimulatedCrash, comparable
+from _crash import SMALL_RUN, CrashAt, SimulatedCrash, comparable
 from torch import nn
 
 from contlearn import Experiment, TrainingError, hookimpl, load_config
@@ -22,16 +22,7 @@ from contlearn.errors import CheckpointError, Interrupted
 #: 3 experiences (4, 3, 3 classes; 80, 60, 60 training samples), 2 epochs of
 #: batches of 16: 10, 8 and 8 steps, so the run's steps 1-10 train experience 0,
 #: 11-18 experience 1 (4 steps per epoch) and 19-26 experience 2.
-TINY = [
-    "device=cpu",  # exactness is guaranteed on the CPU
-    "scenario.n_experiences=3",
-    "scenario.classes_per_experience=[4,3,3]",
-    "scenario.samples_per_class=20",
-    "model.hidden=[16]",
-    "train.epochs=2",
-    "train.batch_size=16",
-    "train.momentum=0.9",
-]
+TINY = [*SMALL_RUN, "train.momentum=0.9"]
 
 
 
