@@ -41,11 +41,11 @@ import statistics
 import sys
 import time
 from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from _parallel import map_runs
 from contlearn.plugins._herding import HerdingMemory
 from contlearn.plugins._memo_net import count_parameters
 from contlearn.plugins.replay import Replay
@@ -180,8 +180,7 @@ def run_all(jobs: list[Job], n_jobs: int) -> list[dict[str, Any]]:
             rows.append(run_job(job))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         return rows
-    with ProcessPoolExecutor(n_jobs) as pool:
-        rows = list(pool.map(run_job, jobs))
+    rows = map_runs(run_job, jobs, n_jobs)
     for row in rows:
         print(json.dumps(row), file=sys.stderr, flush=True)
     return rows

@@ -50,10 +50,10 @@ import os
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import torch
+from _parallel import map_runs
 
 from contlearn import Experiment, TrainingError, hookimpl, load_config
 
@@ -228,11 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         (s, m, seed, common) for s in args.settings for seed in args.seeds for m in args.methods
     ]
     t0 = time.perf_counter()
-    if args.workers > 1:
-        with ProcessPoolExecutor(args.workers) as pool:
-            rows = list(pool.map(run_one, jobs))
-    else:
-        rows = [run_one(job) for job in jobs]
+    rows = map_runs(run_one, jobs, args.workers)
     for r in rows:
         print(
             f"{r['setting']} {r['method']} seed {r['seed']}: {r['average_accuracy']:.3f}",

@@ -19,9 +19,9 @@ import argparse
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 
 import torch
+from _parallel import map_runs
 
 METHODS: dict[str, list[str]] = {
     "finetune": ["plugins={}", "plugins.finetune={}"],
@@ -66,11 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = [f"device={args.device}"] + ([f"train.epochs={args.epochs}"] if args.epochs else [])
     jobs = [(s, m, seed, extra) for s in SETTINGS for m in args.methods for seed in args.seeds]
     t0 = time.perf_counter()
-    if args.jobs > 1:
-        with ProcessPoolExecutor(args.jobs) as pool:
-            done = list(pool.map(run_one, jobs))
-    else:
-        done = [run_one(job) for job in jobs]
+    done = map_runs(run_one, jobs, args.jobs)
     wall = time.perf_counter() - t0
 
     acc: dict[tuple[str, str], list[float]] = {}
