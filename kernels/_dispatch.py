@@ -96,6 +96,13 @@ def resolve_backend(
     )
 
 
+def surely_reference(backend: str, first: torch.Tensor | None) -> bool:
+    """Whether :func:`resolve_backend` would pick the torch reference, known from
+    the first tensor alone (``auto`` runs Triton only when every tensor is on
+    CUDA): lets an op skip its per-tensor work on the CPU."""
+    return backend == "torch" or (backend == "auto" and (first is None or not first.is_cuda))
+
+
 def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
     """Make ``device`` current while launching: Triton launches on the current CUDA device."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

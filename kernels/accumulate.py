@@ -101,6 +101,9 @@ def accumulate_(
     table are kept (without the tensors) for the next call on tensors of the same
     addresses, shapes, strides and dtypes: an accumulation per batch pays them once.
     """
+    if _dispatch.surely_reference(backend, importances[0] if importances else None):
+        accumulate_reference_(importances, grads, scale)
+        return
     tensors = [*importances, *grads]
     key = (backend, _dispatch.interpreter_enabled(), len(importances), _dispatch.signature(tensors))
     plan = _PLANS.get(key)

@@ -226,6 +226,9 @@ def dampen_(
     ``DampenPlan(p, fd, ff)(alpha, lam)``.
     """
     _check_scalars(alpha, lam)
+    first = next(iter(params.values() if isinstance(params, Mapping) else params), None)
+    if _dispatch.surely_reference(backend, first):
+        return dampen_reference_(params, fisher_d, fisher_f, alpha, lam)
     mappings = [isinstance(x, Mapping) for x in (params, fisher_d, fisher_f)]
     if all(mappings):
         names = tuple(params)

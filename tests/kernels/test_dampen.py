@@ -230,10 +230,10 @@ def test_an_unsupported_dtype_fails_before_any_tensor_changes(device: torch.devi
     assert all(torch.equal(t, torch.ones_like(t)) for t in thetas)
 
 
-def test_argument_shape_errors_are_not_hidden_by_the_plan_cache() -> None:
-    a, b, c, d, e, g = (torch.rand(2) for _ in range(6))
-    dampen.dampen_([a, b], [c, d], [e, g], 1.0, 1.0)
+def test_argument_shape_errors_are_not_hidden_by_the_plan_cache(device: torch.device) -> None:
+    a, b, c, d, e, g = (torch.rand(2, device=device) for _ in range(6))
+    dampen.dampen_([a, b], [c, d], [e, g], 1.0, 1.0, backend="triton")
     with pytest.raises(ValueError, match="got 2 params, 1 fisher_d, 3 fisher_f"):
-        dampen.dampen_([a, b], [c], [d, e, g], 1.0, 1.0)
+        dampen.dampen_([a, b], [c], [d, e, g], 1.0, 1.0, backend="triton")
     with pytest.raises(TypeError, match="must be mappings too"):
-        dampen.dampen_({"a": a}, [c], [e], 1.0, 1.0)
+        dampen.dampen_({"a": a}, [c], [e], 1.0, 1.0, backend="triton")
