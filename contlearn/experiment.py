@@ -214,10 +214,6 @@ class Experiment:
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
             _inputs_channels_last(stream)
-        if cfg.train.compile:
-            # The backbone only, in place: parameter names and plugins' view of the model
-            # are unchanged, and the growing head does not recompile it at every experience.
-            model.backbone.compile(mode=cfg.train.compile_mode)
 
         registry = PluginRegistry.load()
         plugins: dict[str, Any] = {}
@@ -253,6 +249,7 @@ class Experiment:
         try:
             if self._resume_from is None:
                 run.hook.setup(run=run)
+                compile_model(run)
                 if self.config.eval.fwt:
                     t0 = time.perf_counter()
                     progress.initial = evaluate_initial(run)
@@ -260,6 +257,7 @@ class Experiment:
             else:
                 path, state = self._resume_from
                 progress, resumed = ckpt.restore(run, state, path.name)
+                compile_model(run)
                 ctl.progress = progress
             timings = progress.timings
             for exp in run.stream.experiences[len(run.accuracy_rows) :]:
@@ -323,6 +321,22 @@ class Experiment:
         if self.results is None:
             raise ContlearnError("the experiment has not run yet")
         return format_summary(self.results)
+
+
+def compile_model(run: Run) -> None:
+    """``train.compile``: compile the model once the plugins' ``setup`` has shaped it
+    (surgery included), in place, so parameter names and checkpoints are unchanged.
+    A model may say what to compile (``compile_parts(mode)``, e.g. MEMO's network,
+    which compiles each block it adds); otherwise the backbone, whose shapes do not
+    change, while the growing head stays eager and never forces a recompile."""
+    cfg = run.config.train
+    if not cfg.compile:
+        return
+    compile_parts = getattr(run.model, "compile_parts", None)
+    if callable(compile_parts):
+        compile_parts(cfg.compile_mode)
+    else:
+        run.model.backbone.compile(mode=cfg.compile_mode)
 
 
 def _inputs_channels_last(stream: Stream) -> None:

@@ -102,10 +102,20 @@ class MemoNet(ContinualModel):
         self.aux_head: IncrementalLinear | None = None
         self.n_frozen = 0
         self.generalized_frozen = False
+        self.compile_mode: str | None = None  # set by compile_parts; blocks added later compile too
 
     @property
     def blocks(self) -> nn.ModuleList:
         return self.backbone.specialized
+
+    def compile_parts(self, mode: str) -> None:
+        """``train.compile``: the generalized blocks and each specialized block apart,
+        so that adding a block compiles only that block instead of recompiling a
+        backbone whose structure changed."""
+        self.compile_mode = mode
+        self.backbone.generalized.compile(mode=mode)
+        for block in self.blocks:
+            block.compile(mode=mode)
 
     def forward(self, x: torch.Tensor, task: torch.Tensor | None = None) -> Output:
         features = self.backbone(x)
@@ -122,6 +132,8 @@ class MemoNet(ContinualModel):
         block = copy.deepcopy(self.blocks[-1])
         for p in block.parameters():
             p.requires_grad_(True)
+        if self.compile_mode is not None:  # a deep copy is not compiled
+            block.compile(mode=self.compile_mode)
         self.blocks.append(block)
         head = IncrementalLinear(self.backbone.out_features, old_head.out_features).to(old_head.weight.device)
         rows = torch.as_tensor(list(old_classes), dtype=torch.long, device=old_head.weight.device)

@@ -290,8 +290,6 @@ class DMN:
         model.set_trainable(c.train_clip)
         if run.config.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        if run.config.train.compile:
-            model.compile(mode=run.config.train.compile_mode)
         return model
 
     def _new_memory(self, dim: int) -> DualMemory:

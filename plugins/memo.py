@@ -107,17 +107,7 @@ class MEMO:
             raise ConfigError(f"the memo plugin needs model.head=incremental, got '{cfg.model.head}'")
         generalized, specialized, d = split_backbone(run.model.backbone, self.config.specialized_width)
         model = MemoNet(ExpandableBackbone(generalized, specialized, d), head.out_features)
-        if cfg.train.compile:  # the loop compiled the backbone this surgery takes apart
-            generalized.compile(mode=cfg.train.compile_mode)
-            specialized.compile(mode=cfg.train.compile_mode)
         return model.to(run.device)
-
-    @staticmethod
-    def _compile_newest(run: Any, model: MemoNet) -> None:
-        """With ``train.compile``, compile the block ``expand`` just added (a deep copy
-        of a module is not compiled)."""
-        if run.config.train.compile:
-            model.blocks[-1].compile(mode=run.config.train.compile_mode)
 
     def _final_model_parameters(self, run: Any, model: MemoNet) -> int:
         """Parameters of the network at the end of the stream: generalized blocks,
@@ -185,7 +175,6 @@ class MEMO:
         self._set_budget(run, model)
         for _ in range(int(state["n_blocks"]) - 1):
             model.expand([])
-            self._compile_newest(run, model)
         if state["aux_outputs"]:
             model.set_aux_head(int(state["aux_outputs"]))
         model.freeze(int(state["n_frozen"]), bool(state["generalized_frozen"]))
@@ -207,7 +196,6 @@ class MEMO:
         self.seen = sorted(set(self.old) | set(self.new))
         if exp.index > 0:
             model.expand(self.old)
-            self._compile_newest(run, model)
         model.set_aux_head(len(self.new) + 1)
         model.freeze(len(model.blocks) - 1, generalized=not self.config.train_base and exp.index > 0)
         self._aux_map = self._make_aux_map(run.stream.n_classes, run.device)

@@ -149,16 +149,12 @@ def test_compile_compiles_the_backbone_in_place(monkeypatch: pytest.MonkeyPatch)
         None, ["train.epochs=1", "eval.fwt=false", "scenario.n_experiences=2", "train.compile=true"]
     )
     exp = Experiment(cfg)
-    run = exp.build()
-    names = [name for name, _ in run.model.named_parameters()]
-    assert (
-        run.model.backbone._compiled_call_impl is not None
-    )  # the backbone, whose shapes never change
-    assert run.model.head._compiled_call_impl is None  # the growing head stays eager
+    names = [name for name, _ in exp.build().model.named_parameters()]  # before compiling
     results = exp.run()
-    assert [
-        name for name, _ in run.model.named_parameters()
-    ] == names  # checkpoints keep their keys
+    run = exp.run_state
+    assert run.model.backbone._compiled_call_impl is not None  # the backbone, whose shapes never change
+    assert run.model.head._compiled_call_impl is None  # the growing head stays eager
+    assert [name for name, _ in run.model.named_parameters()] == names  # checkpoints keep their keys
     assert results.accuracy_matrix[0][0] > 0.5
 
 
