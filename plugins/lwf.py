@@ -45,17 +45,6 @@ def distillation(student: torch.Tensor, teacher: torch.Tensor, T: float) -> torc
     return -(targets * F.log_softmax(student.float() / T, dim=1)).sum(dim=1).mean()
 
 
-def _keep_heads(head: MultiHead, tensors: dict[str, torch.Tensor]) -> None:
-    """Drop from a resumed teacher's multi-head the task heads the saved teacher did
-    not have: the copy of the model it was rebuilt from may already hold the head of
-    the experience under way, and that head must not be distilled."""
-    saved = {int(name.split(".")[2]) for name in tensors if name.startswith("head.heads.")}
-    for task in [t for t in head.tasks if t not in saved]:
-        del head.heads[str(task)]
-        del head.task_classes[task]
-        head._columns.pop(task, None)
-
-
 class LwF:
     """Learning without Forgetting (Li and Hoiem, ECCV 2016): distillation of the old model's outputs."""
 
@@ -81,7 +70,9 @@ class LwF:
             teacher = frozen_copy(run.model)
             load_tensors(teacher, self._pending)
             if isinstance(getattr(teacher, "head", None), MultiHead):
-                _keep_heads(teacher.head, self._pending)
+                # the copy may already hold the head of the experience under way: not distilled
+                saved = {int(name.split(".")[2]) for name in self._pending if name.startswith("head.heads.")}
+                teacher.head.keep_tasks(sorted(saved))
             self.teacher, self._pending = teacher, None
 
     @hookimpl

@@ -152,6 +152,14 @@ class MultiHead(nn.Module):
         self.heads[str(task)].grow(len(self.task_classes[task]))
         self._columns.pop(task, None)
 
+    def keep_tasks(self, tasks: Sequence[int]) -> None:
+        """Drop the heads of every task not in ``tasks`` (a copy of the model rolled
+        back to fewer tasks, e.g. a distillation teacher rebuilt on resume)."""
+        for task in [t for t in self.task_classes if t not in set(tasks)]:
+            del self.heads[str(task)]
+            del self.task_classes[task]
+            self._columns.pop(task, None)
+
     def _cols(self, task: int, device: torch.device) -> torch.Tensor:
         cols = self._columns.get(task)
         if cols is None or cols.device != device:
