@@ -85,22 +85,13 @@ def _nonfinite_error(
 
 
 def _first_nonfinite(tensors: list[torch.Tensor]) -> int | None:
-    """Index of the first tensor holding a NaN or an infinity, or None; one read-back.
-
-    ``x * 0`` is 0 for a finite x and NaN otherwise, so a tensor's 1-norm of
-    ``x * 0`` is 0 exactly when it is all finite, whatever the magnitudes (a sum
-    of the values themselves could overflow). Two multi-tensor ops for the list.
-    """
-    index = [k for k, t in enumerate(tensors) if t.numel()]
-    if not index:
-        return None
-    zeroed = torch._foreach_mul([tensors[k] for k in index], 0.0)
-    norms = [n.float() for n in torch._foreach_norm(zeroed, 1)]
-    if len({n.device for n in norms}) > 1:  # parameters spread over several devices
-        norms = [n.cpu() for n in norms]
-    norms = torch.stack(norms)
-    bad = torch.nonzero(norms != 0).flatten().tolist()  # NaN != 0
-    return index[bad[0]] if bad else None
+    """Index of the first tensor holding a NaN or an infinity, or None: one flag per
+    tensor, read back together (no copy of the tensors)."""
+    flags = [torch.isfinite(t).all() for t in tensors]
+    if len({f.device for f in flags}) > 1:  # parameters spread over several devices
+        flags = [f.cpu() for f in flags]
+    bad = torch.nonzero(~torch.stack(flags)).flatten().tolist() if flags else []
+    return bad[0] if bad else None
 
 
 def _check_scalars(alpha: float, lam: float) -> None:
