@@ -12,6 +12,7 @@ references run on small sizes and wall-clock medians are reported; there the
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 from collections.abc import Callable
@@ -70,7 +71,7 @@ def report(title: str, rows: list[tuple[str, float]], ours: str, notes: dict[str
     print(f"\n{title}")
     for name, ms in rows:
         ratio = "" if name == ours else f"{base / ms:7.2f}x  ({ours} / this)"
-        print(f"  {name:<34} {ms:10.3f} ms  {ratio}  {notes.get(name, '')}".rstrip())
+        print(f"  {name:<46} {ms:10.3f} ms  {ratio}  {notes.get(name, '')}".rstrip())
 
 
 def amortized(fn: Callable[[], object], n: int = 50) -> float:
@@ -88,14 +89,18 @@ def amortized(fn: Callable[[], object], n: int = 50) -> float:
     return start.elapsed_time(end) / n
 
 
-def _dampen_kernel_only(thetas, fds, ffs, config: _dispatch.LaunchConfig) -> Callable[[], None]:
+def _dampen_kernel_only(
+    thetas, fds, ffs, config: _dispatch.LaunchConfig, compact: bool
+) -> Callable[[], None]:
     """The dampening kernel launched on prepared arguments: no checks, no read-back."""
-    plan = dampen.DampenPlan(thetas, fds, ffs, backend="triton", config=config)
+    plan = dampen.DampenPlan(
+        thetas, fds, ffs, backend="triton", config=config, compact_undo=compact
+    )
     (group,) = plan.groups
     table = group.table
-    backup = torch.empty(table.n_elements, device=thetas[0].device)
+    backup = torch.empty(table.n_blocks * config.block, device=thetas[0].device)
     stats = torch.empty(2, table.n_blocks, dtype=torch.int32, device=thetas[0].device)
-    args = (*table.addrs, table.numels, table.block_first, table.elem_first, table.block_tensor)
+    args = (*table.addrs, table.numels, table.block_first, table.block_tensor)
     args += (backup, stats, table.n_blocks, ALPHA, LAM)
     meta = {**plan.metas[0], "RESTORE": False}
     grid = (table.n_blocks,)
@@ -143,6 +148,12 @@ def bench_dampen(
     rows = [
         (ours, timer(lambda: dampen.dampen_(thetas, fds, ffs, ALPHA, LAM))),
         ("contlearn DampenPlan (validated once)", timer(lambda: plan(ALPHA, LAM))),
+    ]
+    if device.type == "cuda":  # the other layout of the undo buffer (see dampen.COMPACT_UNDO)
+        other = not dampen.COMPACT_UNDO
+        other_plan = dampen.DampenPlan(thetas, fds, ffs, compact_undo=other)
+        rows.append((f"DampenPlan, compact_undo={other}", timer(lambda: other_plan(ALPHA, LAM))))
+    rows += [
         ("eager per-tensor loop", timer(lambda: _eager_dampen(thetas, fds, ffs))),
         ("torch._foreach_*", timer(lambda: _foreach_dampen(thetas, fds, ffs))),
         ("copy, 16 B/param", timer(lambda: dst.copy_(src))),
@@ -151,10 +162,15 @@ def bench_dampen(
         {"copy, 16 B/param": "target on H100: ours/copy <= 1.25"} if device.type == "cuda" else {}
     )
     if sweep and device.type == "cuda":
-        rows.append(("copy, 16 B/param, back to back", amortized(lambda: dst.copy_(src))))
-        for block, warps in SWEEP:
-            launch = _dampen_kernel_only(thetas, fds, ffs, _dispatch.LaunchConfig(block, warps))
-            rows.append((f"kernel only, back to back, {block}/{warps}w", amortized(launch)))
+        floor = amortized(lambda: dst.copy_(src))
+        rows.append(("copy, 16 B/param, back to back", floor))
+        for (block, warps), compact in itertools.product(SWEEP, (False, True)):
+            config = _dispatch.LaunchConfig(block, warps)
+            launch = _dampen_kernel_only(thetas, fds, ffs, config, compact)
+            undo = "packed" if compact else "per lane"
+            name = f"kernel, back to back, {block}/{warps}w, undo {undo}"
+            rows.append((name, amortized(launch)))
+            notes[name] = f"{rows[-1][1] / floor:.2f}x the back-to-back copy"
     report(
         f"dampen_: {n / 1e6:.1f}M params in {len(shapes)} tensors ({label}), fp32",
         rows,

@@ -183,17 +183,14 @@ class LaunchTable:
 
     Program ``p`` works on tensor ``block_tensor[p]``, elements
     ``[(p - block_first[k]) * block, ...)`` of it, reading each operand ``j`` at
-    address ``addrs[j][k]``; ``elem_first[k]`` is the tensor's first element in the
-    concatenation of the list.
+    address ``addrs[j][k]``.
     """
 
     addrs: list[torch.Tensor]
     numels: torch.Tensor
     block_first: torch.Tensor
-    elem_first: torch.Tensor
     block_tensor: torch.Tensor
     n_blocks: int
-    n_elements: int
     aligned: bool
 
 
@@ -214,28 +211,24 @@ def _build_table(
 ) -> LaunchTable:
     n = len(numels)
     blocks = [-(-m // block) for m in numels]
-    block_first, elem_first, nb, ne = [], [], 0, 0
-    for m, b in zip(numels, blocks, strict=True):
+    block_first, nb = [], 0
+    for b in blocks:
         block_first.append(nb)
-        elem_first.append(ne)
         nb += b
-        ne += m
     aligned = all(a % 16 == 0 for row in addrs for a in row)
     host = torch.tensor(
-        [a for row in addrs for a in row] + numels + block_first + elem_first + blocks,
+        [a for row in addrs for a in row] + numels + block_first + blocks,
         dtype=torch.int64,
     )
     meta = host.to(device, non_blocking=device.type == "cuda")
-    rows = meta.view(len(addrs) + 4, n)
+    rows = meta.view(len(addrs) + 3, n)
     block_tensor = torch.repeat_interleave(torch.arange(n, device=device), rows[-1], output_size=nb)
     return LaunchTable(
         addrs=[rows[j] for j in range(len(addrs))],
-        numels=rows[-4],
-        block_first=rows[-3],
-        elem_first=rows[-2],
+        numels=rows[-3],
+        block_first=rows[-2],
         block_tensor=block_tensor,
         n_blocks=nb,
-        n_elements=ne,
         aligned=aligned,
     )
 

@@ -67,6 +67,15 @@ def test_reference_is_the_ssd_update() -> None:
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_finite_values_whose_sum_overflows_are_not_an_error(device: torch.device, backend: str) -> None:
+    theta = torch.tensor([3e38, 3e38, 1.0], device=device)  # finite, though its sum is not
+    fd = torch.tensor([1e38, 1.0, 1.0], device=device)
+    ff = torch.tensor([3e38, 4.0, 4.0], device=device)
+    assert dampen.dampen_([theta], [fd], [ff], alpha=2.0, lam=1.0, backend=backend) == 3
+    assert theta.tolist() == pytest.approx([1e38, 0.75e38, 0.25])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_edge_cases(device: torch.device, backend: str) -> None:
     theta = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], device=device)
     fd = torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0, 2.0], device=device)
@@ -112,6 +121,22 @@ def test_non_finite_restores_every_dtype_group(device: torch.device) -> None:
     with pytest.raises(ValueError, match=r"params\[7\]"):
         dampen.dampen_(thetas, fds, ffs, ALPHA, LAM, backend="triton")
     assert all(torch.equal(g, r) for g, r in zip(thetas, before, strict=True))
+
+
+@pytest.mark.parametrize("compact", [False, True], ids=["undo-per-lane", "undo-packed"])
+def test_both_undo_layouts_dampen_and_restore_exactly(device: torch.device, compact: bool) -> None:
+    thetas, fds, ffs = _problem(device)
+    config = _dispatch.LaunchConfig(128, 4)  # many programs, each with a different selection
+    plan = dampen.DampenPlan(thetas, fds, ffs, backend="triton", config=config, compact_undo=compact)
+    assert plan.metas[0]["COMPACT"] is compact
+    want = [t.clone() for t in thetas]
+    assert plan(ALPHA, LAM) == dampen.dampen_reference_(want, fds, ffs, ALPHA, LAM)
+    for got, ref in zip(thetas, want, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=0)
+    ffs[5][700] = float("nan")
+    with pytest.raises(ValueError, match=r"F_f of params\[5\]"):
+        plan(ALPHA, LAM)
+    assert all(torch.equal(g, r) for g, r in zip(thetas, want, strict=True))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
