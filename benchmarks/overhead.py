@@ -12,7 +12,7 @@ contenders interleaved. Prints train seconds, the ratio to the plain loop and
 the final average accuracy of each.
 
     python benchmarks/overhead.py                 # CPU, digits workload
-    python benchmarks/overhead.py --device cuda   # GPU: CIFAR ResNet18, random 32x32 data
+    python benchmarks/overhead.py --device cuda   # GPU: torchvision ResNet18, random 32x32 data
 
 Exit status 1 when a target in docs/performance.md is missed (--check).
 """

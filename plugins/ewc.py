@@ -190,7 +190,7 @@ class EWC:
         return {"ewc": 0.5 * self.config.lam * (total + self.offset)}
 
     def state_dict(self) -> dict[str, Any]:
-        """The summed penalty (importance, centre, offset by parameter name) and the generator's state."""
+        """The summed penalty (importance and centre by parameter name, one offset) and the generator's state."""
         return {
             "importance": dict(self.importance),
             "center": dict(self.center),
