@@ -105,7 +105,7 @@ class ExperimentConfig:
 
     name: str = DEFAULT_EXPERIMENT
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     out: Optional[str] = None  # run directory; None: runs/<name>-<timestamp>
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -245,7 +245,7 @@ def validate(cfg: DictConfig) -> DictConfig:
             raise ConfigError(f"'{key}' must be one of {choices(valid)}, got {value!r}")
     device = str(cfg.device)
     if not (device in ("auto", "cpu", "cuda", "mps") or device.startswith("cuda:")):
-        raise ConfigError(f"'device' must be auto, cpu, cuda or cuda:N, got {device!r}")
+        raise ConfigError(f"'device' must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
     for key in ("scenario.n_experiences", "train.epochs", "train.batch_size", "train.eval_batch_size"):
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"'{key}' must be at least 1, got {OmegaConf.select(cfg, key)}")

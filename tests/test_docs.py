@@ -51,3 +51,19 @@ def test_every_builtin_plugin_has_a_docs_page(name):
     assert page.is_file(), f"docs/plugins/{name}.md is missing"
     text = page.read_text()
     assert "## Config" in text and "## Result" in text, f"{page.name} needs Config and Result sections"
+
+
+def test_the_configuration_reference_lists_every_option_with_its_default():
+    """docs/configuration.md's YAML block is the schema: every option, every default."""
+    from omegaconf import OmegaConf
+
+    from contlearn.config import ExperimentConfig
+
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    block = re.search(r"^```yaml\n(.*?)^```", text, re.S | re.M).group(1)
+    documented = OmegaConf.to_container(OmegaConf.create(block))
+    schema = OmegaConf.to_container(OmegaConf.structured(ExperimentConfig))
+    documented.pop("base")
+    assert documented.pop("name") == "my-experiment"  # an example value
+    schema.pop("name")
+    assert documented == schema
