@@ -35,7 +35,7 @@ FORMAT = "contlearn-checkpoint"
 VERSION = 1
 DIRNAME = "checkpoints"
 #: Top-level config keys that may differ between a checkpoint and the run resuming it.
-MAY_DIFFER = ("out", "device", "checkpoint")
+MAY_DIFFER = ("out", "device", "threads", "checkpoint")
 _NAME = re.compile(r"^ckpt-(\d+)-(\d+)\.pt$")
 _REQUIRED = ("config", "position", "model", "optimizer", "plugins", "rng", "metrics")
 

@@ -106,6 +106,7 @@ class ExperimentConfig:
     name: str = DEFAULT_EXPERIMENT
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    threads: Optional[int] = None  # torch's CPU threads during the run; None: torch's default
     out: Optional[str] = None  # run directory; None: runs/<name>-<timestamp>
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -249,6 +250,8 @@ def validate(cfg: DictConfig) -> DictConfig:
     for key in ("scenario.n_experiences", "train.epochs", "train.batch_size", "train.eval_batch_size"):
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"'{key}' must be at least 1, got {OmegaConf.select(cfg, key)}")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ConfigError(f"'threads' must be at least 1 (or null), got {cfg.threads}")
     if cfg.train.lr <= 0:
         raise ConfigError(f"'train.lr' must be positive, got {cfg.train.lr}")
     if cfg.checkpoint.keep_last < 1:

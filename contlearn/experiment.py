@@ -58,6 +58,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@contextlib.contextmanager
+def cpu_threads(n: int | None) -> Iterator[None]:
+    """Run with ``torch.set_num_threads(n)`` and restore the previous count after
+    (``n`` None: leave torch's choice). On a shared CPU, fewer threads than cores
+    avoids oversubscription: with one core busy elsewhere, the default 2-core run
+    trained 7x slower on 2 threads than on 1 (docs/performance.md)."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` is CUDA when present, else the CPU; asking for an absent CUDA is an error."""
     if name == "auto":
@@ -153,7 +170,7 @@ class Experiment:
         its newest readable checkpoint when :meth:`run` is called.
 
         The config is ``run_dir/config.yaml`` with ``overrides``; only ``out``,
-        ``device`` and ``checkpoint.*`` may differ from the checkpoint's. A newer
+        ``device``, ``threads`` and ``checkpoint.*`` may differ from the checkpoint's. A newer
         checkpoint that cannot be read is skipped with a
         :class:`~contlearn.checkpoint.CheckpointWarning`. ``plugins`` and
         ``stream`` are those the run was started with, if any.
@@ -241,6 +258,10 @@ class Experiment:
     def run(self) -> Results:
         """Train on every experience of the stream (from the checkpoint, after
         :meth:`resume`) and return the results."""
+        with cpu_threads(self.config.threads):
+            return self._run()
+
+    def _run(self) -> Results:
         t_start = time.perf_counter()
         run = self.build()
         progress = Progress()

@@ -80,6 +80,7 @@ def test_bad_override_syntax():
         ("train.optimizer=lbfgs", "train.optimizer"),
         ("train.epochs=0", "train.epochs"),
         ("train.lr=-1", "train.lr"),
+        ("threads=0", "threads"),
         ("scenario.setting=online", "scenario.setting"),
     ],
 )

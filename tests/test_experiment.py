@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from contlearn import Experiment, load_config
+from contlearn import Experiment, hookimpl, load_config
 from contlearn.experiment import resolve_device
 
 
@@ -103,3 +103,17 @@ def test_library_use_matches_the_readme():
     cfg = load_config("split-digits", ["train.epochs=1"])
     results = Experiment(cfg).run()
     assert len(results.accuracy_matrix) == cfg.scenario.n_experiences
+
+
+def test_threads_apply_during_the_run_and_are_restored(quick):
+    seen = []
+
+    class Probe:
+        @hookimpl
+        def after_experience(self):
+            seen.append(torch.get_num_threads())
+
+    before = torch.get_num_threads()
+    Experiment(load_config(None, [*quick, "threads=2"]), plugins={"probe": Probe()}).run()
+    assert before != 2 and seen and set(seen) == {2}  # the suite runs on one thread (conftest)
+    assert torch.get_num_threads() == before
