@@ -80,6 +80,10 @@ class TrainConfig:
     compile: bool = False  # torch.compile the backbone (nn.Module.compile, in place)
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune | ...
     channels_last: bool = False  # model and 4-d inputs in channels-last memory format
+    lr_schedule: str = "none"  # per epoch, restarting each experience: none | multistep | cosine
+    milestones: List[int] = field(default_factory=list)  # multistep: epochs at which lr *= gamma
+    gamma: float = 0.1  # multistep: the factor at each milestone
+    min_lr: float = 0.0  # cosine: the learning rate the schedule decays towards
 
 
 @dataclass
@@ -239,6 +243,7 @@ def validate(cfg: DictConfig) -> DictConfig:
         "model.head": ("incremental", "multi", "cosine"),
         "train.optimizer": ("sgd", "adam", "adamw"),
         "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        "train.lr_schedule": ("none", "multistep", "cosine"),
     }
     for key, valid in allowed.items():
         value = OmegaConf.select(cfg, key)
@@ -260,6 +265,7 @@ def validate(cfg: DictConfig) -> DictConfig:
         raise ConfigError(
             f"'checkpoint.every_n_steps' must be at least 1 (or null), got {cfg.checkpoint.every_n_steps}"
         )
+    _check_schedule(cfg.train)
     if not 0 < cfg.scenario.test_fraction < 1:
         raise ConfigError(f"'scenario.test_fraction' must be in (0, 1), got {cfg.scenario.test_fraction}")
 
@@ -270,6 +276,24 @@ def validate(cfg: DictConfig) -> DictConfig:
         plugin_cfg = plugin_config(name, getattr(entry.load(), "Config", None), section)
         cfg.plugins[name] = OmegaConf.structured(plugin_cfg) if plugin_cfg is not None else {}
     return cfg
+
+
+def _check_schedule(train: DictConfig) -> None:
+    milestones = list(train.milestones)
+    if milestones and train.lr_schedule != "multistep":
+        raise ConfigError(
+            f"'train.milestones' is set ({milestones}) but 'train.lr_schedule' is {train.lr_schedule!r}; "
+            "milestones need lr_schedule=multistep"
+        )
+    if train.lr_schedule == "multistep":
+        if not milestones:
+            raise ConfigError("'train.lr_schedule' is multistep but 'train.milestones' is empty, e.g. [10, 15]")
+        if any(m < 1 for m in milestones) or milestones != sorted(set(milestones)):
+            raise ConfigError(f"'train.milestones' must be increasing epochs of at least 1, got {milestones}")
+    if train.gamma <= 0:
+        raise ConfigError(f"'train.gamma' must be positive, got {train.gamma}")
+    if not 0 <= train.min_lr < train.lr:
+        raise ConfigError(f"'train.min_lr' must be in [0, train.lr), got {train.min_lr}")
 
 
 def load_config(

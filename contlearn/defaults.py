@@ -9,6 +9,9 @@ through pluggy) when no strategy implements the hook.
 
 from __future__ import annotations
 
+import bisect
+import math
+
 import torch
 from torch.nn import functional as F
 
@@ -29,6 +32,34 @@ OPTIMIZERS = {
 def build_optimizer(params, train_cfg) -> torch.optim.Optimizer:
     """The optimizer ``train.optimizer`` names, over ``params``."""
     return OPTIMIZERS[train_cfg.optimizer](params, train_cfg)
+
+
+def epoch_lr(base: float, train_cfg, epoch: int) -> float:
+    """The learning rate of ``epoch`` (0-based, within an experience) under
+    ``train.lr_schedule``, for a parameter group whose rate is ``base``.
+
+    ``multistep`` multiplies by ``gamma`` at each milestone epoch reached
+    (``torch.optim.lr_scheduler.MultiStepLR`` stepped once per epoch);
+    ``cosine`` decays from ``base`` to ``min_lr`` over the experience's epochs
+    (``CosineAnnealingLR`` with ``T_max = epochs``, as PyCIL trains).
+    """
+    if train_cfg.lr_schedule == "multistep":
+        return base * train_cfg.gamma ** bisect.bisect_right(list(train_cfg.milestones), epoch)
+    if train_cfg.lr_schedule == "cosine":
+        low = train_cfg.min_lr
+        return low + (base - low) * (1 + math.cos(math.pi * epoch / train_cfg.epochs)) / 2
+    return base
+
+
+def set_epoch_lr(optimizer: torch.optim.Optimizer, train_cfg, epoch: int) -> None:
+    """Set every parameter group's rate for ``epoch``, from the group's rate when
+    it was first scheduled (kept as ``initial_lr``, torch's key, so that it is in
+    the optimizer's state dict and a resumed run schedules from it too)."""
+    if train_cfg.lr_schedule == "none":
+        return
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+        group["lr"] = epoch_lr(group["initial_lr"], train_cfg, epoch)
 
 
 class Defaults:

@@ -35,7 +35,7 @@ from contlearn import checkpoint as ckpt
 from contlearn._registry import PluginRegistry
 from contlearn.checkpoint import EpochState, Progress, Resumed
 from contlearn.config import load_config, parse_overrides, to_container, to_yaml, validate
-from contlearn.defaults import Defaults
+from contlearn.defaults import Defaults, set_epoch_lr
 from contlearn.errors import ConfigError, ContlearnError, DataError, Interrupted, TrainingError
 from contlearn.metrics import per_class_accuracy, summary
 from contlearn.models import create_model
@@ -457,6 +457,7 @@ def train_experience(
     try:
         for epoch in range(run.epoch, cfg.epochs):
             run.epoch = epoch
+            set_epoch_lr(run.optimizer, cfg, epoch)
             batches = data.batches(cfg.batch_size, shuffle=True, generator=run.generator)
             if resumed is not None:
                 state = resumed.epoch

@@ -1,0 +1,88 @@
+"""train.lr_schedule: per-epoch learning rates, restarted each experience, exact on resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _crash import SMALL_RUN, CrashAt, SimulatedCrash, comparable
+from omegaconf import OmegaConf
+
+from contlearn import ConfigError, Experiment, hookimpl, load_config
+from contlearn.defaults import epoch_lr
+
+
+def _train(**fields):
+    base = {"lr": 0.1, "epochs": 10, "lr_schedule": "none", "milestones": [], "gamma": 0.1, "min_lr": 0.0}
+    return OmegaConf.create({**base, **fields})
+
+
+def _torch_rates(make_scheduler, epochs: int) -> list[float]:
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    scheduler = make_scheduler(optimizer)
+    rates = []
+    for _ in range(epochs):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def test_multistep_is_torchs_multisteplr_stepped_per_epoch():
+    cfg = _train(lr_schedule="multistep", milestones=[3, 7], gamma=0.2)
+    want = _torch_rates(lambda o: torch.optim.lr_scheduler.MultiStepLR(o, [3, 7], gamma=0.2), 10)
+    assert [epoch_lr(0.1, cfg, e) for e in range(10)] == pytest.approx(want, rel=1e-12)
+
+
+def test_cosine_is_torchs_cosineannealinglr_over_the_epochs():
+    cfg = _train(lr_schedule="cosine", min_lr=0.001)
+    want = _torch_rates(lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, 10, eta_min=0.001), 10)
+    assert [epoch_lr(0.1, cfg, e) for e in range(10)] == pytest.approx(want, rel=1e-9)
+
+
+def test_none_keeps_the_rate():
+    assert epoch_lr(0.1, _train(), 7) == 0.1
+
+
+class LrProbe:
+    """Records (experience, epoch, learning rate of every group) at every step."""
+
+    def __init__(self):
+        self.seen: set[tuple[int, int, tuple[float, ...]]] = set()
+
+    @hookimpl
+    def after_step(self, run):
+        rates = tuple(group["lr"] for group in run.optimizer.param_groups)
+        self.seen.add((run.experience.index, run.epoch, rates))
+
+
+def test_a_run_follows_the_schedule_and_restarts_it_each_experience():
+    probe = LrProbe()
+    overrides = [*SMALL_RUN, "train.epochs=3", "train.lr_schedule=multistep", "train.milestones=[1,2]", "train.gamma=0.5"]
+    Experiment(load_config(None, overrides), plugins={"probe": probe}).run()
+    assert probe.seen == {(e, k, (0.1 * 0.5**k,)) for e in range(3) for k in range(3)}
+
+
+def test_resume_inside_an_experience_with_a_schedule_is_exact(tmp_path):
+    overrides = [*SMALL_RUN, "train.lr_schedule=cosine", "train.min_lr=0.01", "checkpoint.every_n_steps=8"]
+    Experiment(load_config(None, overrides), out_dir=tmp_path / "whole").run()
+    with pytest.raises(SimulatedCrash):
+        Experiment(load_config(None, overrides), out_dir=tmp_path / "run", plugins={"crash": CrashAt(17)}).run()
+    Experiment.resume(tmp_path / "run").run()  # from step 16: experience 1 (steps 11-18), its second epoch
+    assert comparable(tmp_path / "run") == comparable(tmp_path / "whole")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.milestones=[5]"], "milestones need lr_schedule=multistep"),
+        (["train.lr_schedule=multistep"], "'train.milestones' is empty"),
+        (["train.lr_schedule=multistep", "train.milestones=[5,3]"], "must be increasing"),
+        (["train.lr_schedule=multistep", "train.milestones=[0,3]"], "must be increasing epochs of at least 1"),
+        (["train.gamma=0"], "'train.gamma' must be positive"),
+        (["train.lr_schedule=cosine", "train.min_lr=0.5"], r"'train.min_lr' must be in \[0, train.lr\)"),
+        (["train.lr_schedule=step"], "'train.lr_schedule' must be one of"),
+    ],
+)
+def test_bad_schedules_are_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
