@@ -213,11 +213,20 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: obj}
 
 
-def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+def config_differences(
+    saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any] | None = None
+) -> list[str]:
     """The keys on which two configs (as plain containers) differ, with both
-    values; keys of :data:`MAY_DIFFER` are ignored."""
+    values; keys of :data:`MAY_DIFFER` are ignored. A key the checkpoint lacks
+    whose current value is its default in ``defaults`` is not a difference: it is
+    an option added since the checkpoint was written, at the value the old code had."""
     a = {k: v for k, v in _flatten(saved).items() if k.split(".")[0] not in MAY_DIFFER}
     b = {k: v for k, v in _flatten(current).items() if k.split(".")[0] not in MAY_DIFFER}
+    if defaults is not None:
+        default = _flatten(defaults)
+        for k in set(b) - set(a):
+            if k in default and default[k] == b[k]:
+                a[k] = b[k]
     diffs = [
         f"{k}: {a.get(k, '(absent)')!r} in the checkpoint, {b.get(k, '(absent)')!r} now"
         for k in sorted(set(a) | set(b))
@@ -229,10 +238,12 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     return diffs
 
 
-def check_config(saved: dict[str, Any], current: dict[str, Any], source: str) -> None:
+def check_config(
+    saved: dict[str, Any], current: dict[str, Any], source: str, defaults: dict[str, Any] | None = None
+) -> None:
     """:raises ConfigError: naming the differences when ``current`` is not the
-    experiment that wrote checkpoint ``source``."""
-    diffs = config_differences(saved, current)
+    experiment that wrote checkpoint ``source`` (see :func:`config_differences`)."""
+    diffs = config_differences(saved, current, defaults)
     if diffs:
         shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
         raise ConfigError(f"checkpoint '{source}' was written by a different experiment: {shown}")

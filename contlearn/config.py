@@ -328,6 +328,24 @@ def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg)
 
 
+def schema_defaults(plugin_names: list[str]) -> dict[str, Any]:
+    """What a config holds when nothing sets it: the schema's defaults, and the
+    defaults of each named plugin's ``Config`` (plugins the registry does not
+    know, such as objects given to an experiment, get an empty section)."""
+    from contlearn._registry import PluginRegistry
+    from contlearn.errors import PluginError
+
+    registry = PluginRegistry.load()
+    out = to_container(OmegaConf.structured(ExperimentConfig))
+    for name in plugin_names:
+        try:
+            cls = getattr(registry.get(name).load(), "Config", None)
+        except PluginError:
+            cls = None
+        out["plugins"][name] = to_container(OmegaConf.structured(cls)) if cls is not None else {}
+    return out
+
+
 def to_container(cfg: DictConfig | ListConfig) -> Any:
     """Plain Python containers, for JSON."""
     return OmegaConf.to_container(cfg, resolve=True)

@@ -34,7 +34,14 @@ from contlearn import _manager
 from contlearn import checkpoint as ckpt
 from contlearn._registry import PluginRegistry
 from contlearn.checkpoint import EpochState, Progress, Resumed
-from contlearn.config import load_config, parse_overrides, to_container, to_yaml, validate
+from contlearn.config import (
+    load_config,
+    parse_overrides,
+    schema_defaults,
+    to_container,
+    to_yaml,
+    validate,
+)
 from contlearn.defaults import Defaults, set_epoch_lr
 from contlearn.errors import ConfigError, ContlearnError, DataError, Interrupted, TrainingError
 from contlearn.metrics import per_class_accuracy, summary
@@ -184,7 +191,7 @@ class Experiment:
             raise ConfigError(f"'{run_dir}' is not a run directory: it has no config.yaml")
         config = load_config(config_file, overrides)
         path, state = ckpt.latest(run_dir / ckpt.DIRNAME)
-        ckpt.check_config(state["config"], to_container(config), path.name)
+        ckpt.check_config(state["config"], to_container(config), path.name, schema_defaults(list(config.plugins)))
         experiment = cls(config, out_dir=run_dir, plugins=plugins, stream=stream)
         experiment._resume_from = (path, state)
         return experiment

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from contlearn import checkpoint as ckpt
-from contlearn.config import load_config, to_container, to_yaml
+from contlearn.config import load_config, schema_defaults, to_container, to_yaml
 from contlearn.errors import CheckpointError, ConfigError
 from contlearn.results import prepare_run_dir, write_atomic
 
@@ -72,7 +72,7 @@ def unlearn_run_dir(
             f"no checkpoint in '{run_dir / ckpt.DIRNAME}': nothing to unlearn from (checkpoint.enabled was off?)"
         )
     path, state = ckpt.latest(run_dir / ckpt.DIRNAME)
-    ckpt.check_config(state["config"], to_container(config), path.name)
+    ckpt.check_config(state["config"], to_container(config), path.name, schema_defaults(list(config.plugins)))
     pos = state["position"]
     if pos["inside_experience"]:
         raise CheckpointError(

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import pickle
+import shutil
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from contlearn import ConfigError, Experiment, hookimpl, load_config
 from contlearn import checkpoint as ckpt
@@ -202,3 +204,28 @@ def test_rng_state_round_trip():
 def test_checkpoint_settings_are_validated(override, key):
     with pytest.raises(ConfigError, match=f"checkpoint.{key}"):
         load_config(None, [override])
+
+
+def test_an_option_added_since_the_checkpoint_is_no_difference_at_its_default():
+    saved = {"seed": 0, "train": {"lr": 0.1}, "plugins": {"ewc": {"lam": 1.0}}}
+    current = {"seed": 0, "train": {"lr": 0.1, "new": "none"}, "plugins": {"ewc": {"lam": 1.0, "added": 2}}}
+    defaults = {"seed": 0, "train": {"lr": 0.1, "new": "none"}, "plugins": {"ewc": {"lam": 30.0, "added": 2}}}
+    assert ckpt.config_differences(saved, current, defaults) == []
+    current["train"]["new"] = "cosine"  # set away from its default: the old run did not do that
+    assert ckpt.config_differences(saved, current, defaults) == ["train.new: '(absent)' in the checkpoint, 'cosine' now"]
+
+
+def test_a_run_written_before_an_option_existed_resumes(run_dir, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(run_dir, old)
+    *_, newest = ckpt.list_checkpoints(old / "checkpoints")[:3]
+    for later in ckpt.list_checkpoints(old / "checkpoints")[3:]:
+        later.unlink()
+    state = ckpt.load(newest)
+    del state["config"]["train"]["lr_schedule"], state["config"]["threads"]  # as older code wrote it
+    torch.save(state, newest)
+    config = OmegaConf.to_container(OmegaConf.load(old / "config.yaml"))
+    del config["train"]["lr_schedule"], config["threads"]
+    (old / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    results = Experiment.resume(old).run()
+    assert len(results.accuracy_matrix) == 2
