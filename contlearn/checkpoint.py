@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -128,12 +129,24 @@ def write(directory: Path, state: dict[str, Any], keep_last: int) -> Path:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(directory)
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write (a full disk) as RuntimeError
         tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write checkpoint '{path}': {exc.strerror or exc}") from None
+        if isinstance(exc, OSError):
+            reason = exc.strerror or str(exc)
+        else:
+            reason = f"the write failed ({str(exc).strip().splitlines()[0]}); {_free_space(directory)}"
+        raise CheckpointError(f"cannot write checkpoint '{path}': {reason}") from None
     for old in list_checkpoints(directory)[:-keep_last]:
         old.unlink(missing_ok=True)
     return path
+
+
+def _free_space(directory: Path) -> str:
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return "is the disk full?"
+    return f"{free / 2**20:.1f} MiB free on its disk"
 
 
 def _fsync_dir(directory: Path) -> None:

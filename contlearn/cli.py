@@ -74,6 +74,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse the command line; overrides may also follow options
+    (``contlearn run NAME --quiet train.lr=0.1``), which argparse alone refuses."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = [item for item in extra if "=" in item and not item.startswith("-")]
+    unknown = [item for item in extra if item not in overrides]
+    if unknown or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
+    return args
+
+
 def _split_config_arg(config: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
     """``contlearn run train.lr=0.1`` means the default experiment with an override."""
     if config is not None and "=" in config:
@@ -210,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     previous, warnings.showwarning = warnings.showwarning, _show_warning
     try:
-        args = _parser().parse_args(argv)
+        args = _parse(argv)
         return COMMANDS[args.command](args)
     except Interrupted as exc:
         print(exc, file=sys.stderr)

@@ -10,6 +10,7 @@ that names the key and lists what is valid.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -155,6 +156,7 @@ def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
         raise ConfigError(f"cannot read config '{path}': {exc}") from None
     if not isinstance(data, DictConfig):
         raise ConfigError(f"config '{path}' must be a mapping of keys to values")
+    _check_plugins_section(data, f"config '{path}'")
     base = data.pop("base", None)
     if base is None:
         return data
@@ -167,16 +169,46 @@ def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     return OmegaConf.merge(parent, data)  # type: ignore[return-value]
 
 
+def _override_list(overrides: Any) -> list[str]:
+    """``overrides`` as a list of strings (None: none); anything else is a ConfigError."""
+    if overrides is None:
+        return []
+    if isinstance(overrides, str):
+        raise ConfigError(f"overrides must be a list of 'key=value' strings, got the string {overrides!r}")
+    items = list(overrides)
+    bad = [item for item in items if not isinstance(item, str)]
+    if bad:
+        raise ConfigError(f"overrides must be 'key=value' strings, got {bad[0]!r}")
+    return items
+
+
 def parse_overrides(overrides: list[str] | tuple[str, ...]) -> DictConfig:
     """``["train.lr=0.1", "plugins.ewc.lam=10"]`` as a config."""
-    for item in overrides:
+    items = _override_list(overrides)
+    for item in items:
         key, sep, _ = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override '{item}' is not of the form key=value")
+        try:  # one at a time, to name the one that fails (a YAML value that does not parse, say)
+            OmegaConf.from_dotlist([item])
+        except Exception as exc:  # OmegaConf's errors, yaml.YAMLError
+            hint = " (in YAML, a ':' in a mapping needs a space after it: {a: 1})" if re.search(r"[{,]\s*\w+:\S", item) else ""
+            raise ConfigError(f"cannot parse override '{item}': {_first_line(str(exc))}{hint}") from None
     try:
-        return OmegaConf.from_dotlist(list(overrides))
+        layer = OmegaConf.from_dotlist(items)
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"cannot parse overrides {list(overrides)}: {exc}") from None
+        raise ConfigError(f"cannot parse overrides {items}: {exc}") from None
+    _check_plugins_section(layer, "the overrides")
+    return layer
+
+
+def _check_plugins_section(layer: DictConfig, where: str) -> None:
+    plugins = layer.get("plugins") if isinstance(layer, DictConfig) else None
+    if plugins is not None and not isinstance(plugins, DictConfig):
+        raise ConfigError(
+            f"'plugins' in {where} must be a mapping of plugin names to their fields, "
+            f"e.g. {{replay: {{size: 200}}, ewc: {{}}}}; got {OmegaConf.to_container(plugins) if isinstance(plugins, ListConfig) else plugins!r}"
+        )
 
 
 # ------------------------------------------------------------------ validation
@@ -250,7 +282,7 @@ def validate(cfg: DictConfig) -> DictConfig:
         if valid is not None and value not in valid:
             raise ConfigError(f"'{key}' must be one of {choices(valid)}, got {value!r}")
     device = str(cfg.device)
-    if not (device in ("auto", "cpu", "cuda", "mps") or device.startswith("cuda:")):
+    if not (device in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", device)):
         raise ConfigError(f"'device' must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
     for key in ("scenario.n_experiences", "train.epochs", "train.batch_size", "train.eval_batch_size"):
         if OmegaConf.select(cfg, key) < 1:
@@ -259,6 +291,13 @@ def validate(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"'threads' must be at least 1 (or null), got {cfg.threads}")
     if cfg.train.lr <= 0:
         raise ConfigError(f"'train.lr' must be positive, got {cfg.train.lr}")
+    if not 0 <= cfg.seed < 2**32:  # what NumPy's and scikit-learn's seeding accept
+        raise ConfigError(f"'seed' must be in [0, 2**32), got {cfg.seed}")
+    for key in ("train.momentum", "train.weight_decay"):
+        if OmegaConf.select(cfg, key) < 0:
+            raise ConfigError(f"'{key}' must be at least 0, got {OmegaConf.select(cfg, key)}")
+    if any(width < 1 for width in cfg.model.hidden):
+        raise ConfigError(f"'model.hidden' widths must be at least 1, got {list(cfg.model.hidden)}")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"'checkpoint.keep_last' must be at least 1, got {cfg.checkpoint.keep_last}")
     if cfg.checkpoint.every_n_steps is not None and cfg.checkpoint.every_n_steps < 1:
@@ -312,14 +351,33 @@ def load_config(
         :class:`ExperimentConfig`).
     :raises ConfigError: for a missing file, an unknown key or plugin, a wrong type.
     """
-    layers: list[Any] = []
     if source is None:
         source = DEFAULT_EXPERIMENT
-    layers.append(_load_yaml(resolve_config_path(str(source))))
-    layers.append(parse_overrides(overrides))
-    if any(item.partition("=")[0].strip() == "plugins" for item in overrides):
-        layers[0].plugins = {}  # `plugins=...` replaces the file's plugin list instead of merging into it
+    return _with_overrides(_load_yaml(resolve_config_path(str(source))), overrides, check)
+
+
+def merge_config(config: DictConfig | dict[str, Any], overrides: Any = ()) -> DictConfig:
+    """A config given as an object (a loaded config, perhaps edited, or a plain
+    mapping of its sections) with ``overrides``, merged over the schema and
+    validated as :func:`load_config` validates a file."""
+    if not isinstance(config, (DictConfig, dict)):
+        raise ConfigError(f"a config must be a mapping of keys to values (or a file or name), got {type(config).__name__}")
+    layer = OmegaConf.create(to_container(config) if isinstance(config, DictConfig) else config)
+    _check_plugins_section(layer, "the config")
+    return _with_overrides(layer, overrides, True)
+
+
+def _with_overrides(base: DictConfig, overrides: Any, check: bool) -> DictConfig:
+    items = _override_list(overrides)
+    layers = [base, parse_overrides(items)]
+    if any(item.partition("=")[0].strip() == "plugins" for item in items):
+        base.plugins = {}  # `plugins=...` replaces the file's plugin list instead of merging into it
     cfg = _merge_checked(ExperimentConfig, *layers)
+    try:
+        OmegaConf.resolve(cfg)  # ${...} interpolations, once, here
+    except OmegaConfBaseException as exc:
+        key = f" in '{exc.full_key}'" if getattr(exc, "full_key", None) else ""
+        raise ConfigError(f"cannot resolve an interpolation{key}: {_first_line(str(exc))}") from None
     return validate(cfg) if check else cfg
 
 

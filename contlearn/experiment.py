@@ -34,14 +34,7 @@ from contlearn import _manager
 from contlearn import checkpoint as ckpt
 from contlearn._registry import PluginRegistry
 from contlearn.checkpoint import EpochState, Progress, Resumed
-from contlearn.config import (
-    load_config,
-    parse_overrides,
-    schema_defaults,
-    to_container,
-    to_yaml,
-    validate,
-)
+from contlearn.config import load_config, merge_config, schema_defaults, to_container, to_yaml
 from contlearn.defaults import Defaults, set_epoch_lr
 from contlearn.errors import ConfigError, ContlearnError, DataError, Interrupted, TrainingError
 from contlearn.metrics import per_class_accuracy, summary
@@ -82,6 +75,18 @@ def cpu_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def refuse_existing_run(out_dir: Path) -> None:
+    """:raises ConfigError: when ``out_dir`` already holds a run: a new run there
+    would overwrite its results, and its newer checkpoints would shadow the new
+    run's (and be deleted by them)."""
+    found = [name for name in ("config.yaml", "results.json", ckpt.DIRNAME) if (out_dir / name).exists()]
+    if found:
+        raise ConfigError(
+            f"'{out_dir}' already holds a run ({', '.join(found)}): continue it with "
+            f"'contlearn resume {out_dir}', or give the new run another directory"
+        )
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` is CUDA when present, else the CPU; asking for an absent CUDA is an error."""
     if name == "auto":
@@ -89,6 +94,10 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device '{name}' was asked for but CUDA is not available; use device=auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device '{name}' was asked for but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device '{name}' was asked for but MPS is not available here; use device=auto or cpu")
     return device
 
 
@@ -150,8 +159,8 @@ class Experiment:
     ):
         if config is None or isinstance(config, (str, Path)):
             config = load_config(config, overrides)
-        elif overrides:
-            config = validate(OmegaConf.merge(config, parse_overrides(overrides)))  # type: ignore[arg-type]
+        else:  # validated again: the caller may have edited it
+            config = merge_config(config, overrides)
         self.config: DictConfig = config
         out = out_dir if out_dir is not None else config.out
         self.out_dir: Path | None = Path(out) if out is not None else None
@@ -229,10 +238,12 @@ class Experiment:
     def build(self) -> Run:
         """Seed, then build the stream, the model and the plugins; nothing trains yet."""
         cfg = self.config
+        device = resolve_device(cfg.device)
         if self.out_dir is not None:
+            if self._resume_from is None:
+                refuse_existing_run(self.out_dir)
             prepare_run_dir(self.out_dir)
         seed_everything(cfg.seed)
-        device = resolve_device(cfg.device)
         stream = (self.stream if self.stream is not None else build_stream(cfg.scenario, cfg.seed)).to(device)
         model = create_model(cfg.model, stream.input_shape).to(device)
         if cfg.train.channels_last:
@@ -525,7 +536,13 @@ def _forward_and_losses(
     if hooks.loss_terms is not None:
         seen: set[str] = set()
         for result in hooks.loss_terms(run=run, batch=batch, out=out):
+            if not isinstance(result, dict):
+                raise TrainingError(f"loss_terms must return a dict of named loss tensors or None, got {type(result).__name__}")
             for name, value in result.items():
+                if not isinstance(value, torch.Tensor):
+                    raise TrainingError(
+                        f"loss term '{name}' is a {type(value).__name__}, not a tensor: it would carry no gradient"
+                    )
                 if name in seen:
                     raise TrainingError(f"two plugins return a loss term named '{name}'")
                 seen.add(name)

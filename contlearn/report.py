@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from contlearn.errors import ConfigError
+from contlearn.errors import ConfigError, ContlearnError
 from contlearn.results import write_atomic
 
 MATRIX_PNG = "accuracy_matrix.png"
@@ -171,7 +171,14 @@ def plot_matrix(R: np.ndarray, title: str, path: Path) -> None:
     ax.set_ylabel("after training experience")
     ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax, label="accuracy")
-    fig.savefig(path)
+    _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> None:
+    try:
+        fig.savefig(path)
+    except OSError as exc:
+        raise ContlearnError(f"cannot write '{path}': {exc.strerror or exc}") from None
 
 
 def plot_curve(R: np.ndarray, title: str, path: Path) -> None:
@@ -184,7 +191,7 @@ def plot_curve(R: np.ndarray, title: str, path: Path) -> None:
     ax.plot(x, seen_average(R), marker="o", label="average over experiences seen")
     ax.plot(x, R.mean(axis=1), marker="s", linestyle="--", label="average over all experiences")
     _decorate(ax, x, title)
-    fig.savefig(path)
+    _save(fig, path)
 
 
 def plot_comparison(runs: list[FinishedRun], path: Path) -> None:
@@ -196,7 +203,7 @@ def plot_comparison(runs: list[FinishedRun], path: Path) -> None:
         R = run.matrix
         ax.plot(np.arange(1, R.shape[0] + 1), seen_average(R), marker="o", label=f"{run.label} ({run.strategy})")
     _decorate(ax, np.arange(1, longest + 1), "average accuracy over experiences seen")
-    fig.savefig(path)
+    _save(fig, path)
 
 
 def _decorate(ax: Any, x: np.ndarray, title: str) -> None:

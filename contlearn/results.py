@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import platform
@@ -79,26 +80,33 @@ def prepare_run_dir(path: str | Path) -> Path:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write a file so that it is either the old or the whole new content."""
+    """Write a file so that it is either the old or the whole new content.
+
+    :raises ContlearnError: when it cannot be written (a full disk, no permission);
+        the old content is then left as it was.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ContlearnError(f"cannot write '{path}': {exc.strerror or exc}") from None
 
 
 def write_results(run_dir: Path, results: Results) -> None:
     """``results.json`` and ``metrics.csv`` (one row per matrix entry)."""
     write_atomic(run_dir / "results.json", json.dumps(results.to_dict(), indent=2) + "\n")
-    tmp = run_dir / ".metrics.csv.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["trained_experience", "eval_experience", "accuracy"])
-        for i, row in enumerate(results.accuracy_matrix):
-            for j, acc in enumerate(row):
-                writer.writerow([i, j, f"{acc:.6f}"])
-    os.replace(tmp, run_dir / "metrics.csv")
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(["trained_experience", "eval_experience", "accuracy"])
+    for i, row in enumerate(results.accuracy_matrix):
+        for j, acc in enumerate(row):
+            writer.writerow([i, j, f"{acc:.6f}"])
+    write_atomic(run_dir / "metrics.csv", table.getvalue())
 
 
 def format_matrix(matrix: list[list[float]]) -> str:

@@ -134,6 +134,50 @@ def test_resume_of_a_directory_that_is_no_run(tmp_path, capsys):
     assert "is not a run directory" in one_error_line(capsys, 2, ["resume", str(tmp_path)])
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.epochs=[1", "cannot parse override 'train.epochs=[1'"),
+        ("train.lr='0.1", "cannot parse override 'train.lr='0.1'"),
+        ("plugins={joint:{}}", "needs a space after it"),
+        ("plugins=[replay]", "'plugins' in the overrides must be a mapping of plugin names to their fields"),
+        ("train.epochs=${oops}", "cannot resolve an interpolation in 'train.epochs'"),
+        ("train.momentum=-1", "'train.momentum' must be at least 0"),
+        ("model.hidden=[0]", "'model.hidden' widths must be at least 1"),
+        ("device=cuda:abc", "'device' must be auto, cpu, cuda, cuda:N or mps"),
+        ("seed=-1", "'seed' must be in [0, 2**32)"),
+    ],
+)
+def test_overrides_that_do_not_parse_or_are_out_of_range(override, message, capsys):
+    assert message in one_error_line(capsys, 2, ["show-config", "split-digits", override])
+
+
+def test_a_plugin_list_instead_of_a_mapping_in_a_file(tmp_path, capsys):
+    (tmp_path / "exp.yaml").write_text("plugins: [replay, ewc]\n")
+    err = one_error_line(capsys, 2, ["show-config", str(tmp_path / "exp.yaml")])
+    assert "'plugins' in config" in err and "must be a mapping" in err
+
+
+def test_a_new_run_in_a_directory_that_holds_a_run_is_refused(finished_run, tmp_path, capsys):
+    run = copy_run(finished_run, tmp_path / "run")
+    (run / "results.json").write_text('{"kept": true}')
+    err = one_error_line(capsys, 2, ["run", *TINY, "--out", str(run), "--quiet"])
+    assert err == (
+        f"error: '{run}' already holds a run (config.yaml, results.json, checkpoints): continue it with "
+        f"'contlearn resume {run}', or give the new run another directory"
+    )
+    assert (run / "results.json").read_text() == '{"kept": true}'
+    assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == [
+        p.name for p in ckpt.list_checkpoints(finished_run / "checkpoints")
+    ]
+
+
+def test_options_may_come_before_overrides(tmp_path, capsys):
+    assert main(["run", TINY[0], "--quiet", *TINY[1:], "--out", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "results.json").is_file()
+    assert "unrecognized arguments: --loud" in one_error_line(capsys, 2, ["run", *TINY, "--loud"])
+
+
 # --------------------------------------------------------------------- run time: exit 1
 
 
@@ -159,6 +203,30 @@ def test_output_directory_that_cannot_be_written_is_found_before_training(tmp_pa
     err = one_error_line(capsys, 1, ["run", *TINY, "--out", str(blocker / "run")])
     assert err.startswith(f"error: cannot write to the output directory '{blocker / 'run'}'")
     assert capsys.readouterr().out == ""  # no progress: nothing was trained
+
+
+def test_a_checkpoint_that_cannot_be_written_says_why_and_leaves_no_temporary(tmp_path, monkeypatch, capsys):
+    def disk_full(obj, f):  # what torch.save raises when the disk fills up under it
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(ckpt.torch, "save", disk_full)
+    err = one_error_line(capsys, 1, ["run", *TINY, "--out", str(tmp_path), "--quiet"])
+    assert err.startswith(f"error: cannot write checkpoint '{tmp_path / 'checkpoints' / 'ckpt-001-'}")
+    assert "the write failed ([enforce fail at inline_container.cc:672]" in err and "MiB free on its disk" in err
+    assert not list((tmp_path / "checkpoints").glob(".*.tmp"))
+
+
+def test_a_result_file_that_cannot_be_written_says_why(tmp_path, monkeypatch, capsys):
+    import errno
+    import os
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    err = one_error_line(capsys, 1, ["run", *TINY, "checkpoint.enabled=false", "--out", str(tmp_path), "--quiet"])
+    assert err == f"error: cannot write '{tmp_path / 'config.yaml'}': No space left on device"
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_non_finite_loss_names_step_experience_and_term(tmp_path, capsys):

@@ -117,3 +117,34 @@ def test_threads_apply_during_the_run_and_are_restored(quick):
     Experiment(load_config(None, [*quick, "threads=2"]), plugins={"probe": Probe()}).run()
     assert before != 2 and seen and set(seen) == {2}  # the suite runs on one thread (conftest)
     assert torch.get_num_threads() == before
+
+
+def test_a_config_object_is_validated_again_with_its_overrides(quick):
+    from contlearn import ConfigError
+
+    cfg = load_config(None, quick)
+    with pytest.raises(ConfigError, match="unknown config key 'train.epoch'"):
+        Experiment(cfg, ["train.epoch=1"])
+    with pytest.raises(ConfigError, match="wrong value for 'train.epochs'"):
+        Experiment(cfg, ["train.epochs=abc"])
+    with pytest.raises(ConfigError, match="got the string 'train.epochs=1'"):
+        Experiment(cfg, "train.epochs=1")
+    cfg.train.epochs = 0  # edited after loading
+    with pytest.raises(ConfigError, match="'train.epochs' must be at least 1, got 0"):
+        Experiment(cfg)
+    with pytest.raises(ConfigError, match="must be a mapping of keys to values"):
+        Experiment(5)
+    plain = Experiment({"train": {"epochs": 1}, "eval": {"fwt": False}, "scenario": {"n_experiences": 2}})
+    assert plain.config.train.epochs == 1 and plain.config.train.lr == 0.1  # the schema's defaults filled in
+
+
+def test_a_loss_term_that_is_not_a_tensor_is_named(quick):
+    from contlearn import TrainingError
+
+    class FloatTerm:
+        @hookimpl
+        def loss_terms(self):
+            return {"anchor": 0.5}
+
+    with pytest.raises(TrainingError, match="loss term 'anchor' is a float, not a tensor"):
+        Experiment(load_config(None, quick), plugins={"float": FloatTerm()}).run()

@@ -79,3 +79,15 @@ def test_not_a_finished_run_is_one_clear_error(tmp_path, finished, capsys):
     (partial / "results.json").write_text("{not json")
     assert main(["report", str(partial)]) == 2
     assert "not a contlearn results file" in capsys.readouterr().err
+
+
+def test_a_run_directory_that_cannot_be_written_is_one_clear_error(finished, monkeypatch, capsys):
+    from matplotlib.figure import Figure
+
+    def read_only(self, path, *args, **kwargs):
+        raise PermissionError(30, "Read-only file system")
+
+    monkeypatch.setattr(Figure, "savefig", read_only)
+    assert main(["report", str(finished[0])]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: cannot write '{finished[0]}") and "Read-only" in err
