@@ -178,7 +178,13 @@ def load(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, bad pickle, forbidden global...
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # torch's weights_only refusal opens with advice to load unsafely; its reason is further down
+        refused = re.search(r"WeightsUnpickler error:(.*?)(?:Check the documentation|$)", str(exc), re.S)
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        reason = " ".join(refused.group(1).split()).split(". Please")[0] if refused else ""
+        reason = reason or (lines[0] if lines else type(exc).__name__)
+        if reason.isdigit():  # the unpickler's bare opcode of a file that is no torch.save output
+            reason = f"not a file torch.save wrote: {type(exc).__name__} {reason}"
         raise CheckpointError(f"checkpoint '{path.name}' is truncated or corrupt ({reason[:200]})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"'{path.name}' is not a contlearn checkpoint")

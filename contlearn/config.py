@@ -135,6 +135,8 @@ def resolve_config_path(name_or_path: str) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path
+    if path.is_dir():
+        raise ConfigError(f"config '{name_or_path}' is a directory, not a YAML file")
     if path.suffix in {".yaml", ".yml"} or path.parent != Path("."):
         raise ConfigError(f"config file '{name_or_path}' does not exist")
     shipped = resources.files("contlearn.configs") / f"{name_or_path}.yaml"
@@ -240,10 +242,26 @@ def _merge_checked(schema: Any, *layers: Any, where: str = "") -> DictConfig:
         valid = _valid_keys(schema, str(exc.full_key))
         raise ConfigError(f"unknown config key '{full_key}'; valid keys here: {choices(valid)}") from None
     except ValidationError as exc:
+        if not exc.full_key:  # OmegaConf says nothing when a section is given a plain value
+            section = _section_given_a_value(schema, layers)
+            if section is not None:
+                raise ConfigError(
+                    f"'{where}{section}' is a section: set its keys ({where}{section}.KEY=VALUE), not a value"
+                ) from None
         full_key = f"{where}{exc.full_key}"
         raise ConfigError(f"wrong value for '{full_key}': {_first_line(exc.msg)}") from None
     except OmegaConfBaseException as exc:
         raise ConfigError(f"invalid config{f' at {where}' if where else ''}: {_first_line(exc.msg)}") from None
+
+
+def _section_given_a_value(schema: Any, layers: tuple[Any, ...]) -> str | None:
+    sections = {f.name for f in dataclasses.fields(schema) if dataclasses.is_dataclass(typing.get_type_hints(schema)[f.name])}
+    for layer in layers:
+        for key in sections:
+            value = layer.get(key) if isinstance(layer, (DictConfig, dict)) else None
+            if value is not None and not isinstance(value, (DictConfig, dict)):
+                return key
+    return None
 
 
 def plugin_config(name: str, config_cls: type | None, section: Any) -> Any:

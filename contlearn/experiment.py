@@ -185,8 +185,9 @@ class Experiment:
         """The experiment of the run directory ``run_dir``, set to continue from
         its newest readable checkpoint when :meth:`run` is called.
 
-        The config is ``run_dir/config.yaml`` with ``overrides``; only ``out``,
-        ``device``, ``threads`` and ``checkpoint.*`` may differ from the checkpoint's. A newer
+        The config is ``run_dir/config.yaml`` with ``overrides``; only ``device``,
+        ``threads`` and ``checkpoint.*`` may differ from the checkpoint's (the run
+        continues in ``run_dir``, so ``out`` cannot be overridden). A newer
         checkpoint that cannot be read is skipped with a
         :class:`~contlearn.checkpoint.CheckpointWarning`. ``plugins`` and
         ``stream`` are those the run was started with, if any.
@@ -198,6 +199,8 @@ class Experiment:
         config_file = run_dir / "config.yaml"
         if not config_file.is_file():
             raise ConfigError(f"'{run_dir}' is not a run directory: it has no config.yaml")
+        if any(str(item).partition("=")[0].strip() == "out" for item in overrides or ()):
+            raise ConfigError(f"a run resumes in its own directory '{run_dir}': 'out' cannot be overridden")
         config = load_config(config_file, overrides)
         path, state = ckpt.latest(run_dir / ckpt.DIRNAME)
         ckpt.check_config(state["config"], to_container(config), path.name, schema_defaults(list(config.plugins)))

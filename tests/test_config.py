@@ -101,3 +101,10 @@ def test_every_shipped_config_loads():
     assert "split-digits" in names
     for name in names:
         load_config(name)
+
+
+def test_a_section_given_a_value_and_a_directory_given_as_config(tmp_path):
+    with pytest.raises(ConfigError, match=r"'train' is a section: set its keys \(train.KEY=VALUE\), not a value"):
+        load_config(None, ["train=5"])
+    with pytest.raises(ConfigError, match="is a directory, not a YAML file"):
+        load_config(tmp_path)

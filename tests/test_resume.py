@@ -17,7 +17,7 @@ from torch import nn
 from contlearn import Experiment, TrainingError, hookimpl, load_config
 from contlearn import checkpoint as ckpt
 from contlearn.cli import main
-from contlearn.errors import CheckpointError, Interrupted
+from contlearn.errors import CheckpointError, ConfigError, Interrupted
 
 #: 3 experiences (4, 3, 3 classes; 80, 60, 60 training samples), 2 epochs of
 #: batches of 16: 10, 8 and 8 steps, so the run's steps 1-10 train experience 0,
@@ -240,3 +240,10 @@ def test_library_resume_with_other_checkpoint_settings(tmp_path, reference):
     assert results.accuracy_matrix == comparable(reference)["accuracy_matrix"]
     assert len(ckpt.list_checkpoints(out / "checkpoints")) == 1
     assert torch.load(ckpt.list_checkpoints(out / "checkpoints")[0], weights_only=True)["position"]["completed"] == 3
+
+
+def test_resume_cannot_move_the_run(tmp_path):
+    out = tmp_path / "run"
+    Experiment(load_config(None, TINY), out_dir=out).run()
+    with pytest.raises(ConfigError, match="a run resumes in its own directory .*'out' cannot be overridden"):
+        Experiment.resume(out, [f"out={tmp_path / 'elsewhere'}"])

@@ -116,7 +116,7 @@ def torchvision_backbone(arch: str, input_shape: Sequence[int], pretrained: bool
             chosen = enum[tag] if tag != "DEFAULT" else enum.DEFAULT
         except KeyError:
             raise ConfigError(f"model.weights '{tag}' is not a weight of tv:{arch}; valid: "
-                              f"{', '.join(['DEFAULT', *enum.__members__])}") from None
+                              f"{', '.join(dict.fromkeys(['DEFAULT', *enum.__members__]))}") from None
         file = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(chosen.url))
         try:
             state = chosen.get_state_dict(progress=False, check_hash=True)
