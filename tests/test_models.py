@@ -228,3 +228,19 @@ def test_task_digits_and_cosine_runs(head):
         assert results.average_accuracy > 0.8
     else:
         assert results.average_accuracy < 0.4  # one shared head: task labels do not help it
+
+
+def test_an_unreachable_hub_is_found_by_a_probe_and_the_cache_alone_is_tried(tmp_path):
+    """No HF_HUB_OFFLINE, but the hub's endpoint refuses connections: the loaders
+    do not retry against it; the error says it cannot be reached, and nothing but
+    the error is printed."""
+    env = {**os.environ, "HF_ENDPOINT": "https://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf"),
+           "TORCH_HOME": str(tmp_path / "torch"), "XDG_CACHE_HOME": str(tmp_path / "xdg"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    for key in ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        env.pop(key, None)
+    script = OFFLINE_SCRIPT.replace('("timm:resnet18", "tv:resnet18", "clip:ViT-B-32")', '("timm:resnet18", "clip:ViT-B-32")')
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    lines = {line.split(" ", 1)[0]: line for line in proc.stdout.splitlines() if " ERROR " in line}
+    assert set(lines) == {"timm:resnet18", "clip:ViT-B-32"}, proc.stdout + proc.stderr
+    assert all("the Hugging Face Hub cannot be reached from here" in line for line in lines.values())
+    assert "Failed to download" not in proc.stderr  # open_clip's own log line is silenced

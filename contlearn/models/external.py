@@ -11,9 +11,13 @@ downloadable the error names the weights and where they were looked for.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from collections.abc import Sequence
+import socket
+from collections.abc import Iterator, Sequence
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -36,10 +40,41 @@ def _hf_cache() -> str:
         return os.path.expanduser("~/.cache/huggingface/hub")
 
 
-def _offline_hint() -> str:
+def _offline_hint(reachable: bool = True) -> str:
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return " (HF_HUB_OFFLINE is set, so nothing was downloaded)"
+    if not reachable:
+        return " (the Hugging Face Hub cannot be reached from here, so nothing was downloaded)"
     return ""
+
+
+@contextlib.contextmanager
+def _hub_or_cache(probe_seconds: float = 3.0) -> Iterator[bool]:
+    """Load through the Hugging Face Hub when it answers a short connection probe,
+    and from its cache only otherwise: unreachable, the hub client retries for
+    about a minute before it fails. Yields whether the hub was reachable."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - timm and open_clip depend on it
+        yield True
+        return
+    if constants.HF_HUB_OFFLINE:
+        yield True
+        return
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=probe_seconds).close()
+        reachable = True
+    except OSError:
+        reachable = False
+    if reachable:
+        yield True
+        return
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield False
+    finally:
+        constants.HF_HUB_OFFLINE = False
 
 
 class _Features(nn.Module):
@@ -64,6 +99,18 @@ def _rgb(name: str, input_shape: Sequence[int]) -> None:
         )
 
 
+@contextlib.contextmanager
+def _no_log_records() -> Iterator[None]:
+    """Silence logging meanwhile: a library that logs its failure before raising
+    would print a second message beside ours."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
 def timm_backbone(arch: str, input_shape: Sequence[int], pretrained: bool, weights: str | None) -> nn.Module:
     """``timm.create_model(arch, num_classes=0)``: pooled features; ``weights``
     is a pretrained tag (``resnet50.a1_in1k`` is ``arch=resnet50, weights=a1_in1k``)."""
@@ -75,8 +122,10 @@ def timm_backbone(arch: str, input_shape: Sequence[int], pretrained: bool, weigh
     base = arch.split(".")[0]
     if not timm.is_model(base):
         raise ConfigError(f"unknown timm model '{arch}' (backbone 'timm:{arch}'); list them with timm.list_models()")
+    reachable = True
     try:
-        net = timm.create_model(name, pretrained=pretrained, num_classes=0, in_chans=int(input_shape[0]))
+        with _hub_or_cache() if pretrained else contextlib.nullcontext(True) as reachable:
+            net = timm.create_model(name, pretrained=pretrained, num_classes=0, in_chans=int(input_shape[0]))
     except (OSError, RuntimeError, ValueError) as exc:
         if not pretrained:
             raise ConfigError(f"cannot build timm model '{name}': {exc}") from None
@@ -84,7 +133,7 @@ def timm_backbone(arch: str, input_shape: Sequence[int], pretrained: bool, weigh
         hub = getattr(cfg, "hf_hub_id", None) or getattr(cfg, "url", None) or name
         raise WeightsError(
             f"pretrained weights for timm model '{name}' ({hub}) are not in the Hugging Face cache "
-            f"'{_hf_cache()}' and could not be downloaded{_offline_hint()}: {type(exc).__name__}: "
+            f"'{_hf_cache()}' and could not be downloaded{_offline_hint(reachable)}: {type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''}; connect once to fill the cache, or set "
             f"model.pretrained=false"
         ) from None
@@ -152,14 +201,16 @@ def clip_backbone(arch: str, input_shape: Sequence[int], pretrained: bool, weigh
         tag = weights or (tags[0] if tags else None)
         if tag is None or tag not in tags:
             raise ConfigError(f"model.weights '{tag}' is not a pretrained tag of clip:{arch}; valid: {', '.join(tags) or '(none)'}")
+    reachable = True
     try:
-        model = open_clip.create_model(arch, pretrained=tag)
+        with _hub_or_cache() if tag else contextlib.nullcontext(True) as reachable, _no_log_records():
+            model = open_clip.create_model(arch, pretrained=tag)  # it logs a failed download, then raises
     except (OSError, RuntimeError) as exc:
         cfg: Any = open_clip.get_pretrained_cfg(arch, tag) if tag else {}
         hub = cfg.get("hf_hub") or cfg.get("url") or tag
         raise WeightsError(
             f"pretrained weights '{tag}' for clip:{arch} ({hub}) are not in the Hugging Face cache "
-            f"'{_hf_cache()}' and could not be downloaded{_offline_hint()}: "
+            f"'{_hf_cache()}' and could not be downloaded{_offline_hint(reachable)}: "
             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; connect once to fill the cache, "
             f"or set model.pretrained=false"
         ) from None
