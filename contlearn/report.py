@@ -72,10 +72,15 @@ def load_run(path: str | Path) -> FinishedRun:
         )
     try:
         results = json.loads(file.read_text(encoding="utf-8"))
-        matrix = results["accuracy_matrix"]
-        complete = bool(matrix) and all(len(row) == len(matrix[0]) for row in matrix) and len(matrix) == len(matrix[0])
-    except (ValueError, KeyError, TypeError) as exc:
+    except ValueError as exc:
         raise ConfigError(f"'{file}' is not a contlearn results file: {exc}") from None
+    matrix = results.get("accuracy_matrix") if isinstance(results, dict) else None
+    if not (
+        isinstance(matrix, list)
+        and all(isinstance(row, list) and all(isinstance(a, (int, float)) for a in row) for row in matrix)
+    ):
+        raise ConfigError(f"'{file}' is not a contlearn results file: it holds no accuracy matrix (a list of rows of numbers)")
+    complete = bool(matrix) and all(len(row) == len(matrix[0]) for row in matrix) and len(matrix) == len(matrix[0])
     if not complete:
         raise ConfigError(f"'{path}' is not a finished run: its accuracy matrix is incomplete")
     return FinishedRun(path, results)

@@ -76,9 +76,11 @@ def test_not_a_finished_run_is_one_clear_error(tmp_path, finished, capsys):
     (partial / "results.json").write_text(json.dumps(data))
     with pytest.raises(ConfigError, match="incomplete"):
         load_run(partial)
-    (partial / "results.json").write_text("{not json")
-    assert main(["report", str(partial)]) == 2
-    assert "not a contlearn results file" in capsys.readouterr().err
+    for text in ("{not json", '{"accuracy_matrix": "x"}', "[1, 2]", '{"accuracy_matrix": [[0.5, "a"]]}'):
+        (partial / "results.json").write_text(text)
+        assert main(["report", str(partial)]) == 2
+        err = capsys.readouterr().err
+        assert "not a contlearn results file" in err and err.count("\n") == 1
 
 
 def test_a_run_directory_that_cannot_be_written_is_one_clear_error(finished, monkeypatch, capsys):
