@@ -134,7 +134,8 @@ def write(directory: Path, state: dict[str, Any], keep_last: int) -> Path:
         if isinstance(exc, OSError):
             reason = exc.strerror or str(exc)
         else:
-            reason = f"the write failed ({str(exc).strip().splitlines()[0]}); {_free_space(directory)}"
+            detail = str(exc).strip().splitlines()
+            reason = f"the write failed ({detail[0] if detail else type(exc).__name__}); {_free_space(directory)}"
         raise CheckpointError(f"cannot write checkpoint '{path}': {reason}") from None
     for old in list_checkpoints(directory)[:-keep_last]:
         old.unlink(missing_ok=True)
@@ -232,6 +233,19 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: obj}
 
 
+def _section_saved(saved: dict[str, Any], key: str) -> bool:
+    """Whether the section holding ``key`` is in ``saved``: an option added to a
+    section the run had, not a plugin (or section) the run did not have."""
+    parts = key.split(".")
+    depth = 2 if parts[0] == "plugins" else len(parts) - 1  # a plugin's section: plugins.<name>
+    node: Any = saved
+    for part in parts[:depth]:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
 def config_differences(
     saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any] | None = None
 ) -> list[str]:
@@ -244,7 +258,7 @@ def config_differences(
     if defaults is not None:
         default = _flatten(defaults)
         for k in set(b) - set(a):
-            if k in default and default[k] == b[k]:
+            if k in default and default[k] == b[k] and _section_saved(saved, k):
                 a[k] = b[k]
     diffs = [
         f"{k}: {a.get(k, '(absent)')!r} in the checkpoint, {b.get(k, '(absent)')!r} now"

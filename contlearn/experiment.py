@@ -76,14 +76,18 @@ def cpu_threads(n: int | None) -> Iterator[None]:
 
 
 def refuse_existing_run(out_dir: Path) -> None:
-    """:raises ConfigError: when ``out_dir`` already holds a run: a new run there
-    would overwrite its results, and its newer checkpoints would shadow the new
-    run's (and be deleted by them)."""
-    found = [name for name in ("config.yaml", "results.json", ckpt.DIRNAME) if (out_dir / name).exists()]
-    if found:
+    """:raises ConfigError: when ``out_dir`` already holds a run (a checkpoint or
+    results): a new run there would overwrite its results, and its newer
+    checkpoints would shadow the new run's (and be deleted by them). A directory
+    left by a run that stopped before its first checkpoint can be reused."""
+    if ckpt.list_checkpoints(out_dir / ckpt.DIRNAME):
         raise ConfigError(
-            f"'{out_dir}' already holds a run ({', '.join(found)}): continue it with "
+            f"'{out_dir}' already holds a run (checkpoints): continue it with "
             f"'contlearn resume {out_dir}', or give the new run another directory"
+        )
+    if (out_dir / "results.json").exists():
+        raise ConfigError(
+            f"'{out_dir}' already holds a finished run (results.json): give the new run another directory"
         )
 
 

@@ -51,9 +51,7 @@ def unlearn_run_dir(
     :raises ConfigError: not a run directory, ``out`` is ``run_dir``, a bad request.
     :raises CheckpointError: no usable checkpoint, or one inside an experience.
     """
-    from contlearn.plugins.ssd import SSD
-
-    from contlearn.experiment import Experiment
+    from contlearn.experiment import Experiment, cpu_threads, refuse_existing_run
 
     run_dir = Path(run_dir)
     config_file = run_dir / "config.yaml"
@@ -80,7 +78,23 @@ def unlearn_run_dir(
             f"between experiences: finish the run with 'contlearn resume {run_dir}' first"
         )
 
-    experiment = Experiment(config)
+    refuse_existing_run(out_dir)
+    with cpu_threads(config.threads):
+        return _unlearn(Experiment(config), state, path, run_dir, out_dir, request, ssd_config), out_dir
+
+
+def _unlearn(
+    experiment: Any,
+    state: dict[str, Any],
+    path: Path,
+    run_dir: Path,
+    out_dir: Path,
+    request: dict[str, Any],
+    ssd_config: dict[str, Any] | None,
+) -> dict[str, Any]:
+    from contlearn.plugins.ssd import SSD
+
+    config = experiment.config
     run = experiment.build()
     progress, _ = ckpt.restore(run, state, path.name)
     try:
@@ -102,7 +116,7 @@ def unlearn_run_dir(
         write_atomic(out_dir / REPORT, json.dumps(report, indent=2) + "\n")
     finally:
         run.hook.teardown(run=run)
-    return report, out_dir
+    return report
 
 
 def summary(report: dict[str, Any]) -> str:

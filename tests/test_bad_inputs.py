@@ -160,16 +160,29 @@ def test_a_plugin_list_instead_of_a_mapping_in_a_file(tmp_path, capsys):
 
 def test_a_new_run_in_a_directory_that_holds_a_run_is_refused(finished_run, tmp_path, capsys):
     run = copy_run(finished_run, tmp_path / "run")
-    (run / "results.json").write_text('{"kept": true}')
     err = one_error_line(capsys, 2, ["run", *TINY, "--out", str(run), "--quiet"])
     assert err == (
-        f"error: '{run}' already holds a run (config.yaml, results.json, checkpoints): continue it with "
+        f"error: '{run}' already holds a run (checkpoints): continue it with "
         f"'contlearn resume {run}', or give the new run another directory"
     )
-    assert (run / "results.json").read_text() == '{"kept": true}'
     assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == [
         p.name for p in ckpt.list_checkpoints(finished_run / "checkpoints")
     ]
+    finished = tmp_path / "finished"
+    finished.mkdir()
+    (finished / "results.json").write_text('{"kept": true}')
+    err = one_error_line(capsys, 2, ["run", *TINY, "--out", str(finished), "--quiet"])
+    assert "already holds a finished run (results.json)" in err
+    assert (finished / "results.json").read_text() == '{"kept": true}'
+
+
+def test_a_directory_left_by_a_run_that_failed_before_its_first_checkpoint_can_be_reused(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", *TINY, "train.lr=1e30", "--out", str(out), "--quiet"]) == 1  # fails at its first step
+    capsys.readouterr()
+    assert (out / "config.yaml").is_file() and not ckpt.list_checkpoints(out / "checkpoints")
+    assert main(["run", *TINY, "--out", str(out), "--quiet"]) == 0
+    assert (out / "results.json").is_file()
 
 
 def test_options_may_come_before_overrides(tmp_path, capsys):

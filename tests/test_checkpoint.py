@@ -214,6 +214,10 @@ def test_an_option_added_since_the_checkpoint_is_no_difference_at_its_default():
     assert ckpt.config_differences(saved, current, defaults) == []
     current["train"]["new"] = "cosine"  # set away from its default: the old run did not do that
     assert ckpt.config_differences(saved, current, defaults) == ["train.new: '(absent)' in the checkpoint, 'cosine' now"]
+    current["train"]["new"] = "none"
+    current["plugins"]["lwf"] = {"alpha": 1.0}  # a plugin the run did not have, even at its defaults
+    defaults["plugins"]["lwf"] = {"alpha": 1.0}
+    assert ckpt.config_differences(saved, current, defaults) == ["plugins.lwf.alpha: '(absent)' in the checkpoint, 1.0 now"]
 
 
 def test_a_run_written_before_an_option_existed_resumes(run_dir, tmp_path):

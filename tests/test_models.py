@@ -236,7 +236,8 @@ def test_an_unreachable_hub_is_found_by_a_probe_and_the_cache_alone_is_tried(tmp
     the error is printed."""
     env = {**os.environ, "HF_ENDPOINT": "https://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf"),
            "TORCH_HOME": str(tmp_path / "torch"), "XDG_CACHE_HOME": str(tmp_path / "xdg"), "HF_HUB_DISABLE_TELEMETRY": "1"}
-    for key in ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+    proxies = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
+    for key in ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", *proxies):
         env.pop(key, None)
     script = OFFLINE_SCRIPT.replace('("timm:resnet18", "tv:resnet18", "clip:ViT-B-32")', '("timm:resnet18", "clip:ViT-B-32")')
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
@@ -244,3 +245,23 @@ def test_an_unreachable_hub_is_found_by_a_probe_and_the_cache_alone_is_tried(tmp
     assert set(lines) == {"timm:resnet18", "clip:ViT-B-32"}, proc.stdout + proc.stderr
     assert all("the Hugging Face Hub cannot be reached from here" in line for line in lines.values())
     assert "Failed to download" not in proc.stderr  # open_clip's own log line is silenced
+
+
+def test_the_hub_probe_is_skipped_behind_a_proxy_and_offline_mode_is_restored(monkeypatch):
+    from huggingface_hub import constants
+
+    from contlearn.models import external
+
+    def no_network(*args, **kwargs):
+        raise OSError("unreachable")
+
+    monkeypatch.setattr(external.socket, "create_connection", no_network)
+    for key in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with external._hub_or_cache() as reachable:
+        assert not reachable and constants.HF_HUB_OFFLINE
+    assert constants.HF_HUB_OFFLINE is False
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")  # a direct probe would say nothing
+    with external._hub_or_cache() as reachable:
+        assert reachable and not constants.HF_HUB_OFFLINE

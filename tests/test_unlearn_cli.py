@@ -106,3 +106,12 @@ def test_not_a_run_dir_and_out_equal_to_run_dir(run_dir, tmp_path, capsys):
     assert "not a run directory" in capsys.readouterr().err
     assert main(["unlearn", str(run_dir), "--classes", "3", "--out", str(run_dir)]) == 2
     assert "new directory" in capsys.readouterr().err
+
+
+def test_out_that_holds_another_run_is_refused(run_dir, tmp_path, capsys):
+    other = tmp_path / "other"
+    _train(other, "plugins.ssd={}")
+    before = sorted(p.name for p in (other / ckpt.DIRNAME).iterdir())
+    assert main(["unlearn", str(run_dir), "--classes", "3", "--out", str(other)]) == 2
+    assert "already holds a run (checkpoints)" in capsys.readouterr().err
+    assert sorted(p.name for p in (other / ckpt.DIRNAME).iterdir()) == before

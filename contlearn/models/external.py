@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import socket
+import urllib.request
 from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import urlparse
@@ -52,18 +53,27 @@ def _offline_hint(reachable: bool = True) -> str:
 def _hub_or_cache(probe_seconds: float = 3.0) -> Iterator[bool]:
     """Load through the Hugging Face Hub when it answers a short connection probe,
     and from its cache only otherwise: unreachable, the hub client retries for
-    about a minute before it fails. Yields whether the hub was reachable."""
+    about a minute before it fails. Yields whether the hub was reachable.
+
+    There is no probe (the hub is taken as reachable) when a proxy is configured,
+    since a direct connection says nothing then. Offline mode is set in
+    ``huggingface_hub.constants`` for the duration of the load: not for loads in
+    other threads at the same time.
+    """
     try:
         from huggingface_hub import constants
     except ImportError:  # pragma: no cover - timm and open_clip depend on it
         yield True
         return
-    if constants.HF_HUB_OFFLINE:
+    endpoint = urlparse(constants.ENDPOINT)
+    proxied = any(key in urllib.request.getproxies() for key in ("https", "http", "all"))
+    if constants.HF_HUB_OFFLINE or proxied:
         yield True
         return
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
     try:
-        socket.create_connection((host, 443), timeout=probe_seconds).close()
+        socket.create_connection((host, port), timeout=probe_seconds).close()
         reachable = True
     except OSError:
         reachable = False
