@@ -97,9 +97,12 @@ def _split_config_arg(config: str | None, overrides: list[str]) -> tuple[str | N
 
 def _command_plugins(args: argparse.Namespace, out: str | Path) -> dict:
     """The plugins a command-line run adds: progress display and loggers."""
+    from contlearn.distributed import environment_rank
     from contlearn.loggers import JSONLLogger, TensorBoardLogger
     from contlearn.reporting import progress_plugins
 
+    if environment_rank() != 0:  # under torchrun, process 0 displays and logs
+        return {}
     plugins = progress_plugins(args.quiet)
     plugins["events"] = JSONLLogger(Path(out) / "events.jsonl")
     if args.tensorboard:
@@ -109,10 +112,13 @@ def _command_plugins(args: argparse.Namespace, out: str | Path) -> dict:
 
 def _run_to_the_end(experiment, out: str | Path) -> int:
     """Run (Ctrl-C: checkpoint and exit 130), then write the report and print the table."""
+    from contlearn.distributed import environment_rank
     from contlearn.report import write_report
 
     with experiment.interruptible():
         experiment.run()
+    if environment_rank() != 0:
+        return 0
     write_report([out])
     print(experiment.summary_text())
     print(f"\nrun directory: {out}")

@@ -36,6 +36,7 @@ from contlearn._registry import PluginRegistry
 from contlearn.checkpoint import EpochState, Progress, Resumed
 from contlearn.config import load_config, merge_config, schema_defaults, to_container, to_yaml
 from contlearn.defaults import Defaults, set_epoch_lr
+from contlearn.distributed import DistributedView
 from contlearn.errors import ConfigError, ContlearnError, DataError, Interrupted, TrainingError
 from contlearn.metrics import per_class_accuracy, summary
 from contlearn.models import create_model
@@ -245,7 +246,9 @@ class Experiment:
     def build(self) -> Run:
         """Seed, then build the stream, the model and the plugins; nothing trains yet."""
         cfg = self.config
-        device = resolve_device(cfg.device)
+        dist, device = DistributedView.from_environment(resolve_device(cfg.device))
+        if not dist.is_main:
+            self.out_dir = None  # process 0 writes the run directory
         if self.out_dir is not None:
             if self._resume_from is None:
                 refuse_existing_run(self.out_dir)
@@ -271,7 +274,7 @@ class Experiment:
         _manager.register_plugins(pm, plugins, self.defaults)
 
         generator = torch.Generator().manual_seed(cfg.seed)
-        run = Run(cfg, model, stream, device, pm.hook, plugins, generator, out_dir=self.out_dir)
+        run = Run(cfg, model, stream, device, pm.hook, plugins, generator, out_dir=self.out_dir, dist=dist)
         run.pm = pm  # type: ignore[attr-defined]
         self.run_state = run
         if self.out_dir is not None:
@@ -570,6 +573,9 @@ def train_step(
         extra = hooks.extra_samples(run=run, batch=batch)
         if extra:
             batch = Batch.cat([batch, *extra])
+    if run.dist.world_size > 1:  # this process's share of the global batch (contlearn.distributed)
+        rows, weight = run.dist.share(len(batch))
+        batch = Batch(batch.x[rows], batch.y[rows], batch.t[rows])
     if hooks.autocast is None:
         loss, total = _forward_and_losses(run, batch, hooks, terms)
     else:
@@ -578,6 +584,8 @@ def train_step(
     optimizer = run.optimizer
     optimizer.zero_grad(set_to_none=True)
     total.backward()
+    if run.dist.world_size > 1:
+        run.dist.sum_gradients_((p for group in optimizer.param_groups for p in group["params"]), weight)
     if hooks.after_backward is not None:
         hooks.after_backward(run=run)
     optimizer.step()

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import torch
 
+from contlearn.distributed import DistributedView
+
 if TYPE_CHECKING:
     import pluggy
     from omegaconf import DictConfig
@@ -51,24 +53,6 @@ class Stash:
 
     def __delitem__(self, key: StashKey[T]) -> None:
         del self._values[key]
-
-
-@dataclass
-class DistributedView:
-    """Where this process stands among the processes of a run (one by default)."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum ``tensor`` over all processes, in place (a no-op on one process)."""
-        if self.world_size > 1:
-            torch.distributed.all_reduce(tensor)
-        return tensor
 
 
 @dataclass(eq=False)

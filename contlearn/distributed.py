@@ -1,0 +1,98 @@
+"""Data-parallel training over several processes (``torchrun``, torch.distributed).
+
+A run started by ``torchrun --nproc_per_node N -m contlearn run ...`` trains on N
+processes. Every process builds the same run (same seed, same data, same plugins)
+and draws the same global batch of ``train.batch_size`` samples, extra samples
+(rehearsal) included; each then computes the loss on its contiguous share of the
+batch, and the gradients are summed over the processes with each share weighted
+by its size. The optimizer step therefore sees the gradient of the whole global
+batch's mean loss, as one process would, and every process keeps identical
+weights, optimizer state and plugin state (buffers, Fisher information, teachers
+are computed the same way everywhere). Only the forward and backward passes of
+the training batch are divided; evaluation and the plugins' own passes run on
+every process. Only process 0 writes (run directory, checkpoints, results).
+
+BatchNorm layers normalise each process's share with its own statistics (as in
+plain DDP), so with them results differ slightly from one process.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from contlearn.errors import ConfigError
+
+
+def environment_rank() -> int:
+    """This process's rank as ``torchrun`` sets it (``RANK``), 0 without it."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def environment_world_size() -> int:
+    """The number of processes ``torchrun`` started (``WORLD_SIZE``), 1 without it."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@dataclass
+class DistributedView:
+    """Where this process stands among the processes of a run (one by default)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_environment(cls, device: torch.device) -> tuple[DistributedView, torch.device]:
+        """Join the process group ``torchrun`` describes (gloo on the CPU, NCCL on
+        CUDA, each process on GPU ``LOCAL_RANK``), or stay alone. Returns the view
+        and the device this process trains on."""
+        world = environment_world_size()
+        if world <= 1:
+            return cls(), device
+        dist = torch.distributed
+        if not dist.is_available():
+            raise ConfigError(f"WORLD_SIZE={world} asks for {world} processes, but this torch has no torch.distributed")
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        return cls(rank=dist.get_rank(), world_size=dist.get_world_size()), device
+
+    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over all processes, in place (a no-op on one process)."""
+        if self.world_size > 1:
+            torch.distributed.all_reduce(tensor)
+        return tensor
+
+    def share(self, n: int) -> tuple[slice, float]:
+        """This process's rows of a global batch of ``n`` and the weight of its
+        gradient: rows ``[rank * n // world, (rank + 1) * n // world)``, weighted
+        by their fraction of ``n``. A batch smaller than the number of processes
+        is not divided: every process takes all of it, at weight ``1 / world``."""
+        if n < self.world_size:
+            return slice(0, n), 1.0 / self.world_size
+        lo, hi = self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size
+        return slice(lo, hi), (hi - lo) / n
+
+    def sum_gradients_(self, params: Iterable[torch.nn.Parameter], weight: float) -> None:
+        """Replace every gradient by the sum over processes of ``weight * grad``:
+        one all-reduce per dtype over a flat copy of the gradients."""
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for p in params:
+            if p.grad is not None:
+                by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+        for grads in by_dtype.values():
+            flat = torch.cat([g.reshape(-1) for g in grads]).mul_(weight)
+            torch.distributed.all_reduce(flat)
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()

@@ -1,0 +1,65 @@
+"""Data-parallel runs under torchrun: the same training as one process, one writer."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from _crash import SMALL_RUN
+
+from contlearn import checkpoint as ckpt
+from contlearn.cli import main
+from contlearn.distributed import DistributedView
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 16, 33])
+def test_shares_cover_the_batch_once_and_their_weights_sum_to_one(world, n):
+    shares = [DistributedView(rank, world).share(n) for rank in range(world)]
+    if n < world:  # not divided: everyone takes it all, at 1/world
+        assert all(rows == slice(0, n) and weight == pytest.approx(1 / world) for rows, weight in shares)
+        return
+    covered = [i for rows, _ in shares for i in range(n)[rows]]
+    assert covered == list(range(n))
+    assert all(weight == pytest.approx(len(range(n)[rows]) / n) for rows, weight in shares)
+    assert sum(weight for _, weight in shares) == pytest.approx(1.0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_as_one_and_only_process_0_writes(tmp_path):
+    overrides = [*SMALL_RUN, "eval.fwt=false", "train.momentum=0.9", "plugins.replay.size=30", "plugins.ewc={}"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["run", *overrides, "--out", str(one), "--quiet"]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    torchrun += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    proc = subprocess.run(
+        [*torchrun, "-m", "contlearn", "run", *overrides, "--out", str(two), "--quiet"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("run directory:") == 1  # process 1 prints nothing
+
+    a, b = (json.loads((d / "results.json").read_text()) for d in (one, two))
+    for row_a, row_b in zip(a["accuracy_matrix"], b["accuracy_matrix"], strict=True):
+        assert row_b == pytest.approx(row_a, abs=0.02)
+    weights_a, weights_b = (ckpt.load(ckpt.list_checkpoints(d / "checkpoints")[-1])["model"] for d in (one, two))
+    for name, value in weights_a.items():
+        torch.testing.assert_close(weights_b[name], value, rtol=1e-4, atol=1e-5)
+    events = [json.loads(line) for line in (two / "events.jsonl").read_text().splitlines()]
+    assert sum(e["kind"] == "eval" for e in events) == 3  # one writer: each experience's evaluation once
