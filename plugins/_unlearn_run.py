@@ -51,8 +51,11 @@ def unlearn_run_dir(
     :raises ConfigError: not a run directory, ``out`` is ``run_dir``, a bad request.
     :raises CheckpointError: no usable checkpoint, or one inside an experience.
     """
+    from contlearn.distributed import environment_world_size
     from contlearn.experiment import Experiment, cpu_threads, refuse_existing_run
 
+    if environment_world_size() > 1:
+        raise ConfigError("unlearning runs in one process: start 'contlearn unlearn' without torchrun")
     run_dir = Path(run_dir)
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():

@@ -63,3 +63,9 @@ def test_two_processes_train_as_one_and_only_process_0_writes(tmp_path):
         torch.testing.assert_close(weights_b[name], value, rtol=1e-4, atol=1e-5)
     events = [json.loads(line) for line in (two / "events.jsonl").read_text().splitlines()]
     assert sum(e["kind"] == "eval" for e in events) == 3  # one writer: each experience's evaluation once
+
+
+def test_unlearning_refuses_several_processes(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["unlearn", str(tmp_path), "--classes", "3"]) == 2
+    assert "unlearning runs in one process" in capsys.readouterr().err
