@@ -596,10 +596,17 @@ def train_step(
     run.global_step += 1
 
 
-def loss_table(losses: list[torch.Tensor], terms: dict[str, list[torch.Tensor]]) -> tuple[list[str], torch.Tensor]:
-    """The names and the [terms, steps] values of an epoch's losses so far, read once."""
+def loss_table(
+    losses: list[torch.Tensor], terms: dict[str, list[torch.Tensor]], dist: DistributedView | None = None
+) -> tuple[list[str], torch.Tensor]:
+    """The names and the [terms, steps] values of an epoch's losses so far, read
+    once; with ``dist``, averaged over the processes (a collective: every process
+    must call it)."""
     names = ["loss", *terms]
-    return names, torch.stack([torch.stack(losses), *(torch.stack(v) for v in terms.values())]).float().cpu()
+    values = torch.stack([torch.stack(losses), *(torch.stack(v) for v in terms.values())]).float()
+    if dist is not None and dist.world_size > 1:
+        values = dist.all_reduce_(values) / dist.world_size
+    return names, values.cpu()
 
 
 def raise_if_not_finite(run: Run, exp: Experience, names: list[str], values: torch.Tensor) -> None:
@@ -630,8 +637,9 @@ def check_weights(run: Run, exp: Experience) -> None:
 
 
 def report_epoch(run: Run, exp: Experience, losses: list[torch.Tensor], terms: dict[str, list[torch.Tensor]]) -> None:
-    """Read the epoch's losses once, stop on a non-finite one, report them."""
-    names, values = loss_table(losses, terms)
+    """Read the epoch's losses once (averaged over the processes of a
+    distributed run), stop on a non-finite one, report them."""
+    names, values = loss_table(losses, terms, run.dist)
     raise_if_not_finite(run, exp, names, values)
     means = values.mean(dim=1).tolist()
     metrics: dict[str, Any] = {"kind": "epoch", "experience": exp.index, "epoch": run.epoch, "loss": means[0]}

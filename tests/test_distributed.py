@@ -63,6 +63,9 @@ def test_two_processes_train_as_one_and_only_process_0_writes(tmp_path):
         torch.testing.assert_close(weights_b[name], value, rtol=1e-4, atol=1e-5)
     events = [json.loads(line) for line in (two / "events.jsonl").read_text().splitlines()]
     assert sum(e["kind"] == "eval" for e in events) == 3  # one writer: each experience's evaluation once
+    single = [json.loads(line) for line in (one / "events.jsonl").read_text().splitlines()]
+    losses = [[e["loss"] for e in log if e["kind"] == "epoch"] for log in (single, events)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)  # the processes' losses, averaged
 
 
 def test_unlearning_refuses_several_processes(tmp_path, monkeypatch, capsys):
