@@ -30,11 +30,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from contlearn import __version__
+
     parser = _Parser(prog="contlearn", description="A plugin-based continual-learning framework.")
+    parser.add_argument("--version", action="version", version=f"contlearn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="run an experiment")
-    run.add_argument("config", nargs="?", default=None, help="YAML file or shipped experiment name")
+    run.add_argument(
+        "config", nargs="?", default=None,
+        help="YAML file or shipped experiment name (default: split-digits; a leading key=value is an override)",
+    )
     run.add_argument("overrides", nargs="*", help="key=value overrides")
     run.add_argument("--out", default=None, help="run directory (default runs/<name>-<timestamp>)")
     run.add_argument("--quiet", action="store_true", help="print only the final table")
@@ -43,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("plugins", help="list available plugins and their config fields")
 
     show = sub.add_parser("show-config", help="print the merged config of an experiment")
-    show.add_argument("config", help="YAML file or shipped experiment name")
+    show.add_argument("config", nargs="?", default=None, help="YAML file or shipped experiment name (default: split-digits)")
     show.add_argument("overrides", nargs="*", help="key=value overrides")
 
     sub.add_parser("configs", help="list the experiments shipped with the package")
@@ -63,7 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     what = unlearn.add_mutually_exclusive_group(required=True)
     what.add_argument("--classes", nargs="+", metavar="C", help="class names, as the data set calls them")
     what.add_argument("--samples", nargs="+", type=int, metavar="I", help="indices into the training data seen")
-    unlearn.add_argument("--experience", type=int, default=None, help="--samples index this experience's data")
+    unlearn.add_argument(
+        "--experience", type=int, default=None,
+        help="with --samples: the indices count within this experience's training data (default: all data seen)",
+    )
     unlearn.add_argument("--alpha", type=float, default=None, help="selection threshold (default: plugins.ssd.alpha)")
     unlearn.add_argument("--lam", type=float, default=None, help="dampening constant (default: plugins.ssd.lam)")
     unlearn.add_argument("--auto", action="store_true", help="choose alpha and lambda until the target is met")
@@ -191,7 +200,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 def cmd_show_config(args: argparse.Namespace) -> int:
     from contlearn.config import load_config, to_yaml
 
-    print(to_yaml(load_config(args.config, args.overrides)), end="")
+    source, overrides = _split_config_arg(args.config, args.overrides)
+    print(to_yaml(load_config(source, overrides)), end="")
     return 0
 
 
@@ -230,6 +240,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     previous, warnings.showwarning = warnings.showwarning, _show_warning
     try:
+        if not (sys.argv[1:] if argv is None else list(argv)):
+            _parser().print_help()
+            return 0
         args = _parse(argv)
         return COMMANDS[args.command](args)
     except Interrupted as exc:

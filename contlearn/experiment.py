@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import random
 import signal
 import sys
@@ -90,6 +91,21 @@ def refuse_existing_run(out_dir: Path) -> None:
         raise ConfigError(
             f"'{out_dir}' already holds a finished run (results.json): give the new run another directory"
         )
+
+
+def _refuse_finished(run_dir: Path, state: dict[str, Any]) -> None:
+    """:raises ConfigError: when the run wrote its results after the checkpoint
+    it would resume from: there is nothing left to train, and resuming would
+    only rewrite them."""
+    results = run_dir / "results.json"
+    if state["position"]["inside_experience"] or not results.is_file():
+        return
+    try:
+        rows = len(json.loads(results.read_text(encoding="utf-8"))["accuracy_matrix"])
+    except (ValueError, KeyError, TypeError):
+        return  # unreadable results: resuming writes them again
+    if rows == state["position"]["completed"]:
+        raise ConfigError(f"'{run_dir}' is finished: its {rows} experiences are trained and its results written")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -208,7 +224,11 @@ class Experiment:
             raise ConfigError(f"a run resumes in its own directory '{run_dir}': 'out' cannot be overridden")
         config = load_config(config_file, overrides)
         path, state = ckpt.latest(run_dir / ckpt.DIRNAME)
-        ckpt.check_config(state["config"], to_container(config), path.name, schema_defaults(list(config.plugins)))
+        try:
+            ckpt.check_config(state["config"], to_container(config), path.name, schema_defaults(list(config.plugins)))
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (a resume may change only device, threads and checkpoint.*)") from None
+        _refuse_finished(run_dir, state)
         experiment = cls(config, out_dir=run_dir, plugins=plugins, stream=stream)
         experiment._resume_from = (path, state)
         return experiment

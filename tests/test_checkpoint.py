@@ -174,7 +174,7 @@ def test_config_differences_name_keys_and_ignore_device_and_out():
         ckpt.check_config(a, b, "ckpt-x")
 
 
-def test_plugin_states_must_match_the_plugins(run_dir):
+def test_plugin_states_must_match_the_plugins(run_dir, tmp_path):
     class Counter:
         @hookimpl
         def after_step(self):
@@ -186,8 +186,11 @@ def test_plugin_states_must_match_the_plugins(run_dir):
         def load_state_dict(self, state):
             pass
 
+    unfinished = tmp_path / "run"
+    shutil.copytree(run_dir, unfinished)
+    (unfinished / "results.json").unlink()  # as if the run had stopped after its last checkpoint
     with pytest.raises(CheckpointError, match=r"holds plugin states for \['finetune'\].*no state for \['counter'\]"):
-        Experiment.resume(run_dir, plugins={"counter": Counter()}).run()
+        Experiment.resume(unfinished, plugins={"counter": Counter()}).run()
 
 
 def test_rng_state_round_trip():

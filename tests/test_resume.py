@@ -172,6 +172,7 @@ def test_plugin_surgery_is_rebuilt_through_restore(tmp_path):
     class NoRestore(AddBlock):
         restore = None
 
+    (out / "results.json").unlink()  # as if the run had stopped after its last checkpoint
     with pytest.raises(CheckpointError, match=r"'backbone\.inner\.net\.1\.weight' not in the model.*restore\(run, state\)"):
         Experiment.resume(out, plugins={"blocks": NoRestore()}).run()
 
@@ -247,3 +248,16 @@ def test_resume_cannot_move_the_run(tmp_path):
     Experiment(load_config(None, TINY), out_dir=out).run()
     with pytest.raises(ConfigError, match="a run resumes in its own directory .*'out' cannot be overridden"):
         Experiment.resume(out, [f"out={tmp_path / 'elsewhere'}"])
+
+
+def test_a_finished_run_is_not_resumed_and_its_results_stay(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", *TINY, "--out", str(out), "--quiet"]) == 0
+    before = (out / "results.json").read_text()
+    capsys.readouterr()
+    assert main(["resume", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: '{out}' is finished: its 3 experiences are trained and its results written"
+    assert (out / "results.json").read_text() == before
+    assert main(["resume", str(out), "train.epochs=5"]) == 2
+    assert "(a resume may change only device, threads and checkpoint.*)" in capsys.readouterr().err
