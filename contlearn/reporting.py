@@ -8,6 +8,20 @@ from typing import Any, TextIO
 from contlearn.hookspecs import hookimpl
 
 
+def unlearn_line(metrics: dict[str, Any]) -> str:
+    """One line on a forget event (``on_metrics`` with ``kind: "unlearn"``)."""
+
+    def fmt(value: Any) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    return (
+        f"after experience {metrics['experience'] + 1}: forgot (SSD alpha {metrics['alpha']:g}, "
+        f"lambda {metrics['lam']:g}): forget accuracy {fmt(metrics.get('forget_accuracy'))}, "
+        f"retain accuracy {fmt(metrics.get('retain_accuracy'))}, "
+        f"{100 * (metrics.get('dampened_fraction') or 0.0):.2f}% of parameters dampened"
+    )
+
+
 class ConsoleProgress:
     """One line per evaluated experience (and per epoch with ``epochs=True``)."""
 
@@ -23,6 +37,8 @@ class ConsoleProgress:
                 f"experience {metrics['experience'] + 1}/{n} epoch {metrics['epoch'] + 1}: loss {metrics['loss']:.4f}",
                 file=self.stream,
             )
+        elif metrics["kind"] == "unlearn":
+            print(unlearn_line(metrics), file=self.stream, flush=True)
         elif metrics["kind"] == "eval":
             row = " ".join(f"{a:.3f}" for a in metrics["accuracy"])
             print(
@@ -75,6 +91,8 @@ class TqdmProgress:
                 )
             self.epochs.update(1)
             self.epochs.set_postfix(loss=f"{metrics['loss']:.4f}")  # refreshes: once per epoch
+        elif metrics["kind"] == "unlearn" and self.experiences is not None:
+            self.experiences.write(unlearn_line(metrics))
         elif metrics["kind"] == "eval" and self.experiences is not None:
             self._close_epochs()
             self.experiences.update(1)

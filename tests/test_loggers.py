@@ -56,3 +56,14 @@ def test_progress_choice():
     assert progress_plugins(quiet=True) == {}
     assert isinstance(progress_plugins(interactive=True)["progress"], TqdmProgress)
     assert isinstance(progress_plugins(interactive=False)["console"], ConsoleProgress)
+
+
+def test_console_progress_reports_a_forget_event(quick):
+    import io
+
+    out = io.StringIO()
+    overrides = [*quick, "scenario.n_experiences=2", "plugins.ssd.forget=[{after: 1, classes: [0]}]"]
+    Experiment(load_config(None, overrides), plugins={"console": ConsoleProgress(out)}).run()
+    lines = out.getvalue().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["experience 1/2", "after experience 2", "experience 2/2"]
+    assert lines[1].startswith("after experience 2: forgot (SSD alpha ") and "% of parameters dampened" in lines[1]
