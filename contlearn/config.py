@@ -191,17 +191,29 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> DictConfig:
         key, sep, _ = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override '{item}' is not of the form key=value")
-        try:  # one at a time, to name the one that fails (a YAML value that does not parse, say)
-            OmegaConf.from_dotlist([item])
-        except Exception as exc:  # OmegaConf's errors, yaml.YAMLError
-            hint = " (in YAML, a ':' in a mapping needs a space after it: {a: 1})" if re.search(r"[{,]\s*\w+:\S", item) else ""
-            raise ConfigError(f"cannot parse override '{item}': {_first_line(str(exc))}{hint}") from None
     try:
         layer = OmegaConf.from_dotlist(items)
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"cannot parse overrides {items}: {exc}") from None
+    except Exception as exc:  # OmegaConf's errors, yaml.YAMLError
+        raise _override_error(items, exc) from None
     _check_plugins_section(layer, "the overrides")
     return layer
+
+
+def override_keys(overrides: Any) -> set[str]:
+    """The keys ``key=value`` overrides set."""
+    return {item.partition("=")[0].strip() for item in _override_list(overrides)}
+
+
+def _override_error(items: list[str], exc: Exception) -> ConfigError:
+    """The error naming the override that does not parse (a YAML value, say): found
+    by parsing them one at a time, only once parsing them together failed."""
+    for item in items:
+        try:
+            OmegaConf.from_dotlist([item])
+        except Exception as one:
+            hint = " (in YAML, a ':' in a mapping needs a space after it: {a: 1})" if re.search(r"[{,]\s*\w+:\S", item) else ""
+            return ConfigError(f"cannot parse override '{item}': {_first_line(str(one))}{hint}")
+    return ConfigError(f"cannot parse overrides {items}: {_first_line(str(exc))}")
 
 
 def _check_plugins_section(layer: DictConfig, where: str) -> None:
@@ -388,7 +400,7 @@ def merge_config(config: DictConfig | dict[str, Any], overrides: Any = ()) -> Di
 def _with_overrides(base: DictConfig, overrides: Any, check: bool) -> DictConfig:
     items = _override_list(overrides)
     layers = [base, parse_overrides(items)]
-    if any(item.partition("=")[0].strip() == "plugins" for item in items):
+    if "plugins" in override_keys(items):
         base.plugins = {}  # `plugins=...` replaces the file's plugin list instead of merging into it
     cfg = _merge_checked(ExperimentConfig, *layers)
     try:

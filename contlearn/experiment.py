@@ -35,7 +35,14 @@ from contlearn import _manager
 from contlearn import checkpoint as ckpt
 from contlearn._registry import PluginRegistry
 from contlearn.checkpoint import EpochState, Progress, Resumed
-from contlearn.config import load_config, merge_config, schema_defaults, to_container, to_yaml
+from contlearn.config import (
+    load_config,
+    merge_config,
+    override_keys,
+    schema_defaults,
+    to_container,
+    to_yaml,
+)
 from contlearn.defaults import Defaults, set_epoch_lr
 from contlearn.distributed import DistributedView
 from contlearn.errors import ConfigError, ContlearnError, DataError, Interrupted, TrainingError
@@ -220,7 +227,7 @@ class Experiment:
         config_file = run_dir / "config.yaml"
         if not config_file.is_file():
             raise ConfigError(f"'{run_dir}' is not a run directory: it has no config.yaml")
-        if any(str(item).partition("=")[0].strip() == "out" for item in overrides or ()):
+        if "out" in override_keys(overrides):
             raise ConfigError(f"a run resumes in its own directory '{run_dir}': 'out' cannot be overridden")
         config = load_config(config_file, overrides)
         path, state = ckpt.latest(run_dir / ckpt.DIRNAME)
