@@ -97,13 +97,9 @@ def _dampen_kernel_only(
         thetas, fds, ffs, backend="triton", config=config, compact_undo=compact
     )
     (group,) = plan.groups
-    table = group.table
-    backup = torch.empty(table.n_blocks * config.block, device=thetas[0].device)
-    stats = torch.empty(2, table.n_blocks, dtype=torch.int32, device=thetas[0].device)
-    args = (*table.addrs, table.numels, table.block_first, table.block_tensor)
-    args += (backup, stats, table.n_blocks, ALPHA, LAM)
+    args, _ = dampen.kernel_arguments(group, config.block, thetas[0].device, ALPHA, LAM)
     meta = {**plan.metas[0], "RESTORE": False}
-    grid = (table.n_blocks,)
+    grid = (group.table.n_blocks,)
     return lambda: dampen._dampen_kernel[grid](*args, **meta)
 
 

@@ -339,38 +339,37 @@ class DampenPlan:
             return _dampen_lists(self.names, thetas, fds, ffs, alpha, lam)
         if not self.groups:
             return 0
-        with _dispatch.device_guard(thetas[0].device):
-            return self._launch(thetas, fds, ffs, float(alpha), float(lam))
-
-    def _launch(
-        self,
-        thetas: list[torch.Tensor],
-        fds: list[torch.Tensor],
-        ffs: list[torch.Tensor],
-        alpha: float,
-        lam: float,
-    ) -> int:
         device = thetas[0].device
         launches = []
-        for group, meta in zip(self.groups, self.metas, strict=True):
-            table = group.table
-            backup = torch.empty(table.n_blocks * meta["BLOCK"], dtype=group.dtypes[0], device=device)
-            stats = torch.empty(2, table.n_blocks, dtype=torch.int32, device=device)
-            args = (*table.addrs, table.numels, table.block_first, table.block_tensor)
-            args += (backup, stats, table.n_blocks, alpha, lam)
-            _dampen_kernel[(table.n_blocks,)](*args, RESTORE=False, **meta)
-            launches.append((group, stats, args, meta))
+        with _dispatch.device_guard(device):
+            for group, meta in zip(self.groups, self.metas, strict=True):
+                args, stats = kernel_arguments(group, meta["BLOCK"], device, float(alpha), float(lam))
+                _dampen_kernel[(group.table.n_blocks,)](*args, RESTORE=False, **meta)
+                launches.append((group, stats, args, meta))
 
-        totals = [stats.sum(dim=1, dtype=torch.int64) for _, stats, _, _ in launches]
-        counts = (torch.stack(totals) if len(totals) > 1 else totals[0][None]).tolist()
-        bad = next((g for g, (_, n_bad) in enumerate(counts) if n_bad), None)
-        if bad is not None:
-            for group, _, args, meta in launches:
-                _dampen_kernel[(group.table.n_blocks,)](*args, RESTORE=True, **meta)
-            group, stats, _, _ = launches[bad]
-            first_block = int(torch.nonzero(stats[1])[0, 0])
-            k = group.index[int(group.table.block_tensor[first_block])]
-            raise _nonfinite_error(self.names[k], thetas[k], fds[k], ffs[k])
+            totals = [stats.sum(dim=1, dtype=torch.int64) for _, stats, _, _ in launches]
+            counts = (torch.stack(totals) if len(totals) > 1 else totals[0][None]).tolist()
+            bad = next((g for g, (_, n_bad) in enumerate(counts) if n_bad), None)
+            if bad is not None:
+                for group, _, args, meta in launches:
+                    _dampen_kernel[(group.table.n_blocks,)](*args, RESTORE=True, **meta)
+                group, stats, _, _ = launches[bad]
+                first_block = int(torch.nonzero(stats[1])[0, 0])
+                k = group.index[int(group.table.block_tensor[first_block])]
+                raise _nonfinite_error(self.names[k], thetas[k], fds[k], ffs[k])
         for group, *_ in launches:
             group.write_back(thetas)
         return sum(selected for selected, _ in counts)
+
+
+def kernel_arguments(
+    group: _dispatch.TensorGroup, block: int, device: torch.device, alpha: float, lam: float
+) -> tuple[tuple[Any, ...], torch.Tensor]:
+    """The positional arguments of one group's :func:`_dampen_kernel` launch, with
+    fresh scratch: the undo buffer (``block`` slots per program) and the
+    per-program counts of selected and non-finite elements (also returned)."""
+    table = group.table
+    backup = torch.empty(table.n_blocks * block, dtype=group.dtypes[0], device=device)
+    stats = torch.empty(2, table.n_blocks, dtype=torch.int32, device=device)
+    args = (*table.addrs, table.numels, table.block_first, table.block_tensor)
+    return (*args, backup, stats, table.n_blocks, alpha, lam), stats
