@@ -8,12 +8,13 @@ from typing import Any, TextIO
 from contlearn.hookspecs import hookimpl
 
 
+def fmt(value: float | None) -> str:
+    """A measured fraction to three decimals, ``-`` when it was not measured."""
+    return "-" if value is None else f"{value:.3f}"
+
+
 def unlearn_line(metrics: dict[str, Any]) -> str:
     """One line on a forget event (``on_metrics`` with ``kind: "unlearn"``)."""
-
-    def fmt(value: Any) -> str:
-        return "-" if value is None else f"{value:.3f}"
-
     return (
         f"after experience {metrics['experience'] + 1}: forgot (SSD alpha {metrics['alpha']:g}, "
         f"lambda {metrics['lam']:g}): forget accuracy {fmt(metrics.get('forget_accuracy'))}, "

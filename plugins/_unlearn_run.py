@@ -23,6 +23,7 @@ from typing import Any
 from contlearn import checkpoint as ckpt
 from contlearn.config import load_config, schema_defaults, to_container, to_yaml
 from contlearn.errors import CheckpointError, ConfigError
+from contlearn.reporting import fmt
 from contlearn.results import prepare_run_dir, write_atomic
 
 REPORT = "unlearn.json"
@@ -124,10 +125,6 @@ def _unlearn(
 
 def summary(report: dict[str, Any]) -> str:
     """A few lines on what a report says."""
-
-    def fmt(value: Any) -> str:
-        return "-" if value is None else f"{value:.3f}"
-
     before = report.get("before") or {}
     what = (
         f"classes {', '.join(report['classes'])}"
