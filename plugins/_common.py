@@ -1,76 +1,11 @@
-"""Helpers shared by the built-in strategies: seeds, parameter anchors, teacher copies."""
+"""Seeds for the built-in strategies' own generators (their model copies come from :mod:`contlearn.snapshots`)."""
 
 from __future__ import annotations
 
-import copy
-import re
 import zlib
-from collections.abc import Iterator
-
-import torch
-from torch import nn
 
 
 def plugin_generator(seed: int, name: str) -> int:
     """A seed for a plugin's own CPU generator, derived from the run seed and the
     plugin's name, so plugins do not share (or shift) the loop's random stream."""
     return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
-
-
-def overlap(param: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor | None:
-    """The part of ``param`` that existed when ``anchor`` was taken.
-
-    A parameter that grew since (new rows of an incremental head) is cut to the
-    anchor's shape along every dimension; ``None`` when it cannot hold the anchor
-    (fewer dimensions, or smaller along one), i.e. it is not the same parameter.
-    """
-    if param.dim() != anchor.dim() or any(p < a for p, a in zip(param.shape, anchor.shape, strict=True)):
-        return None
-    if param.shape == anchor.shape:
-        return param
-    return param[tuple(slice(0, a) for a in anchor.shape)]
-
-
-def selected_parameters(model: nn.Module, pattern: re.Pattern[str] | None) -> Iterator[tuple[str, nn.Parameter]]:
-    """Trainable parameters whose name ``pattern`` finds (``re.search``); all when ``None``."""
-    for name, p in model.named_parameters():
-        if p.requires_grad and (pattern is None or pattern.search(name)):
-            yield name, p
-
-
-def snapshot(model: nn.Module, pattern: re.Pattern[str] | None = None) -> dict[str, torch.Tensor]:
-    """Detached copies of the selected parameters, by name."""
-    return {name: p.detach().clone() for name, p in selected_parameters(model, pattern)}
-
-
-def frozen_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` in eval mode with gradients off (a teacher)."""
-    teacher = copy.deepcopy(model).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
-
-
-def load_tensors(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Set ``module``'s parameters and buffers by name, shapes included (a copy of a
-    model whose head has grown since can be given back its older, smaller head)."""
-    own = dict(module.named_parameters())
-    own.update(dict(module.named_buffers()))
-    missing = sorted(set(tensors) - set(own))
-    if missing:
-        raise KeyError(f"no parameters or buffers named {missing}")
-    with torch.no_grad():
-        for name, value in tensors.items():
-            target = own[name]
-            value = value.to(target.device)
-            if target.shape == value.shape:
-                target.copy_(value)
-            else:
-                target.data = value.clone()
-
-
-def module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer of ``module`` by name, detached (for ``state_dict``)."""
-    out = {name: p.detach() for name, p in module.named_parameters()}
-    out.update({name: b.detach() for name, b in module.named_buffers()})
-    return out

@@ -32,11 +32,12 @@ from typing import Any, Optional
 
 import torch
 from contlearn.kernels.fisher import empirical_fisher
-from contlearn.plugins._common import overlap, plugin_generator, snapshot
+from contlearn.plugins._common import plugin_generator
 from torch.nn import functional as F
 
 from contlearn.errors import ConfigError, choices
 from contlearn.hookspecs import hookimpl
+from contlearn.snapshots import overlap, snapshot
 
 MODES = ("separate", "online")
 FISHERS = ("batch", "per_sample")

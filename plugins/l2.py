@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-from contlearn.plugins._common import selected_parameters, snapshot
 from contlearn.plugins.ewc import quadratic_penalty
 
 from contlearn.errors import ConfigError, PluginError, choices
 from contlearn.hookspecs import hookimpl
+from contlearn.snapshots import selected_parameters, snapshot
 
 ANCHORS = ("previous", "initial")
 

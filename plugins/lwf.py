@@ -29,13 +29,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from contlearn.plugins._common import frozen_copy, load_tensors, module_tensors
 from torch import nn
 from torch.nn import functional as F
 
 from contlearn.errors import ConfigError, PluginError
 from contlearn.hookspecs import hookimpl
 from contlearn.models.heads import MultiHead
+from contlearn.snapshots import frozen_copy, load_tensors, module_tensors
 
 
 def distillation(student: torch.Tensor, teacher: torch.Tensor, T: float) -> torch.Tensor:

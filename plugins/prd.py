@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, List
 
 import torch
-from contlearn.plugins._common import load_tensors, module_tensors, plugin_generator
+from contlearn.plugins._common import plugin_generator
 from contlearn.plugins._supcon import supcon_loss
 from contlearn.plugins._views import Views
 from torch import nn
@@ -52,6 +52,7 @@ from contlearn.errors import ConfigError, choices
 from contlearn.hookspecs import hookimpl
 from contlearn.models import Output
 from contlearn.models.heads import MASKED_LOGIT
+from contlearn.snapshots import load_tensors, module_tensors
 
 RELATIONS = ("prototypes", "samples")
 TEACHER_BN = ("batch", "running")
