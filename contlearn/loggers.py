@@ -1,7 +1,7 @@
 """Loggers: plugins on ``on_metrics`` that record a run's metrics as it goes.
 
-* :class:`JSONLLogger` appends one JSON object per report to a file (the CLI
-  always writes ``RUN_DIR/events.jsonl``);
+* :class:`JSONLLogger` writes one JSON object per report to a file, the log of
+  one run, continued on resume (the CLI always writes ``RUN_DIR/events.jsonl``);
 * :class:`TensorBoardLogger` writes TensorBoard scalars (needs the
   ``tensorboard`` extra: ``pip install 'contlearn[tensorboard]'``).
 
@@ -34,11 +34,14 @@ def _plain(value: Any) -> Any:
 
 
 class JSONLLogger:
-    """One JSON object per line for every ``on_metrics`` report, appended to ``path``.
+    """One JSON object per line for every ``on_metrics`` report, written to ``path``.
 
     Each line is the reported mapping plus ``time`` (seconds since the epoch) and
-    ``global_step``; ``kind`` is ``epoch`` or ``eval``. The file is opened in
-    append mode, so a resumed run continues the same log.
+    ``global_step``; ``kind`` is ``epoch``, ``eval`` or a plugin's own (SSD's
+    ``unlearn``). The file is the log of one run: a new run starts it afresh, and
+    a resumed run keeps the events of what its checkpoint holds (see
+    :func:`before_position`) and appends from there, so that its log reads as
+    the uninterrupted run's would, with no event twice and no line cut by a crash.
     """
 
     def __init__(self, path: str | Path):
@@ -51,7 +54,10 @@ class JSONLLogger:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in teardown
+            kept = _events_before(self.path, run) if self.path.is_file() else []
+            self._file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 - closed in teardown
+            self._file.writelines(kept)
+            self._file.flush()
         except OSError as exc:
             raise ContlearnError(f"cannot open the event log '{self.path}': {exc.strerror or exc}") from None
 
@@ -68,6 +74,40 @@ class JSONLLogger:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def before_position(event: dict[str, Any], run: Any) -> bool:
+    """Whether ``event`` was reported before the position ``run`` starts from (a
+    checkpoint's, or the start for a new run): the events of the experiences it
+    completed, and of the epochs it completed in the experience under way."""
+    exp = event.get("experience")
+    if not isinstance(exp, int):  # a plugin's event of no experience: by its step
+        return isinstance(event.get("global_step"), int) and event["global_step"] < run.global_step
+    if exp < len(run.accuracy_rows):
+        return True
+    current = run.experience
+    return (
+        current is not None
+        and exp == current.index
+        and event.get("kind") == "epoch"
+        and isinstance(event.get("epoch"), int)
+        and event["epoch"] < run.epoch
+    )
+
+
+def _events_before(path: Path, run: Any) -> list[str]:
+    """The lines of the log at ``path`` that :func:`before_position` keeps; a line
+    a crash cut short is dropped."""
+    kept = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict) and line.endswith("\n") and before_position(event, run):
+                kept.append(line)
+    return kept
 
 
 def read_events(path: str | Path) -> list[dict[str, Any]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import pytest
+from _crash import SMALL_RUN, CrashAt, SimulatedCrash
 
 from contlearn import Experiment, load_config
 from contlearn.loggers import JSONLLogger, TensorBoardLogger, read_events
@@ -15,7 +16,7 @@ def quick_cfg(quick, *extra):
     return load_config(None, [*quick, "scenario.n_experiences=2", "train.epochs=2", *extra])
 
 
-def test_jsonl_logs_every_epoch_and_evaluation_and_appends(quick, tmp_path):
+def test_jsonl_logs_every_epoch_and_evaluation_of_one_run(quick, tmp_path):
     path = tmp_path / "events.jsonl"
     Experiment(quick_cfg(quick, "plugins.ewc.lam=1"), plugins={"events": JSONLLogger(path)}).run()
     events = read_events(path)
@@ -26,7 +27,45 @@ def test_jsonl_logs_every_epoch_and_evaluation_and_appends(quick, tmp_path):
     assert "loss/ewc" in events[3] and len(events[2]["accuracy"]) == 2
     assert events[-1]["global_step"] > events[0]["global_step"] > 0
     Experiment(quick_cfg(quick), plugins={"events": JSONLLogger(path)}).run()
-    assert len(read_events(path)) == 12, "a second run appends"
+    assert len(read_events(path)) == 6, "a new run starts the log afresh"
+
+
+def without_times(path):
+    return [{k: v for k, v in e.items() if k != "time"} for e in read_events(path)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_events(tmp_path_factory):
+    path = tmp_path_factory.mktemp("whole") / "events.jsonl"
+    Experiment(load_config(None, [*SMALL_RUN, "plugins.ewc.lam=1"]), plugins={"events": JSONLLogger(path)}).run()
+    return without_times(path)
+
+
+# SMALL_RUN trains steps 1-10 on experience 0 (5 per epoch) and 11-18 on experience 1
+# (4 per epoch); with a checkpoint after every step, a crash after step n resumes
+# from step n - 1: 5 is the last step of an epoch (its event follows the checkpoint),
+# 10 the last of an experience (then also checkpointed after its evaluation), 13 is
+# inside an epoch.
+@pytest.mark.parametrize("crash_at", [6, 11, 14, 12])
+def test_a_resumed_log_reads_as_the_uninterrupted_one(tmp_path, uninterrupted_events, crash_at):
+    out, path = tmp_path / "run", tmp_path / "run" / "events.jsonl"
+    cfg = load_config(None, [*SMALL_RUN, "plugins.ewc.lam=1", "checkpoint.every_n_steps=1", "checkpoint.keep_last=2"])
+    with pytest.raises(SimulatedCrash):
+        Experiment(cfg, out_dir=out, plugins={"events": JSONLLogger(path), "crash": CrashAt(crash_at)}).run()
+    with open(path, "a", encoding="utf-8") as f:
+        f.write('{"kind": "epoch", "experience": 0, "ep')  # a line the crash cut short
+    Experiment.resume(out, plugins={"events": JSONLLogger(path)}).run()
+    assert without_times(path) == uninterrupted_events
+
+
+def test_a_new_run_in_a_failed_start_directory_starts_a_new_log(tmp_path, uninterrupted_events):
+    out, path = tmp_path / "run", tmp_path / "run" / "events.jsonl"
+    cfg = load_config(None, [*SMALL_RUN, "plugins.ewc.lam=1"])
+    with pytest.raises(SimulatedCrash):  # before the first checkpoint (the end of experience 0)
+        Experiment(cfg, out_dir=out, plugins={"events": JSONLLogger(path), "crash": CrashAt(8)}).run()
+    assert len(read_events(path)) == 1
+    Experiment(cfg, out_dir=out, plugins={"events": JSONLLogger(path)}).run()
+    assert without_times(path) == uninterrupted_events
 
 
 def test_tensorboard_scalars(quick, tmp_path):
