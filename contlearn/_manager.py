@@ -31,10 +31,17 @@ def register_plugins(pm: pluggy.PluginManager, plugins: dict[str, Any], defaults
         arguments the spec lacks (``check_pending``), or two plugins that both
         answer the same ``firstresult`` hook without declaring an order.
     """
+    for name, plugin in plugins.items():
+        if isinstance(plugin, type):
+            raise PluginError(
+                f"plugin '{name}' is the class {plugin.__name__}, not a plugin object: pass an instance, "
+                f"e.g. {plugin.__name__}(...)"
+            )
     try:
         pm.register(defaults, name=DEFAULTS_NAME)
         for name, plugin in plugins.items():
             pm.register(plugin, name=name)
+            check_unmarked_hooks(pm, name, plugin)
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
         name = pm.get_name(exc.plugin) or repr(exc.plugin)
@@ -42,6 +49,28 @@ def register_plugins(pm: pluggy.PluginManager, plugins: dict[str, Any], defaults
     except ValueError as exc:  # duplicate registration
         raise PluginError(str(exc)) from None
     check_firstresult_conflicts(pm)
+
+
+def check_unmarked_hooks(pm: pluggy.PluginManager, name: str, plugin: Any) -> None:
+    """A method named like a hook but not marked ``@hookimpl`` would never be
+    called; that is a forgotten decorator, not an intent.
+
+    :raises PluginError: naming the plugin and the methods.
+    """
+    marked = {caller.name for caller in pm.get_hookcallers(plugin) or ()}
+    unmarked = sorted(n for n in hook_names(pm) - marked if callable(getattr(plugin, n, None)))
+    if unmarked:
+        raise PluginError(
+            f"plugin '{name}' has methods named like hooks but not marked @hookimpl: {unmarked}; they would "
+            f"never be called. Mark them (from contlearn import hookimpl) or rename them."
+        )
+
+
+def hook_names(pm: pluggy.PluginManager) -> set[str]:
+    """The names of the hooks ``pm`` has a spec for."""
+    return {
+        n for n in dir(pm.hook) if isinstance(c := getattr(pm.hook, n), pluggy.HookCaller) and c.spec is not None
+    }
 
 
 def check_firstresult_conflicts(pm: pluggy.PluginManager) -> None:

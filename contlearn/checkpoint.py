@@ -30,7 +30,7 @@ from contlearn.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
     from contlearn.run import Run
-    from contlearn.scenarios import Experience
+    from contlearn.scenarios import Experience, Stream
 
 FORMAT = "contlearn-checkpoint"
 VERSION = 1
@@ -340,6 +340,32 @@ def _plugin_states(run: Run) -> dict[str, Any]:
     return {name: p.state_dict() for name, p in run.plugins.items() if callable(getattr(p, "state_dict", None))}
 
 
+def stream_signature(stream: Stream) -> list[list[Any]]:
+    """What a run trains on, as far as a resume can check it cheaply: each
+    experience's classes, task label and numbers of training and test samples."""
+    return [[[int(c) for c in exp.classes], int(exp.task), len(exp.train), len(exp.test)] for exp in stream]
+
+
+def _check_stream(saved: list[list[Any]], stream: Stream, source: str) -> None:
+    """:raises CheckpointError: when the run resumes on another stream than it trained on."""
+    own = stream_signature(stream)
+    if saved == own:
+        return
+    if len(saved) != len(own):
+        where = f"{len(saved)} experiences in the checkpoint, {len(own)} here"
+    else:
+        first = next(k for k, (a, b) in enumerate(zip(saved, own, strict=True)) if a != b)
+        where = (
+            f"experience {first} has classes {saved[first][0]}, task {saved[first][1]}, {saved[first][2]} training "
+            f"and {saved[first][3]} test samples in the checkpoint, but classes {own[first][0]}, task {own[first][1]}, "
+            f"{own[first][2]} and {own[first][3]} here"
+        )
+    raise CheckpointError(
+        f"checkpoint '{source}' was written by a run on another stream ({where}): a run started with "
+        f"Experiment(stream=...) resumes with the same stream, Experiment.resume(run_dir, stream=...)"
+    )
+
+
 def capture(run: Run, config: dict[str, Any], progress: Progress, epoch: EpochState | None = None) -> dict[str, Any]:
     """The checkpoint of ``run`` now: between experiences (``epoch`` is ``None``)
     or after a step inside one."""
@@ -357,6 +383,7 @@ def capture(run: Run, config: dict[str, Any], progress: Progress, epoch: EpochSt
             "step": run.step if inside else 0,
             "global_step": run.global_step,
         },
+        "stream": stream_signature(run.stream),
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict() if inside and run.optimizer is not None else None,
         "plugins": _plugin_states(run),
@@ -387,6 +414,8 @@ def restore(run: Run, state: dict[str, Any], source: str) -> tuple[Progress, Res
     pos, metrics = state["position"], state["metrics"]
     completed, inside = int(pos["completed"]), bool(pos["inside_experience"])
     stream = run.stream
+    if "stream" in state:  # checkpoints written before the stream check lack it
+        _check_stream(state["stream"], stream, source)
     if completed + inside > len(stream):
         raise CheckpointError(f"checkpoint '{source}' is past the end of the stream ({len(stream)} experiences)")
     run.accuracy_rows = [list(r) for r in metrics["accuracy_rows"]]

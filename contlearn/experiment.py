@@ -200,6 +200,7 @@ class Experiment:
         self._resume_from: tuple[Path, dict[str, Any]] | None = None
         self._stop_requested = False
         self._control: _Control | None = None
+        self._started = False
 
     @classmethod
     def resume(
@@ -287,6 +288,7 @@ class Experiment:
             model = model.to(memory_format=torch.channels_last)
             _inputs_channels_last(stream)
 
+        _import_what_optimizers_import()
         registry = PluginRegistry.load()
         plugins: dict[str, Any] = {}
         for name in cfg.plugins:
@@ -317,6 +319,12 @@ class Experiment:
             return self._run()
 
     def _run(self) -> Results:
+        if self._started:
+            raise ContlearnError(
+                "this Experiment has already run, and its plugin objects keep what they learnt: make a new "
+                "Experiment (with new plugin objects) for another run, or Experiment.resume(run_dir) to continue"
+            )
+        self._started = True
         t_start = time.perf_counter()
         run = self.build()
         progress = Progress()
@@ -378,6 +386,14 @@ class Experiment:
             timings=timings,
             versions=versions(),
             config=to_container(self.config),
+            given={
+                "plugins": {
+                    name: f"{type(p).__module__}.{type(p).__qualname__}"
+                    for name, p in self.extra_plugins.items()
+                    if name in _shaping_plugins(self, run)
+                },
+                "stream": ckpt.stream_signature(run.stream) if self.stream is not None else None,
+            },
             **summary(R, initial),  # type: ignore[arg-type]
         )
 
@@ -397,6 +413,13 @@ class Experiment:
         if self.results is None:
             raise ContlearnError("the experiment has not run yet")
         return format_summary(self.results)
+
+
+def _import_what_optimizers_import() -> None:
+    """torch.optim imports ``torch._dynamo`` when a process makes its first
+    optimizer, which takes seconds; importing it while the run is built keeps
+    that out of the first experience's training time (``timings``)."""
+    import torch._dynamo  # noqa: F401
 
 
 def compile_model(run: Run) -> None:
@@ -428,6 +451,39 @@ def _default_config(registry: PluginRegistry, name: str) -> Any:
     return cls() if cls is not None else None
 
 
+_OBSERVING_HOOKS = frozenset({"setup", "teardown", "on_metrics"})
+
+
+def _shaping_plugins(experiment: Experiment, run: Run) -> list[str]:
+    """The plugin objects given to ``experiment`` that train or keep state: those
+    that implement a hook other than ``setup``, ``teardown`` and ``on_metrics``, or
+    have a ``state_dict`` (displays and loggers are neither)."""
+    pm: pluggy.PluginManager = run.pm  # type: ignore[attr-defined]
+    return [
+        name
+        for name, plugin in experiment.extra_plugins.items()
+        if callable(getattr(plugin, "state_dict", None))
+        or {c.name for c in pm.get_hookcallers(plugin) or ()} - _OBSERVING_HOOKS
+    ]
+
+
+def _how_to_resume(experiment: Experiment, run: Run) -> str:
+    """The command that continues this run. ``contlearn resume`` rebuilds only the
+    configured plugins (and its own displays and logs): a run given a stream, or
+    plugin objects that train or keep state, continues from Python with them."""
+    shaping = _shaping_plugins(experiment, run)
+    given, what = [], []
+    if shaping:
+        given.append(f"plugins={{{', '.join(f'{n!r}: ...' for n in shaping)}}}")
+        what.append("new objects of the same plugins")
+    if experiment.stream is not None:
+        given.append("stream=...")
+        what.append("the same stream")
+    if not given:
+        return f"contlearn resume {experiment.out_dir}"
+    return f"Experiment.resume({str(experiment.out_dir)!r}, {', '.join(given)}) in Python, with {' and '.join(what)}"
+
+
 class _Control:
     """Checkpoints and stop requests at step and experience boundaries.
 
@@ -445,6 +501,7 @@ class _Control:
         self.keep_last = int(cfg.keep_last)
         self.stop = experiment._stop_requested
         self.out_dir = out
+        self.how_to_resume = _how_to_resume(experiment, run)
         self.config = to_container(run.config)
         self.progress = progress
         self.t_start = self.t_experience = t_start
@@ -468,7 +525,7 @@ class _Control:
     def end_of_experience(self, run: Run, exp: Experience) -> None:
         path = self._save(run, exp, None, 0.0) if self.directory is not None else None
         if self.stop and exp.index < len(run.stream) - 1:
-            raise Interrupted(self._stopped(f"after experience {exp.index} of {len(run.stream)}", path))
+            raise Interrupted(self._stopped(f"after experience {exp.index} (experiences 0-{len(run.stream) - 1})", path))
 
     def _save(self, run: Run, exp: Experience, epoch: EpochState | None, train_so_far: float) -> Path:
         assert self.directory is not None
@@ -482,7 +539,7 @@ class _Control:
     def _stopped(self, where: str, path: Path | None) -> str:
         if path is None:
             return f"interrupted {where}; no checkpoint was written (no run directory, or checkpoint.enabled=false)"
-        return f"interrupted {where}; state saved in {path}; continue with: contlearn resume {self.out_dir}"
+        return f"interrupted {where}; state saved in {path}; continue with: {self.how_to_resume}"
 
 
 # ---------------------------------------------------------------------- training
@@ -569,6 +626,8 @@ def _forward_and_losses(
     """The base loss and the total with every plugin's terms (appended to ``terms``)."""
     out = hooks.forward(run=run, batch=batch)
     loss = hooks.compute_loss(run=run, batch=batch, out=out)
+    if not isinstance(loss, torch.Tensor) or loss.dim():
+        raise TrainingError(f"compute_loss must return a scalar loss tensor, got {_describe(loss)}")
     total = loss
     if hooks.loss_terms is not None:
         seen: set[str] = set()
@@ -580,12 +639,24 @@ def _forward_and_losses(
                     raise TrainingError(
                         f"loss term '{name}' is a {type(value).__name__}, not a tensor: it would carry no gradient"
                     )
+                if value.dim():
+                    raise TrainingError(
+                        f"loss term '{name}' has shape {tuple(value.shape)}: a loss term is a scalar (reduce it, "
+                        f"e.g. with .mean())"
+                    )
                 if name in seen:
                     raise TrainingError(f"two plugins return a loss term named '{name}'")
                 seen.add(name)
                 total = total + value
                 terms.setdefault(name, []).append(value.detach())
     return loss, total
+
+
+def _describe(value: Any) -> str:
+    """What a hook returned, for an error message."""
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return "None" if value is None else f"a {type(value).__name__}"
 
 
 def train_step(
@@ -599,6 +670,9 @@ def train_step(
     if hooks.extra_samples is not None:
         extra = hooks.extra_samples(run=run, batch=batch)
         if extra:
+            wrong = next((b for b in extra if not isinstance(b, Batch)), None)
+            if wrong is not None:
+                raise TrainingError(f"extra_samples must return a Batch or None, got {_describe(wrong)}")
             batch = Batch.cat([batch, *extra])
     if run.dist.world_size > 1:  # this process's share of the global batch (contlearn.distributed)
         rows, weight = run.dist.share(len(batch))
@@ -642,7 +716,7 @@ def raise_if_not_finite(run: Run, exp: Experience, names: list[str], values: tor
     if not bool(finite.all()):
         bad_step = int((~finite).any(dim=0).nonzero()[0])
         bad_terms = [names[k] for k in range(len(names)) if not finite[k, bad_step]]
-        first_step = run.step - values.shape[1] + bad_step
+        first_step = run.step - values.shape[1] + bad_step + 1  # numbered from 1, as in the stop messages
         raise TrainingError(
             f"non-finite loss at step {first_step} (epoch {run.epoch}) of experience {exp.index}: "
             f"{', '.join(bad_terms)} went bad; lower train.lr or check the plugin that adds it"
@@ -697,6 +771,11 @@ def evaluate(run: Run, hooks: _StepHooks) -> tuple[list[float], np.ndarray]:
             else:
                 with hooks.autocast:
                     pred = hooks.predict(run=run, batch=batch)
+            if not isinstance(pred, torch.Tensor) or pred.shape != batch.y.shape or pred.is_floating_point():
+                raise TrainingError(
+                    f"predict must return the predicted class of each sample (an integer tensor of shape "
+                    f"{tuple(batch.y.shape)}), got {_describe(pred)}"
+                )
             if hooks.after_eval_batch is not None:
                 hooks.after_eval_batch(run=run, batch=batch, predictions=pred)
             hits += (pred == batch.y).sum()

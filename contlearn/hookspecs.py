@@ -201,7 +201,9 @@ def after_backward(run: Run) -> None:
 def after_step(run: Run) -> None:
     """Called after ``optimizer.step()`` at every training step.
 
-    :param run: the current run; ``run.step`` counts steps in the experience.
+    :param run: the current run; ``run.step`` and ``run.global_step`` count the
+        steps done before this one (in the experience, in the run): this step's
+        index from 0. Messages number steps from 1.
     :return: nothing; every implementation is called.
     """
 

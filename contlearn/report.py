@@ -47,6 +47,7 @@ class FinishedRun:
     @property
     def strategy(self) -> str:
         plugins = list((self.results.get("config") or {}).get("plugins") or {})
+        plugins += list((self.results.get("given") or {}).get("plugins") or {})
         if len(plugins) > 1 and "finetune" in plugins:  # finetune adds nothing to others
             plugins.remove("finetune")
         return " + ".join(plugins) or "-"
@@ -127,6 +128,12 @@ def matrix_table(R: np.ndarray) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _scenario(results: dict[str, Any], scenario: dict[str, Any]) -> str:
+    if (results.get("given") or {}).get("stream") is not None:
+        return "a stream given in Python"
+    return f"{scenario.get('source')}, {scenario.get('setting')}-incremental"
+
+
 def run_markdown(run: FinishedRun) -> str:
     """``report.md`` of one run."""
     r = run.results
@@ -136,8 +143,8 @@ def run_markdown(run: FinishedRun) -> str:
     train = cfg.get("train") or {}
     return (
         f"# {r.get('name', run.label)} ({run.label})\n\n"
-        f"Strategy: {run.strategy}. Seed {r.get('seed')}. Scenario: {scenario.get('source')}, "
-        f"{scenario.get('setting')}-incremental, {run.matrix.shape[0]} experiences. "
+        f"Strategy: {run.strategy}. Seed {r.get('seed')}. Scenario: {_scenario(r, scenario)}, "
+        f"{run.matrix.shape[0]} experiences. "
         f"Model: {model.get('backbone')}. Training: {train.get('epochs')} epochs per experience, "
         f"{train.get('optimizer')} lr {train.get('lr')}, batch {train.get('batch_size')}.\n\n"
         + comparison_table([run])

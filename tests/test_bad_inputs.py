@@ -244,7 +244,7 @@ def test_a_result_file_that_cannot_be_written_says_why(tmp_path, monkeypatch, ca
 
 def test_non_finite_loss_names_step_experience_and_term(tmp_path, capsys):
     err = one_error_line(capsys, 1, ["run", *TINY, "train.lr=1e30", "--out", str(tmp_path), "--quiet"])
-    assert "non-finite loss at step 1 (epoch 0) of experience 0: loss went bad" in err
+    assert "non-finite loss at step 2 (epoch 0) of experience 0: loss went bad" in err
     assert not ckpt.list_checkpoints(tmp_path / "checkpoints")
 
 

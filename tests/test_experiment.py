@@ -148,3 +148,54 @@ def test_a_loss_term_that_is_not_a_tensor_is_named(quick):
 
     with pytest.raises(TrainingError, match="loss term 'anchor' is a float, not a tensor"):
         Experiment(load_config(None, quick), plugins={"float": FloatTerm()}).run()
+
+
+class PerSampleTerm:
+    @hookimpl
+    def loss_terms(self, out):
+        return {"per_sample": out.logits.sum(dim=1)}
+
+
+class PerSampleLoss:
+    @hookimpl(tryfirst=True)
+    def compute_loss(self, out):
+        return out.logits.sum(dim=1)
+
+
+class TupleOfBatches:
+    @hookimpl
+    def extra_samples(self, batch):
+        return (batch, batch)
+
+
+class Scores:
+    @hookimpl(tryfirst=True)
+    def predict(self, run, batch):
+        return run.model(batch.x).logits
+
+
+@pytest.mark.parametrize(
+    ("plugin", "message"),
+    [
+        (PerSampleTerm, r"loss term 'per_sample' has shape \(16,\): a loss term is a scalar"),
+        (PerSampleLoss, r"compute_loss must return a scalar loss tensor, got a torch.float32 tensor of shape \(16,\)"),
+        (TupleOfBatches, r"extra_samples must return a Batch or None, got a tuple"),
+        (Scores, r"predict must return the predicted class of each sample \(an integer tensor of shape \(\d+,\)\), "
+                 r"got a torch.float32 tensor of shape \(\d+, 2\)"),
+    ],
+)
+def test_a_hook_that_returns_the_wrong_thing_is_named(quick, plugin, message):
+    from contlearn import TrainingError
+
+    cfg = load_config(None, [*quick, "eval.fwt=false", "train.batch_size=16"])
+    with pytest.raises(TrainingError, match=message):
+        Experiment(cfg, plugins={"wrong": plugin()}).run()
+
+
+def test_an_experiment_runs_once(quick):
+    from contlearn import ContlearnError
+
+    experiment = Experiment(load_config(None, [*quick, "scenario.n_experiences=2"]))
+    experiment.run()
+    with pytest.raises(ContlearnError, match="already run, and its plugin objects keep what they learnt"):
+        experiment.run()

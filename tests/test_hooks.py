@@ -257,6 +257,29 @@ def test_implementation_with_unknown_argument_is_refused():
         Experiment(load_config(None, ["train.epochs=1"]), plugins={"badargs": BadArgs()}).build()
 
 
+def test_a_method_named_like_a_hook_without_hookimpl_is_refused():
+    class Forgot:
+        @hookimpl
+        def setup(self, run):
+            pass
+
+        def after_step(self, run):
+            pass
+
+    with pytest.raises(PluginError, match=r"plugin 'forgot' has methods named like hooks but not marked @hookimpl: \['after_step'\]"):
+        Experiment(load_config(None, ["train.epochs=1"]), plugins={"forgot": Forgot()}).build()
+
+
+def test_a_plugin_class_instead_of_an_object_is_refused():
+    class Counter:
+        @hookimpl
+        def after_step(self, run):
+            pass
+
+    with pytest.raises(PluginError, match=r"plugin 'counter' is the class Counter, not a plugin object: pass an instance"):
+        Experiment(load_config(None, ["train.epochs=1"]), plugins={"counter": Counter}).build()
+
+
 def test_unimplemented_step_hooks_are_not_dispatched():
     exp = Experiment(load_config(None, ["train.epochs=1"]))
     run = exp.build()

@@ -59,6 +59,29 @@ def test_cli_run_writes_report_and_event_log(tmp_path, capsys):
     assert main(["run", "train.epochs=1", "scenario.n_experiences=2", "eval.fwt=false", "--out", str(out), "--quiet"]) == 0
     for name in ("accuracy_matrix.png", "accuracy.png", "report.md", "events.jsonl"):
         assert (out / name).is_file(), name
+    assert json.loads((out / "results.json").read_text())["given"] == {"plugins": {}, "stream": None}  # displays and logs
+
+
+def test_a_library_run_records_the_plugin_objects_and_stream_it_was_given(tmp_path):
+    from contlearn.scenarios import build_stream
+
+    from contlearn import hookimpl
+    from contlearn.loggers import JSONLLogger
+
+    class Damping:
+        @hookimpl
+        def loss_terms(self, out):
+            return {"damping": 1e-3 * out.logits.pow(2).mean()}
+
+    cfg = load_config(None, ["train.epochs=1", "scenario.n_experiences=2", "plugins={}", "plugins.replay={}"])
+    stream = build_stream(load_config(None, ["scenario.n_experiences=2"]).scenario, 3)
+    plugins = {"damping": Damping(), "log": JSONLLogger(tmp_path / "events.jsonl")}
+    results = Experiment(cfg, out_dir=tmp_path / "run", plugins=plugins, stream=stream).run()
+    assert results.given["plugins"] == {"damping": f"{__name__}.test_a_library_run_records_the_plugin_objects_and_stream_it_was_given.<locals>.Damping"}
+    assert [row[0] for row in results.given["stream"]] == [exp.classes for exp in stream]
+    write_report([tmp_path / "run"])
+    text = (tmp_path / "run" / "report.md").read_text()
+    assert "Strategy: replay + damping." in text and "Scenario: a stream given in Python, 2 experiences." in text
 
 
 def test_not_a_finished_run_is_one_clear_error(tmp_path, finished, capsys):

@@ -186,9 +186,9 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path):
 
     out = tmp_path / "run"
     cfg = load_config(None, [*TINY, "checkpoint.every_n_steps=4", "checkpoint.keep_last=50"])
-    # the 11th step of the run, step 0 of experience 1, goes bad; the checkpoint due after
+    # the 11th step of the run, step 1 of experience 1, goes bad; the checkpoint due after
     # 12 steps (before the epoch's end) would hold it: it is refused, the earlier ones stay
-    with pytest.raises(TrainingError, match=r"non-finite loss at step 0 \(epoch 0\) of experience 1: boom went bad"):
+    with pytest.raises(TrainingError, match=r"non-finite loss at step 1 \(epoch 0\) of experience 1: boom went bad"):
         Experiment(cfg, out_dir=out, plugins={"bad": GoesBad()}).run()
     names = [p.name for p in ckpt.list_checkpoints(out / "checkpoints")]
     assert names == ["ckpt-000-000000004.pt", "ckpt-000-000000008.pt", "ckpt-001-000000010.pt"]
@@ -261,3 +261,56 @@ def test_a_finished_run_is_not_resumed_and_its_results_stay(tmp_path, capsys):
     assert (out / "results.json").read_text() == before
     assert main(["resume", str(out), "train.epochs=5"]) == 2
     assert "(a resume may change only device, threads and checkpoint.*)" in capsys.readouterr().err
+
+
+def test_a_run_on_a_given_stream_resumes_on_that_stream_only(tmp_path):
+    from contlearn.scenarios import build_stream
+
+    def given(classes):
+        return build_stream(load_config(None, [*TINY, "scenario.n_experiences=2", f"scenario.classes_per_experience={classes}"]).scenario, 0)
+
+    class StopAfterTheFirstEpoch:  # only observes: `contlearn resume` could run without it
+        def __init__(self, experiment):
+            self.experiment = experiment
+
+        @hookimpl
+        def on_metrics(self, metrics):
+            if metrics["kind"] == "epoch":
+                self.experiment.request_stop()
+
+    cfg = load_config(None, TINY)
+    Experiment(cfg, out_dir=tmp_path / "whole", stream=given("[5,5]")).run()
+    out = tmp_path / "run"
+    experiment = Experiment(cfg, out_dir=out, stream=given("[5,5]"))
+    experiment.extra_plugins["stop"] = StopAfterTheFirstEpoch(experiment)
+    with pytest.raises(Interrupted, match=rf"continue with: Experiment.resume\('{out}', stream=...\) in Python, with the same stream$"):
+        experiment.run()
+
+    with pytest.raises(CheckpointError, match=r"another stream \(2 experiences in the checkpoint, 3 here\).*Experiment.resume\(run_dir, stream=...\)"):
+        Experiment.resume(out).run()
+    with pytest.raises(CheckpointError, match=r"experience 0 has classes \[\d(, \d){4}\], task 0, 100 training and \d+ test samples in the checkpoint, but classes \[\d(, \d){3}\]"):
+        Experiment.resume(out, stream=given("[4,6]")).run()
+    Experiment.resume(out, stream=given("[5,5]")).run()
+    assert comparable(out) == comparable(tmp_path / "whole")
+
+
+def test_a_stopped_run_with_plugin_objects_says_to_resume_from_python(tmp_path):
+    class Counter:
+        def __init__(self):
+            self.steps = 0
+
+        @hookimpl
+        def after_step(self, run):
+            self.steps += 1
+            if self.steps == 3:
+                experiment.request_stop()
+
+        def state_dict(self):
+            return {"steps": self.steps}
+
+        def load_state_dict(self, state):
+            self.steps = state["steps"]
+
+    experiment = Experiment(load_config(None, TINY), out_dir=tmp_path, plugins={"counter": Counter()})
+    with pytest.raises(Interrupted, match=r"continue with: Experiment.resume\('.*', plugins=\{'counter': ...\}\) in Python, with new objects of the same plugins$"):
+        experiment.run()
