@@ -4,6 +4,7 @@ strategies, and metric parity (docs/avalanche.md)."""
 from __future__ import annotations
 
 import copy
+import pickle
 import sys
 import types
 import warnings
@@ -17,7 +18,7 @@ from contlearn import ConfigError, ContlearnError, Experiment, PluginError, hook
 from contlearn import metrics as M
 from contlearn.experiment import seed_everything, stream_of
 from contlearn.interop import avalanche as cav
-from contlearn.models import Output, create_model
+from contlearn.models import MLP, ContinualModel, IncrementalLinear, MultiHead, Output, create_model
 
 
 def test_missing_avalanche_says_how_to_install(monkeypatch):
@@ -26,6 +27,8 @@ def test_missing_avalanche_says_how_to_install(monkeypatch):
         cav.stream_from_avalanche(object())
     with pytest.raises(ContlearnError, match=r"pip install 'contlearn\[avalanche\]'"):
         cav.as_avalanche_plugin(Quiet())
+    with pytest.raises(ContlearnError, match=r"pip install 'contlearn\[avalanche\]'"):
+        cav.as_avalanche_model(torch.nn.Linear(2, 2))
 
 
 # --------------------------------------------------------------------- fixtures
@@ -227,6 +230,8 @@ def test_metric_helpers():
          "Top1_Acc_Exp/eval_phase/train_stream/Task000/Exp000": 1.0, "Loss_Stream/eval_phase/test_stream": 3.0},
     ]
     assert cav.accuracy_matrix_from_avalanche(results) == [[0.5, 0.25]]
+    no_tasks = {"Top1_Acc_Exp/eval_phase/test_stream/Exp000": 0.5, "Top1_Acc_Exp/eval_phase/test_stream/Exp001": 0.0}
+    assert cav.accuracy_matrix_from_avalanche([no_tasks]) == [[0.5, 0.0]]  # the new API's keys have no Task part
     with pytest.raises(ContlearnError, match="Top1_Acc_Exp"):
         cav.accuracy_matrix_from_avalanche([{}])
 
@@ -540,6 +545,121 @@ def test_adapter_stream_with_and_without_a_benchmark(av, raw):
     ]
     assert seen_by_plugin(bench.train_stream) == [(2, both, n_train[0], 0), (2, both, n_train[1], 0)]
     assert seen_by_plugin(loose) == [(1, both[:1], n_train[0], 0), (2, both, n_train[1], 0)]
+
+
+# ------------------------------------------------------ contlearn models in Avalanche
+
+
+def contlearn_model(head):
+    torch.manual_seed(0)
+    return ContinualModel(MLP((64,), (32,)), head(32))
+
+
+def naive(av, model, plugins=()):
+    return av.t.Naive(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), train_mb_size=32, train_epochs=1,
+        eval_mb_size=512, evaluator=silent(av, av.m.accuracy_metrics(experience=True)), plugins=list(plugins),
+    )
+
+
+def test_wrapped_model_grows_its_head_from_each_training_experience(av, raw):
+    """Avalanche's model_adaptation grows the contlearn head before each training
+    experience (Avalanche's class ids, no manual adapt); evaluation experiences,
+    even of classes not trained yet, leave it as it is."""
+    from avalanche.models import DynamicModule, MultiTaskModule
+
+    x_tr, y_tr, x_te, y_te = raw
+    keep, keep_te = y_tr < 6, y_te < 6
+    bench = av.b.class_incremental_benchmark(
+        {"train": dataset(x_tr[keep], y_tr[keep]), "test": dataset(x_te[keep_te], y_te[keep_te])},
+        class_order=[1, 0, 4, 2, 5, 3], num_experiences=3,
+    )
+    seen_by_plugin = []
+
+    class Look(Quiet):
+        @hookimpl
+        def before_experience(self, run, exp):
+            seen_by_plugin.append((run.model is model, run.model.head.out_features))
+
+    model = contlearn_model(IncrementalLinear)
+    wrapped = cav.as_avalanche_model(model)
+    assert isinstance(wrapped, DynamicModule) and not isinstance(wrapped, MultiTaskModule)
+    strategy = naive(av, wrapped, [cav.as_avalanche_plugin(Look())])
+    strategy.eval(bench.test_stream)  # before any training: nothing grows
+    assert model.head.out_features == 0
+    widths, results = [], []
+    for exp in bench.train_stream:
+        strategy.train(exp, eval_streams=[])
+        widths.append(model.head.out_features)
+        assert any(p is model.head.weight for group in strategy.optimizer.param_groups for p in group["params"])
+        results.append(strategy.eval(bench.test_stream))  # includes classes the head does not have yet
+        assert model.head.out_features == widths[-1]
+    assert widths == [2, 5, 6]  # max class id + 1 of the classes seen: {0, 1}, {2, 4}, {3, 5}
+    assert seen_by_plugin == [(True, 2), (True, 5), (True, 6)]  # plugins see the grown head
+    R = cav.accuracy_matrix_from_avalanche(results)
+    assert all(R[i][i] > 0.4 for i in range(3)) and R[1][1] > 0.8  # each new head trained
+    assert R[0][1] == R[0][2] == 0.0  # masked logits: classes the head lacks are never predicted
+    # a model the user already adapted: adapt is idempotent, nothing grows twice
+    model.adapt([0, 1, 2, 3, 4, 5, 6, 7])
+    strategy.train(bench.train_stream[0], eval_streams=[])
+    assert model.head.out_features == 8
+    # the wrapper pickles (Avalanche checkpoints pickle the strategy's model)
+    again = pickle.loads(pickle.dumps(wrapped))
+    assert type(again) is type(wrapped) and again.model.head.out_features == 8
+    with pytest.raises(ContlearnError, match="torch Module"):
+        cav.as_avalanche_model(object())
+
+
+@pytest.mark.parametrize("old_api", [False, True])
+def test_wrapped_multi_head_model_grows_a_head_per_task(av, raw, old_api):
+    """A MultiHead model is a MultiTaskModule: Avalanche passes the task labels and
+    model_adaptation adds the head of each new task (also from the new API's
+    task_incremental_benchmark, whose experiences lack classes_in_this_experience,
+    and from nc_benchmark with class ids from zero in each task)."""
+    from avalanche.models import MultiTaskModule
+
+    x_tr, y_tr, x_te, y_te = raw
+    keep, keep_te = y_tr < 4, y_te < 4
+    train, test = dataset(x_tr[keep], y_tr[keep]), dataset(x_te[keep_te], y_te[keep_te])
+    if old_api:
+        bench = av.b.nc_benchmark(
+            train, test, 2, task_labels=True, fixed_class_order=[0, 1, 2, 3], class_ids_from_zero_in_each_exp=True
+        )
+    else:
+        bench = av.b.task_incremental_benchmark(
+            av.b.class_incremental_benchmark({"train": train, "test": test}, class_order=[0, 1, 2, 3], num_experiences=2)
+        )
+    model = contlearn_model(MultiHead)
+    wrapped = cav.as_avalanche_model(model)
+    assert isinstance(wrapped, MultiTaskModule)
+    strategy = naive(av, wrapped)
+    expected = [{0: [0, 1]}, {0: [0, 1], 1: [0, 1] if old_api else [2, 3]}]
+    results = []
+    for k, exp in enumerate(bench.train_stream):
+        strategy.train(exp, eval_streams=[])
+        assert model.head.task_classes == expected[k]
+        results.append(strategy.eval(bench.test_stream))  # the test stream of task 1 adds no head
+        assert model.head.task_classes == expected[k]
+    R = cav.accuracy_matrix_from_avalanche(results)
+    assert R[0][0] > 0.8 and R[1][1] > 0.8 and R[1][0] > 0.6  # task labels select the head
+    outputs = wrapped(x_te[:3])  # no task labels: every task's logits, as MultiTaskModule returns them
+    assert sorted(outputs) == [0, 1] and all(v.shape == (3, 2 if old_api else 4) for v in outputs.values())
+
+
+def test_experience_with_several_tasks_grows_each_tasks_head(av, raw):
+    x_tr, y_tr, x_te, y_te = raw
+    keep = y_tr < 4
+    bench = av.b.task_incremental_benchmark(
+        av.b.class_incremental_benchmark(
+            {"train": dataset(x_tr[keep], y_tr[keep]), "test": dataset(x_tr[keep], y_tr[keep])},
+            class_order=[0, 1, 2, 3], num_experiences=2,
+        )
+    )
+    both = bench.train_stream[0].dataset.concat(bench.train_stream[1].dataset)
+    mixed = av.b.with_task_labels(av.b.benchmark_from_datasets(train=[both], test=[both]))
+    model = contlearn_model(MultiHead)
+    naive(av, cav.as_avalanche_model(model)).train(mixed.train_stream[0], eval_streams=[])
+    assert model.head.task_classes == {0: [0, 1], 1: [2, 3]}
 
 
 def test_config_names_an_avalanche_benchmark():

@@ -7,7 +7,9 @@ views of the Avalanche strategy: ``run.model`` returns an
 strategy's model, ``run.optimizer`` / ``run.device`` are the strategy's,
 ``run.experience`` is the current Avalanche experience as a contlearn
 :class:`~contlearn.scenarios.Experience` (data read lazily as tensors), and
-``run.stream`` is the benchmark as a contlearn stream. The mapping:
+``run.stream`` is the benchmark as a contlearn stream. A contlearn model given to
+the strategy through ``as_avalanche_model`` is an Avalanche dynamic module that
+grows its head before each training experience (:mod:`contlearn.interop._avalanche_model`). The mapping:
 
 ===================== ============================================ =====================
 contlearn hook        Avalanche callback                           note
@@ -44,6 +46,7 @@ from torch import nn
 
 from contlearn import _manager
 from contlearn.errors import ContlearnError, PluginError, TrainingError
+from contlearn.interop._avalanche_model import LogitsModel
 from contlearn.interop._avalanche_stream import (
     LazyExperience,
     _loader,
@@ -85,18 +88,6 @@ MAPPED = (
     "teardown",
     "unlearn",
 )
-
-
-class LogitsModel(nn.Module):
-    """A contlearn model that returns logits, for an Avalanche strategy to train.
-    The adapter unwraps it, so contlearn plugins see the model itself."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor, task_labels: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model(x, task_labels).logits
 
 
 class AvalancheModelView(nn.Module):

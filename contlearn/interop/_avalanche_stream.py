@@ -180,6 +180,41 @@ def experience_task(exp: Any) -> int:
     return 0
 
 
+def experience_tasks(exp: Any) -> list[int]:
+    """Every task label of an Avalanche experience, sorted (``[0]`` when the
+    benchmark has none)."""
+    with _unmasked(exp):
+        labels = getattr(exp, "task_labels", None)
+        if labels is None:
+            tl = getattr(getattr(exp, "dataset", None), "targets_task_labels", None)
+            labels = list(tl.uniques) if tl is not None and hasattr(tl, "uniques") else None
+    if labels is None or len(labels) == 0:
+        return [experience_task(exp)]
+    if type(labels).__name__ == "ConstantSequence":  # one label repeated per sample: read one
+        return [int(labels[0])]
+    return sorted({int(t) for t in labels})
+
+
+def classes_by_task(exp: Any) -> dict[int, list[int]]:
+    """The classes of each task of an Avalanche experience, sorted. An experience
+    with one task label has all its classes in it; one with several is split by
+    its dataset's per-sample task labels."""
+    tasks = experience_tasks(exp)
+    if len(tasks) == 1:
+        return {tasks[0]: experience_classes(exp)}
+    with _unmasked(exp):
+        targets = getattr(exp.dataset, "targets", None)
+        labels = getattr(exp.dataset, "targets_task_labels", None)
+    if targets is None or labels is None:
+        raise DataError(
+            f"an Avalanche experience has task labels {tasks} but its dataset lacks targets or "
+            f"targets_task_labels, so the classes of each task are unknown"
+        )
+    y = torch.as_tensor(list(targets)).long()
+    t = torch.as_tensor(list(labels)).long()
+    return {task: sorted(int(c) for c in torch.unique(y[t == task])) for task in tasks}
+
+
 def experience_index(exp: Any, default: int) -> int:
     with _unmasked(exp):
         try:

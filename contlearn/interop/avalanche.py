@@ -14,7 +14,8 @@ it (``pip install 'contlearn[avalanche]'``).
   does the same from a config section (``factory`` and ``args``).
 * :func:`as_avalanche_plugin` drives a contlearn plugin's hooks from an Avalanche
   strategy's callbacks (see :mod:`contlearn.interop._avalanche_plugin`);
-  :func:`as_avalanche_model` lets Avalanche train a contlearn model.
+  :func:`as_avalanche_model` lets Avalanche train a contlearn model, growing its
+  head from each training experience as Avalanche's dynamic modules do.
 * :func:`accuracy_matrix_from_avalanche`, :func:`avalanche_forgetting` and
   :func:`avalanche_stream_accuracy` relate contlearn's metrics to Avalanche's.
 
@@ -67,7 +68,8 @@ __all__ = [
 
 # ------------------------------------------------------------------ metrics
 
-_ACC_KEY = re.compile(r"^Top1_Acc_Exp/eval_phase/(?P<stream>[^/]+)_stream/Task(?P<task>\d+)/Exp(?P<exp>\d+)$")
+# Avalanche omits the Task part for experiences without task labels (its current benchmark API)
+_ACC_KEY = re.compile(r"^Top1_Acc_Exp/eval_phase/(?P<stream>[^/]+)_stream/(?:Task(?P<task>\d+)/)?Exp(?P<exp>\d+)$")
 
 
 def accuracy_matrix_from_avalanche(
@@ -138,9 +140,23 @@ def as_avalanche_plugin(plugin: Any, config: Any = None, **kwargs: Any) -> Any:
     return make(plugin, config, **kwargs)
 
 
-def as_avalanche_model(model: torch.nn.Module) -> torch.nn.Module:
-    """A contlearn :class:`~contlearn.models.ContinualModel` as a module that returns
-    logits, as Avalanche strategies expect (the model is shared, not copied)."""
-    from contlearn.interop._avalanche_plugin import LogitsModel
+def as_avalanche_model(model: torch.nn.Module, multi_task: bool | None = None) -> torch.nn.Module:
+    """A contlearn :class:`~contlearn.models.ContinualModel` as an Avalanche
+    dynamic module that returns logits (the model is shared, not copied).
 
-    return LogitsModel(model)
+    Avalanche strategies call its ``adaptation(experience)`` before each
+    experience (``model_adaptation``): before a training experience it grows the
+    head with ``model.adapt(classes, task)`` for the experience's classes and task
+    label(s), so no manual ``adapt`` is needed; an evaluation experience leaves the
+    head as it is (logits of classes it lacks are masked). See
+    :class:`contlearn.interop._avalanche_model.LogitsModel`.
+
+    :param multi_task: make it an Avalanche ``MultiTaskModule``, to which
+        strategies pass the mini-batch's task labels (task-incremental heads);
+        ``None`` (default): when the model's head is a
+        :class:`~contlearn.models.MultiHead`.
+    """
+    require_avalanche()
+    from contlearn.interop._avalanche_model import logits_model
+
+    return logits_model(model, multi_task)
