@@ -366,7 +366,7 @@ def _check_schedule(train: DictConfig) -> None:
 
 
 def load_config(
-    source: str | Path | None = None,
+    source: str | Path | dict[str, Any] | DictConfig | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     *,
     check: bool = True,
@@ -374,27 +374,37 @@ def load_config(
     """Load an experiment config.
 
     :param source: a YAML file, the name of a shipped experiment
-        (see :func:`shipped_configs`), or ``None`` for the default experiment.
+        (see :func:`shipped_configs`), ``None`` for the default experiment, or a
+        config as an object (see :func:`merge_config`).
     :param overrides: ``key=value`` strings, applied last.
     :param check: validate values and plugin sections (needs the plugins).
     :return: the merged config (an OmegaConf ``DictConfig`` over
         :class:`ExperimentConfig`).
     :raises ConfigError: for a missing file, an unknown key or plugin, a wrong type.
     """
+    if isinstance(source, (dict, DictConfig)):
+        return merge_config(source, overrides, check=check)
     if source is None:
         source = DEFAULT_EXPERIMENT
     return _with_overrides(_load_yaml(resolve_config_path(str(source))), overrides, check)
 
 
-def merge_config(config: DictConfig | dict[str, Any], overrides: Any = ()) -> DictConfig:
+def merge_config(config: DictConfig | dict[str, Any], overrides: Any = (), *, check: bool = True) -> DictConfig:
     """A config given as an object (a loaded config, perhaps edited, or a plain
-    mapping of its sections) with ``overrides``, merged over the schema and
+    mapping of its sections, which may name a ``base`` file or shipped
+    experiment as a YAML file can) with ``overrides``, merged over the schema and
     validated as :func:`load_config` validates a file."""
     if not isinstance(config, (DictConfig, dict)):
         raise ConfigError(f"a config must be a mapping of keys to values (or a file or name), got {type(config).__name__}")
     layer = OmegaConf.create(to_container(config) if isinstance(config, DictConfig) else config)
     _check_plugins_section(layer, "the config")
-    return _with_overrides(layer, overrides, True)
+    base = layer.pop("base", None)
+    if base is not None:
+        parent = _load_yaml(resolve_config_path(str(base)))
+        if "plugins" in layer:
+            parent.plugins = {}  # as in a file: the plugin list replaces the base's
+        layer = OmegaConf.merge(parent, layer)  # type: ignore[assignment]
+    return _with_overrides(layer, overrides, check)
 
 
 def _with_overrides(base: DictConfig, overrides: Any, check: bool) -> DictConfig:

@@ -241,10 +241,12 @@ def write_run_report(run: FinishedRun) -> list[Path]:
     return paths
 
 
-def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> list[Path]:
-    """Report every run directory; with several, compare them in ``out_dir``
-    (default: the first run's directory). Every directory is checked before
-    anything is written. Returns the files written."""
+def write_report(run_dirs: str | Path | list[str | Path], out_dir: str | Path | None = None) -> list[Path]:
+    """Report every run directory (one, or a list); with several, compare them in
+    ``out_dir`` (default: the first run's directory). Every directory is checked
+    before anything is written. Returns the files written."""
+    if isinstance(run_dirs, (str, Path)):
+        run_dirs = [run_dirs]
     if not run_dirs:
         raise ConfigError("name at least one run directory to report on")
     runs = [load_run(p) for p in run_dirs]

@@ -9,12 +9,12 @@ import json
 import os
 import platform
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from contlearn.errors import ContlearnError
+from contlearn.errors import ConfigError, ContlearnError
 
 
 @dataclass
@@ -44,6 +44,21 @@ class Results:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> Results:
+        """The results of a finished run directory (its ``results.json``).
+
+        :raises ConfigError: not a finished run (see :func:`contlearn.report.load_run`).
+        """
+        from contlearn.report import load_run
+
+        data = load_run(run_dir).results
+        known = {f.name for f in fields(cls)}
+        missing = sorted(f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING and f.name not in data)
+        if missing:
+            raise ConfigError(f"'{run_dir}' holds results without {missing}: not written by this version of contlearn")
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def versions() -> dict[str, str]:

@@ -108,3 +108,16 @@ def test_a_section_given_a_value_and_a_directory_given_as_config(tmp_path):
         load_config(None, ["train=5"])
     with pytest.raises(ConfigError, match="is a directory, not a YAML file"):
         load_config(tmp_path)
+
+
+def test_a_config_given_as_a_mapping_loads_like_a_file(tmp_path):
+    from_dict = load_config({"base": "split-digits", "train": {"epochs": 2}, "plugins": {"ewc": {"lam": 3}}}, ["seed=4"])
+    (tmp_path / "x.yaml").write_text("base: split-digits\ntrain: {epochs: 2}\nplugins: {ewc: {lam: 3}}\n")
+    from_file = load_config(tmp_path / "x.yaml", ["seed=4"])
+    assert OmegaConf.to_container(from_dict) == OmegaConf.to_container(from_file)
+    assert list(from_dict.plugins) == ["ewc"] and from_dict.scenario.n_experiences == 5  # the base's scenario
+    assert load_config(from_dict, ["seed=5"]).seed == 5
+    with pytest.raises(ConfigError, match="no config file or shipped experiment named 'nowhere'"):
+        load_config({"base": "nowhere"})
+    with pytest.raises(ConfigError, match="unknown config key 'train.epochz'"):
+        load_config({"train": {"epochz": 1}})

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from contlearn import ConfigError, Experiment, load_config
+from contlearn import ConfigError, Experiment, Results, load_config
 from contlearn.cli import main
 from contlearn.report import load_run, write_report
 
@@ -27,6 +27,9 @@ def finished(tmp_path_factory):
 
 
 def test_report_files_of_a_finished_run(finished):
+    assert write_report(str(finished[0])) == write_report([finished[0]])  # one directory, or a list
+    loaded = Results.load(finished[0])
+    assert loaded.to_dict() == json.loads((finished[0] / "results.json").read_text())
     written = write_report([finished[0]])
     names = sorted(p.name for p in written)
     assert names == ["accuracy.png", "accuracy_matrix.png", "report.md"]
