@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
@@ -81,11 +82,15 @@ class PluginRegistry:
         self.broken = broken or {}
 
     @classmethod
-    def load(cls, autoload: bool | None = None) -> PluginRegistry:
+    def load(cls, autoload: bool | None = None, given: Mapping[str, type] | None = None) -> PluginRegistry:
         """Built-ins, plus entry points of the group ``contlearn.plugins`` unless
-        autoload is off. A third-party plugin that fails to import is reported
+        autoload is off, plus the plugin classes ``given`` by name in Python (a
+        script's own). A third-party plugin that fails to import is reported
         with a :class:`PluginLoadWarning` naming it and its distribution, and left
-        out; the others are still available."""
+        out; the others are still available.
+
+        :raises PluginError: a given class under the name of another plugin.
+        """
         entries = {name: PluginEntry(name, target, "builtin") for name, target in BUILTIN_PLUGINS.items()}
         broken: dict[str, str] = {}
         if autoload is None:
@@ -109,6 +114,14 @@ class PluginRegistry:
                     warnings.warn(str(exc), PluginLoadWarning, stacklevel=2)
                     continue
                 entries[ep.name] = entry
+        for name, plugin_class in (given or {}).items():
+            if name in entries:
+                raise PluginError(
+                    f"the plugin class {plugin_class.__name__} is given as '{name}', the name of a plugin from "
+                    f"{entries[name].source}; give it another name"
+                )
+            target = f"{plugin_class.__module__}:{plugin_class.__qualname__}"
+            entries[name] = PluginEntry(name, target, "given in Python", plugin_class)
         return cls(entries, broken)
 
     def get(self, name: str) -> PluginEntry:

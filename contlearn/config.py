@@ -24,6 +24,9 @@ from contlearn.errors import ConfigError, choices
 
 DEFAULT_EXPERIMENT = "split-digits"
 
+#: Plugin classes by name that a config may configure besides the installed ones.
+PluginClasses = Optional[typing.Mapping[str, type]]
+
 
 @dataclass
 class ScenarioConfig:
@@ -290,10 +293,11 @@ def plugin_config(name: str, config_cls: type | None, section: Any) -> Any:
     return OmegaConf.to_object(merged)
 
 
-def validate(cfg: DictConfig) -> DictConfig:
+def validate(cfg: DictConfig, plugins: PluginClasses = None) -> DictConfig:
     """Check what the schema cannot: enumerations, ranges and plugin sections.
 
-    Plugin sections are replaced by their validated values, defaults filled in.
+    Plugin sections are replaced by their validated values, defaults filled in;
+    ``plugins``: plugin classes by name besides the installed ones.
     """
     from contlearn._registry import PluginRegistry  # a plugin may import config
 
@@ -338,7 +342,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     if not 0 < cfg.scenario.test_fraction < 1:
         raise ConfigError(f"'scenario.test_fraction' must be in (0, 1), got {cfg.scenario.test_fraction}")
 
-    registry = PluginRegistry.load()
+    registry = PluginRegistry.load(given=plugins)
     for name in list(cfg.plugins.keys()):
         entry = registry.get(name)
         section = cfg.plugins[name]
@@ -370,6 +374,7 @@ def load_config(
     overrides: list[str] | tuple[str, ...] = (),
     *,
     check: bool = True,
+    plugins: PluginClasses = None,
 ) -> DictConfig:
     """Load an experiment config.
 
@@ -378,18 +383,22 @@ def load_config(
         config as an object (see :func:`merge_config`).
     :param overrides: ``key=value`` strings, applied last.
     :param check: validate values and plugin sections (needs the plugins).
+    :param plugins: plugin classes by name, besides the installed ones (a
+        script's own), so that the config can configure them.
     :return: the merged config (an OmegaConf ``DictConfig`` over
         :class:`ExperimentConfig`).
     :raises ConfigError: for a missing file, an unknown key or plugin, a wrong type.
     """
     if isinstance(source, (dict, DictConfig)):
-        return merge_config(source, overrides, check=check)
+        return merge_config(source, overrides, check=check, plugins=plugins)
     if source is None:
         source = DEFAULT_EXPERIMENT
-    return _with_overrides(_load_yaml(resolve_config_path(str(source))), overrides, check)
+    return _with_overrides(_load_yaml(resolve_config_path(str(source))), overrides, check, plugins)
 
 
-def merge_config(config: DictConfig | dict[str, Any], overrides: Any = (), *, check: bool = True) -> DictConfig:
+def merge_config(
+    config: DictConfig | dict[str, Any], overrides: Any = (), *, check: bool = True, plugins: PluginClasses = None
+) -> DictConfig:
     """A config given as an object (a loaded config, perhaps edited, or a plain
     mapping of its sections, which may name a ``base`` file or shipped
     experiment as a YAML file can) with ``overrides``, merged over the schema and
@@ -404,10 +413,10 @@ def merge_config(config: DictConfig | dict[str, Any], overrides: Any = (), *, ch
         if "plugins" in layer:
             parent.plugins = {}  # as in a file: the plugin list replaces the base's
         layer = OmegaConf.merge(parent, layer)  # type: ignore[assignment]
-    return _with_overrides(layer, overrides, check)
+    return _with_overrides(layer, overrides, check, plugins)
 
 
-def _with_overrides(base: DictConfig, overrides: Any, check: bool) -> DictConfig:
+def _with_overrides(base: DictConfig, overrides: Any, check: bool, plugins: PluginClasses = None) -> DictConfig:
     items = _override_list(overrides)
     layers = [base, parse_overrides(items)]
     if "plugins" in override_keys(items):
@@ -418,7 +427,7 @@ def _with_overrides(base: DictConfig, overrides: Any, check: bool) -> DictConfig
     except OmegaConfBaseException as exc:
         key = f" in '{exc.full_key}'" if getattr(exc, "full_key", None) else ""
         raise ConfigError(f"cannot resolve an interpolation{key}: {_first_line(str(exc))}") from None
-    return validate(cfg) if check else cfg
+    return validate(cfg, plugins) if check else cfg
 
 
 def to_yaml(cfg: DictConfig) -> str:
@@ -426,14 +435,15 @@ def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg)
 
 
-def schema_defaults(plugin_names: list[str]) -> dict[str, Any]:
+def schema_defaults(plugin_names: list[str], plugins: PluginClasses = None) -> dict[str, Any]:
     """What a config holds when nothing sets it: the schema's defaults, and the
     defaults of each named plugin's ``Config`` (plugins the registry does not
-    know, such as objects given to an experiment, get an empty section)."""
+    know, such as objects given to an experiment, get an empty section);
+    ``plugins``: plugin classes by name besides the installed ones."""
     from contlearn._registry import PluginRegistry
     from contlearn.errors import PluginError
 
-    registry = PluginRegistry.load()
+    registry = PluginRegistry.load(given=plugins)
     out = to_container(OmegaConf.structured(ExperimentConfig))
     for name in plugin_names:
         try:

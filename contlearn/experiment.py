@@ -167,8 +167,11 @@ class Experiment:
     :param overrides: ``key=value`` strings applied on top of ``config``.
     :param out_dir: where to write the run directory; default ``config.out``,
         and nothing is written when both are unset.
-    :param plugins: plugin objects to register after the configured ones, by
-        name (for library use and tests: a plugin need not be installed).
+    :param plugins: plugins a script gives by name (they need not be installed):
+        a plugin *class* becomes one of the configured plugins, active and
+        configured by ``plugins.<name>`` in the config or overrides (recorded in
+        ``config.yaml``); a plugin *object* is registered as it is, after the
+        configured ones.
     :param stream: a stream to train on instead of the one ``config.scenario``
         describes (e.g. from :func:`contlearn.interop.avalanche.stream_from_avalanche`).
 
@@ -185,14 +188,19 @@ class Experiment:
         plugins: dict[str, Any] | None = None,
         stream: Stream | None = None,
     ):
+        given = dict(plugins or {})
+        self.plugin_classes = {name: p for name, p in given.items() if isinstance(p, type)}
         if config is None or isinstance(config, (str, Path)):
-            config = load_config(config, overrides)
+            config = load_config(config, overrides, plugins=self.plugin_classes)
         else:  # validated again: the caller may have edited it
-            config = merge_config(config, overrides)
+            config = merge_config(config, overrides, plugins=self.plugin_classes)
+        unset = [name for name in self.plugin_classes if name not in config.plugins]
+        if unset:  # a class given is active, with its defaults when the config does not set it
+            config = merge_config(config, [f"plugins.{name}={{}}" for name in unset], plugins=self.plugin_classes)
         self.config: DictConfig = config
         out = out_dir if out_dir is not None else config.out
         self.out_dir: Path | None = Path(out) if out is not None else None
-        self.extra_plugins = dict(plugins or {})
+        self.extra_plugins = {name: p for name, p in given.items() if name not in self.plugin_classes}
         self.stream = stream
         self.run_state: Run | None = None
         self.results: Results | None = None
@@ -230,10 +238,12 @@ class Experiment:
             raise ConfigError(f"'{run_dir}' is not a run directory: it has no config.yaml")
         if "out" in override_keys(overrides):
             raise ConfigError(f"a run resumes in its own directory '{run_dir}': 'out' cannot be overridden")
-        config = load_config(config_file, overrides)
+        classes = {name: p for name, p in (plugins or {}).items() if isinstance(p, type)}
+        config = load_config(config_file, overrides, plugins=classes)
         path, state = ckpt.latest(run_dir / ckpt.DIRNAME)
         try:
-            ckpt.check_config(state["config"], to_container(config), path.name, schema_defaults(list(config.plugins)))
+            defaults = schema_defaults(list(config.plugins), plugins=classes)
+            ckpt.check_config(state["config"], to_container(config), path.name, defaults)
         except ConfigError as exc:
             raise ConfigError(f"{exc} (a resume may change only device, threads and checkpoint.*)") from None
         _refuse_finished(run_dir, state)
@@ -289,7 +299,7 @@ class Experiment:
             _inputs_channels_last(stream)
 
         _import_what_optimizers_import()
-        registry = PluginRegistry.load()
+        registry = PluginRegistry.load(given=self.plugin_classes)
         plugins: dict[str, Any] = {}
         for name in cfg.plugins:
             section = cfg.plugins[name]
@@ -388,9 +398,7 @@ class Experiment:
             config=to_container(self.config),
             given={
                 "plugins": {
-                    name: f"{type(p).__module__}.{type(p).__qualname__}"
-                    for name, p in self.extra_plugins.items()
-                    if name in _shaping_plugins(self, run)
+                    name: f"{cls.__module__}.{cls.__qualname__}" for name, cls in _given_plugins(self, run).items()
                 },
                 "stream": ckpt.stream_signature(run.stream) if self.stream is not None else None,
             },
@@ -454,28 +462,29 @@ def _default_config(registry: PluginRegistry, name: str) -> Any:
 _OBSERVING_HOOKS = frozenset({"setup", "teardown", "on_metrics"})
 
 
-def _shaping_plugins(experiment: Experiment, run: Run) -> list[str]:
-    """The plugin objects given to ``experiment`` that train or keep state: those
-    that implement a hook other than ``setup``, ``teardown`` and ``on_metrics``, or
-    have a ``state_dict`` (displays and loggers are neither)."""
+def _given_plugins(experiment: Experiment, run: Run) -> dict[str, type]:
+    """The classes of the plugins given to ``experiment`` in Python that take part
+    in training: every class given, and every object that implements a hook
+    other than ``setup``, ``teardown`` and ``on_metrics`` or has a ``state_dict``
+    (displays and loggers are neither)."""
     pm: pluggy.PluginManager = run.pm  # type: ignore[attr-defined]
-    return [
-        name
-        for name, plugin in experiment.extra_plugins.items()
-        if callable(getattr(plugin, "state_dict", None))
-        or {c.name for c in pm.get_hookcallers(plugin) or ()} - _OBSERVING_HOOKS
-    ]
+    given = dict(experiment.plugin_classes)
+    for name, plugin in experiment.extra_plugins.items():
+        hooks = {c.name for c in pm.get_hookcallers(plugin) or ()}
+        if callable(getattr(plugin, "state_dict", None)) or hooks - _OBSERVING_HOOKS:
+            given[name] = type(plugin)
+    return given
 
 
 def _how_to_resume(experiment: Experiment, run: Run) -> str:
     """The command that continues this run. ``contlearn resume`` rebuilds only the
-    configured plugins (and its own displays and logs): a run given a stream, or
-    plugin objects that train or keep state, continues from Python with them."""
-    shaping = _shaping_plugins(experiment, run)
+    installed plugins (and its own displays and logs): a run given a stream, or
+    plugins that take part in training, continues from Python with them."""
+    plugins = _given_plugins(experiment, run)
     given, what = [], []
-    if shaping:
-        given.append(f"plugins={{{', '.join(f'{n!r}: ...' for n in shaping)}}}")
-        what.append("new objects of the same plugins")
+    if plugins:
+        given.append(f"plugins={{{', '.join(f'{n!r}: ...' for n in plugins)}}}")
+        what.append("the same plugin classes (new objects)")
     if experiment.stream is not None:
         given.append("stream=...")
         what.append("the same stream")

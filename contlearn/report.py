@@ -47,7 +47,7 @@ class FinishedRun:
     @property
     def strategy(self) -> str:
         plugins = list((self.results.get("config") or {}).get("plugins") or {})
-        plugins += list((self.results.get("given") or {}).get("plugins") or {})
+        plugins = list(dict.fromkeys([*plugins, *((self.results.get("given") or {}).get("plugins") or {})]))
         if len(plugins) > 1 and "finetune" in plugins:  # finetune adds nothing to others
             plugins.remove("finetune")
         return " + ".join(plugins) or "-"

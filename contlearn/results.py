@@ -36,8 +36,8 @@ class Results:
     versions: dict[str, str]
     config: dict[str, Any]
     extras: dict[str, Any] = field(default_factory=dict)
-    #: what the run was given in Python besides its config: ``plugins`` (name ->
-    #: class of each plugin object that trains or keeps state) and ``stream``
+    #: what the run was given in Python: ``plugins`` (name -> class of each plugin
+    #: class given, and of each plugin object that trains or keeps state) and ``stream``
     #: (each experience's classes, task and sample counts, when a stream
     #: replaced ``config.scenario``; else None)
     given: dict[str, Any] = field(default_factory=dict)

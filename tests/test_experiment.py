@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -199,3 +200,52 @@ def test_an_experiment_runs_once(quick):
     experiment.run()
     with pytest.raises(ContlearnError, match="already run, and its plugin objects keep what they learnt"):
         experiment.run()
+
+
+class Damping:
+    """A script's own plugin, given to Experiment as a class."""
+
+    @dataclass
+    class Config:
+        weight: float = 1e-3
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.steps = 0
+
+    @hookimpl
+    def loss_terms(self, out):
+        self.steps += 1
+        return {"damping": self.config.weight * out.logits.pow(2).mean()}
+
+    def state_dict(self):
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state):
+        self.steps = state["steps"]
+
+
+def test_a_plugin_class_given_in_python_is_configured_by_name(quick, tmp_path):
+    from _crash import SMALL_RUN, CrashAt, SimulatedCrash, comparable
+
+    from contlearn import ConfigError, PluginError
+
+    default = Experiment(load_config(None, quick), plugins={"damping": Damping})
+    assert list(default.config.plugins) == ["finetune", "damping"] and default.config.plugins.damping.weight == 1e-3
+    with pytest.raises(ConfigError, match="wieght"):
+        Experiment(None, [*quick, "plugins.damping.wieght=1"], plugins={"damping": Damping})
+    with pytest.raises(PluginError, match="the plugin class Damping is given as 'ewc', the name of a plugin from builtin"):
+        Experiment(None, quick, plugins={"ewc": Damping})
+
+    overrides = [*SMALL_RUN, "plugins.damping.weight=0.5", "checkpoint.every_n_steps=4"]
+    whole = Experiment(None, overrides, out_dir=tmp_path / "whole", plugins={"damping": Damping})
+    results = whole.run()
+    assert "damping:\n    weight: 0.5" in (tmp_path / "whole" / "config.yaml").read_text()
+    assert results.given["plugins"] == {"damping": f"{__name__}.Damping"}
+    assert whole.run_state.plugins["damping"].steps == 26  # built from the config, one term per step
+
+    out = tmp_path / "run"
+    with pytest.raises(SimulatedCrash):
+        Experiment(None, overrides, out_dir=out, plugins={"damping": Damping, "crash": CrashAt(14)}).run()
+    Experiment.resume(out, plugins={"damping": Damping}).run()
+    assert comparable(out) == comparable(tmp_path / "whole")

@@ -270,14 +270,17 @@ def test_a_method_named_like_a_hook_without_hookimpl_is_refused():
         Experiment(load_config(None, ["train.epochs=1"]), plugins={"forgot": Forgot()}).build()
 
 
-def test_a_plugin_class_instead_of_an_object_is_refused():
+def test_a_plugin_class_where_an_object_is_needed_is_refused():
+    from contlearn import _manager
+    from contlearn.defaults import Defaults
+
     class Counter:
         @hookimpl
         def after_step(self, run):
             pass
 
     with pytest.raises(PluginError, match=r"plugin 'counter' is the class Counter, not a plugin object: pass an instance"):
-        Experiment(load_config(None, ["train.epochs=1"]), plugins={"counter": Counter}).build()
+        _manager.register_plugins(_manager.make_plugin_manager(), {"counter": Counter}, Defaults())
 
 
 def test_unimplemented_step_hooks_are_not_dispatched():

@@ -312,5 +312,5 @@ def test_a_stopped_run_with_plugin_objects_says_to_resume_from_python(tmp_path):
             self.steps = state["steps"]
 
     experiment = Experiment(load_config(None, TINY), out_dir=tmp_path, plugins={"counter": Counter()})
-    with pytest.raises(Interrupted, match=r"continue with: Experiment.resume\('.*', plugins=\{'counter': ...\}\) in Python, with new objects of the same plugins$"):
+    with pytest.raises(Interrupted, match=r"continue with: Experiment.resume\('.*', plugins=\{'counter': ...\}\) in Python, with the same plugin classes \(new objects\)$"):
         experiment.run()
