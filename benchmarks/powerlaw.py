@@ -23,8 +23,9 @@ with every method on the same model, optimizer, epochs and seeds:
 * ``none`` (fine-tuning, the lower bound) and ``all`` (every past sample, the
   upper bound of rehearsal; more data than the others);
 * ``ewc``: ``plugins.ewc`` (separate penalties, batch Fisher), no rehearsal, at
-  penalty weights 1, 10 and 100 (10000 and 1000 diverge at these settings' SGD
-  lr 0.1; a run that diverges is reported as such).
+  penalty weights 1, 10 and 100 (at these settings' SGD lr 0.1, 1000 diverges in
+  some seeds and 10000 in most: docs/plugins/powerlaw.md; a run that diverges is
+  reported as such).
 
 Reported per method, mean and standard deviation over the seeds: final average
 accuracy, forgetting, forward facilitation (accuracy on each new task's test
