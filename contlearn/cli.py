@@ -228,12 +228,19 @@ COMMANDS = {"report": cmd_report, "resume": cmd_resume, "unlearn": cmd_unlearn, 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # type: ignore[no-untyped-def]
     """contlearn's own warnings (a broken plugin, a skipped checkpoint) as one line."""
     if category.__module__.split(".")[0] == "contlearn":
-        print(f"warning: {message}", file=sys.stderr)
+        print(f"{_process()}warning: {message}", file=sys.stderr)
     else:
         _python_showwarning(message, category, filename, lineno, file, line)
 
 
 _python_showwarning = warnings.showwarning
+
+
+def _process() -> str:
+    """Under ``torchrun``, which process a line comes from (every one reports its errors)."""
+    from contlearn.distributed import environment_rank, environment_world_size
+
+    return f"[rank {environment_rank()}] " if environment_world_size() > 1 else ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -246,13 +253,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parse(argv)
         return COMMANDS[args.command](args)
     except Interrupted as exc:
-        print(exc, file=sys.stderr)
+        print(f"{_process()}{exc}", file=sys.stderr)
         return exc.exit_code
     except ContlearnError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{_process()}error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"{_process()}interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
         warnings.showwarning = previous
