@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import pluggy
+import torch
 
 from contlearn import hookspecs
 from contlearn.errors import PluginError
@@ -53,11 +54,14 @@ def register_plugins(pm: pluggy.PluginManager, plugins: dict[str, Any], defaults
 
 def check_unmarked_hooks(pm: pluggy.PluginManager, name: str, plugin: Any) -> None:
     """A method named like a hook but not marked ``@hookimpl`` would never be
-    called; that is a forgotten decorator, not an intent.
+    called; that is a forgotten decorator, not an intent. (A plugin that is a
+    torch module keeps its own ``forward``.)
 
     :raises PluginError: naming the plugin and the methods.
     """
     marked = {caller.name for caller in pm.get_hookcallers(plugin) or ()}
+    if isinstance(plugin, torch.nn.Module):
+        marked.add("forward")
     unmarked = sorted(n for n in hook_names(pm) - marked if callable(getattr(plugin, n, None)))
     if unmarked:
         raise PluginError(

@@ -269,6 +269,16 @@ def test_a_method_named_like_a_hook_without_hookimpl_is_refused():
     with pytest.raises(PluginError, match=r"plugin 'forgot' has methods named like hooks but not marked @hookimpl: \['after_step'\]"):
         Experiment(load_config(None, ["train.epochs=1"]), plugins={"forgot": Forgot()}).build()
 
+    class Prompt(torch.nn.Module):  # a module's own forward is not a forgotten hook
+        def forward(self, x):
+            return x
+
+        @hookimpl
+        def setup(self, run):
+            pass
+
+    Experiment(load_config(None, ["train.epochs=1"]), plugins={"prompt": Prompt()}).build()
+
 
 def test_a_plugin_class_where_an_object_is_needed_is_refused():
     from contlearn import _manager
