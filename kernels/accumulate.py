@@ -7,7 +7,9 @@ handles the whole list of tensors in one launch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import operator
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -19,28 +21,115 @@ __all__ = ["accumulate_", "accumulate_reference_"]
 
 tl: Any = None  # triton.language once a kernel is built (see _dispatch.TritonKernel)
 
+Tensors = Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
 
-def _check_lists(importances: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
+
+def _as_lists(
+    importances: Tensors, grads: Tensors
+) -> tuple[list[Any] | None, list[torch.Tensor], list[torch.Tensor]]:
+    """``importances`` and ``grads`` as parallel lists, with ``importances``'s keys
+    (None for sequences). Checks the containers only, not the tensors in them."""
+    for label, arg in (("importances", importances), ("grads", grads)):
+        if isinstance(arg, torch.Tensor):
+            raise TypeError(
+                f"accumulate_: {label} is a single tensor; pass lists of tensors or mappings of names to tensors"
+            )
+    if isinstance(importances, Mapping):
+        if not isinstance(grads, Mapping):
+            raise TypeError("accumulate_: importances is a mapping, so grads must be a mapping too")
+        if not importances.keys() <= grads.keys():
+            missing = [n for n in importances if n not in grads]
+            raise ValueError(f"accumulate_: no gradient for {missing[:5]}")
+        keys = list(importances)
+        return keys, list(importances.values()), list(map(grads.__getitem__, keys))
+    if isinstance(grads, Mapping):
+        raise TypeError("accumulate_: grads is a mapping, so importances must be a mapping too")
+    return None, _as_list(importances), _as_list(grads)
+
+
+def _as_list(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return tensors if type(tensors) is list else list(tensors)
+
+
+def _check_scale(scale: float) -> None:
+    try:
+        finite = math.isfinite(scale)
+    except TypeError:
+        raise TypeError(f"accumulate_: scale must be a real number, got {scale!r}") from None
+    if not finite:
+        raise ValueError(f"accumulate_: scale must be finite, got {scale}")
+
+
+_SHAPE = operator.attrgetter("shape")
+_DEVICE = operator.attrgetter("device")
+_DTYPE = operator.attrgetter("dtype")
+_FLOATING = torch.Tensor.is_floating_point
+
+
+def _check_lists(keys: list[Any] | None, importances: list[Any], grads: list[Any]) -> None:
+    """Raise, naming the first bad pair, unless every pair is two same-shaped
+    floating-point tensors on one device and no importance is passed twice."""
+    try:  # C-level maps over the lists: a few microseconds for hundreds of tensors
+        ptrs = list(map(torch.Tensor.data_ptr, importances))
+        if (
+            len(importances) == len(grads)
+            and all(map(_FLOATING, importances))
+            and all(map(_FLOATING, grads))
+            and list(map(_SHAPE, importances)) == list(map(_SHAPE, grads))
+            and list(map(_DEVICE, importances)) == list(map(_DEVICE, grads))
+            and len(set(ptrs)) == len(ptrs)
+        ):
+            return
+    except TypeError:  # something other than a tensor
+        pass
+    _explain(keys, importances, grads)
+
+
+def _explain(keys: list[Any] | None, importances: list[Any], grads: list[Any]) -> None:
+    def at(k: int) -> str:
+        return f"[{k}]" if keys is None else f"[{keys[k]!r}]"
+
     if len(importances) != len(grads):
         raise ValueError(f"accumulate_: {len(importances)} importances but {len(grads)} grads")
+    seen: dict[int, int] = {}
     for k, (imp, g) in enumerate(zip(importances, grads, strict=True)):
+        for label, t in (("importances", imp), ("grads", g)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"accumulate_: {label}{at(k)} is a {type(t).__name__}, not a torch.Tensor")
+            if not t.is_floating_point():
+                raise TypeError(
+                    f"accumulate_: {label}{at(k)} must be floating point, got {t.dtype}; "
+                    "no importance was changed"
+                )
         if imp.shape != g.shape or imp.device != g.device:
             raise ValueError(
-                f"accumulate_: importances[{k}] is {tuple(imp.shape)} on {imp.device} "
-                f"but grads[{k}] is {tuple(g.shape)} on {g.device}"
+                f"accumulate_: importances{at(k)} is {tuple(imp.shape)} on {imp.device} "
+                f"but grads{at(k)} is {tuple(g.shape)} on {g.device}"
             )
-        if not imp.is_floating_point():
-            raise TypeError(
-                f"accumulate_: importances[{k}] must be floating point, got {imp.dtype}"
+        if imp.numel() and imp.data_ptr() in seen:  # one launch would race on it
+            raise ValueError(
+                f"accumulate_: importances{at(seen[imp.data_ptr()])} and importances{at(k)} "
+                "are the same tensor; pass it once"
             )
+        seen[imp.data_ptr()] = k
 
 
 @torch.no_grad()
-def accumulate_reference_(
-    importances: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], scale: float = 1.0
-) -> None:
-    """``importances[k] += scale * grads[k]**2`` tensor by tensor, computed in fp32."""
-    _check_lists(importances, grads)
+def accumulate_reference_(importances: Tensors, grads: Tensors, scale: float = 1.0) -> None:
+    """``importances[k] += scale * grads[k]**2`` tensor by tensor, computed in fp32.
+
+    Takes parallel lists or mappings, like :func:`accumulate_`, and checks them all
+    before changing any importance."""
+    _check_scale(scale)
+    keys, imps, gs = _as_lists(importances, grads)
+    _check_lists(keys, imps, gs)
+    _accumulate_lists(imps, gs, scale)
+
+
+def _accumulate_lists(importances: list[torch.Tensor], grads: list[torch.Tensor], scale: float) -> None:
+    if set(map(_DTYPE, importances)) == {torch.float32}:  # one call: a third of a loop's time on the CPU
+        torch._foreach_addcmul_(importances, grads, grads, value=scale)
+        return
     for imp, g in zip(importances, grads, strict=True):
         if imp.dtype == torch.float32:
             imp.addcmul_(g, g, value=scale)
@@ -87,13 +176,18 @@ def _accumulate_kernel(
 
 @torch.no_grad()
 def accumulate_(
-    importances: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
+    importances: Tensors,
+    grads: Tensors,
     scale: float = 1.0,
     *,
     backend: Backend = "auto",
 ) -> None:
     """``importances[k] += scale * grads[k]**2`` for every k, in place, fp32 arithmetic.
+
+    ``importances`` and ``grads`` are parallel sequences of same-shaped floating-point
+    tensors, or mappings keyed by name (``importances``'s keys; ``grads`` must hold
+    each of them, and may hold more). ``scale`` must be finite. Bad arguments raise
+    before any importance changes.
 
     The Triton path is one launch per (importance dtype, grad dtype) pair, normally
     one: a table of tensor addresses and a block->tensor map let every program find
@@ -101,50 +195,72 @@ def accumulate_(
     table are kept (without the tensors) for the next call on tensors of the same
     addresses, shapes, strides and dtypes: an accumulation per batch pays them once.
     """
-    if _dispatch.surely_reference(backend, importances[0] if importances else None):
-        accumulate_reference_(importances, grads, scale)
+    _check_scale(scale)
+    keys, imps, gs = _as_lists(importances, grads)
+    first = imps[0] if imps else None
+    if first is not None and not isinstance(first, torch.Tensor):
+        _check_lists(keys, imps, gs)  # raises, naming it
+    if _dispatch.surely_reference(backend, first):
+        _check_lists(keys, imps, gs)
+        _accumulate_lists(imps, gs, scale)
         return
-    tensors = [*importances, *grads]
-    key = (backend, _dispatch.interpreter_enabled(), len(importances), _dispatch.signature(tensors))
+    tensors = [*imps, *gs]
+    try:
+        key = (backend, _dispatch.interpreter_enabled(), len(imps), _dispatch.signature(tensors))
+    except TypeError:  # something other than a tensor among them
+        _check_lists(keys, imps, gs)
+        raise
     plan = _PLANS.get(key)
     if plan is None:
-        _check_lists(importances, grads)
+        _check_lists(keys, imps, gs)
         if _dispatch.resolve_backend("accumulate_", backend, tensors) == "torch":
-            accumulate_reference_(importances, grads, scale)
+            _accumulate_lists(imps, gs, scale)
             return
         config = _dispatch.elementwise_config()
-        plan = config, _dispatch.group_tensors([importances, grads], config.block)
-        reusable = [g.without_tensors() for g in plan[1]]
+        groups = _dispatch.group_tensors([imps, gs], config.block)
+        metas = _metas(groups, config)  # before any launch: an unsupported dtype then changes nothing
+        plan = groups, metas
+        reusable = [g.without_tensors() for g in groups]
         if all(g is not None for g in reusable):
-            _PLANS.put(key, (config, reusable))
-    config, groups = plan
+            _PLANS.put(key, (reusable, metas))
+    groups, metas = plan
     if groups:
-        with _dispatch.device_guard(importances[0].device):
-            _launch(groups, importances, float(scale), config)
+        with _dispatch.device_guard(imps[0].device):
+            _launch(groups, imps, float(scale), metas=metas)
 
 
 _PLANS = _dispatch.PlanCache()
+
+
+def _metas(groups: list[_dispatch.TensorGroup], config: _dispatch.LaunchConfig) -> list[dict[str, Any]]:
+    """Each group's compile-time launch arguments (TypeError for a dtype Triton is not given)."""
+    return [
+        dict(
+            IMP=_dispatch.triton_dtype(g.dtypes[0]),
+            GRAD=_dispatch.triton_dtype(g.dtypes[1]),
+            BLOCK=config.block,
+            ALIGNED=g.table.aligned,
+            num_warps=config.num_warps,
+        )
+        for g in groups
+    ]
 
 
 def _launch(
     groups: list[_dispatch.TensorGroup],
     importances: Sequence[torch.Tensor],
     scale: float,
-    config: _dispatch.LaunchConfig,
+    config: _dispatch.LaunchConfig | None = None,
+    *,
+    metas: list[dict[str, Any]] | None = None,
 ) -> None:
-    for group in groups:
-        imp_dtype, grad_dtype = group.dtypes
+    """Launch every group: with ``metas`` from :func:`_metas`, or built from ``config``."""
+    if metas is None:
+        metas = _metas(groups, config or _dispatch.elementwise_config())
+    for group, meta in zip(groups, metas, strict=True):
         table = group.table
         _accumulate_kernel[(table.n_blocks,)](
-            *table.addrs,
-            table.numels,
-            table.block_first,
-            table.block_tensor,
-            scale,
-            IMP=_dispatch.triton_dtype(imp_dtype),
-            GRAD=_dispatch.triton_dtype(grad_dtype),
-            BLOCK=config.block,
-            ALIGNED=table.aligned,
-            num_warps=config.num_warps,
+            *table.addrs, table.numels, table.block_first, table.block_tensor, scale, **meta
         )
+    for group in groups:
         group.write_back(importances)

@@ -12,6 +12,11 @@ Edge cases: ``F_f = 0`` is never selected (no division by zero); ``F_D = 0`` wit
 ``F_f > 0`` is selected with factor 0, so theta becomes 0, as in the reference code.
 A NaN or infinity in any theta, F_D or F_f raises ValueError naming the tensor and
 leaves every parameter as it was. Arithmetic is fp32 whatever the storage dtype.
+
+Bad arguments are refused before any parameter changes: ``alpha`` and ``lam`` must
+be finite and >= 0 (ValueError; the paper's are positive, 0 is their limit), and
+every tensor must be floating point (TypeError naming it; the Triton path takes
+fp32, bf16 and fp16, the reference any floating dtype).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ Tensors = Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
 def _as_lists(
     params: Tensors, fisher_d: Tensors, fisher_f: Tensors
 ) -> tuple[list[str], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    _refuse_single_tensors(params, fisher_d, fisher_f)
     if isinstance(params, Mapping):
         names = list(params)
         if not isinstance(fisher_d, Mapping) or not isinstance(fisher_f, Mapping):
@@ -55,6 +61,15 @@ def _as_lists(
             raise ValueError(
                 f"dampen_: got {len(thetas)} params, {len(fds)} fisher_d, {len(ffs)} fisher_f"
             )
+    for name, theta, fd, ff in zip(names, thetas, fds, ffs, strict=True):
+        for label, t in (("", theta), ("F_D of ", fd), ("F_f of ", ff)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"dampen_: {label}{name} is a {type(t).__name__}, not a torch.Tensor")
+            if not t.is_floating_point():
+                raise TypeError(
+                    f"dampen_: {label}{name} has dtype {t.dtype}; parameters and Fisher tensors must be "
+                    "floating point; no parameter was changed"
+                )
     seen: dict[int, str] = {}
     for name, theta in zip(names, thetas, strict=True):
         if theta.numel() and theta.data_ptr() in seen:  # tied weights: dampened twice, undone once
@@ -69,6 +84,14 @@ def _as_lists(
         if fd.device != theta.device or ff.device != theta.device:
             raise ValueError(f"dampen_: {name} and its Fisher tensors are on different devices")
     return names, thetas, fds, ffs
+
+
+def _refuse_single_tensors(params: Any, fisher_d: Any, fisher_f: Any) -> None:
+    for label, arg in (("params", params), ("fisher_d", fisher_d), ("fisher_f", fisher_f)):
+        if isinstance(arg, torch.Tensor):
+            raise TypeError(
+                f"dampen_: {label} is a single tensor; pass lists of tensors or mappings of names to tensors"
+            )
 
 
 def _nonfinite_error(
@@ -100,8 +123,16 @@ def _first_nonfinite(tensors: list[torch.Tensor]) -> int | None:
 
 
 def _check_scalars(alpha: float, lam: float) -> None:
-    if not (math.isfinite(alpha) and math.isfinite(lam)):
-        raise ValueError(f"dampen_: alpha and lam must be finite, got alpha={alpha}, lam={lam}")
+    """SSD's selection threshold ``alpha`` and dampening constant ``lam`` are positive
+    (Foster et al., 2024); 0 is allowed as a limit: ``alpha = 0`` selects every element
+    with ``F_f > 0`` and ``lam = 0`` zeroes the selected ones."""
+    for name, value in (("alpha", alpha), ("lam", lam)):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"dampen_: {name} must be a real number, got {value!r}") from None
+        if not (math.isfinite(number) and number >= 0):
+            raise ValueError(f"dampen_: {name} must be finite and >= 0, got {name}={value}")
 
 
 @torch.no_grad()
@@ -229,7 +260,10 @@ def dampen_(
     ``DampenPlan(p, fd, ff)(alpha, lam)``.
     """
     _check_scalars(alpha, lam)
+    _refuse_single_tensors(params, fisher_d, fisher_f)
     first = next(iter(params.values() if isinstance(params, Mapping) else params), None)
+    if first is not None and not isinstance(first, torch.Tensor):
+        _as_lists(params, fisher_d, fisher_f)  # raises, naming it
     if _dispatch.surely_reference(backend, first):
         return dampen_reference_(params, fisher_d, fisher_f, alpha, lam)
     mappings = [isinstance(x, Mapping) for x in (params, fisher_d, fisher_f)]
@@ -241,7 +275,10 @@ def dampen_(
     lengths = (len(params), len(fisher_d), len(fisher_f))
     if any(mappings) and not all(mappings) or len(set(lengths)) > 1 or any(t is None for t in tensors):
         return DampenPlan(params, fisher_d, fisher_f, backend=backend)(alpha, lam)  # raises, saying why
-    key = (backend, _dispatch.interpreter_enabled(), names, lengths, _dispatch.signature(tensors))
+    try:
+        key = (backend, _dispatch.interpreter_enabled(), names, lengths, _dispatch.signature(tensors))
+    except TypeError:  # something other than a tensor among them
+        return DampenPlan(params, fisher_d, fisher_f, backend=backend)(alpha, lam)  # raises, saying why
     cached = _PLANS.get(key)
     if cached is None:
         plan = DampenPlan(params, fisher_d, fisher_f, backend=backend)

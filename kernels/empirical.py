@@ -144,14 +144,17 @@ def empirical_fisher(
     leading dimension of every Linear input.
 
     Returns fp32 tensors keyed by ``model.named_parameters()`` names (only those with
-    ``requires_grad``). The model's mode is left as the caller set it and no ``.grad``
+    ``requires_grad``; a model with none raises ValueError). The model's mode is left as the caller set it and no ``.grad``
     is written (gradients come from ``torch.autograd.grad``).
     """
     if mode not in ("batch", "per_sample"):
         raise ValueError(f"empirical_fisher: mode must be 'batch' or 'per_sample', got {mode!r}")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
-        return {}
+        raise ValueError(
+            f"empirical_fisher: the model ({type(model).__name__}) has no trainable parameters "
+            "(none with requires_grad=True), so there is no Fisher information to estimate"
+        )
     device = named[0][1].device
     fisher = {n: torch.zeros(p.shape, dtype=torch.float32, device=device) for n, p in named}
     taps = _LinearTaps(model, {id(p) for _, p in named}) if mode == "per_sample" else None

@@ -6,7 +6,9 @@ sample ``b``'s weight gradient is ``G_b = d_b^T a_b`` and its bias gradient is
 EWC) needs ``sum_b G_b**2``. For T = 1 that is one GEMM on squared operands,
 ``(d*d)^T (a*a)``; for T > 1 the Triton kernel forms each ``G_b`` tile by tile in
 registers and accumulates its square over ``b``, so the B gradients never exist in
-memory. Accumulation is in fp32 whatever the input dtype.
+memory. Accumulation is in fp32 whatever the input dtype: fp32, bf16 and fp16 inputs
+are read as they are, float64 inputs are rounded to fp32 first, and the result is
+fp32. Inputs must be floating-point tensors (TypeError otherwise).
 """
 
 from __future__ import annotations
@@ -31,20 +33,26 @@ tl: Any = None  # triton.language once a kernel is built (see _dispatch.TritonKe
 _REFERENCE_CHUNK = 1 << 24  # elements of per-sample gradients the reference holds at once
 
 
-def _as_btx(x: torch.Tensor, name: str) -> torch.Tensor:
+def _as_btx(x: torch.Tensor, name: str, op: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{op}: {name} must be floating point, got {x.dtype}")
     if x.dim() == 2:
         return x.unsqueeze(1)
     if x.dim() != 3:
-        raise ValueError(f"{name} must be [B, I] or [B, T, I]-shaped, got shape {tuple(x.shape)}")
+        raise ValueError(f"{op}: {name} must be [B, I] or [B, T, I]-shaped, got shape {tuple(x.shape)}")
     return x
 
 
-def _check_pair(a: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    a3, d3 = _as_btx(a, "a"), _as_btx(d, "d")
+def _check_pair(
+    a: torch.Tensor, d: torch.Tensor, op: str = "per_sample_linear"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    a3, d3 = _as_btx(a, "a", op), _as_btx(d, "d", op)
     if a3.shape[:2] != d3.shape[:2]:
-        raise ValueError(f"a {tuple(a.shape)} and d {tuple(d.shape)} disagree on [B, T]")
+        raise ValueError(f"{op}: a {tuple(a.shape)} and d {tuple(d.shape)} disagree on [B, T]")
     if a.device != d.device:
-        raise ValueError(f"a is on {a.device} but d is on {d.device}")
+        raise ValueError(f"{op}: a is on {a.device} but d is on {d.device}")
     return a3, d3
 
 
@@ -77,7 +85,7 @@ def _reference_chunk(device: torch.device, grad_numel: int) -> int:
 
 def per_sample_linear_bias_reference(d: torch.Tensor) -> torch.Tensor:
     """``F[o] = sum_b (sum_t d[b,t,o])**2`` in plain torch (fp32), [O]."""
-    d3 = _as_btx(d, "d")
+    d3 = _as_btx(d, "d", "per_sample_linear_bias")
     return torch.sum(d3, dim=1, dtype=torch.float32).square().sum(0)
 
 
@@ -262,7 +270,7 @@ def per_sample_linear_bmm(
     the extra memory traffic is one write and one read of each gradient. This is what
     ``per_sample_linear`` runs for T > 1 on a GPU.
     """
-    a3, d3 = _check_pair(a, d)
+    a3, d3 = _check_pair(a, d, "per_sample_linear_bmm")
     _dispatch.resolve_backend("per_sample_linear_bmm", "triton", [a3, d3])
     a3, d3 = a3.float(), d3.float()  # the gradients are formed and squared in fp32
     n_batch, _, n_in = a3.shape
@@ -299,7 +307,7 @@ def _cdiv(a: int, b: int) -> int:
 def _per_sample_triton(a3: torch.Tensor, d3: torch.Tensor) -> torch.Tensor:
     n_batch, n_t, n_in = a3.shape
     n_out = d3.shape[2]
-    if a3.dtype != d3.dtype:
+    if a3.dtype != d3.dtype or a3.dtype == torch.float64:  # float64 is rounded to fp32, as in the reference
         a3, d3 = a3.float(), d3.float()
     out = torch.empty(n_out, n_in, dtype=torch.float32, device=a3.device)
     if n_out == 0 or n_in == 0:
@@ -351,8 +359,10 @@ def per_sample_linear(
     ``a`` is the layer input [B, T, I] (or [B, I] for T = 1) and ``d`` the gradient of
     the loss with respect to its output [B, T, O] (or [B, O]). Returns fp32
     ``F[o, i] = sum_b (sum_t d[b,t,o] a[b,t,i])**2`` [O, I], the exact sum of the squared
-    per-sample gradients, whatever the input dtype (fp32 accumulation; fp32 products
-    follow ``torch.backends.cuda.matmul.allow_tf32``).
+    per-sample gradients, whatever the input dtype (fp32 accumulation; float64 inputs
+    are rounded to fp32 first; fp32 products follow
+    ``torch.backends.cuda.matmul.allow_tf32``). ``a`` and ``d`` must be floating-point
+    tensors (TypeError otherwise).
 
     On CUDA with ``backend="auto"``, T = 1 is one cuBLAS GEMM on squared operands and
     fp32 T > 1 is :func:`per_sample_linear_bmm` (cuBLAS batched GEMMs and a Triton
@@ -374,10 +384,10 @@ def per_sample_linear(
 def per_sample_linear_bias(d: torch.Tensor, *, backend: Backend = "auto") -> torch.Tensor:
     """Sum over samples of squared per-sample bias gradients of a Linear layer.
 
-    ``d`` is the output gradient [B, T, O] (or [B, O]); returns fp32
-    ``F[o] = sum_b (sum_t d[b,t,o])**2`` [O].
+    ``d`` is the output gradient [B, T, O] (or [B, O]), a floating-point tensor
+    (TypeError otherwise); returns fp32 ``F[o] = sum_b (sum_t d[b,t,o])**2`` [O].
     """
-    d3 = _as_btx(d, "d")
+    d3 = _as_btx(d, "d", "per_sample_linear_bias")
     if _dispatch.resolve_backend("per_sample_linear_bias", backend, [d3]) == "torch":
         return per_sample_linear_bias_reference(d3)
     with _dispatch.device_guard(d3.device):

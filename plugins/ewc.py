@@ -35,7 +35,7 @@ from contlearn.kernels.fisher import empirical_fisher
 from contlearn.plugins._common import plugin_generator
 from torch.nn import functional as F
 
-from contlearn.errors import ConfigError, choices
+from contlearn.errors import ConfigError, PluginError, choices
 from contlearn.hookspecs import hookimpl
 from contlearn.snapshots import overlap, snapshot
 
@@ -49,7 +49,12 @@ def fisher_information(
     """Diagonal empirical Fisher of ``model``'s cross-entropy on ``data`` (a
     :class:`~contlearn.scenarios.TensorData` or ``LoaderData``), with the true
     labels, without augmentation, in eval mode (BatchNorm statistics as at test
-    time, no dropout)."""
+    time, no dropout).
+
+    :raises PluginError: the model has no trainable parameter to weigh.
+    """
+    if not any(p.requires_grad for p in model.parameters()):
+        raise PluginError("the model has no trainable parameters (requires_grad=True): no Fisher information to compute")
     was_training = model.training
     model.eval()
     try:

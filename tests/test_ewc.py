@@ -223,3 +223,11 @@ def test_shipped_configs_run_by_name(name, quick):
     assert list(cfg.plugins) == ["ewc"] and cfg.plugins.ewc.lam == EWC.Config().lam
     results = Experiment(cfg).run()
     assert results.accuracy_matrix[0][0] > 0.5
+
+
+def test_fisher_of_a_frozen_model_is_a_clear_error():
+    from contlearn import PluginError
+
+    model = torch.nn.Linear(3, 2).requires_grad_(False)
+    with pytest.raises(PluginError, match="the model has no trainable parameters"):
+        fisher_information(model, None, 8)

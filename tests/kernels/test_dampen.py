@@ -262,3 +262,89 @@ def test_argument_shape_errors_are_not_hidden_by_the_plan_cache(device: torch.de
         dampen.dampen_([a, b], [c], [d, e, g], 1.0, 1.0, backend="triton")
     with pytest.raises(TypeError, match="must be mappings too"):
         dampen.dampen_({"a": a}, [c], [e], 1.0, 1.0, backend="triton")
+
+
+# --------------------------------------------------------------------------- bad arguments
+
+
+def _int_problem(device: torch.device, where: str, dtype: torch.dtype):
+    """Two parameters; tensor 1 of ``where`` has the non-floating ``dtype``. Parameter 0 would be dampened."""
+    thetas = [torch.ones(3, device=device), torch.ones(3, device=device)]
+    fds = [torch.ones(3, device=device), torch.ones(3, device=device)]
+    ffs = [torch.full((3,), 5.0, device=device), torch.full((3,), 5.0, device=device)]
+    lists = {"theta": thetas, "fd": fds, "ff": ffs}[where]
+    lists[1] = lists[1].to(dtype)
+    return thetas, fds, ffs
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool], ids=["int64", "bool"])
+@pytest.mark.parametrize("where", ["theta", "fd", "ff"])
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_a_non_floating_tensor_fails_before_any_parameter_changes(
+    backend: str, where: str, dtype: torch.dtype
+) -> None:
+    thetas, fds, ffs = _int_problem(torch.device("cpu"), where, dtype)
+    label = {"theta": "", "fd": "F_D of ", "ff": "F_f of "}[where]
+    with pytest.raises(TypeError, match=rf"{label}params\[1\] has dtype {dtype}"):
+        dampen.dampen_(thetas, fds, ffs, 1.0, 0.5, backend=backend)
+    assert torch.equal(thetas[0], torch.ones(3))
+
+
+def test_a_non_floating_tensor_is_named_on_the_triton_path_and_by_key(device: torch.device) -> None:
+    thetas, fds, ffs = _int_problem(device, "theta", torch.int32)
+    with pytest.raises(TypeError, match=r"params\[1\] has dtype torch.int32"):
+        dampen.dampen_(thetas, fds, ffs, 1.0, 0.5, backend="triton")
+    params = {"a": thetas[0], "b": thetas[0].clone()}
+    fd = {"a": fds[0], "b": fds[1].to(torch.int64)}
+    with pytest.raises(TypeError, match="F_D of b has dtype torch.int64"):
+        dampen.dampen_(params, fd, {"a": ffs[0], "b": ffs[1]}, 1.0, 0.5, backend="triton")
+    assert torch.equal(thetas[0], torch.ones(3, device=device))
+
+
+def test_the_reference_takes_float64() -> None:
+    thetas, fds, ffs = _problem(torch.device("cpu"))
+    want = [t.clone() for t in thetas]
+    count = dampen.dampen_reference_(want, fds, ffs, ALPHA, LAM)
+    wide = [t.double() for t in thetas]
+    assert dampen.dampen_(wide, [f.double() for f in fds], [f.double() for f in ffs], ALPHA, LAM) == count
+    for got, ref in zip(wide, want, strict=True):
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got.float(), ref, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("alpha", "lam", "message"),
+    [
+        (-1.0, 1.0, "alpha must be finite and >= 0, got alpha=-1.0"),
+        (1.0, -0.5, "lam must be finite and >= 0, got lam=-0.5"),
+        (1.0, float("inf"), "lam must be finite and >= 0, got lam=inf"),
+        (float("-inf"), 1.0, "alpha must be finite"),
+    ],
+)
+def test_negative_or_infinite_alpha_and_lam_are_refused(alpha: float, lam: float, message: str) -> None:
+    theta = torch.ones(3)
+    with pytest.raises(ValueError, match=message):
+        dampen.dampen_([theta], [torch.zeros(3)], [torch.ones(3)], alpha, lam)
+    plan = dampen.DampenPlan([theta], [torch.zeros(3)], [torch.ones(3)], backend="torch")
+    with pytest.raises(ValueError, match=message):
+        plan(alpha, lam)
+    assert torch.equal(theta, torch.ones(3))
+
+
+def test_zero_alpha_and_zero_lam_are_the_limits() -> None:
+    theta = torch.tensor([1.0, 2.0, 3.0])
+    fd, ff = torch.tensor([5.0, 1.0, 1.0]), torch.tensor([1.0, 0.0, 2.0])
+    # alpha = 0 selects every element with F_f > 0; lam = 0 zeroes what is selected.
+    assert dampen.dampen_([theta], [fd], [ff], alpha=0.0, lam=0.0) == 2
+    assert theta.tolist() == [0.0, 2.0, 0.0]
+
+
+def test_single_tensors_and_non_tensors_are_refused() -> None:
+    w = torch.ones(2, 3)
+    with pytest.raises(TypeError, match="params is a single tensor; pass lists of tensors or mappings"):
+        dampen.dampen_(w, [torch.ones(2, 3)], [torch.ones(2, 3)], 1.0, 1.0)
+    with pytest.raises(TypeError, match="fisher_f is a single tensor"):
+        dampen.dampen_([w], [torch.ones(2, 3)], torch.ones(2, 3), 1.0, 1.0)
+    with pytest.raises(TypeError, match=r"F_D of params\[0\] is a list, not a torch.Tensor"):
+        dampen.dampen_([w], [[1.0, 2.0, 3.0]], [torch.ones(2, 3)], 1.0, 1.0)
+    assert torch.equal(w, torch.ones(2, 3))

@@ -236,3 +236,96 @@ def test_accumulate_reuses_a_plan_that_holds_no_tensor(device: torch.device) -> 
     del grads
     gc.collect()
     assert grad() is None
+
+
+# --------------------------------------------------------------------------- bad arguments and mappings
+
+
+def _named(device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    imps = {"enc.weight": torch.zeros(4, 3, device=device), "head.bias": torch.zeros(1025, device=device)}
+    grads = {name: torch.randn(t.shape, device=device) for name, t in reversed(imps.items())}
+    return imps, grads
+
+
+def test_accumulate_takes_mappings() -> None:
+    imps, grads = _named(torch.device("cpu"))
+    grads["unused"] = torch.ones(2)  # grads may hold more names than importances
+    want = {name: 0.5 * grads[name] ** 2 for name in imps}
+    fisher.accumulate_(imps, grads, 0.5)
+    ref = {name: torch.zeros_like(t) for name, t in imps.items()}
+    fisher.accumulate_reference_(ref, grads, 0.5)
+    for name in imps:
+        torch.testing.assert_close(imps[name], want[name])
+        torch.testing.assert_close(ref[name], want[name])
+
+
+def test_accumulate_mappings_on_the_triton_path_reuse_a_plan(device: torch.device, count_launches) -> None:
+    accumulate._PLANS.clear()
+    counter = count_launches(accumulate, "_accumulate_kernel")
+    imps, grads = _named(device)
+    for _ in range(3):
+        fisher.accumulate_(imps, grads, 0.5, backend="triton")
+    assert counter.launches == 3 and len(accumulate._PLANS._plans) == 1
+    for name, imp in imps.items():
+        torch.testing.assert_close(imp, 1.5 * grads[name] ** 2, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("op", ["accumulate_", "accumulate_reference_"])
+def test_accumulate_container_errors(op: str) -> None:
+    fn = getattr(fisher, op)
+    z, g = torch.zeros(3), torch.ones(3)
+    with pytest.raises(TypeError, match="importances is a single tensor; pass lists of tensors or mappings"):
+        fn(z, g)
+    with pytest.raises(TypeError, match="grads is a single tensor"):
+        fn([z], g)
+    with pytest.raises(ValueError, match=r"no gradient for \['b'\]"):
+        fn({"a": z, "b": z.clone()}, {"a": g})
+    with pytest.raises(TypeError, match="importances is a mapping, so grads must be a mapping too"):
+        fn({"a": z}, [g])
+    with pytest.raises(TypeError, match="grads is a mapping, so importances must be a mapping too"):
+        fn([z], {"a": g})
+    with pytest.raises(TypeError, match=r"grads\[0\] is a list, not a torch.Tensor"):
+        fn([z], [[1.0, 1.0, 1.0]])
+    assert torch.equal(z, torch.zeros(3))
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("op", ["accumulate_", "accumulate_reference_"])
+def test_accumulate_refuses_a_non_finite_scale(op: str, scale: float) -> None:
+    z = torch.zeros(3)
+    with pytest.raises(ValueError, match=f"scale must be finite, got {scale}"):
+        getattr(fisher, op)([z], [torch.ones(3)], scale)
+    assert torch.equal(z, torch.zeros(3))
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_accumulate_non_floating_tensors_fail_before_any_change(backend: str) -> None:
+    imps = [torch.zeros(3), torch.zeros(3, dtype=torch.int64)]
+    with pytest.raises(TypeError, match=r"importances\[1\] must be floating point, got torch.int64"):
+        fisher.accumulate_(imps, [torch.ones(3), torch.ones(3)], backend=backend)
+    imps = {"a": torch.zeros(3), "b": torch.zeros(3)}
+    with pytest.raises(TypeError, match=r"grads\['b'\] must be floating point, got torch.bool"):
+        fisher.accumulate_(imps, {"a": torch.ones(3), "b": torch.ones(3, dtype=torch.bool)}, backend=backend)
+    assert all(torch.equal(t, torch.zeros(3)) for t in imps.values())
+
+
+def test_accumulate_unsupported_dtype_on_triton_fails_before_any_launch(device: torch.device) -> None:
+    imps = [torch.zeros(3, device=device), torch.zeros(3, device=device, dtype=torch.float64)]
+    grads = [torch.ones(3, device=device), torch.ones(3, device=device, dtype=torch.float64)]
+    with pytest.raises(TypeError, match="unsupported dtype torch.float64"):
+        fisher.accumulate_(imps, grads, backend="triton")
+    assert torch.equal(imps[0], torch.zeros(3, device=device))  # the fp32 group was not launched first
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_accumulate_refuses_an_importance_passed_twice(device: torch.device, backend: str) -> None:
+    z = torch.zeros(3, device=device)  # one launch would add both squares to it at once: a race
+    with pytest.raises(ValueError, match=r"importances\[0\] and importances\[1\] are the same tensor"):
+        fisher.accumulate_([z, z], [torch.ones(3, device=device)] * 2, backend=backend)
+    assert torch.equal(z, torch.zeros(3, device=device))
+
+
+def test_empirical_fisher_refuses_a_model_without_trainable_parameters() -> None:
+    model = nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match=r"model \(Linear\) has no trainable parameters"):
+        fisher.empirical_fisher(model, [(torch.randn(2, 2), torch.tensor([0, 1]))], _xent)

@@ -118,3 +118,32 @@ def test_batched_gemm_path_matches_reference(
         got, per_sample.per_sample_linear_reference(a, d), rtol=1e-5, atol=1e-5
     )
     assert per_sample.per_sample_linear_bmm(a[:0], d[:0]).abs().sum() == 0
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_non_tensors_and_non_floating_tensors_are_refused(backend: str) -> None:
+    a, d = torch.randn(4, 3), torch.randn(4, 2)
+    with pytest.raises(TypeError, match="per_sample_linear: a must be floating point, got torch.int64"):
+        per_sample.per_sample_linear(torch.ones(4, 3, dtype=torch.int64), d, backend=backend)
+    with pytest.raises(TypeError, match="d must be floating point, got torch.bool"):
+        per_sample.per_sample_linear(a, d > 0, backend=backend)
+    with pytest.raises(TypeError, match="a must be a torch.Tensor, got ndarray"):
+        per_sample.per_sample_linear(a.numpy(), d, backend=backend)
+    with pytest.raises(TypeError, match="per_sample_linear_bias: d must be floating point, got torch.int32"):
+        per_sample.per_sample_linear_bias(torch.ones(4, 2, dtype=torch.int32), backend=backend)
+    with pytest.raises(TypeError, match="d must be a torch.Tensor, got list"):
+        per_sample.per_sample_linear_bias([[1.0, 2.0]], backend=backend)
+
+
+@pytest.mark.parametrize("t", [1, 5], ids=["T1", "T5"])
+def test_float64_is_rounded_to_fp32_as_documented(device: torch.device, t: int) -> None:
+    a = torch.randn(3, t, 6, device=device, dtype=torch.float64)
+    d = torch.randn(3, t, 4, device=device, dtype=torch.float64)
+    want = per_sample.per_sample_linear_reference(a.float(), d.float())
+    for backend in ("torch", "triton"):
+        got = per_sample.per_sample_linear(a, d, backend=backend)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        got_b = per_sample.per_sample_linear_bias(d, backend=backend)
+        assert got_b.dtype == torch.float32
+        torch.testing.assert_close(got_b, per_sample.per_sample_linear_bias_reference(d.float()))
