@@ -16,7 +16,7 @@ import functools
 import operator
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Literal
@@ -292,6 +292,44 @@ def group_tensors(operands: Sequence[Sequence[torch.Tensor]], block: int) -> lis
         )
         groups.append(TensorGroup(index, dtypes, ops, launch_table(ops, block), copied))
     return groups
+
+
+Tensors = Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
+
+
+def parallel_lists(op: str, args: dict[str, Any]) -> tuple[list[str] | None, list[list[Any]]]:
+    """The tensor arguments of a multi-tensor op as parallel lists, with the names
+    of the first argument's entries (None for sequences).
+
+    ``args`` maps each argument's name to the caller's value, the written one
+    first. Sequences are taken as they are; mappings are read by the first
+    one's keys, which every other mapping must hold (it may hold more). Only the
+    containers are checked here, not the tensors in them.
+
+    :raises TypeError: a lone tensor, or mappings mixed with sequences.
+    :raises ValueError: a key missing from a mapping, or sequences of different lengths.
+    """
+    for label, value in args.items():
+        if isinstance(value, torch.Tensor):
+            raise TypeError(f"{op}: {label} is a single tensor; pass lists of tensors or mappings of names to tensors")
+    (first, head), *rest = args.items()
+    kinds = {label: isinstance(value, Mapping) for label, value in args.items()}
+    if len(set(kinds.values())) > 1:
+        mappings = [label for label, is_mapping in kinds.items() if is_mapping]
+        others = [label for label, is_mapping in kinds.items() if not is_mapping]
+        raise TypeError(f"{op}: {' and '.join(mappings)} {'is a mapping' if len(mappings) == 1 else 'are mappings'}, "
+                        f"so {' and '.join(others)} must be {'a mapping' if len(others) == 1 else 'mappings'} too")
+    if kinds[first]:
+        keys = list(head)
+        for label, value in rest:
+            missing = [k for k in keys if k not in value]
+            if missing:
+                raise ValueError(f"{op}: {label} has no entry for {missing[:5]}")
+        return keys, [list(head.values()), *([value[k] for k in keys] for _, value in rest)]
+    lists = [value if type(value) is list else list(value) for value in args.values()]
+    if len({len(values) for values in lists}) > 1:
+        raise ValueError(f"{op}: got " + ", ".join(f"{len(v)} {label}" for label, v in zip(args, lists, strict=True)))
+    return None, lists
 
 
 _SHAPE = operator.attrgetter("shape")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -21,34 +21,14 @@ __all__ = ["accumulate_", "accumulate_reference_"]
 
 tl: Any = None  # triton.language once a kernel is built (see _dispatch.TritonKernel)
 
-Tensors = Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
+Tensors = _dispatch.Tensors
 
 
-def _as_lists(
-    importances: Tensors, grads: Tensors
-) -> tuple[list[Any] | None, list[torch.Tensor], list[torch.Tensor]]:
+def _as_lists(importances: Tensors, grads: Tensors) -> tuple[list[Any] | None, list[Any], list[Any]]:
     """``importances`` and ``grads`` as parallel lists, with ``importances``'s keys
     (None for sequences). Checks the containers only, not the tensors in them."""
-    for label, arg in (("importances", importances), ("grads", grads)):
-        if isinstance(arg, torch.Tensor):
-            raise TypeError(
-                f"accumulate_: {label} is a single tensor; pass lists of tensors or mappings of names to tensors"
-            )
-    if isinstance(importances, Mapping):
-        if not isinstance(grads, Mapping):
-            raise TypeError("accumulate_: importances is a mapping, so grads must be a mapping too")
-        if not importances.keys() <= grads.keys():
-            missing = [n for n in importances if n not in grads]
-            raise ValueError(f"accumulate_: no gradient for {missing[:5]}")
-        keys = list(importances)
-        return keys, list(importances.values()), list(map(grads.__getitem__, keys))
-    if isinstance(grads, Mapping):
-        raise TypeError("accumulate_: grads is a mapping, so importances must be a mapping too")
-    return None, _as_list(importances), _as_list(grads)
-
-
-def _as_list(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    return tensors if type(tensors) is list else list(tensors)
+    keys, (imps, gs) = _dispatch.parallel_lists("accumulate_", {"importances": importances, "grads": grads})
+    return keys, imps, gs
 
 
 def _check_scale(scale: float) -> None:
@@ -89,8 +69,6 @@ def _explain(keys: list[Any] | None, importances: list[Any], grads: list[Any]) -
     def at(k: int) -> str:
         return f"[{k}]" if keys is None else f"[{keys[k]!r}]"
 
-    if len(importances) != len(grads):
-        raise ValueError(f"accumulate_: {len(importances)} importances but {len(grads)} grads")
     seen: dict[int, int] = {}
     for k, (imp, g) in enumerate(zip(importances, grads, strict=True)):
         for label, t in (("importances", imp), ("grads", g)):

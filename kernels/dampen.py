@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -35,32 +34,16 @@ __all__ = ["DampenPlan", "dampen_", "dampen_reference_"]
 
 tl: Any = None  # triton.language once a kernel is built (see _dispatch.TritonKernel)
 
-Tensors = Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
+Tensors = _dispatch.Tensors
 
 
 def _as_lists(
     params: Tensors, fisher_d: Tensors, fisher_f: Tensors
 ) -> tuple[list[str], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    _refuse_single_tensors(params, fisher_d, fisher_f)
-    if isinstance(params, Mapping):
-        names = list(params)
-        if not isinstance(fisher_d, Mapping) or not isinstance(fisher_f, Mapping):
-            raise TypeError(
-                "dampen_: params is a mapping, so fisher_d and fisher_f must be mappings too"
-            )
-        missing = [n for n in names if n not in fisher_d or n not in fisher_f]
-        if missing:
-            raise ValueError(f"dampen_: no Fisher information for {missing[:5]}")
-        thetas = list(params.values())
-        fds = [fisher_d[n] for n in names]
-        ffs = [fisher_f[n] for n in names]
-    else:
-        thetas, fds, ffs = list(params), list(fisher_d), list(fisher_f)  # type: ignore[arg-type]
-        names = [f"params[{k}]" for k in range(len(thetas))]
-        if not len(thetas) == len(fds) == len(ffs):
-            raise ValueError(
-                f"dampen_: got {len(thetas)} params, {len(fds)} fisher_d, {len(ffs)} fisher_f"
-            )
+    keys, (thetas, fds, ffs) = _dispatch.parallel_lists(
+        "dampen_", {"params": params, "fisher_d": fisher_d, "fisher_f": fisher_f}
+    )
+    names = keys if keys is not None else [f"params[{k}]" for k in range(len(thetas))]
     for name, theta, fd, ff in zip(names, thetas, fds, ffs, strict=True):
         for label, t in (("", theta), ("F_D of ", fd), ("F_f of ", ff)):
             if not isinstance(t, torch.Tensor):
@@ -84,14 +67,6 @@ def _as_lists(
         if fd.device != theta.device or ff.device != theta.device:
             raise ValueError(f"dampen_: {name} and its Fisher tensors are on different devices")
     return names, thetas, fds, ffs
-
-
-def _refuse_single_tensors(params: Any, fisher_d: Any, fisher_f: Any) -> None:
-    for label, arg in (("params", params), ("fisher_d", fisher_d), ("fisher_f", fisher_f)):
-        if isinstance(arg, torch.Tensor):
-            raise TypeError(
-                f"dampen_: {label} is a single tensor; pass lists of tensors or mappings of names to tensors"
-            )
 
 
 def _nonfinite_error(
@@ -260,23 +235,17 @@ def dampen_(
     ``DampenPlan(p, fd, ff)(alpha, lam)``.
     """
     _check_scalars(alpha, lam)
-    _refuse_single_tensors(params, fisher_d, fisher_f)
-    first = next(iter(params.values() if isinstance(params, Mapping) else params), None)
+    keys, (thetas, fds, ffs) = _dispatch.parallel_lists(
+        "dampen_", {"params": params, "fisher_d": fisher_d, "fisher_f": fisher_f}
+    )
+    first = thetas[0] if thetas else None
     if first is not None and not isinstance(first, torch.Tensor):
         _as_lists(params, fisher_d, fisher_f)  # raises, naming it
     if _dispatch.surely_reference(backend, first):
         return dampen_reference_(params, fisher_d, fisher_f, alpha, lam)
-    mappings = [isinstance(x, Mapping) for x in (params, fisher_d, fisher_f)]
-    if all(mappings):
-        names = tuple(params)
-        tensors = [*params.values(), *map(fisher_d.get, names), *map(fisher_f.get, names)]  # type: ignore[union-attr]
-    else:
-        names, tensors = (), [*params, *fisher_d, *fisher_f]  # type: ignore[misc]
-    lengths = (len(params), len(fisher_d), len(fisher_f))
-    if any(mappings) and not all(mappings) or len(set(lengths)) > 1 or any(t is None for t in tensors):
-        return DampenPlan(params, fisher_d, fisher_f, backend=backend)(alpha, lam)  # raises, saying why
+    tensors = [*thetas, *fds, *ffs]
     try:
-        key = (backend, _dispatch.interpreter_enabled(), names, lengths, _dispatch.signature(tensors))
+        key = (backend, _dispatch.interpreter_enabled(), tuple(keys or ()), _dispatch.signature(tensors))
     except TypeError:  # something other than a tensor among them
         return DampenPlan(params, fisher_d, fisher_f, backend=backend)(alpha, lam)  # raises, saying why
     cached = _PLANS.get(key)

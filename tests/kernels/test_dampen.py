@@ -187,7 +187,7 @@ def test_argument_errors() -> None:
         dampen.dampen_([torch.ones(3)], [torch.ones(3)] * 2, [torch.ones(3)], 1.0, 1.0)
     with pytest.raises(ValueError, match="finite"):
         dampen.dampen_([torch.ones(3)], [torch.ones(3)], [torch.ones(3)], float("nan"), 1.0)
-    with pytest.raises(ValueError, match="no Fisher"):
+    with pytest.raises(ValueError, match=r"fisher_d has no entry for \[.w.\]"):
         dampen.dampen_({"w": torch.ones(1)}, {}, {}, 1.0, 1.0)
 
 
