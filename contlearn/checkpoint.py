@@ -340,35 +340,57 @@ def _plugin_states(run: Run) -> dict[str, Any]:
     return {name: p.state_dict() for name, p in run.plugins.items() if callable(getattr(p, "state_dict", None))}
 
 
-def stream_signature(stream: Stream) -> list[list[Any]]:
-    """What a run trains on, as far as a resume can check it cheaply: each
-    experience's classes, task label and numbers of training and test samples."""
-    return [[[int(c) for c in exp.classes], int(exp.task), len(exp.train), len(exp.test)] for exp in stream]
+def stream_signature(stream: Stream) -> dict[str, Any]:
+    """What a run trains on, as far as a resume can check it cheaply: the setting,
+    the original label of each class id (the class order), and each experience's
+    classes, task label, numbers of training and test samples, and input shift
+    (its ``repr``: a permutation's length and first entries, a rotation's angle).
+    The data themselves are not fingerprinted."""
+    return {
+        "setting": str(stream.setting),
+        "class_names": [str(c) for c in stream.class_names],
+        "experiences": [
+            [[int(c) for c in exp.classes], int(exp.task), len(exp.train), len(exp.test),
+             None if exp.shift is None else repr(exp.shift)]
+            for exp in stream
+        ],
+    }
 
 
-def _check_stream(saved: list[list[Any]], stream: Stream, source: str) -> None:
+def _check_stream(saved: dict[str, Any], stream: Stream, source: str) -> None:
     """:raises CheckpointError: when the run resumes on another stream than it trained on."""
     own = stream_signature(stream)
     if saved == own:
         return
-    if len(saved) != len(own):
-        where = f"{len(saved)} experiences in the checkpoint, {len(own)} here"
+    old, new = saved["experiences"], own["experiences"]
+    if saved["setting"] != own["setting"]:
+        where = f"{saved['setting']}-incremental in the checkpoint, {own['setting']}-incremental here"
+    elif len(old) != len(new):
+        where = f"{len(old)} experiences in the checkpoint, {len(new)} here"
+    elif old != new:
+        k = next(k for k, (a, b) in enumerate(zip(old, new, strict=True)) if a != b)
+        fields = ("classes", "task", "training samples", "test samples", "shift")
+        diff = [f"{name} {a} in the checkpoint but {b} here" for name, a, b in zip(fields, old[k], new[k], strict=True) if a != b]
+        where = f"experience {k}: {', '.join(diff)}"
     else:
-        first = next(k for k, (a, b) in enumerate(zip(saved, own, strict=True)) if a != b)
-        where = (
-            f"experience {first} has classes {saved[first][0]}, task {saved[first][1]}, {saved[first][2]} training "
-            f"and {saved[first][3]} test samples in the checkpoint, but classes {own[first][0]}, task {own[first][1]}, "
-            f"{own[first][2]} and {own[first][3]} here"
-        )
+        where = f"the classes in order are {saved['class_names']} in the checkpoint but {own['class_names']} here"
     raise CheckpointError(
-        f"checkpoint '{source}' was written by a run on another stream ({where}): a run started with "
-        f"Experiment(stream=...) resumes with the same stream, Experiment.resume(run_dir, stream=...)"
+        f"checkpoint '{source}' was written by a run on another stream ({where}); a run given its stream "
+        f"in Python continues only on that stream (Experiment.resume(run_dir, stream=...))"
     )
 
 
-def capture(run: Run, config: dict[str, Any], progress: Progress, epoch: EpochState | None = None) -> dict[str, Any]:
+def capture(
+    run: Run,
+    config: dict[str, Any],
+    progress: Progress,
+    epoch: EpochState | None = None,
+    given_plugins: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """The checkpoint of ``run`` now: between experiences (``epoch`` is ``None``)
-    or after a step inside one."""
+    or after a step inside one. ``given_plugins``: the plugins given to the run
+    in Python that take part in training, name -> class, which a resume should
+    be given again."""
     completed = len(run.accuracy_rows)
     inside = epoch is not None
     return {
@@ -384,6 +406,7 @@ def capture(run: Run, config: dict[str, Any], progress: Progress, epoch: EpochSt
             "global_step": run.global_step,
         },
         "stream": stream_signature(run.stream),
+        "given_plugins": dict(given_plugins or {}),
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict() if inside and run.optimizer is not None else None,
         "plugins": _plugin_states(run),
@@ -401,7 +424,25 @@ def capture(run: Run, config: dict[str, Any], progress: Progress, epoch: EpochSt
     }
 
 
-def restore(run: Run, state: dict[str, Any], source: str) -> tuple[Progress, Resumed | None]:
+def _warn_given_plugins(saved: dict[str, str], given: dict[str, str], source: str) -> None:
+    """Warn when a resume is not given, by name, the plugins the run was given in
+    Python: one that only watched (a profiler, a stop at some step) may be left
+    out, one that trained changes what the rest of the run learns."""
+    if set(saved) == set(given):
+        return
+    names = ", ".join(f"{n!r} ({saved[n]})" for n in saved) or "none"
+    warnings.warn(
+        f"checkpoint '{source}' was written by a run given these plugins in Python: {names}; this resume has "
+        f"{sorted(given) or 'none'}: give it the plugins that take part in training, "
+        f"Experiment.resume(run_dir, plugins={{...}}), or its results will differ",
+        CheckpointWarning,
+        stacklevel=3,
+    )
+
+
+def restore(
+    run: Run, state: dict[str, Any], source: str, given_plugins: dict[str, str] | None = None
+) -> tuple[Progress, Resumed | None]:
     """Bring a freshly built run to the checkpoint's state, calling ``setup``.
 
     Order: position and metrics; the head grown for every experience started;
@@ -414,8 +455,9 @@ def restore(run: Run, state: dict[str, Any], source: str) -> tuple[Progress, Res
     pos, metrics = state["position"], state["metrics"]
     completed, inside = int(pos["completed"]), bool(pos["inside_experience"])
     stream = run.stream
-    if "stream" in state:  # checkpoints written before the stream check lack it
+    if "stream" in state:  # checkpoints written before these checks lack them
         _check_stream(state["stream"], stream, source)
+        _warn_given_plugins(state["given_plugins"], dict(given_plugins or {}), source)
     if completed + inside > len(stream):
         raise CheckpointError(f"checkpoint '{source}' is past the end of the stream ({len(stream)} experiences)")
     run.accuracy_rows = [list(r) for r in metrics["accuracy_rows"]]

@@ -240,7 +240,10 @@ def _process() -> str:
     """Under ``torchrun``, which process a line comes from (every one reports its errors)."""
     from contlearn.distributed import environment_rank, environment_world_size
 
-    return f"[rank {environment_rank()}] " if environment_world_size() > 1 else ""
+    try:
+        return f"[rank {environment_rank()}] " if environment_world_size() > 1 else ""
+    except ContlearnError:  # a malformed environment: the error being printed says so
+        return ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,12 +29,25 @@ from contlearn.errors import ConfigError
 
 def environment_rank() -> int:
     """This process's rank as ``torchrun`` sets it (``RANK``), 0 without it."""
-    return int(os.environ.get("RANK", "0"))
+    return _environment_int("RANK", 0)
 
 
 def environment_world_size() -> int:
     """The number of processes ``torchrun`` started (``WORLD_SIZE``), 1 without it."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return _environment_int("WORLD_SIZE", 1)
+
+
+def _environment_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise ConfigError(f"the environment variable {name} must be a non-negative integer (torchrun sets it), got {value!r}")
+    return number
 
 
 @dataclass

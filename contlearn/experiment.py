@@ -45,7 +45,14 @@ from contlearn.config import (
 )
 from contlearn.defaults import Defaults, set_epoch_lr
 from contlearn.distributed import DistributedView
-from contlearn.errors import ConfigError, ContlearnError, DataError, Interrupted, TrainingError
+from contlearn.errors import (
+    ConfigError,
+    ContlearnError,
+    DataError,
+    Interrupted,
+    PluginError,
+    TrainingError,
+)
 from contlearn.metrics import per_class_accuracy, summary
 from contlearn.models import create_model
 from contlearn.results import (
@@ -239,7 +246,21 @@ class Experiment:
         if "out" in override_keys(overrides):
             raise ConfigError(f"a run resumes in its own directory '{run_dir}': 'out' cannot be overridden")
         classes = {name: p for name, p in (plugins or {}).items() if isinstance(p, type)}
-        config = load_config(config_file, overrides, plugins=classes)
+        try:
+            config = load_config(config_file, overrides, plugins=classes)
+        except PluginError as exc:
+            if not str(exc).startswith("unknown plugin"):
+                raise
+            raise PluginError(
+                f"{exc} (if the run was given it as a class in Python, give it again: "
+                f"Experiment.resume(run_dir, plugins={{'name': TheClass}}))"
+            ) from None
+        new = [name for name in classes if name not in config.plugins]
+        if new:
+            raise ConfigError(
+                f"plugin classes {new} are given, but the run in '{run_dir}' has no such plugins: a resume "
+                f"continues the run's own plugins"
+            )
         path, state = ckpt.latest(run_dir / ckpt.DIRNAME)
         try:
             defaults = schema_defaults(list(config.plugins), plugins=classes)
@@ -332,11 +353,12 @@ class Experiment:
         if self._started:
             raise ContlearnError(
                 "this Experiment has already run, and its plugin objects keep what they learnt: make a new "
-                "Experiment (with new plugin objects) for another run, or Experiment.resume(run_dir) to continue"
+                "Experiment (with new plugin objects) for another run, or Experiment.resume(run_dir) to "
+                "continue a stopped one"
             )
-        self._started = True
         t_start = time.perf_counter()
         run = self.build()
+        self._started = True  # from here on, plugins learn
         progress = Progress()
         ctl = self._control = _Control(self, run, progress, t_start)
         resumed: Resumed | None = None
@@ -350,7 +372,8 @@ class Experiment:
                     progress.timings["eval_seconds"] += time.perf_counter() - t0
             else:
                 path, state = self._resume_from
-                progress, resumed = ckpt.restore(run, state, path.name)
+                given = _class_paths(_given_plugins(self, run))
+                progress, resumed = ckpt.restore(run, state, path.name, given)
                 compile_model(run)
                 ctl.progress = progress
             timings = progress.timings
@@ -397,9 +420,7 @@ class Experiment:
             versions=versions(),
             config=to_container(self.config),
             given={
-                "plugins": {
-                    name: f"{cls.__module__}.{cls.__qualname__}" for name, cls in _given_plugins(self, run).items()
-                },
+                "plugins": _class_paths(_given_plugins(self, run)),
                 "stream": ckpt.stream_signature(run.stream) if self.stream is not None else None,
             },
             **summary(R, initial),  # type: ignore[arg-type]
@@ -476,6 +497,10 @@ def _given_plugins(experiment: Experiment, run: Run) -> dict[str, type]:
     return given
 
 
+def _class_paths(classes: dict[str, type]) -> dict[str, str]:
+    return {name: f"{cls.__module__}.{cls.__qualname__}" for name, cls in classes.items()}
+
+
 def _how_to_resume(experiment: Experiment, run: Run) -> str:
     """The command that continues this run. ``contlearn resume`` rebuilds only the
     installed plugins (and its own displays and logs): a run given a stream, or
@@ -483,8 +508,10 @@ def _how_to_resume(experiment: Experiment, run: Run) -> str:
     plugins = _given_plugins(experiment, run)
     given, what = [], []
     if plugins:
-        given.append(f"plugins={{{', '.join(f'{n!r}: ...' for n in plugins)}}}")
-        what.append("the same plugin classes (new objects)")
+        entries = [f"{n!r}: {cls.__name__}" if n in experiment.plugin_classes else f"{n!r}: {cls.__name__}(...)"
+                   for n, cls in plugins.items()]
+        given.append(f"plugins={{{', '.join(entries)}}}")
+        what.append("the same plugins (new objects)" if len(entries) > len(experiment.plugin_classes) else "the same plugins")
     if experiment.stream is not None:
         given.append("stream=...")
         what.append("the same stream")
@@ -511,6 +538,7 @@ class _Control:
         self.stop = experiment._stop_requested
         self.out_dir = out
         self.how_to_resume = _how_to_resume(experiment, run)
+        self.given_plugins = _class_paths(_given_plugins(experiment, run))
         self.config = to_container(run.config)
         self.progress = progress
         self.t_start = self.t_experience = t_start
@@ -543,7 +571,8 @@ class _Control:
         timings["train_seconds"] += train_so_far
         now = Progress(timings, self.progress.initial, self.progress.confusion,
                        elapsed=self.progress.elapsed + time.perf_counter() - self.t_start)
-        return ckpt.write(self.directory, ckpt.capture(run, self.config, now, epoch), self.keep_last)
+        state = ckpt.capture(run, self.config, now, epoch, self.given_plugins)
+        return ckpt.write(self.directory, state, self.keep_last)
 
     def _stopped(self, where: str, path: Path | None) -> str:
         if path is None:

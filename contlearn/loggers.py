@@ -78,21 +78,18 @@ class JSONLLogger:
 
 def before_position(event: dict[str, Any], run: Any) -> bool:
     """Whether ``event`` was reported before the position ``run`` starts from (a
-    checkpoint's, or the start for a new run): the events of the experiences it
-    completed, and of the epochs it completed in the experience under way."""
+    checkpoint's, or the start for a new run): every event of the experiences it
+    completed; in the experience under way (and for events of no experience),
+    those reported before its last step (an epoch's report follows the
+    checkpoint of the epoch's last step, and is made again on resume)."""
     exp = event.get("experience")
-    if not isinstance(exp, int):  # a plugin's event of no experience: by its step
-        return isinstance(event.get("global_step"), int) and event["global_step"] < run.global_step
-    if exp < len(run.accuracy_rows):
-        return True
-    current = run.experience
-    return (
-        current is not None
-        and exp == current.index
-        and event.get("kind") == "epoch"
-        and isinstance(event.get("epoch"), int)
-        and event["epoch"] < run.epoch
-    )
+    if isinstance(exp, int):
+        if exp < len(run.accuracy_rows):
+            return True
+        if run.experience is None or exp != run.experience.index:
+            return False
+    step = event.get("global_step")
+    return isinstance(step, int) and step < run.global_step
 
 
 def _events_before(path: Path, run: Any) -> list[str]:

@@ -73,3 +73,10 @@ def test_unlearning_refuses_several_processes(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RANK", "1")
     assert main(["unlearn", str(tmp_path), "--classes", "3"]) == 2
     assert capsys.readouterr().err.startswith("[rank 1] error: unlearning runs in one process")  # every process reports
+
+
+def test_a_malformed_torchrun_environment_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    assert main(["run", "train.epochs=1", "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "error: the environment variable WORLD_SIZE must be a non-negative integer (torchrun sets it), got 'two'"

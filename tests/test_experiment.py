@@ -247,5 +247,20 @@ def test_a_plugin_class_given_in_python_is_configured_by_name(quick, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(SimulatedCrash):
         Experiment(None, overrides, out_dir=out, plugins={"damping": Damping, "crash": CrashAt(14)}).run()
+    with pytest.raises(PluginError, match=r"unknown plugin 'damping'.*if the run was given it as a class in Python, give it again"):
+        Experiment.resume(out)
+    with pytest.raises(ConfigError, match=r"plugin classes \['extra'\] are given, but the run .* has no such plugins"):
+        Experiment.resume(out, plugins={"damping": Damping, "extra": Damping})
     Experiment.resume(out, plugins={"damping": Damping}).run()
     assert comparable(out) == comparable(tmp_path / "whole")
+
+
+def test_an_experiment_whose_build_failed_can_run(quick, tmp_path):
+    from contlearn import ConfigError
+
+    (tmp_path / "results.json").write_text("{}")
+    experiment = Experiment(load_config(None, quick), out_dir=tmp_path)
+    with pytest.raises(ConfigError, match="already holds a finished run"):
+        experiment.run()
+    (tmp_path / "results.json").unlink()
+    experiment.run()

@@ -7,7 +7,7 @@ import io
 import pytest
 from _crash import SMALL_RUN, CrashAt, SimulatedCrash
 
-from contlearn import Experiment, load_config
+from contlearn import Experiment, hookimpl, load_config
 from contlearn.loggers import JSONLLogger, TensorBoardLogger, read_events
 from contlearn.reporting import ConsoleProgress, TqdmProgress, progress_plugins
 
@@ -34,10 +34,25 @@ def without_times(path):
     return [{k: v for k, v in e.items() if k != "time"} for e in read_events(path)]
 
 
+class Notes:
+    """Reports events of its own: one per experience before it trains, and one
+    every third step (events that a resume does not report again)."""
+
+    @hookimpl
+    def before_experience(self, run, exp):
+        run.hook.on_metrics(run=run, metrics={"kind": "note", "experience": exp.index, "epoch": None})
+
+    @hookimpl
+    def after_step(self, run):
+        if run.global_step % 3 == 0:
+            run.hook.on_metrics(run=run, metrics={"kind": "step", "experience": run.experience.index, "epoch": run.epoch})
+
+
 @pytest.fixture(scope="module")
 def uninterrupted_events(tmp_path_factory):
     path = tmp_path_factory.mktemp("whole") / "events.jsonl"
-    Experiment(load_config(None, [*SMALL_RUN, "plugins.ewc.lam=1"]), plugins={"events": JSONLLogger(path)}).run()
+    cfg = load_config(None, [*SMALL_RUN, "plugins.ewc.lam=1"])
+    Experiment(cfg, plugins={"events": JSONLLogger(path), "notes": Notes()}).run()
     return without_times(path)
 
 
@@ -51,10 +66,10 @@ def test_a_resumed_log_reads_as_the_uninterrupted_one(tmp_path, uninterrupted_ev
     out, path = tmp_path / "run", tmp_path / "run" / "events.jsonl"
     cfg = load_config(None, [*SMALL_RUN, "plugins.ewc.lam=1", "checkpoint.every_n_steps=1", "checkpoint.keep_last=2"])
     with pytest.raises(SimulatedCrash):
-        Experiment(cfg, out_dir=out, plugins={"events": JSONLLogger(path), "crash": CrashAt(crash_at)}).run()
+        Experiment(cfg, out_dir=out, plugins={"events": JSONLLogger(path), "notes": Notes(), "crash": CrashAt(crash_at)}).run()
     with open(path, "a", encoding="utf-8") as f:
         f.write('{"kind": "epoch", "experience": 0, "ep')  # a line the crash cut short
-    Experiment.resume(out, plugins={"events": JSONLLogger(path)}).run()
+    Experiment.resume(out, plugins={"events": JSONLLogger(path), "notes": Notes()}).run()
     assert without_times(path) == uninterrupted_events
 
 
@@ -62,9 +77,9 @@ def test_a_new_run_in_a_failed_start_directory_starts_a_new_log(tmp_path, uninte
     out, path = tmp_path / "run", tmp_path / "run" / "events.jsonl"
     cfg = load_config(None, [*SMALL_RUN, "plugins.ewc.lam=1"])
     with pytest.raises(SimulatedCrash):  # before the first checkpoint (the end of experience 0)
-        Experiment(cfg, out_dir=out, plugins={"events": JSONLLogger(path), "crash": CrashAt(8)}).run()
-    assert len(read_events(path)) == 1
-    Experiment(cfg, out_dir=out, plugins={"events": JSONLLogger(path)}).run()
+        Experiment(cfg, out_dir=out, plugins={"events": JSONLLogger(path), "notes": Notes(), "crash": CrashAt(8)}).run()
+    assert [e["kind"] for e in read_events(path)] == ["note", "step", "step", "epoch", "step"]
+    Experiment(cfg, out_dir=out, plugins={"events": JSONLLogger(path), "notes": Notes()}).run()
     assert without_times(path) == uninterrupted_events
 
 

@@ -81,7 +81,7 @@ def test_a_library_run_records_the_plugin_objects_and_stream_it_was_given(tmp_pa
     plugins = {"damping": Damping(), "log": JSONLLogger(tmp_path / "events.jsonl")}
     results = Experiment(cfg, out_dir=tmp_path / "run", plugins=plugins, stream=stream).run()
     assert results.given["plugins"] == {"damping": f"{__name__}.test_a_library_run_records_the_plugin_objects_and_stream_it_was_given.<locals>.Damping"}
-    assert [row[0] for row in results.given["stream"]] == [exp.classes for exp in stream]
+    assert [row[0] for row in results.given["stream"]["experiences"]] == [exp.classes for exp in stream]
     write_report([tmp_path / "run"])
     text = (tmp_path / "run" / "report.md").read_text()
     assert "Strategy: replay + damping." in text and "Scenario: a stream given in Python, 2 experiences." in text

@@ -288,10 +288,26 @@ def test_a_run_on_a_given_stream_resumes_on_that_stream_only(tmp_path):
 
     with pytest.raises(CheckpointError, match=r"another stream \(2 experiences in the checkpoint, 3 here\).*Experiment.resume\(run_dir, stream=...\)"):
         Experiment.resume(out).run()
-    with pytest.raises(CheckpointError, match=r"experience 0 has classes \[\d(, \d){4}\], task 0, 100 training and \d+ test samples in the checkpoint, but classes \[\d(, \d){3}\]"):
+    with pytest.raises(CheckpointError, match=r"experience 0: classes \[\d(, \d){4}\] in the checkpoint but \[\d(, \d){3}\] here, training samples 100 in the checkpoint but 80 here"):
         Experiment.resume(out, stream=given("[4,6]")).run()
+    reordered = given("[5,5]")
+    reordered.class_names = list(reversed(reordered.class_names))
+    with pytest.raises(CheckpointError, match=r"the classes in order are \['\d+'(, '\d+'){9}\] in the checkpoint but"):
+        Experiment.resume(out, stream=reordered).run()
     Experiment.resume(out, stream=given("[5,5]")).run()
     assert comparable(out) == comparable(tmp_path / "whole")
+
+
+def test_a_resume_without_a_training_plugin_the_run_was_given_warns(tmp_path):
+    class Push:  # trains (a loss term), keeps no state
+        @hookimpl
+        def loss_terms(self, out):
+            return {"push": 1e-3 * out.logits.pow(2).mean()}
+
+    with pytest.raises(SimulatedCrash):
+        Experiment(load_config(None, TINY), out_dir=tmp_path, plugins={"push": Push(), "crash": CrashAt(12)}).run()
+    with pytest.warns(ckpt.CheckpointWarning, match=r"given these plugins in Python: 'push' \(.*Push\), 'crash' \(_crash.CrashAt\); this resume has \['push'\]"):
+        Experiment.resume(tmp_path, plugins={"push": Push()}).run()
 
 
 def test_a_stopped_run_with_plugin_objects_says_to_resume_from_python(tmp_path):
@@ -312,5 +328,5 @@ def test_a_stopped_run_with_plugin_objects_says_to_resume_from_python(tmp_path):
             self.steps = state["steps"]
 
     experiment = Experiment(load_config(None, TINY), out_dir=tmp_path, plugins={"counter": Counter()})
-    with pytest.raises(Interrupted, match=r"continue with: Experiment.resume\('.*', plugins=\{'counter': ...\}\) in Python, with the same plugin classes \(new objects\)$"):
+    with pytest.raises(Interrupted, match=r"continue with: Experiment.resume\('.*', plugins=\{'counter': Counter\(...\)\}\) in Python, with the same plugins \(new objects\)$"):
         experiment.run()
