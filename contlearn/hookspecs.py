@@ -138,7 +138,8 @@ def extra_samples(run: Run, batch: Batch) -> Batch | None:
     :param run: the current run.
     :param batch: the batch drawn from the current experience.
     :return: a :class:`~contlearn.scenarios.Batch` or ``None``. The results of all
-        implementations are concatenated to the batch, in hook-call order.
+        implementations are concatenated to the batch, in hook-call order;
+        anything else is a :class:`~contlearn.errors.TrainingError`.
 
     Replay buffers and rehearsal schedules.
     """
@@ -164,8 +165,9 @@ def compute_loss(run: Run, batch: Batch, out: Output) -> torch.Tensor | None:
     :param run: the current run.
     :param batch: the training batch.
     :param out: the output of :func:`forward`.
-    :return: a scalar tensor; first non-``None`` wins. The default is the
-        cross-entropy of ``out.logits`` against ``batch.y``.
+    :return: a scalar tensor (anything else is a
+        :class:`~contlearn.errors.TrainingError`); first non-``None`` wins. The
+        default is the cross-entropy of ``out.logits`` against ``batch.y``.
     """
 
 
@@ -180,7 +182,8 @@ def loss_terms(run: Run, batch: Batch, out: Output) -> dict[str, torch.Tensor] |
     :param out: the output of :func:`forward`.
     :return: a mapping from term name to scalar tensor, or ``None``. All terms of
         all implementations are summed into the loss, and each is logged under its
-        name (``loss/<name>``); two plugins returning the same name is an error.
+        name (``loss/<name>``); two plugins returning the same name, or a term that
+        is not a scalar tensor, is a :class:`~contlearn.errors.TrainingError`.
 
     Regularisers (EWC, L2), distillation (LwF, PRD), auxiliary losses (MEMO).
     """
@@ -221,8 +224,9 @@ def predict(run: Run, batch: Batch) -> torch.Tensor | None:
     :param run: the current run.
     :param batch: the evaluation batch (with task labels, which only
         task-aware strategies may use).
-    :return: a long tensor of predicted classes, one per sample; first
-        non-``None`` wins. The default is the argmax of the model's logits.
+    :return: an integer tensor of predicted classes, one per sample (anything
+        else, scores for instance, is a :class:`~contlearn.errors.TrainingError`);
+        first non-``None`` wins. The default is the argmax of the model's logits.
 
     Nearest-mean classifiers, task routing, test-time memories.
     """
