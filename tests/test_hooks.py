@@ -11,7 +11,7 @@ import torch
 from contlearn.scenarios import Batch
 
 from contlearn import Experiment, PluginError, TrainingError, hookimpl, hookspecs, load_config
-from contlearn.experiment import _StepHooks
+from contlearn._loop import StepHooks
 
 ALL_HOOKS = sorted(
     name for name, fn in vars(hookspecs).items() if inspect.isfunction(fn) and hasattr(fn, "contlearn_spec")
@@ -296,7 +296,7 @@ def test_a_plugin_class_where_an_object_is_needed_is_refused():
 def test_unimplemented_step_hooks_are_not_dispatched():
     exp = Experiment(load_config(None, ["train.epochs=1"]))
     run = exp.build()
-    hooks = _StepHooks(run.pm, exp.defaults)
+    hooks = StepHooks(run.pm, exp.defaults)
     assert hooks.extra_samples is None and hooks.loss_terms is None and hooks.after_step is None
     # only the defaults answer: bound methods, no pluggy dispatch
     assert hooks.forward == exp.defaults.forward

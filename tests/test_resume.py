@@ -93,7 +93,7 @@ def test_resume_inside_an_experience_mid_epoch_is_exact(tmp_path, reference):
 
 
 def test_ctrl_c_finishes_the_step_checkpoints_and_exits_130(tmp_path, reference, monkeypatch, capsys):
-    import contlearn.experiment as loop
+    import contlearn._loop as loop
 
     train_step = loop.train_step
 

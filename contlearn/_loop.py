@@ -1,0 +1,324 @@
+"""The training loop of one experience and the evaluation of the model.
+
+:func:`train_experience` runs the epochs of an experience: each step draws a
+batch, adds the plugins' extra samples, computes the loss and its terms, steps
+the optimizer, and hands checkpoints and stop requests to the run's control
+(:class:`~contlearn.experiment.Experiment` owns it). :func:`evaluate` fills a
+row of the accuracy matrix. Losses stay on the device and are read once per
+epoch (:func:`report_epoch`) or when a checkpoint is written.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pluggy
+import torch
+
+from contlearn import _manager
+from contlearn.checkpoint import EpochState, Resumed
+from contlearn.defaults import Defaults, set_epoch_lr
+from contlearn.distributed import DistributedView
+from contlearn.errors import DataError, TrainingError
+from contlearn.run import Run
+from contlearn.scenarios import Batch, Experience, TensorData
+
+if TYPE_CHECKING:
+    from contlearn.experiment import _Control
+
+class StepHooks:
+    """The hooks of a training or evaluation step, bound once per experience:
+    hooks nobody implements become ``None``, ``firstresult`` hooks that only
+    the defaults answer call the default directly (no pluggy dispatch)."""
+
+    def __init__(self, pm: pluggy.PluginManager, defaults: Defaults, autocast: bool = False, device_type: str = "cpu"):
+        def bind(name: str) -> Callable[..., Any] | None:
+            impls = getattr(pm.hook, name).get_hookimpls()
+            if not impls:
+                return None
+            if all(impl.plugin_name == _manager.DEFAULTS_NAME for impl in impls):
+                return getattr(defaults, name)
+            return getattr(pm.hook, name)
+
+        self.extra_samples = bind("extra_samples")
+        self.forward = bind("forward")
+        self.compute_loss = bind("compute_loss")
+        self.loss_terms = bind("loss_terms")
+        self.after_backward = bind("after_backward")
+        self.after_step = bind("after_step")
+        self.predict = bind("predict")
+        self.after_eval_batch = bind("after_eval_batch")
+        #: bf16 autocast for forward and loss (``train.amp``); None when off
+        self.autocast = torch.autocast(device_type, dtype=torch.bfloat16) if autocast else None
+
+    @classmethod
+    def for_run(cls, run: Run, defaults: Defaults) -> StepHooks:
+        return cls(run.pm, defaults, bool(run.config.train.amp), run.device.type)  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------- training
+
+
+def train_experience(
+    run: Run,
+    exp: Experience,
+    hooks: StepHooks,
+    ctl: _Control | None = None,
+    resumed: Resumed | None = None,
+) -> None:
+    """Train one experience: grow the head, call the experience hooks, run the
+    epochs. ``resumed``: continue where a checkpoint inside it left off (the
+    experience hooks have run; the data and optimizer are restored)."""
+    cfg = run.config.train
+    if resumed is None:
+        run.experience, run.epoch, run.step = exp, 0, 0
+        run.model.adapt(exp.classes, exp.task)
+        data: TensorData = run.hook.train_data(run=run, exp=exp)
+        check_training_data(run, exp, data)
+        run.hook.before_experience(run=run, exp=exp)
+        run.optimizer = run.hook.configure_optimizer(run=run, exp=exp)
+    else:
+        data = resumed.data
+    run.model.train()
+    try:
+        for epoch in range(run.epoch, cfg.epochs):
+            run.epoch = epoch
+            set_epoch_lr(run.optimizer, cfg, epoch)
+            batches = data.batches(cfg.batch_size, shuffle=True, generator=run.generator)
+            if resumed is not None:
+                state = resumed.epoch
+                batches = _rest_of_epoch(batches, state, run.generator)
+                resumed = None
+            else:
+                state = EpochState([], {}, run.generator.get_state())
+            for batch in batches:
+                train_step(run, batch, hooks, state.losses, state.terms)
+                if ctl is not None and ctl.due(run.global_step):
+                    ctl.end_of_step(run, exp, state)
+            report_epoch(run, exp, state.losses, state.terms)
+    except IndexError as exc:  # cross-entropy's "Target 12 is out of bounds", e.g. from extra samples
+        if "out of bounds" not in str(exc):
+            raise
+        n_out = getattr(run.model.head, "out_features", "?")
+        raise DataError(
+            f"a training batch of experience {exp.index} has a label outside the head's {n_out} outputs "
+            f"({exc}); check the plugin that adds samples"
+        ) from None
+    run.hook.after_experience(run=run, exp=exp)
+
+
+def check_training_data(run: Run, exp: Experience, data: Any) -> None:
+    """An experience's training data is not empty and its labels fit the head (one host read)."""
+    if len(data) == 0:
+        raise TrainingError(f"experience {exp.index} has no training samples")
+    n_out = getattr(run.model.head, "out_features", None)
+    if n_out is not None:
+        low, high = (int(v) for v in torch.stack(torch.aminmax(data.y)).cpu())
+        if low < 0 or high >= n_out:
+            raise DataError(
+                f"experience {exp.index} trains on label {low if low < 0 else high}, outside the head's "
+                f"{n_out} outputs (labels 0 to {n_out - 1}: the classes seen so far)"
+            )
+
+
+def _rest_of_epoch(batches: Iterator[Batch], state: EpochState, generator: torch.Generator) -> Iterator[Batch]:
+    """The batches of an epoch that a checkpoint interrupted: the order is drawn
+    again from the generator's state at the epoch's start, the batches done are
+    skipped, and the generator is set back to the checkpoint's state."""
+    now = generator.get_state()
+    generator.set_state(state.generator)
+    with torch.random.fork_rng(devices=[]):
+        for _ in range(len(state.losses)):
+            next(batches)
+    generator.set_state(now)
+    return batches
+
+
+def _forward_and_losses(
+    run: Run, batch: Batch, hooks: StepHooks, terms: dict[str, list[torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The base loss and the total with every plugin's terms (appended to ``terms``)."""
+    out = hooks.forward(run=run, batch=batch)
+    loss = hooks.compute_loss(run=run, batch=batch, out=out)
+    if not isinstance(loss, torch.Tensor) or loss.dim():
+        raise TrainingError(f"compute_loss must return a scalar loss tensor, got {_describe(loss)}")
+    total = loss
+    if hooks.loss_terms is not None:
+        seen: set[str] = set()
+        for result in hooks.loss_terms(run=run, batch=batch, out=out):
+            if not isinstance(result, dict):
+                raise TrainingError(f"loss_terms must return a dict of named loss tensors or None, got {type(result).__name__}")
+            for name, value in result.items():
+                if not isinstance(value, torch.Tensor):
+                    raise TrainingError(
+                        f"loss term '{name}' is a {type(value).__name__}, not a tensor: it would carry no gradient"
+                    )
+                if value.dim():
+                    raise TrainingError(
+                        f"loss term '{name}' has shape {tuple(value.shape)}: a loss term is a scalar (reduce it, "
+                        f"e.g. with .mean())"
+                    )
+                if name in seen:
+                    raise TrainingError(f"two plugins return a loss term named '{name}'")
+                seen.add(name)
+                total = total + value
+                terms.setdefault(name, []).append(value.detach())
+    return loss, total
+
+
+def _describe(value: Any) -> str:
+    """What a hook returned, for an error message."""
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return "None" if value is None else f"a {type(value).__name__}"
+
+
+def train_step(
+    run: Run,
+    batch: Batch,
+    hooks: StepHooks,
+    losses: list[torch.Tensor],
+    terms: dict[str, list[torch.Tensor]],
+) -> None:
+    """One optimisation step; losses are appended as device tensors, never read here."""
+    if hooks.extra_samples is not None:
+        extra = hooks.extra_samples(run=run, batch=batch)
+        if extra:
+            wrong = next((b for b in extra if not isinstance(b, Batch)), None)
+            if wrong is not None:
+                raise TrainingError(f"extra_samples must return a Batch or None, got {_describe(wrong)}")
+            batch = Batch.cat([batch, *extra])
+    if run.dist.world_size > 1:  # this process's share of the global batch (contlearn.distributed)
+        rows, weight = run.dist.share(len(batch))
+        batch = Batch(batch.x[rows], batch.y[rows], batch.t[rows])
+    if hooks.autocast is None:
+        loss, total = _forward_and_losses(run, batch, hooks, terms)
+    else:
+        with hooks.autocast:
+            loss, total = _forward_and_losses(run, batch, hooks, terms)
+    optimizer = run.optimizer
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    if run.dist.world_size > 1:
+        run.dist.sum_gradients_((p for group in optimizer.param_groups for p in group["params"]), weight)
+    if hooks.after_backward is not None:
+        hooks.after_backward(run=run)
+    optimizer.step()
+    if hooks.after_step is not None:
+        hooks.after_step(run=run)
+    losses.append(loss.detach())
+    run.step += 1
+    run.global_step += 1
+
+
+def loss_table(
+    losses: list[torch.Tensor], terms: dict[str, list[torch.Tensor]], dist: DistributedView | None = None
+) -> tuple[list[str], torch.Tensor]:
+    """The names and the [terms, steps] values of an epoch's losses so far, read
+    once; with ``dist``, averaged over the processes (a collective: every process
+    must call it)."""
+    names = ["loss", *terms]
+    values = torch.stack([torch.stack(losses), *(torch.stack(v) for v in terms.values())]).float()
+    if dist is not None and dist.world_size > 1:
+        values = dist.all_reduce_(values) / dist.world_size
+    return names, values.cpu()
+
+
+def raise_if_not_finite(run: Run, exp: Experience, names: list[str], values: torch.Tensor) -> None:
+    """:raises TrainingError: naming the first step with a non-finite loss and its bad terms."""
+    finite = torch.isfinite(values)
+    if not bool(finite.all()):
+        bad_step = int((~finite).any(dim=0).nonzero()[0])
+        bad_terms = [names[k] for k in range(len(names)) if not finite[k, bad_step]]
+        first_step = run.step - values.shape[1] + bad_step + 1  # numbered from 1, as in the stop messages
+        raise TrainingError(
+            f"non-finite loss at step {first_step} (epoch {run.epoch}) of experience {exp.index}: "
+            f"{', '.join(bad_terms)} went bad; lower train.lr or check the plugin that adds it"
+        )
+
+
+def check_weights(run: Run, exp: Experience) -> None:
+    """:raises TrainingError: when a model tensor holds a non-finite value (one host read)."""
+    tensors = [(k, v) for k, v in run.model.state_dict().items() if v.is_floating_point() and v.numel()]
+    if not tensors:
+        return
+    finite = torch.stack([torch.isfinite(v).all() for _, v in tensors]).cpu().tolist()
+    bad = [k for (k, _), ok in zip(tensors, finite, strict=True) if not ok]
+    if bad:
+        raise TrainingError(
+            f"non-finite weights ({', '.join(bad[:3])}) after step {run.step} of experience {exp.index}; "
+            f"no checkpoint is written for it: lower train.lr or check the plugins"
+        )
+
+
+def report_epoch(run: Run, exp: Experience, losses: list[torch.Tensor], terms: dict[str, list[torch.Tensor]]) -> None:
+    """Read the epoch's losses once (averaged over the processes of a
+    distributed run), stop on a non-finite one, report them."""
+    names, values = loss_table(losses, terms, run.dist)
+    raise_if_not_finite(run, exp, names, values)
+    means = values.mean(dim=1).tolist()
+    metrics: dict[str, Any] = {"kind": "epoch", "experience": exp.index, "epoch": run.epoch, "loss": means[0]}
+    for name, value in zip(names[1:], means[1:], strict=True):
+        metrics[f"loss/{name}"] = value
+    run.hook.on_metrics(run=run, metrics=metrics)
+
+
+# -------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(run: Run, hooks: StepHooks) -> tuple[list[float], np.ndarray]:
+    """Accuracy on every experience's test data (one host read), and the
+    confusion matrix over all test data."""
+    model = run.model
+    was_training = model.training
+    model.eval()
+    n_classes = run.stream.n_classes
+    confusion = torch.zeros(n_classes * n_classes, dtype=torch.long, device=run.device)
+    correct, counts = [], []
+    batch_size = run.config.train.eval_batch_size
+    for exp in run.stream:
+        hits = torch.zeros((), dtype=torch.long, device=run.device)
+        for batch in exp.test.batches(batch_size):
+            if hooks.autocast is None:
+                pred = hooks.predict(run=run, batch=batch)
+            else:
+                with hooks.autocast:
+                    pred = hooks.predict(run=run, batch=batch)
+            if not isinstance(pred, torch.Tensor) or pred.shape != batch.y.shape or pred.is_floating_point():
+                raise TrainingError(
+                    f"predict must return the predicted class of each sample (an integer tensor of shape "
+                    f"{tuple(batch.y.shape)}), got {_describe(pred)}"
+                )
+            if hooks.after_eval_batch is not None:
+                hooks.after_eval_batch(run=run, batch=batch, predictions=pred)
+            hits += (pred == batch.y).sum()
+            confusion += torch.bincount(batch.y * n_classes + pred.clamp(0, n_classes - 1), minlength=n_classes**2)
+        correct.append(hits)
+        counts.append(max(len(exp.test), 1))
+    model.train(was_training)
+    row = (torch.stack(correct).double().cpu() / torch.tensor(counts, dtype=torch.double)).tolist()
+    return row, confusion.view(n_classes, n_classes).cpu().numpy()
+
+
+@torch.no_grad()
+def evaluate_initial(run: Run) -> list[float]:
+    """Accuracy of the untrained model on each experience, with its head grown to
+    every class of the stream (a copy; the run's model and RNG are untouched).
+    This is the baseline ``b`` of forward transfer."""
+    with torch.random.fork_rng(devices=[]):
+        model = copy.deepcopy(run.model)
+        for exp in run.stream:
+            model.adapt(exp.classes, exp.task)
+        model.eval()
+        row = []
+        for exp in run.stream:
+            hits = torch.zeros((), dtype=torch.long, device=run.device)
+            for batch in exp.test.batches(run.config.train.eval_batch_size):
+                hits += (model(batch.x, batch.t).logits.argmax(1) == batch.y).sum()
+            row.append(hits)
+    counts = torch.tensor([max(len(e.test), 1) for e in run.stream], dtype=torch.double)
+    return (torch.stack(row).double().cpu() / counts).tolist()
