@@ -350,11 +350,20 @@ def stream_signature(stream: Stream) -> dict[str, Any]:
         "setting": str(stream.setting),
         "class_names": [str(c) for c in stream.class_names],
         "experiences": [
-            [[int(c) for c in exp.classes], int(exp.task), len(exp.train), len(exp.test),
-             None if exp.shift is None else repr(exp.shift)]
+            [[int(c) for c in exp.classes], int(exp.task), len(exp.train), len(exp.test), _describe_shift(exp.shift)]
             for exp in stream
         ],
     }
+
+
+def _describe_shift(shift: Any) -> str | None:
+    """A shift's ``repr`` where its class defines one, else its class's name (the
+    default ``repr`` holds a memory address, which differs in every process)."""
+    if shift is None:
+        return None
+    if type(shift).__repr__ is object.__repr__:
+        return f"{type(shift).__module__}.{type(shift).__qualname__}"
+    return repr(shift)
 
 
 def _check_stream(saved: dict[str, Any], stream: Stream, source: str) -> None:
@@ -425,18 +434,21 @@ def capture(
 
 
 def _warn_given_plugins(saved: dict[str, str], given: dict[str, str], source: str) -> None:
-    """Warn when a resume is not given, by name, the plugins the run was given in
-    Python: one that only watched (a profiler, a stop at some step) may be left
-    out, one that trained changes what the rest of the run learns."""
-    if set(saved) == set(given):
+    """Warn when a resume is not given the plugins (names and classes) the run was
+    given in Python: one that only watched (a profiler, a stop at some step) may
+    be left out, one that trained changes what the rest of the run learns."""
+    if saved == given:
         return
-    names = ", ".join(f"{n!r} ({saved[n]})" for n in saved) or "none"
+
+    def listed(plugins: dict[str, str]) -> str:
+        return ", ".join(f"{n!r} ({c})" for n, c in plugins.items()) or "none"
+
     warnings.warn(
-        f"checkpoint '{source}' was written by a run given these plugins in Python: {names}; this resume has "
-        f"{sorted(given) or 'none'}: give it the plugins that take part in training, "
-        f"Experiment.resume(run_dir, plugins={{...}}), or its results will differ",
+        f"checkpoint '{source}' was written by a run given these plugins in Python: {listed(saved)}; this "
+        f"resume has {listed(given)}. A plugin that only watched may be left out; one that trained must be "
+        f"given again (Experiment.resume(run_dir, plugins={{...}})), or the results will differ",
         CheckpointWarning,
-        stacklevel=3,
+        stacklevel=5,  # the caller of Experiment.run
     )
 
 
@@ -455,8 +467,9 @@ def restore(
     pos, metrics = state["position"], state["metrics"]
     completed, inside = int(pos["completed"]), bool(pos["inside_experience"])
     stream = run.stream
-    if "stream" in state:  # checkpoints written before these checks lack them
+    if isinstance(state.get("stream"), dict):  # checkpoints written before these checks lack them
         _check_stream(state["stream"], stream, source)
+    if "given_plugins" in state:
         _warn_given_plugins(state["given_plugins"], dict(given_plugins or {}), source)
     if completed + inside > len(stream):
         raise CheckpointError(f"checkpoint '{source}' is past the end of the stream ({len(stream)} experiences)")

@@ -1,5 +1,5 @@
-"""The run loop: build stream, model and plugins from a config, train each
-experience, evaluate on every experience, report.
+"""An experiment: build stream, model and plugins from a config, train each
+experience (:mod:`contlearn._loop`), evaluate on every experience, report.
 
 The loop calls the hooks of :mod:`contlearn.hookspecs` at their phases. It is
 written to cost next to nothing over a hand-written PyTorch loop: data stays

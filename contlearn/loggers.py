@@ -93,18 +93,25 @@ def before_position(event: dict[str, Any], run: Any) -> bool:
 
 
 def _events_before(path: Path, run: Any) -> list[str]:
-    """The lines of the log at ``path`` that :func:`before_position` keeps; a line
-    a crash cut short is dropped."""
-    kept = []
+    """The lines of the log at ``path`` reported before the position ``run`` starts
+    from; a line a crash cut short is dropped. Inside an experience, the events
+    :func:`before_position` keeps. Between experiences, the lines up to the
+    evaluation of the last experience completed: its checkpoint is written right
+    after it (events of no experience, at the same step, are told apart by that)."""
+    events = []
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
                 event = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(event, dict) and line.endswith("\n") and before_position(event, run):
-                kept.append(line)
-    return kept
+            if isinstance(event, dict) and line.endswith("\n"):
+                events.append((line, event))
+    if run.experience is None:
+        last = len(run.accuracy_rows) - 1
+        ends = [k for k, (_, e) in enumerate(events) if e.get("kind") == "eval" and e.get("experience") == last]
+        return [line for line, _ in events[: ends[-1] + 1]] if ends and last >= 0 else []
+    return [line for line, event in events if before_position(event, run)]
 
 
 def read_events(path: str | Path) -> list[dict[str, Any]]:

@@ -238,25 +238,28 @@ def dampen_(
     keys, (thetas, fds, ffs) = _dispatch.parallel_lists(
         "dampen_", {"params": params, "fisher_d": fisher_d, "fisher_f": fisher_f}
     )
+    # the lists from here on: the caller's arguments may be iterators, read once
+    lists: tuple[Tensors, Tensors, Tensors] = (
+        (thetas, fds, ffs) if keys is None else tuple(dict(zip(keys, t, strict=True)) for t in (thetas, fds, ffs))  # type: ignore[assignment]
+    )
     first = thetas[0] if thetas else None
     if first is not None and not isinstance(first, torch.Tensor):
-        _as_lists(params, fisher_d, fisher_f)  # raises, naming it
+        _as_lists(*lists)  # raises, naming it
     if _dispatch.surely_reference(backend, first):
-        return dampen_reference_(params, fisher_d, fisher_f, alpha, lam)
+        return dampen_reference_(*lists, alpha, lam)
     tensors = [*thetas, *fds, *ffs]
     try:
         key = (backend, _dispatch.interpreter_enabled(), tuple(keys or ()), _dispatch.signature(tensors))
     except TypeError:  # something other than a tensor among them
-        return DampenPlan(params, fisher_d, fisher_f, backend=backend)(alpha, lam)  # raises, saying why
+        return DampenPlan(*lists, backend=backend)(alpha, lam)  # raises, saying why
     cached = _PLANS.get(key)
     if cached is None:
-        plan = DampenPlan(params, fisher_d, fisher_f, backend=backend)
+        plan = DampenPlan(*lists, backend=backend)
         reusable = plan.without_tensors()
         if reusable is not None:
             _PLANS.put(key, reusable)
         return plan(alpha, lam)
-    n = len(params)
-    return cached.apply(tensors[:n], tensors[n : 2 * n], tensors[2 * n :], alpha, lam)
+    return cached.apply(thetas, fds, ffs, alpha, lam)
 
 
 _PLANS = _dispatch.PlanCache()

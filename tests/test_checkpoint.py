@@ -237,3 +237,23 @@ def test_a_run_written_before_an_option_existed_resumes(run_dir, tmp_path):
     (old / "config.yaml").write_text(OmegaConf.to_yaml(config))
     results = Experiment.resume(old).run()
     assert len(results.accuracy_matrix) == 2
+
+
+def test_the_stream_signature_names_shifts_without_addresses():
+    from contlearn.scenarios import Stream
+
+    class Scale:  # a user's shift with the default repr (a memory address)
+        def __call__(self, x):
+            return 2 * x
+
+    x, y = np.random.default_rng(0).normal(size=(60, 16)).astype(np.float32), np.arange(60) % 3
+
+    def stream(seed):
+        return Stream.from_tensors(x, y, setting="domain", transform="permute", n_experiences=2, seed=seed)
+
+    a, b = stream(0), stream(0)
+    for s in (a, b):
+        s.experiences[1].shift = Scale()  # a new object, as a new process would build
+    assert ckpt.stream_signature(a) == ckpt.stream_signature(b)
+    assert ckpt.stream_signature(a)["experiences"][1][4].endswith("Scale")
+    assert ckpt.stream_signature(stream(0)) != ckpt.stream_signature(stream(1))  # other permutations

@@ -35,12 +35,17 @@ def without_times(path):
 
 
 class Notes:
-    """Reports events of its own: one per experience before it trains, and one
-    every third step (events that a resume does not report again)."""
+    """Reports events of its own: one per experience before it trains, one of no
+    experience after it trains, and one every third step (events that a resume
+    does not report again)."""
 
     @hookimpl
     def before_experience(self, run, exp):
         run.hook.on_metrics(run=run, metrics={"kind": "note", "experience": exp.index, "epoch": None})
+
+    @hookimpl
+    def after_experience(self, run):
+        run.hook.on_metrics(run=run, metrics={"kind": "memo", "experience": None, "epoch": None})
 
     @hookimpl
     def after_step(self, run):
@@ -57,11 +62,11 @@ def uninterrupted_events(tmp_path_factory):
 
 
 # SMALL_RUN trains steps 1-10 on experience 0 (5 per epoch) and 11-18 on experience 1
-# (4 per epoch); with a checkpoint after every step, a crash after step n resumes
-# from step n - 1: 5 is the last step of an epoch (its event follows the checkpoint),
-# 10 the last of an experience (then also checkpointed after its evaluation), 13 is
-# inside an epoch.
-@pytest.mark.parametrize("crash_at", [6, 11, 14, 12])
+# (4 per epoch). With a checkpoint after every step, CrashAt(n) crashes in step n + 1
+# and the run resumes after n steps: 5 is the last step of an epoch (its event
+# follows the checkpoint), 10 and 18 end experiences (the newest checkpoint follows
+# their evaluation: between experiences), 12 and 14 are inside experience 1.
+@pytest.mark.parametrize("crash_at", [5, 10, 12, 14, 18])
 def test_a_resumed_log_reads_as_the_uninterrupted_one(tmp_path, uninterrupted_events, crash_at):
     out, path = tmp_path / "run", tmp_path / "run" / "events.jsonl"
     cfg = load_config(None, [*SMALL_RUN, "plugins.ewc.lam=1", "checkpoint.every_n_steps=1", "checkpoint.keep_last=2"])

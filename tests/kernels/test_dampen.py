@@ -348,3 +348,17 @@ def test_single_tensors_and_non_tensors_are_refused() -> None:
     with pytest.raises(TypeError, match=r"F_D of params\[0\] is a list, not a torch.Tensor"):
         dampen.dampen_([w], [[1.0, 2.0, 3.0]], [torch.ones(2, 3)], 1.0, 1.0)
     assert torch.equal(w, torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_iterators_are_read_once(backend, monkeypatch):
+    if backend == "triton":
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    thetas = [torch.ones(5), torch.ones(3)]
+    fds = [torch.ones(5), torch.ones(3)]
+    ffs = [torch.full((5,), 4.0), torch.full((3,), 4.0)]
+    for _ in range(2):  # the second call finds its plan cached
+        n = dampen.dampen_(iter(thetas), iter(fds), iter(ffs), alpha=1.0, lam=0.5, backend=backend)
+        assert n == 8
+    assert torch.equal(thetas[0], torch.full((5,), 0.125**2)) and torch.equal(thetas[1], torch.full((3,), 0.125**2))
