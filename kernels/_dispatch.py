@@ -336,14 +336,17 @@ _SHAPE = operator.attrgetter("shape")
 _DTYPE = operator.attrgetter("dtype")
 
 
-def signature(tensors: Sequence[torch.Tensor]) -> tuple:
-    """What a validated multi-tensor plan depends on: every tensor's address, shape,
-    strides and dtype (the address also fixes the device). Cheap: four C-level maps,
-    no Python loop over the tensors."""
+def signature(tensors: Sequence[torch.Tensor]) -> tuple | None:
+    """What a validated multi-tensor plan for contiguous tensors depends on: every
+    tensor's address, shape and dtype (the address also fixes the device; being
+    contiguous, the strides follow from the shape). None when a tensor is not
+    contiguous: its plan works on a copy made for the call and is not cached.
+    Cheap: C-level maps, no Python loop over the tensors."""
+    if not all(map(torch.Tensor.is_contiguous, tensors)):
+        return None
     return (
         tuple(map(torch.Tensor.data_ptr, tensors)),
         tuple(map(_SHAPE, tensors)),
-        tuple(map(torch.Tensor.stride, tensors)),
         tuple(map(_DTYPE, tensors)),
     )
 
@@ -356,8 +359,8 @@ class PlanCache:
     strengths) then skips that Python work, which for a model's ~150 parameter
     tensors costs as much as the kernel itself. Cached plans hold no tensor (see
     :meth:`TensorGroup.without_tensors`), so the cache never keeps memory alive; a
-    plan found for new tensors at the same addresses, shapes, strides and dtypes is
-    exactly the plan those tensors need.
+    plan found for new contiguous tensors at the same addresses, shapes and dtypes
+    is exactly the plan those tensors need.
     """
 
     def __init__(self, size: int = 8):
@@ -365,10 +368,9 @@ class PlanCache:
         self._plans: OrderedDict[tuple, Any] = OrderedDict()
 
     def get(self, key: tuple) -> Any:
-        plan = self._plans.get(key)
-        if plan is not None:
-            self._plans.move_to_end(key)
-        return plan
+        """The plan stored under ``key``, or None. (One lookup: a key is long to
+        hash, so a hit does not move it; the oldest plan made is dropped first.)"""
+        return self._plans.get(key)
 
     def put(self, key: tuple, plan: Any) -> None:
         self._plans[key] = plan

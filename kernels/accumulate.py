@@ -171,7 +171,7 @@ def accumulate_(
     one: a table of tensor addresses and a block->tensor map let every program find
     its tensor, so the list is processed like one flat buffer. The checks and the
     table are kept (without the tensors) for the next call on tensors of the same
-    addresses, shapes, strides and dtypes: an accumulation per batch pays them once.
+    addresses, shapes and dtypes (contiguous): an accumulation per batch pays them once.
     """
     _check_scale(scale)
     keys, imps, gs = _as_lists(importances, grads)
@@ -184,11 +184,12 @@ def accumulate_(
         return
     tensors = [*imps, *gs]
     try:
-        key = (backend, _dispatch.interpreter_enabled(), len(imps), _dispatch.signature(tensors))
+        signature = _dispatch.signature(tensors)
     except TypeError:  # something other than a tensor among them
         _check_lists(keys, imps, gs)
         raise
-    plan = _PLANS.get(key)
+    key = (backend, _dispatch.interpreter_enabled(), len(imps), signature)
+    plan = _PLANS.get(key) if signature is not None else None
     if plan is None:
         _check_lists(keys, imps, gs)
         if _dispatch.resolve_backend("accumulate_", backend, tensors) == "torch":
@@ -199,7 +200,7 @@ def accumulate_(
         metas = _metas(groups, config)  # before any launch: an unsupported dtype then changes nothing
         plan = groups, metas
         reusable = [g.without_tensors() for g in groups]
-        if all(g is not None for g in reusable):
+        if signature is not None and all(g is not None for g in reusable):
             _PLANS.put(key, (reusable, metas))
     groups, metas = plan
     if groups:

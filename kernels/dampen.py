@@ -238,25 +238,29 @@ def dampen_(
     keys, (thetas, fds, ffs) = _dispatch.parallel_lists(
         "dampen_", {"params": params, "fisher_d": fisher_d, "fisher_f": fisher_f}
     )
-    # the lists from here on: the caller's arguments may be iterators, read once
-    lists: tuple[Tensors, Tensors, Tensors] = (
-        (thetas, fds, ffs) if keys is None else tuple(dict(zip(keys, t, strict=True)) for t in (thetas, fds, ffs))  # type: ignore[assignment]
-    )
+
+    def read() -> tuple[Tensors, Tensors, Tensors]:
+        """The arguments as read (the caller's may be iterators, read once), by name if they were mappings."""
+        if keys is None:
+            return thetas, fds, ffs
+        return tuple(dict(zip(keys, t, strict=True)) for t in (thetas, fds, ffs))  # type: ignore[return-value]
+
     first = thetas[0] if thetas else None
     if first is not None and not isinstance(first, torch.Tensor):
-        _as_lists(*lists)  # raises, naming it
+        _as_lists(*read())  # raises, naming it
     if _dispatch.surely_reference(backend, first):
-        return dampen_reference_(*lists, alpha, lam)
+        return dampen_reference_(*read(), alpha, lam)
     tensors = [*thetas, *fds, *ffs]
     try:
-        key = (backend, _dispatch.interpreter_enabled(), tuple(keys or ()), _dispatch.signature(tensors))
+        signature = _dispatch.signature(tensors)
     except TypeError:  # something other than a tensor among them
-        return DampenPlan(*lists, backend=backend)(alpha, lam)  # raises, saying why
-    cached = _PLANS.get(key)
+        return DampenPlan(*read(), backend=backend)(alpha, lam)  # raises, saying why
+    key = (backend, _dispatch.interpreter_enabled(), tuple(keys or ()), signature)
+    cached = _PLANS.get(key) if signature is not None else None
     if cached is None:
-        plan = DampenPlan(*lists, backend=backend)
+        plan = DampenPlan(*read(), backend=backend)
         reusable = plan.without_tensors()
-        if reusable is not None:
+        if reusable is not None and signature is not None:
             _PLANS.put(key, reusable)
         return plan(alpha, lam)
     return cached.apply(thetas, fds, ffs, alpha, lam)
