@@ -424,7 +424,8 @@ def _import_what_optimizers_import() -> None:
     """torch.optim imports ``torch._dynamo`` when a process makes its first
     optimizer, which takes seconds; importing it while the run is built keeps
     that out of the first experience's training time (``timings``)."""
-    import torch._dynamo  # noqa: F401
+    with contextlib.suppress(ImportError):  # a torch built without it: nothing to move
+        import torch._dynamo  # noqa: F401
 
 
 def compile_model(run: Run) -> None:
