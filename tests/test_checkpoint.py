@@ -189,7 +189,10 @@ def test_plugin_states_must_match_the_plugins(run_dir, tmp_path):
     unfinished = tmp_path / "run"
     shutil.copytree(run_dir, unfinished)
     (unfinished / "results.json").unlink()  # as if the run had stopped after its last checkpoint
-    with pytest.raises(CheckpointError, match=r"holds plugin states for \['finetune'\].*no state for \['counter'\]"):
+    with (
+        pytest.warns(ckpt.CheckpointWarning, match=r"given these plugins in Python: none; this resume has 'counter'"),
+        pytest.raises(CheckpointError, match=r"holds plugin states for \['finetune'\].*no state for \['counter'\]"),
+    ):
         Experiment.resume(unfinished, plugins={"counter": Counter()}).run()
 
 
