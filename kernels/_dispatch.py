@@ -332,6 +332,26 @@ def parallel_lists(op: str, args: dict[str, Any]) -> tuple[list[str] | None, lis
     return None, lists
 
 
+def check_floating(op: str, what: str, value: Any, note: str = "") -> None:
+    """:raises TypeError: ``value`` (named ``what``) is not a floating-point tensor;
+    ``note`` is appended to the message."""
+    suffix = f"; {note}" if note else ""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{op}: {what} must be a torch.Tensor, got {type(value).__name__}{suffix}")
+    if not value.is_floating_point():
+        raise TypeError(f"{op}: {what} must be floating point, got {value.dtype}{suffix}")
+
+
+def refuse_repeats(op: str, names: Sequence[str], tensors: Sequence[torch.Tensor]) -> None:
+    """:raises ValueError: one tensor is written twice (tied weights): one launch
+    would race on it, and an undo would restore it once."""
+    seen: dict[int, str] = {}
+    for name, t in zip(names, tensors, strict=True):
+        if t.numel() and t.data_ptr() in seen:
+            raise ValueError(f"{op}: {seen[t.data_ptr()]} and {name} are the same tensor; pass it once")
+        seen[t.data_ptr()] = name
+
+
 _SHAPE = operator.attrgetter("shape")
 _DTYPE = operator.attrgetter("dtype")
 

@@ -69,27 +69,15 @@ def _explain(keys: list[Any] | None, importances: list[Any], grads: list[Any]) -
     def at(k: int) -> str:
         return f"[{k}]" if keys is None else f"[{keys[k]!r}]"
 
-    seen: dict[int, int] = {}
     for k, (imp, g) in enumerate(zip(importances, grads, strict=True)):
         for label, t in (("importances", imp), ("grads", g)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"accumulate_: {label}{at(k)} is a {type(t).__name__}, not a torch.Tensor")
-            if not t.is_floating_point():
-                raise TypeError(
-                    f"accumulate_: {label}{at(k)} must be floating point, got {t.dtype}; "
-                    "no importance was changed"
-                )
+            _dispatch.check_floating("accumulate_", f"{label}{at(k)}", t, "no importance was changed")
         if imp.shape != g.shape or imp.device != g.device:
             raise ValueError(
                 f"accumulate_: importances{at(k)} is {tuple(imp.shape)} on {imp.device} "
                 f"but grads{at(k)} is {tuple(g.shape)} on {g.device}"
             )
-        if imp.numel() and imp.data_ptr() in seen:  # one launch would race on it
-            raise ValueError(
-                f"accumulate_: importances{at(seen[imp.data_ptr()])} and importances{at(k)} "
-                "are the same tensor; pass it once"
-            )
-        seen[imp.data_ptr()] = k
+    _dispatch.refuse_repeats("accumulate_", [f"importances{at(k)}" for k in range(len(importances))], importances)
 
 
 @torch.no_grad()

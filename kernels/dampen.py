@@ -46,18 +46,8 @@ def _as_lists(
     names = keys if keys is not None else [f"params[{k}]" for k in range(len(thetas))]
     for name, theta, fd, ff in zip(names, thetas, fds, ffs, strict=True):
         for label, t in (("", theta), ("F_D of ", fd), ("F_f of ", ff)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"dampen_: {label}{name} is a {type(t).__name__}, not a torch.Tensor")
-            if not t.is_floating_point():
-                raise TypeError(
-                    f"dampen_: {label}{name} has dtype {t.dtype}; parameters and Fisher tensors must be "
-                    "floating point; no parameter was changed"
-                )
-    seen: dict[int, str] = {}
-    for name, theta in zip(names, thetas, strict=True):
-        if theta.numel() and theta.data_ptr() in seen:  # tied weights: dampened twice, undone once
-            raise ValueError(f"dampen_: {seen[theta.data_ptr()]} and {name} are the same tensor; pass it once")
-        seen[theta.data_ptr()] = name
+            _dispatch.check_floating("dampen_", f"{label}{name}", t, "no parameter was changed")
+    _dispatch.refuse_repeats("dampen_", names, thetas)
     for name, theta, fd, ff in zip(names, thetas, fds, ffs, strict=True):
         if theta.shape != fd.shape or theta.shape != ff.shape:
             raise ValueError(

@@ -34,10 +34,7 @@ _REFERENCE_CHUNK = 1 << 24  # elements of per-sample gradients the reference hol
 
 
 def _as_btx(x: torch.Tensor, name: str, op: str) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{op}: {name} must be floating point, got {x.dtype}")
+    _dispatch.check_floating(op, name, x)
     if x.dim() == 2:
         return x.unsqueeze(1)
     if x.dim() != 3:

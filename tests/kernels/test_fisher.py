@@ -284,7 +284,7 @@ def test_accumulate_container_errors(op: str) -> None:
         fn({"a": z}, [g])
     with pytest.raises(TypeError, match="grads is a mapping, so importances must be a mapping too"):
         fn([z], {"a": g})
-    with pytest.raises(TypeError, match=r"grads\[0\] is a list, not a torch.Tensor"):
+    with pytest.raises(TypeError, match=r"grads\[0\] must be a torch.Tensor, got list"):
         fn([z], [[1.0, 1.0, 1.0]])
     assert torch.equal(z, torch.zeros(3))
 
