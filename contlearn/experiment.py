@@ -192,6 +192,8 @@ class Experiment:
         self._stop_requested = False
         self._control: _Control | None = None
         self._started = False
+        #: the plugins given in Python that take part in training, by name (set by :meth:`build`)
+        self.given_plugins: dict[str, type] = {}
 
     @classmethod
     def resume(
@@ -308,6 +310,7 @@ class Experiment:
             plugins[name] = plugin
         pm = _manager.make_plugin_manager()
         _manager.register_plugins(pm, plugins, self.defaults)
+        self.given_plugins = _given_plugins(self, pm)
 
         generator = torch.Generator().manual_seed(cfg.seed)
         run = Run(cfg, model, stream, device, pm.hook, plugins, generator, out_dir=self.out_dir, dist=dist)
@@ -348,8 +351,7 @@ class Experiment:
                     progress.timings["eval_seconds"] += time.perf_counter() - t0
             else:
                 path, state = self._resume_from
-                given = _class_paths(_given_plugins(self, run))
-                progress, resumed = ckpt.restore(run, state, path.name, given)
+                progress, resumed = ckpt.restore(run, state, path.name, _class_paths(self.given_plugins))
                 compile_model(run)
                 ctl.progress = progress
             timings = progress.timings
@@ -396,7 +398,7 @@ class Experiment:
             versions=versions(),
             config=to_container(self.config),
             given={
-                "plugins": _class_paths(_given_plugins(self, run)),
+                "plugins": _class_paths(self.given_plugins),
                 "stream": ckpt.stream_signature(run.stream) if self.stream is not None else None,
             },
             **summary(R, initial),  # type: ignore[arg-type]
@@ -460,12 +462,11 @@ def _default_config(registry: PluginRegistry, name: str) -> Any:
 _OBSERVING_HOOKS = frozenset({"setup", "teardown", "on_metrics"})
 
 
-def _given_plugins(experiment: Experiment, run: Run) -> dict[str, type]:
+def _given_plugins(experiment: Experiment, pm: pluggy.PluginManager) -> dict[str, type]:
     """The classes of the plugins given to ``experiment`` in Python that take part
     in training: every class given, and every object that implements a hook
     other than ``setup``, ``teardown`` and ``on_metrics`` or has a ``state_dict``
     (displays and loggers are neither)."""
-    pm: pluggy.PluginManager = run.pm  # type: ignore[attr-defined]
     given = dict(experiment.plugin_classes)
     for name, plugin in experiment.extra_plugins.items():
         hooks = {c.name for c in pm.get_hookcallers(plugin) or ()}
@@ -478,11 +479,11 @@ def _class_paths(classes: dict[str, type]) -> dict[str, str]:
     return {name: f"{cls.__module__}.{cls.__qualname__}" for name, cls in classes.items()}
 
 
-def _how_to_resume(experiment: Experiment, run: Run) -> str:
+def _how_to_resume(experiment: Experiment) -> str:
     """The command that continues this run. ``contlearn resume`` rebuilds only the
     installed plugins (and its own displays and logs): a run given a stream, or
     plugins that take part in training, continues from Python with them."""
-    plugins = _given_plugins(experiment, run)
+    plugins = experiment.given_plugins
     given, what = [], []
     if plugins:
         entries = [f"{n!r}: {cls.__name__}" if n in experiment.plugin_classes else f"{n!r}: {cls.__name__}(...)"
@@ -514,8 +515,8 @@ class _Control:
         self.keep_last = int(cfg.keep_last)
         self.stop = experiment._stop_requested
         self.out_dir = out
-        self.how_to_resume = _how_to_resume(experiment, run)
-        self.given_plugins = _class_paths(_given_plugins(experiment, run))
+        self.how_to_resume = _how_to_resume(experiment)
+        self.given_plugins = _class_paths(experiment.given_plugins)
         self.config = to_container(run.config)
         self.progress = progress
         self.t_start = self.t_experience = t_start
