@@ -84,10 +84,8 @@ def check_firstresult_conflicts(pm: pluggy.PluginManager) -> None:
     that silently disables the other strategy's behaviour. Marking one of them
     ``tryfirst`` or ``trylast`` (or ``wrapper``) states the intent and passes.
     """
-    for hook_name in dir(pm.hook):
+    for hook_name in sorted(hook_names(pm)):
         caller = getattr(pm.hook, hook_name)
-        if not isinstance(caller, pluggy.HookCaller) or caller.spec is None:
-            continue
         if not caller.spec.opts.get("firstresult"):
             continue
         impls = [
