@@ -162,15 +162,21 @@ def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     if not isinstance(data, DictConfig):
         raise ConfigError(f"config '{path}' must be a mapping of keys to values")
     _check_plugins_section(data, f"config '{path}'")
+    return _over_base(data, path.parent, (*seen, path.resolve()))
+
+
+def _over_base(data: DictConfig, directory: Path | None, seen: tuple[Path, ...] = ()) -> DictConfig:
+    """``data`` merged over the config its ``base`` key names (a file, found first
+    in ``directory``, or a shipped experiment); ``data`` itself without one."""
     base = data.pop("base", None)
     if base is None:
         return data
     base_path = Path(str(base))
-    if not base_path.is_absolute() and (path.parent / base_path).is_file():
-        base_path = path.parent / base_path
-    parent = _load_yaml(resolve_config_path(str(base_path)), (*seen, path.resolve()))
+    if directory is not None and not base_path.is_absolute() and (directory / base_path).is_file():
+        base_path = directory / base_path
+    parent = _load_yaml(resolve_config_path(str(base_path)), seen)
     if "plugins" in data:
-        parent.plugins = {}  # a file's plugin list replaces its base's: plugins are a choice, not a default
+        parent.plugins = {}  # a config's plugin list replaces its base's: plugins are a choice, not a default
     return OmegaConf.merge(parent, data)  # type: ignore[return-value]
 
 
@@ -407,13 +413,7 @@ def merge_config(
         raise ConfigError(f"a config must be a mapping of keys to values (or a file or name), got {type(config).__name__}")
     layer = OmegaConf.create(to_container(config) if isinstance(config, DictConfig) else config)
     _check_plugins_section(layer, "the config")
-    base = layer.pop("base", None)
-    if base is not None:
-        parent = _load_yaml(resolve_config_path(str(base)))
-        if "plugins" in layer:
-            parent.plugins = {}  # as in a file: the plugin list replaces the base's
-        layer = OmegaConf.merge(parent, layer)  # type: ignore[assignment]
-    return _with_overrides(layer, overrides, check, plugins)
+    return _with_overrides(_over_base(layer, None), overrides, check, plugins)
 
 
 def _with_overrides(base: DictConfig, overrides: Any, check: bool, plugins: PluginClasses = None) -> DictConfig:
