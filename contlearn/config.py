@@ -180,7 +180,7 @@ def _over_base(data: DictConfig, directory: Path | None, seen: tuple[Path, ...] 
     return OmegaConf.merge(parent, data)  # type: ignore[return-value]
 
 
-def _override_list(overrides: Any) -> list[str]:
+def override_list(overrides: Any) -> list[str]:
     """``overrides`` as a list of strings (None: none); anything else is a ConfigError."""
     if overrides is None:
         return []
@@ -195,7 +195,7 @@ def _override_list(overrides: Any) -> list[str]:
 
 def parse_overrides(overrides: list[str] | tuple[str, ...]) -> DictConfig:
     """``["train.lr=0.1", "plugins.ewc.lam=10"]`` as a config."""
-    items = _override_list(overrides)
+    items = override_list(overrides)
     for item in items:
         key, sep, _ = item.partition("=")
         if not sep or not key.strip():
@@ -210,7 +210,7 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> DictConfig:
 
 def override_keys(overrides: Any) -> set[str]:
     """The keys ``key=value`` overrides set."""
-    return {item.partition("=")[0].strip() for item in _override_list(overrides)}
+    return {item.partition("=")[0].strip() for item in override_list(overrides)}
 
 
 def _override_error(items: list[str], exc: Exception) -> ConfigError:
@@ -417,7 +417,7 @@ def merge_config(
 
 
 def _with_overrides(base: DictConfig, overrides: Any, check: bool, plugins: PluginClasses = None) -> DictConfig:
-    items = _override_list(overrides)
+    items = override_list(overrides)
     layers = [base, parse_overrides(items)]
     if "plugins" in override_keys(items):
         base.plugins = {}  # `plugins=...` replaces the file's plugin list instead of merging into it

@@ -47,6 +47,7 @@ from contlearn.config import (
     load_config,
     merge_config,
     override_keys,
+    override_list,
     schema_defaults,
     to_container,
     to_yaml,
@@ -173,13 +174,12 @@ class Experiment:
     ):
         given = dict(plugins or {})
         self.plugin_classes = {name: p for name, p in given.items() if isinstance(p, type)}
+        if self.plugin_classes:  # a class given is active: an empty section keeps what the config sets
+            overrides = [*override_list(overrides), *(f"plugins.{name}={{}}" for name in self.plugin_classes)]
         if config is None or isinstance(config, (str, Path)):
             config = load_config(config, overrides, plugins=self.plugin_classes)
         else:  # validated again: the caller may have edited it
             config = merge_config(config, overrides, plugins=self.plugin_classes)
-        unset = [name for name in self.plugin_classes if name not in config.plugins]
-        if unset:  # a class given is active, with its defaults when the config does not set it
-            config = merge_config(config, [f"plugins.{name}={{}}" for name in unset], plugins=self.plugin_classes)
         self.config: DictConfig = config
         out = out_dir if out_dir is not None else config.out
         self.out_dir: Path | None = Path(out) if out is not None else None
