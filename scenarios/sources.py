@@ -264,6 +264,7 @@ def npz(path: str | None, test_fraction: float = 0.2, seed: int = 0) -> Split:
     file = Path(path).expanduser()
     if not file.is_file():
         raise DataError(f"npz file '{file}' does not exist (scenario.path)")
+    _check_npz_magic(file)
     try:
         with np.load(file, allow_pickle=False) as arrays:
             data = {k: arrays[k] for k in arrays.files}
@@ -277,6 +278,24 @@ def npz(path: str | None, test_fraction: float = 0.2, seed: int = 0) -> Split:
         _images_layout(data["x"]), data["y"],
         None if x_test is None else _images_layout(x_test), data.get("y_test"),
         name=file.stem, test_fraction=test_fraction, seed=seed,
+    )
+
+
+def _check_npz_magic(file: Path) -> None:
+    """Refuse a file that is not a zip archive before numpy reads it: numpy would
+    take it for a pickle and say so, which misleads."""
+    with file.open("rb") as f:
+        head = f.read(6)
+    if head.startswith(b"PK"):
+        return
+    if head == b"\x93NUMPY":
+        raise DataError(
+            f"'{file}' is a single .npy array, not a .npz archive; "
+            f"save the data with numpy.savez(path, x=..., y=...) (scenario.path)"
+        )
+    raise DataError(
+        f"'{file}' is not a .npz archive (numpy.savez writes a zip of arrays x and y, "
+        f"optionally x_test and y_test) (scenario.path)"
     )
 
 
@@ -306,6 +325,12 @@ def _torchvision_set(name: str, root: Path, train: bool, download: bool) -> Any:
         return cls(str(root), download=download, **kwargs)
     except RuntimeError as exc:
         if "not found" in str(exc).lower() or "corrupted" in str(exc).lower():
+            where = root / folder.format(split=kwargs.get("split"))
+            if where.exists():
+                raise DataError(
+                    f"{cls_name} under '{root}' is incomplete or corrupted: '{where}' exists but failed "
+                    f"torchvision's integrity check; delete it and set scenario.download=true to download it again"
+                ) from None
             raise DataError(
                 f"{cls_name} was not found under '{root}' (looked for {root / folder.format(split=kwargs.get('split'))}); "
                 f"set scenario.download=true to download it there, or scenario.root=DIR to a folder that holds it"

@@ -75,6 +75,28 @@ def test_missing_npz_names_the_path_and_the_key(tmp_path):
         build_stream(load_config("split-digits", ["scenario.source=npz"]).scenario, 0)
 
 
+def test_a_file_that_is_not_an_npz_archive_is_named_as_such(tmp_path):
+    text = tmp_path / "notes.npz"
+    text.write_text("x,y\n1,2\n")
+    with pytest.raises(DataError, match=r"notes.npz' is not a .npz archive.*numpy.savez") as info:
+        sources.npz(str(text))
+    assert "pickle" not in str(info.value)
+    single = tmp_path / "x.npy"
+    np.save(single, np.zeros(3))
+    with pytest.raises(DataError, match=r"x.npy' is a single .npy array, not a .npz archive"):
+        sources.npz(str(single))
+
+
+def test_a_corrupt_torchvision_folder_is_not_called_missing(tmp_path):
+    root = tmp_path / "data"
+    (root / "cifar-10-batches-py").mkdir(parents=True)
+    (root / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"truncated")
+    cfg = load_config("split-digits", ["scenario.source=cifar10", f"scenario.root={root}"])
+    with pytest.raises(DataError, match=r"incomplete or corrupted: '.*cifar-10-batches-py' exists") as info:
+        build_stream(cfg.scenario, 0)
+    assert "not found" not in str(info.value) and "scenario.download=true" in str(info.value)
+
+
 @pytest.mark.parametrize("name", sorted(sources.TORCHVISION))
 def test_missing_torchvision_root_is_one_clear_error(tmp_path, name):
     root = tmp_path / "empty"
