@@ -247,6 +247,30 @@ def test_an_unreachable_hub_is_found_by_a_probe_and_the_cache_alone_is_tried(tmp
     assert "Failed to download" not in proc.stderr  # open_clip's own log line is silenced
 
 
+def test_a_name_lookup_that_hangs_counts_as_unreachable_after_the_probe_time(monkeypatch):
+    """create_connection's timeout does not bound the DNS lookup: the probe as a whole is bounded."""
+    import threading
+    import time
+
+    from contlearn.models import external
+
+    release = threading.Event()
+
+    def hanging_lookup(*args, **kwargs):
+        release.wait(30)
+        raise OSError("lookup timed out")
+
+    monkeypatch.setattr(external.socket, "create_connection", hanging_lookup)
+    start = time.perf_counter()
+    try:
+        assert external._answers("huggingface.co", 443, 0.2) is False
+        assert time.perf_counter() - start < 5
+    finally:
+        release.set()
+    monkeypatch.setattr(external.socket, "create_connection", lambda *a, **k: type("C", (), {"close": lambda self: None})())
+    assert external._answers("huggingface.co", 443, 0.2) is True
+
+
 def test_the_hub_probe_is_skipped_behind_a_proxy_and_offline_mode_is_restored(monkeypatch):
     from huggingface_hub import constants
 

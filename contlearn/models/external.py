@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import socket
+import threading
 import urllib.request
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -72,12 +73,7 @@ def _hub_or_cache(probe_seconds: float = 3.0) -> Iterator[bool]:
         return
     host = endpoint.hostname or "huggingface.co"
     port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
-    try:
-        socket.create_connection((host, port), timeout=probe_seconds).close()
-        reachable = True
-    except OSError:
-        reachable = False
-    if reachable:
+    if _answers(host, port, probe_seconds):
         yield True
         return
     constants.HF_HUB_OFFLINE = True
@@ -85,6 +81,26 @@ def _hub_or_cache(probe_seconds: float = 3.0) -> Iterator[bool]:
         yield False
     finally:
         constants.HF_HUB_OFFLINE = False
+
+
+def _answers(host: str, port: int, seconds: float) -> bool:
+    """Whether ``host:port`` accepts a TCP connection within ``seconds``, name
+    lookup included: ``create_connection``'s timeout does not bound the lookup,
+    which a machine without a working DNS can spend half a minute on, so the
+    probe runs in a daemon thread that is abandoned when it overruns."""
+    outcome: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=seconds).close()
+            outcome.append(True)
+        except OSError:
+            outcome.append(False)
+
+    thread = threading.Thread(target=probe, name="contlearn-hub-probe", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return bool(outcome) and outcome[0]
 
 
 class _Features(nn.Module):
