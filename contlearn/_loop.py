@@ -269,10 +269,33 @@ def report_epoch(run: Run, exp: Experience, losses: list[torch.Tensor], terms: d
 # -------------------------------------------------------------------- evaluation
 
 
+def sharded_evaluation(run: Run) -> bool:
+    """Whether each process of a torchrun run evaluates only its share of the
+    test data: yes unless a plugin sets ``sequential_evaluation = True``."""
+    if run.dist.world_size == 1:
+        return False
+    return not any(getattr(plugin, "sequential_evaluation", False) for plugin in run.plugins.values())
+
+
+def eval_share(run: Run, data: Any, sharded: bool) -> Any:
+    """This process's contiguous share of ``data`` when evaluation is sharded."""
+    return data.subset(run.dist.part(len(data))) if sharded else data
+
+
+def _summed_over_processes(run: Run, sharded: bool, *counts: torch.Tensor) -> list[torch.Tensor]:
+    """Integer counts summed over the processes (one all-reduce) when sharded."""
+    if not sharded:
+        return list(counts)
+    flat = run.dist.all_reduce_(torch.cat([c.reshape(-1) for c in counts]))
+    return [part.view_as(c) for part, c in zip(flat.split([c.numel() for c in counts]), counts, strict=True)]
+
+
 @torch.no_grad()
 def evaluate(run: Run, hooks: StepHooks) -> tuple[list[float], np.ndarray]:
     """Accuracy on every experience's test data (one host read), and the
-    confusion matrix over all test data."""
+    confusion matrix over all test data. Under torchrun each process predicts
+    its share of every test set (:func:`sharded_evaluation`) and the counts are
+    summed."""
     model = run.model
     was_training = model.training
     model.eval()
@@ -280,9 +303,10 @@ def evaluate(run: Run, hooks: StepHooks) -> tuple[list[float], np.ndarray]:
     confusion = torch.zeros(n_classes * n_classes, dtype=torch.long, device=run.device)
     correct, counts = [], []
     batch_size = run.config.train.eval_batch_size
+    sharded = sharded_evaluation(run)
     for exp in run.stream:
         hits = torch.zeros((), dtype=torch.long, device=run.device)
-        for batch in exp.test.batches(batch_size):
+        for batch in eval_share(run, exp.test, sharded).batches(batch_size):
             if hooks.autocast is None:
                 pred = hooks.predict(run=run, batch=batch)
             else:
@@ -300,7 +324,8 @@ def evaluate(run: Run, hooks: StepHooks) -> tuple[list[float], np.ndarray]:
         correct.append(hits)
         counts.append(max(len(exp.test), 1))
     model.train(was_training)
-    row = (torch.stack(correct).double().cpu() / torch.tensor(counts, dtype=torch.double)).tolist()
+    hits_per_exp, confusion = _summed_over_processes(run, sharded, torch.stack(correct), confusion)
+    row = (hits_per_exp.double().cpu() / torch.tensor(counts, dtype=torch.double)).tolist()
     return row, confusion.view(n_classes, n_classes).cpu().numpy()
 
 
@@ -315,10 +340,12 @@ def evaluate_initial(run: Run) -> list[float]:
             model.adapt(exp.classes, exp.task)
         model.eval()
         row = []
+        sharded = run.dist.world_size > 1  # the model alone predicts: no plugin state to keep in step
         for exp in run.stream:
             hits = torch.zeros((), dtype=torch.long, device=run.device)
-            for batch in exp.test.batches(run.config.train.eval_batch_size):
+            for batch in eval_share(run, exp.test, sharded).batches(run.config.train.eval_batch_size):
                 hits += (model(batch.x, batch.t).logits.argmax(1) == batch.y).sum()
             row.append(hits)
+    (hits_per_exp,) = _summed_over_processes(run, sharded, torch.stack(row))
     counts = torch.tensor([max(len(e.test), 1) for e in run.stream], dtype=torch.double)
-    return (torch.stack(row).double().cpu() / counts).tolist()
+    return (hits_per_exp.double().cpu() / counts).tolist()

@@ -8,9 +8,14 @@ batch, and the gradients are summed over the processes with each share weighted
 by its size. The optimizer step therefore sees the gradient of the whole global
 batch's mean loss, as one process would, and every process keeps identical
 weights, optimizer state and plugin state (buffers, Fisher information, teachers
-are computed the same way everywhere). Only the forward and backward passes of
-the training batch are divided; evaluation and the plugins' own passes run on
-every process. Only process 0 writes (run directory, checkpoints, results).
+are computed the same way everywhere). The forward and backward passes of the
+training batch are divided, and so is evaluation: each process predicts its
+contiguous share of every test set and the counts of hits (and the confusion
+matrix) are summed, unless a plugin sets ``sequential_evaluation = True`` (its
+predictions depend on the test samples before them, as DMN's test-time memory
+does; every process then evaluates all test data, in order). The plugins' own
+passes over the data run on every process. Only process 0 writes (run
+directory, checkpoints, results).
 
 BatchNorm layers normalise each process's share with its own statistics (as in
 plain DDP), so with them results differ slightly from one process.
@@ -85,6 +90,12 @@ class DistributedView:
             torch.distributed.all_reduce(tensor)
         return tensor
 
+    def part(self, n: int) -> range:
+        """This process's rows of ``n`` items split without overlap, as evenly as
+        they go: ``range(rank * n // world, (rank + 1) * n // world)`` (empty for
+        some processes when ``n < world``)."""
+        return range(self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size)
+
     def share(self, n: int) -> tuple[slice, float]:
         """This process's rows of a global batch of ``n`` and the weight of its
         gradient: rows ``[rank * n // world, (rank + 1) * n // world)``, weighted
@@ -92,8 +103,8 @@ class DistributedView:
         is not divided: every process takes all of it, at weight ``1 / world``."""
         if n < self.world_size:
             return slice(0, n), 1.0 / self.world_size
-        lo, hi = self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size
-        return slice(lo, hi), (hi - lo) / n
+        rows = self.part(n)
+        return slice(rows.start, rows.stop), len(rows) / n
 
     def sum_gradients_(self, params: Iterable[torch.nn.Parameter], weight: float) -> None:
         """Replace every gradient by the sum over processes of ``weight * grad``:

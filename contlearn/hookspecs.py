@@ -228,7 +228,11 @@ def predict(run: Run, batch: Batch) -> torch.Tensor | None:
         else, scores for instance, is a :class:`~contlearn.errors.TrainingError`);
         first non-``None`` wins. The default is the argmax of the model's logits.
 
-    Nearest-mean classifiers, task routing, test-time memories.
+    Nearest-mean classifiers, task routing, test-time memories. Under torchrun
+    each process predicts its own share of every test set; a plugin whose
+    predictions depend on the test samples before them (a test-time memory, its
+    own random draws) sets the class attribute ``sequential_evaluation = True``,
+    and every process then evaluates all test data, in order.
     """
 
 
@@ -240,6 +244,10 @@ def after_eval_batch(run: Run, batch: Batch, predictions: torch.Tensor) -> None:
     :param batch: the evaluation batch.
     :param predictions: what :func:`predict` returned for it.
     :return: nothing; every implementation is called.
+
+    Under torchrun each process sees only its share of the test batches (see
+    :func:`predict`); a plugin that counts them sums its counts over the
+    processes (``run.dist.all_reduce_``) before it reports them.
     """
 
 

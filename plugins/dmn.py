@@ -72,6 +72,11 @@ class DMN:
     grows with each experience's classes. Prediction is DMN's, in ``predict``.
     """
 
+    #: predictions depend on the test samples before them (the dynamic memory, the
+    #: views drawn from this plugin's generator): under torchrun every process
+    #: evaluates all test data, in order, and stays in step with the others
+    sequential_evaluation = True
+
     smoke_overrides = [
         "plugins.dmn.clip=contlearn-tiny-clip",
         "plugins.dmn.pretrained=null",

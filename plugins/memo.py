@@ -259,11 +259,11 @@ class MEMO:
     def on_metrics(self, run: Any, metrics: dict[str, Any]) -> None:
         if metrics.get("kind") != "eval" or "count" not in self._hits:
             return
-        count = self._hits.pop("count").clamp(min=1)
-        for name in PREDICTIONS:
-            hits = self._hits.pop(name, None)
-            if hits is not None:
-                self.accuracy[name].append((hits / count).cpu().tolist())
+        names = ["count", *(name for name in PREDICTIONS if name in self._hits)]
+        totals = run.dist.all_reduce_(torch.stack([self._hits[name] for name in names]))  # sharded evaluation
+        count = totals[0].clamp(min=1)
+        for name, hits in zip(names[1:], totals[1:], strict=True):
+            self.accuracy[name].append((hits / count).cpu().tolist())
         self._hits.clear()
 
     # ------------------------------------------------------------- memory

@@ -96,6 +96,10 @@ class TensorData:
         return TensorData(self.x.to(device), self.y.to(device), self.t.to(device), self.augment)
 
     def subset(self, index: torch.Tensor | Sequence[int]) -> TensorData:
+        """The samples at ``index``; a ``range`` of step 1 gives views, not copies."""
+        if isinstance(index, range) and index.step == 1 and 0 <= index.start and index.stop <= len(self):
+            rows = slice(index.start, index.stop)
+            return TensorData(self.x[rows], self.y[rows], self.t[rows], self.augment)
         index = torch.as_tensor(index, dtype=torch.long, device=self.x.device)
         return TensorData(self.x[index], self.y[index], self.t[index], self.augment)
 

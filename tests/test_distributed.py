@@ -12,9 +12,11 @@ import pytest
 import torch
 from _crash import SMALL_RUN
 
+from contlearn import Experiment, load_config
 from contlearn import checkpoint as ckpt
 from contlearn.cli import main
 from contlearn.distributed import DistributedView
+from contlearn.experiment import stream_of
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
@@ -66,6 +68,59 @@ def test_two_processes_train_as_one_and_only_process_0_writes(tmp_path):
     single = [json.loads(line) for line in (one / "events.jsonl").read_text().splitlines()]
     losses = [[e["loss"] for e in log if e["kind"] == "epoch"] for log in (single, events)]
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)  # the processes' losses, averaged
+
+
+SHARDING_SCRIPT = """
+import json, sys
+import torch
+from contlearn import Experiment, hookimpl, load_config
+
+class CountEvaluated:
+    def __init__(self):
+        self.seen = 0
+
+    @hookimpl
+    def after_eval_batch(self, batch):
+        self.seen += len(batch)
+
+class InOrder(CountEvaluated):
+    sequential_evaluation = True
+
+out = {}
+for name, plugin in (("sharded", CountEvaluated()), ("in_order", InOrder())):
+    cfg = load_config("split-digits", sys.argv[2:])
+    results = Experiment(cfg, plugins={"count": plugin}).run()
+    out[name] = {"seen": plugin.seen, "matrix": results.accuracy_matrix, "initial": results.initial_accuracy}
+rank = torch.distributed.get_rank()
+open(sys.argv[1] + f"/rank{rank}.json", "w").write(json.dumps(out))
+"""
+
+
+def test_evaluation_is_shared_out_unless_a_plugin_needs_it_in_order(tmp_path):
+    overrides = [*SMALL_RUN, "eval.fwt=true", "train.eval_batch_size=7"]
+    script = tmp_path / "shards.py"
+    script.write_text(SHARDING_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    torchrun += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    proc = subprocess.run([*torchrun, str(script), str(tmp_path), *overrides], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    alone = Experiment(load_config("split-digits", overrides)).run()
+    n_test = sum(len(exp.test) for exp in stream_of(load_config("split-digits", overrides)))
+    evaluations = len(alone.accuracy_matrix)
+    sharded = [r["sharded"]["seen"] for r in ranks]
+    assert sum(sharded) == evaluations * n_test and 0 < sharded[0] < evaluations * n_test
+    assert [r["in_order"]["seen"] for r in ranks] == [evaluations * n_test] * 2  # everyone, everything
+    for r in ranks:
+        for run in ("sharded", "in_order"):  # the counts are summed: the accuracies of one process
+            for row, row_alone in zip(r[run]["matrix"], alone.accuracy_matrix, strict=True):
+                assert row == pytest.approx(row_alone, abs=0.02)
+            assert r[run]["initial"] == pytest.approx(alone.initial_accuracy, abs=0.02)
+    assert ranks[0]["sharded"] == {**ranks[1]["sharded"], "seen": sharded[0]}  # the same results everywhere
 
 
 def test_unlearning_refuses_several_processes(tmp_path, monkeypatch, capsys):
