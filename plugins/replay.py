@@ -12,6 +12,12 @@ Two buffers (:mod:`contlearn.plugins._buffers`):
   training sample is offered once: during the first epoch of its experience.
 * ``class_balanced``: the same number of slots per class seen, filled at the end
   of each experience with a uniform random subset of each class.
+
+Samples are stored before the training augmentation (``scenario.train_transform``'s
+random crops and flips), and each replayed batch is augmented afresh when it is
+drawn, as Mammoth's ER (``not_aug_inputs`` in, the transform applied in
+``get_data``) and Avalanche's replay (buffers of dataset samples) do;
+``augment: false`` replays them as stored.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ class Replay:
         policy: str = "reservoir"  # reservoir | class_balanced
         batch_size: Optional[int] = None  # replayed samples per step; None: train.batch_size
         storage: str = "device"  # device (the training device) | cpu
+        augment: bool = True  # augment replayed samples afresh at each draw (stored un-augmented)
 
         def __post_init__(self) -> None:
             if self.policy not in POLICIES:
@@ -78,8 +85,11 @@ class Replay:
         n = self.config.batch_size or run.config.train.batch_size
         replayed = buffer.sample(n, run.device)
         if isinstance(buffer, ReservoirBuffer) and run.epoch == 0:
-            buffer.add(batch)
-        return replayed
+            buffer.add(batch.unaugmented)
+        augment = getattr(run.experience.train, "augment", None) if run.experience is not None else None
+        if replayed is None or augment is None or not self.config.augment:
+            return replayed
+        return Batch(augment(replayed.x, self.generator), replayed.y, replayed.t, raw=replayed.x)
 
     @hookimpl
     def after_experience(self, run: Any, exp: Any) -> None:

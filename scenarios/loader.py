@@ -165,7 +165,7 @@ class LoaderData:
         for index, x in zip(chunks, loader, strict=True):
             batch = Batch(x, self.y[index], self.t[index]).to(self._device, non_blocking=non_blocking)
             if self.augment is not None:
-                batch = Batch(self.augment(batch.x, generator), batch.y, batch.t)
+                batch = Batch(self.augment(batch.x, generator), batch.y, batch.t, raw=batch.x)
             yield batch
 
     @staticmethod

@@ -18,11 +18,15 @@ import torch
 
 @dataclass(slots=True)
 class Batch:
-    """Inputs ``x``, class labels ``y`` and task labels ``t`` of some samples."""
+    """Inputs ``x``, class labels ``y`` and task labels ``t`` of some samples;
+    ``raw``, for a training batch whose inputs were augmented, the inputs before
+    the augmentation (what a rehearsal buffer keeps, to augment them afresh when
+    it replays them), ``None`` otherwise."""
 
     x: torch.Tensor
     y: torch.Tensor
     t: torch.Tensor
+    raw: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.y.shape[0]
@@ -32,18 +36,27 @@ class Batch:
             self.x.to(device, non_blocking=non_blocking),
             self.y.to(device, non_blocking=non_blocking),
             self.t.to(device, non_blocking=non_blocking),
+            None if self.raw is None else self.raw.to(device, non_blocking=non_blocking),
         )
 
     @staticmethod
     def cat(batches: Sequence[Batch]) -> Batch:
-        """Concatenate batches along the sample dimension."""
+        """Concatenate batches along the sample dimension (``raw`` only if every
+        batch has it)."""
         if len(batches) == 1:
             return batches[0]
+        raws = [b.raw for b in batches]
         return Batch(
             torch.cat([b.x for b in batches]),
             torch.cat([b.y for b in batches]),
             torch.cat([b.t for b in batches]),
+            None if any(r is None for r in raws) else torch.cat(raws),  # type: ignore[arg-type]
         )
+
+    @property
+    def unaugmented(self) -> Batch:
+        """The batch with its inputs before augmentation (itself if it had none)."""
+        return self if self.raw is None else Batch(self.raw, self.y, self.t)
 
 
 class TensorData:
@@ -150,7 +163,7 @@ class TensorData:
     def _augmented(self, batch: Batch, generator: torch.Generator | None) -> Batch:
         if self.augment is None:
             return batch
-        return Batch(self.augment(batch.x, generator), batch.y, batch.t)
+        return Batch(self.augment(batch.x, generator), batch.y, batch.t, raw=batch.x)
 
     @staticmethod
     def concat(parts: Sequence[Any]) -> Any:

@@ -8,6 +8,7 @@ from _crash import SMALL_RUN, CrashAt, SimulatedCrash
 from contlearn.plugins._buffers import ClassBalancedBuffer, ReservoirBuffer
 
 from contlearn import ConfigError, Experiment, hookimpl, load_config
+from contlearn.experiment import stream_of
 
 
 class BatchSizes:
@@ -38,6 +39,48 @@ def test_reservoir_sees_each_sample_once_and_replays_full_batches(quick):
     # the first step has an empty buffer; afterwards every full batch gets 10 replayed samples
     assert sizes.sizes[0] == (0, 32)
     assert all(n in (42, len(run.stream[e].train) % 32 + 10) for e, n in sizes.sizes[1:])
+
+
+class ReplayedInputs:
+    """Records, at each step of the second experience, the inputs of the batch
+    the model trains on: the current samples first, the replayed ones after."""
+
+    def __init__(self):
+        self.batches: list[torch.Tensor] = []
+
+    @hookimpl
+    def loss_terms(self, run, batch):
+        if run.experience.index == 1:
+            self.batches.append(batch.x.clone())
+
+
+def shifted_up(x, generator):
+    """A random augmentation whose output cannot be mistaken for a digit (in [0, 1]): x + 2 + U(0, 1) per sample."""
+    return x + 2 + torch.rand(len(x), generator=generator).to(x.device).view(-1, *[1] * (x.dim() - 1))
+
+
+@pytest.mark.parametrize("policy", ["reservoir", "class_balanced"])
+@pytest.mark.parametrize("augment", [True, False])
+def test_replay_stores_samples_unaugmented_and_augments_them_when_drawn(quick, policy, augment):
+    cfg = load_config(None, two_experiences(quick, "plugins.replay.size=50", "plugins.replay.batch_size=10",
+                                            f"plugins.replay.policy={policy}", f"plugins.replay.augment={augment}",
+                                            "train.lr=0.01"))
+    stream = stream_of(cfg)
+    for exp in stream:
+        exp.train.augment = shifted_up
+    seen = ReplayedInputs()
+    experiment = Experiment(cfg, stream=stream, plugins={"seen": seen})
+    experiment.run()
+    stored = experiment.run_state.plugins["replay"].buffer.sample(50, "cpu").x
+    assert len(stored) == 50 and stored.max() <= 1  # kept before the augmentation
+    replayed = torch.cat([x[-10:] for x in seen.batches]).flatten(1)
+    assert bool((seen.batches[0][:-10] >= 2).all())  # the current samples are augmented by the loop
+    if augment:
+        assert bool((replayed >= 2).all())
+        corner = replayed[:, 0]  # 0 in every digit image, so x + 2 + u there gives each sample's draw u
+        assert len(corner.unique()) > len(replayed) // 2  # drawn afresh, not stored
+    else:
+        assert replayed.max() <= 1
 
 
 def test_replay_batch_size_defaults_to_the_train_batch_size(quick):
