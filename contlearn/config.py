@@ -270,9 +270,26 @@ def _merge_checked(schema: Any, *layers: Any, where: str = "") -> DictConfig:
                     f"'{where}{section}' is a section: set its keys ({where}{section}.KEY=VALUE), not a value"
                 ) from None
         full_key = f"{where}{exc.full_key}"
+        if "is not a ListConfig" in exc.msg:  # OmegaConf's words for a plain value given to a list
+            value = _given_value(layers, str(exc.full_key))
+            raise ConfigError(
+                f"wrong value for '{full_key}': expected a list in brackets, e.g. {full_key}=[{value}], got {value}"
+            ) from None
         raise ConfigError(f"wrong value for '{full_key}': {_first_line(exc.msg)}") from None
     except OmegaConfBaseException as exc:
         raise ConfigError(f"invalid config{f' at {where}' if where else ''}: {_first_line(exc.msg)}") from None
+
+
+def _given_value(layers: tuple[Any, ...], key: str) -> Any:
+    """The value the last layer that sets ``key`` gives it."""
+    for layer in reversed(layers):
+        try:
+            value = OmegaConf.select(OmegaConf.create(layer) if isinstance(layer, dict) else layer, key)
+        except OmegaConfBaseException:
+            continue
+        if value is not None:
+            return value
+    return None
 
 
 def _section_given_a_value(schema: Any, layers: tuple[Any, ...]) -> str | None:

@@ -50,6 +50,17 @@ def test_wrong_type_names_the_key():
         load_config(None, ["train.epochs=many"])
 
 
+@pytest.mark.parametrize("override, key", [("model.hidden=64", "model.hidden"),
+                                           ("plugins.dmn.alpha_grid=3", "plugins.dmn.alpha_grid")])
+def test_a_plain_value_for_a_list_says_to_put_it_in_brackets(override, key):
+    value = override.split("=")[1]
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert str(err.value) == f"wrong value for '{key}': expected a list in brackets, e.g. {key}=[{value}], got {value}"
+    with pytest.raises(ConfigError, match=r"model.hidden=\[64\], got 64"):
+        load_config({"model": {"hidden": 64}})  # a mapping (or a file) says the same
+
+
 def test_unknown_plugin_lists_available_ones():
     with pytest.raises(PluginError, match="unknown plugin 'ewk'.*'finetune'") as err:
         load_config(None, ["plugins.ewk.lam=1"])
