@@ -53,6 +53,14 @@ class _GradTap(torch.autograd.Function):
         return grad, None
 
 
+def is_per_sample_linear(module: nn.Module) -> bool:
+    """Whether per-sample mode taps ``module``: an ``nn.Linear``, or a module whose
+    class sets ``per_sample_linear = True`` to say that its forward is
+    ``F.linear(input, self.weight, self.bias)`` of its first argument (contlearn's
+    incremental classifier heads)."""
+    return isinstance(module, nn.Linear) or getattr(type(module), "per_sample_linear", False) is True
+
+
 class _LinearTaps:
     """Records each call's input and output gradient of the model's Linear layers."""
 
@@ -64,7 +72,7 @@ class _LinearTaps:
         self.modules = [
             m
             for m in model.modules()
-            if isinstance(m, nn.Linear)
+            if is_per_sample_linear(m)
             and any(id(p) in trainable for p in m.parameters(recurse=False))
         ]
         self.exclusive = {
@@ -134,10 +142,12 @@ def empirical_fisher(
 
     ``mode="per_sample"``: the standard empirical Fisher ``F = (1/N) sum_n
     (dl_n/dtheta)**2`` over all N samples, with ``l_n`` the per-sample loss, computed
-    exactly for the parameters of ``nn.Linear`` modules called through their forward
-    (hooks record inputs and output gradients; since ``L_k`` is a mean over B_k
-    samples, ``dl_n/dtheta = B_k * dL_k/dtheta`` restricted to sample n). Parameters of
-    other modules, Linear layers bypassed by functional calls (e.g.
+    exactly for the parameters of ``nn.Linear`` modules (and of modules marked as
+    linear, :func:`is_per_sample_linear`: contlearn's incremental heads, each task's
+    head of a multi-head model) called through their forward (hooks record inputs
+    and output gradients; since ``L_k`` is a mean over B_k samples, ``dl_n/dtheta =
+    B_k * dL_k/dtheta`` restricted to sample n). Parameters of other modules
+    (convolutions, cosine heads), Linear layers bypassed by functional calls (e.g.
     ``nn.MultiheadAttention.out_proj``) and parameters shared between modules fall back
     to the batch-mode formula, which is about B times smaller in scale. Per-sample mode
     assumes samples do not interact (BatchNorm in eval mode) and that the batch is the

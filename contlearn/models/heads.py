@@ -79,6 +79,10 @@ class IncrementalLinear(nn.Module):
         """Grow to cover ``classes`` (model-side class ids)."""
         self.grow(max(classes) + 1)
 
+    #: forward is ``F.linear(features, self.weight, self.bias)``: per-sample Fisher
+    #: information is exact for it (contlearn.kernels.empirical.is_per_sample_linear)
+    per_sample_linear = True
+
     def forward(self, features: torch.Tensor, task: torch.Tensor | None = None) -> torch.Tensor:
         return F.linear(features, self.weight, self.bias)
 
@@ -103,6 +107,8 @@ class CosineLinear(IncrementalLinear):
             self.scale = nn.Parameter(value)
         else:
             self.register_buffer("scale", value)
+
+    per_sample_linear = False  # the weight is normalised before F.linear
 
     def forward(self, features: torch.Tensor, task: torch.Tensor | None = None) -> torch.Tensor:
         return self.scale * F.linear(F.normalize(features, dim=1), F.normalize(self.weight, dim=1))

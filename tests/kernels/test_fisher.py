@@ -10,6 +10,8 @@ from contlearn.kernels import accumulate, fisher
 from torch import nn
 from torch.nn import functional as F
 
+from contlearn.models.heads import create_head
+
 SIZES = [(1,), (7,), (1023,), (33, 31), (1025,), (4097,), (0,), (3, 5, 7)]
 
 
@@ -180,6 +182,42 @@ def test_per_sample_mode_falls_back_to_batch_mode_for_conv(
         torch.testing.assert_close(got[name], per_sample[name], rtol=1e-4, atol=1e-7)
     for name in ("conv.weight", "conv.bias"):
         torch.testing.assert_close(got[name], batch[name], rtol=1e-4, atol=1e-7)
+
+
+class _HeadNet(nn.Module):
+    """A Linear body under one of contlearn's classifier heads, called with task labels."""
+
+    def __init__(self, head: str) -> None:
+        super().__init__()
+        self.body = nn.Linear(5, 6)
+        self.head = create_head(head, 6)
+        if head == "multi":
+            self.head.adapt([0, 1], 0)
+            self.head.adapt([2, 3], 1)
+        else:
+            self.head.grow(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, 6]; column 5 is the task label
+        return self.head(torch.tanh(self.body(x[:, :5])), x[:, 5].long())
+
+
+@pytest.mark.parametrize("head", ["incremental", "multi", "cosine"])
+def test_per_sample_mode_is_exact_for_contlearn_heads_but_cosine(head: str) -> None:
+    """EWC's per-sample Fisher must not give the head 1/B of its importance: incremental
+    heads and each task's head of a multi-head are linear and tapped; a cosine head
+    normalises its weight, so it falls back to batch mode (documented)."""
+    torch.manual_seed(0)
+    model = _HeadNet(head)
+    x = torch.cat([torch.randn(8, 5), torch.tensor([0, 1] * 4, dtype=torch.float32)[:, None]], dim=1)
+    y = torch.tensor([0, 2, 1, 3] * 2) if head == "multi" else torch.randint(0, 4, (8,))
+    batches = [(x, y)]
+    got = fisher.empirical_fisher(model, batches, _xent, mode="per_sample")
+    per_sample, batch = _per_sample_loop(model, batches, _xent), _batch_loop(model, batches, _xent)
+    exact = [n for n in got if n.startswith("body") or head != "cosine"]
+    assert any(n.startswith("head") for n in exact) == (head != "cosine")
+    for name in got:
+        want = per_sample[name] if name in exact else batch[name]
+        torch.testing.assert_close(got[name], want, rtol=1e-4, atol=1e-7, msg=name)
 
 
 def test_leaves_grads_mode_and_frozen_params_alone() -> None:
