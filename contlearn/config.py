@@ -278,6 +278,40 @@ def _merge_checked(schema: Any, *layers: Any, where: str = "") -> DictConfig:
         raise ConfigError(f"wrong value for '{full_key}': {_first_line(exc.msg)}") from None
     except OmegaConfBaseException as exc:
         raise ConfigError(f"invalid config{f' at {where}' if where else ''}: {_first_line(exc.msg)}") from None
+    except TypeError as exc:  # OmegaConf's "Cannot merge incompatible container types", without the key
+        found = _container_mismatch(OmegaConf.structured(schema), layers)
+        if found is None:
+            raise ConfigError(f"invalid config{f' at {where}' if where else ''}: {exc}") from None
+        key = f"{where}{found[0]}"
+        wanted = f"a list in brackets, e.g. {key}=[1,2]" if found[1] == "list" else f"a mapping, e.g. {key}.KEY=VALUE"
+        raise ConfigError(f"wrong value for '{key}': expected {wanted}") from None
+
+
+def _container_mismatch(schema: DictConfig, layers: tuple[Any, ...]) -> tuple[str, str] | None:
+    """The first key a layer gives a mapping where the schema has a list, or a
+    list where it has a mapping, and what the schema wants there ("list" or
+    "mapping")."""
+
+    def walk(node: Any, given: Any, prefix: str) -> tuple[str, str] | None:
+        for key, value in given.items():
+            child = node._get_node(key) if isinstance(node, DictConfig) else None
+            path = f"{prefix}{key}"
+            if isinstance(child, ListConfig) and isinstance(value, (dict, DictConfig)):
+                return path, "list"
+            if isinstance(child, DictConfig) and isinstance(value, (list, ListConfig)):
+                return path, "mapping"
+            if isinstance(child, DictConfig) and isinstance(value, (dict, DictConfig)):
+                found = walk(child, value, f"{path}.")
+                if found is not None:
+                    return found
+        return None
+
+    for layer in layers:
+        if isinstance(layer, (dict, DictConfig)):
+            found = walk(schema, layer, "")
+            if found is not None:
+                return found
+    return None
 
 
 def _given_value(layers: tuple[Any, ...], key: str) -> Any:

@@ -61,6 +61,14 @@ def test_a_plain_value_for_a_list_says_to_put_it_in_brackets(override, key):
         load_config({"model": {"hidden": 64}})  # a mapping (or a file) says the same
 
 
+@pytest.mark.parametrize("override, key", [("model.hidden={a: 1}", "model.hidden"),
+                                           ("plugins.dmn.alpha_grid={a: 1}", "plugins.dmn.alpha_grid")])
+def test_a_mapping_for_a_list_names_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert str(err.value) == f"wrong value for '{key}': expected a list in brackets, e.g. {key}=[1,2]"
+
+
 def test_unknown_plugin_lists_available_ones():
     with pytest.raises(PluginError, match="unknown plugin 'ewk'.*'finetune'") as err:
         load_config(None, ["plugins.ewk.lam=1"])
