@@ -138,8 +138,8 @@ def extra_samples(run: Run, batch: Batch) -> Batch | None:
     :param run: the current run.
     :param batch: the batch drawn from the current experience, augmented;
         ``batch.unaugmented`` is it before the training augmentation (what a
-        buffer keeps; it then augments what it replays with
-        ``run.experience.train.augment``, when set).
+        buffer keeps). When ``batch.raw`` is set, a buffer augments what it
+        replays with ``run.experience.train.augment``.
     :return: a :class:`~contlearn.scenarios.Batch` or ``None``. The results of all
         implementations are concatenated to the batch, in hook-call order;
         anything else is a :class:`~contlearn.errors.TrainingError`.

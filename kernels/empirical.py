@@ -57,8 +57,11 @@ def is_per_sample_linear(module: nn.Module) -> bool:
     """Whether per-sample mode taps ``module``: an ``nn.Linear``, or a module whose
     class sets ``per_sample_linear = True`` to say that its forward is
     ``F.linear(input, self.weight, self.bias)`` of its first argument (contlearn's
-    incremental classifier heads)."""
-    return isinstance(module, nn.Linear) or getattr(type(module), "per_sample_linear", False) is True
+    incremental classifier heads). Both are judged by the class that defines
+    ``forward``: a subclass with a forward of its own (a LoRA layer, a cosine
+    head) is not tapped unless it sets the mark too."""
+    owner = next((c for c in type(module).__mro__ if "forward" in vars(c)), None)
+    return owner is nn.Linear or (owner is not None and vars(owner).get("per_sample_linear") is True)
 
 
 class _LinearTaps:

@@ -257,14 +257,18 @@ class MEMO:
 
     @hookimpl
     def on_metrics(self, run: Any, metrics: dict[str, Any]) -> None:
-        if metrics.get("kind") != "eval" or "count" not in self._hits:
+        if metrics.get("kind") != "eval":
             return
-        names = ["count", *(name for name in PREDICTIONS if name in self._hits)]
-        totals = run.dist.all_reduce_(torch.stack([self._hits[name] for name in names]))  # sharded evaluation
+        # every process takes part in the all-reduce (sharded evaluation), whatever its share held
+        names = ["count", *(name for name in PREDICTIONS if name != "nme" or self.class_means is not None)]
+        zeros = torch.zeros(len(run.stream), device=run.device)
+        totals = run.dist.all_reduce_(torch.stack([self._hits.get(name, zeros) for name in names]))
+        self._hits.clear()
+        if not bool(totals[0].any()):  # predict was answered by another plugin: nothing counted
+            return
         count = totals[0].clamp(min=1)
         for name, hits in zip(names[1:], totals[1:], strict=True):
             self.accuracy[name].append((hits / count).cpu().tolist())
-        self._hits.clear()
 
     # ------------------------------------------------------------- memory
 

@@ -17,7 +17,9 @@ Samples are stored before the training augmentation (``scenario.train_transform`
 random crops and flips), and each replayed batch is augmented afresh when it is
 drawn, as Mammoth's ER (``not_aug_inputs`` in, the transform applied in
 ``get_data``) and Avalanche's replay (buffers of dataset samples) do;
-``augment: false`` replays them as stored.
+``augment: false`` replays them as stored. Only batches contlearn augmented
+(``batch.raw`` set) are augmented again: inside an Avalanche strategy, whose
+batches come transformed, samples are stored and replayed as they come.
 """
 
 from __future__ import annotations
@@ -86,9 +88,9 @@ class Replay:
         replayed = buffer.sample(n, run.device)
         if isinstance(buffer, ReservoirBuffer) and run.epoch == 0:
             buffer.add(batch.unaugmented)
-        augment = getattr(run.experience.train, "augment", None) if run.experience is not None else None
-        if replayed is None or augment is None or not self.config.augment:
-            return replayed
+        if replayed is None or batch.raw is None or not self.config.augment:
+            return replayed  # the current batch was not augmented here (none set, or Avalanche's own transforms)
+        augment = run.experience.train.augment
         return Batch(augment(replayed.x, self.generator), replayed.y, replayed.t, raw=replayed.x)
 
     @hookimpl

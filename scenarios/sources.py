@@ -264,8 +264,8 @@ def npz(path: str | None, test_fraction: float = 0.2, seed: int = 0) -> Split:
     file = Path(path).expanduser()
     if not file.is_file():
         raise DataError(f"npz file '{file}' does not exist (scenario.path)")
-    _check_npz_magic(file)
     try:
+        _check_npz_magic(file)
         with np.load(file, allow_pickle=False) as arrays:
             data = {k: arrays[k] for k in arrays.files}
     except (OSError, ValueError) as exc:

@@ -41,16 +41,15 @@ class Batch:
 
     @staticmethod
     def cat(batches: Sequence[Batch]) -> Batch:
-        """Concatenate batches along the sample dimension (``raw`` only if every
-        batch has it)."""
+        """Concatenate batches along the sample dimension (without ``raw``: the
+        batch a step trains on needs the inputs it sees, and a copy of the
+        un-augmented ones would cost a concatenation at every step)."""
         if len(batches) == 1:
             return batches[0]
-        raws = [b.raw for b in batches]
         return Batch(
             torch.cat([b.x for b in batches]),
             torch.cat([b.y for b in batches]),
             torch.cat([b.t for b in batches]),
-            None if any(r is None for r in raws) else torch.cat(raws),  # type: ignore[arg-type]
         )
 
     @property

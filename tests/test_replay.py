@@ -175,9 +175,10 @@ def test_baselines_resume_exactly_from_a_checkpoint_inside_an_experience(tmp_pat
     """replay, ewc, lwf and l2 together: a run crashed in the middle of an
     experience and resumed from its checkpoint gives the uninterrupted results,
     so their state_dict() holds everything they learnt (buffers, generators,
-    anchors, Fisher, teacher)."""
+    anchors, Fisher, teacher), with augmentation drawn by the loop and by replay."""
     tiny = [
         *SMALL_RUN,
+        "scenario.train_transform=[random_crop:1,hflip]",
         "eval.fwt=false",
         "plugins={}",
         f"plugins.replay.policy={policy}",

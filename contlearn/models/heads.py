@@ -108,8 +108,6 @@ class CosineLinear(IncrementalLinear):
         else:
             self.register_buffer("scale", value)
 
-    per_sample_linear = False  # the weight is normalised before F.linear
-
     def forward(self, features: torch.Tensor, task: torch.Tensor | None = None) -> torch.Tensor:
         return self.scale * F.linear(F.normalize(features, dim=1), F.normalize(self.weight, dim=1))
 

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from contlearn.kernels import accumulate, fisher
+from contlearn.kernels import accumulate, empirical, fisher
 from torch import nn
 from torch.nn import functional as F
 
@@ -199,6 +199,36 @@ class _HeadNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, 6]; column 5 is the task label
         return self.head(torch.tanh(self.body(x[:, :5])), x[:, 5].long())
+
+
+class _ScaledLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # a LoRA-like layer: no longer F.linear alone
+        return 2 * super().forward(x)
+
+
+class _MarkedScaled(_ScaledLinear):
+    per_sample_linear = True  # not on the class that defines forward: ignored
+
+
+class _OwnLinear(nn.Module):
+    """A third-party linear layer that vouches for its forward."""
+
+    per_sample_linear = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.randn(2, 2)), nn.Parameter(torch.zeros(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def test_which_modules_per_sample_mode_taps() -> None:
+    tapped = [nn.Linear(2, 2), nn.MultiheadAttention(4, 2).out_proj, create_head("incremental", 2), _OwnLinear()]
+    not_tapped = [create_head("cosine", 2), create_head("multi", 2), _ScaledLinear(2, 2), _MarkedScaled(2, 2),
+                  nn.Conv1d(2, 2, 1)]
+    assert [empirical.is_per_sample_linear(m) for m in tapped] == [True] * 4
+    assert [empirical.is_per_sample_linear(m) for m in not_tapped] == [False] * 5
 
 
 @pytest.mark.parametrize("head", ["incremental", "multi", "cosine"])
