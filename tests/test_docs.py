@@ -53,6 +53,40 @@ def test_every_builtin_plugin_has_a_docs_page(name):
     assert "## Config" in text and "## Result" in text, f"{page.name} needs Config and Result sections"
 
 
+def config_table(name: str) -> dict[str, str | None]:
+    """Field -> documented default (backticked, as YAML) of the "## Config" table of a
+    plugin's page; a row may list several fields, with one default each or one for all."""
+    section = (ROOT / "docs" / "plugins" / f"{name}.md").read_text().split("## Config", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("|") and not line.startswith("|---")][1:]
+    documented: dict[str, str | None] = {}
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        names, defaults = re.findall(r"`([^`]+)`", cells[0]), re.findall(r"`([^`]*)`", cells[1])
+        for k, field in enumerate(names):
+            documented[field] = defaults[k] if len(defaults) == len(names) else defaults[0] if len(defaults) == 1 else None
+    return documented
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_PLUGINS))
+def test_every_plugin_config_field_is_documented_with_its_default(name):
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from contlearn._registry import PluginRegistry
+
+    config = PluginRegistry.load(autoload=False).get(name).config_class
+    fields = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+              for f in dataclasses.fields(config)} if config is not None else {}
+    documented = config_table(name)
+    assert set(documented) == set(fields), f"docs/plugins/{name}.md's Config table vs {name}.Config"
+    for field, default in fields.items():
+        text = documented[field]
+        if text is None or "..." in text:  # no default given for this field, or an abbreviated list
+            continue
+        assert OmegaConf.to_container(OmegaConf.create(f"v: {text}"))["v"] == default, f"{name}.{field}"
+
+
 def test_the_configuration_reference_lists_every_option_with_its_default():
     """docs/configuration.md's YAML block is the schema: every option, every default."""
     from omegaconf import OmegaConf
