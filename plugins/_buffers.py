@@ -1,4 +1,4 @@
-"""Rehearsal buffers: a reservoir and a class-balanced memory of past samples.
+"""Rehearsal buffers: a reservoir and a balanced memory of past samples.
 
 Both draw every random choice from a CPU ``torch.Generator`` and keep their
 bookkeeping (counts, which slot holds what) on the host, so adding a batch or
@@ -9,10 +9,11 @@ preallocated tensors on ``storage`` (the training device or the CPU).
   a reservoir", ACM TOMS 1985), as experience replay uses it (Chaudhry et al.,
   "On Tiny Episodic Memories in Continual Learning", 2019): after n samples have
   been offered, each of them is in the buffer with probability ``min(1, size/n)``.
-* :class:`ClassBalancedBuffer`: the same number of samples per class seen so far
-  (up to one more for some, and fewer for a class that has fewer samples), each
-  class's share a uniform random subset of that class's samples: every sample
-  gets a uniform random key when offered and a class keeps its smallest keys.
+* :class:`BalancedBuffer`: the same number of samples per group seen so far (per
+  class, or per experience; up to one more for some, and fewer for a group that
+  has fewer samples), each group's share a uniform random subset of that group's
+  samples: every sample gets a uniform random key when offered and a group keeps
+  its smallest keys.
 """
 
 from __future__ import annotations
@@ -154,10 +155,10 @@ class ReservoirBuffer(_Buffer):
 
 
 def balanced_quotas(available: dict[int, int], size: int) -> dict[int, int]:
-    """Share ``size`` slots among classes as evenly as possible (water filling):
-    with the highest level ``L`` such that ``sum_c min(available_c, L) <= size``,
-    every class gets ``min(available_c, L)``, and the slots left over go one each
-    to classes with more samples than ``L``, smaller class ids first."""
+    """Share ``size`` slots among groups (classes, experiences) as evenly as possible
+    (water filling): with the highest level ``L`` such that ``sum_c min(available_c,
+    L) <= size``, every group gets ``min(available_c, L)``, and the slots left over
+    go one each to groups with more samples than ``L``, smaller ids first."""
     counts = sorted(available.values())
     level, used, below = 0, 0, 0  # below: classes with available <= level
     while below < len(counts):
@@ -182,8 +183,13 @@ def balanced_quotas(available: dict[int, int], size: int) -> dict[int, int]:
     return quota
 
 
-class ClassBalancedBuffer(_Buffer):
-    """An equal share of ``size`` per class seen, each a uniform subset of its class.
+class BalancedBuffer(_Buffer):
+    """An equal share of ``size`` per group seen, each a uniform subset of its group.
+
+    The groups are what :meth:`add` is given with the samples: their classes
+    (``replay.policy: class_balanced``; Avalanche's ``ClassBalancedBuffer``) or
+    their experience (``experience_balanced``; Avalanche's
+    ``ExperienceBalancedBuffer``, its ``ReplayPlugin``'s default).
 
     :param size: the total number of samples kept.
     :param generator: the CPU generator that draws the samples' keys.
@@ -192,67 +198,67 @@ class ClassBalancedBuffer(_Buffer):
 
     def __init__(self, size: int, generator: torch.Generator, device: torch.device | str | None = None):
         super().__init__(size, generator, device)
-        self.labels = torch.full((size,), -1, dtype=torch.long)  # host copy of y; -1: empty slot
+        self.groups = torch.full((size,), -1, dtype=torch.long)  # group of each slot; -1: empty
         self.keys = torch.full((size,), float("inf"), dtype=torch.float64)
-        self.available: dict[int, int] = {}  # samples of each class offered so far
+        self.available: dict[int, int] = {}  # samples of each group offered so far
 
     def __len__(self) -> int:
-        return int((self.labels >= 0).sum())
+        return int((self.groups >= 0).sum())
 
     def counts(self) -> dict[int, int]:
-        """How many samples of each class are stored."""
-        classes, counts = torch.unique(self.labels[self.labels >= 0], return_counts=True)
-        return {int(c): int(n) for c, n in zip(classes.tolist(), counts.tolist(), strict=True)}
+        """How many samples of each group are stored."""
+        groups, counts = torch.unique(self.groups[self.groups >= 0], return_counts=True)
+        return {int(g): int(n) for g, n in zip(groups.tolist(), counts.tolist(), strict=True)}
 
-    def add(self, labels: torch.Tensor, fetch: Callable[[torch.Tensor], Batch]) -> None:
-        """Offer samples (e.g. all of an experience's data) whose labels, on the
-        CPU, are ``labels``, and rebalance every class to its quota. Only the
-        samples that enter the buffer are read: ``fetch(rows)`` returns the
-        samples at positions ``rows`` (a CPU index tensor) as a batch."""
-        n = len(labels)
+    def add(self, groups: torch.Tensor, fetch: Callable[[torch.Tensor], Batch]) -> None:
+        """Offer samples (e.g. all of an experience's data) whose groups, on the
+        CPU, are ``groups`` (non-negative integers), and rebalance every group to
+        its quota. Only the samples that enter the buffer are read: ``fetch(rows)``
+        returns the samples at positions ``rows`` (a CPU index tensor) as a batch."""
+        n = len(groups)
         if n == 0:
             return
-        for c, k in zip(*torch.unique(labels, return_counts=True), strict=True):
+        for c, k in zip(*torch.unique(groups, return_counts=True), strict=True):
             self.available[int(c)] = self.available.get(int(c), 0) + int(k)
         quota = balanced_quotas(self.available, self.size)
         new_keys = torch.rand(n, generator=self.generator, dtype=torch.float64)
-        # For every class: the stored samples and the offered ones compete by key;
+        # For every group: the stored samples and the offered ones compete by key;
         # the quota smallest stay. Slots of dropped samples are freed first, then filled.
         keep_new: list[torch.Tensor] = []
         for c, q in quota.items():
-            stored = torch.nonzero(self.labels == c).flatten()
-            offered = torch.nonzero(labels == c).flatten()
+            stored = torch.nonzero(self.groups == c).flatten()
+            offered = torch.nonzero(groups == c).flatten()
             keys = torch.cat([self.keys[stored], new_keys[offered]])
             order = torch.argsort(keys)[:q]
             kept_old = order[order < len(stored)]
             drop = torch.ones(len(stored), dtype=torch.bool)
             drop[kept_old] = False
             freed = stored[drop]
-            self.labels[freed] = -1
+            self.groups[freed] = -1
             self.keys[freed] = float("inf")
             keep_new.append(offered[order[order >= len(stored)] - len(stored)])
         rows = torch.cat(keep_new) if keep_new else torch.zeros(0, dtype=torch.long)
         if len(rows) == 0:
             return
-        slots = torch.nonzero(self.labels < 0).flatten()[: len(rows)]
+        slots = torch.nonzero(self.groups < 0).flatten()[: len(rows)]
         self.storage.write(slots, fetch(rows), torch.arange(len(rows)))
-        self.labels[slots] = labels[rows]
+        self.groups[slots] = groups[rows]
         self.keys[slots] = new_keys[rows]
 
     def sample(self, n: int, device: torch.device | str) -> Batch | None:
         """``n`` stored samples drawn uniformly without replacement, or ``None`` when empty."""
-        return self._draw(torch.nonzero(self.labels >= 0).flatten(), n, device)
+        return self._draw(torch.nonzero(self.groups >= 0).flatten(), n, device)
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "labels": self.labels.clone(),
+            "groups": self.groups.clone(),
             "keys": self.keys.clone(),
             "available": dict(self.available),
             "storage": self.storage.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.labels = state["labels"].clone()
+        self.groups = state["groups" if "groups" in state else "labels"].clone()  # "labels": earlier checkpoints
         self.keys = state["keys"].clone()
         self.available = {int(c): int(k) for c, k in state["available"].items()}
         self.storage.load_state_dict(state["storage"])

@@ -12,6 +12,9 @@ Two buffers (:mod:`contlearn.plugins._buffers`):
   training sample is offered once: during the first epoch of its experience.
 * ``class_balanced``: the same number of slots per class seen, filled at the end
   of each experience with a uniform random subset of each class.
+* ``experience_balanced``: the same number of slots per experience seen, each a
+  uniform random subset of its experience's samples (Avalanche's
+  ``ExperienceBalancedBuffer``, the default of its ``ReplayPlugin``).
 
 Samples are stored before the training augmentation (``scenario.train_transform``'s
 random crops and flips), and each replayed batch is augmented afresh when it is
@@ -28,14 +31,14 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-from contlearn.plugins._buffers import ClassBalancedBuffer, ReservoirBuffer
+from contlearn.plugins._buffers import BalancedBuffer, ReservoirBuffer
 from contlearn.plugins._common import plugin_generator
 from contlearn.scenarios import Batch
 
 from contlearn.errors import ConfigError, choices
 from contlearn.hookspecs import hookimpl
 
-POLICIES = ("reservoir", "class_balanced")
+POLICIES = ("reservoir", "class_balanced", "experience_balanced")
 STORAGES = ("device", "cpu")
 
 
@@ -45,7 +48,7 @@ class Replay:
     @dataclass
     class Config:
         size: int = 200  # samples kept in the buffer
-        policy: str = "reservoir"  # reservoir | class_balanced
+        policy: str = "reservoir"  # reservoir | class_balanced | experience_balanced
         batch_size: Optional[int] = None  # replayed samples per step; None: train.batch_size
         storage: str = "device"  # device (the training device) | cpu
         augment: bool = True  # augment replayed samples afresh at each draw (stored un-augmented)
@@ -63,12 +66,12 @@ class Replay:
     def __init__(self, config: Config):
         self.config = config
         self.generator = torch.Generator()
-        self.buffer: ReservoirBuffer | ClassBalancedBuffer | None = None
+        self.buffer: ReservoirBuffer | BalancedBuffer | None = None
         self._pending: dict[str, Any] | None = None
 
-    def _make_buffer(self, device: torch.device) -> ReservoirBuffer | ClassBalancedBuffer:
+    def _make_buffer(self, device: torch.device) -> ReservoirBuffer | BalancedBuffer:
         storage = torch.device("cpu") if self.config.storage == "cpu" else device
-        cls = ReservoirBuffer if self.config.policy == "reservoir" else ClassBalancedBuffer
+        cls = ReservoirBuffer if self.config.policy == "reservoir" else BalancedBuffer
         return cls(self.config.size, self.generator, storage)
 
     @hookimpl
@@ -95,9 +98,11 @@ class Replay:
 
     @hookimpl
     def after_experience(self, run: Any, exp: Any) -> None:
-        if isinstance(self.buffer, ClassBalancedBuffer):
+        if isinstance(self.buffer, BalancedBuffer):
             data = exp.train
-            self.buffer.add(data.y.cpu(), lambda rows: data.batch(rows.to(data.y.device)))
+            labels = data.y.cpu()
+            groups = labels if self.config.policy == "class_balanced" else torch.full_like(labels, exp.index)
+            self.buffer.add(groups, lambda rows: data.batch(rows.to(data.y.device)))
 
     def state_dict(self) -> dict[str, Any]:
         """The buffer's samples and bookkeeping, and the generator's state."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
-from contlearn.plugins._buffers import ClassBalancedBuffer, ReservoirBuffer, balanced_quotas
+from contlearn.plugins._buffers import BalancedBuffer, ReservoirBuffer, balanced_quotas
 from contlearn.scenarios import Batch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -99,7 +99,7 @@ def test_reservoir_state_round_trip_continues_identically():
     seed=st.integers(0, 2**31),
 )
 def test_class_balanced_never_exceeds_size_and_stays_balanced(size, experiences, seed):
-    buffer = ClassBalancedBuffer(size, torch.Generator().manual_seed(seed))
+    buffer = BalancedBuffer(size, torch.Generator().manual_seed(seed))
     next_id = 0
     offered: dict[int, set[int]] = {}
     for labels_list in experiences:
@@ -120,12 +120,12 @@ def test_class_balanced_never_exceeds_size_and_stays_balanced(size, experiences,
         for c in offered:
             assert counts.get(c, 0) >= min(len(offered[c]), 1 if size >= len(offered) else 0)
         # every stored sample is one offered with that label
-        filled = buffer.labels >= 0
+        filled = buffer.groups >= 0
         stored_ids = buffer.storage.x[filled, 0].long().tolist()
         assert len(set(stored_ids)) == len(stored_ids)
-        for i, c in zip(stored_ids, buffer.labels[filled].tolist(), strict=True):
+        for i, c in zip(stored_ids, buffer.groups[filled].tolist(), strict=True):
             assert i in offered[c]
-        assert torch.equal(buffer.storage.y[filled], buffer.labels[filled])
+        assert torch.equal(buffer.storage.y[filled], buffer.groups[filled])
 
 
 def test_class_balanced_subset_is_uniform_within_a_class():
@@ -135,10 +135,10 @@ def test_class_balanced_subset_is_uniform_within_a_class():
     labels = torch.tensor([0] * 20 + [1] * 20)
     runs = 500
     for _ in range(runs):
-        buffer = ClassBalancedBuffer(10, generator)
+        buffer = BalancedBuffer(10, generator)
         for ids in (torch.arange(20), torch.arange(20, 40)):  # class 0 gets 10 slots, then 5 and 5
             buffer.add(labels[ids], lambda rows, ids=ids: make_batch(ids[rows], labels[ids][rows]))
-        filled = buffer.labels >= 0
+        filled = buffer.groups >= 0
         counts[buffer.storage.x[filled, 0].long()] += 1
     # p = 5/20 per sample: Binomial(500, 0.25), sd 9.7; bound 6 sd
     assert float((counts - runs * 0.25).abs().max()) < 6 * 9.7

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _crash import SMALL_RUN, CrashAt, SimulatedCrash
-from contlearn.plugins._buffers import ClassBalancedBuffer, ReservoirBuffer
+from contlearn.plugins._buffers import BalancedBuffer, ReservoirBuffer
 
 from contlearn import ConfigError, Experiment, hookimpl, load_config
 from contlearn.experiment import stream_of
@@ -95,11 +95,36 @@ def test_class_balanced_buffer_after_a_run(quick):
     experiment = Experiment(cfg)
     results = experiment.run()
     buffer = experiment.run_state.plugins["replay"].buffer
-    assert isinstance(buffer, ClassBalancedBuffer)
+    assert isinstance(buffer, BalancedBuffer)
     counts = buffer.counts()
     assert sorted(counts) == list(range(10)) and sum(counts.values()) == 30  # 2 experiences of 5 classes
     assert set(counts.values()) == {3}
     assert results.accuracy_matrix[1][0] > 0.2, "replayed classes are remembered"
+
+
+def test_experience_balanced_buffer_keeps_an_equal_share_of_each_experience(quick):
+    cfg = load_config(None, [*quick, "scenario.n_experiences=5", "plugins={}", "plugins.replay.size=31",
+                             "plugins.replay.policy=experience_balanced"])
+    experiment = Experiment(cfg)
+    experiment.run()
+    run = experiment.run_state
+    buffer = run.plugins["replay"].buffer
+    assert buffer.counts() == {0: 7, 1: 6, 2: 6, 3: 6, 4: 6}  # 31 slots: one more for the first experience
+    stored = buffer.sample(31, "cpu").y.tolist()
+    for exp in run.stream:  # each experience's share holds its own classes, not a class-balanced mix
+        assert sum(y in exp.classes for y in stored) == buffer.counts()[exp.index]
+
+
+def test_a_balanced_buffer_loads_the_state_of_earlier_versions(quick):
+    cfg = load_config(None, two_experiences(quick, "plugins.replay.policy=class_balanced", "plugins.replay.size=20"))
+    experiment = Experiment(cfg)
+    experiment.run()
+    buffer = experiment.run_state.plugins["replay"].buffer
+    state = buffer.state_dict()
+    state["labels"] = state.pop("groups")  # the key before experience balancing came
+    restored = BalancedBuffer(20, torch.Generator())
+    restored.load_state_dict(state)
+    assert restored.counts() == buffer.counts() and len(restored) == 20
 
 
 def test_cpu_storage(quick):
@@ -170,7 +195,7 @@ def test_bad_config(override):
 
 
 
-@pytest.mark.parametrize("policy", ["reservoir", "class_balanced"])
+@pytest.mark.parametrize("policy", ["reservoir", "class_balanced", "experience_balanced"])
 def test_baselines_resume_exactly_from_a_checkpoint_inside_an_experience(tmp_path, policy):
     """replay, ewc, lwf and l2 together: a run crashed in the middle of an
     experience and resumed from its checkpoint gives the uninterrupted results,
