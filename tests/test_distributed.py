@@ -91,6 +91,9 @@ for name, plugin in (("sharded", CountEvaluated()), ("in_order", InOrder())):
     cfg = load_config("split-digits", sys.argv[2:])
     results = Experiment(cfg, plugins={"count": plugin}).run()
     out[name] = {"seen": plugin.seen, "matrix": results.accuracy_matrix, "initial": results.initial_accuracy}
+memo = Experiment(load_config("split-digits", [*sys.argv[2:], "plugins.memo.memory_size=40"]))
+memo.run()
+out["memo"] = memo.run_state.plugins["memo"].accuracy  # its classifiers' counts, summed over the processes
 rank = torch.distributed.get_rank()
 open(sys.argv[1] + f"/rank{rank}.json", "w").write(json.dumps(out))
 """
@@ -121,6 +124,13 @@ def test_evaluation_is_shared_out_unless_a_plugin_needs_it_in_order(tmp_path):
                 assert row == pytest.approx(row_alone, abs=0.02)
             assert r[run]["initial"] == pytest.approx(alone.initial_accuracy, abs=0.02)
     assert ranks[0]["sharded"] == {**ranks[1]["sharded"], "seen": sharded[0]}  # the same results everywhere
+    memo = Experiment(load_config("split-digits", [*overrides, "plugins.memo.memory_size=40"]))
+    memo.run()
+    memo_alone = memo.run_state.plugins["memo"].accuracy
+    assert ranks[0]["memo"] == ranks[1]["memo"] and set(memo_alone) == set(ranks[0]["memo"]) == {"classifier", "nme"}
+    for name, rows in memo_alone.items():
+        for row, row_alone in zip(ranks[0]["memo"][name], rows, strict=True):
+            assert row == pytest.approx(row_alone, abs=0.02), name
 
 
 def test_unlearning_refuses_several_processes(tmp_path, monkeypatch, capsys):
