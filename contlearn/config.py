@@ -9,7 +9,6 @@ that names the key and lists what is valid.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import typing
 from dataclasses import dataclass, field
@@ -18,8 +17,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import OmegaConfBaseException
 
+from contlearn._config_merge import first_line, merge_checked
 from contlearn.errors import ConfigError, choices
 
 DEFAULT_EXPERIMENT = "split-digits"
@@ -221,8 +221,8 @@ def _override_error(items: list[str], exc: Exception) -> ConfigError:
             OmegaConf.from_dotlist([item])
         except Exception as one:
             hint = " (in YAML, a ':' in a mapping needs a space after it: {a: 1})" if re.search(r"[{,]\s*\w+:\S", item) else ""
-            return ConfigError(f"cannot parse override '{item}': {_first_line(str(one))}{hint}")
-    return ConfigError(f"cannot parse overrides {items}: {_first_line(str(exc))}")
+            return ConfigError(f"cannot parse override '{item}': {first_line(str(one))}{hint}")
+    return ConfigError(f"cannot parse overrides {items}: {first_line(str(exc))}")
 
 
 def _check_plugins_section(layer: DictConfig, where: str) -> None:
@@ -237,105 +237,6 @@ def _check_plugins_section(layer: DictConfig, where: str) -> None:
 # ------------------------------------------------------------------ validation
 
 
-def _valid_keys(schema: Any, full_key: str) -> list[str]:
-    """The valid keys of the config section that holds ``full_key``."""
-    node: Any = schema
-    for part in str(full_key).split(".")[:-1]:
-        if not dataclasses.is_dataclass(node):
-            return []
-        node = typing.get_type_hints(node).get(part)
-    if dataclasses.is_dataclass(node):
-        return [f.name for f in dataclasses.fields(node)]
-    return []
-
-
-def _first_line(text: str) -> str:
-    return str(text).strip().splitlines()[0] if str(text).strip() else ""
-
-
-def _merge_checked(schema: Any, *layers: Any, where: str = "") -> DictConfig:
-    """Merge layers over a structured schema, turning OmegaConf errors into
-    :class:`ConfigError` messages that name the key and the valid choices."""
-    try:
-        return OmegaConf.merge(OmegaConf.structured(schema), *layers)  # type: ignore[return-value]
-    except ConfigKeyError as exc:
-        full_key = f"{where}{exc.full_key}" if exc.full_key else where.rstrip(".")
-        valid = _valid_keys(schema, str(exc.full_key))
-        raise ConfigError(f"unknown config key '{full_key}'; valid keys here: {choices(valid)}") from None
-    except ValidationError as exc:
-        if not exc.full_key:  # OmegaConf says nothing when a section is given a plain value
-            section = _section_given_a_value(schema, layers)
-            if section is not None:
-                raise ConfigError(
-                    f"'{where}{section}' is a section: set its keys ({where}{section}.KEY=VALUE), not a value"
-                ) from None
-        full_key = f"{where}{exc.full_key}"
-        if "is not a ListConfig" in exc.msg:  # OmegaConf's words for a plain value given to a list
-            value = _given_value(layers, str(exc.full_key))
-            raise ConfigError(
-                f"wrong value for '{full_key}': expected a list in brackets, e.g. {full_key}=[{value}], got {value}"
-            ) from None
-        raise ConfigError(f"wrong value for '{full_key}': {_first_line(exc.msg)}") from None
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"invalid config{f' at {where}' if where else ''}: {_first_line(exc.msg)}") from None
-    except TypeError as exc:  # OmegaConf's "Cannot merge incompatible container types", without the key
-        found = _container_mismatch(OmegaConf.structured(schema), layers)
-        if found is None:
-            raise ConfigError(f"invalid config{f' at {where}' if where else ''}: {exc}") from None
-        key = f"{where}{found[0]}"
-        wanted = f"a list in brackets, e.g. {key}=[1,2]" if found[1] == "list" else f"a mapping, e.g. {key}.KEY=VALUE"
-        raise ConfigError(f"wrong value for '{key}': expected {wanted}") from None
-
-
-def _container_mismatch(schema: DictConfig, layers: tuple[Any, ...]) -> tuple[str, str] | None:
-    """The first key a layer gives a mapping where the schema has a list, or a
-    list where it has a mapping, and what the schema wants there ("list" or
-    "mapping")."""
-
-    def walk(node: Any, given: Any, prefix: str) -> tuple[str, str] | None:
-        for key, value in given.items():
-            child = node._get_node(key) if isinstance(node, DictConfig) else None
-            path = f"{prefix}{key}"
-            if isinstance(child, ListConfig) and isinstance(value, (dict, DictConfig)):
-                return path, "list"
-            if isinstance(child, DictConfig) and isinstance(value, (list, ListConfig)):
-                return path, "mapping"
-            if isinstance(child, DictConfig) and isinstance(value, (dict, DictConfig)):
-                found = walk(child, value, f"{path}.")
-                if found is not None:
-                    return found
-        return None
-
-    for layer in layers:
-        if isinstance(layer, (dict, DictConfig)):
-            found = walk(schema, layer, "")
-            if found is not None:
-                return found
-    return None
-
-
-def _given_value(layers: tuple[Any, ...], key: str) -> Any:
-    """The value the last layer that sets ``key`` gives it."""
-    for layer in reversed(layers):
-        try:
-            value = OmegaConf.select(OmegaConf.create(layer) if isinstance(layer, dict) else layer, key)
-        except OmegaConfBaseException:
-            continue
-        if value is not None:
-            return value
-    return None
-
-
-def _section_given_a_value(schema: Any, layers: tuple[Any, ...]) -> str | None:
-    sections = {f.name for f in dataclasses.fields(schema) if dataclasses.is_dataclass(typing.get_type_hints(schema)[f.name])}
-    for layer in layers:
-        for key in sections:
-            value = layer.get(key) if isinstance(layer, (DictConfig, dict)) else None
-            if value is not None and not isinstance(value, (DictConfig, dict)):
-                return key
-    return None
-
-
 def plugin_config(name: str, config_cls: type | None, section: Any) -> Any:
     """Validate one plugin's section and return its ``Config`` instance."""
     if section is None:
@@ -346,7 +247,7 @@ def plugin_config(name: str, config_cls: type | None, section: Any) -> Any:
         if len(section):
             raise ConfigError(f"plugin '{name}' takes no config fields, got {choices(section.keys())}")
         return None
-    merged = _merge_checked(config_cls, section, where=f"plugins.{name}.")
+    merged = merge_checked(config_cls, section, where=f"plugins.{name}.")
     return OmegaConf.to_object(merged)
 
 
@@ -472,12 +373,12 @@ def _with_overrides(base: DictConfig, overrides: Any, check: bool, plugins: Plug
     layers = [base, parse_overrides(items)]
     if "plugins" in override_keys(items):
         base.plugins = {}  # `plugins=...` replaces the file's plugin list instead of merging into it
-    cfg = _merge_checked(ExperimentConfig, *layers)
+    cfg = merge_checked(ExperimentConfig, *layers)
     try:
         OmegaConf.resolve(cfg)  # ${...} interpolations, once, here
     except OmegaConfBaseException as exc:
         key = f" in '{exc.full_key}'" if getattr(exc, "full_key", None) else ""
-        raise ConfigError(f"cannot resolve an interpolation{key}: {_first_line(str(exc))}") from None
+        raise ConfigError(f"cannot resolve an interpolation{key}: {first_line(str(exc))}") from None
     return validate(cfg, plugins) if check else cfg
 
 

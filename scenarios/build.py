@@ -29,9 +29,10 @@ FIT_BATCH = 4096
 
 def scenario_config(values: Mapping[str, Any] | DictConfig | None = None) -> DictConfig:
     """A full ``scenario`` section: the schema defaults under ``values``."""
-    from contlearn.config import ScenarioConfig, _merge_checked
+    from contlearn._config_merge import merge_checked
+    from contlearn.config import ScenarioConfig
 
-    return _merge_checked(ScenarioConfig, dict(values or {}), where="scenario.")
+    return merge_checked(ScenarioConfig, dict(values or {}), where="scenario.")
 
 
 def _check(cfg: Any) -> None:
