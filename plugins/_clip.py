@@ -39,7 +39,8 @@ from contlearn.errors import ConfigError, DataError
 from contlearn.models import ContinualModel
 
 #: The 7 prompt templates of CLIP's ImageNet prompt ensemble (the subset chosen
-#: in CLIP's prompt-engineering notebook, used by Tip-Adapter and DMN).
+#: in CLIP's prompt-engineering notebook, used by Tip-Adapter; DMN's reference
+#: code uses them on ImageNet, with CuPL's generated prompts added by default).
 CLIP_TEMPLATES: list[str] = [
     "itap of a {}.",
     "a bad photo of the {}.",

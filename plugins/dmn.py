@@ -101,7 +101,7 @@ class DMN:
         memory_size: int = 50  # L dynamic slots per class
         views: int = 32  # the image and views - 1 random resized crops
         view_fraction: float = 0.1  # lowest-entropy share of views averaged into p_bar
-        crop_min: float = 0.08  # smallest crop area fraction
+        crop_min: float = 0.5  # smallest crop area fraction (DMN's RandomResizedCrop scale (0.5, 1))
         flip: bool = True  # random horizontal flips of the crops
         beta: float = 5.5  # sharpness of the read-out weights
         logit_scale: float = 100.0
