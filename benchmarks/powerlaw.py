@@ -17,6 +17,8 @@ with every method on the same model, optimizer, epochs and seeds:
 * ``power law (1/age)``: a milder decay, exponent 1 and offset 0 (n ~ 1/age);
 * ``power law (last)``: the same decay read as the chance of meeting a task
   again, ``since: last`` (tasks recur at random; a met task's clock resets);
+* ``power law (index)``: the budgeted ``powerlaw`` environment of the study's
+  code, n ~ (10 + task index)^4 (``schedule: power_law_index``, alpha 5);
 * ``uniform``, ``exponential`` (tau 1): the same number of rehearsal samples
   per phase as the power law (``budget_fraction`` of the experience's size),
   shared equally / by exp(-age);
@@ -68,6 +70,7 @@ METHODS: dict[str, list[str]] = {
         "plugins.powerlaw.offset=0.0",
     ],
     "power law (last)": ["plugins.powerlaw.schedule=power_law", "plugins.powerlaw.since=last"],
+    "power law (index)": ["plugins.powerlaw.schedule=power_law_index"],
     "uniform": ["plugins.powerlaw.schedule=uniform"],
     "exponential": ["plugins.powerlaw.schedule=exponential", "plugins.powerlaw.tau=1.0"],
     "none": ["plugins.powerlaw.schedule=none"],
@@ -250,9 +253,10 @@ def main(argv: list[str] | None = None) -> int:
             line = versus(mine, "power law", other)
             if line:
                 print(f"- {line}")
-        line = versus(mine, "power law (last)", "uniform")
-        if line:
-            print(f"- {line}")
+        for variant in ("power law (last)", "power law (index)"):
+            line = versus(mine, variant, "uniform")
+            if line:
+                print(f"- {line}")
         print()
     if args.json:
         with open(args.json, "w") as f:

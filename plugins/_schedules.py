@@ -12,6 +12,15 @@ past tasks into counts:
   environment in memory", Psychological Science 1991); Gandhi, Shah, Marupudi
   and Varma ("Catastrophic Interference is Mitigated in Naturalistic Power-Law
   Learning Environments", arXiv:2401.10393, 2024) rehearse on such a schedule.
+* ``power_law_index``: ``n_i(t) = C * (offset + i) ** (alpha - 1)``, ``i`` the
+  task's index (the phase that introduced it, from 0): the budgeted
+  ``powerlaw`` environment of the study's earlier code (``environments.py``,
+  ``alpha`` 5, positions ``0.01 * (10 + i)``), which that code compares with
+  ``uniform`` and ``exponential`` at equal replay budgets. Newer tasks get
+  more, as with ``power_law``, but the share is much flatter: at phase 9,
+  ``(18 / 10) ** 4 = 10.5`` times as much for the newest task as for the
+  oldest, against ``(19 / 11) ** 5.6 = 21`` for ``power_law``. ``since: first``
+  only.
 * ``exponential``: ``n_i(t) = C * exp(-(t - s_i) / tau)`` (the paper's
   exponential environment).
 * ``uniform``: the same count for every past task.
@@ -51,9 +60,9 @@ import torch
 
 from contlearn.errors import ConfigError, choices
 
-KINDS = ("power_law", "uniform", "exponential", "none", "all")
+KINDS = ("power_law", "power_law_index", "uniform", "exponential", "none", "all")
 SINCE = ("first", "last")
-DECAYING = ("power_law", "uniform", "exponential")
+DECAYING = ("power_law", "power_law_index", "uniform", "exponential")
 
 
 @dataclass
@@ -68,6 +77,7 @@ class Schedule:
     exponent: float = 5.6
     offset: float = 10.0
     tau: float = 1.0
+    alpha: float = 5.0
     scale: Optional[float] = None
     budget: Optional[int] = None
     budget_fraction: Optional[float] = 0.5
@@ -88,6 +98,13 @@ class Schedule:
             )
         if self.tau <= 0:
             raise ConfigError(f"{w}tau must be positive, got {self.tau}")
+        if self.alpha < 1:
+            raise ConfigError(f"{w}alpha must be at least 1 (1: uniform), got {self.alpha}")
+        if self.kind == "power_law_index" and self.since != "first":
+            raise ConfigError(
+                f"{w}schedule 'power_law_index' weights a task by its index, not by its age: "
+                f"it needs since: first, got since: {self.since}"
+            )
         if not 0 < self.hazard <= 1:
             raise ConfigError(f"{w}hazard must be in (0, 1], got {self.hazard}")
         if self.scale is not None and self.scale < 0:
@@ -113,9 +130,12 @@ class Schedule:
     # ------------------------------------------------------------------ decay
 
     def decay(self, age: float) -> float:
-        """``f(age)``: the schedule's weight of a task ``age`` phases old."""
+        """``f(age)``: the schedule's weight of a task ``age`` phases old (not
+        for ``power_law_index``, whose weights follow the task's index)."""
         if age < 1:
             raise ValueError(f"a past task's age is at least 1, got {age}")
+        if self.kind == "power_law_index":
+            raise ValueError("power_law_index weights tasks by index; see Schedule.weights")
         if self.kind == "power_law":
             return float((age + self.offset) ** -self.exponent)
         if self.kind == "exponential":
@@ -143,11 +163,14 @@ class Schedule:
         capacity: Sequence[int],
         current_size: int,
         generator: torch.Generator | None = None,
+        tasks: Sequence[int] | None = None,
     ) -> list[int]:
         """The number of samples of each past task to rehearse this phase.
 
         :param ages: phases since each past task was introduced (``since:
             first``) or last rehearsed (``since: last``), each at least 1.
+        :param tasks: each past task's index (the phase that introduced it),
+            for ``power_law_index``; ``None``: the tasks are ``0 .. n - 1``.
         :param capacity: samples stored for each past task; no count exceeds it.
         :param current_size: training samples of the current experience (for
             ``budget_fraction``).
@@ -162,6 +185,9 @@ class Schedule:
             return [int(c) for c in capacity]
         if self.since == "last" and self.kind in DECAYING:
             weights = [1.0 if met else 0.0 for met in self.meet(ages, generator)]
+        elif self.kind == "power_law_index":
+            indices = range(n) if tasks is None else tasks
+            weights = [float((self.offset + i) ** (self.alpha - 1)) for i in indices]
         else:
             weights = [self.decay(a) for a in ages]
         total = self.total(current_size)

@@ -48,12 +48,13 @@ class PowerLaw:
 
     @dataclass
     class Config:
-        schedule: str = "power_law"  # power_law | uniform | exponential | none | all
+        schedule: str = "power_law"  # power_law | power_law_index | uniform | exponential | none | all
         # first: age = phases since introduced | last: since last met (tasks recur at random)
         since: str = "first"
         exponent: float = 5.6  # power law: n = C * (age + offset) ** -exponent
         offset: float = 10.0
         tau: float = 1.0  # exponential: n = C * exp(-age / tau)
+        alpha: float = 5.0  # power_law_index: n = C * (offset + task index) ** (alpha - 1)
         scale: Optional[float] = None  # C; None: derived from the budget
         budget: Optional[int] = None  # rehearsal samples per phase; None: budget_fraction
         budget_fraction: Optional[float] = 0.5  # budget / the current experience's size
@@ -77,6 +78,7 @@ class PowerLaw:
             exponent=config.exponent,
             offset=config.offset,
             tau=config.tau,
+            alpha=config.alpha,
             scale=config.scale,
             budget=config.budget,
             budget_fraction=config.budget_fraction,
@@ -166,7 +168,7 @@ class PowerLaw:
         since = self.introduced if self.config.since == "first" else self.last
         ages = [t - since[k] for k in past]
         capacity = [len(self.pools[k]) for k in past]
-        counts = self.schedule.plan(ages, capacity, len(exp.train), self.generator)
+        counts = self.schedule.plan(ages, capacity, len(exp.train), self.generator, tasks=past)
         draw: dict[int, torch.Tensor] = {}
         for k, c in zip(past, counts, strict=True):
             if c > 0:

@@ -78,6 +78,24 @@ def test_budget_is_shared_in_proportion_to_the_power_law():
     assert sum(half.plan([1, 2], [1000, 1000], 301)) == 151  # round(0.5 * 301)
 
 
+def test_power_law_index_shares_the_budget_as_the_reference_environment():
+    """environments.py's budgeted 'powerlaw' (alpha 5): task j of phase i gets
+    replay_cnt * w_j / sum(w), w_j = alpha * (0.01 * (10 + j)) ** (alpha - 1)."""
+    s = Schedule("power_law_index", budget=719, budget_fraction=None)
+    for phase in range(1, 10):
+        w = [5 * (0.01 * (10 + j)) ** 4 for j in range(phase)]
+        counts = s.plan(list(range(phase, 0, -1)), [10**6] * phase, 0)
+        assert sum(counts) == 719
+        assert all(abs(c - 719 * wj / sum(w)) < 1 for c, wj in zip(counts, w, strict=True))
+    # by the tasks' indices, not their positions: tasks 3 and 7 of a stream
+    assert s.plan([6, 2], [10**6] * 2, 0, tasks=[3, 7]) == pytest.approx(
+        [round(719 * 13**4 / (13**4 + 17**4)), round(719 * 17**4 / (13**4 + 17**4))], abs=1)
+    with pytest.raises(ConfigError, match="power_law_index.*needs since: first"):
+        Schedule("power_law_index", since="last")
+    with pytest.raises(ConfigError, match="alpha must be at least 1"):
+        Schedule("power_law_index", alpha=0.5)
+
+
 def test_apportion_caps_a_task_at_its_pool_and_gives_the_rest_to_the_others():
     assert apportion(100, [1.0, 1.0, 1.0], [10, 100, 100]) == [10, 45, 45]
     assert apportion(100, [4.0, 1.0], [30, 30]) == [30, 30]  # less than asked: all there is
