@@ -100,6 +100,11 @@ class Schedule:
             raise ConfigError(f"{w}tau must be positive, got {self.tau}")
         if self.alpha < 1:
             raise ConfigError(f"{w}alpha must be at least 1 (1: uniform), got {self.alpha}")
+        if self.kind == "power_law_index" and self.offset <= 0:
+            raise ConfigError(
+                f"{w}offset must be positive for schedule 'power_law_index' (task indices start at 0, "
+                f"and task 0's weight is offset ** (alpha - 1)), got {self.offset}"
+            )
         if self.kind == "power_law_index" and self.since != "first":
             raise ConfigError(
                 f"{w}schedule 'power_law_index' weights a task by its index, not by its age: "
@@ -135,7 +140,7 @@ class Schedule:
         if age < 1:
             raise ValueError(f"a past task's age is at least 1, got {age}")
         if self.kind == "power_law_index":
-            raise ValueError("power_law_index weights tasks by index; see Schedule.weights")
+            raise ValueError("power_law_index weights tasks by index, not age: Schedule.plan takes their indices")
         if self.kind == "power_law":
             return float((age + self.offset) ** -self.exponent)
         if self.kind == "exponential":
@@ -179,6 +184,8 @@ class Schedule:
         n = len(ages)
         if len(capacity) != n:
             raise ValueError(f"{n} ages but {len(capacity)} capacities")
+        if tasks is not None and len(tasks) != n:
+            raise ValueError(f"{n} ages but {len(tasks)} task indices")
         if n == 0 or self.kind == "none":
             return [0] * n
         if self.kind == "all":

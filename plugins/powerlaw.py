@@ -15,8 +15,8 @@ is trained, a pool of its training samples is kept (``pool_size``; by default
 all of them, the paper's setting; the pool holds indices into the stream's
 data, which stays in memory anyway). At the start of each later experience,
 :class:`~contlearn.plugins._schedules.Schedule` says how many samples of each
-past task to rehearse (``power_law``, ``uniform``, ``exponential``, ``none``,
-``all``; at a matched total per phase), and that many are drawn from each pool
+past task to rehearse (``power_law``, ``power_law_index``, ``uniform``,
+``exponential``, ``none``, ``all``; at a matched total per phase), and that many are drawn from each pool
 without replacement, deterministically per seed. They reach training as a
 mixture dataset (``via: mixture``, the paper's phases: ``train_data`` returns
 the experience's data and the rehearsal samples, shuffled together each epoch)

@@ -94,6 +94,10 @@ def test_power_law_index_shares_the_budget_as_the_reference_environment():
         Schedule("power_law_index", since="last")
     with pytest.raises(ConfigError, match="alpha must be at least 1"):
         Schedule("power_law_index", alpha=0.5)
+    with pytest.raises(ConfigError, match="offset must be positive for schedule 'power_law_index'"):
+        Schedule("power_law_index", offset=0.0)  # task 0 would weigh 0, never rehearsed
+    with pytest.raises(ValueError, match="2 ages but 1 task indices"):
+        s.plan([2, 1], [100, 100], 0, tasks=[0])
 
 
 def test_apportion_caps_a_task_at_its_pool_and_gives_the_rest_to_the_others():
