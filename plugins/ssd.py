@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -82,6 +83,28 @@ def _check_number(where: str, value: Any, low: float = 0.0, high: float = math.i
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class SelectionWarning(UserWarning):
+    """An SSD request whose alpha can select (next to) no parameter."""
+
+
+def _warn_if_alpha_selects_nothing(where: str, alpha: float, n_d: float, n_f: int) -> None:
+    """Per-sample ``F_D`` is the mean over the ``n_d`` training samples, the ``n_f`` to
+    forget among them, so ``F_D >= (n_f / n_d) F_f`` for every parameter (exactly when
+    both are measured with the same weights, nearly from the cache): ``F_f > alpha F_D``
+    needs ``alpha < n_d / n_f``."""
+    if n_f <= 0 or n_d <= 0:
+        return
+    bound = n_d / n_f
+    if alpha >= bound:
+        warnings.warn(
+            f"{where}: alpha {alpha:g} selects (next to) nothing: per-sample F_D averages over all "
+            f"{n_d:g} training samples, the {n_f} to forget included, so F_f > alpha * F_D needs "
+            f"alpha < {bound:.3g}; lower alpha, or use auto",
+            SelectionWarning,
+            stacklevel=3,
+        )
 
 
 class SSD:
@@ -331,6 +354,9 @@ class SSD:
             source = f"computed ({reason})"
         _sync(run.device)
         t3 = time.perf_counter()
+        if mode == "per_sample" and not settings["auto"]:
+            n_d = self.fisher_d_weight if reason is None else len(sets.seen_train)
+            _warn_if_alpha_selects_nothing(where, settings["alpha"], n_d, len(sets.forget_train))
         params = {n: p for n, p in model.named_parameters() if n in fisher_f}
         original = {n: p.detach().clone() for n, p in params.items()}
         try:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import warnings
 from types import SimpleNamespace
 
 import pytest
 import torch
-from contlearn.plugins.ssd import SSD
+from contlearn.plugins.ssd import SSD, SelectionWarning
 from contlearn.scenarios import Experience, Stream, TensorData
 from omegaconf import OmegaConf
 from torch.nn import functional as F
@@ -91,6 +92,19 @@ def test_importance_matches_a_hand_computation(per_sample):
     assert got.keys() == want.keys() and any(n.startswith("head.") for n in want)
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-9)
+
+
+def test_per_sample_alpha_at_or_above_the_data_share_bound_warns_and_selects_nothing():
+    """Per-sample F_D >= (N_f / N) F_f: with one class of three, alpha >= 3 selects nothing."""
+    run = tiny_run(n_train=30)
+    plugin = trained_plugin(run, batch_size=4, fisher="per_sample")
+    request = {"classes": ["dog"], "metrics": False, "recompute": True}
+    with pytest.warns(SelectionWarning, match=r"alpha 3 selects \(next to\) nothing.*all 30 training samples, the 10.*alpha < 3"):
+        report = plugin.forget(run, {**request, "alpha": 3.0})
+    assert report["dampened"] == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SelectionWarning)
+        assert plugin.forget(run, {**request, "alpha": 1.5})["dampened"] > 0
 
 
 def test_cached_fisher_d_groups_batches_by_class_as_the_reference():
