@@ -27,8 +27,9 @@ one, and memory does not grow with the stream. Value and gradient are the sum's.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from contlearn.kernels.fisher import empirical_fisher
@@ -39,17 +40,24 @@ from contlearn.errors import ConfigError, PluginError, choices
 from contlearn.hookspecs import hookimpl
 from contlearn.snapshots import overlap, snapshot
 
+if TYPE_CHECKING:
+    from contlearn.distributed import DistributedView
+
 MODES = ("separate", "online")
 FISHERS = ("batch", "per_sample")
 
 
 def fisher_information(
-    model: torch.nn.Module, data: Any, batch_size: int, mode: str = "batch"
+    model: torch.nn.Module, data: Any, batch_size: int, mode: str = "batch", dist: DistributedView | None = None
 ) -> dict[str, torch.Tensor]:
     """Diagonal empirical Fisher of ``model``'s cross-entropy on ``data`` (a
     :class:`~contlearn.scenarios.TensorData` or ``LoaderData``), with the true
     labels, without augmentation, in eval mode (BatchNorm statistics as at test
     time, no dropout).
+
+    With ``dist`` of several processes and ``mode="batch"``, each process takes a
+    contiguous block of the batches (the same batches one process would make)
+    and the sums are added over the processes: the same Fisher, computed once.
 
     :raises PluginError: the model has no trainable parameter to weigh.
     """
@@ -59,12 +67,35 @@ def fisher_information(
     model.eval()
     try:
         plain = data.with_augment(None) if getattr(data, "augment", None) is not None else data
-        batches = (((b.x, b.t), b.y) for b in plain.batches(batch_size))
-        return empirical_fisher(
-            model, batches, lambda m, xt, y: F.cross_entropy(m(xt[0], xt[1]).logits, y), mode=mode
-        )
+        if dist is not None and dist.world_size > 1 and mode == "batch":
+            return _batch_fisher_over_processes(model, plain, batch_size, dist)
+        return _fisher(model, plain, batch_size, mode)
     finally:
         model.train(was_training)
+
+
+def _fisher(model: torch.nn.Module, data: Any, batch_size: int, mode: str) -> dict[str, torch.Tensor]:
+    batches = (((b.x, b.t), b.y) for b in data.batches(batch_size))
+    return empirical_fisher(model, batches, lambda m, xt, y: F.cross_entropy(m(xt[0], xt[1]).logits, y), mode=mode)
+
+
+def _batch_fisher_over_processes(
+    model: torch.nn.Module, data: Any, batch_size: int, dist: DistributedView
+) -> dict[str, torch.Tensor]:
+    """Batch-mode Fisher ``(1/K) sum_k g_k**2`` with the K batches shared out in
+    contiguous blocks (``dist.part``; the last, partial batch ends the last block)
+    and the per-process sums added in one all-reduce."""
+    n_batches = math.ceil(len(data) / batch_size)
+    mine = dist.part(n_batches)
+    if len(mine):
+        rows = range(mine.start * batch_size, min(mine.stop * batch_size, len(data)))
+        own = {k: v.mul_(len(mine)) for k, v in _fisher(model, data.subset(rows), batch_size, "batch").items()}
+    else:  # fewer batches than processes: nothing here, but the all-reduce all the same
+        device = next(p for p in model.parameters() if p.requires_grad).device
+        own = {n: torch.zeros(p.shape, dtype=torch.float32, device=device)
+               for n, p in model.named_parameters() if p.requires_grad}
+    flat = dist.all_reduce_(torch.cat([v.reshape(-1) for v in own.values()])).div_(max(n_batches, 1))
+    return {k: part.view_as(v) for (k, v), part in zip(own.items(), flat.split([v.numel() for v in own.values()]), strict=True)}
 
 
 def quadratic_penalty(
@@ -174,7 +205,8 @@ class EWC:
         if cfg.fisher_samples is not None and cfg.fisher_samples < len(data):
             pick = torch.randperm(len(data), generator=self.generator)[: cfg.fisher_samples]
             data = data.subset(pick)
-        fisher = fisher_information(run.model, data, cfg.fisher_batch_size or run.config.train.batch_size, cfg.fisher)
+        batch_size = cfg.fisher_batch_size or run.config.train.batch_size
+        fisher = fisher_information(run.model, data, batch_size, cfg.fisher, run.dist)
         anchor = snapshot(run.model)
         decay = cfg.gamma if cfg.mode == "online" else None
         offset = 0.0

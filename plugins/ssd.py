@@ -208,7 +208,7 @@ class SSD:
     def _importance(
         self, run: Any, data: Any, mode: str, batch_size: int, order: str = "data"
     ) -> dict[str, torch.Tensor]:
-        return fisher_information(run.model, self._ordered(data, order), batch_size, mode)
+        return fisher_information(run.model, self._ordered(data, order), batch_size, mode, run.dist)
 
     def _cache_experience(self, run: Any, exp: Any) -> None:
         cfg = self.config

@@ -94,6 +94,18 @@ for name, plugin in (("sharded", CountEvaluated()), ("in_order", InOrder())):
 memo = Experiment(load_config("split-digits", [*sys.argv[2:], "plugins.memo.memory_size=40"]))
 memo.run()
 out["memo"] = memo.run_state.plugins["memo"].accuracy  # its classifiers' counts, summed over the processes
+
+from contlearn.plugins import ewc as ewc_module
+fisher_rows = []
+whole_fisher = ewc_module._fisher
+def counting_fisher(model, data, batch_size, mode):
+    fisher_rows.append(len(data))
+    return whole_fisher(model, data, batch_size, mode)
+ewc_module._fisher = counting_fisher
+ewc = Experiment(load_config("split-digits", [*sys.argv[2:], "plugins.ewc={}"]))
+ewc.run()
+importance = ewc.run_state.plugins["ewc"].state_dict()["importance"]
+out["ewc"] = {"rows": fisher_rows, "importance": {k: v.flatten().tolist() for k, v in importance.items()}}
 rank = torch.distributed.get_rank()
 open(sys.argv[1] + f"/rank{rank}.json", "w").write(json.dumps(out))
 """
@@ -131,6 +143,16 @@ def test_evaluation_is_shared_out_unless_a_plugin_needs_it_in_order(tmp_path):
     for name, rows in memo_alone.items():
         for row, row_alone in zip(ranks[0]["memo"][name], rows, strict=True):
             assert row == pytest.approx(row_alone, abs=0.02), name
+    # EWC's Fisher pass is shared out too (each process takes a block of the batches), and gives one process's Fisher
+    train_sizes = [len(exp.train) for exp in stream_of(load_config("split-digits", overrides))]
+    rows = [r["ewc"]["rows"] for r in ranks]
+    assert [a + b for a, b in zip(*rows, strict=True)] == train_sizes
+    assert all(0 < n < size for n, size in zip(rows[0], train_sizes, strict=True))
+    ewc = Experiment(load_config("split-digits", [*overrides, "plugins.ewc={}"]))
+    ewc.run()
+    for name, value in ewc.run_state.plugins["ewc"].state_dict()["importance"].items():
+        for r in ranks:
+            torch.testing.assert_close(torch.tensor(r["ewc"]["importance"][name]), value.flatten(), rtol=1e-4, atol=1e-7)
 
 
 def test_unlearning_refuses_several_processes(tmp_path, monkeypatch, capsys):

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from torch.nn import functional as F
 
 from contlearn import ConfigError, DataError, Experiment, TrainingError, load_config
+from contlearn.distributed import DistributedView
 from contlearn.models import MLP, ContinualModel, IncrementalLinear
 
 NAMES = ["cat", "dog", "owl"]
@@ -41,7 +42,7 @@ def tiny_run(n_train: int = 30, seed: int = 0, experiences: int = 1) -> SimpleNa
     cfg = OmegaConf.create({"seed": seed, "train": {"eval_batch_size": 16, "batch_size": 8}})
     return SimpleNamespace(
         model=model, stream=stream, experience=None, accuracy_rows=[[0.0]] * experiences, config=cfg,
-        device=torch.device("cpu"), hook=hook, out_dir=None, dist=SimpleNamespace(is_main=True),
+        device=torch.device("cpu"), hook=hook, out_dir=None, dist=DistributedView(),
     )  # fmt: skip
 
 
