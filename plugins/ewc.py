@@ -63,6 +63,8 @@ def fisher_information(
     """
     if not any(p.requires_grad for p in model.parameters()):
         raise PluginError("the model has no trainable parameters (requires_grad=True): no Fisher information to compute")
+    if len(data) == 0:  # on every process alike, before any collective
+        raise PluginError("no data to compute the Fisher information on")
     was_training = model.training
     model.eval()
     try:

@@ -86,25 +86,27 @@ def _sync(device: torch.device) -> None:
 
 
 class SelectionWarning(UserWarning):
-    """An SSD request whose alpha can select (next to) no parameter."""
+    """An SSD request that dampened no parameter."""
 
 
-def _warn_if_alpha_selects_nothing(where: str, alpha: float, n_d: float, n_f: int) -> None:
-    """Per-sample ``F_D`` is the mean over the ``n_d`` training samples, the ``n_f`` to
-    forget among them, so ``F_D >= (n_f / n_d) F_f`` for every parameter (exactly when
-    both are measured with the same weights, nearly from the cache): ``F_f > alpha F_D``
-    needs ``alpha < n_d / n_f``."""
-    if n_f <= 0 or n_d <= 0:
-        return
-    bound = n_d / n_f
-    if alpha >= bound:
-        warnings.warn(
-            f"{where}: alpha {alpha:g} selects (next to) nothing: per-sample F_D averages over all "
-            f"{n_d:g} training samples, the {n_f} to forget included, so F_f > alpha * F_D needs "
-            f"alpha < {bound:.3g}; lower alpha, or use auto",
-            SelectionWarning,
-            stacklevel=3,
+def _warn_nothing_selected(where: str, alpha: float, bound: float | None, n_d: float, n_f: int) -> None:
+    """Say that a request changed nothing, and why when the reason is known: a
+    per-sample ``F_D`` is the mean over the ``n_d`` training samples, the ``n_f`` to
+    forget among them, so for the parameters measured per sample ``F_D >= (n_f /
+    n_d) F_f`` (with the same weights), and ``F_f > alpha F_D`` needs ``alpha <
+    n_d / n_f`` (``bound``)."""
+    why = ""
+    if bound is not None and alpha >= bound:
+        why = (
+            f": per-sample F_D averages over all {n_d:g} training samples, the {n_f} to forget "
+            f"included, so F_f > alpha * F_D needs alpha < {bound:.3g}"
         )
+    warnings.warn(
+        f"{where}: alpha {alpha:g} selected no parameter, so nothing was forgotten{why}; "
+        f"lower alpha, or use auto",
+        SelectionWarning,
+        stacklevel=3,
+    )
 
 
 class SSD:
@@ -354,9 +356,6 @@ class SSD:
             source = f"computed ({reason})"
         _sync(run.device)
         t3 = time.perf_counter()
-        if mode == "per_sample" and not settings["auto"]:
-            n_d = self.fisher_d_weight if reason is None else len(sets.seen_train)
-            _warn_if_alpha_selects_nothing(where, settings["alpha"], n_d, len(sets.forget_train))
         params = {n: p for n, p in model.named_parameters() if n in fisher_f}
         original = {n: p.detach().clone() for n, p in params.items()}
         try:
@@ -381,6 +380,11 @@ class SSD:
             raise
         _sync(run.device)
         t4 = time.perf_counter()
+        if not settings["auto"] and dampened == 0 and run.dist.is_main:
+            n_d, n_f = 0.0, len(sets.forget_train)
+            if mode == "per_sample" and request.get("data") is None and n_f:  # the forget set is part of D
+                n_d = self.fisher_d_weight if reason is None else len(sets.seen_train)
+            _warn_nothing_selected(where, alpha, n_d / n_f if n_d else None, n_d, n_f)
         total = sum(p.numel() for p in params.values())
         report: dict[str, Any] = {
             "method": "ssd",

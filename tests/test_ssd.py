@@ -95,14 +95,19 @@ def test_importance_matches_a_hand_computation(per_sample):
         torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-9)
 
 
-def test_per_sample_alpha_at_or_above_the_data_share_bound_warns_and_selects_nothing():
+def test_a_request_that_dampens_nothing_warns_and_says_why_when_alpha_is_past_the_bound():
     """Per-sample F_D >= (N_f / N) F_f: with one class of three, alpha >= 3 selects nothing."""
     run = tiny_run(n_train=30)
     plugin = trained_plugin(run, batch_size=4, fisher="per_sample")
     request = {"classes": ["dog"], "metrics": False, "recompute": True}
-    with pytest.warns(SelectionWarning, match=r"alpha 3 selects \(next to\) nothing.*all 30 training samples, the 10.*alpha < 3"):
+    with pytest.warns(SelectionWarning, match=r"alpha 3 selected no parameter.*all 30 training samples, the 10.*alpha < 3"):
         report = plugin.forget(run, {**request, "alpha": 3.0})
     assert report["dampened"] == 0
+    other = tiny_run(n_train=30)
+    batch_mode = trained_plugin(other, batch_size=4)  # batch mode has no exact bound: the outcome alone
+    with pytest.warns(SelectionWarning) as caught:
+        assert batch_mode.forget(other, {**request, "alpha": 1e6})["dampened"] == 0
+    assert "selected no parameter" in str(caught[0].message) and "needs alpha" not in str(caught[0].message)
     with warnings.catch_warnings():
         warnings.simplefilter("error", SelectionWarning)
         assert plugin.forget(run, {**request, "alpha": 1.5})["dampened"] > 0
