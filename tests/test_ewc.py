@@ -232,3 +232,30 @@ def test_fisher_of_a_frozen_model_is_a_clear_error():
     model = torch.nn.Linear(3, 2).requires_grad_(False)
     with pytest.raises(PluginError, match="the model has no trainable parameters"):
         fisher_information(model, None, 8)
+
+
+class _LoneRank(DistributedView):
+    """Rank ``rank`` of ``world`` whose all-reduce returns its own tensor (and counts the calls)."""
+
+    def __init__(self, rank: int, world: int):
+        super().__init__(rank, world)
+        self.reductions = 0
+
+    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.reductions += 1
+        return tensor
+
+
+@pytest.mark.parametrize("n, world", [(21, 2), (21, 3), (20, 4), (12, 3), (12, 5)])
+def test_a_fisher_pass_shared_out_sums_to_one_process_s(n, world):
+    """Batches of 5: with 21 samples the last is partial; with 12 (3 batches) and 5 processes two take none.
+    Every process makes exactly one all-reduce, and the parts add up to one process's Fisher."""
+    run, data = tiny_run(), tiny_data(n)
+    whole = fisher_information(run.model, data, 5)
+    parts = []
+    for rank in range(world):
+        view = _LoneRank(rank, world)
+        parts.append(fisher_information(run.model, data, 5, dist=view))
+        assert view.reductions == 1
+    for name, value in whole.items():
+        torch.testing.assert_close(sum(p[name] for p in parts), value, rtol=1e-5, atol=1e-8)
