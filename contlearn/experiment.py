@@ -57,6 +57,7 @@ from contlearn.distributed import DistributedView
 from contlearn.errors import (
     ConfigError,
     ContlearnError,
+    DataError,
     Interrupted,
     PluginError,
 )
@@ -292,6 +293,12 @@ class Experiment:
             prepare_run_dir(self.out_dir)
         seed_everything(cfg.seed)
         stream = (self.stream if self.stream is not None else build_stream(cfg.scenario, cfg.seed)).to(device)
+        untestable = [exp.index for exp in stream if len(exp.test) == 0]
+        if untestable:
+            raise DataError(
+                f"experience {untestable[0]} has no test samples: every experience needs test data, "
+                f"since each is evaluated after every experience (an empty one would count as accuracy 0)"
+            )
         model = create_model(cfg.model, stream.input_shape).to(device)
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from contlearn import DataError, Experiment, load_config
 from contlearn import checkpoint as ckpt
 from contlearn.cli import main
+from contlearn.experiment import stream_of
 
 TINY = [
     "scenario.n_experiences=2",
@@ -208,6 +210,14 @@ def test_labels_outside_the_head(catalogue_plugins, tmp_path, capsys):
 def test_empty_experience(catalogue_plugins, tmp_path, capsys):
     err = one_error_line(capsys, 1, ["run", *TINY, "plugins.empty={}", "--out", str(tmp_path), "--quiet"])
     assert err == "error: experience 0 has no training samples"
+
+
+def test_an_experience_without_test_data_is_refused_before_training():
+    cfg = load_config(None, [*TINY])
+    stream = stream_of(cfg)
+    stream[1].test = stream[1].test.subset(range(0))
+    with pytest.raises(DataError, match="experience 1 has no test samples: every experience needs test data"):
+        Experiment(cfg, stream=stream).run()
 
 
 def test_output_directory_that_cannot_be_written_is_found_before_training(tmp_path, capsys):
