@@ -284,10 +284,7 @@ def eval_share(run: Run, data: Any, sharded: bool) -> Any:
 
 def _summed_over_processes(run: Run, sharded: bool, *counts: torch.Tensor) -> list[torch.Tensor]:
     """Integer counts summed over the processes (one all-reduce) when sharded."""
-    if not sharded:
-        return list(counts)
-    flat = run.dist.all_reduce_(torch.cat([c.reshape(-1) for c in counts]))
-    return [part.view_as(c) for part, c in zip(flat.split([c.numel() for c in counts]), counts, strict=True)]
+    return run.dist.summed(counts) if sharded else list(counts)
 
 
 @torch.no_grad()

@@ -13,9 +13,10 @@ training batch are divided, and so is evaluation: each process predicts its
 contiguous share of every test set and the counts of hits (and the confusion
 matrix) are summed, unless a plugin sets ``sequential_evaluation = True`` (its
 predictions depend on the test samples before them, as DMN's test-time memory
-does; every process then evaluates all test data, in order). The plugins' own
-passes over the data run on every process. Only process 0 writes (run
-directory, checkpoints, results).
+does; every process then evaluates all test data, in order). EWC's and SSD's
+batch-mode Fisher passes are shared out and summed the same way; the other
+plugins' own passes over the data run on every process. Only process 0 writes
+(run directory, checkpoints, results).
 
 BatchNorm layers normalise each process's share with its own statistics (as in
 plain DDP), so with them results differ slightly from one process.
@@ -24,7 +25,7 @@ plain DDP), so with them results differ slightly from one process.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -90,6 +91,15 @@ class DistributedView:
             torch.distributed.all_reduce(tensor)
         return tensor
 
+    def summed(self, tensors: Sequence[torch.Tensor], scale: float = 1.0) -> list[torch.Tensor]:
+        """``scale`` times each tensor, summed over all processes in one all-reduce
+        over a flat copy (the tensors share a dtype); the sums are views of it."""
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        if scale != 1.0:
+            flat.mul_(scale)
+        self.all_reduce_(flat)
+        return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)]
+
     def part(self, n: int) -> range:
         """This process's rows of ``n`` items split without overlap, as evenly as
         they go: ``range(rank * n // world, (rank + 1) * n // world)`` (empty for
@@ -108,15 +118,11 @@ class DistributedView:
 
     def sum_gradients_(self, params: Iterable[torch.nn.Parameter], weight: float) -> None:
         """Replace every gradient by the sum over processes of ``weight * grad``:
-        one all-reduce per dtype over a flat copy of the gradients."""
+        one all-reduce per dtype (:meth:`summed`)."""
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for p in params:
             if p.grad is not None:
                 by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
         for grads in by_dtype.values():
-            flat = torch.cat([g.reshape(-1) for g in grads]).mul_(weight)
-            torch.distributed.all_reduce(flat)
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                offset += g.numel()
+            for g, total in zip(grads, self.summed(grads, weight), strict=True):
+                g.copy_(total)

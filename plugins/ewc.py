@@ -91,13 +91,12 @@ def _batch_fisher_over_processes(
     mine = dist.part(n_batches)
     if len(mine):
         rows = range(mine.start * batch_size, min(mine.stop * batch_size, len(data)))
-        own = {k: v.mul_(len(mine)) for k, v in _fisher(model, data.subset(rows), batch_size, "batch").items()}
+        own = _fisher(model, data.subset(rows), batch_size, "batch")  # a mean over its len(mine) batches
     else:  # fewer batches than processes: nothing here, but the all-reduce all the same
         device = next(p for p in model.parameters() if p.requires_grad).device
         own = {n: torch.zeros(p.shape, dtype=torch.float32, device=device)
                for n, p in model.named_parameters() if p.requires_grad}
-    flat = dist.all_reduce_(torch.cat([v.reshape(-1) for v in own.values()])).div_(max(n_batches, 1))
-    return {k: part.view_as(v) for (k, v), part in zip(own.items(), flat.split([v.numel() for v in own.values()]), strict=True)}
+    return dict(zip(own, dist.summed(list(own.values()), len(mine) / n_batches), strict=True))
 
 
 def quadratic_penalty(
