@@ -287,6 +287,13 @@ def _summed_over_processes(run: Run, sharded: bool, *counts: torch.Tensor) -> li
     return run.dist.summed(counts) if sharded else list(counts)
 
 
+def _accuracies(run: Run, hits: torch.Tensor) -> list[float]:
+    """Each experience's hits over its test size (every experience has test data:
+    the run refuses one without when it is built)."""
+    sizes = torch.tensor([len(exp.test) for exp in run.stream], dtype=torch.double)
+    return (hits.double().cpu() / sizes).tolist()
+
+
 @torch.no_grad()
 def evaluate(run: Run, hooks: StepHooks) -> tuple[list[float], np.ndarray]:
     """Accuracy on every experience's test data (one host read), and the
@@ -298,7 +305,7 @@ def evaluate(run: Run, hooks: StepHooks) -> tuple[list[float], np.ndarray]:
     model.eval()
     n_classes = run.stream.n_classes
     confusion = torch.zeros(n_classes * n_classes, dtype=torch.long, device=run.device)
-    correct, counts = [], []
+    correct = []
     batch_size = run.config.train.eval_batch_size
     sharded = sharded_evaluation(run)
     for exp in run.stream:
@@ -319,11 +326,9 @@ def evaluate(run: Run, hooks: StepHooks) -> tuple[list[float], np.ndarray]:
             hits += (pred == batch.y).sum()
             confusion += torch.bincount(batch.y * n_classes + pred.clamp(0, n_classes - 1), minlength=n_classes**2)
         correct.append(hits)
-        counts.append(max(len(exp.test), 1))
     model.train(was_training)
     hits_per_exp, confusion = _summed_over_processes(run, sharded, torch.stack(correct), confusion)
-    row = (hits_per_exp.double().cpu() / torch.tensor(counts, dtype=torch.double)).tolist()
-    return row, confusion.view(n_classes, n_classes).cpu().numpy()
+    return _accuracies(run, hits_per_exp), confusion.view(n_classes, n_classes).cpu().numpy()
 
 
 @torch.no_grad()
@@ -344,5 +349,4 @@ def evaluate_initial(run: Run) -> list[float]:
                 hits += (model(batch.x, batch.t).logits.argmax(1) == batch.y).sum()
             row.append(hits)
     (hits_per_exp,) = _summed_over_processes(run, sharded, torch.stack(row))
-    counts = torch.tensor([max(len(e.test), 1) for e in run.stream], dtype=torch.double)
-    return (hits_per_exp.double().cpu() / counts).tolist()
+    return _accuracies(run, hits_per_exp)

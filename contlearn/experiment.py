@@ -364,10 +364,11 @@ class Experiment:
             timings = progress.timings
             for exp in run.stream.experiences[len(run.accuracy_rows) :]:
                 t0 = ctl.t_experience = time.perf_counter()
-                train_experience(run, exp, StepHooks.for_run(run, self.defaults), ctl, resumed)
+                hooks = StepHooks.for_run(run, self.defaults)
+                train_experience(run, exp, hooks, ctl, resumed)
                 resumed = None
                 t1 = time.perf_counter()
-                row, progress.confusion = evaluate(run, StepHooks.for_run(run, self.defaults))
+                row, progress.confusion = evaluate(run, hooks)
                 timings["train_seconds"] += t1 - t0
                 timings["eval_seconds"] += time.perf_counter() - t1
                 run.accuracy_rows.append(row)
