@@ -89,13 +89,14 @@ class SelectionWarning(UserWarning):
     """An SSD request that dampened no parameter."""
 
 
-def _warn_nothing_selected(where: str, alpha: float, bound: float | None, n_d: float, n_f: int) -> None:
+def _warn_nothing_selected(where: str, alpha: float, n_d: float, n_f: int) -> None:
     """Say that a request changed nothing, and why when the reason is known: a
     per-sample ``F_D`` is the mean over the ``n_d`` training samples, the ``n_f`` to
     forget among them, so for the parameters measured per sample ``F_D >= (n_f /
     n_d) F_f`` (with the same weights), and ``F_f > alpha F_D`` needs ``alpha <
-    n_d / n_f`` (``bound``)."""
+    n_d / n_f``. ``n_d`` is 0 where that does not apply."""
     why = ""
+    bound = n_d / n_f if n_d and n_f else None
     if bound is not None and alpha >= bound:
         why = (
             f": per-sample F_D averages over all {n_d:g} training samples, the {n_f} to forget "
@@ -381,10 +382,10 @@ class SSD:
         _sync(run.device)
         t4 = time.perf_counter()
         if not settings["auto"] and dampened == 0 and run.dist.is_main:
-            n_d, n_f = 0.0, len(sets.forget_train)
-            if mode == "per_sample" and request.get("data") is None and n_f:  # the forget set is part of D
+            n_d = 0.0
+            if mode == "per_sample" and request.get("data") is None:  # the forget set is part of D
                 n_d = self.fisher_d_weight if reason is None else len(sets.seen_train)
-            _warn_nothing_selected(where, alpha, n_d / n_f if n_d else None, n_d, n_f)
+            _warn_nothing_selected(where, alpha, n_d, len(sets.forget_train))
         total = sum(p.numel() for p in params.values())
         report: dict[str, Any] = {
             "method": "ssd",
