@@ -38,22 +38,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_as_one_and_only_process_0_writes(tmp_path):
-    overrides = [*SMALL_RUN, "eval.fwt=false", "train.momentum=0.9", "plugins.replay.size=30", "plugins.ewc={}"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert main(["run", *overrides, "--out", str(one), "--quiet"]) == 0
+def two_processes(*args: str) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2 ARGS`` on the loopback, one thread per process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     torchrun += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
-    proc = subprocess.run(
-        [*torchrun, "-m", "contlearn", "run", *overrides, "--out", str(two), "--quiet"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return subprocess.run([*torchrun, *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_two_processes_train_as_one_and_only_process_0_writes(tmp_path):
+    overrides = [*SMALL_RUN, "eval.fwt=false", "train.momentum=0.9", "plugins.replay.size=30", "plugins.ewc={}"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["run", *overrides, "--out", str(one), "--quiet"]) == 0
+    proc = two_processes("-m", "contlearn", "run", *overrides, "--out", str(two), "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("run directory:") == 1  # process 1 prints nothing
 
@@ -115,13 +114,7 @@ def test_evaluation_is_shared_out_unless_a_plugin_needs_it_in_order(tmp_path):
     overrides = [*SMALL_RUN, "eval.fwt=true", "train.eval_batch_size=7"]
     script = tmp_path / "shards.py"
     script.write_text(SHARDING_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    torchrun += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
-    proc = subprocess.run([*torchrun, str(script), str(tmp_path), *overrides], env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = two_processes(str(script), str(tmp_path), *overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     alone = Experiment(load_config("split-digits", overrides)).run()
