@@ -194,12 +194,17 @@ def override_list(overrides: Any) -> list[str]:
 
 
 def parse_overrides(overrides: list[str] | tuple[str, ...]) -> DictConfig:
-    """``["train.lr=0.1", "plugins.ewc.lam=10"]`` as a config."""
+    """``["train.lr=0.1", "plugins.ewc.lam=10"]`` as a config. A ``plugins=``
+    override replaces the plugin list, what earlier overrides put in it too."""
     items = override_list(overrides)
     for item in items:
         key, sep, _ = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override '{item}' is not of the form key=value")
+    last_list = max((k for k, item in enumerate(items) if item.partition("=")[0].strip() == "plugins"), default=None)
+    if last_list is not None:
+        items = [item for k, item in enumerate(items)
+                 if k >= last_list or item.partition("=")[0].strip().partition(".")[0] != "plugins"]
     try:
         layer = OmegaConf.from_dotlist(items)
     except Exception as exc:  # OmegaConf's errors, yaml.YAMLError

@@ -25,6 +25,13 @@ def test_overrides_apply_last_and_convert_types():
     assert cfg.train.lr == 0.5 and cfg.seed == 3 and list(cfg.scenario.class_order)[0] == 9
 
 
+def test_a_plugins_override_replaces_the_list_of_the_file_and_of_earlier_overrides():
+    assert list(load_config("split-digits-ewc", ["plugins={}", "plugins.lwf={}"]).plugins) == ["lwf"]
+    cfg = load_config("split-digits", ["plugins.ewc={}", "train.lr=0.5", "plugins={}", "plugins.lwf.alpha=2"])
+    assert list(cfg.plugins) == ["lwf"] and cfg.plugins.lwf.alpha == 2 and cfg.train.lr == 0.5
+    assert list(load_config("split-digits", ["plugins.ewc={}", "plugins={l2: {}}"]).plugins) == ["l2"]
+
+
 def test_yaml_file_with_base(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text("base: split-digits\nname: mine\ntrain:\n  epochs: 2\n")
