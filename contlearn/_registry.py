@@ -37,6 +37,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "memo": "contlearn.plugins.memo:MEMO",
     "ssd": "contlearn.plugins.ssd:SSD",
     "clr": "contlearn.plugins.clr:CLR",
+    "reglora": "contlearn.plugins.reglora:RegLoRA",
 }
 
 

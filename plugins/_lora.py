@@ -1,0 +1,121 @@
+"""Low-rank adapters on a network's linear layers, merged into the weights between tasks.
+
+LoRA (Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022)
+freezes a linear layer's weight ``W`` [out, in] and learns ``delta = B @ A`` with
+``A`` [r, in] and ``B`` [out, r]::
+
+    y = x W^T + b + (alpha / r) * dropout(x) A^T B^T
+
+``A`` starts Kaiming-uniform and ``B`` at zero (peft's default), so a fresh
+adapter changes nothing. :meth:`LoRALinear.merge_` adds ``(alpha / r) B @ A`` to
+``W`` and starts a fresh adapter: what SEFE's scripts do after every task
+(peft's ``merge_and_unload``, then a new adapter on the merged model).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import nn
+
+from contlearn.errors import ConfigError
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` (``base``) plus a trainable low-rank update.
+
+    ``lora_A`` [rank, in] and ``lora_B`` [out, rank] are the adapter's factors;
+    ``scaling`` is ``alpha / rank``. :meth:`delta` is the unscaled ``B @ A``.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.base = base
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(base.out_features, rank, **factory))
+        self.scaling = alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_adapter()
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def reset_adapter(self) -> None:
+        """A fresh adapter: ``A`` Kaiming-uniform (``a = sqrt(5)``, as ``nn.Linear``
+        and peft), ``B`` zero, so that the layer computes ``base`` alone."""
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+
+    def delta(self) -> torch.Tensor:
+        """The unscaled update ``B @ A`` [out, in]."""
+        return self.lora_B @ self.lora_A
+
+    @torch.no_grad()
+    def merge_(self) -> None:
+        """Add ``scaling * B @ A`` to the base weight and start a fresh adapter."""
+        self.base.weight.add_(self.delta().to(self.base.weight.dtype), alpha=self.scaling)
+        self.reset_adapter()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (self.dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"rank={self.lora_A.shape[0]}, scaling={self.scaling:g}"
+
+
+def insert_lora(
+    module: nn.Module, rank: int, alpha: float, dropout: float = 0.0, pattern: str | None = None
+) -> list[str]:
+    """Wrap every ``nn.Linear`` of ``module`` whose name ``pattern`` matches
+    (``re.search``; ``None``: all) in a :class:`LoRALinear`, in place; returns
+    the names of all adapted layers, those adapted before included (a second
+    call wraps nothing twice).
+
+    :raises ConfigError: when no linear layer is selected, naming those there are.
+    """
+    selector = re.compile(pattern) if pattern is not None else None
+    names: list[str] = []
+    linear: list[str] = []
+
+    def walk(parent: nn.Module, prefix: str) -> None:
+        for attr, child in parent.named_children():
+            name = f"{prefix}{attr}"
+            if isinstance(child, LoRALinear):
+                names.append(name)
+            elif isinstance(child, nn.Linear):
+                linear.append(name)
+                if selector is None or selector.search(name):
+                    setattr(parent, attr, LoRALinear(child, rank, alpha, dropout))
+                    names.append(name)
+            else:
+                walk(child, f"{name}.")
+
+    walk(module, "")
+    if not names:
+        if not linear:
+            raise ConfigError(
+                f"no nn.Linear layer to adapt in {type(module).__name__}; LoRA needs linear layers "
+                "(e.g. model.backbone=mlp or a timm: vision transformer)"
+            )
+        shown = ", ".join(linear[:20]) + (" ..." if len(linear) > 20 else "")
+        raise ConfigError(f"pattern {pattern!r} matches no linear layer; linear layers: {shown}")
+    return names
+
+
+def lora_layers(module: nn.Module) -> dict[str, LoRALinear]:
+    """The adapted layers of ``module``, by name."""
+    return {n: m for n, m in module.named_modules() if isinstance(m, LoRALinear)}
+
+
+def adapter_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """Every adapter factor (``lora_A``, ``lora_B``) of ``module``."""
+    return [p for m in lora_layers(module).values() for p in (m.lora_A, m.lora_B)]

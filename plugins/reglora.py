@@ -1,0 +1,195 @@
+"""RegLoRA: LoRA fine-tuning per task, merged after it, with the last tasks' key weight changes held still.
+
+The essential-forgetting half of SEFE (Chen et al., "SEFE: Superficial and
+Essential Forgetting Eliminator for Multimodal Continual Instruction Tuning",
+ICML 2025; reference code github.com/jinpeng0528/SEFE). Every selected
+``nn.Linear`` of the backbone gets a LoRA adapter (:mod:`contlearn.plugins._lora`);
+the base weights and every other backbone parameter are frozen, the classifier
+head trains in full (the reference trains its multimodal projector in full,
+unregularised). After each task, in each adapted matrix separately, the
+``top`` fraction of the elements of ``|B_t A_t|`` (unscaled) are that task's *key
+elements*; their positions are appended to those of earlier tasks (duplicates
+kept, as in the reference), and the adapter is merged into the weight
+(``W += (alpha/r) B_t A_t``) and started afresh. While a later task ``t`` trains,
+the loss gains
+
+    L_reg = lam * (1/M) * sum_m mean_{(i,j) in K_m} |(B_t^m A_t^m)_ij|
+
+over the ``M`` adapted matrices (``K_m``: matrix ``m``'s accumulated key
+positions), so the merged weights barely move where earlier tasks changed them
+most. The reference's values: ``top`` 0.02, ``lam`` 2500, LoRA rank 128 and
+alpha 256 on LLaMA's 4096-wide matrices (the defaults here keep its alpha/r = 2
+at rank 8), dropout 0.05.
+
+SEFE's other half, answer-style diversification, rewrites part of each task's
+instruction data into other answer formats with a language model before
+training; a classification stream has no answers to rewrite, so it is not here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from contlearn.plugins._lora import LoRALinear, adapter_parameters, insert_lora, lora_layers
+from torch import nn
+
+from contlearn.errors import ConfigError, PluginError
+from contlearn.hookspecs import hookimpl
+
+
+def key_elements(delta: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Flat indices of the ``int(fraction * numel)`` largest ``|delta|`` elements
+    (the reference's ``topk`` over the flattened ``B @ A``; ties as ``topk`` breaks them)."""
+    k = int(fraction * delta.numel())
+    return torch.topk(delta.detach().abs().flatten(), k).indices
+
+
+def key_penalty(layers: list[LoRALinear], keys: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """``(1/M) sum_m mean_k |(B_m A_m)[rows_k, cols_k]|`` over the ``M`` layers; a
+    layer without key elements adds 0 but counts in ``M``. The elements are
+    gathered from the factors (``K x rank`` work, not the whole ``B @ A``)."""
+    terms = [
+        (layer.lora_B[rows] * layer.lora_A[:, cols].T).sum(dim=1).abs().mean()
+        for layer, (rows, cols) in zip(layers, keys, strict=True)
+        if rows.numel()
+    ]
+    return torch.stack(terms).sum() / len(layers)
+
+
+class RegLoRA:
+    """RegLoRA (SEFE, Chen et al., ICML 2025): per-task LoRA, merged, key elements regularised.
+
+    See the module docstring and docs/plugins/reglora.md.
+    """
+
+    #: the reference's optimizer: lam 2500 is too strong for plain SGD at lr 0.1 (docs/plugins/reglora.md)
+    smoke_overrides = ["train.optimizer=adamw", "train.lr=0.001"]
+
+    @dataclass
+    class Config:
+        rank: int = 8  # LoRA rank r (the reference: 128 on 4096-wide matrices)
+        alpha: float = 16.0  # LoRA alpha; the update is scaled by alpha / rank (the reference's 2)
+        dropout: float = 0.05  # dropout on the adapter's input (peft's lora_dropout)
+        pattern: Optional[str] = None  # regex searched in backbone layer names; None: every nn.Linear
+        top: float = 0.02  # fraction of each matrix's elements that are a task's key elements
+        lam: float = 2500.0  # weight of the L1 penalty on the key elements
+        train_base_first: bool = False  # experience 0 trains the whole model (no adapter): a stand-in for pretraining
+        train_head: bool = True  # the head trains in full; false: only the adapters train (domain-incremental streams)
+
+        def __post_init__(self) -> None:
+            if int(self.rank) != self.rank or self.rank < 1:
+                raise ConfigError(f"plugins.reglora.rank must be a positive integer, got {self.rank}")
+            if not self.alpha > 0:
+                raise ConfigError(f"plugins.reglora.alpha must be > 0, got {self.alpha}")
+            if not 0 <= self.dropout < 1:
+                raise ConfigError(f"plugins.reglora.dropout must be in [0, 1), got {self.dropout}")
+            if not 0 < self.top <= 1:
+                raise ConfigError(f"plugins.reglora.top must be in (0, 1], got {self.top}")
+            if self.lam < 0:
+                raise ConfigError(f"plugins.reglora.lam must be >= 0, got {self.lam}")
+
+    def __init__(self, config: Config | None = None):
+        self.config = config or self.Config()
+        #: accumulated key positions by adapted layer name: flat indices into its weight
+        self.keys: dict[str, torch.Tensor] = {}
+        self._layers: list[LoRALinear] = []
+        self._names: list[str] = []
+        self._gather: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, cols) per layer, on its device
+        self._trains_adapters = False
+
+    # ------------------------------------------------------------- surgery
+
+    def _build(self, run: Any) -> None:
+        if self._layers:
+            return
+        backbone = getattr(run.model, "backbone", None)
+        if not isinstance(backbone, nn.Module):
+            raise PluginError(f"plugin reglora adapts the model's backbone, and {type(run.model).__name__} has none")
+        c = self.config
+        try:
+            insert_lora(backbone, int(c.rank), c.alpha, c.dropout, c.pattern)
+        except ConfigError as exc:
+            raise ConfigError(f"plugin reglora: {exc}") from None
+        layers = lora_layers(backbone)
+        unknown = sorted(set(self.keys) - set(layers))
+        if unknown:
+            raise PluginError(f"plugin reglora holds key elements of layers the backbone lacks: {unknown[:5]}")
+        self._layers = list(layers.values())
+        self._names = list(layers)
+        self._place_keys()
+
+    def _place_keys(self) -> None:
+        self._gather = []
+        for name, layer in zip(self._names, self._layers, strict=True):
+            device = layer.lora_A.device
+            flat = self.keys.get(name, torch.empty(0, dtype=torch.long)).to(device)
+            self.keys[name] = flat
+            self._gather.append((flat // layer.in_features, flat % layer.in_features))
+
+    def _select(self, run: Any, index: int) -> None:
+        """Freeze the backbone but its adapters (or, for a base-training first
+        experience, train everything but them); the head trains unless ``train_head`` is false."""
+        self._trains_adapters = not (self.config.train_base_first and index == 0)
+        adapters = {id(p) for p in adapter_parameters(run.model.backbone)}
+        backbone = {id(p) for p in run.model.backbone.parameters()}
+        for p in run.model.parameters():
+            if id(p) in backbone:
+                trains = (id(p) in adapters) == self._trains_adapters
+            else:
+                trains = self.config.train_head or not self._trains_adapters
+            p.requires_grad_(trains)
+            if not trains:
+                p.grad = None
+
+    # --------------------------------------------------------------- hooks
+
+    @hookimpl
+    def setup(self, run: Any) -> None:
+        if not self.config.train_head and run.stream.setting != "domain" and len(run.stream) > 1:
+            raise ConfigError(
+                "plugins.reglora.train_head=false leaves the classes of later experiences untrained: it is for "
+                f"domain-incremental streams (scenario.setting=domain), got '{run.stream.setting}'"
+            )
+        self._build(run)
+
+    @hookimpl
+    def before_experience(self, run: Any, exp: Any) -> None:
+        self._select(run, int(exp.index))
+
+    @hookimpl
+    def loss_terms(self, run: Any) -> dict[str, torch.Tensor] | None:
+        if self.config.lam == 0 or not self._trains_adapters or not any(r.numel() for r, _ in self._gather):
+            return None
+        return {"reglora": self.config.lam * key_penalty(self._layers, self._gather)}
+
+    @hookimpl
+    def after_experience(self, run: Any, exp: Any) -> None:
+        if not self._trains_adapters:
+            return
+        for name, layer in zip(self._names, self._layers, strict=True):
+            self.keys[name] = torch.cat([self.keys[name], key_elements(layer.delta(), self.config.top)])
+            layer.merge_()
+        self._place_keys()
+        self._trains_adapters = False
+
+    # ---------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The accumulated key positions by layer name (the adapters and merged
+        weights are in the model's state)."""
+        return {"keys": dict(self.keys)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.keys = {str(k): v.long() for k, v in state["keys"].items()}
+        if self._layers:
+            self._place_keys()
+
+    def restore(self, run: Any, state: dict[str, Any]) -> None:
+        """On resume: redo the surgery, then load the key positions; inside an
+        experience, freeze again what it freezes."""
+        self.load_state_dict(state)
+        self._build(run)
+        if run.experience is not None:
+            self._select(run, int(run.experience.index))

@@ -1,0 +1,218 @@
+"""RegLoRA (SEFE, Chen et al., ICML 2025) and its LoRA layers: identity at
+initialisation, exact merges, key elements, the penalty, what trains, resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _crash import SMALL_RUN, CrashAt, SimulatedCrash, comparable
+from contlearn.plugins._lora import LoRALinear, adapter_parameters, insert_lora, lora_layers
+from contlearn.plugins.reglora import RegLoRA, key_elements, key_penalty
+from torch import nn
+
+from contlearn import Experiment, hookimpl, load_config
+from contlearn.errors import ConfigError, ContlearnError
+from contlearn.models import MLP
+
+#: task-incremental digits, a 32-unit MLP, 3 tasks, 1 epoch
+TINY = [
+    "device=cpu",
+    "scenario.n_experiences=3",
+    "scenario.samples_per_class=30",
+    "model.hidden=[32,32]",
+    "train.epochs=1",
+    "train.batch_size=16",
+    "train.optimizer=adamw",
+    "train.lr=0.01",
+    "eval.fwt=false",
+    "plugins={}",
+]
+
+
+def config(*extra: str):
+    return load_config("task-digits", [*TINY, "scenario.classes_per_experience=[4,3,3]", "plugins.reglora.rank=4", *extra])
+
+
+def test_a_fresh_adapter_changes_nothing_and_the_forward_is_lora():
+    torch.manual_seed(0)
+    base = nn.Linear(7, 5)
+    layer = LoRALinear(base, rank=3, alpha=6.0)
+    x = torch.randn(4, 7)
+    assert torch.equal(layer(x), base(x))  # B = 0
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    expected = x @ base.weight.T + base.bias + 2.0 * (x @ layer.lora_A.T @ layer.lora_B.T)
+    torch.testing.assert_close(layer(x), expected)
+    assert torch.equal(layer.delta(), layer.lora_B @ layer.lora_A)
+
+
+def test_merge_keeps_the_function_and_starts_a_fresh_adapter():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(9, 6), rank=2, alpha=4.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 9)
+    before = layer(x)
+    old_a = layer.lora_A.detach().clone()
+    layer.merge_()
+    torch.testing.assert_close(layer(x), before)
+    assert torch.count_nonzero(layer.lora_B) == 0
+    assert not torch.equal(layer.lora_A, old_a)  # re-drawn
+    assert torch.equal(layer(x), layer.base(x))
+
+
+def test_insert_lora_wraps_the_selected_linear_layers_once():
+    mlp = MLP((8,), [16, 16])
+    names = insert_lora(mlp, rank=2, alpha=4.0)
+    assert names == ["net.1", "net.3"]
+    assert insert_lora(mlp, rank=2, alpha=4.0) == names  # nothing wrapped twice
+    assert all(isinstance(m.base, nn.Linear) for m in lora_layers(mlp).values())
+    assert len(adapter_parameters(mlp)) == 4
+    only = MLP((8,), [16, 16])
+    assert insert_lora(only, rank=2, alpha=4.0, pattern=r"net\.3") == ["net.3"]
+    assert isinstance(only.net[1], nn.Linear)
+
+
+def test_a_timm_vision_transformer_gets_an_adapter_on_each_attention_and_mlp_projection():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=16, patch_size=8)
+    x = torch.randn(2, 3, 16, 16)
+    before = vit(x)
+    names = insert_lora(vit, rank=2, alpha=4.0, pattern=r"attn\.qkv|mlp\.fc")
+    assert len(names) == 3 * len(vit.blocks) and names[:3] == ["blocks.0.attn.qkv", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"]
+    assert torch.equal(vit(x), before)
+    with torch.no_grad():
+        vit.blocks[0].attn.qkv.lora_B.normal_()
+    assert not torch.allclose(vit(x), before)
+
+
+def test_insert_lora_refuses_what_it_cannot_adapt():
+    with pytest.raises(ConfigError, match=r"matches no linear layer; linear layers: net\.1, net\.3"):
+        insert_lora(MLP((8,), [16, 16]), rank=2, alpha=4.0, pattern="attn")
+    with pytest.raises(ConfigError, match="no nn.Linear layer to adapt in Conv2d"):
+        insert_lora(nn.Conv2d(1, 2, 3), rank=2, alpha=4.0)
+
+
+def test_key_elements_are_the_top_fraction_of_the_absolute_update():
+    delta = torch.tensor([[0.1, -5.0, 0.2, 0.0], [3.0, -0.3, 0.05, -4.0]])
+    picked = key_elements(delta, 0.4)  # int(0.4 * 8) = 3
+    assert sorted(picked.tolist()) == [1, 4, 7]  # |-5|, |3|, |-4|
+    assert key_elements(delta, 0.1).numel() == 0  # int(0.8) = 0
+
+
+def test_penalty_is_the_mean_over_matrices_of_the_mean_absolute_key_update():
+    torch.manual_seed(0)
+    layers = [LoRALinear(nn.Linear(6, 5), 3, 3.0), LoRALinear(nn.Linear(4, 7), 3, 3.0), LoRALinear(nn.Linear(4, 2), 3, 3.0)]
+    for layer in layers:
+        with torch.no_grad():
+            layer.lora_B.normal_()
+    flats = [torch.tensor([0, 7, 7, 29]), torch.tensor([3, 20]), torch.tensor([], dtype=torch.long)]
+    gather = [(f // m.in_features, f % m.in_features) for f, m in zip(flats, layers, strict=True)]
+    # the reference's formula on the whole B @ A; duplicates count, an empty matrix adds 0 but counts in M
+    expected = sum(m.delta().flatten()[f].abs().mean() for f, m in zip(flats[:2], layers[:2], strict=True)) / 3
+    torch.testing.assert_close(key_penalty(layers, gather), expected)
+
+
+class _Spy:
+    """Per experience: names of parameters that got a gradient; the penalty
+    terms seen; the backbone weights after the experience."""
+
+    def __init__(self):
+        self.grads: dict[int, set[str]] = {}
+        self.terms: dict[int, list[str]] = {}
+        self.weights: list[dict[str, torch.Tensor]] = []
+
+    @hookimpl
+    def after_backward(self, run):
+        names = {n for n, p in run.model.named_parameters() if p.grad is not None}
+        self.grads.setdefault(run.experience.index, set()).update(names)
+
+    @hookimpl
+    def on_metrics(self, run, metrics):
+        if metrics["kind"] == "epoch":
+            self.terms[metrics["experience"]] = sorted(k for k in metrics if k.startswith("loss/"))
+        if metrics["kind"] == "eval":
+            self.weights.append({n: m.base.weight.detach().clone() for n, m in lora_layers(run.model.backbone).items()})
+
+
+def test_only_adapters_and_head_train_and_the_penalty_starts_with_the_second_task():
+    spy = _Spy()
+    experiment = Experiment(config("plugins.reglora={}"), plugins={"spy": spy})
+    experiment.run()
+    for index in range(3):
+        trained = spy.grads[index]
+        assert trained, index
+        assert all(".lora_" in n or n.startswith("head.") for n in trained), trained
+        assert any(n.startswith("head.") for n in trained)
+    assert "loss/reglora" not in spy.terms[0]
+    assert "loss/reglora" in spy.terms[1] and "loss/reglora" in spy.terms[2]
+    plugin = experiment.run_state.plugins["reglora"]
+    for name, layer in lora_layers(experiment.run_state.model.backbone).items():
+        per_task = int(0.02 * layer.base.weight.numel())
+        assert plugin.keys[name].numel() == 3 * per_task  # appended after every task, duplicates kept
+        assert torch.count_nonzero(layer.lora_B) == 0  # merged
+
+
+def test_train_base_first_trains_the_backbone_then_adapters_and_a_frozen_head():
+    spy = _Spy()
+    cfg = load_config("rotated-digits-reglora", [*TINY[:6], "eval.fwt=false"])
+    Experiment(cfg, plugins={"spy": spy}).run()
+    assert any(n.endswith(".base.weight") for n in spy.grads[0])
+    assert not any(".lora_" in n for n in spy.grads[0])
+    assert all(".lora_" in n for n in spy.grads[1] | spy.grads[2])
+    assert "loss/reglora" not in spy.terms[1] and "loss/reglora" in spy.terms[2]
+
+
+def test_the_penalty_holds_the_earlier_key_elements_still():
+    """With a heavy penalty the merged weights move less at task 0's key positions
+    than without one (the two runs share task 0 exactly)."""
+    moved = {}
+    for lam in (0.0, 1e6):
+        spy = _Spy()
+        experiment = Experiment(config(f"plugins.reglora.lam={lam}", "scenario.n_experiences=2", "scenario.classes_per_experience=[5,5]"), plugins={"spy": spy})
+        experiment.run()
+        keys = experiment.run_state.plugins["reglora"].keys
+        after0, after1 = spy.weights
+        moved[lam] = sum(
+            (after1[n].flatten()[keys[n][: keys[n].numel() // 2]] - after0[n].flatten()[keys[n][: keys[n].numel() // 2]])
+            .abs().sum().item()
+            for n in after0
+        )
+    assert moved[1e6] < 0.1 * moved[0.0], moved
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["plugins.reglora.rank=0"], "rank must be a positive integer"),
+        (["plugins.reglora.top=0"], r"top must be in \(0, 1\]"),
+        (["plugins.reglora.dropout=1"], r"dropout must be in \[0, 1\)"),
+        (["plugins.reglora.lam=-1"], "lam must be >= 0"),
+        (["plugins.reglora.pattern=attn"], "pattern 'attn' matches no linear layer; linear layers: net.1, net.3"),
+        (["plugins.reglora.train_head=false"], "train_head=false leaves the classes of later experiences untrained"),
+        (["model.backbone=cnn", "model.hidden=[4]"], "no nn.Linear layer to adapt in SmallCNN"),
+    ],
+)
+def test_bad_configs_are_one_clear_error(overrides, message):
+    with pytest.raises(ContlearnError, match=message):
+        Experiment(config("plugins.reglora={}", *overrides)).run()
+
+
+def test_resume_mid_experience_equals_uninterrupted(tmp_path):
+    overrides = [*SMALL_RUN, "train.optimizer=adamw", "train.lr=0.01", "plugins={}", "plugins.reglora.rank=2",
+                 "checkpoint.every_n_steps=2",
+                 "checkpoint.keep_last=50", "eval.fwt=false"]
+    Experiment(load_config("split-digits", overrides), out_dir=tmp_path / "whole").run()
+    with pytest.raises(SimulatedCrash):  # inside experience 1, whose penalty covers experience 0's keys
+        Experiment(load_config("split-digits", overrides), out_dir=tmp_path / "run", plugins={"crash": CrashAt(14)}).run()
+    resumed = Experiment.resume(tmp_path / "run")
+    assert resumed._resume_from[1]["position"]["inside_experience"]
+    resumed.run()
+    assert comparable(tmp_path / "run") == comparable(tmp_path / "whole")
+
+
+def test_state_holds_the_key_positions():
+    plugin = RegLoRA()
+    plugin.load_state_dict({"keys": {"net.1": torch.tensor([3, 1])}})
+    assert torch.equal(plugin.state_dict()["keys"]["net.1"], torch.tensor([3, 1]))
