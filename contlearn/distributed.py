@@ -14,7 +14,7 @@ contiguous share of every test set and the counts of hits (and the confusion
 matrix) are summed, unless a plugin sets ``sequential_evaluation = True`` (its
 predictions depend on the test samples before them, as DMN's test-time memory
 does; every process then evaluates all test data, in order). EWC's and SSD's
-batch-mode Fisher passes are shared out and summed the same way; the other
+Fisher passes (batch-mode and per-sample) are shared out and summed the same way; the other
 plugins' own passes over the data run on every process. Only process 0 writes
 (run directory, checkpoints, results).
 

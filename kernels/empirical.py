@@ -17,7 +17,7 @@ from ._dispatch import Backend
 from .accumulate import accumulate_
 from .per_sample import per_sample_linear, per_sample_linear_bias
 
-__all__ = ["empirical_fisher"]
+__all__ = ["empirical_fisher", "fisher_sums"]
 
 
 def _unpack(batch: Any) -> tuple[Any, Any]:
@@ -160,6 +160,25 @@ def empirical_fisher(
     ``requires_grad``; a model with none raises ValueError). The model's mode is left as the caller set it and no ``.grad``
     is written (gradients come from ``torch.autograd.grad``).
     """
+    sums, divisors = fisher_sums(model, batches, loss_fn, mode, backend=backend)
+    for name, value in sums.items():
+        value /= divisors[name]
+    return sums
+
+
+def fisher_sums(
+    model: nn.Module,
+    batches: Iterable[Any],
+    loss_fn: Callable[[nn.Module, Any, Any], torch.Tensor],
+    mode: Literal["batch", "per_sample"] = "batch",
+    *,
+    backend: Backend = "auto",
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """The sums of squared gradients behind :func:`empirical_fisher` and, by
+    parameter name, what divides each: the number of samples for a parameter
+    computed per sample, the number of batches otherwise. Sums and divisors of
+    disjoint shares of the batches add up to those of all of them (a Fisher
+    pass shared out between processes)."""
     if mode not in ("batch", "per_sample"):
         raise ValueError(f"empirical_fisher: mode must be 'batch' or 'per_sample', got {mode!r}")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -206,9 +225,8 @@ def empirical_fisher(
     if n_batches == 0:
         raise ValueError("empirical_fisher: batches yielded nothing")
     sample_params = _sample_params(taps, per_sample_modules)
-    for n, p in named:
-        fisher[n] /= n_samples if id(p) in sample_params else n_batches
-    return fisher
+    divisors = {n: n_samples if id(p) in sample_params else n_batches for n, p in named}
+    return fisher, divisors
 
 
 def _sample_params(taps: _LinearTaps | None, modules: frozenset[nn.Module] | None) -> set[int]:

@@ -7,13 +7,14 @@ The public entry points, gathered from the modules that implement them:
 - :func:`per_sample_linear`, :func:`per_sample_linear_bias` and their references
   (:mod:`.per_sample`): exact sums of squared per-sample gradients of a Linear layer;
 - :func:`empirical_fisher` (:mod:`.empirical`): the diagonal Fisher of a model over
-  batches, from batch gradients or per-sample gradients.
+  batches, from batch gradients or per-sample gradients; :func:`fisher_sums`, its
+  sums and divisors (which add up over shares of the batches).
 """
 
 from __future__ import annotations
 
 from .accumulate import accumulate_, accumulate_reference_
-from .empirical import empirical_fisher
+from .empirical import empirical_fisher, fisher_sums
 from .per_sample import (
     per_sample_linear,
     per_sample_linear_bias,
@@ -25,6 +26,7 @@ __all__ = [
     "accumulate_",
     "accumulate_reference_",
     "empirical_fisher",
+    "fisher_sums",
     "per_sample_linear",
     "per_sample_linear_bias",
     "per_sample_linear_bias_reference",

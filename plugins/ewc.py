@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
-from contlearn.kernels.fisher import empirical_fisher
+from contlearn.kernels.fisher import fisher_sums
 from contlearn.plugins._common import plugin_generator
 from torch.nn import functional as F
 
@@ -55,9 +55,9 @@ def fisher_information(
     labels, without augmentation, in eval mode (BatchNorm statistics as at test
     time, no dropout).
 
-    With ``dist`` of several processes and ``mode="batch"``, each process takes a
-    contiguous block of the batches (the same batches one process would make)
-    and the sums are added over the processes: the same Fisher, computed once.
+    With ``dist`` of several processes, each process takes a contiguous block of
+    the batches (the same batches one process would make), and the sums and
+    their divisors are added over the processes: the same Fisher, computed once.
 
     :raises PluginError: the model has no trainable parameter to weigh.
     """
@@ -69,34 +69,42 @@ def fisher_information(
     model.eval()
     try:
         plain = data.with_augment(None) if getattr(data, "augment", None) is not None else data
-        if dist is not None and dist.world_size > 1 and mode == "batch":
-            return _batch_fisher_over_processes(model, plain, batch_size, dist)
-        return _fisher(model, plain, batch_size, mode)
+        if dist is not None and dist.world_size > 1:
+            return _fisher_over_processes(model, plain, batch_size, mode, dist)
+        sums, divisors = _fisher_sums(model, plain, batch_size, mode)
+        return {n: value / divisors[n] for n, value in sums.items()}
     finally:
         model.train(was_training)
 
 
-def _fisher(model: torch.nn.Module, data: Any, batch_size: int, mode: str) -> dict[str, torch.Tensor]:
+def _fisher_sums(
+    model: torch.nn.Module, data: Any, batch_size: int, mode: str
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     batches = (((b.x, b.t), b.y) for b in data.batches(batch_size))
-    return empirical_fisher(model, batches, lambda m, xt, y: F.cross_entropy(m(xt[0], xt[1]).logits, y), mode=mode)
+    return fisher_sums(model, batches, lambda m, xt, y: F.cross_entropy(m(xt[0], xt[1]).logits, y), mode=mode)
 
 
-def _batch_fisher_over_processes(
-    model: torch.nn.Module, data: Any, batch_size: int, dist: DistributedView
+def _fisher_over_processes(
+    model: torch.nn.Module, data: Any, batch_size: int, mode: str, dist: DistributedView
 ) -> dict[str, torch.Tensor]:
-    """Batch-mode Fisher ``(1/K) sum_k g_k**2`` with the K batches shared out in
-    contiguous blocks (``dist.part``; the last, partial batch ends the last block)
-    and the per-process sums added in one all-reduce."""
+    """The Fisher with the batches shared out in contiguous blocks (``dist.part``;
+    the last, partial batch ends the last block): each process's sums of squared
+    gradients and their divisors (samples or batches, by parameter) are added in
+    one all-reduce, then divided."""
     n_batches = math.ceil(len(data) / batch_size)
     mine = dist.part(n_batches)
     if len(mine):
         rows = range(mine.start * batch_size, min(mine.stop * batch_size, len(data)))
-        own = _fisher(model, data.subset(rows), batch_size, "batch")  # a mean over its len(mine) batches
+        sums, divisors = _fisher_sums(model, data.subset(rows), batch_size, mode)
     else:  # fewer batches than processes: nothing here, but the all-reduce all the same
         device = next(p for p in model.parameters() if p.requires_grad).device
-        own = {n: torch.zeros(p.shape, dtype=torch.float32, device=device)
-               for n, p in model.named_parameters() if p.requires_grad}
-    return dict(zip(own, dist.summed(list(own.values()), len(mine) / n_batches), strict=True))
+        sums = {n: torch.zeros(p.shape, dtype=torch.float32, device=device)
+                for n, p in model.named_parameters() if p.requires_grad}
+        divisors = dict.fromkeys(sums, 0)
+    device = next(iter(sums.values())).device
+    counts = torch.tensor([float(divisors[n]) for n in sums], device=device)
+    *totals, total_counts = dist.summed([*sums.values(), counts])
+    return {n: value / count for n, value, count in zip(sums, totals, total_counts.tolist(), strict=True)}
 
 
 def quadratic_penalty(

@@ -96,15 +96,17 @@ out["memo"] = memo.run_state.plugins["memo"].accuracy  # its classifiers' counts
 
 from contlearn.plugins import ewc as ewc_module
 fisher_rows = []
-whole_fisher = ewc_module._fisher
-def counting_fisher(model, data, batch_size, mode):
+whole_sums = ewc_module._fisher_sums
+def counting_sums(model, data, batch_size, mode):
     fisher_rows.append(len(data))
-    return whole_fisher(model, data, batch_size, mode)
-ewc_module._fisher = counting_fisher
-ewc = Experiment(load_config("split-digits", [*sys.argv[2:], "plugins.ewc={}"]))
-ewc.run()
-importance = ewc.run_state.plugins["ewc"].state_dict()["importance"]
-out["ewc"] = {"rows": fisher_rows, "importance": {k: v.flatten().tolist() for k, v in importance.items()}}
+    return whole_sums(model, data, batch_size, mode)
+ewc_module._fisher_sums = counting_sums
+for fisher in ("batch", "per_sample"):
+    fisher_rows = []
+    ewc = Experiment(load_config("split-digits", [*sys.argv[2:], "plugins.ewc={}", f"plugins.ewc.fisher={fisher}"]))
+    ewc.run()
+    importance = ewc.run_state.plugins["ewc"].state_dict()["importance"]
+    out["ewc " + fisher] = {"rows": fisher_rows, "importance": {k: v.flatten().tolist() for k, v in importance.items()}}
 rank = torch.distributed.get_rank()
 open(sys.argv[1] + f"/rank{rank}.json", "w").write(json.dumps(out))
 """
@@ -136,16 +138,19 @@ def test_evaluation_is_shared_out_unless_a_plugin_needs_it_in_order(tmp_path):
     for name, rows in memo_alone.items():
         for row, row_alone in zip(ranks[0]["memo"][name], rows, strict=True):
             assert row == pytest.approx(row_alone, abs=0.02), name
-    # EWC's Fisher pass is shared out too (each process takes a block of the batches), and gives one process's Fisher
+    # EWC's Fisher pass is shared out too (each process takes a block of the batches), and gives one process's
+    # Fisher, from batch gradients and per sample alike
     train_sizes = [len(exp.train) for exp in stream_of(load_config("split-digits", overrides))]
-    rows = [r["ewc"]["rows"] for r in ranks]
-    assert [a + b for a, b in zip(*rows, strict=True)] == train_sizes
-    assert all(0 < n < size for n, size in zip(rows[0], train_sizes, strict=True))
-    ewc = Experiment(load_config("split-digits", [*overrides, "plugins.ewc={}"]))
-    ewc.run()
-    for name, value in ewc.run_state.plugins["ewc"].state_dict()["importance"].items():
-        for r in ranks:
-            torch.testing.assert_close(torch.tensor(r["ewc"]["importance"][name]), value.flatten(), rtol=1e-4, atol=1e-7)
+    for fisher in ("batch", "per_sample"):
+        rows = [r["ewc " + fisher]["rows"] for r in ranks]
+        assert [a + b for a, b in zip(*rows, strict=True)] == train_sizes
+        assert all(0 < n < size for n, size in zip(rows[0], train_sizes, strict=True))
+        ewc = Experiment(load_config("split-digits", [*overrides, "plugins.ewc={}", f"plugins.ewc.fisher={fisher}"]))
+        ewc.run()
+        for name, value in ewc.run_state.plugins["ewc"].state_dict()["importance"].items():
+            for r in ranks:
+                got = torch.tensor(r["ewc " + fisher]["importance"][name])
+                torch.testing.assert_close(got, value.flatten(), rtol=1e-4, atol=1e-7)
 
 
 def test_unlearning_refuses_several_processes(tmp_path, monkeypatch, capsys):

@@ -234,28 +234,37 @@ def test_fisher_of_a_frozen_model_is_a_clear_error():
         fisher_information(model, None, 8)
 
 
-class _LoneRank(DistributedView):
-    """Rank ``rank`` of ``world`` whose all-reduce returns its own tensor (and counts the calls)."""
+class _Recording(DistributedView):
+    """Rank ``rank`` of ``world`` whose all-reduce keeps a copy of what it is given
+    and returns it unchanged; the test adds the copies of all ranks, as an all-reduce would."""
 
     def __init__(self, rank: int, world: int):
         super().__init__(rank, world)
-        self.reductions = 0
+        self.sent: list[torch.Tensor] = []
 
     def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
-        self.reductions += 1
+        self.sent.append(tensor.clone())
         return tensor
 
 
+@pytest.mark.parametrize("mode", ["batch", "per_sample"])
 @pytest.mark.parametrize("n, world", [(21, 2), (21, 3), (20, 4), (12, 3), (12, 5)])
-def test_a_fisher_pass_shared_out_sums_to_one_process_s(n, world):
+def test_a_fisher_pass_shared_out_sums_to_one_process_s(n, world, mode):
     """Batches of 5: with 21 samples the last is partial; with 12 (3 batches) and 5 processes two take none.
-    Every process makes exactly one all-reduce, and the parts add up to one process's Fisher."""
+    Every process makes exactly one all-reduce, and what they send adds up, divided, to one process's Fisher
+    (per-sample parameters divided by samples, the others by batches)."""
     run, data = tiny_run(), tiny_data(n)
-    whole = fisher_information(run.model, data, 5)
-    parts = []
+    whole = fisher_information(run.model, data, 5, mode)
+    sent = []
     for rank in range(world):
-        view = _LoneRank(rank, world)
-        parts.append(fisher_information(run.model, data, 5, dist=view))
-        assert view.reductions == 1
-    for name, value in whole.items():
-        torch.testing.assert_close(sum(p[name] for p in parts), value, rtol=1e-5, atol=1e-8)
+        view = _Recording(rank, world)
+        fisher_information(run.model, data, 5, mode, dist=view)
+        assert len(view.sent) == 1
+        sent.extend(view.sent)
+    total = torch.stack(sent).sum(dim=0)
+    counts = total[-len(whole):]
+    assert counts.tolist() == [float(n if mode == "per_sample" else -(-n // 5))] * len(whole)  # MLP and head: all per sample
+    offset = 0
+    for value, count in zip(whole.values(), counts.tolist(), strict=True):
+        torch.testing.assert_close(total[offset:offset + value.numel()].view_as(value) / count, value, rtol=1e-5, atol=1e-8)
+        offset += value.numel()
