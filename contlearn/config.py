@@ -201,10 +201,10 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> DictConfig:
         key, sep, _ = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override '{item}' is not of the form key=value")
+    sections = [re.split(r"[.\[]", item.partition("=")[0].strip())[0] for item in items]
     last_list = max((k for k, item in enumerate(items) if item.partition("=")[0].strip() == "plugins"), default=None)
     if last_list is not None:
-        items = [item for k, item in enumerate(items)
-                 if k >= last_list or item.partition("=")[0].strip().partition(".")[0] != "plugins"]
+        items = [item for k, item in enumerate(items) if k >= last_list or sections[k] != "plugins"]
     try:
         layer = OmegaConf.from_dotlist(items)
     except Exception as exc:  # OmegaConf's errors, yaml.YAMLError

@@ -72,6 +72,10 @@ class LoRALinear(nn.Module):
         return f"rank={self.lora_A.shape[0]}, scaling={self.scaling:g}"
 
 
+#: torch modules that use their linear children's weights directly (fused attention, fast paths)
+_READS_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
 def insert_lora(
     module: nn.Module, rank: int, alpha: float, dropout: float = 0.0, pattern: str | None = None
 ) -> list[str]:
@@ -80,27 +84,44 @@ def insert_lora(
     the names of all adapted layers, those adapted before included (a second
     call wraps nothing twice).
 
-    :raises ConfigError: when no linear layer is selected, naming those there are.
+    A layer reached under several names (reused) gets one adapter, shared by
+    all of them and named by the first. The linear layers of torch's
+    ``nn.MultiheadAttention`` and ``nn.Transformer*Layer`` are left alone: those
+    read their weights directly, not through the layers' forward.
+
+    :raises ConfigError: when no linear layer is selected, naming those there
+        are; when two selected layers share a weight (merging two adapters into
+        one weight would change what both compute).
     """
     selector = re.compile(pattern) if pattern is not None else None
-    names: list[str] = []
+    wrappers: dict[int, LoRALinear] = {}  # by id of the wrapped Linear, and of each wrapper
+    adapted: list[tuple[str, LoRALinear]] = []
     linear: list[str] = []
 
     def walk(parent: nn.Module, prefix: str) -> None:
-        for attr, child in parent.named_children():
+        if isinstance(parent, _READS_WEIGHTS):
+            return
+        for attr, child in list(parent._modules.items()):
             name = f"{prefix}{attr}"
+            if child is None or id(child) in wrappers:
+                if child is not None and not isinstance(child, LoRALinear):
+                    setattr(parent, attr, wrappers[id(child)])  # the same layer again
+                continue
             if isinstance(child, LoRALinear):
-                names.append(name)
+                wrappers[id(child)] = child
+                adapted.append((name, child))
             elif isinstance(child, nn.Linear):
                 linear.append(name)
                 if selector is None or selector.search(name):
-                    setattr(parent, attr, LoRALinear(child, rank, alpha, dropout))
-                    names.append(name)
+                    wrapper = LoRALinear(child, rank, alpha, dropout)
+                    wrappers[id(child)] = wrappers[id(wrapper)] = wrapper
+                    setattr(parent, attr, wrapper)
+                    adapted.append((name, wrapper))
             else:
                 walk(child, f"{name}.")
 
     walk(module, "")
-    if not names:
+    if not adapted:
         if not linear:
             raise ConfigError(
                 f"no nn.Linear layer to adapt in {type(module).__name__}; LoRA needs linear layers "
@@ -108,7 +129,12 @@ def insert_lora(
             )
         shown = ", ".join(linear[:20]) + (" ..." if len(linear) > 20 else "")
         raise ConfigError(f"pattern {pattern!r} matches no linear layer; linear layers: {shown}")
-    return names
+    owners: dict[int, str] = {}
+    for name, layer in adapted:
+        first = owners.setdefault(id(layer.base.weight), name)
+        if first != name:
+            raise ConfigError(f"linear layers {first} and {name} share a weight; LoRA adapts layers with a weight of their own")
+    return [name for name, _ in adapted]
 
 
 def lora_layers(module: nn.Module) -> dict[str, LoRALinear]:

@@ -28,8 +28,9 @@ training; a classification stream has no answers to rewrite, so it is not here.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 from contlearn.plugins._lora import LoRALinear, adapter_parameters, insert_lora, lora_layers
@@ -46,15 +47,42 @@ def key_elements(delta: torch.Tensor, fraction: float) -> torch.Tensor:
     return torch.topk(delta.detach().abs().flatten(), k).indices
 
 
-def key_penalty(layers: list[LoRALinear], keys: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """``(1/M) sum_m mean_k |(B_m A_m)[rows_k, cols_k]|`` over the ``M`` layers; a
-    layer without key elements adds 0 but counts in ``M``. The elements are
-    gathered from the factors (``K x rank`` work, not the whole ``B @ A``)."""
-    terms = [
-        (layer.lora_B[rows] * layer.lora_A[:, cols].T).sum(dim=1).abs().mean()
-        for layer, (rows, cols) in zip(layers, keys, strict=True)
-        if rows.numel()
-    ]
+class KeyIndex(NamedTuple):
+    """One matrix's accumulated key positions, each counted once: ``flat``
+    indices into the weight (and their ``rows`` and ``cols``), ``weight`` how
+    many tasks chose each (the reference keeps duplicates, so a position counts
+    once per task in its mean), and whether the penalty gathers the elements
+    from the factors (``K x rank`` work and memory) or reads them from the whole
+    ``B @ A`` (when that is smaller)."""
+
+    flat: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+    weight: torch.Tensor
+    gather: bool
+
+
+def key_index(flat: torch.Tensor, layer: LoRALinear) -> KeyIndex:
+    """The :class:`KeyIndex` of ``layer`` for accumulated positions ``flat`` (duplicates allowed)."""
+    unique, counts = torch.unique(flat, return_counts=True)
+    rank = layer.lora_A.shape[0]
+    gather = unique.numel() * rank <= layer.in_features * layer.out_features
+    return KeyIndex(unique, unique // layer.in_features, unique % layer.in_features, counts.float(), gather)
+
+
+def key_penalty(layers: list[LoRALinear], keys: list[KeyIndex]) -> torch.Tensor:
+    """``(1/M) sum_m mean_k |(B_m A_m)[rows_k, cols_k]|`` over the ``M`` layers,
+    duplicates counted as often as they were chosen; a layer without key
+    elements adds 0 but counts in ``M``."""
+    terms = []
+    for layer, key in zip(layers, keys, strict=True):
+        if not key.flat.numel():
+            continue
+        if key.gather:
+            values = (layer.lora_B[key.rows] * layer.lora_A[:, key.cols].T).sum(dim=1)
+        else:
+            values = layer.delta().flatten()[key.flat]
+        terms.append((key.weight * values.abs()).sum() / key.weight.sum())
     return torch.stack(terms).sum() / len(layers)
 
 
@@ -89,6 +117,10 @@ class RegLoRA:
                 raise ConfigError(f"plugins.reglora.top must be in (0, 1], got {self.top}")
             if self.lam < 0:
                 raise ConfigError(f"plugins.reglora.lam must be >= 0, got {self.lam}")
+            try:
+                re.compile(self.pattern or "")
+            except re.error as exc:
+                raise ConfigError(f"plugins.reglora.pattern {self.pattern!r} is not a regular expression: {exc}") from None
 
     def __init__(self, config: Config | None = None):
         self.config = config or self.Config()
@@ -96,7 +128,8 @@ class RegLoRA:
         self.keys: dict[str, torch.Tensor] = {}
         self._layers: list[LoRALinear] = []
         self._names: list[str] = []
-        self._gather: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, cols) per layer, on its device
+        self._index: list[KeyIndex] = []  # per layer, on its device
+        self._trainable: dict[int, bool] = {}  # requires_grad of the model's parameters before the surgery
         self._trains_adapters = False
 
     # ------------------------------------------------------------- surgery
@@ -108,6 +141,7 @@ class RegLoRA:
         if not isinstance(backbone, nn.Module):
             raise PluginError(f"plugin reglora adapts the model's backbone, and {type(run.model).__name__} has none")
         c = self.config
+        self._trainable = {id(p): p.requires_grad for p in run.model.parameters()}
         try:
             insert_lora(backbone, int(c.rank), c.alpha, c.dropout, c.pattern)
         except ConfigError as exc:
@@ -121,12 +155,11 @@ class RegLoRA:
         self._place_keys()
 
     def _place_keys(self) -> None:
-        self._gather = []
+        self._index = []
         for name, layer in zip(self._names, self._layers, strict=True):
-            device = layer.lora_A.device
-            flat = self.keys.get(name, torch.empty(0, dtype=torch.long)).to(device)
+            flat = self.keys.get(name, torch.empty(0, dtype=torch.long)).to(layer.lora_A.device)
             self.keys[name] = flat
-            self._gather.append((flat // layer.in_features, flat % layer.in_features))
+            self._index.append(key_index(flat, layer))
 
     def _select(self, run: Any, index: int) -> None:
         """Freeze the backbone but its adapters (or, for a base-training first
@@ -145,7 +178,10 @@ class RegLoRA:
 
     # --------------------------------------------------------------- hooks
 
-    @hookimpl
+    # tryfirst: the surgery comes before other plugins' setup (which may select
+    # parameters by name), and the merge before their after_experience (which
+    # may snapshot the weights): they see the adapters merged, never in flight.
+    @hookimpl(tryfirst=True)
     def setup(self, run: Any) -> None:
         if not self.config.train_head and run.stream.setting != "domain" and len(run.stream) > 1:
             raise ConfigError(
@@ -160,11 +196,11 @@ class RegLoRA:
 
     @hookimpl
     def loss_terms(self, run: Any) -> dict[str, torch.Tensor] | None:
-        if self.config.lam == 0 or not self._trains_adapters or not any(r.numel() for r, _ in self._gather):
+        if self.config.lam == 0 or not self._trains_adapters or not any(k.flat.numel() for k in self._index):
             return None
-        return {"reglora": self.config.lam * key_penalty(self._layers, self._gather)}
+        return {"reglora": self.config.lam * key_penalty(self._layers, self._index)}
 
-    @hookimpl
+    @hookimpl(tryfirst=True)
     def after_experience(self, run: Any, exp: Any) -> None:
         if not self._trains_adapters:
             return
@@ -173,6 +209,13 @@ class RegLoRA:
             layer.merge_()
         self._place_keys()
         self._trains_adapters = False
+
+    @hookimpl
+    def teardown(self, run: Any) -> None:
+        """Give the model's parameters back the trainability they had before the
+        surgery (the adapters stay trainable), for whatever uses the model next."""
+        for p in run.model.parameters():
+            p.requires_grad_(self._trainable.get(id(p), True))
 
     # ---------------------------------------------------------------- state
 

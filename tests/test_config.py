@@ -30,6 +30,7 @@ def test_a_plugins_override_replaces_the_list_of_the_file_and_of_earlier_overrid
     cfg = load_config("split-digits", ["plugins.ewc={}", "train.lr=0.5", "plugins={}", "plugins.lwf.alpha=2"])
     assert list(cfg.plugins) == ["lwf"] and cfg.plugins.lwf.alpha == 2 and cfg.train.lr == 0.5
     assert list(load_config("split-digits", ["plugins.ewc={}", "plugins={l2: {}}"]).plugins) == ["l2"]
+    assert list(load_config("split-digits", ["plugins[ewc]={}", "plugins={}", "plugins.lwf={}"]).plugins) == ["lwf"]
 
 
 def test_yaml_file_with_base(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from _crash import SMALL_RUN, CrashAt, SimulatedCrash, comparable
 from contlearn.plugins._lora import LoRALinear, adapter_parameters, insert_lora, lora_layers
-from contlearn.plugins.reglora import RegLoRA, key_elements, key_penalty
+from contlearn.plugins.reglora import RegLoRA, key_elements, key_index, key_penalty
 from torch import nn
 
 from contlearn import Experiment, hookimpl, load_config
@@ -44,6 +44,24 @@ def test_a_fresh_adapter_changes_nothing_and_the_forward_is_lora():
     expected = x @ base.weight.T + base.bias + 2.0 * (x @ layer.lora_A.T @ layer.lora_B.T)
     torch.testing.assert_close(layer(x), expected)
     assert torch.equal(layer.delta(), layer.lora_B @ layer.lora_A)
+
+
+def test_dropout_acts_on_the_adapter_input_and_a_is_kaiming_uniform():
+    torch.manual_seed(0)
+    base = nn.Linear(50, 4)
+    layer = LoRALinear(base, rank=6, alpha=6.0, dropout=0.5)
+    assert layer.lora_A.abs().max() <= 1 / 50**0.5  # kaiming_uniform(a=sqrt(5)): bound 1/sqrt(in)
+    assert layer.lora_A.std() > 0.5 / 50**0.5 / 3**0.5
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 50)
+    torch.manual_seed(1)
+    got = layer(x)
+    torch.manual_seed(1)
+    dropped = nn.functional.dropout(x, 0.5, training=True)
+    torch.testing.assert_close(got, base(x) + dropped @ layer.lora_A.T @ layer.lora_B.T)
+    layer.eval()
+    torch.testing.assert_close(layer(x), base(x) + x @ layer.lora_A.T @ layer.lora_B.T)
 
 
 def test_merge_keeps_the_function_and_starts_a_fresh_adapter():
@@ -87,11 +105,25 @@ def test_a_timm_vision_transformer_gets_an_adapter_on_each_attention_and_mlp_pro
     assert not torch.allclose(vit(x), before)
 
 
+def test_torch_attention_layers_are_left_alone_and_a_reused_layer_gets_one_adapter():
+    block = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), nn.Linear(8, 8))
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(block, shared, nn.ReLU(), shared)
+    assert insert_lora(model, rank=2, alpha=4.0) == ["0.1", "1"]
+    assert model[1] is model[3] and isinstance(model[1], LoRALinear)
+    model.eval()
+    assert model(torch.randn(2, 3, 8)).shape == (2, 3, 8)  # the attention still finds its weights
+
+
 def test_insert_lora_refuses_what_it_cannot_adapt():
     with pytest.raises(ConfigError, match=r"matches no linear layer; linear layers: net\.1, net\.3"):
         insert_lora(MLP((8,), [16, 16]), rank=2, alpha=4.0, pattern="attn")
     with pytest.raises(ConfigError, match="no nn.Linear layer to adapt in Conv2d"):
         insert_lora(nn.Conv2d(1, 2, 3), rank=2, alpha=4.0)
+    tied = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    tied[1].weight = tied[0].weight
+    with pytest.raises(ConfigError, match="linear layers 0 and 1 share a weight"):
+        insert_lora(tied, rank=2, alpha=4.0)
 
 
 def test_key_elements_are_the_top_fraction_of_the_absolute_update():
@@ -103,15 +135,16 @@ def test_key_elements_are_the_top_fraction_of_the_absolute_update():
 
 def test_penalty_is_the_mean_over_matrices_of_the_mean_absolute_key_update():
     torch.manual_seed(0)
-    layers = [LoRALinear(nn.Linear(6, 5), 3, 3.0), LoRALinear(nn.Linear(4, 7), 3, 3.0), LoRALinear(nn.Linear(4, 2), 3, 3.0)]
+    layers = [LoRALinear(nn.Linear(6, 5), 3, 12.0), LoRALinear(nn.Linear(4, 2), 3, 12.0), LoRALinear(nn.Linear(4, 7), 3, 12.0)]
     for layer in layers:
         with torch.no_grad():
             layer.lora_B.normal_()
-    flats = [torch.tensor([0, 7, 7, 29]), torch.tensor([3, 20]), torch.tensor([], dtype=torch.long)]
-    gather = [(f // m.in_features, f % m.in_features) for f, m in zip(flats, layers, strict=True)]
-    # the reference's formula on the whole B @ A; duplicates count, an empty matrix adds 0 but counts in M
+    flats = [torch.tensor([0, 7, 7, 29]), torch.tensor([3, 5, 3, 0]), torch.tensor([], dtype=torch.long)]
+    index = [key_index(f, m) for f, m in zip(flats, layers, strict=True)]
+    assert [k.gather for k in index[:2]] == [True, False]  # 3 x 3 > 8 elements: read from the whole B @ A
+    # the reference's formula on the whole, unscaled B @ A: duplicates count, an empty matrix adds 0 but counts in M
     expected = sum(m.delta().flatten()[f].abs().mean() for f, m in zip(flats[:2], layers[:2], strict=True)) / 3
-    torch.testing.assert_close(key_penalty(layers, gather), expected)
+    torch.testing.assert_close(key_penalty(layers, index), expected)
 
 
 class _Spy:
@@ -122,6 +155,12 @@ class _Spy:
         self.grads: dict[int, set[str]] = {}
         self.terms: dict[int, list[str]] = {}
         self.weights: list[dict[str, torch.Tensor]] = []
+        self.start: dict[str, torch.Tensor] = {}
+
+    @hookimpl
+    def before_experience(self, run, exp):
+        if exp.index == 0:
+            self.start = {n: m.base.weight.detach().clone() for n, m in lora_layers(run.model.backbone).items()}
 
     @hookimpl
     def after_backward(self, run):
@@ -152,6 +191,10 @@ def test_only_adapters_and_head_train_and_the_penalty_starts_with_the_second_tas
         per_task = int(0.02 * layer.base.weight.numel())
         assert plugin.keys[name].numel() == 3 * per_task  # appended after every task, duplicates kept
         assert torch.count_nonzero(layer.lora_B) == 0  # merged
+        # task 0's keys: where its merged update (alpha/r) B A, all that changed the weight, is largest
+        change = (spy.weights[0][name] - spy.start[name]).abs().flatten()
+        assert change[plugin.keys[name][:per_task]].min() >= change.topk(per_task).values.min() * (1 - 1e-5)
+    assert all(p.requires_grad for p in experiment.run_state.model.parameters())  # as before the run
 
 
 def test_train_base_first_trains_the_backbone_then_adapters_and_a_frozen_head():
@@ -182,6 +225,17 @@ def test_the_penalty_holds_the_earlier_key_elements_still():
     assert moved[1e6] < 0.1 * moved[0.0], moved
 
 
+def test_other_plugins_see_the_adapters_merged_whatever_the_order():
+    """EWC, registered after RegLoRA, runs its after_experience first unless RegLoRA
+    orders itself: it would then anchor the adapters' trained factors."""
+    experiment = Experiment(config("plugins.reglora={}", "plugins.ewc={}", "scenario.n_experiences=2",
+                                   "scenario.classes_per_experience=[5,5]"))
+    experiment.run()
+    center = experiment.run_state.plugins["ewc"].center
+    lora_b = [name for name in center if name.endswith("lora_B")]
+    assert lora_b and all(torch.count_nonzero(center[name]) == 0 for name in lora_b)
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -190,6 +244,7 @@ def test_the_penalty_holds_the_earlier_key_elements_still():
         (["plugins.reglora.dropout=1"], r"dropout must be in \[0, 1\)"),
         (["plugins.reglora.lam=-1"], "lam must be >= 0"),
         (["plugins.reglora.pattern=attn"], "pattern 'attn' matches no linear layer; linear layers: net.1, net.3"),
+        (["plugins.reglora.pattern=("], r"pattern '\(' is not a regular expression"),
         (["plugins.reglora.train_head=false"], "train_head=false leaves the classes of later experiences untrained"),
         (["model.backbone=cnn", "model.hidden=[4]"], "no nn.Linear layer to adapt in SmallCNN"),
     ],
