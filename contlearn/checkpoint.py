@@ -342,10 +342,10 @@ def _plugin_states(run: Run) -> dict[str, Any]:
 
 def stream_signature(stream: Stream) -> dict[str, Any]:
     """What a run trains on, as far as a resume can check it cheaply: the setting,
-    the original label of each class id (the class order), and each experience's
+    the original label of each class id (the class order), each experience's
     classes, task label, numbers of training and test samples, and input shift
-    (its ``repr``: a permutation's length and first entries, a rotation's angle).
-    The data themselves are not fingerprinted."""
+    (its ``repr``: a permutation's length and first entries, a rotation's angle),
+    and a checksum of each experience's inputs (:func:`data_checksum`)."""
     return {
         "setting": str(stream.setting),
         "class_names": [str(c) for c in stream.class_names],
@@ -353,7 +353,26 @@ def stream_signature(stream: Stream) -> dict[str, Any]:
             [[int(c) for c in exp.classes], int(exp.task), len(exp.train), len(exp.test), _describe_shift(exp.shift)]
             for exp in stream
         ],
+        "data": [[data_checksum(exp.train), data_checksum(exp.test)] for exp in stream],
     }
+
+
+#: elements of a data set's inputs that :func:`data_checksum` adds up, at most
+CHECKSUM_ELEMENTS = 4096
+
+
+def data_checksum(data: Any) -> float | None:
+    """A cheap checksum of a data set's inputs and labels: the float64 sum of up to
+    :data:`CHECKSUM_ELEMENTS` evenly spaced input elements, each weighted by its
+    position, plus the labels' sum. ``None`` for data read through a DataLoader
+    (nothing is held to sum)."""
+    x, y = getattr(data, "x", None), getattr(data, "y", None)
+    if not torch.is_tensor(x) or not torch.is_tensor(y):
+        return None
+    flat = x.reshape(-1)
+    picked = flat[:: max(1, flat.numel() // CHECKSUM_ELEMENTS)].double()
+    weights = torch.arange(1, picked.numel() + 1, dtype=torch.float64, device=picked.device)
+    return float((picked * weights).sum() + y.double().sum())
 
 
 def _describe_shift(shift: Any) -> str | None:
@@ -369,7 +388,10 @@ def _describe_shift(shift: Any) -> str | None:
 def _check_stream(saved: dict[str, Any], stream: Stream, source: str) -> None:
     """:raises CheckpointError: when the run resumes on another stream than it trained on."""
     own = stream_signature(stream)
+    saved_data, own_data = saved.get("data"), own.pop("data")  # checkpoints written before checksums lack them
+    saved = {k: v for k, v in saved.items() if k != "data"}
     if saved == own:
+        _warn_other_data(saved_data, own_data, source)
         return
     old, new = saved["experiences"], own["experiences"]
     if saved["setting"] != own["setting"]:
@@ -431,6 +453,22 @@ def capture(
             "epoch_generator": epoch.generator if inside else None,
         },
     }
+
+
+def _warn_other_data(saved: list[list[float | None]] | None, own: list[list[float | None]], source: str) -> None:
+    """Warn when an experience's data differ from those the run trained on (same
+    classes and sizes, other values: another download, preprocessing or split)."""
+    if saved is None or saved == own:
+        return
+    k, part = next((k, p) for k, (a, b) in enumerate(zip(saved, own, strict=True))
+                   for p, x, y in (("training", a[0], b[0]), ("test", a[1], b[1])) if x != y)
+    warnings.warn(
+        f"checkpoint '{source}' was written by a run on other data: the {part} inputs of experience {k} differ "
+        f"from the checkpoint's (same classes and sizes, other values: another download, preprocessing or "
+        f"split?); the run goes on with the data it has now",
+        CheckpointWarning,
+        stacklevel=5,  # the caller of Experiment.run
+    )
 
 
 def _warn_given_plugins(saved: dict[str, str], given: dict[str, str], source: str) -> None:

@@ -260,3 +260,23 @@ def test_the_stream_signature_names_shifts_without_addresses():
     assert ckpt.stream_signature(a) == ckpt.stream_signature(b)
     assert ckpt.stream_signature(a)["experiences"][1][4].endswith("Scale")
     assert ckpt.stream_signature(stream(0)) != ckpt.stream_signature(stream(1))  # other permutations
+
+
+def test_a_resume_on_other_data_of_the_same_shape_warns_naming_the_experience():
+    from contlearn.scenarios import Stream
+
+    x, y = np.random.default_rng(0).normal(size=(60, 16)).astype(np.float32), np.arange(60) % 3
+    saved = ckpt.stream_signature(Stream.from_tensors(x, y, setting="domain", transform="permute", n_experiences=2))
+    same = Stream.from_tensors(x, y, setting="domain", transform="permute", n_experiences=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ckpt._check_stream(saved, same, "ckpt-1.pt")
+    other = Stream.from_tensors(x, y, setting="domain", transform="permute", n_experiences=2)
+    other.experiences[1].train.x[5, 3] += 1.0  # one element: a checksum sees it only if it sums it
+    other.experiences[1].train.x[0, 0] += 1.0
+    with pytest.warns(ckpt.CheckpointWarning, match="other data: the training inputs of experience 1 differ"):
+        ckpt._check_stream(saved, other, "ckpt-1.pt")
+    older = {k: v for k, v in saved.items() if k != "data"}  # written before checksums: nothing to compare
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ckpt._check_stream(older, other, "ckpt-1.pt")
