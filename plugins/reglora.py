@@ -50,8 +50,8 @@ def key_elements(delta: torch.Tensor, fraction: float) -> torch.Tensor:
 class KeyIndex(NamedTuple):
     """One matrix's accumulated key positions, each counted once: ``flat``
     indices into the weight (and their ``rows`` and ``cols``), ``weight`` how
-    many tasks chose each (the reference keeps duplicates, so a position counts
-    once per task in its mean), and whether the penalty gathers the elements
+    many tasks chose each over how many choices there were (the reference keeps
+    duplicates, so a position counts once per task in its mean), and whether the penalty gathers the elements
     from the factors (``K x rank`` work and memory) or reads them from the whole
     ``B @ A`` (when that is smaller)."""
 
@@ -67,7 +67,8 @@ def key_index(flat: torch.Tensor, layer: LoRALinear) -> KeyIndex:
     unique, counts = torch.unique(flat, return_counts=True)
     rank = layer.lora_A.shape[0]
     gather = unique.numel() * rank <= layer.in_features * layer.out_features
-    return KeyIndex(unique, unique // layer.in_features, unique % layer.in_features, counts.float(), gather)
+    weight = counts.float() / max(flat.numel(), 1)
+    return KeyIndex(unique, unique // layer.in_features, unique % layer.in_features, weight, gather)
 
 
 def key_penalty(layers: list[LoRALinear], keys: list[KeyIndex]) -> torch.Tensor:
@@ -82,7 +83,7 @@ def key_penalty(layers: list[LoRALinear], keys: list[KeyIndex]) -> torch.Tensor:
             values = (layer.lora_B[key.rows] * layer.lora_A[:, key.cols].T).sum(dim=1)
         else:
             values = layer.delta().flatten()[key.flat]
-        terms.append((key.weight * values.abs()).sum() / key.weight.sum())
+        terms.append((key.weight * values.abs()).sum())
     return torch.stack(terms).sum() / len(layers)
 
 
