@@ -368,6 +368,30 @@ def test_contlearn_ewc_in_avalanche_naive_reduces_forgetting(av, raw):
         assert row_ewc == pytest.approx(row_ref, abs=0.02)
 
 
+def test_contlearn_reglora_in_avalanche_adapts_a_contlearn_model_and_holds_its_key_elements(av, raw):
+    """Model surgery inside Avalanche: the adapters join the strategy's optimizer, the base weights
+    change only by the merges, and the key elements accumulate over the experiences."""
+    bench = permuted_digits(av, raw, 3)
+    model = create_model(load_config(None, ["model.hidden=[32]"]).model, (1, 8, 8))
+    av_model = cav.as_avalanche_model(model)
+    adapter = cav.as_avalanche_plugin("reglora", {"rank": 4})
+    strategy = av.t.Naive(
+        model=av_model, optimizer=torch.optim.AdamW(av_model.parameters(), lr=1e-2), train_mb_size=32,
+        train_epochs=2, eval_mb_size=512, evaluator=silent(av, av.m.accuracy_metrics(experience=True)),
+        plugins=[adapter],
+    )
+    base = model.backbone.net[1].weight.detach().clone()
+    R = cav.accuracy_matrix_from_avalanche(train_eval(strategy, bench))
+    layer = model.backbone.net[1]
+    assert type(layer).__name__ == "LoRALinear" and torch.count_nonzero(layer.lora_B) == 0  # merged
+    assert not torch.equal(layer.base.weight, base)  # changed by the merges only: the base is frozen
+    optimized = {id(p) for group in strategy.optimizer.param_groups for p in group["params"]}
+    assert id(layer.lora_A) in optimized and id(layer.lora_B) in optimized
+    reglora = adapter.plugin
+    assert reglora.keys["net.1"].numel() == 3 * int(0.02 * 64 * 32)
+    assert R[0][0] > 0.5 and R[2][2] > 0.5
+
+
 class Recorder(Quiet):
     """Records what the adapter calls and what the hooks see."""
 
