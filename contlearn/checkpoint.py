@@ -357,19 +357,21 @@ def stream_signature(stream: Stream) -> dict[str, Any]:
     }
 
 
-#: elements of a data set's inputs that :func:`data_checksum` adds up, at most
-CHECKSUM_ELEMENTS = 4096
+#: samples of a data set that :func:`data_checksum` reads, and input elements of theirs it adds up, at most
+CHECKSUM_SAMPLES, CHECKSUM_ELEMENTS = 256, 4096
 
 
 def data_checksum(data: Any) -> float | None:
     """A cheap checksum of a data set's inputs and labels: the float64 sum of up to
-    :data:`CHECKSUM_ELEMENTS` evenly spaced input elements, each weighted by its
-    position, plus the labels' sum. ``None`` for data read through a DataLoader
+    :data:`CHECKSUM_ELEMENTS` evenly spaced input elements of up to
+    :data:`CHECKSUM_SAMPLES` evenly spaced samples (no copy of the whole set is
+    made), each weighted by its position, plus the labels' sum. ``None`` for data read through a DataLoader
     (nothing is held to sum)."""
     x, y = getattr(data, "x", None), getattr(data, "y", None)
     if not torch.is_tensor(x) or not torch.is_tensor(y):
         return None
-    flat = x.reshape(-1)
+    samples = x[:: max(1, len(x) // CHECKSUM_SAMPLES)]
+    flat = samples.reshape(-1)
     picked = flat[:: max(1, flat.numel() // CHECKSUM_ELEMENTS)].double()
     weights = torch.arange(1, picked.numel() + 1, dtype=torch.float64, device=picked.device)
     return float((picked * weights).sum() + y.double().sum())
