@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+from contlearn.plugins._common import check_pattern
 from contlearn.plugins.ewc import quadratic_penalty
 
 from contlearn.errors import ConfigError, PluginError, choices
@@ -46,10 +47,7 @@ class L2:
                 raise ConfigError(f"plugins.l2.anchor must be one of {choices(ANCHORS)}, got {self.anchor!r}")
             if self.lam < 0:
                 raise ConfigError(f"plugins.l2.lam must be non-negative, got {self.lam}")
-            try:
-                re.compile(self.pattern or "")
-            except re.error as exc:
-                raise ConfigError(f"plugins.l2.pattern {self.pattern!r} is not a regular expression: {exc}") from None
+            check_pattern("plugins.l2.pattern", self.pattern)
 
     def __init__(self, config: Config):
         self.pattern = re.compile(config.pattern) if config.pattern is not None else None

@@ -28,11 +28,11 @@ training; a classification stream has no answers to rewrite, so it is not here.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional
 
 import torch
+from contlearn.plugins._common import check_pattern
 from contlearn.plugins._lora import LoRALinear, adapter_parameters, insert_lora, lora_layers
 from torch import nn
 
@@ -118,10 +118,7 @@ class RegLoRA:
                 raise ConfigError(f"plugins.reglora.top must be in (0, 1], got {self.top}")
             if self.lam < 0:
                 raise ConfigError(f"plugins.reglora.lam must be >= 0, got {self.lam}")
-            try:
-                re.compile(self.pattern or "")
-            except re.error as exc:
-                raise ConfigError(f"plugins.reglora.pattern {self.pattern!r} is not a regular expression: {exc}") from None
+            check_pattern("plugins.reglora.pattern", self.pattern)
 
     def __init__(self, config: Config | None = None):
         self.config = config or self.Config()
