@@ -13,11 +13,14 @@ is the run that was interrupted (see docs/reliability.md).
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 import random
 import re
 import shutil
 import warnings
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -357,24 +360,62 @@ def stream_signature(stream: Stream) -> dict[str, Any]:
     }
 
 
-#: samples of a data set that :func:`data_checksum` reads, and input elements of theirs it adds up, at most
+#: samples of a data set that :func:`data_checksum` reads, and input elements of theirs it hashes, at most
 CHECKSUM_SAMPLES, CHECKSUM_ELEMENTS = 256, 4096
 
 
-def data_checksum(data: Any) -> float | None:
-    """A cheap checksum of a data set's inputs and labels: the float64 sum of up to
-    :data:`CHECKSUM_ELEMENTS` evenly spaced input elements of up to
-    :data:`CHECKSUM_SAMPLES` evenly spaced samples (no copy of the whole set is
-    made), each weighted by its position, plus the labels' sum. ``None`` for data read through a DataLoader
-    (nothing is held to sum)."""
+def data_checksum(data: Any) -> str | None:
+    """A cheap checksum of a data set: a BLAKE2 hash of the bytes of up to
+    :data:`CHECKSUM_ELEMENTS` input elements, at evenly spaced positions of up to
+    :data:`CHECKSUM_SAMPLES` evenly spaced samples, and of those samples' labels.
+    Only the picked elements are read (gathered where they lie, on any device),
+    and bytes hash alike on every device and whatever the values (NaN included).
+    ``None`` for data read through a DataLoader (nothing is held to read).
+    Computed once per data object (a run's data do not change)."""
+    cached = _CHECKSUMS.get(data) if _weakly_keyable(data) else None
+    if cached is not None:
+        return cached
     x, y = getattr(data, "x", None), getattr(data, "y", None)
     if not torch.is_tensor(x) or not torch.is_tensor(y):
         return None
-    samples = x[:: max(1, len(x) // CHECKSUM_SAMPLES)]
-    flat = samples.reshape(-1)
-    picked = flat[:: max(1, flat.numel() // CHECKSUM_ELEMENTS)].double()
-    weights = torch.arange(1, picked.numel() + 1, dtype=torch.float64, device=picked.device)
-    return float((picked * weights).sum() + y.double().sum())
+    n = len(x)
+    rows = torch.arange(0, n, -(-n // CHECKSUM_SAMPLES) if n else 1, device=x.device)
+    per_sample = math.prod(x.shape[1:])
+    count = min(per_sample, max(1, CHECKSUM_ELEMENTS // max(len(rows), 1)))
+    positions = torch.linspace(0, per_sample - 1, count, device=x.device).long() if per_sample else None
+    if positions is None or x.dim() == 1:
+        picked = x[rows]
+    else:
+        picked = x[(rows[:, None], *_unravel(positions, x.shape[1:]))]
+    digest = hashlib.blake2b(digest_size=8)
+    for part in (picked, y[rows]):
+        digest.update(str(part.dtype).encode())
+        digest.update(part.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    checksum = digest.hexdigest()
+    if _weakly_keyable(data):
+        _CHECKSUMS[data] = checksum
+    return checksum
+
+
+_CHECKSUMS: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+def _unravel(flat: torch.Tensor, shape: torch.Size) -> list[torch.Tensor]:
+    """The index along each dimension of ``shape`` of the row-major positions ``flat``."""
+    out = []
+    for size in reversed(shape):
+        out.append(flat % size)
+        flat = flat // size
+    return out[::-1]
+
+
+def _weakly_keyable(data: Any) -> bool:
+    try:
+        weakref.ref(data)
+        hash(data)
+    except TypeError:
+        return False
+    return True
 
 
 def _describe_shift(shift: Any) -> str | None:
@@ -457,7 +498,7 @@ def capture(
     }
 
 
-def _warn_other_data(saved: list[list[float | None]] | None, own: list[list[float | None]], source: str) -> None:
+def _warn_other_data(saved: list[list[str | None]] | None, own: list[list[str | None]], source: str) -> None:
     """Warn when an experience's data differ from those the run trained on (same
     classes and sizes, other values: another download, preprocessing or split)."""
     if saved is None or saved == own:
@@ -469,7 +510,7 @@ def _warn_other_data(saved: list[list[float | None]] | None, own: list[list[floa
         f"from the checkpoint's (same classes and sizes, other values: another download, preprocessing or "
         f"split?); the run goes on with the data it has now",
         CheckpointWarning,
-        stacklevel=5,  # the caller of Experiment.run
+        stacklevel=6,  # the caller of Experiment.run
     )
 
 

@@ -262,6 +262,21 @@ def test_the_stream_signature_names_shifts_without_addresses():
     assert ckpt.stream_signature(stream(0)) != ckpt.stream_signature(stream(1))  # other permutations
 
 
+def test_the_data_checksum_reads_values_not_layout_and_sees_a_changed_element():
+    from contlearn.scenarios import TensorData
+
+    x = torch.randn(1000, 3, 8, 8)
+    y = torch.arange(1000) % 10
+    checksum = ckpt.data_checksum(TensorData(x, y))
+    assert ckpt.data_checksum(TensorData(x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2), y)) == checksum
+    changed = x.clone()
+    changed[4 * 4, 0, 0, 0] += 1  # sample 16 of every 4th: read; position 0: read
+    assert ckpt.data_checksum(TensorData(changed, y)) != checksum
+    assert ckpt.data_checksum(TensorData(x, (y + 1) % 10)) != checksum
+    assert ckpt.data_checksum(TensorData(torch.full((3, 2), float("nan")), y[:3])) == ckpt.data_checksum(
+        TensorData(torch.full((3, 2), float("nan")), y[:3]))
+
+
 def test_a_resume_on_other_data_of_the_same_shape_warns_naming_the_experience():
     from contlearn.scenarios import Stream
 
