@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from contlearn.errors import ConfigError
+from contlearn.errors import ConfigError, PluginError
 from contlearn.models import MLP, ContinualModel, IncrementalLinear, Output, ResNet, SmallCNN
 
 
@@ -41,7 +41,11 @@ def split_backbone(backbone: nn.Module, specialized_width: int | None = None) ->
     if isinstance(backbone, MLP):
         layers = list(backbone.net)
         last = layers[-2]
-        assert isinstance(last, nn.Linear)
+        if not isinstance(last, nn.Linear):
+            raise PluginError(
+                f"plugin memo splits the mlp backbone at its last linear layer, and found a {type(last).__name__} "
+                "there: another plugin (reglora, say) changed the backbone, which memo rebuilds as its own network"
+            )
         width = last.out_features if specialized_width is None else int(specialized_width)
         if width != last.out_features:
             last = nn.Linear(last.in_features, width)

@@ -28,6 +28,7 @@ training; a classification stream has no answers to rewrite, so it is not here.
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional
 
@@ -127,7 +128,8 @@ class RegLoRA:
         self._layers: list[LoRALinear] = []
         self._names: list[str] = []
         self._index: list[KeyIndex] = []  # per layer, on its device
-        self._trainable: dict[int, bool] = {}  # requires_grad of the model's parameters before the surgery
+        self._trainable: list[tuple[nn.Parameter, bool]] = []  # requires_grad of the model's parameters before the surgery
+        self._model: nn.Module | None = None  # the model adapted
         self._trains_adapters = False
 
     # ------------------------------------------------------------- surgery
@@ -139,7 +141,8 @@ class RegLoRA:
         if not isinstance(backbone, nn.Module):
             raise PluginError(f"plugin reglora adapts the model's backbone, and {type(run.model).__name__} has none")
         c = self.config
-        self._trainable = {id(p): p.requires_grad for p in run.model.parameters()}
+        self._trainable = [(p, p.requires_grad) for p in run.model.parameters()]
+        self._model = run.model
         try:
             insert_lora(backbone, int(c.rank), c.alpha, c.dropout, c.pattern)
         except ConfigError as exc:
@@ -176,9 +179,8 @@ class RegLoRA:
 
     # --------------------------------------------------------------- hooks
 
-    # tryfirst: the surgery comes before other plugins' setup (which may select
-    # parameters by name), and the merge before their after_experience (which
-    # may snapshot the weights): they see the adapters merged, never in flight.
+    # tryfirst: the surgery comes before other plugins' setup, which may select
+    # parameters by name (l2's pattern, ewc's anchors).
     @hookimpl(tryfirst=True)
     def setup(self, run: Any) -> None:
         if not self.config.train_head and run.stream.setting != "domain" and len(run.stream) > 1:
@@ -190,6 +192,11 @@ class RegLoRA:
 
     @hookimpl
     def before_experience(self, run: Any, exp: Any) -> None:
+        if run.model is not self._model:
+            raise PluginError(
+                f"plugin reglora adapted the model the run built, and another plugin replaced it by a "
+                f"{type(run.model).__name__}: reglora cannot be combined with plugins that build their own model"
+            )
         self._select(run, int(exp.index))
 
     @hookimpl
@@ -198,22 +205,28 @@ class RegLoRA:
             return None
         return {"reglora": self.config.lam * key_penalty(self._layers, self._index)}
 
-    @hookimpl(tryfirst=True)
-    def after_experience(self, run: Any, exp: Any) -> None:
-        if not self._trains_adapters:
-            return
-        for name, layer in zip(self._names, self._layers, strict=True):
-            self.keys[name] = torch.cat([self.keys[name], key_elements(layer.delta(), self.config.top)])
-            layer.merge_()
-        self._place_keys()
-        self._trains_adapters = False
+    # A wrapper, so that the merge comes before every other plugin's
+    # after_experience (tryfirst ones included): they see the adapters merged
+    # (the weights evaluated), never in flight.
+    @hookimpl(wrapper=True)
+    def after_experience(self, run: Any, exp: Any) -> Generator[None, None, None]:
+        if self._trains_adapters:
+            for name, layer in zip(self._names, self._layers, strict=True):
+                self.keys[name] = torch.cat([self.keys[name], key_elements(layer.delta(), self.config.top)])
+                layer.merge_()
+            self._place_keys()
+            self._trains_adapters = False
+        return (yield)
 
     @hookimpl
     def teardown(self, run: Any) -> None:
         """Give the model's parameters back the trainability they had before the
         surgery (the adapters stay trainable), for whatever uses the model next."""
-        for p in run.model.parameters():
-            p.requires_grad_(self._trainable.get(id(p), True))
+        for p, trainable in self._trainable:
+            p.requires_grad_(trainable)
+        if self._model is not None:
+            for p in adapter_parameters(self._model):
+                p.requires_grad_(True)
 
     # ---------------------------------------------------------------- state
 

@@ -3,6 +3,9 @@ initialisation, exact merges, key elements, the penalty, what trains, resume."""
 
 from __future__ import annotations
 
+import copy
+from types import SimpleNamespace
+
 import pytest
 import torch
 from _crash import SMALL_RUN, CrashAt, SimulatedCrash, comparable
@@ -11,7 +14,7 @@ from contlearn.plugins.reglora import RegLoRA, key_elements, key_index, key_pena
 from torch import nn
 
 from contlearn import Experiment, hookimpl, load_config
-from contlearn.errors import ConfigError, ContlearnError
+from contlearn.errors import ConfigError, ContlearnError, PluginError
 from contlearn.models import MLP
 
 #: task-incremental digits, a 32-unit MLP, 3 tasks, 1 epoch
@@ -234,6 +237,42 @@ def test_other_plugins_see_the_adapters_merged_whatever_the_order():
     center = experiment.run_state.plugins["ewc"].center
     lora_b = [name for name in center if name.endswith("lora_B")]
     assert lora_b and all(torch.count_nonzero(center[name]) == 0 for name in lora_b)
+
+
+class _SeesMergedFirst:
+    """An after_experience ordered tryfirst: it still runs after RegLoRA's merge."""
+
+    def __init__(self):
+        self.adapters_zero: list[bool] = []
+
+    @hookimpl(tryfirst=True)
+    def after_experience(self, run):
+        self.adapters_zero.append(all(torch.count_nonzero(m.lora_B) == 0 for m in lora_layers(run.model.backbone).values()))
+
+
+def test_even_a_tryfirst_after_experience_sees_the_adapters_merged():
+    seen = _SeesMergedFirst()
+    Experiment(config("plugins.reglora={}", "scenario.n_experiences=2", "scenario.classes_per_experience=[5,5]"),
+               plugins={"seen": seen}).run()
+    assert seen.adapters_zero == [True, True]
+
+
+class _ReplacesTheModel:
+    @hookimpl
+    def setup(self, run):
+        run.model = copy.deepcopy(run.model)
+
+
+def test_a_plugin_that_replaces_the_model_is_refused_by_name():
+    with pytest.raises(PluginError, match="another plugin replaced it by a ContinualModel: reglora cannot be combined"):
+        Experiment(config("plugins.reglora={}"), plugins={"other": _ReplacesTheModel()}).run()
+
+
+def test_teardown_before_setup_changes_no_trainability():
+    model = nn.Sequential(nn.Linear(2, 2))
+    model[0].weight.requires_grad_(False)
+    RegLoRA().teardown(run=SimpleNamespace(model=model))
+    assert not model[0].weight.requires_grad
 
 
 @pytest.mark.parametrize(
