@@ -84,57 +84,71 @@ def insert_lora(
     the names of all adapted layers, those adapted before included (a second
     call wraps nothing twice).
 
-    A layer reached under several names (reused) gets one adapter, shared by
-    all of them and named by the first. The linear layers of torch's
-    ``nn.MultiheadAttention`` and ``nn.Transformer*Layer`` are left alone: those
-    read their weights directly, not through the layers' forward.
+    A layer reached under several names (reused) gets one adapter, in every
+    place, when any of its names matches; it is named by the first. The linear
+    layers of torch's ``nn.MultiheadAttention`` and ``nn.Transformer*Layer``
+    are left alone: those read their weights directly, not through the layers'
+    forward.
 
-    :raises ConfigError: when no linear layer is selected, naming those there
-        are; when two selected layers share a weight (merging two adapters into
-        one weight would change what both compute).
+    :raises ConfigError: before anything is wrapped: when no linear layer is
+        selected, naming those there are; when a selected layer shares its
+        weight with another module (a merge would change what both compute).
     """
     selector = re.compile(pattern) if pattern is not None else None
-    wrappers: dict[int, LoRALinear] = {}  # by id of the wrapped Linear, and of each wrapper
-    adapted: list[tuple[str, LoRALinear]] = []
-    linear: list[str] = []
+    places: dict[int, list[tuple[nn.Module, str, str]]] = {}  # by id of the layer: (parent, attribute, name)
+    layers: dict[int, nn.Module] = {}
+    skipped: list[str] = []
 
     def walk(parent: nn.Module, prefix: str) -> None:
-        if isinstance(parent, _READS_WEIGHTS):
-            return
-        for attr, child in list(parent._modules.items()):
-            name = f"{prefix}{attr}"
-            if child is None or id(child) in wrappers:
-                if child is not None and not isinstance(child, LoRALinear):
-                    setattr(parent, attr, wrappers[id(child)])  # the same layer again
+        for attr, child in parent._modules.items():
+            if child is None:
                 continue
-            if isinstance(child, LoRALinear):
-                wrappers[id(child)] = child
-                adapted.append((name, child))
-            elif isinstance(child, nn.Linear):
-                linear.append(name)
-                if selector is None or selector.search(name):
-                    wrapper = LoRALinear(child, rank, alpha, dropout)
-                    wrappers[id(child)] = wrappers[id(wrapper)] = wrapper
-                    setattr(parent, attr, wrapper)
-                    adapted.append((name, wrapper))
+            name = f"{prefix}{attr}"
+            if isinstance(child, _READS_WEIGHTS):
+                skipped.append(f"{name} ({type(child).__name__})")
+            elif isinstance(child, (nn.Linear, LoRALinear)):
+                places.setdefault(id(child), []).append((parent, attr, name))
+                layers[id(child)] = child
             else:
                 walk(child, f"{name}.")
 
-    walk(module, "")
-    if not adapted:
-        if not linear:
+    if isinstance(module, _READS_WEIGHTS):
+        skipped.append(f"the module itself ({type(module).__name__})")
+    else:
+        walk(module, "")
+    chosen = [
+        key for key, where in places.items()
+        if isinstance(layers[key], LoRALinear) or selector is None or any(selector.search(n) for _, _, n in where)
+    ]
+    if not chosen:
+        if not places:
+            beside = f" (left alone: {', '.join(skipped[:5])}, which read their weights directly)" if skipped else ""
             raise ConfigError(
-                f"no nn.Linear layer to adapt in {type(module).__name__}; LoRA needs linear layers "
+                f"no nn.Linear layer to adapt in {type(module).__name__}{beside}; LoRA needs linear layers "
                 "(e.g. model.backbone=mlp or a timm: vision transformer)"
             )
-        shown = ", ".join(linear[:20]) + (" ..." if len(linear) > 20 else "")
+        names = [where[0][2] for where in places.values()]
+        shown = ", ".join(names[:20]) + (" ..." if len(names) > 20 else "")
         raise ConfigError(f"pattern {pattern!r} matches no linear layer; linear layers: {shown}")
-    owners: dict[int, str] = {}
-    for name, layer in adapted:
-        first = owners.setdefault(id(layer.base.weight), name)
-        if first != name:
-            raise ConfigError(f"linear layers {first} and {name} share a weight; LoRA adapts layers with a weight of their own")
-    return [name for name, _ in adapted]
+    owners: dict[int, list[nn.Module]] = {}
+    for m in module.modules():
+        for p in m._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), []).append(m)
+    for key in chosen:
+        layer = layers[key]
+        weight = layer.base.weight if isinstance(layer, LoRALinear) else layer.weight
+        if len(owners.get(id(weight), [])) > 1:
+            raise ConfigError(
+                f"linear layer {places[key][0][2]} shares its weight with another module; "
+                "LoRA adapts layers with a weight of their own (a merge would change both)"
+            )
+    for key in chosen:
+        layer = layers[key]
+        wrapper = layer if isinstance(layer, LoRALinear) else LoRALinear(layer, rank, alpha, dropout)  # type: ignore[arg-type]
+        for parent, attr, _ in places[key]:
+            setattr(parent, attr, wrapper)
+    return [places[key][0][2] for key in chosen]
 
 
 def lora_layers(module: nn.Module) -> dict[str, LoRALinear]:

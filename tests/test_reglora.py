@@ -114,6 +114,11 @@ def test_torch_attention_layers_are_left_alone_and_a_reused_layer_gets_one_adapt
     model = nn.Sequential(block, shared, nn.ReLU(), shared)
     assert insert_lora(model, rank=2, alpha=4.0) == ["0.1", "1"]
     assert model[1] is model[3] and isinstance(model[1], LoRALinear)
+    first, second = nn.Sequential(nn.Linear(8, 8)), nn.Sequential()
+    second.add_module("again", first[0])  # one layer, two names: matched by one, adapted in both places
+    pair = nn.Sequential(first, second)
+    assert insert_lora(pair, rank=2, alpha=4.0, pattern="again") == ["0.0"]
+    assert pair[0][0] is pair[1].again and isinstance(pair[1].again, LoRALinear)
     model.eval()
     assert model(torch.randn(2, 3, 8)).shape == (2, 3, 8)  # the attention still finds its weights
 
@@ -125,8 +130,15 @@ def test_insert_lora_refuses_what_it_cannot_adapt():
         insert_lora(nn.Conv2d(1, 2, 3), rank=2, alpha=4.0)
     tied = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     tied[1].weight = tied[0].weight
-    with pytest.raises(ConfigError, match="linear layers 0 and 1 share a weight"):
+    with pytest.raises(ConfigError, match="linear layer 0 shares its weight with another module"):
         insert_lora(tied, rank=2, alpha=4.0)
+    assert isinstance(tied[0], nn.Linear) and isinstance(tied[1], nn.Linear)  # refused before anything is wrapped
+    embedding, out = nn.Embedding(4, 4), nn.Linear(4, 4, bias=False)
+    out.weight = embedding.weight  # tied to a module that is not a linear layer
+    with pytest.raises(ConfigError, match="linear layer 1 shares its weight"):
+        insert_lora(nn.Sequential(embedding, out), rank=2, alpha=4.0)
+    with pytest.raises(ConfigError, match=r"left alone: the module itself \(MultiheadAttention\)"):
+        insert_lora(nn.MultiheadAttention(8, 2), rank=2, alpha=4.0)
 
 
 def test_key_elements_are_the_top_fraction_of_the_absolute_update():
