@@ -50,10 +50,19 @@ FISHERS = ("batch", "per_sample")
 def fisher_information(
     model: torch.nn.Module, data: Any, batch_size: int, mode: str = "batch", dist: DistributedView | None = None
 ) -> dict[str, torch.Tensor]:
+    """:func:`fisher_and_divisors`'s Fisher."""
+    return fisher_and_divisors(model, data, batch_size, mode, dist)[0]
+
+
+def fisher_and_divisors(
+    model: torch.nn.Module, data: Any, batch_size: int, mode: str = "batch", dist: DistributedView | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Diagonal empirical Fisher of ``model``'s cross-entropy on ``data`` (a
     :class:`~contlearn.scenarios.TensorData` or ``LoaderData``), with the true
     labels, without augmentation, in eval mode (BatchNorm statistics as at test
-    time, no dropout).
+    time, no dropout), and by parameter what it is a mean over: the number of
+    samples for a parameter computed per sample, of batches otherwise (what
+    weighs it when Fishers of several data sets are averaged).
 
     With ``dist`` of several processes, each process takes a contiguous block of
     the batches (the same batches one process would make), and the sums and
@@ -72,7 +81,7 @@ def fisher_information(
         if dist is not None and dist.world_size > 1:
             return _fisher_over_processes(model, plain, batch_size, mode, dist)
         sums, divisors = _fisher_sums(model, plain, batch_size, mode)
-        return {n: value / divisors[n] for n, value in sums.items()}
+        return {n: value / divisors[n] for n, value in sums.items()}, {n: float(d) for n, d in divisors.items()}
     finally:
         model.train(was_training)
 
@@ -86,7 +95,7 @@ def _fisher_sums(
 
 def _fisher_over_processes(
     model: torch.nn.Module, data: Any, batch_size: int, mode: str, dist: DistributedView
-) -> dict[str, torch.Tensor]:
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """The Fisher with the batches shared out in contiguous blocks (``dist.part``;
     the last, partial batch ends the last block): each process's sums of squared
     gradients and their divisors (samples or batches, by parameter) are added in
@@ -104,7 +113,8 @@ def _fisher_over_processes(
     device = next(iter(sums.values())).device
     counts = torch.tensor([float(divisors[n]) for n in sums], device=device)
     *totals, total_counts = dist.summed([*sums.values(), counts])
-    return {n: value / count for n, value, count in zip(sums, totals, total_counts.tolist(), strict=True)}
+    divisors = dict(zip(sums, total_counts.tolist(), strict=True))
+    return {n: value / divisors[n] for n, value in zip(sums, totals, strict=True)}, divisors
 
 
 def quadratic_penalty(

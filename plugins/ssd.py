@@ -39,7 +39,7 @@ import torch
 from contlearn.kernels.dampen import dampen_
 from contlearn.plugins import _forget_sets as fs
 from contlearn.plugins._unlearning_metrics import accuracy, forgetting_metrics
-from contlearn.plugins.ewc import fisher_information
+from contlearn.plugins.ewc import fisher_and_divisors, fisher_information
 from contlearn.scenarios import Batch
 
 from contlearn.errors import ConfigError, ContlearnError, DataError, TrainingError, choices
@@ -169,6 +169,9 @@ class SSD:
         self.config = config
         self.fisher_d: dict[str, torch.Tensor] = {}
         self.fisher_d_weight = 0.0  # batches (batch mode) or samples (per_sample) behind the cache
+        #: by parameter, what its cached value is a mean over: samples where per_sample mode computes it per
+        #: sample, batches where it falls back to batch gradients (and in batch mode)
+        self.fisher_d_weights: dict[str, float] = {}
         self.fisher_d_experiences: list[int] = []
         self.reports: list[dict[str, Any]] = []  # of the forget events done
 
@@ -217,12 +220,13 @@ class SSD:
         cfg = self.config
         if len(exp.train) == 0 or exp.index in self.fisher_d_experiences:
             return
-        new = self._importance(run, exp.train, cfg.fisher, cfg.batch_size, cfg.fisher_d_order)
-        w_new = self._weight(len(exp.train), cfg.fisher, cfg.batch_size)
-        w_old = self.fisher_d_weight
-        merged = {}
+        data = self._ordered(exp.train, cfg.fisher_d_order)
+        new, w_news = fisher_and_divisors(run.model, data, cfg.batch_size, cfg.fisher, run.dist)
+        merged, weights = {}, {}
         for name, f in new.items():
-            old = self.fisher_d.get(name)
+            old, w_new = self.fisher_d.get(name), w_news[name]
+            w_old = self.fisher_d_weights.get(name, self.fisher_d_weight)  # a checkpoint without them: one weight
+            weights[name] = w_new
             if old is None or w_old == 0:
                 merged[name] = f
                 continue
@@ -236,8 +240,9 @@ class SSD:
                 grown[tuple(slice(0, s) for s in old.shape)] = old
                 old = grown
             merged[name] = (old * w_old + f * w_new) / (w_old + w_new)
-        self.fisher_d = merged
-        self.fisher_d_weight = w_old + w_new
+            weights[name] = w_old + w_new
+        self.fisher_d, self.fisher_d_weights = merged, weights
+        self.fisher_d_weight += self._weight(len(exp.train), cfg.fisher, cfg.batch_size)
         self.fisher_d_experiences.append(exp.index)
 
     def _cache_fits(
@@ -490,6 +495,7 @@ class SSD:
         return {
             "fisher_d": dict(self.fisher_d),
             "fisher_d_weight": self.fisher_d_weight,
+            "fisher_d_weights": dict(self.fisher_d_weights),
             "fisher_d_experiences": list(self.fisher_d_experiences),
             "reports": json.loads(json.dumps(self.reports)),
         }
@@ -497,5 +503,6 @@ class SSD:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.fisher_d = dict(state["fisher_d"])
         self.fisher_d_weight = float(state["fisher_d_weight"])
+        self.fisher_d_weights = {str(n): float(w) for n, w in state.get("fisher_d_weights", {}).items()}
         self.fisher_d_experiences = [int(i) for i in state["fisher_d_experiences"]]
         self.reports = list(state["reports"])

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from contlearn.plugins.ewc import fisher_and_divisors
 from contlearn.plugins.ssd import SSD, SelectionWarning
 from contlearn.scenarios import Experience, Stream, TensorData
 from omegaconf import OmegaConf
@@ -15,7 +16,7 @@ from torch.nn import functional as F
 
 from contlearn import ConfigError, DataError, Experiment, TrainingError, load_config
 from contlearn.distributed import DistributedView
-from contlearn.models import MLP, ContinualModel, IncrementalLinear
+from contlearn.models import MLP, ContinualModel, IncrementalLinear, SmallCNN
 
 NAMES = ["cat", "dog", "owl"]
 
@@ -25,6 +26,11 @@ def _data(n: int, seed: int, n_classes: int = 3) -> TensorData:
     y = torch.arange(n) % n_classes
     x = torch.randn(n, 5, generator=g) + 2.0 * F.one_hot(y, 5).float()  # learnable, not trivial
     return TensorData(x, y)
+
+
+def _images(n: int, seed: int) -> TensorData:
+    g = torch.Generator().manual_seed(seed)
+    return TensorData(torch.randn(n, 1, 4, 4, generator=g), torch.arange(n) % 3)
 
 
 def tiny_run(n_train: int = 30, seed: int = 0, experiences: int = 1) -> SimpleNamespace:
@@ -140,6 +146,26 @@ def test_cached_fisher_d_equals_a_recomputed_one():
     assert cached["fisher_d"] == "cache" and fresh["fisher_d"].startswith("computed")
     assert cached["dampened"] == fresh["dampened"] > 0
     assert_same(from_cache, weights(run.model))
+
+
+def test_per_sample_cache_weighs_each_parameter_by_what_it_is_a_mean_over():
+    """A CNN in per-sample mode: the head is computed per sample (a mean over samples),
+    the convolutions fall back to batch gradients (a mean over batches). With the same
+    weights for both experiences, the cache is one pass over both experiences' data."""
+    torch.manual_seed(0)
+    model = ContinualModel(SmallCNN((1, 4, 4), [3]), IncrementalLinear(3))
+    model.head.grow(3)
+    sizes = (16, 40)  # 2 and 5 batches of 8: the one pass makes the same batches
+    exps = [Experience(k, [0, 1, 2], 0, _images(n, k), _images(8, 10 + k)) for k, n in enumerate(sizes)]
+    run = tiny_run()
+    run.model, run.stream = model, Stream(exps, "class", 3, (1, 4, 4), NAMES)
+    plugin = trained_plugin(run, batch_size=8, fisher="per_sample", fisher_d_order="data")
+    both = TensorData(torch.cat([e.train.x for e in exps]), torch.cat([e.train.y for e in exps]))
+    whole, divisors = fisher_and_divisors(model, both, 8, "per_sample")
+    assert divisors["head.weight"] == 56 and divisors["backbone.net.0.weight"] == 7
+    assert plugin.fisher_d_weights == divisors
+    for name, value in whole.items():
+        torch.testing.assert_close(plugin.fisher_d[name], value, rtol=1e-5, atol=1e-9)
 
 
 def test_cache_over_a_stream_is_the_batch_weighted_mean_with_a_grown_head():
