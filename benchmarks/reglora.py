@@ -16,8 +16,15 @@ Markdown table per setting (final average accuracy, forgetting and BWT; mean and
 spread over the seeds) and exits with 1 unless, in the rotated setting, RegLoRA
 forgets less than unregularised LoRA on average.
 
+``--backbone vit`` replaces the MLP by a small vision transformer (timm's
+``VisionTransformer`` on the 8x8 digits: patches of 2x2, width 64, depth 4, 4
+heads, built without weights), whose attention (``qkv``, ``proj``) and MLP
+(``fc1``, ``fc2``) layers get the adapters: 16 matrices, as in the reference's
+transformer.
+
     python benchmarks/reglora.py                       # seeds 0-2, both settings
     python benchmarks/reglora.py --settings rotated --lams 250 25000 --workers 2
+    python benchmarks/reglora.py --settings rotated --backbone vit --seeds 0 1 --lams 25000 --workers 2
 """
 
 from __future__ import annotations
@@ -30,13 +37,28 @@ import time
 from dataclasses import dataclass
 
 from _parallel import map_runs
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from contlearn import Experiment, load_config
+from contlearn.models import backbones
 
 SETTINGS: dict[str, tuple[str, list[str]]] = {
     "rotated": ("rotated-digits-reglora", []),
     "task": ("task-digits", ["train.epochs=5", "train.optimizer=adamw", "train.lr=0.001", "plugins={}", "plugins.reglora={}"]),
 }
+
+
+def vit_digits(shape: tuple[int, ...], cfg: object) -> nn.Module:
+    """A small ViT for 8x8 digits (``--backbone vit``): 16 tokens of 2x2 patches."""
+    net = VisionTransformer(img_size=8, patch_size=2, in_chans=shape[0], num_classes=0, embed_dim=64, depth=4,
+                            num_heads=4, mlp_ratio=2.0)
+    net.out_features = net.num_features
+    return net
+
+
+#: --backbone -> overrides (and the backbone registered under that name, in every worker)
+BACKBONE_OVERRIDES = {"mlp": [], "vit": ["model.backbone=vit-digits"]}
 
 
 @dataclass
@@ -45,6 +67,7 @@ class Job:
     label: str
     overrides: list[str]
     seed: int
+    backbone: str = "mlp"
 
 
 @dataclass
@@ -67,8 +90,9 @@ def rows(lams: list[float]) -> list[tuple[str, list[str]]]:
 
 def run_one(job: Job) -> Outcome:
     name, common = SETTINGS[job.setting]
+    backbones.BACKBONES["vit-digits"] = vit_digits
     with tempfile.TemporaryDirectory() as out:
-        cfg = load_config(name, [*common, *job.overrides, f"seed={job.seed}", "eval.fwt=false",
+        cfg = load_config(name, [*common, *BACKBONE_OVERRIDES[job.backbone], *job.overrides, f"seed={job.seed}", "eval.fwt=false",
                                  "checkpoint.enabled=false", f"out={out}/run", "threads=1"])
         t0 = time.perf_counter()
         results = Experiment(cfg).run()
@@ -86,11 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=["rotated", "task"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--lams", nargs="*", type=float, default=[], help="extra penalty weights to run")
+    parser.add_argument("--backbone", choices=sorted(BACKBONE_OVERRIDES), default="mlp")
     parser.add_argument("--workers", type=int, default=1, help="runs in parallel (processes)")
     args = parser.parse_args(argv)
 
     methods = rows(args.lams)
-    jobs = [Job(s, label, ov, seed) for s in args.settings for label, ov in methods for seed in args.seeds]
+    jobs = [Job(s, label, ov, seed, args.backbone) for s in args.settings for label, ov in methods for seed in args.seeds]
     outcomes = map_runs(run_one, jobs, args.workers)
     by: dict[tuple[str, str], list[Outcome]] = {}
     for job, outcome in zip(jobs, outcomes, strict=True):
@@ -98,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ok = True
     for setting in args.settings:
-        print(f"\n{setting} ({SETTINGS[setting][0]}), seeds {' '.join(map(str, args.seeds))}\n")
+        print(f"\n{setting} ({SETTINGS[setting][0]}), {args.backbone}, seeds {' '.join(map(str, args.seeds))}\n")
         print("| method | final avg acc | forgetting | BWT | seconds per run |")
         print("|---|---|---|---|---|")
         for label, _ in methods:

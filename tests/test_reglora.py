@@ -4,6 +4,9 @@ initialisation, exact merges, key elements, the penalty, what trains, resume."""
 from __future__ import annotations
 
 import copy
+import importlib.util
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -316,6 +319,30 @@ def test_resume_mid_experience_equals_uninterrupted(tmp_path):
     assert resumed._resume_from[1]["position"]["inside_experience"]
     resumed.run()
     assert comparable(tmp_path / "run") == comparable(tmp_path / "whole")
+
+
+def _benchmark():
+    """benchmarks/reglora.py, imported as a module (benchmarks/ is not a package)."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "reglora.py"
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec = importlib.util.spec_from_file_location("reglora_benchmark", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclasses look their module up
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    return module
+
+
+def test_the_benchmark_vit_adapts_sixteen_attention_and_mlp_matrices():
+    bench = _benchmark()
+    vit = bench.vit_digits((1, 8, 8), None)
+    assert vit(torch.randn(3, 1, 8, 8)).shape == (3, vit.out_features) == (3, 64)
+    names = insert_lora(vit, rank=2, alpha=4.0)
+    assert len(names) == 16 and {n.split(".")[-1] for n in names} == {"qkv", "proj", "fc1", "fc2"}
+    assert [label for label, _ in bench.rows([250.0, 2500.0])] == [
+        "finetune", "lora (lam 0)", "reglora (lam 2500)", "reglora (lam 250)"]
 
 
 def test_state_holds_the_key_positions():
