@@ -11,6 +11,7 @@ epoch (:func:`report_epoch`) or when a checkpoint is written.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +21,7 @@ import torch
 
 from contlearn import _manager
 from contlearn.checkpoint import EpochState, Resumed
-from contlearn.defaults import Defaults, set_epoch_lr
+from contlearn.defaults import Defaults, set_epoch_lr, set_step_lr, warmup_steps
 from contlearn.distributed import DistributedView
 from contlearn.errors import DataError, TrainingError
 from contlearn.run import Run
@@ -83,6 +84,7 @@ def train_experience(
     else:
         data = resumed.data
     run.model.train()
+    warmup = warmup_steps(cfg, math.ceil(len(data) / cfg.batch_size)) if cfg.warmup else 0
     try:
         for epoch in range(run.epoch, cfg.epochs):
             run.epoch = epoch
@@ -95,6 +97,8 @@ def train_experience(
             else:
                 state = EpochState([], {}, run.generator.get_state())
             for batch in batches:
+                if warmup:
+                    set_step_lr(run.optimizer, cfg, epoch, run.step, warmup)
                 train_step(run, batch, hooks, state.losses, state.terms)
                 if ctl is not None and ctl.due(run.global_step):
                     ctl.end_of_step(run, exp, state)

@@ -88,6 +88,7 @@ class TrainConfig:
     milestones: List[int] = field(default_factory=list)  # multistep: epochs at which lr *= gamma
     gamma: float = 0.1  # multistep: the factor at each milestone
     min_lr: float = 0.0  # cosine: the learning rate the schedule decays towards
+    warmup: float = 0.0  # fraction of each experience's steps over which the rate rises linearly from 0
 
 
 @dataclass
@@ -330,6 +331,8 @@ def _check_schedule(train: DictConfig) -> None:
         raise ConfigError(f"'train.gamma' must be positive, got {train.gamma}")
     if not 0 <= train.min_lr < train.lr:
         raise ConfigError(f"'train.min_lr' must be in [0, train.lr), got {train.min_lr}")
+    if not 0 <= train.warmup < 1:
+        raise ConfigError(f"'train.warmup' must be a fraction of an experience's steps in [0, 1), got {train.warmup}")
 
 
 def load_config(

@@ -51,15 +51,31 @@ def epoch_lr(base: float, train_cfg, epoch: int) -> float:
     return base
 
 
-def set_epoch_lr(optimizer: torch.optim.Optimizer, train_cfg, epoch: int) -> None:
-    """Set every parameter group's rate for ``epoch``, from the group's rate when
-    it was first scheduled (kept as ``initial_lr``, torch's key, so that it is in
-    the optimizer's state dict and a resumed run schedules from it too)."""
-    if train_cfg.lr_schedule == "none":
+def set_epoch_lr(optimizer: torch.optim.Optimizer, train_cfg, epoch: int, factor: float = 1.0) -> None:
+    """Set every parameter group's rate for ``epoch`` (times ``factor``), from the
+    group's rate when it was first scheduled (kept as ``initial_lr``, torch's key,
+    so that it is in the optimizer's state dict and a resumed run schedules from
+    it too)."""
+    if train_cfg.lr_schedule == "none" and not train_cfg.warmup:
         return
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])
-        group["lr"] = epoch_lr(group["initial_lr"], train_cfg, epoch)
+        group["lr"] = epoch_lr(group["initial_lr"], train_cfg, epoch) * factor
+
+
+def warmup_steps(train_cfg, steps_per_epoch: int) -> int:
+    """The steps of an experience over which ``train.warmup`` raises the rate:
+    ``ceil(warmup * epochs * steps_per_epoch)``, as Hugging Face's ``warmup_ratio``."""
+    return math.ceil(train_cfg.warmup * train_cfg.epochs * steps_per_epoch)
+
+
+def set_step_lr(optimizer: torch.optim.Optimizer, train_cfg, epoch: int, step: int, warmup: int) -> None:
+    """Before step ``step`` (0-based, within the experience): the scheduled rate
+    times ``step / warmup`` while ``step < warmup`` (linear warm-up from 0, as
+    Hugging Face's schedules), the scheduled rate itself at ``step == warmup``;
+    nothing later (the epoch's rate stands)."""
+    if step <= warmup:
+        set_epoch_lr(optimizer, train_cfg, epoch, step / warmup if step < warmup else 1.0)
 
 
 class Defaults:

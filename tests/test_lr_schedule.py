@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from _crash import SMALL_RUN, CrashAt, SimulatedCrash, comparable
@@ -71,6 +73,40 @@ def test_resume_inside_an_experience_with_a_schedule_is_exact(tmp_path):
     assert comparable(tmp_path / "run") == comparable(tmp_path / "whole")
 
 
+class StepLrProbe:
+    """Records, per experience, the rate each step trains with (read before the optimizer steps)."""
+
+    def __init__(self):
+        self.rates: dict[int, list[float]] = {}
+
+    @hookimpl
+    def after_backward(self, run):
+        self.rates.setdefault(run.experience.index, []).append(run.optimizer.param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("schedule", [[], ["train.lr_schedule=cosine", "train.min_lr=0.01"]])
+def test_warmup_rises_linearly_from_zero_over_its_share_of_each_experience(schedule):
+    probe = StepLrProbe()
+    overrides = [*SMALL_RUN, "train.epochs=3", "train.warmup=0.25", *schedule]
+    cfg = load_config(None, overrides)
+    Experiment(cfg, plugins={"probe": probe}).run()
+    for rates in probe.rates.values():  # restarted each experience
+        per_epoch = len(rates) // 3
+        warmup = math.ceil(0.25 * len(rates))  # Hugging Face's warmup_ratio
+        scheduled = [epoch_lr(0.1, cfg.train, s // per_epoch) for s in range(len(rates))]
+        want = [scheduled[s] * min(s / warmup, 1.0) for s in range(len(rates))]
+        assert rates == pytest.approx(want, rel=1e-12) and rates[0] == 0 and 0 < warmup < per_epoch * 3
+
+
+def test_resume_inside_the_warmup_is_exact(tmp_path):
+    overrides = [*SMALL_RUN, "train.warmup=0.4", "checkpoint.every_n_steps=2"]
+    Experiment(load_config(None, overrides), out_dir=tmp_path / "whole").run()
+    with pytest.raises(SimulatedCrash):
+        Experiment(load_config(None, overrides), out_dir=tmp_path / "run", plugins={"crash": CrashAt(12)}).run()
+    Experiment.resume(tmp_path / "run").run()  # from step 12: early in experience 1, inside its warm-up
+    assert comparable(tmp_path / "run") == comparable(tmp_path / "whole")
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -81,6 +117,7 @@ def test_resume_inside_an_experience_with_a_schedule_is_exact(tmp_path):
         (["train.gamma=0"], "'train.gamma' must be positive"),
         (["train.lr_schedule=cosine", "train.min_lr=0.5"], r"'train.min_lr' must be in \[0, train.lr\)"),
         (["train.lr_schedule=step"], "'train.lr_schedule' must be one of"),
+        (["train.warmup=1"], r"'train.warmup' must be a fraction of an experience's steps in \[0, 1\)"),
     ],
 )
 def test_bad_schedules_are_config_errors(overrides, message):
