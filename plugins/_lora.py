@@ -77,7 +77,12 @@ _READS_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.Transfor
 
 
 def insert_lora(
-    module: nn.Module, rank: int, alpha: float, dropout: float = 0.0, pattern: str | None = None
+    module: nn.Module,
+    rank: int,
+    alpha: float,
+    dropout: float = 0.0,
+    pattern: str | None = None,
+    root: nn.Module | None = None,
 ) -> list[str]:
     """Wrap every ``nn.Linear`` of ``module`` whose name ``pattern`` matches
     (``re.search``; ``None``: all) in a :class:`LoRALinear`, in place; returns
@@ -92,7 +97,9 @@ def insert_lora(
 
     :raises ConfigError: before anything is wrapped: when no linear layer is
         selected, naming those there are; when a selected layer shares its
-        weight with another module (a merge would change what both compute).
+        weight with another module of ``root`` (default: ``module``; a merge
+        would change what both compute), or its weight is computed (a
+        parametrization, weight norm: a merge would be lost).
     """
     selector = re.compile(pattern) if pattern is not None else None
     places: dict[int, list[tuple[nn.Module, str, str]]] = {}  # by id of the layer: (parent, attribute, name)
@@ -130,15 +137,21 @@ def insert_lora(
         names = [where[0][2] for where in places.values()]
         shown = ", ".join(names[:20]) + (" ..." if len(names) > 20 else "")
         raise ConfigError(f"pattern {pattern!r} matches no linear layer; linear layers: {shown}")
-    owners: dict[int, list[nn.Module]] = {}
-    for m in module.modules():
+    owners: dict[int, set[int]] = {}
+    for m in (root or module).modules():
         for p in m._parameters.values():
             if p is not None:
-                owners.setdefault(id(p), []).append(m)
+                owners.setdefault(id(p), set()).add(id(m))
     for key in chosen:
         layer = layers[key]
-        weight = layer.base.weight if isinstance(layer, LoRALinear) else layer.weight
-        if len(owners.get(id(weight), [])) > 1:
+        base = layer.base if isinstance(layer, LoRALinear) else layer
+        weight = base._parameters.get("weight")
+        if not isinstance(weight, nn.Parameter):
+            raise ConfigError(
+                f"linear layer {places[key][0][2]} computes its weight (a parametrization or weight norm); "
+                "LoRA merges into a stored weight, and this merge would be lost"
+            )
+        if len(owners.get(id(weight), ())) > 1:
             raise ConfigError(
                 f"linear layer {places[key][0][2]} shares its weight with another module; "
                 "LoRA adapts layers with a weight of their own (a merge would change both)"

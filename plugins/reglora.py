@@ -144,7 +144,7 @@ class RegLoRA:
         self._trainable = [(p, p.requires_grad) for p in run.model.parameters()]
         self._model = run.model
         try:
-            insert_lora(backbone, int(c.rank), c.alpha, c.dropout, c.pattern)
+            insert_lora(backbone, int(c.rank), c.alpha, c.dropout, c.pattern, root=run.model)
         except ConfigError as exc:
             raise ConfigError(f"plugin reglora: {exc}") from None
         layers = lora_layers(backbone)

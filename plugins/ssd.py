@@ -225,7 +225,9 @@ class SSD:
         merged, weights = {}, {}
         for name, f in new.items():
             old, w_new = self.fisher_d.get(name), w_news[name]
-            w_old = self.fisher_d_weights.get(name, self.fisher_d_weight)  # a checkpoint without them: one weight
+            w_old = self.fisher_d_weights.get(name)
+            if w_old is None:  # new, or cached by a version that kept one weight for all parameters
+                w_old = self._legacy_weight(run, w_new, len(exp.train))
             weights[name] = w_new
             if old is None or w_old == 0:
                 merged[name] = f
@@ -244,6 +246,16 @@ class SSD:
         self.fisher_d, self.fisher_d_weights = merged, weights
         self.fisher_d_weight += self._weight(len(exp.train), cfg.fisher, cfg.batch_size)
         self.fisher_d_experiences.append(exp.index)
+
+    def _legacy_weight(self, run: Any, w_new: float, n_new: int) -> float:
+        """What a parameter's cached value is a mean over, for a cache written with
+        one weight (``fisher_d_weight``: batches, or samples in per-sample mode):
+        the batches of the cached experiences for a parameter that per-sample mode
+        computes from batch gradients (its ``w_new`` is not the samples' count)."""
+        cfg = self.config
+        if cfg.fisher != "per_sample" or w_new == n_new:
+            return self.fisher_d_weight
+        return float(sum(math.ceil(len(run.stream[k].train) / cfg.batch_size) for k in self.fisher_d_experiences))
 
     def _cache_fits(
         self, run: Any, upto: int, fisher_f: dict[str, torch.Tensor], mode: str, batch_size: int

@@ -142,6 +142,17 @@ def test_insert_lora_refuses_what_it_cannot_adapt():
         insert_lora(nn.Sequential(embedding, out), rank=2, alpha=4.0)
     with pytest.raises(ConfigError, match=r"left alone: the module itself \(MultiheadAttention\)"):
         insert_lora(nn.MultiheadAttention(8, 2), rank=2, alpha=4.0)
+    backbone, head = nn.Sequential(nn.Linear(4, 4)), nn.Linear(4, 4)
+    head.weight = backbone[0].weight  # tied to a module outside what is adapted
+    insert_lora(copy.deepcopy(nn.Sequential(backbone, head))[0], rank=2, alpha=4.0)  # unseen without the root
+    with pytest.raises(ConfigError, match="linear layer 0 shares its weight"):
+        insert_lora(backbone, rank=2, alpha=4.0, root=nn.Sequential(backbone, head))
+    twice = nn.Sequential(nn.Linear(4, 4))
+    twice[0].register_parameter("alias", twice[0].weight)  # one module, two names: not shared
+    assert insert_lora(twice, rank=2, alpha=4.0) == ["0"]
+    normed = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(4, 4)))
+    with pytest.raises(ConfigError, match="linear layer 0 computes its weight"):
+        insert_lora(normed, rank=2, alpha=4.0)
 
 
 def test_key_elements_are_the_top_fraction_of_the_absolute_update():

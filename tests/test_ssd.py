@@ -166,6 +166,19 @@ def test_per_sample_cache_weighs_each_parameter_by_what_it_is_a_mean_over():
     assert plugin.fisher_d_weights == divisors
     for name, value in whole.items():
         torch.testing.assert_close(plugin.fisher_d[name], value, rtol=1e-5, atol=1e-9)
+    # a cache written with one weight for all parameters (before per-parameter weights), after experience 0
+    legacy = SSD(SSD.Config(batch_size=8, fisher="per_sample", fisher_d_order="data"))
+    legacy.setup(run)
+    legacy.after_experience(run, exps[0])
+    state = legacy.state_dict()
+    del state["fisher_d_weights"]
+    resumed = SSD(SSD.Config(batch_size=8, fisher="per_sample", fisher_d_order="data"))
+    resumed.load_state_dict(state)
+    resumed.setup(run)
+    resumed.after_experience(run, exps[1])
+    assert resumed.fisher_d_weights == divisors
+    for name, value in whole.items():
+        torch.testing.assert_close(resumed.fisher_d[name], value, rtol=1e-5, atol=1e-9)
 
 
 def test_cache_over_a_stream_is_the_batch_weighted_mean_with_a_grown_head():
