@@ -44,3 +44,22 @@ def comparable(run_dir: Path) -> dict:
     data = json.loads((Path(run_dir) / "results.json").read_text())
     del data["timings"], data["versions"]
     return data
+
+
+def assert_resume_is_exact(config: str, overrides: list[str], tmp_path: Path, crash_at: int) -> None:
+    """A run of ``config`` killed after global step ``crash_at``, inside an
+    experience, and resumed from its newest checkpoint ends as the run that was
+    never killed (``results.json`` alike)."""
+    from contlearn import Experiment, load_config
+
+    Experiment(load_config(config, overrides), out_dir=tmp_path / "whole").run()
+    try:
+        Experiment(load_config(config, overrides), out_dir=tmp_path / "run", plugins={"crash": CrashAt(crash_at)}).run()
+    except SimulatedCrash:
+        pass
+    else:
+        raise AssertionError(f"the run ended before step {crash_at}")
+    resumed = Experiment.resume(tmp_path / "run")
+    assert resumed._resume_from[1]["position"]["inside_experience"], "the checkpoint is not inside an experience"
+    resumed.run()
+    assert comparable(tmp_path / "run") == comparable(tmp_path / "whole")

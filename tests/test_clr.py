@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from _crash import CrashAt, SimulatedCrash, comparable
+from _spies import TrainedNames
 from contlearn.plugins.clr import CLR, ReprogrammedConv, insert_reprogramming, parameter_overhead
 from contlearn.scenarios import Batch, build_stream
 from torch import nn
@@ -35,18 +36,13 @@ def clr_config(*extra: str):
     return load_config("task-digits-clr", [*TINY, *extra])
 
 
-class _Spy:
+class _Spy(TrainedNames):
     """Records, per experience, the names of parameters that got a gradient, and
     after every evaluation the task-0 logits CLR routes to."""
 
     def __init__(self):
-        self.grads: dict[int, set[str]] = {}
+        super().__init__()
         self.logits: list[torch.Tensor] = []
-
-    @hookimpl
-    def after_backward(self, run):
-        names = {n for n, p in run.model.named_parameters() if p.grad is not None}
-        self.grads.setdefault(run.experience.index, set()).update(names)
 
     @hookimpl
     def on_metrics(self, run, metrics):

@@ -11,7 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from _crash import SMALL_RUN, CrashAt, SimulatedCrash, comparable
+from _crash import SMALL_RUN, assert_resume_is_exact
+from _spies import TrainedNames
 from contlearn.plugins._lora import LoRALinear, adapter_parameters, insert_lora, lora_layers
 from contlearn.plugins.reglora import RegLoRA, key_elements, key_index, key_penalty
 from torch import nn
@@ -176,12 +177,12 @@ def test_penalty_is_the_mean_over_matrices_of_the_mean_absolute_key_update():
     torch.testing.assert_close(key_penalty(layers, index), expected)
 
 
-class _Spy:
+class _Spy(TrainedNames):
     """Per experience: names of parameters that got a gradient; the penalty
     terms seen; the backbone weights after the experience."""
 
     def __init__(self):
-        self.grads: dict[int, set[str]] = {}
+        super().__init__()
         self.terms: dict[int, list[str]] = {}
         self.weights: list[dict[str, torch.Tensor]] = []
         self.start: dict[str, torch.Tensor] = {}
@@ -190,11 +191,6 @@ class _Spy:
     def before_experience(self, run, exp):
         if exp.index == 0:
             self.start = {n: m.base.weight.detach().clone() for n, m in lora_layers(run.model.backbone).items()}
-
-    @hookimpl
-    def after_backward(self, run):
-        names = {n for n, p in run.model.named_parameters() if p.grad is not None}
-        self.grads.setdefault(run.experience.index, set()).update(names)
 
     @hookimpl
     def on_metrics(self, run, metrics):
@@ -321,15 +317,8 @@ def test_bad_configs_are_one_clear_error(overrides, message):
 
 def test_resume_mid_experience_equals_uninterrupted(tmp_path):
     overrides = [*SMALL_RUN, "train.optimizer=adamw", "train.lr=0.01", "plugins={}", "plugins.reglora.rank=2",
-                 "checkpoint.every_n_steps=2",
-                 "checkpoint.keep_last=50", "eval.fwt=false"]
-    Experiment(load_config("split-digits", overrides), out_dir=tmp_path / "whole").run()
-    with pytest.raises(SimulatedCrash):  # inside experience 1, whose penalty covers experience 0's keys
-        Experiment(load_config("split-digits", overrides), out_dir=tmp_path / "run", plugins={"crash": CrashAt(14)}).run()
-    resumed = Experiment.resume(tmp_path / "run")
-    assert resumed._resume_from[1]["position"]["inside_experience"]
-    resumed.run()
-    assert comparable(tmp_path / "run") == comparable(tmp_path / "whole")
+                 "checkpoint.every_n_steps=2", "checkpoint.keep_last=50", "eval.fwt=false"]
+    assert_resume_is_exact("split-digits", overrides, tmp_path, crash_at=14)  # in experience 1: keys of 0 held
 
 
 def _benchmark():
