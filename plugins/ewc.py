@@ -112,7 +112,19 @@ def _fisher_over_processes(
         divisors = dict.fromkeys(sums, 0)
     device = next(iter(sums.values())).device
     counts = torch.tensor([float(divisors[n]) for n in sums], device=device)
-    *totals, total_counts = dist.summed([*sums.values(), counts])
+    # which parameters this share computed per sample (divided by samples) or from batch gradients, where
+    # the two counts differ: every process must agree, as one process's batches must (empirical_fisher)
+    n_rows = len(rows) if len(mine) else 0
+    kinds = torch.tensor(
+        [[float(n_rows != len(mine) and divisors[n] == n_rows), float(n_rows != len(mine) and divisors[n] == len(mine))]
+         for n in sums], device=device)
+    *totals, total_counts, total_kinds = dist.summed([*sums.values(), counts, kinds])
+    mixed = [n for n, (per_sample, batch) in zip(sums, total_kinds.tolist(), strict=True) if per_sample and batch]
+    if mixed:
+        raise PluginError(
+            f"the Fisher pass shared out between processes computed {mixed[0]} per sample on some and from batch "
+            "gradients on others: the model called different linear layers in different batches"
+        )
     divisors = dict(zip(sums, total_counts.tolist(), strict=True))
     return {n: value / divisors[n] for n, value in zip(sums, totals, strict=True)}, divisors
 

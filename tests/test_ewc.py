@@ -18,6 +18,7 @@ from torch.nn import functional as F
 
 from contlearn import ConfigError, Experiment, load_config
 from contlearn.distributed import DistributedView
+from contlearn.errors import PluginError
 from contlearn.models import MLP, ContinualModel, IncrementalLinear
 
 
@@ -247,6 +248,41 @@ class _Recording(DistributedView):
         return tensor
 
 
+class _Routed(torch.nn.Module):
+    """Calls its second linear layer only for batches whose first input is positive."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+
+    def forward(self, x, t=None):
+        from contlearn.models import Output
+
+        logits = self.a(x) + self.b(x) if float(x[0, 0]) > 0 else self.a(x)
+        return Output(logits=logits, features=x)
+
+
+def test_a_shared_out_pass_whose_processes_disagree_is_an_error_on_every_process():
+    """Rank 0's batches call ``b`` (per sample), rank 1's never (batch formula): one process
+    would refuse such a model; shared out, every process refuses it after the all-reduce."""
+    torch.manual_seed(0)
+    model = _Routed()
+    x = torch.randn(20, 4).abs()
+    x[10:, 0] *= -1
+    data = TensorData(x, torch.arange(20) % 3)
+    with pytest.raises(RuntimeError, match="different Linear layers"):
+        fisher_information(model, data, 5, "per_sample")
+    second = _Recording(1, 2)
+    fisher_information(model, data, 5, "per_sample", dist=second)  # alone it sees only its share: b by batches
+
+    class First(_Recording):
+        def all_reduce_(self, tensor):
+            return tensor.add_(second.sent[0])
+
+    with pytest.raises(PluginError, match="computed b.weight per sample on some and from batch gradients on others"):
+        fisher_information(model, data, 5, "per_sample", dist=First(0, 2))
+
+
 @pytest.mark.parametrize("mode", ["batch", "per_sample"])
 @pytest.mark.parametrize("n, world", [(21, 2), (21, 3), (20, 4), (12, 3), (12, 5)])
 def test_a_fisher_pass_shared_out_sums_to_one_process_s(n, world, mode):
@@ -262,7 +298,8 @@ def test_a_fisher_pass_shared_out_sums_to_one_process_s(n, world, mode):
         assert len(view.sent) == 1
         sent.extend(view.sent)
     total = torch.stack(sent).sum(dim=0)
-    counts = total[-len(whole):]
+    counts, kinds = total[-3 * len(whole):-2 * len(whole)], total[-2 * len(whole):].view(-1, 2)
+    assert kinds[:, 1 if mode == "per_sample" else 0].eq(0).all()  # every share computed each parameter alike
     assert counts.tolist() == [float(n if mode == "per_sample" else -(-n // 5))] * len(whole)  # MLP and head: all per sample
     offset = 0
     for value, count in zip(whole.values(), counts.tolist(), strict=True):
