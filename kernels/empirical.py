@@ -160,7 +160,7 @@ def empirical_fisher(
     ``requires_grad``; a model with none raises ValueError). The model's mode is left as the caller set it and no ``.grad``
     is written (gradients come from ``torch.autograd.grad``).
     """
-    sums, divisors = fisher_sums(model, batches, loss_fn, mode, backend=backend)
+    sums, divisors, _ = fisher_sums(model, batches, loss_fn, mode, backend=backend)
     for name, value in sums.items():
         value /= divisors[name]
     return sums
@@ -173,12 +173,12 @@ def fisher_sums(
     mode: Literal["batch", "per_sample"] = "batch",
     *,
     backend: Backend = "auto",
-) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """The sums of squared gradients behind :func:`empirical_fisher` and, by
-    parameter name, what divides each: the number of samples for a parameter
-    computed per sample, the number of batches otherwise. Sums and divisors of
-    disjoint shares of the batches add up to those of all of them (a Fisher
-    pass shared out between processes)."""
+) -> tuple[dict[str, torch.Tensor], dict[str, int], frozenset[str]]:
+    """The sums of squared gradients behind :func:`empirical_fisher`, by
+    parameter name what divides each (the number of samples for a parameter
+    computed per sample, of batches otherwise), and the names of the parameters
+    computed per sample. Sums and divisors of disjoint shares of the batches add
+    up to those of all of them (a Fisher pass shared out between processes)."""
     if mode not in ("batch", "per_sample"):
         raise ValueError(f"empirical_fisher: mode must be 'batch' or 'per_sample', got {mode!r}")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -226,7 +226,7 @@ def fisher_sums(
         raise ValueError("empirical_fisher: batches yielded nothing")
     sample_params = _sample_params(taps, per_sample_modules)
     divisors = {n: n_samples if id(p) in sample_params else n_batches for n, p in named}
-    return fisher, divisors
+    return fisher, divisors, frozenset(n for n, p in named if id(p) in sample_params)
 
 
 def _sample_params(taps: _LinearTaps | None, modules: frozenset[nn.Module] | None) -> set[int]:

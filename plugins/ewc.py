@@ -80,7 +80,7 @@ def fisher_and_divisors(
         plain = data.with_augment(None) if getattr(data, "augment", None) is not None else data
         if dist is not None and dist.world_size > 1:
             return _fisher_over_processes(model, plain, batch_size, mode, dist)
-        sums, divisors = _fisher_sums(model, plain, batch_size, mode)
+        sums, divisors, _ = _fisher_sums(model, plain, batch_size, mode)
         return {n: value / divisors[n] for n, value in sums.items()}, {n: float(d) for n, d in divisors.items()}
     finally:
         model.train(was_training)
@@ -88,7 +88,7 @@ def fisher_and_divisors(
 
 def _fisher_sums(
     model: torch.nn.Module, data: Any, batch_size: int, mode: str
-) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+) -> tuple[dict[str, torch.Tensor], dict[str, int], frozenset[str]]:
     batches = (((b.x, b.t), b.y) for b in data.batches(batch_size))
     return fisher_sums(model, batches, lambda m, xt, y: F.cross_entropy(m(xt[0], xt[1]).logits, y), mode=mode)
 
@@ -104,20 +104,18 @@ def _fisher_over_processes(
     mine = dist.part(n_batches)
     if len(mine):
         rows = range(mine.start * batch_size, min(mine.stop * batch_size, len(data)))
-        sums, divisors = _fisher_sums(model, data.subset(rows), batch_size, mode)
+        sums, divisors, per_sample = _fisher_sums(model, data.subset(rows), batch_size, mode)
     else:  # fewer batches than processes: nothing here, but the all-reduce all the same
         device = next(p for p in model.parameters() if p.requires_grad).device
         sums = {n: torch.zeros(p.shape, dtype=torch.float32, device=device)
                 for n, p in model.named_parameters() if p.requires_grad}
-        divisors = dict.fromkeys(sums, 0)
+        divisors, per_sample = dict.fromkeys(sums, 0), frozenset()
     device = next(iter(sums.values())).device
     counts = torch.tensor([float(divisors[n]) for n in sums], device=device)
-    # which parameters this share computed per sample (divided by samples) or from batch gradients, where
-    # the two counts differ: every process must agree, as one process's batches must (empirical_fisher)
-    n_rows = len(rows) if len(mine) else 0
-    kinds = torch.tensor(
-        [[float(n_rows != len(mine) and divisors[n] == n_rows), float(n_rows != len(mine) and divisors[n] == len(mine))]
-         for n in sums], device=device)
+    # the processes that computed each parameter per sample, and from batch gradients: all processes with
+    # batches must agree, as one process's batches must (empirical_fisher)
+    kinds = torch.tensor([[float(n in per_sample), float(n not in per_sample)] if len(mine) else [0.0, 0.0]
+                          for n in sums], device=device)
     *totals, total_counts, total_kinds = dist.summed([*sums.values(), counts, kinds])
     mixed = [n for n, (per_sample, batch) in zip(sums, total_kinds.tolist(), strict=True) if per_sample and batch]
     if mixed:
