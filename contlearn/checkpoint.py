@@ -13,6 +13,7 @@ is the run that was interrupted (see docs/reliability.md).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -372,9 +373,10 @@ def data_checksum(data: Any) -> str | None:
     and bytes hash alike on every device and whatever the values (NaN included).
     ``None`` for data read through a DataLoader (nothing is held to read).
     Computed once per data object (a run's data do not change)."""
-    cached = _CHECKSUMS.get(data) if _weakly_keyable(data) else None
-    if cached is not None:
-        return cached
+    try:
+        return _CHECKSUMS[data]
+    except (KeyError, TypeError):  # not computed yet, or data that cannot be a weak key
+        pass
     x, y = getattr(data, "x", None), getattr(data, "y", None)
     if not torch.is_tensor(x) or not torch.is_tensor(y):
         return None
@@ -392,7 +394,7 @@ def data_checksum(data: Any) -> str | None:
         digest.update(str(part.dtype).encode())
         digest.update(part.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     checksum = digest.hexdigest()
-    if _weakly_keyable(data):
+    with contextlib.suppress(TypeError):
         _CHECKSUMS[data] = checksum
     return checksum
 
@@ -407,15 +409,6 @@ def _unravel(flat: torch.Tensor, shape: torch.Size) -> list[torch.Tensor]:
         out.append(flat % size)
         flat = flat // size
     return out[::-1]
-
-
-def _weakly_keyable(data: Any) -> bool:
-    try:
-        weakref.ref(data)
-        hash(data)
-    except TypeError:
-        return False
-    return True
 
 
 def _describe_shift(shift: Any) -> str | None:

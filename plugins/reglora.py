@@ -128,6 +128,7 @@ class RegLoRA:
         self._layers: list[LoRALinear] = []
         self._names: list[str] = []
         self._index: list[KeyIndex] = []  # per layer, on its device
+        self._has_keys = False  # any layer has key elements: the penalty applies
         self._trainable: list[tuple[nn.Parameter, bool]] = []  # requires_grad of the model's parameters before the surgery
         self._model: nn.Module | None = None  # the model adapted
         self._trains_adapters = False
@@ -161,6 +162,7 @@ class RegLoRA:
             flat = self.keys.get(name, torch.empty(0, dtype=torch.long)).to(layer.lora_A.device)
             self.keys[name] = flat
             self._index.append(key_index(flat, layer))
+        self._has_keys = any(k.flat.numel() for k in self._index)
 
     def _select(self, run: Any, index: int) -> None:
         """Freeze the backbone but its adapters (or, for a base-training first
@@ -201,7 +203,7 @@ class RegLoRA:
 
     @hookimpl
     def loss_terms(self, run: Any) -> dict[str, torch.Tensor] | None:
-        if self.config.lam == 0 or not self._trains_adapters or not any(k.flat.numel() for k in self._index):
+        if self.config.lam == 0 or not self._trains_adapters or not self._has_keys:
             return None
         return {"reglora": self.config.lam * key_penalty(self._layers, self._index)}
 
