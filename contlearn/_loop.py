@@ -21,7 +21,13 @@ import torch
 
 from contlearn import _manager
 from contlearn.checkpoint import EpochState, Resumed
-from contlearn.defaults import Defaults, set_epoch_lr, set_step_lr, warmup_steps
+from contlearn.defaults import (
+    Defaults,
+    set_epoch_lr,
+    set_step_lr,
+    set_step_schedule_lr,
+    warmup_steps,
+)
 from contlearn.distributed import DistributedView
 from contlearn.errors import DataError, TrainingError
 from contlearn.run import Run
@@ -84,11 +90,14 @@ def train_experience(
     else:
         data = resumed.data
     run.model.train()
-    warmup = warmup_steps(cfg, math.ceil(len(data) / cfg.batch_size)) if cfg.warmup else 0
+    steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
+    warmup = warmup_steps(cfg, steps_per_epoch) if cfg.warmup else 0
+    by_step = cfg.lr_schedule_unit == "step" and (cfg.lr_schedule != "none" or warmup > 0)
     try:
         for epoch in range(run.epoch, cfg.epochs):
             run.epoch = epoch
-            set_epoch_lr(run.optimizer, cfg, epoch)
+            if not by_step:
+                set_epoch_lr(run.optimizer, cfg, epoch)
             batches = data.batches(cfg.batch_size, shuffle=True, generator=run.generator)
             if resumed is not None:
                 state = resumed.epoch
@@ -97,7 +106,9 @@ def train_experience(
             else:
                 state = EpochState([], {}, run.generator.get_state())
             for batch in batches:
-                if warmup:
+                if by_step:
+                    set_step_schedule_lr(run.optimizer, cfg, run.step, cfg.epochs * steps_per_epoch, warmup)
+                elif warmup:
                     set_step_lr(run.optimizer, cfg, epoch, run.step, warmup)
                 train_step(run, batch, hooks, state.losses, state.terms)
                 if ctl is not None and ctl.due(run.global_step):

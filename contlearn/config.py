@@ -84,8 +84,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the backbone (nn.Module.compile, in place)
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune | ...
     channels_last: bool = False  # model and 4-d inputs in channels-last memory format
-    lr_schedule: str = "none"  # per epoch, restarting each experience: none | multistep | cosine
-    milestones: List[int] = field(default_factory=list)  # multistep: epochs at which lr *= gamma
+    lr_schedule: str = "none"  # restarting each experience: none | multistep | cosine
+    lr_schedule_unit: str = "epoch"  # the schedule moves once per epoch or at every step: epoch | step
+    milestones: List[int] = field(default_factory=list)  # multistep: epochs (steps, by step) at which lr *= gamma
     gamma: float = 0.1  # multistep: the factor at each milestone
     min_lr: float = 0.0  # cosine: the learning rate the schedule decays towards
     warmup: float = 0.0  # fraction of each experience's steps over which the rate rises linearly from 0
@@ -274,6 +275,7 @@ def validate(cfg: DictConfig, plugins: PluginClasses = None) -> DictConfig:
         "train.optimizer": ("sgd", "adam", "adamw"),
         "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
         "train.lr_schedule": ("none", "multistep", "cosine"),
+        "train.lr_schedule_unit": ("epoch", "step"),
     }
     for key, valid in allowed.items():
         value = OmegaConf.select(cfg, key)
@@ -326,7 +328,9 @@ def _check_schedule(train: DictConfig) -> None:
         if not milestones:
             raise ConfigError("'train.lr_schedule' is multistep but 'train.milestones' is empty, e.g. [10, 15]")
         if any(m < 1 for m in milestones) or milestones != sorted(set(milestones)):
-            raise ConfigError(f"'train.milestones' must be increasing epochs of at least 1, got {milestones}")
+            raise ConfigError(
+                f"'train.milestones' must be increasing {train.lr_schedule_unit}s of at least 1, got {milestones}"
+            )
     if train.gamma <= 0:
         raise ConfigError(f"'train.gamma' must be positive, got {train.gamma}")
     if not 0 <= train.min_lr < train.lr:

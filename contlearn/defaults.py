@@ -78,6 +78,34 @@ def set_step_lr(optimizer: torch.optim.Optimizer, train_cfg, epoch: int, step: i
         set_epoch_lr(optimizer, train_cfg, epoch, step / warmup if step < warmup else 1.0)
 
 
+def step_schedule_lr(base: float, train_cfg, step: int, steps: int, warmup: int) -> float:
+    """The rate of step ``step`` (0-based, of the experience's ``steps``) when
+    ``train.lr_schedule_unit`` is ``step``, for a group whose rate is ``base``.
+
+    ``multistep`` counts its milestones in steps; ``cosine`` decays from ``base``
+    to ``min_lr`` over the steps after the ``warmup`` steps (Hugging Face's
+    ``get_cosine_schedule_with_warmup``, with ``min_lr`` as its floor); the
+    first ``warmup`` steps take ``step / warmup`` of the scheduled rate.
+    """
+    if train_cfg.lr_schedule == "multistep":
+        rate = base * train_cfg.gamma ** bisect.bisect_right(list(train_cfg.milestones), step)
+    elif train_cfg.lr_schedule == "cosine":
+        low = train_cfg.min_lr
+        progress = max(step - warmup, 0) / max(steps - warmup, 1)
+        rate = low + (base - low) * (1 + math.cos(math.pi * progress)) / 2
+    else:
+        rate = base
+    return rate * step / warmup if step < warmup else rate
+
+
+def set_step_schedule_lr(optimizer: torch.optim.Optimizer, train_cfg, step: int, steps: int, warmup: int) -> None:
+    """Set every parameter group's rate for step ``step`` (:func:`step_schedule_lr`),
+    from the group's ``initial_lr`` (see :func:`set_epoch_lr`)."""
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+        group["lr"] = step_schedule_lr(group["initial_lr"], train_cfg, step, steps, warmup)
+
+
 class Defaults:
     """The built-in behaviour of the loop, as the lowest-priority plugin."""
 

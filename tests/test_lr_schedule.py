@@ -1,4 +1,4 @@
-"""train.lr_schedule: per-epoch learning rates, restarted each experience, exact on resume."""
+"""train.lr_schedule: learning rates per epoch or per step, restarted each experience, exact on resume."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from _crash import SMALL_RUN, CrashAt, SimulatedCrash, comparable
 from omegaconf import OmegaConf
 
 from contlearn import ConfigError, Experiment, hookimpl, load_config
-from contlearn.defaults import epoch_lr
+from contlearn.defaults import epoch_lr, step_schedule_lr
 
 
 def _train(**fields):
@@ -18,7 +18,7 @@ def _train(**fields):
     return OmegaConf.create({**base, **fields})
 
 
-def _torch_rates(make_scheduler, epochs: int) -> list[float]:
+def _torch_rates(make_scheduler, epochs: int) -> list[float]:  # also per step: one scheduler.step() per step
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     scheduler = make_scheduler(optimizer)
     rates = []
@@ -107,6 +107,54 @@ def test_resume_inside_the_warmup_is_exact(tmp_path):
     assert comparable(tmp_path / "run") == comparable(tmp_path / "whole")
 
 
+def test_multistep_by_step_is_torchs_multisteplr_stepped_per_step():
+    cfg = _train(lr_schedule="multistep", lr_schedule_unit="step", milestones=[5, 23], gamma=0.3)
+    want = _torch_rates(lambda o: torch.optim.lr_scheduler.MultiStepLR(o, [5, 23], gamma=0.3), 40)
+    assert [step_schedule_lr(0.1, cfg, s, 40, 0) for s in range(40)] == pytest.approx(want, rel=1e-12)
+
+
+def test_cosine_by_step_without_warmup_is_torchs_cosineannealinglr_stepped_per_step():
+    cfg = _train(lr_schedule="cosine", lr_schedule_unit="step", min_lr=0.002)
+    want = _torch_rates(lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, 37, eta_min=0.002), 37)
+    assert [step_schedule_lr(0.1, cfg, s, 37, 0) for s in range(37)] == pytest.approx(want, rel=1e-9)
+
+
+def _hugging_face_cosine_with_warmup(step: int, steps: int, warmup: int) -> float:
+    """transformers' get_cosine_schedule_with_warmup multiplier (one half-cycle), written out."""
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = (step - warmup) / max(1, steps - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+@pytest.mark.parametrize("schedule", [["train.lr_schedule=cosine"], ["train.lr_schedule=cosine", "train.min_lr=0.01"]])
+def test_a_run_by_step_follows_hugging_faces_cosine_with_warmup_each_experience(schedule):
+    probe = StepLrProbe()
+    overrides = [*SMALL_RUN, "train.epochs=3", "train.warmup=0.25", "train.lr_schedule_unit=step", *schedule]
+    cfg = load_config(None, overrides)
+    Experiment(cfg, plugins={"probe": probe}).run()
+    low = cfg.train.min_lr
+    for rates in probe.rates.values():  # restarted each experience
+        steps, warmup = len(rates), math.ceil(0.25 * len(rates))
+        want = [
+            0.1 * s / warmup if s < warmup else low + (0.1 - low) * _hugging_face_cosine_with_warmup(s, steps, warmup)
+            for s in range(steps)
+        ]
+        assert rates == pytest.approx(want, rel=1e-12)
+        after = rates[warmup:]
+        assert after[0] == pytest.approx(0.1) and all(a > b for a, b in zip(after[:-1], after[1:], strict=True))  # moves each step
+
+
+def test_resume_inside_an_experience_with_a_schedule_by_step_is_exact(tmp_path):
+    overrides = [*SMALL_RUN, "train.lr_schedule=cosine", "train.lr_schedule_unit=step", "train.warmup=0.1",
+                 "checkpoint.every_n_steps=5"]  # fmt: skip
+    Experiment(load_config(None, overrides), out_dir=tmp_path / "whole").run()
+    with pytest.raises(SimulatedCrash):
+        Experiment(load_config(None, overrides), out_dir=tmp_path / "run", plugins={"crash": CrashAt(17)}).run()
+    Experiment.resume(tmp_path / "run").run()  # from step 15: inside experience 1, mid-epoch
+    assert comparable(tmp_path / "run") == comparable(tmp_path / "whole")
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -117,6 +165,9 @@ def test_resume_inside_the_warmup_is_exact(tmp_path):
         (["train.gamma=0"], "'train.gamma' must be positive"),
         (["train.lr_schedule=cosine", "train.min_lr=0.5"], r"'train.min_lr' must be in \[0, train.lr\)"),
         (["train.lr_schedule=step"], "'train.lr_schedule' must be one of"),
+        (["train.lr_schedule_unit=iteration"], "'train.lr_schedule_unit' must be one of"),
+        (["train.lr_schedule=multistep", "train.lr_schedule_unit=step", "train.milestones=[0]"],
+         "must be increasing steps of at least 1"),
         (["train.warmup=1"], r"'train.warmup' must be a fraction of an experience's steps in \[0, 1\)"),
     ],
 )
