@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -23,9 +24,11 @@ from contlearn import _manager
 from contlearn.checkpoint import EpochState, Resumed
 from contlearn.defaults import (
     Defaults,
+    ScheduleWarning,
     set_epoch_lr,
     set_step_lr,
     set_step_schedule_lr,
+    unreached_milestones,
     warmup_steps,
 )
 from contlearn.distributed import DistributedView
@@ -91,6 +94,16 @@ def train_experience(
         data = resumed.data
     run.model.train()
     steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
+    unreached = unreached_milestones(cfg, steps_per_epoch)
+    if unreached and resumed is None:
+        unit = cfg.lr_schedule_unit
+        warnings.warn(
+            f"train.milestones {unreached} are at or past the end of experience {exp.index} "
+            f"({cfg.epochs * steps_per_epoch if unit == 'step' else cfg.epochs} {unit}s): they never apply "
+            f"(milestones count {unit}s, train.lr_schedule_unit)",
+            ScheduleWarning,
+            stacklevel=2,
+        )
     warmup = warmup_steps(cfg, steps_per_epoch) if cfg.warmup else 0
     by_step = cfg.lr_schedule_unit == "step" and (cfg.lr_schedule != "none" or warmup > 0)
     try:

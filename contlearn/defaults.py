@@ -65,8 +65,23 @@ def set_epoch_lr(optimizer: torch.optim.Optimizer, train_cfg, epoch: int, factor
 
 def warmup_steps(train_cfg, steps_per_epoch: int) -> int:
     """The steps of an experience over which ``train.warmup`` raises the rate:
-    ``ceil(warmup * epochs * steps_per_epoch)``, as Hugging Face's ``warmup_ratio``."""
-    return math.ceil(train_cfg.warmup * train_cfg.epochs * steps_per_epoch)
+    ``ceil(steps * warmup)`` of its ``steps = epochs * steps_per_epoch``, as
+    Hugging Face's ``warmup_ratio`` (the integers multiplied first, as there: 0.05
+    of 3 x 20 steps is 3, where ``0.05 * 3 * 20`` rounds up to 4)."""
+    return math.ceil(train_cfg.epochs * steps_per_epoch * train_cfg.warmup)
+
+
+class ScheduleWarning(UserWarning):
+    """A learning-rate schedule with a part that never takes effect."""
+
+
+def unreached_milestones(train_cfg, steps_per_epoch: int) -> list[int]:
+    """The ``multistep`` milestones at or past the end of an experience of
+    ``steps_per_epoch`` steps per epoch, in the schedule's unit: they never apply."""
+    if train_cfg.lr_schedule != "multistep":
+        return []
+    end = train_cfg.epochs * (steps_per_epoch if train_cfg.lr_schedule_unit == "step" else 1)
+    return [m for m in train_cfg.milestones if m >= end]
 
 
 def set_step_lr(optimizer: torch.optim.Optimizer, train_cfg, epoch: int, step: int, warmup: int) -> None:

@@ -10,7 +10,7 @@ from _crash import SMALL_RUN, CrashAt, SimulatedCrash, comparable
 from omegaconf import OmegaConf
 
 from contlearn import ConfigError, Experiment, hookimpl, load_config
-from contlearn.defaults import epoch_lr, step_schedule_lr
+from contlearn.defaults import ScheduleWarning, epoch_lr, step_schedule_lr, warmup_steps
 
 
 def _train(**fields):
@@ -153,6 +153,31 @@ def test_resume_inside_an_experience_with_a_schedule_by_step_is_exact(tmp_path):
         Experiment(load_config(None, overrides), out_dir=tmp_path / "run", plugins={"crash": CrashAt(17)}).run()
     Experiment.resume(tmp_path / "run").run()  # from step 15: inside experience 1, mid-epoch
     assert comparable(tmp_path / "run") == comparable(tmp_path / "whole")
+
+
+def test_warmup_steps_round_as_hugging_face_on_the_integer_step_count():
+    # transformers: ceil(num_training_steps * warmup_ratio); 0.05 * 3 * 20 is 3.0000000000000004 in floats
+    assert warmup_steps(_train(epochs=3, warmup=0.05), 20) == math.ceil(60 * 0.05) == 3
+    assert warmup_steps(_train(epochs=1, warmup=0.03), 101) == math.ceil(101 * 0.03) == 4
+
+
+@pytest.mark.parametrize(
+    "unit, milestones, warned",
+    [("epoch", "[1]", None), ("epoch", "[1,2,5]", "[2, 5]"), ("step", "[3]", None), ("step", "[3,80]", "[80]")],
+)
+def test_milestones_that_never_apply_are_warned_about(unit, milestones, warned, recwarn):
+    overrides = [*SMALL_RUN, "train.lr_schedule=multistep", f"train.milestones={milestones}",
+                 f"train.lr_schedule_unit={unit}", "scenario.n_experiences=2", "scenario.classes_per_experience=[5,5]"]  # fmt: skip
+    experiment = Experiment(load_config(None, overrides))
+    experiment.run()  # 2 epochs per experience, of fewer than 40 steps each
+    messages = [str(w.message) for w in recwarn if issubclass(w.category, ScheduleWarning)]
+    if warned is None:
+        assert messages == []
+    else:
+        assert len(messages) == 2 and all(m.startswith(f"train.milestones {warned} are at or past") for m in messages)
+        sizes = [len(exp.train) for exp in experiment.run_state.stream]
+        ends = [2 * math.ceil(n / 16) if unit == "step" else 2 for n in sizes]
+        assert [f"experience {i} ({end} {unit}s): they never apply" in m for i, (m, end) in enumerate(zip(messages, ends, strict=True))] == [True, True]
 
 
 @pytest.mark.parametrize(
