@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from contlearn import hookimpl
 
 #: The crash-and-resume tests' workload: three experiences (4, 3 and 3 classes) of
@@ -63,3 +65,16 @@ def assert_resume_is_exact(config: str, overrides: list[str], tmp_path: Path, cr
     assert resumed._resume_from[1]["position"]["inside_experience"], "the checkpoint is not inside an experience"
     resumed.run()
     assert comparable(tmp_path / "run") == comparable(tmp_path / "whole")
+    assert_same_final_weights(tmp_path / "run", tmp_path / "whole")
+
+
+def assert_same_final_weights(run_dir: Path, other_dir: Path) -> None:
+    """The models of the two runs' newest checkpoints are bitwise equal (results
+    alone can hide a difference that moves no test prediction)."""
+    from contlearn import checkpoint
+
+    _, ours = checkpoint.latest(Path(run_dir) / "checkpoints")
+    _, theirs = checkpoint.latest(Path(other_dir) / "checkpoints")
+    assert ours["model"].keys() == theirs["model"].keys()
+    different = [k for k, v in ours["model"].items() if not torch.equal(v, theirs["model"][k])]
+    assert not different, f"the resumed run's final weights differ: {different[:5]}"

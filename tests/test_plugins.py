@@ -7,8 +7,9 @@ overrides for a short run in a class attribute ``smoke_overrides``.
 from __future__ import annotations
 
 import pytest
+from _crash import assert_resume_is_exact
 
-from contlearn import Experiment, load_config
+from contlearn import Experiment, hookimpl, load_config
 from contlearn._registry import BUILTIN_PLUGINS, PluginRegistry
 
 
@@ -31,3 +32,30 @@ def test_builtin_plugin_state_round_trips(name):
     plugin = registry.create(name, cls.Config() if hasattr(cls, "Config") else None)
     assert hasattr(plugin, "state_dict") and hasattr(plugin, "load_state_dict")
     plugin.load_state_dict(plugin.state_dict())
+
+
+class ExperienceSteps:
+    """Records the global steps of each experience."""
+
+    def __init__(self):
+        self.steps: dict[int, list[int]] = {}
+
+    @hookimpl
+    def after_step(self, run):
+        self.steps.setdefault(run.experience.index, []).append(run.global_step)
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_PLUGINS))
+def test_builtin_plugin_resumes_exactly_inside_an_experience(name, quick, tmp_path):
+    """Killed in the middle of experience 1 and resumed from the checkpoint of
+    the step before, every built-in plugin ends its run as if never killed."""
+    cls = PluginRegistry.load(autoload=False).get(name).load()
+    overrides = [*quick, "scenario.n_experiences=2", "plugins={}", f"plugins.{name}={{}}",
+                 *getattr(cls, "smoke_overrides", []), "train.epochs=2", "scenario.samples_per_class=30",
+                 "checkpoint.every_n_steps=1"]  # fmt: skip
+    probe = ExperienceSteps()
+    Experiment(load_config(None, overrides), plugins={"steps": probe}).run()
+    steps = probe.steps.get(1, [])
+    if len(steps) < 2:
+        pytest.fail(f"plugin {name} trains fewer than 2 steps in experience 1: no step inside it to crash at")
+    assert_resume_is_exact(None, overrides, tmp_path, crash_at=steps[len(steps) // 2])
