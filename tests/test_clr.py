@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _crash import CrashAt, SimulatedCrash, comparable
+from _crash import CrashAt, SimulatedCrash, assert_same_final_weights, comparable
 from _spies import TrainedNames
 from contlearn.plugins.clr import CLR, ReprogrammedConv, insert_reprogramming, parameter_overhead
 from contlearn.scenarios import Batch, build_stream
@@ -209,6 +209,7 @@ def test_resume_mid_experience_equals_uninterrupted(tmp_path):
     assert resumed._resume_from[1]["position"]["inside_experience"]
     resumed.run()
     assert comparable(tmp_path / "run") == comparable(tmp_path / "whole")
+    assert_same_final_weights(tmp_path / "run", tmp_path / "whole")
 
 
 def test_state_round_trips():

@@ -226,7 +226,7 @@ class Damping:
 
 
 def test_a_plugin_class_given_in_python_is_configured_by_name(quick, tmp_path):
-    from _crash import SMALL_RUN, CrashAt, SimulatedCrash, comparable
+    from _crash import SMALL_RUN, CrashAt, SimulatedCrash, assert_same_final_weights, comparable
 
     from contlearn import ConfigError, PluginError
 
@@ -253,6 +253,7 @@ def test_a_plugin_class_given_in_python_is_configured_by_name(quick, tmp_path):
         Experiment.resume(out, plugins={"damping": Damping, "extra": Damping})
     Experiment.resume(out, plugins={"damping": Damping}).run()
     assert comparable(out) == comparable(tmp_path / "whole")
+    assert_same_final_weights(out, tmp_path / "whole")
 
 
 def test_an_experiment_whose_build_failed_can_run(quick, tmp_path):

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from _crash import SMALL_RUN, CrashAt, SimulatedCrash, comparable
+from _crash import SMALL_RUN, CrashAt, SimulatedCrash, assert_same_final_weights, comparable
 from omegaconf import OmegaConf
 
 from contlearn import ConfigError, Experiment, hookimpl, load_config
@@ -71,6 +71,7 @@ def test_resume_inside_an_experience_with_a_schedule_is_exact(tmp_path):
         Experiment(load_config(None, overrides), out_dir=tmp_path / "run", plugins={"crash": CrashAt(17)}).run()
     Experiment.resume(tmp_path / "run").run()  # from step 16: experience 1 (steps 11-18), its second epoch
     assert comparable(tmp_path / "run") == comparable(tmp_path / "whole")
+    assert_same_final_weights(tmp_path / "run", tmp_path / "whole")
 
 
 class StepLrProbe:
@@ -105,6 +106,7 @@ def test_resume_inside_the_warmup_is_exact(tmp_path):
         Experiment(load_config(None, overrides), out_dir=tmp_path / "run", plugins={"crash": CrashAt(12)}).run()
     Experiment.resume(tmp_path / "run").run()  # from step 12: early in experience 1, inside its warm-up
     assert comparable(tmp_path / "run") == comparable(tmp_path / "whole")
+    assert_same_final_weights(tmp_path / "run", tmp_path / "whole")
 
 
 def test_multistep_by_step_is_torchs_multisteplr_stepped_per_step():
@@ -153,6 +155,7 @@ def test_resume_inside_an_experience_with_a_schedule_by_step_is_exact(tmp_path):
         Experiment(load_config(None, overrides), out_dir=tmp_path / "run", plugins={"crash": CrashAt(17)}).run()
     Experiment.resume(tmp_path / "run").run()  # from step 15: inside experience 1, mid-epoch
     assert comparable(tmp_path / "run") == comparable(tmp_path / "whole")
+    assert_same_final_weights(tmp_path / "run", tmp_path / "whole")
 
 
 def test_warmup_steps_round_as_hugging_face_on_the_integer_step_count():

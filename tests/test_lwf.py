@@ -129,7 +129,7 @@ def test_multi_head_distils_every_old_tasks_head_on_the_new_data():
 
 def test_task_incremental_resume_inside_an_experience_equals_the_uninterrupted_run(tmp_path):
     """The teacher rebuilt on resume must not gain the head of the experience under way."""
-    from _crash import CrashAt, SimulatedCrash, comparable
+    from _crash import CrashAt, SimulatedCrash, assert_same_final_weights, comparable
 
     from contlearn import Experiment
 
@@ -144,6 +144,7 @@ def test_task_incremental_resume_inside_an_experience_equals_the_uninterrupted_r
     assert resumed._resume_from[1]["position"]["inside_experience"]
     resumed.run()
     assert comparable(tmp_path / "run") == comparable(tmp_path / "whole")
+    assert_same_final_weights(tmp_path / "run", tmp_path / "whole")
 
 
 def test_a_known_task_that_gains_classes_is_distilled_on_its_old_classes():

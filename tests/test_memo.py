@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _crash import CrashAt, SimulatedCrash, comparable
+from _crash import CrashAt, SimulatedCrash, assert_same_final_weights, comparable
 from contlearn.plugins._herding import HerdingMemory, herding
 from contlearn.plugins._memo_net import (
     ExpandableBackbone,
@@ -285,6 +285,7 @@ def test_resume_restores_every_block_and_gives_the_same_run(tmp_path, crash_step
     resumed = Experiment.resume(out)
     resumed.run()
     assert comparable(out) == comparable(whole_dir)
+    assert_same_final_weights(out, whole_dir)
     a, b = whole.run_state.model.state_dict(), resumed.run_state.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.run_state.plugins["memo"].accuracy == whole.run_state.plugins["memo"].accuracy

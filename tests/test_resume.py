@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _crash import SMALL_RUN, CrashAt, SimulatedCrash, comparable
+from _crash import SMALL_RUN, CrashAt, SimulatedCrash, assert_same_final_weights, comparable
 from torch import nn
 
 from contlearn import Experiment, TrainingError, hookimpl, load_config
@@ -73,6 +73,7 @@ def test_sigkill_after_experience_2_then_resume_equals_uninterrupted(tmp_path, r
 
     assert main(["resume", str(out), "--quiet"]) == 0
     assert comparable(out) == comparable(reference)
+    assert_same_final_weights(out, reference)
 
 
 
@@ -116,6 +117,7 @@ def test_ctrl_c_finishes_the_step_checkpoints_and_exits_130(tmp_path, reference,
     monkeypatch.setattr(loop, "train_step", train_step)
     assert main(["resume", str(out), "--quiet"]) == 0
     assert comparable(out) == comparable(reference)
+    assert_same_final_weights(out, reference)
 
 
 class AddBlock:
@@ -169,6 +171,7 @@ def test_plugin_surgery_is_rebuilt_through_restore(tmp_path):
         Experiment(load_config(None, overrides), out_dir=out, plugins={"blocks": AddBlock(), "crash": CrashAt(13)}).run()
     Experiment.resume(out, plugins={"blocks": AddBlock()}).run()
     assert comparable(out) == comparable(tmp_path / "whole")
+    assert_same_final_weights(out, tmp_path / "whole")
 
     class NoRestore(AddBlock):
         restore = None
@@ -226,6 +229,7 @@ def test_resuming_a_finished_run_rewrites_the_same_results(tmp_path, reference):
     (out / "checkpoints" / last.name).write_bytes(last.read_bytes())
     assert main(["resume", str(out), "--quiet"]) == 0
     assert comparable(out) == comparable(reference)
+    assert_same_final_weights(out, reference)
 
 
 def test_resume_with_a_different_config_names_the_difference(reference, capsys):
@@ -302,6 +306,7 @@ def test_a_run_on_a_given_stream_resumes_on_that_stream_only(tmp_path):
         warnings.simplefilter("error", ckpt.CheckpointWarning)  # the same data: no warning
         Experiment.resume(out, stream=given("[5,5]")).run()
     assert comparable(out) == comparable(tmp_path / "whole")
+    assert_same_final_weights(out, tmp_path / "whole")
 
 
 def test_a_resume_without_a_training_plugin_the_run_was_given_warns(tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _crash import SMALL_RUN, CrashAt, SimulatedCrash, comparable
+from _crash import SMALL_RUN, CrashAt, SimulatedCrash, assert_same_final_weights, comparable
 from torch import nn
 
 from contlearn import Experiment, load_config
@@ -112,3 +112,4 @@ def test_the_documented_plugin_resumes_exactly(tmp_path):
         Experiment(load_config(None, overrides), out_dir=out, plugins={"anchor": anchor(), "crash": CrashAt(21)}).run()
     Experiment.resume(out, plugins={"anchor": anchor()}).run()
     assert comparable(out) == comparable(tmp_path / "whole")
+    assert_same_final_weights(out, tmp_path / "whole")
