@@ -25,6 +25,8 @@ transformer.
     python benchmarks/reglora.py                       # seeds 0-2, both settings
     python benchmarks/reglora.py --settings rotated --lams 250 25000 --workers 2
     python benchmarks/reglora.py --settings rotated --backbone vit --seeds 0 1 --lams 25000 --workers 2
+    python benchmarks/reglora.py --settings rotated --overrides train.lr_schedule=cosine \
+        train.lr_schedule_unit=step train.warmup=0.03   # the reference's schedule
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class Job:
     overrides: list[str]
     seed: int
     backbone: str = "mlp"
+    extra: list[str] | None = None  # --overrides, applied to every run
 
 
 @dataclass
@@ -92,8 +95,9 @@ def run_one(job: Job) -> Outcome:
     name, common = SETTINGS[job.setting]
     backbones.BACKBONES["vit-digits"] = vit_digits
     with tempfile.TemporaryDirectory() as out:
-        cfg = load_config(name, [*common, *BACKBONE_OVERRIDES[job.backbone], *job.overrides, f"seed={job.seed}", "eval.fwt=false",
-                                 "checkpoint.enabled=false", f"out={out}/run", "threads=1"])
+        overrides = [*common, *BACKBONE_OVERRIDES[job.backbone], *job.overrides, *(job.extra or [])]
+        cfg = load_config(name, [*overrides, f"seed={job.seed}", "eval.fwt=false", "checkpoint.enabled=false",
+                                 f"out={out}/run", "threads=1"])
         t0 = time.perf_counter()
         results = Experiment(cfg).run()
     return Outcome(results.average_accuracy, results.forgetting, results.bwt, time.perf_counter() - t0)
@@ -112,10 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lams", nargs="*", type=float, default=[], help="extra penalty weights to run")
     parser.add_argument("--backbone", choices=sorted(BACKBONE_OVERRIDES), default="mlp")
     parser.add_argument("--workers", type=int, default=1, help="runs in parallel (processes)")
+    parser.add_argument("--overrides", nargs="*", default=[], help="config overrides for every run, e.g. a schedule")
     args = parser.parse_args(argv)
 
     methods = rows(args.lams)
-    jobs = [Job(s, label, ov, seed, args.backbone) for s in args.settings for label, ov in methods for seed in args.seeds]
+    jobs = [Job(s, label, ov, seed, args.backbone, args.overrides)
+            for s in args.settings for label, ov in methods for seed in args.seeds]  # fmt: skip
     outcomes = map_runs(run_one, jobs, args.workers)
     by: dict[tuple[str, str], list[Outcome]] = {}
     for job, outcome in zip(jobs, outcomes, strict=True):
@@ -123,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ok = True
     for setting in args.settings:
-        print(f"\n{setting} ({SETTINGS[setting][0]}), {args.backbone}, seeds {' '.join(map(str, args.seeds))}\n")
+        extra = f", {' '.join(args.overrides)}" if args.overrides else ""
+        print(f"\n{setting} ({SETTINGS[setting][0]}), {args.backbone}, seeds {' '.join(map(str, args.seeds))}{extra}\n")
         print("| method | final avg acc | forgetting | BWT | seconds per run |")
         print("|---|---|---|---|---|")
         for label, _ in methods:
