@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,7 +19,13 @@ from contlearn.scenarios import builders
 from contlearn.scenarios.loader import LoaderData
 from contlearn.scenarios.sources import Samples, Split, load_source
 from contlearn.scenarios.stream import Stream, TensorData
-from contlearn.scenarios.transforms import Compose, Normalize, Op, parse_transforms
+from contlearn.scenarios.transforms import (
+    Compose,
+    Normalize,
+    Op,
+    TransformWarning,
+    parse_transforms,
+)
 from omegaconf import DictConfig, OmegaConf
 
 from contlearn.errors import ConfigError
@@ -42,6 +49,8 @@ def _check(cfg: Any) -> None:
         raise ConfigError(f"'scenario.storage' must be one of 'auto', 'loader', 'tensor', got {cfg.storage!r}")
     if cfg.transform not in ("none", "permute", "rotate"):
         raise ConfigError(f"'scenario.transform' must be one of 'none', 'permute', 'rotate', got {cfg.transform!r}")
+    if cfg.n_experiences < 1:
+        raise ConfigError(f"'scenario.n_experiences' must be at least 1, got {cfg.n_experiences}")
     if not 0 <= cfg.validation_fraction < 1:
         raise ConfigError(f"'scenario.validation_fraction' must be in [0, 1), got {cfg.validation_fraction}")
     if cfg.samples_per_class is not None and cfg.samples_per_class < 1:
@@ -73,6 +82,15 @@ def _transforms(cfg: Any) -> tuple[list[Op], list[Op], Any]:
     if eval_augment is not None:
         raise ConfigError("scenario.eval_transform must be deterministic; random transforms "
                           "(random_crop, hflip) belong in scenario.train_transform")
+    normalized = [any(isinstance(op, Normalize) for op in ops) for ops in (train_ops, eval_ops)]
+    if normalized[0] != normalized[1]:
+        warnings.warn(
+            f"scenario.train_transform {list(cfg.train_transform)} and eval_transform {list(cfg.eval_transform)}: "
+            f"only the {'training' if normalized[0] else 'test'} inputs are normalized, so the model is evaluated "
+            f"on inputs of another scale than it trained on; list normalize in both",
+            TransformWarning,
+            stacklevel=2,
+        )
     return train_ops, eval_ops, augment
 
 
@@ -139,7 +157,8 @@ def build_from_split(split: Split, cfg: Any, seed: int, extra: list[Split] | Non
     splits = [_subsample(s, cfg, seed) for s in [split, *(extra or [])]]
     train_ops, _, _ = _transforms(cfg)
     shifted = cfg.setting == "domain" and cfg.transform != "none"
-    storage = choose_storage(cfg, splits, train_ops, cfg.n_experiences if shifted else 1)
+    copies = (cfg.n_experiences if cfg.transform == "permute" or cfg.rotations is None else len(cfg.rotations)) if shifted else 1
+    storage = choose_storage(cfg, splits, train_ops, copies)
 
     if cfg.setting in ("class", "task"):
         base, train_ops, eval_ops, augment = _prepared(splits[0], cfg, storage)
@@ -151,21 +170,25 @@ def build_from_split(split: Split, cfg: Any, seed: int, extra: list[Split] | Non
     elif shifted:
         base, train_ops, eval_ops, augment = _prepared(splits[0], cfg, storage)
         if cfg.transform == "permute":
+            # the transforms first: a permutation moves features, and their statistics must move with them
+            base = Split(_apply(base.train, train_ops), _apply(base.test, eval_ops), base.name, base.class_names)
             stream = builders.permuted(base, cfg.n_experiences, seed, cfg.identity_first)
         else:
             angles = None if cfg.rotations is None else [float(a) for a in cfg.rotations]
             stream = builders.rotated(base, cfg.n_experiences if angles is None else len(angles), angles)
-        for exp in stream:
-            exp.train, exp.test = _apply(exp.train, train_ops), _apply(exp.test, eval_ops)
+            for exp in stream:  # after the rotation, which fills the corners with the raw images' 0
+                exp.train, exp.test = _apply(exp.train, train_ops), _apply(exp.test, eval_ops)
         if train_ops:
             stream.input_shape = tuple(stream[0].train.input_shape)
     else:
-        prepared = []
-        for s in splits:
-            s, train_ops, eval_ops, augment = _prepared(s, cfg, storage)
-            prepared.append(Split(_apply(s.train, train_ops), _apply(s.test, eval_ops), s.name, s.class_names))
+        # one set of transforms, fitted on the first domain's training data: a model
+        # does not know which domain a test sample comes from
+        first, train_ops, eval_ops, augment = _prepared(splits[0], cfg, storage)
+        prepared = [first, *(store(s, storage, cfg.num_workers) for s in splits[1:])]
+        prepared = [Split(_apply(s.train, train_ops), _apply(s.test, eval_ops), s.name, s.class_names) for s in prepared]
         stream = builders.one_dataset_per_experience(prepared)
 
+    _check_eval_shape(stream, cfg)
     for exp in stream:
         if cfg.validation_fraction > 0:
             keep, val = builders.carve_validation(exp.train.y, cfg.validation_fraction, seed + exp.index)
@@ -174,6 +197,20 @@ def build_from_split(split: Split, cfg: Any, seed: int, extra: list[Split] | Non
         if augment is not None:
             exp.train = exp.train.with_augment(augment)
     return stream
+
+
+def _check_eval_shape(stream: Stream, cfg: Any) -> None:
+    """:raises ConfigError: when ``eval_transform`` makes test inputs of another
+    shape than ``train_transform`` makes training inputs (the model could not
+    take both)."""
+    for exp in stream:
+        train, test = tuple(exp.train.input_shape), tuple(exp.test.input_shape)
+        if len(exp.train) and len(exp.test) and train != test:
+            raise ConfigError(
+                f"scenario.train_transform {list(cfg.train_transform)} makes training inputs of shape {train} but "
+                f"scenario.eval_transform {list(cfg.eval_transform)} makes test inputs of shape {test}: list the "
+                f"deterministic transforms (resize, center_crop, rgb, grayscale, normalize) in both"
+            )
 
 
 def build_stream(scenario: Any, seed: int) -> Stream:

@@ -92,7 +92,9 @@ def _remap(order: Sequence[int]) -> torch.Tensor:
 
 def _relabel(data, remap: torch.Tensor, what: str):
     y = data.y.cpu()
-    if int(y.min()) < 0 or int(y.max()) >= remap.numel() or bool((remap[y] < 0).any()):
+    if len(y) and int(y.min()) < 0:
+        raise DataError(f"the {what} set has a negative label ({int(y.min())}): labels must be 0 or more")
+    if int(y.max()) >= remap.numel() or bool((remap[y] < 0).any()):
         raise DataError(f"the {what} set has classes that the training set lacks")
     return data.with_labels(remap[y])
 

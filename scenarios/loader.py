@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from contlearn.scenarios.stream import Batch
+from contlearn.scenarios.stream import Batch, _rows
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from contlearn.errors import DataError
@@ -116,7 +116,7 @@ class LoaderData:
         return self if torch.device(device) == self._device else self._like(device=device)
 
     def subset(self, index: torch.Tensor | Sequence[int]) -> LoaderData:
-        index = torch.as_tensor(index, dtype=torch.long).cpu()
+        index = _rows(index).cpu()
         return self._like(Indexed(self.dataset, index), self.y[index], self.t[index])
 
     def map(self, op: Callable[[torch.Tensor], torch.Tensor]) -> LoaderData:

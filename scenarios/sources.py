@@ -163,6 +163,11 @@ class Split:
         for what, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
             if x.shape[0] != y.shape[0]:
                 raise DataError(f"{name}: x_{what} has {x.shape[0]} samples but y_{what} has {y.shape[0]}")
+        if (x_train.dtype == torch.uint8) != (x_test.dtype == torch.uint8):
+            raise DataError(
+                f"{name}: x_train is {x_train.dtype} but x_test is {x_test.dtype}; 8-bit inputs are divided by 255, "
+                f"so give both as uint8 or both as floats on the same scale"
+            )
         divisor = 255.0 if x_train.dtype == torch.uint8 else None
         return Split(ArraySamples(x_train, y_train, divisor), ArraySamples(x_test, y_test, divisor), name, names)
 
@@ -189,6 +194,8 @@ def _as_tensor(x: Any) -> torch.Tensor:
 def _labels_of(y: Any, names: list[str] | None) -> tuple[torch.Tensor, list[str] | None]:
     """Integer labels as int64; other labels (strings) as ids into sorted names."""
     if isinstance(y, torch.Tensor):
+        if y.is_floating_point() and not bool((y == y.round()).all()):
+            raise DataError("labels y must be integers or names, got fractional numbers")
         return y.long().reshape(-1), names
     array = np.asarray(y).reshape(-1)
     if np.issubdtype(array.dtype, np.integer):

@@ -16,6 +16,14 @@ from typing import Any
 import torch
 
 
+def _rows(index: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    """Row indices as int64: from indices, or from a boolean mask (its True rows)."""
+    index = torch.as_tensor(index)
+    if index.dtype == torch.bool:
+        return index.nonzero().flatten()
+    return index.long()
+
+
 @dataclass(slots=True)
 class Batch:
     """Inputs ``x``, class labels ``y`` and task labels ``t`` of some samples;
@@ -112,7 +120,7 @@ class TensorData:
         if isinstance(index, range) and index.step == 1 and 0 <= index.start and index.stop <= len(self):
             rows = slice(index.start, index.stop)
             return TensorData(self.x[rows], self.y[rows], self.t[rows], self.augment)
-        index = torch.as_tensor(index, dtype=torch.long, device=self.x.device)
+        index = _rows(index).to(self.x.device)
         return TensorData(self.x[index], self.y[index], self.t[index], self.augment)
 
     def map(self, op: Callable[[torch.Tensor], torch.Tensor], chunk: int = 8192) -> TensorData:

@@ -47,6 +47,10 @@ def _image(x: torch.Tensor, name: str) -> None:
         raise ConfigError(f"transform '{name}' needs image inputs [C, H, W], got samples of shape {tuple(x.shape[1:])}")
 
 
+class TransformWarning(UserWarning):
+    """Training and test inputs transformed in ways that do not match."""
+
+
 class Normalize(Op):
     """``(x - mean) / std`` per channel (images) or per feature (vectors). Without
     explicit values, :func:`fit_ops` sets them from the training data."""
@@ -61,7 +65,7 @@ class Normalize(Op):
 
     def fit(self, batches: Iterable[torch.Tensor]) -> None:
         """Set mean and (population) std from batches of training inputs, summed
-        in float64."""
+        in float64; a std below 1e-6 (a constant feature) becomes 1."""
         total = total_sq = None
         count = 0
         for x in batches:
@@ -73,8 +77,11 @@ class Normalize(Op):
         if total is None or total_sq is None or count == 0:
             raise ConfigError("transform 'normalize' cannot be fitted on empty training data")
         mean = total / count
+        std = (total_sq / count - mean * mean).clamp_min(0).sqrt()
         self.mean = mean.float()
-        self.std = (total_sq / count - mean * mean).clamp_min(1e-12).sqrt().float()
+        # a feature constant in training keeps its scale (as scikit-learn's StandardScaler):
+        # dividing by ~0 would blow up any other value it takes at test time
+        self.std = torch.where(std < 1e-6, torch.ones_like(std), std).float()
 
     def _shaped(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if t.numel() not in (1, x.shape[1]):
@@ -183,7 +190,10 @@ class Rotate(Op):
         key = (h, w, device)
         if key not in self._grids:
             a = math.radians(self.degrees)
-            theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]], dtype=torch.float32)
+            # affine_grid's coordinates run over [-1, 1] on both axes: scale by the
+            # aspect ratio so that a non-square image turns rigidly
+            theta = torch.tensor([[math.cos(a), -math.sin(a) * h / w, 0.0], [math.sin(a) * w / h, math.cos(a), 0.0]],
+                                 dtype=torch.float32)  # fmt: skip
             self._grids[key] = F.affine_grid(theta[None], [1, 1, h, w], align_corners=False).to(device)
         return self._grids[key]
 

@@ -23,6 +23,7 @@ from contlearn.scenarios.transforms import (
     Rotate,
     ToGray,
     ToRGB,
+    TransformWarning,
     parse_transforms,
 )
 
@@ -256,9 +257,9 @@ def test_random_ops_follow_the_generator():
 
 
 def test_loader_data_batches_like_tensor_data():
-    stream = stream_of("scenario.train_transform=[normalize,random_crop:1,hflip]")
-    loader = stream_of("scenario.train_transform=[normalize,random_crop:1,hflip]", "scenario.storage=loader",
-                       "scenario.num_workers=0")
+    transforms = ["scenario.train_transform=[normalize,random_crop:1,hflip]", "scenario.eval_transform=[normalize]"]
+    stream = stream_of(*transforms)
+    loader = stream_of(*transforms, "scenario.storage=loader", "scenario.num_workers=0")
     t, ld = stream[0].train, loader[0].train
     assert isinstance(ld, LoaderData) and not isinstance(t, LoaderData)
     assert torch.equal(t.y, ld.y) and torch.equal(t.t, ld.t) and t.input_shape == ld.input_shape
@@ -337,3 +338,72 @@ def test_build_stream_takes_a_plain_mapping_or_dataclass():
 
     assert len(build_stream({"n_experiences": 2}, 0)) == 2
     assert build_stream(ScenarioConfig(setting="task"), 0)[4].task == 4
+
+
+# ------------------------------------------------ transforms against shifts
+
+
+def test_normalize_leaves_a_feature_constant_in_training_at_its_scale():
+    split = sources.digits(0.2, 0)
+    x = split.train.x.numpy().reshape(len(split.train), -1)
+    y = split.train.targets.numpy()
+    stream = Stream.from_tensors(x, y, n_experiences=2, train_transform=["normalize"], eval_transform=["normalize"])
+    train = torch.cat([e.train.x for e in stream])
+    constant = train.std(dim=0) == 0
+    assert bool(constant.any())  # digits' corner pixels are 0 in every training image
+    test = torch.cat([e.test.x for e in stream])
+    assert float(test[:, constant].abs().max()) <= 1  # raw values in [0, 1], minus a mean of 0, over 1 (was up to 62,500)
+
+
+def test_permuted_streams_normalize_before_permuting():
+    split = sources.digits(0.2, 0)
+    x = split.train.x.numpy().reshape(len(split.train), -1)
+    stream = Stream.from_tensors(x, split.train.targets.numpy(), setting="domain", transform="permute",
+                                 n_experiences=3, train_transform=["normalize"], eval_transform=["normalize"])  # fmt: skip
+    first = stream[0].train.x
+    for exp in stream:  # the same values in other places: the statistics moved with their features
+        assert torch.equal(exp.train.x.sort(dim=1).values, first.sort(dim=1).values)
+
+
+def test_domains_share_the_first_domains_normalization(tmp_path):
+    split = sources.digits(0.2, 0)
+    for name, x in (("a", split.train.x.numpy()), ("b", 0.3 * split.train.x.numpy() + 0.6)):
+        np.savez(tmp_path / f"{name}.npz", x=x, y=split.train.targets.numpy())
+    stream = stream_of("scenario.setting=domain", f"scenario.domains=[npz:{tmp_path}/a.npz,npz:{tmp_path}/b.npz]",
+                       "scenario.train_transform=[normalize]", "scenario.eval_transform=[normalize]")  # fmt: skip
+    a, b = stream[0].train.x, stream[1].train.x
+    assert abs(float(a.mean())) < 1e-3 and abs(float(a.std()) - 1) < 0.05  # fitted on domain a
+    assert float((b - a).abs().max()) > 1  # domain b's shift is kept, not normalised away
+
+
+def test_train_and_eval_transforms_that_disagree():
+    with pytest.raises(ConfigError, match=r"training inputs of shape \(1, 16, 16\) but .* test inputs of shape \(1, 8, 8\)"):
+        stream_of("scenario.train_transform=[resize:16]")
+    with pytest.warns(TransformWarning, match="only the training inputs are normalized"):
+        stream_of("scenario.train_transform=[normalize]")
+    with pytest.warns(TransformWarning, match="only the test inputs are normalized"):
+        stream_of("scenario.eval_transform=[normalize]")
+
+
+def test_rotation_of_a_non_square_image_is_rigid():
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    x = torch.zeros(1, 1, 8, 16)
+    x[0, 0, 3:5, 2:14] = 1  # a horizontal bar
+    for degrees in (90, 30):
+        expected = TF.rotate(x, degrees, interpolation=InterpolationMode.BILINEAR)
+        assert torch.allclose(Rotate(degrees)(x), expected, atol=1e-5)
+
+
+def test_subset_takes_a_boolean_mask_as_the_rows_it_selects():
+    data = Stream.from_tensors(np.eye(4, dtype=np.float32), [0, 1, 2, 3], x_test=np.eye(4, dtype=np.float32),
+                               y_test=[0, 1, 2, 3], n_experiences=1)[0].train  # fmt: skip
+    mask = data.y >= 2
+    assert torch.equal(data.subset(mask).y, data.y[mask]) and len(data.subset(mask)) == 2
+
+
+def test_zero_experiences_is_a_config_error():
+    with pytest.raises(ConfigError, match="'scenario.n_experiences' must be at least 1"):
+        Stream.from_tensors(np.eye(4, dtype=np.float32), [0, 1, 2, 3], np.eye(4, dtype=np.float32), [0, 1, 2, 3],
+                            n_experiences=0)  # fmt: skip

@@ -184,3 +184,16 @@ def test_shipped_configs_load(name):
     assert name in shipped_configs()
     cfg = load_config(name)
     assert cfg.name == name
+
+
+def test_arrays_of_mixed_scales_and_bad_labels_are_data_errors():
+    from contlearn.scenarios import Stream
+
+    x = np.zeros((8, 4), dtype=np.uint8)
+    y = np.arange(8) % 2
+    with pytest.raises(DataError, match="x_train is torch.uint8 but x_test is torch.float32"):
+        sources.Split.from_arrays(x, y, x.astype(np.float32), y)
+    with pytest.raises(DataError, match="fractional"):
+        sources.Split.from_arrays(x, torch.tensor(y + 0.5), x, y)
+    with pytest.raises(DataError, match=r"negative label \(-1\)"):
+        Stream.from_tensors(x, y - 1, x, y - 1, n_experiences=2)
