@@ -703,3 +703,66 @@ def test_config_names_an_avalanche_benchmark():
     results = Experiment(cfg).run()
     assert len(results.accuracy_matrix) == 5
     assert results.accuracy_matrix[-1][-1] > 0.5
+
+
+# ------------------------------------------------------------- found by a review
+
+
+def test_an_adapter_survives_avalanches_checkpoint_pickler():
+    import dill  # Avalanche's save_checkpoint pickles with dill
+
+    adapter = cav.as_avalanche_plugin("ewc")
+    restored = dill.loads(dill.dumps(adapter))
+    assert type(restored) is type(adapter)  # by reference: not rebuilt without its bases
+    assert type(restored).before_training_exp is type(adapter).before_training_exp
+
+
+def test_lwf_on_a_multi_head_model_gets_its_features_inside_avalanche(av, raw):
+    x_tr, y_tr, x_te, y_te = raw
+    bench = av.b.task_incremental_benchmark(av.b.class_incremental_benchmark(
+        {"train": dataset(x_tr, y_tr), "test": dataset(x_te, y_te)}, num_experiences=3, seed=0))  # fmt: skip
+    torch.manual_seed(0)
+    model = ContinualModel(MLP((64,), (32,)), MultiHead(32))
+    wrapped = cav.as_avalanche_model(model)
+    strategy = av.t.Naive(model=wrapped, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), train_mb_size=32,
+                          train_epochs=1, evaluator=silent(av), plugins=[cav.as_avalanche_plugin("lwf")])  # fmt: skip
+    for exp in bench.train_stream[:2]:
+        strategy.train(exp, eval_streams=[])  # was: "lwf: a multi-head model must return its features"
+    assert "last_output" not in copy.deepcopy(wrapped).__dict__  # copies leave the last forward out
+    pickle.loads(pickle.dumps(wrapped))
+
+
+def test_test_data_never_get_the_training_augmentation(av, raw):
+    x_tr, y_tr, x_te, y_te = raw
+    flip = lambda x: x.flip(-1)  # noqa: E731
+    bench = av.b.nc_benchmark(dataset(x_tr, y_tr), dataset(x_te, y_te), n_experiences=5, task_labels=False, seed=0,
+                              train_transform=flip, eval_transform=None)  # fmt: skip
+    plain, augmented = cav.stream_from_avalanche(bench), cav.stream_from_avalanche(bench, transforms="train")
+    assert torch.equal(augmented[0].train.x, plain[0].train.x.flip(-1))
+    assert torch.equal(augmented[0].test.x, plain[0].test.x)
+
+
+def test_an_old_api_experience_with_several_task_labels(raw):
+    from avalanche.benchmarks import dataset_benchmark
+    from avalanche.benchmarks.utils.classification_dataset import (
+        _make_taskaware_classification_dataset,
+    )
+    from torch.utils.data import TensorDataset
+
+    x_tr, y_tr, _, _ = raw
+    keep = y_tr < 4
+    data = TensorDataset(x_tr[keep], y_tr[keep])
+    data.targets = y_tr[keep].tolist()
+    tasks = (y_tr[keep] >= 2).long().tolist()
+    avd = _make_taskaware_classification_dataset(data, task_labels=tasks)
+    stream = cav.stream_from_avalanche(dataset_benchmark([avd], [avd]))  # was a bare ValueError
+    assert stream[0].task == 0 and sorted(stream[0].train.t.unique().tolist()) == [0, 1]
+
+
+def test_adapter_data_are_on_the_strategys_device(av, raw):
+    from contlearn.interop._avalanche_stream import LazyExperience
+
+    exp = LazyExperience(0, [0], 0, lambda: TensorData(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)),
+                         lambda: TensorData(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)))  # fmt: skip
+    exp.device = torch.device("meta")  # stands for a GPU: the strategy's device
+    assert exp.train.x.device.type == "meta" and exp.test.y.device.type == "meta"

@@ -42,10 +42,17 @@ class LogitsModel(nn.Module):
         self._eval_width = 0
 
     def forward(self, x: torch.Tensor, task_labels: torch.Tensor | None = None) -> torch.Tensor:
-        logits = self.model(x, task_labels).logits
+        out = self.model(x, task_labels)
+        self.__dict__["last_output"] = out  # features and extras, for the plugin adapter's loss terms
+        logits = out.logits
         if not self.training and logits.shape[1] < self._eval_width:
             logits = F.pad(logits, (0, self._eval_width - logits.shape[1]), value=MASKED_LOGIT)
         return logits
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())  # copies and pickles leave the last forward's graph out
+        state.pop("last_output", None)
+        return state
 
     def adaptation(self, experience: Any) -> None:
         """Avalanche's ``DynamicModule.adaptation``: grow the head from a training

@@ -249,6 +249,9 @@ class _AdapterLogic:
         if self._model_source is not strategy.model:
             run.model, self._model_source = model_view(strategy.model), strategy.model
         run.device = torch.device(strategy.device)
+        for e in run.stream:  # their data on the strategy's device, as contlearn's loop has it
+            if isinstance(e, LazyExperience):
+                e.device = run.device
         run.experience, run.epoch, run.step = exp, 0, 0
         run.optimizer = strategy.optimizer
         if first and self.implements["setup"]:
@@ -293,6 +296,9 @@ class _AdapterLogic:
             return
         batch = self._batch(strategy)
         out = Output(strategy.mb_output)
+        last = getattr(strategy.model, "last_output", None)  # a LogitsModel keeps its model's Output
+        if isinstance(last, Output) and last.logits.shape[0] == out.logits.shape[0]:
+            out = Output(strategy.mb_output, last.features, last.extras)
         total = None
         seen: set[str] = set()
         for result in self.pm.hook.loss_terms(run=self.run, batch=batch, out=out):
@@ -389,16 +395,25 @@ class _AdapterLogic:
 
 @functools.cache
 def adapter_class() -> type:
-    """The adapter as a subclass of Avalanche's ``SupervisedPlugin`` (made once)."""
+    """The adapter as a subclass of Avalanche's ``SupervisedPlugin`` (made once).
+    It is reachable as this module's ``ContlearnPluginAdapter``, so that an adapter
+    pickles by reference (Avalanche's ``save_checkpoint`` uses dill, which would
+    otherwise rebuild a local class without its bases)."""
     from avalanche.core import SupervisedPlugin
 
-    class ContlearnPluginAdapter(_AdapterLogic, SupervisedPlugin):  # type: ignore[misc]
-        """Drives a contlearn plugin from an Avalanche strategy's callbacks."""
+    def __init__(self: Any, plugin: Any, name: str, benchmark: Any, transforms: str, seed: int) -> None:
+        _AdapterLogic.__init__(self, plugin, name, benchmark, transforms, seed)
 
-        def __init__(self, plugin: Any, name: str, benchmark: Any, transforms: str, seed: int):
-            _AdapterLogic.__init__(self, plugin, name, benchmark, transforms, seed)
+    name = "ContlearnPluginAdapter"
+    namespace = {"__module__": __name__, "__qualname__": name, "__init__": __init__,
+                 "__doc__": "Drives a contlearn plugin from an Avalanche strategy's callbacks."}  # fmt: skip
+    return type(name, (_AdapterLogic, SupervisedPlugin), namespace)
 
-    return ContlearnPluginAdapter
+
+def __getattr__(name: str) -> type:
+    if name == "ContlearnPluginAdapter":
+        return adapter_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def as_avalanche_plugin(

@@ -128,10 +128,13 @@ class LazyExperience(Experience):
         self._loaders = {"train": train, "test": test}
         self._data: dict[str, TensorData] = {}
         self.index, self.classes, self.task = index, classes, task
+        self.device: torch.device | None = None  # where the data are given (read on the CPU)
 
     def _get(self, key: str) -> TensorData:
         if key not in self._data:
             self._data[key] = self._loaders[key]()
+        if self.device is not None:
+            self._data[key] = self._data[key].to(self.device)
         return self._data[key]
 
     train = property(lambda self: self._get("train"), lambda self, v: self._data.__setitem__("train", v))  # type: ignore[assignment]
@@ -168,7 +171,10 @@ def experience_task(exp: Any) -> int:
     """The task label of an Avalanche experience (the smallest, when it has several;
     0 when the benchmark has none). Per-sample task labels are kept in the data."""
     with _unmasked(exp):
-        label = getattr(exp, "task_label", None)
+        try:
+            label = getattr(exp, "task_label", None)
+        except ValueError:  # Avalanche's old API: an experience with several task labels
+            label = None
         if label is not None:
             return int(label)
         labels = getattr(exp, "task_labels", None)
@@ -326,7 +332,8 @@ def stream_from_avalanche(
         )
 
     train = [materialise(e.dataset, transforms, batch_size, f"train experience {k}") for k, e in enumerate(train_exps)]
-    tests = [materialise(e.dataset, transforms, batch_size, f"test experience {k}") for k, e in enumerate(test_exps)]
+    # test data are read with the evaluation transforms whatever ``transforms`` says: no augmentation
+    tests = [materialise(e.dataset, "eval", batch_size, f"test experience {k}") for k, e in enumerate(test_exps)]
     for k, data in enumerate(train):
         if len(data) == 0:
             raise DataError(f"train experience {k} of the Avalanche benchmark has no samples")
@@ -400,7 +407,7 @@ def lazy_stream(
                 classes[k],
                 tasks[k],
                 _loader(exp, transforms, batch_size, f"train experience {k}"),
-                _loader(test_exp, transforms, batch_size, f"test experience {k}", shape),
+                _loader(test_exp, "eval", batch_size, f"test experience {k}", shape),
             )
         )
     n_classes = max(c for cl in classes for c in cl) + 1
