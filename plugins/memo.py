@@ -100,8 +100,8 @@ class MEMO:
 
     def _build(self, run: Any) -> MemoNet:
         cfg = run.config
-        if cfg.scenario.setting != "class":
-            raise ConfigError(f"the memo plugin is class-incremental: it needs scenario.setting=class, got '{cfg.scenario.setting}'")
+        if run.stream.setting != "class":  # the stream's: an Avalanche benchmark's is detected, not configured
+            raise ConfigError(f"the memo plugin is class-incremental: it needs scenario.setting=class, got '{run.stream.setting}'")
         head = run.model.head
         if not isinstance(head, IncrementalLinear) or isinstance(head, CosineLinear):
             raise ConfigError(f"the memo plugin needs model.head=incremental, got '{cfg.model.head}'")

@@ -246,7 +246,7 @@ class PRD:
     def predict(self, run: Any, batch: Any) -> torch.Tensor | None:
         if not len(self.prototypes):
             return None
-        task = batch.t if run.config.scenario.setting == "task" else None
+        task = batch.t if run.stream.setting == "task" else None  # the stream's (an Avalanche benchmark's is detected)
         return self.class_scores(run.model.backbone(batch.x), task).argmax(dim=1)
 
     def class_scores(self, features: torch.Tensor, task: torch.Tensor | None = None) -> torch.Tensor:

@@ -310,3 +310,30 @@ def test_shipped_configs_run_by_name(name):
     assert list(cfg.plugins) == ["prd"]
     results = Experiment(cfg).run()
     assert results.accuracy_matrix[0][0] > 0.5
+
+
+class TaskOfPredictions:
+    """Records whether each prediction is a class of its sample's task."""
+
+    def __init__(self):
+        self.inside: list[bool] = []
+
+    @hookimpl
+    def after_eval_batch(self, run, batch, predictions):
+        if run.experience.index < len(run.stream) - 1:  # the last evaluation: every task has its head
+            return
+        of_task = {exp.task: set(exp.classes) for exp in run.stream}
+        self.inside += [int(p) in of_task[int(t)] for p, t in zip(predictions, batch.t, strict=True)]
+
+
+def test_routing_follows_the_streams_setting_not_the_configs():
+    """A task-incremental stream given to the Experiment (as an Avalanche benchmark's
+    is, its setting detected) routes by task even where scenario.setting says class."""
+    from contlearn.experiment import stream_of
+
+    cfg = load_config("task-digits-prd", ["train.epochs=1", "eval.fwt=false", "scenario.n_experiences=2"])
+    stream = stream_of(cfg)
+    cfg.scenario.setting = "class"  # what a config says when the stream comes from elsewhere
+    probe = TaskOfPredictions()
+    Experiment(cfg, stream=stream, plugins={"probe": probe}).run()
+    assert stream.setting == "task" and probe.inside and all(probe.inside)
