@@ -766,3 +766,17 @@ def test_adapter_data_are_on_the_strategys_device(av, raw):
                          lambda: TensorData(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)))  # fmt: skip
     exp.device = torch.device("meta")  # stands for a GPU: the strategy's device
     assert exp.train.x.device.type == "meta" and exp.test.y.device.type == "meta"
+
+
+def test_class_names_follow_the_data_sets_labels_when_avalanche_renumbered(av, raw):
+    x_tr, y_tr, x_te, y_te = raw
+    names = [f"digit {k}" for k in range(10)]
+    kept = av.b.nc_benchmark(dataset(x_tr, y_tr), dataset(x_te, y_te), n_experiences=5, task_labels=False, seed=1)
+    renumbered = av.b.nc_benchmark(dataset(x_tr, y_tr), dataset(x_te, y_te), n_experiences=5, task_labels=False,
+                                   seed=1, class_ids_from_zero_from_first_exp=True)  # fmt: skip
+    a = cav.stream_from_avalanche(kept, class_names=names)
+    b = cav.stream_from_avalanche(renumbered, class_names=names)
+    assert b.class_names == a.class_names and torch.equal(a[0].train.y, b[0].train.y)
+    first = int(renumbered.classes_order_original_ids[0])
+    assert b.class_names[0] == f"digit {first}" and first != 0  # class 0 is the data set's first class drawn
+    assert cav.stream_from_avalanche(renumbered).class_names[0] == str(first)

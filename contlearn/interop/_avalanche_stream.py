@@ -364,7 +364,8 @@ def stream_from_avalanche(
         exp_classes = sorted(int(mapping[c]) for c in classes[k]) if mapping is not None else classes[k]
         experiences.append(Experience(k, exp_classes, experience_task(exp), data, test))
 
-    names = [_class_name(class_names, c) for c in originals]
+    dataset_label = _dataset_labels(benchmark)
+    names = [_class_name(class_names, dataset_label.get(c, c)) for c in originals]
     return Stream(
         experiences,
         setting=setting,
@@ -373,6 +374,16 @@ def stream_from_avalanche(
         class_names=names,
         name=name if name is not None else type(benchmark).__name__,
     )
+
+
+def _dataset_labels(benchmark: Any) -> dict[int, int]:
+    """Avalanche's class id -> the data set's label, where Avalanche renumbered
+    the classes (``nc_benchmark(..., class_ids_from_zero_from_first_exp=True)``:
+    ``classes_order`` then differs from ``classes_order_original_ids``)."""
+    ids, originals = getattr(benchmark, "classes_order", None), getattr(benchmark, "classes_order_original_ids", None)
+    if ids is None or originals is None or list(ids) == list(originals):
+        return {}
+    return {int(i): int(o) for i, o in zip(ids, originals, strict=True)}
 
 
 def _class_name(class_names: Sequence[str] | Mapping[int, str] | None, label: int) -> str:
