@@ -25,6 +25,7 @@ from contlearn.checkpoint import EpochState, Resumed
 from contlearn.defaults import (
     Defaults,
     ScheduleWarning,
+    plain_schedule,
     set_epoch_lr,
     set_step_lr,
     set_step_schedule_lr,
@@ -106,6 +107,7 @@ def train_experience(
         )
     warmup = warmup_steps(cfg, steps_per_epoch) if cfg.warmup else 0
     by_step = cfg.lr_schedule_unit == "step" and (cfg.lr_schedule != "none" or warmup > 0)
+    schedule = plain_schedule(cfg)  # read at every step: plain attributes, not the config's
     try:
         for epoch in range(run.epoch, cfg.epochs):
             run.epoch = epoch
@@ -120,9 +122,9 @@ def train_experience(
                 state = EpochState([], {}, run.generator.get_state())
             for batch in batches:
                 if by_step:
-                    set_step_schedule_lr(run.optimizer, cfg, run.step, cfg.epochs * steps_per_epoch, warmup)
+                    set_step_schedule_lr(run.optimizer, schedule, run.step, cfg.epochs * steps_per_epoch, warmup)
                 elif warmup:
-                    set_step_lr(run.optimizer, cfg, epoch, run.step, warmup)
+                    set_step_lr(run.optimizer, schedule, epoch, run.step, warmup)
                 train_step(run, batch, hooks, state.losses, state.terms)
                 if ctl is not None and ctl.due(run.global_step):
                     ctl.end_of_step(run, exp, state)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from types import SimpleNamespace
 
 import torch
 from torch.nn import functional as F
@@ -91,6 +92,13 @@ def set_step_lr(optimizer: torch.optim.Optimizer, train_cfg, epoch: int, step: i
     nothing later (the epoch's rate stands)."""
     if step <= warmup:
         set_epoch_lr(optimizer, train_cfg, epoch, step / warmup if step < warmup else 1.0)
+
+
+def plain_schedule(train_cfg) -> SimpleNamespace:
+    """The schedule's fields of ``train_cfg`` as plain attributes (a config's are
+    slow to read at every step)."""
+    keys = ("lr_schedule", "lr_schedule_unit", "gamma", "min_lr", "warmup", "epochs")
+    return SimpleNamespace(**{k: getattr(train_cfg, k) for k in keys}, milestones=list(train_cfg.milestones))
 
 
 def step_schedule_lr(base: float, train_cfg, step: int, steps: int, warmup: int) -> float:
