@@ -157,8 +157,8 @@ def build_from_split(split: Split, cfg: Any, seed: int, extra: list[Split] | Non
     splits = [_subsample(s, cfg, seed) for s in [split, *(extra or [])]]
     train_ops, _, _ = _transforms(cfg)
     shifted = cfg.setting == "domain" and cfg.transform != "none"
-    copies = (cfg.n_experiences if cfg.transform == "permute" or cfg.rotations is None else len(cfg.rotations)) if shifted else 1
-    storage = choose_storage(cfg, splits, train_ops, copies)
+    n_shifted = cfg.n_experiences if cfg.rotations is None else len(cfg.rotations)  # rotations: one experience each
+    storage = choose_storage(cfg, splits, train_ops, n_shifted if shifted else 1)
 
     if cfg.setting in ("class", "task"):
         base, train_ops, eval_ops, augment = _prepared(splits[0], cfg, storage)
@@ -175,7 +175,7 @@ def build_from_split(split: Split, cfg: Any, seed: int, extra: list[Split] | Non
             stream = builders.permuted(base, cfg.n_experiences, seed, cfg.identity_first)
         else:
             angles = None if cfg.rotations is None else [float(a) for a in cfg.rotations]
-            stream = builders.rotated(base, cfg.n_experiences if angles is None else len(angles), angles)
+            stream = builders.rotated(base, n_shifted, angles)
             for exp in stream:  # after the rotation, which fills the corners with the raw images' 0
                 exp.train, exp.test = _apply(exp.train, train_ops), _apply(exp.test, eval_ops)
         if train_ops:
