@@ -117,7 +117,7 @@ def _fisher_over_processes(
     kinds = torch.tensor([[float(n in per_sample), float(n not in per_sample)] if len(mine) else [0.0, 0.0]
                           for n in sums], device=device)
     *totals, total_counts, total_kinds = dist.summed([*sums.values(), counts, kinds])
-    mixed = [n for n, (per_sample, batch) in zip(sums, total_kinds.tolist(), strict=True) if per_sample and batch]
+    mixed = [n for n, (on_samples, on_batches) in zip(sums, total_kinds.tolist(), strict=True) if on_samples and on_batches]
     if mixed:
         raise PluginError(
             f"the Fisher pass shared out between processes computed {mixed[0]} per sample on some and from batch "
