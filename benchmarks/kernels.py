@@ -12,7 +12,6 @@ references run on small sizes and wall-clock medians are reported; there the
 from __future__ import annotations
 
 import argparse
-import itertools
 import statistics
 import time
 from collections.abc import Callable
@@ -89,15 +88,12 @@ def amortized(fn: Callable[[], object], n: int = 50) -> float:
     return start.elapsed_time(end) / n
 
 
-def _dampen_kernel_only(
-    thetas, fds, ffs, config: _dispatch.LaunchConfig, compact: bool
-) -> Callable[[], None]:
+def _dampen_kernel_only(thetas, fds, ffs, config: _dispatch.LaunchConfig) -> Callable[[], None]:
     """The dampening kernel launched on prepared arguments: no checks, no read-back."""
-    plan = dampen.DampenPlan(
-        thetas, fds, ffs, backend="triton", config=config, compact_undo=compact
-    )
+    plan = dampen.DampenPlan(thetas, fds, ffs, backend="triton", config=config)
     (group,) = plan.groups
-    args, _ = dampen.kernel_arguments(group, config.block, thetas[0].device, ALPHA, LAM)
+    counts = torch.zeros(2, dtype=torch.int64, device=thetas[0].device)
+    args = dampen.kernel_arguments(group, config.block, counts, ALPHA, LAM)
     meta = {**plan.metas[0], "RESTORE": False}
     grid = (group.table.n_blocks,)
     return lambda: dampen._dampen_kernel[grid](*args, **meta)
@@ -145,10 +141,6 @@ def bench_dampen(
         (ours, timer(lambda: dampen.dampen_(thetas, fds, ffs, ALPHA, LAM))),
         ("contlearn DampenPlan (validated once)", timer(lambda: plan(ALPHA, LAM))),
     ]
-    if device.type == "cuda":  # the other layout of the undo buffer (see dampen.COMPACT_UNDO)
-        other = not dampen.COMPACT_UNDO
-        other_plan = dampen.DampenPlan(thetas, fds, ffs, compact_undo=other)
-        rows.append((f"DampenPlan, compact_undo={other}", timer(lambda: other_plan(ALPHA, LAM))))
     rows += [
         ("eager per-tensor loop", timer(lambda: _eager_dampen(thetas, fds, ffs))),
         ("torch._foreach_*", timer(lambda: _foreach_dampen(thetas, fds, ffs))),
@@ -160,11 +152,9 @@ def bench_dampen(
     if sweep and device.type == "cuda":
         floor = amortized(lambda: dst.copy_(src))
         rows.append(("copy, 16 B/param, back to back", floor))
-        for (block, warps), compact in itertools.product(SWEEP, (False, True)):
-            config = _dispatch.LaunchConfig(block, warps)
-            launch = _dampen_kernel_only(thetas, fds, ffs, config, compact)
-            undo = "packed" if compact else "per lane"
-            name = f"kernel, back to back, {block}/{warps}w, undo {undo}"
+        for block, warps in SWEEP:
+            launch = _dampen_kernel_only(thetas, fds, ffs, _dispatch.LaunchConfig(block, warps))
+            name = f"kernel, back to back, {block}/{warps}w"
             rows.append((name, amortized(launch)))
             notes[name] = f"{rows[-1][1] / floor:.2f}x the back-to-back copy"
     report(
@@ -260,7 +250,7 @@ def bench_per_sample(
                 timer(lambda: per_sample.per_sample_linear_reference(a, d)),
             )
         )
-        for chunk in (16, 32, 64) if sweep else ():
+        for chunk in (16, 32, 64, 128) if sweep else ():
             rows.append(
                 (
                     f"bmm + square-sum, chunk {chunk}",

@@ -140,8 +140,7 @@ def _dampen_kernel(
     block_first,
     block_tensor,
     backup_ptr,
-    stats_ptr,
-    n_blocks,
+    counts_ptr,
     alpha,
     lam,
     THETA: tl.constexpr,
@@ -149,16 +148,13 @@ def _dampen_kernel(
     FF: tl.constexpr,
     BLOCK: tl.constexpr,
     ALIGNED: tl.constexpr,
-    COMPACT: tl.constexpr,
     RESTORE: tl.constexpr,
 ):
     # Every lane decides alone (no block-wide reduction before the writes): a
-    # selected theta is saved to the backup and dampened; the block's counts of
-    # selected and non-finite elements go to stats. The selection reads only F_D
-    # and F_f, so RESTORE replays it exactly and writes the backup back. The
-    # backup has BLOCK slots per program: COMPACT packs the selected originals at
-    # the front of them (whole sectors written), otherwise each sits at its lane's
-    # own slot (a scattered, partial-sector write per selected element).
+    # selected theta is saved to its lane's slot of the backup (BLOCK slots per
+    # program) and dampened. The selection reads only F_D and F_f, so RESTORE
+    # replays it exactly and writes the backup back. A block adds its numbers of
+    # selected and non-finite elements to counts[0] and counts[1] (int64).
     pid = tl.program_id(0)
     k = tl.load(block_tensor + pid)
     start = (pid - tl.load(block_first + k)) * BLOCK
@@ -183,11 +179,7 @@ def _dampen_kernel(
         fd = tl.load(fd_ptr, mask=in_range, other=0.0).to(tl.float32)
         ff = tl.load(ff_ptr, mask=in_range, other=0.0).to(tl.float32)
     selected = (ff > alpha * fd) & (ff > 0.0) & in_range
-    if COMPACT:
-        rank = tl.associative_scan(selected.to(tl.int32), 0, tl.standard._sum_combine) - 1
-        backup = backup_ptr + pid.to(tl.int64) * BLOCK + rank
-    else:
-        backup = backup_ptr + pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    backup = backup_ptr + pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     if RESTORE:
         tl.store(theta_ptr, tl.load(backup, mask=selected), mask=selected)
     else:
@@ -201,9 +193,12 @@ def _dampen_kernel(
         factor = tl.minimum(tl.math.div_rn(lam * fd, tl.where(ff > 0.0, ff, 1.0)), 1.0)
         tl.store(backup, raw, mask=selected)
         tl.store(theta_ptr, (theta * factor).to(THETA), mask=selected)
-        n_bad = tl.reduce((~finite & in_range).to(tl.int32), 0, tl.standard._sum_combine)
-        tl.store(stats_ptr + pid, tl.reduce(selected.to(tl.int32), 0, tl.standard._sum_combine))
-        tl.store(stats_ptr + n_blocks + pid, n_bad)
+        n_selected = tl.reduce(selected.to(tl.int64), 0, tl.standard._sum_combine)
+        n_bad = tl.reduce((~finite & in_range).to(tl.int64), 0, tl.standard._sum_combine)
+        if n_selected > 0:
+            tl.atomic_add(counts_ptr, n_selected, sem="relaxed")
+        if n_bad > 0:
+            tl.atomic_add(counts_ptr + 1, n_bad, sem="relaxed")
 
 
 @torch.no_grad()
@@ -258,12 +253,6 @@ def dampen_(
 
 _PLANS = _dispatch.PlanCache()
 
-# How the kernel lays out the originals of the selected theta (see _dampen_kernel):
-# packed per program (True) or at their own slots (False). Both are exact; the choice
-# is speed only, measured by ``benchmarks/kernels.py --sweep``.
-COMPACT_UNDO = False
-
-
 class DampenPlan:
     """:func:`dampen_` for fixed tensors, validated once and applied any number of times.
 
@@ -275,7 +264,6 @@ class DampenPlan:
     The Triton path reads theta, F_D and F_f once and writes only the selected theta,
     saving their originals to a scratch buffer, so that a non-finite value found
     anywhere is undone without a second reading pass before the writes.
-    ``compact_undo`` picks that buffer's layout (default :data:`COMPACT_UNDO`).
     """
 
     def __init__(
@@ -286,7 +274,6 @@ class DampenPlan:
         *,
         backend: Backend = "auto",
         config: _dispatch.LaunchConfig | None = None,
-        compact_undo: bool | None = None,
     ):
         self.names, self.thetas, self.fds, self.ffs = _as_lists(params, fisher_d, fisher_f)
         self.backend = _dispatch.resolve_backend(
@@ -307,7 +294,6 @@ class DampenPlan:
                     FF=_dispatch.triton_dtype(g.dtypes[2]),
                     BLOCK=self.config.block,
                     ALIGNED=g.table.aligned,
-                    COMPACT=COMPACT_UNDO if compact_undo is None else compact_undo,
                     num_warps=self.config.num_warps,
                 )
                 for g in self.groups
@@ -343,36 +329,33 @@ class DampenPlan:
         if not self.groups:
             return 0
         device = thetas[0].device
+        counts = torch.zeros(2, dtype=torch.int64, device=device)  # selected, non-finite
         launches = []
         with _dispatch.device_guard(device):
             for group, meta in zip(self.groups, self.metas, strict=True):
-                args, stats = kernel_arguments(group, meta["BLOCK"], device, float(alpha), float(lam))
+                args = kernel_arguments(group, meta["BLOCK"], counts, float(alpha), float(lam))
                 _dampen_kernel[(group.table.n_blocks,)](*args, RESTORE=False, **meta)
-                launches.append((group, stats, args, meta))
-
-            totals = [stats.sum(dim=1, dtype=torch.int64) for _, stats, _, _ in launches]
-            counts = (torch.stack(totals) if len(totals) > 1 else totals[0][None]).tolist()
-            bad = next((g for g, (_, n_bad) in enumerate(counts) if n_bad), None)
-            if bad is not None:
-                for group, _, args, meta in launches:
+                launches.append((group, args, meta))
+            selected, bad = counts.tolist()
+            if bad:
+                for group, args, meta in launches:
                     _dampen_kernel[(group.table.n_blocks,)](*args, RESTORE=True, **meta)
-                group, stats, _, _ = launches[bad]
-                first_block = int(torch.nonzero(stats[1])[0, 0])
-                k = group.index[int(group.table.block_tensor[first_block])]
+                first = _first_nonfinite([t for row in zip(thetas, fds, ffs, strict=True) for t in row])
+                if first is None:  # the screen reads what the kernel read: not expected
+                    raise ValueError("dampen_: non-finite values; no parameter was changed")
+                k = first // 3
                 raise _nonfinite_error(self.names[k], thetas[k], fds[k], ffs[k])
         for group, *_ in launches:
             group.write_back(thetas)
-        return sum(selected for selected, _ in counts)
+        return selected
 
 
 def kernel_arguments(
-    group: _dispatch.TensorGroup, block: int, device: torch.device, alpha: float, lam: float
-) -> tuple[tuple[Any, ...], torch.Tensor]:
-    """The positional arguments of one group's :func:`_dampen_kernel` launch, with
-    fresh scratch: the undo buffer (``block`` slots per program) and the
-    per-program counts of selected and non-finite elements (also returned)."""
+    group: _dispatch.TensorGroup, block: int, counts: torch.Tensor, alpha: float, lam: float
+) -> tuple[Any, ...]:
+    """The positional arguments of one group's :func:`_dampen_kernel` launch, with a
+    fresh undo buffer (``block`` slots per program) and the int64 ``counts`` of
+    selected and non-finite elements that the launch adds to."""
     table = group.table
-    backup = torch.empty(table.n_blocks * block, dtype=group.dtypes[0], device=device)
-    stats = torch.empty(2, table.n_blocks, dtype=torch.int32, device=device)
-    args = (*table.addrs, table.numels, table.block_first, table.block_tensor)
-    return (*args, backup, stats, table.n_blocks, alpha, lam), stats
+    backup = torch.empty(table.n_blocks * block, dtype=group.dtypes[0], device=counts.device)
+    return (*table.addrs, table.numels, table.block_first, table.block_tensor, backup, counts, alpha, lam)

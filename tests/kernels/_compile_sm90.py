@@ -41,17 +41,16 @@ def main() -> None:
         return
     out: dict[str, dict[str, bool]] = {}
     tables = ["theta_addrs", "fd_addrs", "ff_addrs", "numels", "block_first", "block_tensor"]
-    signature = {**dict.fromkeys(tables, POINTERS), "backup_ptr": "*fp32", "stats_ptr": "*i32"}
-    signature.update(n_blocks="i32", alpha="fp32", lam="fp32")
-    for compact in (False, True):
-        for restore in (False, True):
-            constexprs = dict(THETA=tl.float32, FD=tl.float32, FF=tl.float32, BLOCK=2048)
-            constexprs.update(ALIGNED=True, COMPACT=compact, RESTORE=restore)
-            ptx = ptx_of(dampen._dampen_kernel, signature, constexprs)
-            out[f"dampen compact={compact} restore={restore}"] = facts(ptx)
+    signature = {**dict.fromkeys(tables, POINTERS), "backup_ptr": "*fp32", "counts_ptr": "*i64"}
+    signature.update(alpha="fp32", lam="fp32")
+    for restore in (False, True):
+        constexprs = dict(THETA=tl.float32, FD=tl.float32, FF=tl.float32, BLOCK=1024)
+        constexprs.update(ALIGNED=True, RESTORE=restore)
+        ptx = ptx_of(dampen._dampen_kernel, signature, constexprs)
+        out[f"dampen restore={restore}"] = facts(ptx)
     tables = ["imp_addrs", "grad_addrs", "numels", "block_first", "block_tensor"]
     signature = {**dict.fromkeys(tables, POINTERS), "scale": "fp32"}
-    constexprs = dict(IMP=tl.float32, GRAD=tl.bfloat16, BLOCK=2048, ALIGNED=True)
+    constexprs = dict(IMP=tl.float32, GRAD=tl.bfloat16, BLOCK=1024, ALIGNED=True)
     out["accumulate"] = facts(ptx_of(accumulate._accumulate_kernel, signature, constexprs))
     signature = {"g_ptr": "*fp32", "out_ptr": "*fp32", "n_g": "i32", "numel": "i64"}
     out["square_sum"] = facts(ptx_of(per_sample._square_sum_kernel, signature, {"BLOCK": 1024}))

@@ -36,10 +36,9 @@ def ptx_facts() -> dict:
     return facts
 
 
-@pytest.mark.parametrize("compact", [False, True], ids=["undo-per-lane", "undo-packed"])
 @pytest.mark.parametrize("restore", [False, True], ids=["dampen", "restore"])
-def test_dampen_compiles_with_vector_loads(ptx_facts: dict, compact: bool, restore: bool) -> None:
-    facts = ptx_facts[f"dampen compact={compact} restore={restore}"]
+def test_dampen_compiles_with_vector_loads(ptx_facts: dict, restore: bool) -> None:
+    facts = ptx_facts[f"dampen restore={restore}"]
     assert facts == {"compiled": True, "vector_loads": True}
 
 
