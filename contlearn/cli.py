@@ -213,12 +213,14 @@ def cmd_configs(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from contlearn.report import comparison_table, load_run, write_report
+    from contlearn.report import comparison_table, label_runs, load_run, write_report
 
     for path in write_report(args.run_dirs, args.out):
         print(f"wrote {path}")
+    runs = [load_run(p) for p in args.run_dirs]
+    label_runs(runs)
     print()
-    print(comparison_table([load_run(p) for p in args.run_dirs]), end="")
+    print(comparison_table(runs), end="")
     return 0
 
 

@@ -120,7 +120,15 @@ def _refuse_finished(run_dir: Path, state: dict[str, Any]) -> None:
     it would resume from: there is nothing left to train, and resuming would
     only rewrite them."""
     results = run_dir / "results.json"
-    if state["position"]["inside_experience"] or not results.is_file():
+    if state["position"]["inside_experience"]:
+        return
+    n_experiences = len((state.get("stream") or {}).get("experiences") or ())
+    if (run_dir / "unlearn.json").is_file() and state["position"]["completed"] == n_experiences:
+        raise ConfigError(
+            f"'{run_dir}' holds a model that unlearned after its last experience: there is nothing left to "
+            f"train, and its accuracy matrix predates the unlearning (unlearn.json has what it measured after)"
+        )
+    if not results.is_file():
         return
     try:
         rows = len(json.loads(results.read_text(encoding="utf-8"))["accuracy_matrix"])

@@ -18,12 +18,20 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
+import torch
+
 from contlearn.errors import ContlearnError, PluginError
 from contlearn.hookspecs import hookimpl
+from contlearn.results import write_atomic
 
 
 def _plain(value: Any) -> Any:
-    """JSON-safe: non-finite floats become strings (``"nan"``, ``"inf"``)."""
+    """JSON-safe: NumPy scalars and one-element tensors become Python numbers,
+    non-finite floats strings (``"nan"``, ``"inf"``); anything else JSON cannot
+    write is written as its ``str`` (see :meth:`JSONLLogger.on_metrics`)."""
+    if isinstance(value, np.generic) or (isinstance(value, torch.Tensor) and value.numel() == 1):
+        value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, (list, tuple)):
@@ -55,9 +63,8 @@ class JSONLLogger:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             kept = _events_before(self.path, run) if self.path.is_file() else []
-            self._file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 - closed in teardown
-            self._file.writelines(kept)
-            self._file.flush()
+            write_atomic(self.path, "".join(kept))  # the old log stays whole if this fails
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in teardown
         except OSError as exc:
             raise ContlearnError(f"cannot open the event log '{self.path}': {exc.strerror or exc}") from None
 
@@ -66,7 +73,7 @@ class JSONLLogger:
         if self._file is None:
             return
         event = {**_plain(metrics), "time": time.time(), "global_step": run.global_step}
-        self._file.write(json.dumps(event) + "\n")
+        self._file.write(json.dumps(event, default=str) + "\n")
         self._file.flush()
 
     @hookimpl
@@ -115,9 +122,21 @@ def _events_before(path: Path, run: Any) -> list[str]:
 
 
 def read_events(path: str | Path) -> list[dict[str, Any]]:
-    """The events of a JSONL log, in order."""
+    """The events of a JSONL log, in order; a last line a crash cut short is left out.
+
+    :raises ContlearnError: a line before the last is not JSON (not a contlearn log).
+    """
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    events = []
+    for k, line in enumerate(lines):
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            if k == len(lines) - 1 and not line.endswith("\n"):
+                break
+            raise ContlearnError(f"'{path}' line {k + 1} is not a JSON event") from None
+    return events
 
 
 class TensorBoardLogger:
@@ -138,8 +157,11 @@ class TensorBoardLogger:
 
     @hookimpl
     def setup(self, run: Any) -> None:
+        # purge_step: TensorBoard hides what an earlier writer logged at this step or
+        # later, so a resumed run shows no point twice and a new run in a reused
+        # directory (step 0) none of a failed run's.
         if run.dist.is_main and self.writer is None:
-            self.writer = self._writer_cls(log_dir=str(self.log_dir))
+            self.writer = self._writer_cls(log_dir=str(self.log_dir), purge_step=run.global_step)
 
     @hookimpl
     def on_metrics(self, run: Any, metrics: dict[str, Any]) -> None:

@@ -35,14 +35,15 @@ COMPARISON_PNG = "comparison.png"
 
 @dataclass
 class FinishedRun:
-    """A run directory with a complete ``results.json``."""
+    """A run directory with a complete ``results.json``; ``label`` names it in
+    tables (its folder's name, with parent folders where two runs share it)."""
 
     path: Path
     results: dict[str, Any]
+    label: str = ""
 
-    @property
-    def label(self) -> str:
-        return self.path.name
+    def __post_init__(self) -> None:
+        self.label = self.label or self.path.resolve().name
 
     @property
     def strategy(self) -> str:
@@ -84,7 +85,43 @@ def load_run(path: str | Path) -> FinishedRun:
     complete = bool(matrix) and all(len(row) == len(matrix[0]) for row in matrix) and len(matrix) == len(matrix[0])
     if not complete:
         raise ConfigError(f"'{path}' is not a finished run: its accuracy matrix is incomplete")
+    _check_fields(file, results)
     return FinishedRun(path, results)
+
+
+HEADLINE = ("average_accuracy", "average_incremental_accuracy", "forgetting", "bwt", "fwt")
+
+
+def _check_fields(file: Path, results: dict[str, Any]) -> None:
+    """:raises ConfigError: a field the report reads has the wrong type (the
+    headline metrics must be numbers or null, the sections mappings)."""
+    for key in ("config", "timings", "given"):
+        if results.get(key) is not None and not isinstance(results[key], dict):
+            raise ConfigError(f"'{file}' is not a contlearn results file: '{key}' is not a mapping")
+    for key in HEADLINE:
+        value = results.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(f"'{file}' is not a contlearn results file: '{key}' is not a number")
+    seconds = (results.get("timings") or {}).get("total_seconds")
+    if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))):
+        raise ConfigError(f"'{file}' is not a contlearn results file: 'timings.total_seconds' is not a number")
+
+
+def label_runs(runs: list[FinishedRun]) -> None:
+    """Give runs that share a folder name labels with as many parent folders as
+    tell them apart (``a/seed0`` and ``b/seed0``)."""
+    parts = [run.path.resolve().parts for run in runs]
+    depth = [1] * len(runs)
+    while True:
+        labels = ["/".join(p[-d:]) for p, d in zip(parts, depth, strict=True)]
+        clash = {label for label in labels if labels.count(label) > 1}
+        grow = [k for k, label in enumerate(labels) if label in clash and depth[k] < len(parts[k])]
+        if not grow:
+            break
+        for k in grow:
+            depth[k] += 1
+    for run, label in zip(runs, labels, strict=True):
+        run.label = label
 
 
 # -------------------------------------------------------------------- numbers
@@ -111,7 +148,7 @@ def comparison_table(runs: list[FinishedRun]) -> str:
         r = run.results
         seconds = (r.get("timings") or {}).get("total_seconds")
         lines.append(
-            f"| {run.label} | {run.strategy} | {_fmt(r['average_accuracy'])} | "
+            f"| {run.label} | {run.strategy} | {_fmt(r.get('average_accuracy'))} | "
             f"{_fmt(r.get('average_incremental_accuracy'))} | {_fmt(r.get('forgetting'))} | "
             f"{_fmt(r.get('bwt'), True)} | {_fmt(r.get('fwt'), True)} | "
             f"{'n/a' if seconds is None else f'{seconds:.1f}'} |"
@@ -250,15 +287,19 @@ def write_report(run_dirs: str | Path | list[str | Path], out_dir: str | Path | 
     if not run_dirs:
         raise ConfigError("name at least one run directory to report on")
     runs = [load_run(p) for p in run_dirs]
-    written: list[Path] = []
-    for run in runs:
-        written += write_run_report(run)
+    label_runs(runs)
+    if len(runs) == 1 and out_dir is not None:
+        raise ConfigError("--out names where several runs are compared; one run's report is written in its own directory")
+    out = Path(out_dir) if out_dir is not None else runs[0].path
     if len(runs) > 1:
-        out = Path(out_dir) if out_dir is not None else runs[0].path
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"cannot write the comparison to '{out}': {exc.strerror or exc}") from None
+    written: list[Path] = []
+    for run in runs:
+        written += write_run_report(run)
+    if len(runs) > 1:
         write_atomic(out / COMPARISON_MD, "# Comparison\n\n" + comparison_table(runs) + f"\n![comparison]({COMPARISON_PNG})\n")
         plot_comparison(runs, out / COMPARISON_PNG)
         written += [out / COMPARISON_MD, out / COMPARISON_PNG]

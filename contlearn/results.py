@@ -118,8 +118,8 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def write_results(run_dir: Path, results: Results) -> None:
-    """``results.json`` and ``metrics.csv`` (one row per matrix entry)."""
-    write_atomic(run_dir / "results.json", json.dumps(results.to_dict(), indent=2) + "\n")
+    """``metrics.csv`` (one row per matrix entry), then ``results.json``: the
+    latter marks the run finished (resume refuses it), so it is written last."""
     table = io.StringIO(newline="")
     writer = csv.writer(table)
     writer.writerow(["trained_experience", "eval_experience", "accuracy"])
@@ -127,6 +127,7 @@ def write_results(run_dir: Path, results: Results) -> None:
         for j, acc in enumerate(row):
             writer.writerow([i, j, f"{acc:.6f}"])
     write_atomic(run_dir / "metrics.csv", table.getvalue())
+    write_atomic(run_dir / "results.json", json.dumps(results.to_dict(), indent=2) + "\n")
 
 
 def format_matrix(matrix: list[list[float]]) -> str:

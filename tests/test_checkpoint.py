@@ -83,6 +83,26 @@ def test_disabled_and_library_runs_write_no_checkpoint(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["config.yaml", "metrics.csv", "results.json"]
 
 
+def test_a_run_whose_metrics_csv_cannot_be_written_can_be_resumed(tmp_path, monkeypatch):
+    from contlearn import ContlearnError
+    from contlearn import results as results_module
+
+    real = results_module.write_atomic
+
+    def csv_fails(path, text):
+        if path.name == "metrics.csv":
+            raise ContlearnError(f"cannot write '{path}': No space left on device")
+        real(path, text)
+
+    monkeypatch.setattr(results_module, "write_atomic", csv_fails)
+    with pytest.raises(ContlearnError, match="metrics.csv"):
+        Experiment(load_config(None, TINY), out_dir=tmp_path).run()
+    assert not (tmp_path / "results.json").exists()  # so the run is not taken as finished
+    monkeypatch.setattr(results_module, "write_atomic", real)
+    Experiment.resume(tmp_path).run()
+    assert (tmp_path / "metrics.csv").is_file() and (tmp_path / "results.json").is_file()
+
+
 def test_write_is_atomic(tmp_path, monkeypatch):
     state = {"format": ckpt.FORMAT, "version": ckpt.VERSION, "position": {"completed": 1, "global_step": 5}, "x": torch.ones(3)}
     first = ckpt.write(tmp_path, state, keep_last=3)

@@ -101,6 +101,82 @@ def test_tensorboard_scalars(quick, tmp_path):
     assert len(acc.Scalars("train/loss")) == 4
 
 
+def _tensorboard_points(log_dir, tag="train/loss"):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))  # the directory: every event file, purges applied
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+@pytest.mark.parametrize("crash_at", [7, 12], ids=["failed-start", "resumed"])
+def test_tensorboard_shows_each_point_once_after_a_crash(tmp_path, crash_at):
+    """Crashing in step 8 leaves no checkpoint (the first is at the end of
+    experience 0): a new run reuses the directory. Crashing in step 13 with a
+    checkpoint every step resumes after step 12, and reports its epoch again."""
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    every_step = ["checkpoint.every_n_steps=1", "checkpoint.keep_last=2"] if crash_at == 12 else []
+    cfg = load_config(None, [*SMALL_RUN, *every_step])
+    whole = tmp_path / "whole"
+    Experiment(cfg, plugins={"tb": TensorBoardLogger(whole)}).run()
+    with pytest.raises(SimulatedCrash):
+        Experiment(cfg, out_dir=out, plugins={"tb": TensorBoardLogger(out / "tb"), "crash": CrashAt(crash_at)}).run()
+    if crash_at == 7:
+        Experiment(cfg, out_dir=out, plugins={"tb": TensorBoardLogger(out / "tb")}).run()
+    else:
+        Experiment.resume(out, plugins={"tb": TensorBoardLogger(out / "tb")}).run()
+    for tag in ("train/loss", "eval/average_accuracy"):
+        assert _tensorboard_points(out / "tb", tag) == _tensorboard_points(whole, tag)
+
+
+def test_jsonl_writes_numpy_and_tensor_scalars(tmp_path):
+    import numpy as np
+    import torch
+
+    class Reports:
+        @hookimpl
+        def after_experience(self, run):
+            metrics = {"kind": "mine", "experience": None, "epoch": None, "a": np.float32(0.5),
+                       "b": torch.tensor(2), "c": [np.int64(3), torch.tensor([float("nan")])], "d": object}
+            run.hook.on_metrics(run=run, metrics=metrics)
+
+    path = tmp_path / "events.jsonl"
+    Experiment(load_config(None, SMALL_RUN), plugins={"events": JSONLLogger(path), "reports": Reports()}).run()
+    mine = [e for e in read_events(path) if e["kind"] == "mine"]
+    assert len(mine) == 3 and mine[0]["a"] == 0.5 and mine[0]["b"] == 2 and mine[0]["c"] == [3, "nan"]
+    assert mine[0]["d"] == "<class 'object'>"
+
+
+def test_a_resume_that_cannot_rewrite_the_log_leaves_it_whole(tmp_path, monkeypatch):
+    from contlearn import ContlearnError, loggers
+
+    out, path = tmp_path / "run", tmp_path / "run" / "events.jsonl"
+    cfg = load_config(None, [*SMALL_RUN, "checkpoint.every_n_steps=1", "checkpoint.keep_last=2"])
+    with pytest.raises(SimulatedCrash):
+        Experiment(cfg, out_dir=out, plugins={"events": JSONLLogger(path), "crash": CrashAt(12)}).run()
+    before = path.read_text()
+
+    def full_disk(path, text):
+        raise ContlearnError(f"cannot write '{path}': No space left on device")
+
+    monkeypatch.setattr(loggers, "write_atomic", full_disk)
+    with pytest.raises(ContlearnError, match="No space left"):
+        Experiment.resume(out, plugins={"events": JSONLLogger(path)}).run()
+    assert path.read_text() == before
+
+
+def test_read_events_leaves_out_a_cut_last_line_and_refuses_other_garbage(tmp_path):
+    from contlearn import ContlearnError
+
+    path = tmp_path / "events.jsonl"
+    path.write_text('{"kind": "epoch"}\n{"kind": "ev')
+    assert read_events(path) == [{"kind": "epoch"}]
+    path.write_text('{"kind": "epoch"}\nnot json\n{"kind": "eval"}\n')
+    with pytest.raises(ContlearnError, match="line 2 is not a JSON event"):
+        read_events(path)
+
+
 def test_progress_bars_show_experiences_epochs_and_loss(quick):
     out = io.StringIO()
     bars = TqdmProgress(file=out, disable=False)

@@ -119,3 +119,53 @@ def test_a_run_directory_that_cannot_be_written_is_one_clear_error(finished, mon
     assert main(["report", str(finished[0])]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: cannot write '{finished[0]}") and "Read-only" in err
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (lambda d: d.pop("average_accuracy"), None),  # missing: shown as n/a
+        (lambda d: d.update(average_accuracy="0.5"), "average_accuracy"),
+        (lambda d: d.update(forgetting=True), "forgetting"),
+        (lambda d: d.update(config="split-digits"), "config"),
+        (lambda d: d.update(timings=[1.0]), "timings"),
+        (lambda d: d.update(timings={"total_seconds": "slow"}), "timings.total_seconds"),
+    ],
+)
+def test_wrong_fields_are_one_clear_error_before_anything_is_written(tmp_path, finished, capsys, change, field):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    data = json.loads((finished[0] / "results.json").read_text())
+    change(data)
+    (bad / "results.json").write_text(json.dumps(data))
+    if field is None:
+        assert main(["report", str(bad)]) == 0
+        assert "| bad | finetune | n/a |" in capsys.readouterr().out
+        return
+    assert main(["report", str(bad), str(finished[0]), "--out", str(tmp_path / "cmp")]) == 2
+    err = capsys.readouterr().err
+    assert f"'{field}' is not a" in err and err.count("\n") == 1
+    assert sorted(p.name for p in bad.iterdir()) == ["results.json"] and not (tmp_path / "cmp").exists()
+
+
+def test_runs_sharing_a_folder_name_are_told_apart(tmp_path, finished, capsys):
+    import shutil
+
+    for parent in ("a", "b"):
+        shutil.copytree(finished[0], tmp_path / parent / "seed0")
+    assert main(["report", str(tmp_path / "a" / "seed0"), str(tmp_path / "b" / "seed0"), "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "comparison.md").read_text()
+    assert "| a/seed0 |" in table and "| b/seed0 |" in table
+    assert "| a/seed0 |" in capsys.readouterr().out
+
+
+def test_a_relative_dot_is_named_by_its_folder(finished, monkeypatch, capsys):
+    monkeypatch.chdir(finished[0])
+    assert main(["report", "."]) == 0
+    assert f"| {finished[0].name} |" in capsys.readouterr().out
+    assert (finished[0] / "report.md").read_text().startswith(f"# split-digits ({finished[0].name})")
+
+
+def test_out_with_one_run_is_refused(finished, tmp_path, capsys):
+    assert main(["report", str(finished[0]), "--out", str(tmp_path / "cmp")]) == 2
+    assert "--out" in capsys.readouterr().err and not (tmp_path / "cmp").exists()

@@ -115,3 +115,24 @@ def test_out_that_holds_another_run_is_refused(run_dir, tmp_path, capsys):
     assert main(["unlearn", str(run_dir), "--classes", "3", "--out", str(other)]) == 2
     assert "already holds a run (checkpoints)" in capsys.readouterr().err
     assert sorted(p.name for p in (other / ckpt.DIRNAME).iterdir()) == before
+
+
+def test_resume_continues_a_copy_that_unlearned_mid_stream_and_refuses_a_finished_one(run_dir, tmp_path, capsys):
+    import shutil
+
+    finished = tmp_path / "finished"
+    assert main(["unlearn", str(run_dir), "--classes", "3", "--out", str(finished)]) == 0
+    assert main(["resume", str(finished), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "nothing left to train" in err and err.count("\n") == 1
+    assert not (finished / "results.json").exists()
+
+    midway = tmp_path / "midway"  # the run as it stood after its first experience
+    shutil.copytree(run_dir, midway, ignore=shutil.ignore_patterns("unlearn-*", "results.json"))
+    for path in ckpt.list_checkpoints(midway / ckpt.DIRNAME):
+        if ckpt.load(path)["position"]["completed"] > 1:
+            path.unlink()
+    copy = tmp_path / "midway-unlearned"
+    assert main(["unlearn", str(midway), "--classes", "3", "--out", str(copy)]) == 0
+    assert main(["resume", str(copy), "--quiet"]) == 0
+    assert len(json.loads((copy / "results.json").read_text())["accuracy_matrix"]) == 2
