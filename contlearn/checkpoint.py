@@ -175,6 +175,18 @@ def remove_temporaries(directory: Path) -> None:
             p.unlink(missing_ok=True)
 
 
+def load_failure(exc: Exception) -> str:
+    """One line saying why ``torch.load(..., weights_only=True)`` failed (at most 200 characters)."""
+    # torch's weights_only refusal opens with advice to load unsafely; its reason is further down
+    refused = re.search(r"WeightsUnpickler error:(.*?)(?:Check the documentation|$)", str(exc), re.S)
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reason = " ".join(refused.group(1).split()).split(". Please")[0] if refused else ""
+    reason = reason or (lines[0] if lines else type(exc).__name__)
+    if reason.isdigit():  # the unpickler's bare opcode of a file that is no torch.save output
+        reason = f"not a file torch.save wrote: {type(exc).__name__} {reason}"
+    return reason[:200]
+
+
 def load(path: Path) -> dict[str, Any]:
     """Read one checkpoint with ``weights_only=True`` onto the CPU and check its format.
 
@@ -183,14 +195,7 @@ def load(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, bad pickle, forbidden global...
-        # torch's weights_only refusal opens with advice to load unsafely; its reason is further down
-        refused = re.search(r"WeightsUnpickler error:(.*?)(?:Check the documentation|$)", str(exc), re.S)
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        reason = " ".join(refused.group(1).split()).split(". Please")[0] if refused else ""
-        reason = reason or (lines[0] if lines else type(exc).__name__)
-        if reason.isdigit():  # the unpickler's bare opcode of a file that is no torch.save output
-            reason = f"not a file torch.save wrote: {type(exc).__name__} {reason}"
-        raise CheckpointError(f"checkpoint '{path.name}' is truncated or corrupt ({reason[:200]})") from None
+        raise CheckpointError(f"checkpoint '{path.name}' is truncated or corrupt ({load_failure(exc)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"'{path.name}' is not a contlearn checkpoint")
     if state.get("version") != VERSION:

@@ -28,6 +28,7 @@ Per-task heads are the model's :class:`~contlearn.models.MultiHead`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -37,6 +38,8 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from contlearn._manager import DEFAULTS_NAME
+from contlearn.checkpoint import load_failure
 from contlearn.defaults import build_optimizer
 from contlearn.errors import ConfigError, choices
 from contlearn.hookspecs import hookimpl
@@ -143,13 +146,18 @@ def _read_anchor(path: str) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ConfigError(f"plugins.clr.anchor_path '{path}' cannot be read as a torch state dict: {exc}") from None
+        raise ConfigError(f"plugins.clr.anchor_path '{path}' cannot be read as a torch state dict ({load_failure(exc)})") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict):
         raise ConfigError(f"plugins.clr.anchor_path '{path}' holds a {type(state).__name__}, not a state dict")
     if any(k.startswith("backbone.") for k in state):
         state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    if any(".reprogram." in k for k in state):
+        raise ConfigError(
+            f"plugins.clr.anchor_path '{path}' is a model CLR reprogrammed (one per-task bank of it); "
+            "give the backbone the run started from, or a run trained without clr"
+        )
     return state
 
 
@@ -177,8 +185,12 @@ class CLR:
             raise ConfigError(f"unknown plugins.clr.variant '{c.variant}'; valid: {choices(VARIANTS)}")
         if c.anchor == "checkpoint" and not c.anchor_path:
             raise ConfigError("plugins.clr.anchor=checkpoint needs plugins.clr.anchor_path (a backbone state dict)")
-        if c.lam < 0:
-            raise ConfigError(f"plugins.clr.lam must be >= 0, got {c.lam}")
+        if c.anchor != "checkpoint" and c.anchor_path:
+            raise ConfigError(
+                f"plugins.clr.anchor_path is read only with plugins.clr.anchor=checkpoint (anchor is '{c.anchor}')"
+            )
+        if not (math.isfinite(c.lam) and c.lam >= 0):
+            raise ConfigError(f"plugins.clr.lam must be finite and >= 0, got {c.lam}")
         #: anchor BatchNorm tensors by name (None until the anchor is fixed)
         self.anchor_bn: dict[str, torch.Tensor] | None = None
         #: per task: kernels and BatchNorm tensors by backbone-relative name
@@ -197,6 +209,21 @@ class CLR:
             )
         if self.config.anchor == "pretrained" and not bool(getattr(run.config.model, "pretrained", False)):
             raise ConfigError("plugins.clr.anchor=pretrained needs model.pretrained=true (a timm:/tv: backbone)")
+        pm = getattr(run, "pm", None)  # (a run inside Avalanche has none)
+        mixers = sorted(
+            {
+                impl.plugin_name
+                for hook in ("train_data", "extra_samples")
+                for impl in (getattr(pm.hook, hook).get_hookimpls() if pm is not None else ())
+                if impl.plugin_name != DEFAULTS_NAME
+            }
+        )
+        if mixers:
+            raise ConfigError(
+                f"plugin clr trains each task's reprogramming on that task's samples only, but {mixers} "
+                "add samples of other experiences to the training batches (train_data / extra_samples); "
+                "CLR needs no rehearsal: drop them"
+            )
 
     def _build(self, run, fresh: bool) -> None:
         """Insert the reprogramming layers (loading the anchor first when
@@ -208,13 +235,17 @@ class CLR:
         backbone = run.model.backbone
         if fresh and self.config.anchor == "checkpoint":
             state = _read_anchor(str(self.config.anchor_path))
-            try:
-                backbone.load_state_dict(state)
-            except RuntimeError as exc:
+            own = backbone.state_dict()
+            missing = [k for k in own if k not in state]
+            unexpected = [k for k in state if k not in own]
+            wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+            if missing or unexpected or wrong:
                 raise ConfigError(
                     f"plugins.clr.anchor_path '{self.config.anchor_path}' does not fit backbone "
-                    f"'{run.config.model.backbone}': {str(exc).splitlines()[0]}"
-                ) from None
+                    f"'{run.config.model.backbone}': missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                    f"other shapes {wrong[:3]}"
+                )
+            backbone.load_state_dict(state)
         names = insert_reprogramming(backbone, self.config.variant)
         if not names:
             raise ConfigError(

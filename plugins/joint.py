@@ -6,8 +6,9 @@ of the previous experience, as the "cumulative" baseline of continual-learning
 benchmarks (e.g. Lomonaco and Maltoni, CORe50, CoRL 2017; van de Ven et al.,
 "Three types of incremental learning", Nature Machine Intelligence 2022).
 After the last experience the model has been trained on the whole stream, so
-its final accuracy is the upper bound for a sequential learner with the same
-model and budget per experience.
+its final accuracy is the usual upper bound for a sequential learner with the
+same model and epochs per experience (joint sees more data per experience:
+experience i trains on i + 1 experiences' samples).
 """
 
 from __future__ import annotations

@@ -19,12 +19,15 @@ task's head is applied to the new data and distilled, and the terms are summed
 over the old tasks, as the paper does for several old tasks. With one growing
 head (class-incremental) the old outputs are the old classes' logits.
 
-Deviation from the paper, named: no warm-up phase training the new head alone
-first.
+Deviations from the paper, named: no warm-up phase training the new head alone
+first; the teacher's outputs are computed on every training batch (as
+Avalanche does) rather than recorded once before training, the same targets
+unless the data are augmented.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,10 +57,10 @@ class LwF:
         alpha: float = 4.0  # weight of the distillation term (chosen on validation data, docs/results.md)
 
         def __post_init__(self) -> None:
-            if self.T <= 0:
-                raise ConfigError(f"plugins.lwf.T must be positive, got {self.T}")
-            if self.alpha < 0:
-                raise ConfigError(f"plugins.lwf.alpha must be non-negative, got {self.alpha}")
+            if not (math.isfinite(self.T) and self.T > 0):
+                raise ConfigError(f"plugins.lwf.T must be positive and finite, got {self.T}")
+            if not (math.isfinite(self.alpha) and self.alpha >= 0):
+                raise ConfigError(f"plugins.lwf.alpha must be non-negative and finite, got {self.alpha}")
 
     def __init__(self, config: Config):
         self.config = config

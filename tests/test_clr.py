@@ -192,12 +192,33 @@ def test_checkpoint_anchor_is_loaded_and_frozen(tmp_path):
         (["model.head=incremental"], "model.head=multi"),
         (["model.backbone=mlp"], "no convolution to reprogram"),
         (["scenario.setting=class", "model.head=multi"], "scenario.setting=task"),
+        (["plugins.clr.anchor_path=/some/file.pt"], "read only with plugins.clr.anchor=checkpoint"),
+        (["plugins.clr.lam=nan"], "finite"),
+        (["plugins.clr.lam=inf"], "finite"),
+        (["plugins.replay={}"], r"\['replay'\] add samples of other experiences"),
+        (["plugins.joint={}"], r"\['joint'\] add samples"),
     ],
 )
 def test_bad_configs_are_one_clear_error(overrides, message):
     # ConfigError (PluginError when building the plugin)
     with pytest.raises(ContlearnError, match=message):
         Experiment(clr_config(*overrides)).run()
+
+
+def test_anchor_files_that_do_not_fit_are_one_clear_error(tmp_path):
+    path = tmp_path / "junk.pt"
+    path.write_bytes(b"not a torch file")
+    with pytest.raises(ContlearnError, match=r"cannot be read as a torch state dict \(") as err:
+        Experiment(clr_config("plugins.clr.anchor=checkpoint", f"plugins.clr.anchor_path={path}")).run()
+    assert "\n" not in str(err.value) and "weights_only=False" not in str(err.value)
+    torch.save({"net.0.weight": torch.zeros(3)}, path)
+    with pytest.raises(ContlearnError, match=r"missing \[.*\], unexpected \['net.0.weight'\]|other shapes"):
+        Experiment(clr_config("plugins.clr.anchor=checkpoint", f"plugins.clr.anchor_path={path}")).run()
+    clr_run = Experiment(clr_config())
+    clr_run.run()
+    torch.save(clr_run.run_state.model.backbone.state_dict(), path)
+    with pytest.raises(ContlearnError, match="is a model CLR reprogrammed"):
+        Experiment(clr_config("plugins.clr.anchor=checkpoint", f"plugins.clr.anchor_path={path}")).run()
 
 
 def test_resume_mid_experience_equals_uninterrupted(tmp_path):

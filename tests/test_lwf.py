@@ -85,7 +85,10 @@ def test_state_round_trip_rebuilds_the_teacher_over_a_grown_model():
     torch.testing.assert_close(copy.teacher(x).logits, before)
 
 
-@pytest.mark.parametrize("override", ["plugins.lwf.T=0", "plugins.lwf.alpha=-1"])
+@pytest.mark.parametrize(
+    "override",
+    ["plugins.lwf.T=0", "plugins.lwf.alpha=-1", "plugins.lwf.T=nan", "plugins.lwf.alpha=nan", "plugins.lwf.alpha=inf"],
+)
 def test_bad_config(override):
     with pytest.raises(ConfigError, match="plugins.lwf"):
         load_config(None, [override])
