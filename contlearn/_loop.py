@@ -21,7 +21,7 @@ import pluggy
 import torch
 
 from contlearn import _manager
-from contlearn.checkpoint import EpochState, Resumed
+from contlearn.checkpoint import EpochState, Resumed, rng_state, set_rng_state
 from contlearn.defaults import (
     Defaults,
     ScheduleWarning,
@@ -86,6 +86,8 @@ def train_experience(
     cfg = run.config.train
     if resumed is None:
         run.experience, run.epoch, run.step = exp, 0, 0
+        if run.dist.world_size > 1:  # per-share draws of the last experience made them differ
+            set_rng_state(run.dist.broadcast_object(rng_state(run.generator)), run.generator)
         run.model.adapt(exp.classes, exp.task)
         data: TensorData = run.hook.train_data(run=run, exp=exp)
         check_training_data(run, exp, data)
@@ -237,6 +239,8 @@ def train_step(
     if hooks.after_backward is not None:
         hooks.after_backward(run=run)
     optimizer.step()
+    if run.dist.world_size > 1:
+        run.dist.broadcast_buffers_(run.model)
     if hooks.after_step is not None:
         hooks.after_step(run=run)
     losses.append(loss.detach())

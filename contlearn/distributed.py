@@ -18,8 +18,15 @@ Fisher passes (batch-mode and per-sample) are shared out and summed the same way
 plugins' own passes over the data run on every process. Only process 0 writes
 (run directory, checkpoints, results).
 
-BatchNorm layers normalise each process's share with its own statistics (as in
-plain DDP), so with them results differ slightly from one process.
+BatchNorm layers normalise each process's share with its own batch statistics,
+and after every step process 0's buffers (running statistics) replace the
+others' (what DDP's ``broadcast_buffers`` does), so with BatchNorm results
+differ slightly from one process but every process keeps the same model. Random
+draws inside a step (dropout masks, a plugin's augmented views) are made for
+each process's share, so they differ from one process's draws; every process's
+random generators are set to process 0's before each experience, so that what
+an experience starts with (a grown head, new adapters) is drawn the same way
+everywhere.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -115,6 +123,28 @@ class DistributedView:
             return slice(0, n), 1.0 / self.world_size
         rows = self.part(n)
         return slice(rows.start, rows.stop), len(rows) / n
+
+    def broadcast_buffers_(self, module: torch.nn.Module) -> None:
+        """Give every process process 0's buffers of ``module`` (BatchNorm's running
+        statistics): one broadcast per dtype over a flat copy (a no-op on one process)."""
+        if self.world_size <= 1:
+            return
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for b in module.buffers():
+            by_dtype.setdefault(b.dtype, []).append(b)
+        for buffers in by_dtype.values():
+            flat = torch.cat([b.reshape(-1) for b in buffers])
+            torch.distributed.broadcast(flat, src=0)
+            for b, part in zip(buffers, flat.split([b.numel() for b in buffers]), strict=True):
+                b.copy_(part.view_as(b))
+
+    def broadcast_object(self, value: Any) -> Any:
+        """Process 0's ``value`` on every process (a collective; a no-op on one process)."""
+        if self.world_size <= 1:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
 
     def sum_gradients_(self, params: Iterable[torch.nn.Parameter], weight: float) -> None:
         """Replace every gradient by the sum over processes of ``weight * grad``:

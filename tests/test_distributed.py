@@ -153,6 +153,46 @@ def test_evaluation_is_shared_out_unless_a_plugin_needs_it_in_order(tmp_path):
                 torch.testing.assert_close(got, value.flatten(), rtol=1e-4, atol=1e-7)
 
 
+SAME_MODEL_SCRIPT = """
+import sys
+
+import torch
+
+from contlearn import Experiment, hookimpl, load_config
+
+
+class PerShareNoise:
+    \"\"\"Draws from torch's generator as many numbers as its share has samples
+    (as dropout does), so uneven shares leave the processes' generators apart.\"\"\"
+
+    @hookimpl
+    def loss_terms(self, batch):
+        return {"noise": 0.0 * torch.rand(len(batch)).sum()}
+
+
+out, overrides = sys.argv[1], sys.argv[2:]
+experiment = Experiment(load_config("split-digits", overrides), plugins={"noise": PerShareNoise()})
+experiment.run()
+run = experiment.run_state
+torch.save(run.model.state_dict(), f"{out}/rank{run.dist.rank}.pt")
+"""
+
+
+def test_every_process_keeps_the_same_model_with_batchnorm_and_per_share_draws(tmp_path):
+    """BatchNorm's running statistics come from each process's share, and the
+    per-share draws of an odd batch leave the generators apart, from which the
+    next experience's head rows are drawn: both are made process 0's."""
+    overrides = [*SMALL_RUN, "eval.fwt=false", "model.backbone=cnn-bn", "model.hidden=[8,8]", "train.batch_size=15"]
+    script = tmp_path / "same.py"
+    script.write_text(SAME_MODEL_SCRIPT)
+    proc = two_processes(str(script), str(tmp_path), *overrides)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert any("running_mean" in k for k in ranks[0])
+    for name, value in ranks[0].items():
+        assert torch.equal(value, ranks[1][name]), name
+
+
 def test_unlearning_refuses_several_processes(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
