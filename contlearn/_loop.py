@@ -131,6 +131,8 @@ def train_experience(
                 if ctl is not None and ctl.due(run.global_step):
                     ctl.end_of_step(run, exp, state)
             report_epoch(run, exp, state.losses, state.terms)
+            if ctl is not None and ctl.vote():  # several processes stop together
+                ctl.end_of_step(run, exp, state)
     except IndexError as exc:  # cross-entropy's "Target 12 is out of bounds", e.g. from extra samples
         if "out of bounds" not in str(exc):
             raise

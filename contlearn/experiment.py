@@ -529,7 +529,9 @@ class _Control:
         self.directory = out / ckpt.DIRNAME if out is not None and cfg.enabled else None
         self.every: int | None = cfg.every_n_steps if self.directory is not None else None
         self.keep_last = int(cfg.keep_last)
-        self.stop = experiment._stop_requested
+        self.stop = experiment._stop_requested  # asked of this process (a signal, request_stop)
+        self.agreed = False  # several processes: a stop that all of them agreed on (vote)
+        self.dist, self.device = run.dist, run.device
         self.out_dir = out
         self.how_to_resume = _how_to_resume(experiment)
         self.given_plugins = _class_paths(experiment.given_plugins)
@@ -539,9 +541,26 @@ class _Control:
         if self.directory is not None:
             ckpt.remove_temporaries(self.directory)
 
+    @property
+    def stopping(self) -> bool:
+        """Whether the run stops at the next boundary: when asked, on one process;
+        when all processes agreed on it (:meth:`vote`), on several."""
+        return self.stop if self.dist.world_size == 1 else self.agreed
+
     def due(self, global_step: int) -> bool:
         """Whether the step just done ends with a checkpoint or a stop."""
-        return self.stop or (self.every is not None and global_step % self.every == 0)
+        return self.stopping or (self.every is not None and global_step % self.every == 0)
+
+    def vote(self) -> bool:
+        """Several processes: whether any of them was asked to stop, agreed by all
+        of them at the end of every epoch (a one-number all-reduce; every process
+        must call it). Each process's signal arrives at its own step, so a stop
+        waits for the end of the epoch there. False on one process."""
+        if self.dist.world_size == 1:
+            return False
+        flag = torch.tensor([1.0 if self.stop else 0.0], device=self.device)  # NCCL needs the GPU
+        self.agreed = self.dist.all_reduce_(flag).item() > 0
+        return self.agreed
 
     def end_of_step(self, run: Run, exp: Experience, epoch: EpochState) -> None:
         where = f"step {run.step} of experience {exp.index} (epoch {run.epoch})"
@@ -550,12 +569,12 @@ class _Control:
             names, values = loss_table(epoch.losses, epoch.terms)
             raise_if_not_finite(run, exp, names, values)
             path = self._save(run, exp, epoch, time.perf_counter() - self.t_experience)
-        if self.stop:
+        if self.stopping:
             raise Interrupted(self._stopped(f"after {where}", path))
 
     def end_of_experience(self, run: Run, exp: Experience) -> None:
         path = self._save(run, exp, None, 0.0) if self.directory is not None else None
-        if self.stop and exp.index < len(run.stream) - 1:
+        if self.stopping and exp.index < len(run.stream) - 1:
             raise Interrupted(self._stopped(f"after experience {exp.index} (experiences 0-{len(run.stream) - 1})", path))
 
     def _save(self, run: Run, exp: Experience, epoch: EpochState | None, train_so_far: float) -> Path:
@@ -569,6 +588,8 @@ class _Control:
         return ckpt.write(self.directory, state, self.keep_last)
 
     def _stopped(self, where: str, path: Path | None) -> str:
+        if not self.dist.is_main:
+            return f"interrupted {where}, with process 0 (which writes the checkpoint)"
         if path is None:
             return f"interrupted {where}; no checkpoint was written (no run directory, or checkpoint.enabled=false)"
         return f"interrupted {where}; state saved in {path}; continue with: {self.how_to_resume}"

@@ -193,6 +193,50 @@ def test_every_process_keeps_the_same_model_with_batchnorm_and_per_share_draws(t
         assert torch.equal(value, ranks[1][name]), name
 
 
+STOP_SCRIPT = """
+import json
+import sys
+
+from contlearn import Experiment, hookimpl, load_config
+from contlearn.errors import Interrupted
+
+
+class StopOneProcess:
+    \"\"\"Asks process 1 alone to stop in step 2, as a signal reaching it first would.\"\"\"
+
+    @hookimpl
+    def after_step(self, run):
+        if run.dist.rank == 1 and run.global_step == 2:
+            experiment.request_stop()
+
+
+out, overrides = sys.argv[1], sys.argv[2:]
+experiment = Experiment(load_config("split-digits", overrides), out_dir=out, plugins={"stop": StopOneProcess()})
+try:
+    experiment.run()
+    message = None
+except Interrupted as exc:
+    message = str(exc)
+rank = experiment.run_state.dist.rank
+with open(f"{out}/../stop{rank}.json", "w") as f:
+    json.dump({"message": message, "global_step": experiment.run_state.global_step}, f)
+"""
+
+
+def test_a_stop_asked_of_one_process_stops_all_at_the_end_of_the_epoch(tmp_path):
+    out = tmp_path / "run"
+    script = tmp_path / "stop.py"
+    script.write_text(STOP_SCRIPT)
+    proc = two_processes(str(script), str(out), *SMALL_RUN, "eval.fwt=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"stop{r}.json").read_text()) for r in (0, 1)]
+    steps_per_epoch = 5  # SMALL_RUN's experience 0
+    assert [r["global_step"] for r in ranks] == [steps_per_epoch] * 2
+    assert "state saved in" in ranks[0]["message"] and "with process 0" in ranks[1]["message"]
+    (newest,) = ckpt.list_checkpoints(out / ckpt.DIRNAME)
+    assert ckpt.load(newest)["position"]["global_step"] == steps_per_epoch
+
+
 def test_unlearning_refuses_several_processes(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
