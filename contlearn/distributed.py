@@ -86,8 +86,19 @@ class DistributedView:
         dist = torch.distributed
         if not dist.is_available():
             raise ConfigError(f"WORLD_SIZE={world} asks for {world} processes, but this torch has no torch.distributed")
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if device.type == "cuda":
+            if device.index is not None:
+                raise ConfigError(
+                    f"device={device} under torchrun would put all {world} processes on one GPU; use "
+                    "device=cuda or auto (each process takes GPU LOCAL_RANK)"
+                )
+            local = _environment_int("LOCAL_RANK", 0)
+            if local >= torch.cuda.device_count():
+                raise ConfigError(
+                    f"process LOCAL_RANK={local} has no GPU of its own: {torch.cuda.device_count()} visible; "
+                    "start at most that many processes per machine (torchrun --nproc_per_node)"
+                )
+            device = torch.device("cuda", local)
             torch.cuda.set_device(device)
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")

@@ -249,3 +249,16 @@ def test_a_malformed_torchrun_environment_is_one_clear_error(tmp_path, monkeypat
     assert main(["run", "train.epochs=1", "--out", str(tmp_path / "run"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "error: the environment variable WORLD_SIZE must be a non-negative integer (torchrun sets it), got 'two'"
+
+
+@pytest.mark.parametrize(
+    ("device", "local_rank", "message"),
+    [("cuda:0", "0", "would put all 2 processes on one GPU"), ("cuda", "5", "LOCAL_RANK=5 has no GPU of its own")],
+)
+def test_gpus_are_one_per_process(monkeypatch, device, local_rank, message):
+    from contlearn import ConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    with pytest.raises(ConfigError, match=message):
+        DistributedView.from_environment(torch.device(device))
