@@ -87,7 +87,8 @@ def train_experience(
     if resumed is None:
         run.experience, run.epoch, run.step = exp, 0, 0
         if run.dist.world_size > 1:  # per-share draws of the last experience made them differ
-            set_rng_state(run.dist.broadcast_object(rng_state(run.generator)), run.generator)
+            own = run.device if run.device.type == "cuda" else None  # process 0's GPU state onto this one's
+            set_rng_state(run.dist.broadcast_object(rng_state(run.generator, own)), run.generator, own)
         run.model.adapt(exp.classes, exp.task)
         data: TensorData = run.hook.train_data(run=run, exp=exp)
         check_training_data(run, exp, data)

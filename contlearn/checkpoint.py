@@ -313,10 +313,15 @@ def check_model(model: torch.nn.Module, saved: dict[str, torch.Tensor], source: 
 # ------------------------------------------------------------------------ random state
 
 
-def rng_state(generator: torch.Generator) -> dict[str, Any]:
-    """Python's, NumPy's, torch's (CPU and, once initialised, CUDA) and ``generator``'s state."""
+def rng_state(generator: torch.Generator, own_gpu: torch.device | None = None) -> dict[str, Any]:
+    """Python's, NumPy's, torch's (CPU and, once initialised, CUDA) and ``generator``'s state.
+
+    ``own_gpu``: the one GPU this process draws on (one process per GPU under
+    torchrun): its state alone is kept, under ``cuda_own``, so that another
+    process sets it on its own GPU, not on the same index."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
-    return {
+    cuda_ready = torch.cuda.is_available() and torch.cuda.is_initialized()
+    state = {
         "python": random.getstate(),
         "numpy": {
             "kind": str(kind),
@@ -326,17 +331,28 @@ def rng_state(generator: torch.Generator) -> dict[str, Any]:
             "cached_gaussian": float(cached),
         },
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
+        "cuda": torch.cuda.get_rng_state_all() if cuda_ready and own_gpu is None else [],
         "generator": generator.get_state(),
     }
+    if own_gpu is not None and own_gpu.type == "cuda":
+        state["cuda_own"] = torch.cuda.get_rng_state(own_gpu)
+    return state
 
 
-def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
-    """Inverse of :func:`rng_state`."""
+def _own_gpu(run: Any) -> torch.device | None:
+    """The GPU of this process when several processes each draw on their own."""
+    return run.device if run.dist.world_size > 1 and run.device.type == "cuda" else None
+
+
+def set_rng_state(state: dict[str, Any], generator: torch.Generator, own_gpu: torch.device | None = None) -> None:
+    """Inverse of :func:`rng_state`; a ``cuda_own`` state goes to ``own_gpu`` (this
+    process's GPU), when there is one."""
     random.setstate(state["python"])
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     torch.set_rng_state(state["torch"].cpu())
+    if state.get("cuda_own") is not None and own_gpu is not None and own_gpu.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_own"].cpu(), own_gpu)
     if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
     generator.set_state(state["generator"].cpu())
@@ -482,7 +498,7 @@ def capture(
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict() if inside and run.optimizer is not None else None,
         "plugins": _plugin_states(run),
-        "rng": rng_state(run.generator),
+        "rng": rng_state(run.generator, _own_gpu(run)),
         "metrics": {
             "accuracy_rows": [list(r) for r in run.accuracy_rows],
             "initial_accuracy": progress.initial,
@@ -595,7 +611,7 @@ def restore(
                 metrics["epoch_generator"],
             ),
         )
-    set_rng_state(state["rng"], run.generator)
+    set_rng_state(state["rng"], run.generator, _own_gpu(run))
     confusion = metrics["confusion"]
     progress = Progress(
         timings=dict(metrics["timings"]),

@@ -87,15 +87,17 @@ class DistributedView:
         if not dist.is_available():
             raise ConfigError(f"WORLD_SIZE={world} asks for {world} processes, but this torch has no torch.distributed")
         if device.type == "cuda":
-            if device.index is not None:
+            # One visible GPU: the launcher gave each process its own (CUDA_VISIBLE_DEVICES).
+            visible = torch.cuda.device_count()
+            if device.index is not None and visible > 1:
                 raise ConfigError(
                     f"device={device} under torchrun would put all {world} processes on one GPU; use "
                     "device=cuda or auto (each process takes GPU LOCAL_RANK)"
                 )
-            local = _environment_int("LOCAL_RANK", 0)
-            if local >= torch.cuda.device_count():
+            local = 0 if visible == 1 else _environment_int("LOCAL_RANK", 0)
+            if local >= visible:
                 raise ConfigError(
-                    f"process LOCAL_RANK={local} has no GPU of its own: {torch.cuda.device_count()} visible; "
+                    f"process LOCAL_RANK={local} has no GPU of its own: {visible} visible; "
                     "start at most that many processes per machine (torchrun --nproc_per_node)"
                 )
             device = torch.device("cuda", local)

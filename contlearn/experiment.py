@@ -123,12 +123,12 @@ def _refuse_finished(run_dir: Path, state: dict[str, Any]) -> None:
     if state["position"]["inside_experience"]:
         return
     n_experiences = len((state.get("stream") or {}).get("experiences") or ())
-    if (run_dir / "unlearn.json").is_file() and state["position"]["completed"] == n_experiences:
-        raise ConfigError(
-            f"'{run_dir}' holds a model that unlearned after its last experience: there is nothing left to "
-            f"train, and its accuracy matrix predates the unlearning (unlearn.json has what it measured after)"
-        )
     if not results.is_file():
+        if (run_dir / "unlearn.json").is_file() and state["position"]["completed"] == n_experiences:
+            raise ConfigError(
+                f"'{run_dir}' holds a model that unlearned after its last experience: there is nothing left to "
+                f"train, and its accuracy matrix predates the unlearning (unlearn.json has what it measured after)"
+            )
         return
     try:
         rows = len(json.loads(results.read_text(encoding="utf-8"))["accuracy_matrix"])
@@ -262,7 +262,8 @@ class Experiment:
     def request_stop(self) -> None:
         """Stop after the current training step (or evaluation): write a
         checkpoint if the run has a directory, then raise
-        :class:`~contlearn.errors.Interrupted`. Safe to call from a signal handler."""
+        :class:`~contlearn.errors.Interrupted`. Under torchrun the processes agree
+        on it at the end of the epoch, and stop there. Safe to call from a signal handler."""
         self._stop_requested = True
         if self._control is not None:
             self._control.stop = True
@@ -531,6 +532,7 @@ class _Control:
         self.keep_last = int(cfg.keep_last)
         self.stop = experiment._stop_requested  # asked of this process (a signal, request_stop)
         self.agreed = False  # several processes: a stop that all of them agreed on (vote)
+        self.saved: tuple[int, Path] | None = None  # the global step and path of the last step checkpoint
         self.dist, self.device = run.dist, run.device
         self.out_dir = out
         self.how_to_resume = _how_to_resume(experiment)
@@ -565,10 +567,13 @@ class _Control:
     def end_of_step(self, run: Run, exp: Experience, epoch: EpochState) -> None:
         where = f"step {run.step} of experience {exp.index} (epoch {run.epoch})"
         path = None
-        if self.directory is not None:
+        if self.directory is not None and self.saved is not None and self.saved[0] == run.global_step:
+            path = self.saved[1]  # a periodic checkpoint of this step, before the processes' vote
+        elif self.directory is not None:
             names, values = loss_table(epoch.losses, epoch.terms)
             raise_if_not_finite(run, exp, names, values)
             path = self._save(run, exp, epoch, time.perf_counter() - self.t_experience)
+            self.saved = (run.global_step, path)
         if self.stopping:
             raise Interrupted(self._stopped(f"after {where}", path))
 

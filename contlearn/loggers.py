@@ -159,9 +159,11 @@ class TensorBoardLogger:
     def setup(self, run: Any) -> None:
         # purge_step: TensorBoard hides what an earlier writer logged at this step or
         # later, so a resumed run shows no point twice and a new run in a reused
-        # directory (step 0) none of a failed run's.
+        # directory (step 0) none of a failed run's. Between experiences the last
+        # epoch's point, at the checkpoint's own step, is not logged again: kept.
         if run.dist.is_main and self.writer is None:
-            self.writer = self._writer_cls(log_dir=str(self.log_dir), purge_step=run.global_step)
+            between = run.experience is None and run.global_step > 0
+            self.writer = self._writer_cls(log_dir=str(self.log_dir), purge_step=run.global_step + between)
 
     @hookimpl
     def on_metrics(self, run: Any, metrics: dict[str, Any]) -> None:

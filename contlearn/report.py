@@ -79,7 +79,10 @@ def load_run(path: str | Path) -> FinishedRun:
     matrix = results.get("accuracy_matrix") if isinstance(results, dict) else None
     if not (
         isinstance(matrix, list)
-        and all(isinstance(row, list) and all(isinstance(a, (int, float)) for a in row) for row in matrix)
+        and all(
+            isinstance(row, list) and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in row)
+            for row in matrix
+        )
     ):
         raise ConfigError(f"'{file}' is not a contlearn results file: it holds no accuracy matrix (a list of rows of numbers)")
     complete = bool(matrix) and all(len(row) == len(matrix[0]) for row in matrix) and len(matrix) == len(matrix[0])
@@ -98,6 +101,10 @@ def _check_fields(file: Path, results: dict[str, Any]) -> None:
     for key in ("config", "timings", "given"):
         if results.get(key) is not None and not isinstance(results[key], dict):
             raise ConfigError(f"'{file}' is not a contlearn results file: '{key}' is not a mapping")
+    for key in ("scenario", "model", "train"):
+        section = (results.get("config") or {}).get(key)
+        if section is not None and not isinstance(section, dict):
+            raise ConfigError(f"'{file}' is not a contlearn results file: 'config.{key}' is not a mapping")
     for key in HEADLINE:
         value = results.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):

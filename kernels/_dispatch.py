@@ -176,9 +176,9 @@ def elementwise_config() -> LaunchConfig:
     """The multi-tensor kernels' launch shape: 1024 elements over 4 warps (8 per thread).
 
     ``benchmarks/kernels.py --sweep`` times 1024/4, 2048/4, 2048/8, 4096/4 and 8192/8.
-    On an H100, dampening at 1024/4 took 0.538-0.549 ms in three runs, the fastest
-    every time, where 2048/4 moved between 0.522 and 0.607 ms from one run to the
-    next; on an H200 the two tied. Accumulation runs at the copy's speed with any of
+    On an H100, dampening at 1024/4 took 0.538-0.549 ms in five runs, the fastest
+    shape in four of them (2048/4: 0.594-0.607 ms; 0.522 ms once, in the first run);
+    on an H200 the two tied. Accumulation runs at the copy's speed with any of
     them. The interpreter uses the same shape.
     """
     return LaunchConfig(1024, 4)

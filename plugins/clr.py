@@ -221,8 +221,8 @@ class CLR:
         if mixers:
             raise ConfigError(
                 f"plugin clr trains each task's reprogramming on that task's samples only, but {mixers} "
-                "add samples of other experiences to the training batches (train_data / extra_samples); "
-                "CLR needs no rehearsal: drop them"
+                "implement train_data / extra_samples, the hooks that add other experiences' samples to the "
+                "training batches (rehearsal, joint training); CLR needs no rehearsal: drop them"
             )
 
     def _build(self, run, fresh: bool) -> None:

@@ -195,8 +195,8 @@ def test_checkpoint_anchor_is_loaded_and_frozen(tmp_path):
         (["plugins.clr.anchor_path=/some/file.pt"], "read only with plugins.clr.anchor=checkpoint"),
         (["plugins.clr.lam=nan"], "finite"),
         (["plugins.clr.lam=inf"], "finite"),
-        (["plugins.replay={}"], r"\['replay'\] add samples of other experiences"),
-        (["plugins.joint={}"], r"\['joint'\] add samples"),
+        (["plugins.replay={}"], r"\['replay'\] implement train_data / extra_samples"),
+        (["plugins.joint={}"], r"\['joint'\] implement"),
     ],
 )
 def test_bad_configs_are_one_clear_error(overrides, message):

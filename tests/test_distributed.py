@@ -227,12 +227,14 @@ def test_a_stop_asked_of_one_process_stops_all_at_the_end_of_the_epoch(tmp_path)
     out = tmp_path / "run"
     script = tmp_path / "stop.py"
     script.write_text(STOP_SCRIPT)
-    proc = two_processes(str(script), str(out), *SMALL_RUN, "eval.fwt=false")
+    # a periodic checkpoint falls on the epoch's end too: the stop reuses it
+    proc = two_processes(str(script), str(out), *SMALL_RUN, "eval.fwt=false", "checkpoint.every_n_steps=5")
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"stop{r}.json").read_text()) for r in (0, 1)]
     steps_per_epoch = 5  # SMALL_RUN's experience 0
     assert [r["global_step"] for r in ranks] == [steps_per_epoch] * 2
-    assert "state saved in" in ranks[0]["message"] and "with process 0" in ranks[1]["message"]
+    assert "state saved in" in ranks[0]["message"] and "ckpt-000-000000005.pt" in ranks[0]["message"]
+    assert "with process 0" in ranks[1]["message"]
     (newest,) = ckpt.list_checkpoints(out / ckpt.DIRNAME)
     assert ckpt.load(newest)["position"]["global_step"] == steps_per_epoch
 
@@ -253,11 +255,12 @@ def test_a_malformed_torchrun_environment_is_one_clear_error(tmp_path, monkeypat
 
 @pytest.mark.parametrize(
     ("device", "local_rank", "message"),
-    [("cuda:0", "0", "would put all 2 processes on one GPU"), ("cuda", "5", "LOCAL_RANK=5 has no GPU of its own")],
+    [("cuda:0", "0", "would put all 2 processes on one GPU"), ("cuda", "999", "LOCAL_RANK=999 has no GPU of its own")],
 )
 def test_gpus_are_one_per_process(monkeypatch, device, local_rank, message):
     from contlearn import ConfigError
 
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", local_rank)
     with pytest.raises(ConfigError, match=message):

@@ -109,14 +109,15 @@ def _tensorboard_points(log_dir, tag="train/loss"):
     return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
-@pytest.mark.parametrize("crash_at", [7, 12], ids=["failed-start", "resumed"])
+@pytest.mark.parametrize("crash_at", [7, 12, 10], ids=["failed-start", "resumed", "resumed-between-experiences"])
 def test_tensorboard_shows_each_point_once_after_a_crash(tmp_path, crash_at):
     """Crashing in step 8 leaves no checkpoint (the first is at the end of
     experience 0): a new run reuses the directory. Crashing in step 13 with a
-    checkpoint every step resumes after step 12, and reports its epoch again."""
+    checkpoint every step resumes after step 12, and reports its epoch again;
+    crashing in step 11 resumes between experiences, after the evaluation."""
     pytest.importorskip("tensorboard")
     out = tmp_path / "run"
-    every_step = ["checkpoint.every_n_steps=1", "checkpoint.keep_last=2"] if crash_at == 12 else []
+    every_step = [] if crash_at == 7 else ["checkpoint.every_n_steps=1", "checkpoint.keep_last=2"]
     cfg = load_config(None, [*SMALL_RUN, *every_step])
     whole = tmp_path / "whole"
     Experiment(cfg, plugins={"tb": TensorBoardLogger(whole)}).run()

@@ -128,6 +128,7 @@ def test_a_run_directory_that_cannot_be_written_is_one_clear_error(finished, mon
         (lambda d: d.update(average_accuracy="0.5"), "average_accuracy"),
         (lambda d: d.update(forgetting=True), "forgetting"),
         (lambda d: d.update(config="split-digits"), "config"),
+        (lambda d: d["config"].update(scenario="digits"), "config.scenario"),
         (lambda d: d.update(timings=[1.0]), "timings"),
         (lambda d: d.update(timings={"total_seconds": "slow"}), "timings.total_seconds"),
     ],
