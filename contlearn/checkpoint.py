@@ -339,7 +339,28 @@ def rng_state(generator: torch.Generator, own_gpu: torch.device | None = None) -
     return state
 
 
-def _own_gpu(run: Any) -> torch.device | None:
+def _own_rng(state: dict[str, Any], run: Any, source: str) -> dict[str, Any]:
+    """The random states this process resumes with: its own when the checkpoint
+    was written by as many processes, else process 0's (with a warning when the
+    run had several: their draws per share then differ from the run's)."""
+    saved = state.get("rng_processes")
+    world = run.dist.world_size
+    if not saved:
+        return state["rng"]
+    if len(saved) == world:
+        return saved[run.dist.rank]
+    if run.dist.is_main:
+        warnings.warn(
+            f"checkpoint '{source}' was written by {len(saved)} processes and this resume has {world}: every "
+            f"process starts from process 0's random state, so random draws made per share of a batch "
+            f"(dropout, augmented views), if the run makes any, differ from the run's",
+            CheckpointWarning,
+            stacklevel=5,  # the caller of Experiment.run
+        )
+    return state["rng"]
+
+
+def own_gpu(run: Any) -> torch.device | None:
     """The GPU of this process when several processes each draw on their own."""
     return run.device if run.dist.world_size > 1 and run.device.type == "cuda" else None
 
@@ -474,9 +495,12 @@ def capture(
     progress: Progress,
     epoch: EpochState | None = None,
     given_plugins: dict[str, str] | None = None,
+    process_rngs: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The checkpoint of ``run`` now: between experiences (``epoch`` is ``None``)
-    or after a step inside one. ``given_plugins``: the plugins given to the run
+    or after a step inside one. ``process_rngs``: several processes' random
+    states (:func:`rng_state` of each, in rank order), kept so that each process
+    resumes with its own. ``given_plugins``: the plugins given to the run
     in Python that take part in training, name -> class, which a resume should
     be given again."""
     completed = len(run.accuracy_rows)
@@ -498,7 +522,8 @@ def capture(
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict() if inside and run.optimizer is not None else None,
         "plugins": _plugin_states(run),
-        "rng": rng_state(run.generator, _own_gpu(run)),
+        "rng": rng_state(run.generator, own_gpu(run)),
+        "rng_processes": list(process_rngs) if process_rngs is not None and len(process_rngs) > 1 else None,
         "metrics": {
             "accuracy_rows": [list(r) for r in run.accuracy_rows],
             "initial_accuracy": progress.initial,
@@ -611,7 +636,7 @@ def restore(
                 metrics["epoch_generator"],
             ),
         )
-    set_rng_state(state["rng"], run.generator, _own_gpu(run))
+    set_rng_state(_own_rng(state, run, source), run.generator, own_gpu(run))
     confusion = metrics["confusion"]
     progress = Progress(
         timings=dict(metrics["timings"]),

@@ -26,7 +26,8 @@ draws inside a step (dropout masks, a plugin's augmented views) are made for
 each process's share, so they differ from one process's draws; every process's
 random generators are set to process 0's before each experience, so that what
 an experience starts with (a grown head, new adapters) is drawn the same way
-everywhere.
+everywhere. A checkpoint keeps every process's generators, and a resume on as
+many processes gives each its own back, so that it continues exactly.
 """
 
 from __future__ import annotations
@@ -158,6 +159,15 @@ class DistributedView:
         box = [value]
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
+
+    def gather_object(self, value: Any) -> list[Any] | None:
+        """Every process's ``value``, in rank order, on process 0 (``None`` on the
+        others); a collective, ``[value]`` on one process."""
+        if self.world_size <= 1:
+            return [value]
+        box: list[Any] | None = [None] * self.world_size if self.is_main else None
+        torch.distributed.gather_object(value, box, dst=0)
+        return box
 
     def sum_gradients_(self, params: Iterable[torch.nn.Parameter], weight: float) -> None:
         """Replace every gradient by the sum over processes of ``weight * grad``:

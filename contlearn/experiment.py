@@ -192,6 +192,7 @@ class Experiment:
         self.config: DictConfig = config
         out = out_dir if out_dir is not None else config.out
         self.out_dir: Path | None = Path(out) if out is not None else None
+        self._has_run_dir = self.out_dir is not None  # set by build() on every process; process 0 writes
         self.extra_plugins = {name: p for name, p in given.items() if name not in self.plugin_classes}
         self.stream = stream
         self.run_state: Run | None = None
@@ -294,6 +295,7 @@ class Experiment:
         """Seed, then build the stream, the model and the plugins; nothing trains yet."""
         cfg = self.config
         dist, device = DistributedView.from_environment(resolve_device(cfg.device))
+        self._has_run_dir = self.out_dir is not None
         if not dist.is_main:
             self.out_dir = None  # process 0 writes the run directory
         if self.out_dir is not None:
@@ -528,7 +530,9 @@ class _Control:
         cfg = run.config.checkpoint
         out = experiment.out_dir
         self.directory = out / ckpt.DIRNAME if out is not None and cfg.enabled else None
-        self.every: int | None = cfg.every_n_steps if self.directory is not None else None
+        # Every process takes part in a checkpoint (its random state goes to process 0, which writes).
+        self.saving = experiment._has_run_dir and bool(cfg.enabled)
+        self.every: int | None = cfg.every_n_steps if self.saving else None
         self.keep_last = int(cfg.keep_last)
         self.stop = experiment._stop_requested  # asked of this process (a signal, request_stop)
         self.agreed = False  # several processes: a stop that all of them agreed on (vote)
@@ -567,29 +571,36 @@ class _Control:
     def end_of_step(self, run: Run, exp: Experience, epoch: EpochState) -> None:
         where = f"step {run.step} of experience {exp.index} (epoch {run.epoch})"
         path = None
-        if self.directory is not None and self.saved is not None and self.saved[0] == run.global_step:
+        if self.saving and self.saved is not None and self.saved[0] == run.global_step:
             path = self.saved[1]  # a periodic checkpoint of this step, before the processes' vote
-        elif self.directory is not None:
-            names, values = loss_table(epoch.losses, epoch.terms)
-            raise_if_not_finite(run, exp, names, values)
+        elif self.saving:
+            if self.directory is not None:
+                names, values = loss_table(epoch.losses, epoch.terms)
+                raise_if_not_finite(run, exp, names, values)
             path = self._save(run, exp, epoch, time.perf_counter() - self.t_experience)
             self.saved = (run.global_step, path)
         if self.stopping:
             raise Interrupted(self._stopped(f"after {where}", path))
 
     def end_of_experience(self, run: Run, exp: Experience) -> None:
-        path = self._save(run, exp, None, 0.0) if self.directory is not None else None
+        path = self._save(run, exp, None, 0.0) if self.saving else None
         if self.stopping and exp.index < len(run.stream) - 1:
             raise Interrupted(self._stopped(f"after experience {exp.index} (experiences 0-{len(run.stream) - 1})", path))
 
-    def _save(self, run: Run, exp: Experience, epoch: EpochState | None, train_so_far: float) -> Path:
-        assert self.directory is not None
+    def _save(self, run: Run, exp: Experience, epoch: EpochState | None, train_so_far: float) -> Path | None:
+        """Write a checkpoint (process 0; a collective on several processes, which
+        gathers their random states). Returns its path, ``None`` on the others."""
+        processes = None
+        if self.dist.world_size > 1:
+            processes = self.dist.gather_object(ckpt.rng_state(run.generator, ckpt.own_gpu(run)))
+        if self.directory is None:
+            return None
         check_weights(run, exp)
         timings = dict(self.progress.timings)
         timings["train_seconds"] += train_so_far
         now = Progress(timings, self.progress.initial, self.progress.confusion,
                        elapsed=self.progress.elapsed + time.perf_counter() - self.t_start)
-        state = ckpt.capture(run, self.config, now, epoch, self.given_plugins)
+        state = ckpt.capture(run, self.config, now, epoch, self.given_plugins, processes)
         return ckpt.write(self.directory, state, self.keep_last)
 
     def _stopped(self, where: str, path: Path | None) -> str:

@@ -205,7 +205,8 @@ class PRD:
     def forward(self, run: Any, batch: Any) -> Output:
         assert self.projection is not None
         b = len(batch)
-        views = torch.cat([self.views(batch.x, self.generator), self.views(batch.x, self.generator)])
+        generator = self.generator if run.dist.world_size == 1 else self._share_generator(run)
+        views = torch.cat([self.views(batch.x, generator), self.views(batch.x, generator)])
         features = run.model.backbone(views)
         z = F.normalize(self.projection(features), dim=1)
         with torch.no_grad():
@@ -215,6 +216,15 @@ class PRD:
             features[:b],
             {"view_features": features, "projections": torch.stack([z[:b], z[b:]], dim=1), "views": views},
         )
+
+    @staticmethod
+    def _share_generator(run: Any) -> torch.Generator:
+        """Several processes: the views of this process's share are drawn from a
+        generator seeded by the run's seed, the global step and the rank, so that
+        the draws differ between processes and a resume makes them again exactly
+        (a stateful generator would advance by each share's size)."""
+        name = f"prd/views/step{run.global_step}/rank{run.dist.rank}"
+        return torch.Generator().manual_seed(plugin_generator(run.config.seed, name))
 
     @hookimpl
     def compute_loss(self, batch: Any, out: Output) -> torch.Tensor:

@@ -315,3 +315,22 @@ def test_a_resume_on_other_data_of_the_same_shape_warns_naming_the_experience():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ckpt._check_stream(older, other, "ckpt-1.pt")
+
+
+@pytest.mark.parametrize("world, rank, expected", [(2, 1, "p1"), (2, 0, "p0"), (1, 0, "main"), (3, 2, "main")])
+def test_each_process_resumes_with_its_own_random_state_when_as_many(world, rank, expected):
+    from types import SimpleNamespace
+
+    from contlearn.distributed import DistributedView
+
+    state = {"rng": "main", "rng_processes": ["p0", "p1"]}
+    run = SimpleNamespace(dist=DistributedView(rank, world))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert ckpt._own_rng(state, run, "c.pt") == expected
+    warned = [str(w.message) for w in caught]
+    if world != 2 and rank == 0:  # another number of processes: process 0 says so once
+        assert len(warned) == 1 and f"written by 2 processes and this resume has {world}" in warned[0]
+    else:
+        assert warned == []
+    assert ckpt._own_rng({"rng": "main", "rng_processes": None}, run, "c.pt") == "main"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -191,6 +192,62 @@ def test_every_process_keeps_the_same_model_with_batchnorm_and_per_share_draws(t
     assert any("running_mean" in k for k in ranks[0])
     for name, value in ranks[0].items():
         assert torch.equal(value, ranks[1][name]), name
+
+
+RESUME_SCRIPT = """
+import sys
+
+import torch
+
+from contlearn import Experiment, hookimpl, load_config
+
+
+class PerShareNoise:
+    \"\"\"A loss term weighted by numbers drawn from torch's generator, as many as
+    its share has samples (as dropout draws).\"\"\"
+
+    @hookimpl
+    def loss_terms(self, batch, out):
+        return {"noise": 0.1 * (torch.rand(len(batch)) * out.logits.sum(1)).mean()}
+
+
+mode, out, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
+plugins = {"noise": PerShareNoise()}
+if mode == "run":
+    Experiment(load_config("split-digits", overrides), out_dir=out, plugins=plugins).run()
+else:
+    Experiment.resume(out, plugins=plugins).run()
+"""
+
+
+def test_a_run_with_draws_per_share_resumes_exactly_on_as_many_processes(tmp_path):
+    """Uneven shares (a batch of 15) leave the processes' generators apart inside
+    an experience (torch's by the noise term, PRD's views): the checkpoint keeps
+    each process's, and a resume from one inside an experience ends as the run
+    that never stopped."""
+    script = tmp_path / "resume.py"
+    script.write_text(RESUME_SCRIPT)
+    overrides = [*SMALL_RUN, "eval.fwt=false", "train.batch_size=15", "plugins.prd={}",
+                 "checkpoint.every_n_steps=4", "checkpoint.keep_last=100"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    proc = two_processes(str(script), "run", str(whole), *overrides)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shutil.copytree(whole, cut)
+    checkpoints = ckpt.list_checkpoints(cut / ckpt.DIRNAME)
+    inside = [p for p in checkpoints if ckpt.load(p)["position"]["inside_experience"]]
+    start = next(p for p in inside if ckpt.load(p)["position"]["completed"] == 1)  # inside experience 1
+    assert len(ckpt.load(start)["rng_processes"]) == 2
+    for later in checkpoints[checkpoints.index(start) + 1 :]:
+        later.unlink()
+    (cut / "results.json").unlink()
+    proc = two_processes(str(script), "resume", str(cut))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    a, b = (json.loads((d / "results.json").read_text()) for d in (whole, cut))
+    assert a["accuracy_matrix"] == b["accuracy_matrix"]
+    final = [ckpt.load(ckpt.list_checkpoints(d / ckpt.DIRNAME)[-1]) for d in (whole, cut)]
+    for name, value in final[0]["model"].items():
+        assert torch.equal(value, final[1]["model"][name]), name
 
 
 STOP_SCRIPT = """
