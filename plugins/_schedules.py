@@ -136,16 +136,27 @@ class Schedule:
 
     def decay(self, age: float) -> float:
         """``f(age)``: the schedule's weight of a task ``age`` phases old (not
-        for ``power_law_index``, whose weights follow the task's index)."""
+        for ``power_law_index``, whose weights follow the task's index); 0 where
+        it is too small for a float. :raises ConfigError: where it is too large."""
+        log_weight = self.log_decay(age)  # checks the age and the kind
+        try:
+            if self.kind == "power_law":
+                return float((age + self.offset) ** -self.exponent)
+            return math.exp(log_weight)
+        except OverflowError:
+            raise _overflow(log_weight, self.where) from None
+
+    def log_decay(self, age: float) -> float:
+        """``log f(age)``, which stays in range where ``f`` under- or overflows."""
         if age < 1:
             raise ValueError(f"a past task's age is at least 1, got {age}")
         if self.kind == "power_law_index":
             raise ValueError("power_law_index weights tasks by index, not age: Schedule.plan takes their indices")
         if self.kind == "power_law":
-            return float((age + self.offset) ** -self.exponent)
+            return -self.exponent * math.log(age + self.offset)
         if self.kind == "exponential":
-            return math.exp(-age / self.tau)
-        return 1.0
+            return -age / self.tau
+        return 0.0
 
     def total(self, current_size: int) -> int | None:
         """Rehearsal samples per phase (``None`` with an explicit ``scale``)."""
@@ -158,7 +169,13 @@ class Schedule:
 
     def recurrence(self, ages: Sequence[int]) -> list[float]:
         """``since: last``: the probability that each past task is met this phase."""
-        return [self.hazard * self.decay(a) / self.decay(1) for a in ages]
+        try:
+            first = self.decay(1)
+        except ConfigError:
+            first = math.inf
+        if 0 < first < math.inf:
+            return [self.hazard * self.decay(a) / first for a in ages]
+        return [self.hazard * math.exp(self.log_decay(a) - self.log_decay(1)) for a in ages]
 
     # ------------------------------------------------------------------- plan
 
@@ -192,11 +209,8 @@ class Schedule:
             return [int(c) for c in capacity]
         if self.since == "last" and self.kind in DECAYING:
             weights = [1.0 if met else 0.0 for met in self.meet(ages, generator)]
-        elif self.kind == "power_law_index":
-            indices = range(n) if tasks is None else tasks
-            weights = [float((self.offset + i) ** (self.alpha - 1)) for i in indices]
         else:
-            weights = [self.decay(a) for a in ages]
+            weights = self._weights(ages, range(n) if tasks is None else tasks)
         total = self.total(current_size)
         if total is None:
             assert self.scale is not None
@@ -206,10 +220,33 @@ class Schedule:
                     for w, c in zip(weights, capacity, strict=True)
                 ]
             return [
-                min(int(c), int(math.floor(self.scale * w + 0.5)))
+                int(math.floor(min(self.scale * w, int(c)) + 0.5))
                 for w, c in zip(weights, capacity, strict=True)
             ]
         return apportion(total, weights, capacity)
+
+    def _weights(self, ages: Sequence[int], tasks: Sequence[int]) -> list[float]:
+        """Each past task's weight: ``f(age)``, or ``(offset + index) ** (alpha - 1)``
+        for ``power_law_index``. Where these leave a float's range (all of them
+        0, or one too large) and a budget is shared, their ratios to the largest,
+        computed in logs (the budget then goes to the heaviest tasks); with a
+        scale, zeros stand and an overflow is a ConfigError."""
+        if self.kind == "power_law_index":
+            logs = [(self.alpha - 1) * math.log(self.offset + i) for i in tasks]
+        else:
+            logs = [self.log_decay(a) for a in ages]
+        try:
+            if self.kind == "power_law_index":
+                weights = [float((self.offset + i) ** (self.alpha - 1)) for i in tasks]
+            else:
+                weights = [self.decay(a) for a in ages]
+            if self.scale is not None or max(weights) > 0:
+                return weights
+        except (OverflowError, ConfigError):
+            if self.scale is not None:
+                raise _overflow(max(logs), self.where) from None
+        top = max(logs)
+        return [math.exp(v - top) for v in logs]
 
     def meet(self, ages: Sequence[int], generator: torch.Generator | None) -> list[bool]:
         """``since: last``: which past tasks recur this phase (at least one)."""
@@ -222,6 +259,12 @@ class Schedule:
             best = max(range(len(ages)), key=lambda i: (p[i].item(), i))
             met[best] = True
         return met
+
+
+def _overflow(log_weight: float, where: str) -> ConfigError:
+    return ConfigError(
+        f"{where}the schedule's weights overflow (a weight of e^{log_weight:.4g}): lower the exponent or alpha"
+    )
 
 
 def apportion(total: int, weights: Sequence[float], capacity: Sequence[int]) -> list[int]:

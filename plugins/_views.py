@@ -112,6 +112,8 @@ class RandomGrayscale(RandomOp):
     """RGB images replaced by their luma (in all three channels) with probability ``p``."""
 
     def __init__(self, p: float = 0.2):
+        if not 0 <= p <= 1:
+            raise ConfigError(f"grayscale needs a probability in [0, 1], got {p}")
         self.p = float(p)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -128,6 +128,12 @@ class DMN:
                 raise ConfigError(f"plugins.dmn.{key} must be at least 1, got {getattr(c, key)}")
         if c.mode != "zero_shot" and c.shots < 1:
             raise ConfigError(f"plugins.dmn.shots must be at least 1 in mode {c.mode} (or use mode=zero_shot)")
+        for key in ("lr", "logit_scale"):
+            if not getattr(c, key) > 0:
+                raise ConfigError(f"plugins.dmn.{key} must be positive, got {getattr(c, key)}")
+        for key in ("weight_decay", "beta"):
+            if not getattr(c, key) >= 0:
+                raise ConfigError(f"plugins.dmn.{key} must be non-negative, got {getattr(c, key)}")
         if not 0 < c.view_fraction <= 1 or not 0 < c.crop_min <= 1:
             raise ConfigError("plugins.dmn.view_fraction and crop_min must be in (0, 1]")
         if self.searches and c.validation_per_class < 1:

@@ -130,6 +130,11 @@ class MEMO:
         total = self.config.total_memory
         if total is None:
             self.budget = self.config.memory_size
+            if self.budget < run.stream.n_classes:
+                raise ConfigError(
+                    f"plugins.memo.memory_size={self.budget} exemplars is fewer than one per class of the "
+                    f"stream ({run.stream.n_classes})"
+                )
             return
         model_bytes = BYTES_PER_PARAMETER * self._final_model_parameters(run, model)
         self.budget = (int(total) - model_bytes) // self._exemplar_bytes(run)

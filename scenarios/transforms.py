@@ -243,6 +243,8 @@ class HFlip(RandomOp):
     """Mirror each image left-right with probability ``p``."""
 
     def __init__(self, p: float = 0.5):
+        if not 0 <= p <= 1:
+            raise ConfigError(f"hflip needs a probability in [0, 1], got {p}")
         self.p = float(p)
 
     def __call__(self, x, generator):

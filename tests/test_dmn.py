@@ -174,6 +174,12 @@ def test_bad_config_is_a_config_error():
     with pytest.raises(ConfigError, match="shots must be at least 1"):
         DMN(DMN.Config(shots=0))
     DMN(DMN.Config(mode="zero_shot", shots=0))
+    for field, value, match in [("lr", -1.0, "lr must be positive"), ("logit_scale", -100.0, "logit_scale must be"),
+                                ("weight_decay", -1.0, "weight_decay must be non-negative"),
+                                ("beta", float("nan"), "beta must be non-negative")]:
+        with pytest.raises(ConfigError, match=match):
+            DMN(DMN.Config(**{field: value}))
+    DMN(DMN.Config(weight_decay=0.0, beta=0.0))
 
 
 # ---------------------------------------------------------------------- stream

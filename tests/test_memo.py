@@ -264,6 +264,13 @@ def test_total_memory_sets_the_exemplar_budget():
         Experiment(load_config(None, [*TINY, "plugins.memo.total_memory=1000"])).run()
 
 
+def test_a_memory_smaller_than_the_classes_is_refused_before_training():
+    experiment = Experiment(load_config(None, [*TINY, "plugins.memo.memory_size=9"]))  # 10 classes
+    with pytest.raises(ConfigError, match="memory_size=9 exemplars is fewer than one per class of the stream \\(10\\)"):
+        experiment.run()
+    assert experiment.run_state.global_step == 0
+
+
 def test_bad_settings_are_config_errors():
     with pytest.raises(ConfigError, match="predict must be one of 'classifier', 'nme'"):
         load_config(None, [*TINY, "plugins.memo.predict=knn"])

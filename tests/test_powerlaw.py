@@ -100,6 +100,20 @@ def test_power_law_index_shares_the_budget_as_the_reference_environment():
         s.plan([2, 1], [100, 100], 0, tasks=[0])
 
 
+def test_steep_schedules_give_the_budget_to_the_youngest_task_without_float_errors():
+    """Weights compared in logs: e^-1000 and 10^999 neither vanish nor overflow."""
+    capacity = [500] * 3
+    assert Schedule("exponential", tau=0.001, budget=100).plan([3, 2, 1], capacity, 0) == [0, 0, 100]
+    assert Schedule("power_law", exponent=400, budget=100).plan([3, 2, 1], capacity, 0) == [0, 0, 100]
+    assert Schedule("power_law_index", alpha=1000, budget=100).plan([3, 2, 1], capacity, 0) == [0, 0, 100]
+    steep = Schedule("exponential", tau=0.001, since="last", budget=100)
+    assert steep.recurrence([1, 2]) == [0.5, 0.0]
+    assert steep.plan([2, 1], [500, 500], 0, torch.Generator().manual_seed(0)) == [0, 100]
+    assert Schedule("exponential", tau=0.001, scale=100.0).plan([2, 1], capacity[:2], 0) == [0, 0]
+    with pytest.raises(ConfigError, match="weights overflow"):
+        Schedule("power_law_index", alpha=1000, scale=1.0).plan([2, 1], capacity[:2], 0)
+
+
 def test_apportion_caps_a_task_at_its_pool_and_gives_the_rest_to_the_others():
     assert apportion(100, [1.0, 1.0, 1.0], [10, 100, 100]) == [10, 45, 45]
     assert apportion(100, [4.0, 1.0], [30, 30]) == [30, 30]  # less than asked: all there is

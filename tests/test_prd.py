@@ -302,6 +302,9 @@ def test_views_are_random_per_sample_and_keep_the_shape():
     assert torch.equal(Views([])(x, None), x)
     with pytest.raises(ConfigError, match="augment images"):
         Views(["hflip"])(torch.rand(4, 10), None)
+    for spec in ("hflip:7", "grayscale:5", "grayscale:-0.1"):
+        with pytest.raises(ConfigError, match=r"needs a probability in \[0, 1\]"):
+            Views([spec])
 
 
 @pytest.mark.parametrize("name", ["split-digits-prd", "task-digits-prd"])

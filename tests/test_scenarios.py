@@ -102,6 +102,7 @@ def test_task_labels_are_present_and_right():
         (["scenario.eval_transform=[hflip]"], "deterministic"),
         (["scenario.train_transform=[hflip,normalize]"], "before random"),
         (["scenario.train_transform=[sharpen]"], "unknown transform"),
+        (["scenario.train_transform=[hflip:1.5]"], r"hflip needs a probability in \[0, 1\], got 1.5"),
     ],
 )
 def test_bad_scenarios_are_one_clear_error(overrides, match):
