@@ -304,6 +304,12 @@ def validate(cfg: DictConfig, plugins: PluginClasses = None) -> DictConfig:
         raise ConfigError(
             f"'checkpoint.every_n_steps' must be at least 1 (or null), got {cfg.checkpoint.every_n_steps}"
         )
+    if cfg.scenario.image_size is not None and cfg.scenario.image_size < 1:
+        raise ConfigError(f"'scenario.image_size' must be at least 1 (or null), got {cfg.scenario.image_size}")
+    if cfg.model.weights is not None and not cfg.model.pretrained:
+        raise ConfigError(
+            f"'model.weights' ({cfg.model.weights}) chooses pretrained weights: it needs model.pretrained=true"
+        )
     _check_schedule(cfg.train)
     if not 0 < cfg.scenario.test_fraction < 1:
         raise ConfigError(f"'scenario.test_fraction' must be in (0, 1), got {cfg.scenario.test_fraction}")

@@ -85,6 +85,8 @@ def _names(split: Split, labels: Sequence[int]) -> list[str]:
 
 
 def _remap(order: Sequence[int]) -> torch.Tensor:
+    if min(order) < 0:
+        raise DataError(f"the training set has a negative label ({min(order)}): labels must be 0 or more")
     remap = torch.full((max(order) + 1,), -1, dtype=torch.long)
     remap[torch.tensor(order)] = torch.arange(len(order))
     return remap

@@ -400,6 +400,12 @@ def folder(path: str | None, image_size: int | None = None, test_fraction: float
     if not classes:
         raise DataError(f"image folder '{root}' has no class sub-folders (expected {root}/<class>/<image>)")
     if split_dirs:
+        extra = sorted({p.name for p in _class_folders(root / "test")} - set(classes))
+        if extra:
+            raise DataError(
+                f"the test set of image folder '{root}' has classes that the training set lacks: "
+                f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''} (no {root}/train/<class> folder)"
+            )
         train_paths, train_y = _images_of(root / "train", classes)
         test_paths, test_y = _images_of(root / "test", classes)
     else:

@@ -303,6 +303,8 @@ def _ints(arg: str, spec: str, n: tuple[int, ...] = (1, 2)) -> tuple[int, ...]:
 
 def _size(arg: str, spec: str) -> tuple[int, int]:
     values = _ints(arg, spec)
+    if min(values) < 1:
+        raise ConfigError(f"transform '{spec}' needs sizes of at least 1")
     return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
 
 

@@ -85,8 +85,10 @@ def test_unknown_backbones_and_pretrained_builtins():
         create_backbone("mlp", (64,), model_cfg(pretrained=True))
     with pytest.raises(ConfigError, match="unknown timm model"):
         create_backbone("timm:not_a_net", (3, 8, 8), model_cfg())
-    with pytest.raises(ConfigError, match="unknown torchvision model"):
+    with pytest.raises(ConfigError, match="'not_a_net' is not a torchvision model"):
         create_backbone("tv:not_a_net", (3, 8, 8), model_cfg())
+    with pytest.raises(ConfigError, match="is not a torchvision classification model"):  # would download a backbone
+        create_backbone("tv:fasterrcnn_resnet50_fpn", (3, 8, 8), model_cfg())
     assert {"mlp", "cnn", "resnet18", "resnet32"} <= set(BACKBONES)
 
 
@@ -95,6 +97,26 @@ def test_timm_and_torchvision_backbones_without_weights(name):
     net = create_backbone(name, (3, 32, 32), model_cfg())
     out = net(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, net.out_features)
+
+
+@pytest.mark.parametrize("name, size", [("tv:googlenet", 32), ("tv:inception_v3", 80)])
+def test_torchvision_models_with_auxiliary_heads_give_features_in_training(name, size):
+    net = create_backbone(name, (3, size, size), model_cfg()).train()
+    out = net(torch.randn(2, 3, size, size))
+    assert isinstance(out, torch.Tensor) and out.shape == (2, net.out_features)
+
+
+def test_inputs_a_backbone_cannot_take_are_a_config_error_at_build():
+    with pytest.raises(ConfigError, match=r"'timm:vit_tiny_patch16_224' cannot take inputs of shape \(3, 8, 8\).*resize:N"):
+        create_backbone("timm:vit_tiny_patch16_224", (3, 8, 8), model_cfg())
+    assert create_backbone("timm:vit_tiny_patch16_224", (3, 224, 224), model_cfg()).out_features == 192
+
+
+def test_pretrained_tags_are_checked_before_anything_loads():
+    with pytest.raises(ConfigError, match="'bogus' is not a pretrained tag of timm model 'resnet18'; valid: .*a1_in1k"):
+        create_backbone("timm:resnet18", (3, 32, 32), model_cfg(pretrained=True, weights="bogus"))
+    with pytest.raises(ConfigError, match="model.weights.*needs model.pretrained=true"):
+        load_config("split-digits", ["model.weights=a1_in1k"])
 
 
 def test_timm_takes_other_channel_counts_and_torchvision_asks_for_rgb():

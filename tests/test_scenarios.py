@@ -103,6 +103,9 @@ def test_task_labels_are_present_and_right():
         (["scenario.train_transform=[hflip,normalize]"], "before random"),
         (["scenario.train_transform=[sharpen]"], "unknown transform"),
         (["scenario.train_transform=[hflip:1.5]"], r"hflip needs a probability in \[0, 1\], got 1.5"),
+        (["scenario.train_transform=[center_crop:0]"], "'center_crop:0' needs sizes of at least 1"),
+        (["scenario.eval_transform=[resize:0]"], "'resize:0' needs sizes of at least 1"),
+        (["scenario.image_size=0"], "'scenario.image_size' must be at least 1"),
     ],
 )
 def test_bad_scenarios_are_one_clear_error(overrides, match):

@@ -142,11 +142,11 @@ def test_environment_variable_sets_the_default_root(tmp_path, monkeypatch):
     assert len(sources.torchvision_source("mnist", None).train) == 120
 
 
-def write_image_folder(root, sizes=((5, 5),), per_class: int = 6):
+def write_image_folder(root, sizes=((5, 5),), per_class: int = 6, classes=("ant", "bee", "cow")):
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    for c, name in enumerate(["ant", "bee", "cow"]):
+    for c, name in enumerate(classes):
         (root / name).mkdir(parents=True)
         for i in range(per_class):
             w, h = sizes[i % len(sizes)]
@@ -178,6 +178,13 @@ def test_image_folder_of_mixed_sizes_needs_image_size(tmp_path):
         sources.folder(str(tmp_path / "none"))
 
 
+def test_image_folder_test_classes_must_be_training_classes(tmp_path):
+    write_image_folder(tmp_path / "split" / "train")
+    write_image_folder(tmp_path / "split" / "test", classes=("ant", "bee", "cow", "dog"))
+    with pytest.raises(DataError, match="test set of image folder .* has classes that the training set lacks: dog"):
+        sources.folder(str(tmp_path / "split"))
+
+
 @pytest.mark.parametrize("name", ["task-digits", "permuted-digits", "rotated-digits", "split-mnist", "split-cifar10",
                                   "split-cifar100", "permuted-mnist"])
 def test_shipped_configs_load(name):
@@ -197,3 +204,5 @@ def test_arrays_of_mixed_scales_and_bad_labels_are_data_errors():
         sources.Split.from_arrays(x, torch.tensor(y + 0.5), x, y)
     with pytest.raises(DataError, match=r"negative label \(-1\)"):
         Stream.from_tensors(x, y - 1, x, y - 1, n_experiences=2)
+    with pytest.raises(DataError, match=r"negative label \(-2\)"):  # no valid label left to size the mapping
+        Stream.from_tensors(x, y - 2, x, y - 2, n_experiences=2)

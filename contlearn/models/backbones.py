@@ -15,7 +15,7 @@ from torch import nn
 
 from contlearn.errors import ConfigError, choices
 from contlearn.models import resnet
-from contlearn.models.external import EXTERNAL
+from contlearn.models.external import EXTERNAL, check_input_shape
 
 
 class MLP(nn.Module):
@@ -95,7 +95,9 @@ def create_backbone(name: str, input_shape: Sequence[int], cfg) -> nn.Module:
         if prefix not in EXTERNAL:
             raise ConfigError(f"unknown backbone prefix '{prefix}:' in model.backbone '{name}'; valid: "
                               f"{', '.join(f'{p}:<name>' for p in EXTERNAL)}")
-        return EXTERNAL[prefix](arch, tuple(input_shape), pretrained, getattr(cfg, "weights", None))
+        net = EXTERNAL[prefix](arch, tuple(input_shape), pretrained, getattr(cfg, "weights", None))
+        check_input_shape(net, tuple(input_shape), name)
+        return net
     if name not in BACKBONES:
         raise ConfigError(
             f"unknown model.backbone '{name}'; valid backbones: {choices(BACKBONES)}, "

@@ -117,6 +117,26 @@ class _Features(nn.Module):
         return f"name={self.name!r}, out_features={self.out_features}"
 
 
+def check_input_shape(net: nn.Module, input_shape: Sequence[int], name: str) -> None:
+    """Run ``net`` on one zero input of ``input_shape`` (evaluation mode, no
+    gradient: nothing changes). :raises ConfigError: when it cannot take that
+    shape (a ViT's fixed size, a CNN's smallest input)."""
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            net(torch.zeros(1, *input_shape))
+    except (RuntimeError, ValueError, AssertionError, IndexError) as exc:
+        detail = str(exc).strip().splitlines()
+        raise ConfigError(
+            f"backbone '{name}' cannot take inputs of shape {tuple(input_shape)}: "
+            f"{type(exc).__name__}: {detail[0] if detail else ''}; resize them with 'resize:N' in "
+            f"scenario.train_transform and eval_transform (224 for most pretrained models)"
+        ) from None
+    finally:
+        net.train(was_training)
+
+
 def _rgb(name: str, input_shape: Sequence[int]) -> None:
     if len(input_shape) != 3 or input_shape[0] != 3:
         raise ConfigError(
@@ -148,6 +168,13 @@ def timm_backbone(arch: str, input_shape: Sequence[int], pretrained: bool, weigh
     base = arch.split(".")[0]
     if not timm.is_model(base):
         raise ConfigError(f"unknown timm model '{arch}' (backbone 'timm:{arch}'); list them with timm.list_models()")
+    if pretrained and "." in name:
+        tags = [t.partition(".")[2] for t in timm.list_pretrained(f"{base}.*")]
+        if name.partition(".")[2] not in tags:
+            raise ConfigError(
+                f"'{name.partition('.')[2]}' is not a pretrained tag of timm model '{base}'; valid: "
+                f"{', '.join(tags) or 'none (it has no pretrained weights)'}"
+            )
     reachable = True
     try:
         with _hub_or_cache() if pretrained else contextlib.nullcontext(True) as reachable:
@@ -155,7 +182,10 @@ def timm_backbone(arch: str, input_shape: Sequence[int], pretrained: bool, weigh
     except (OSError, RuntimeError, ValueError) as exc:
         if not pretrained:
             raise ConfigError(f"cannot build timm model '{name}': {exc}") from None
-        cfg = timm.models.get_pretrained_cfg(name) if hasattr(timm.models, "get_pretrained_cfg") else None
+        try:
+            cfg = timm.models.get_pretrained_cfg(name)
+        except (AttributeError, RuntimeError):
+            cfg = None
         hub = getattr(cfg, "hf_hub_id", None) or getattr(cfg, "url", None) or name
         raise WeightsError(
             f"pretrained weights for timm model '{name}' ({hub}) are not in the Hugging Face cache "
@@ -180,9 +210,11 @@ def torchvision_backbone(arch: str, input_shape: Sequence[int], pretrained: bool
     import torchvision
 
     _rgb(f"tv:{arch}", input_shape)
-    if arch not in torchvision.models.list_models():
-        raise ConfigError(f"unknown torchvision model '{arch}' (backbone 'tv:{arch}'); "
-                          f"list them with torchvision.models.list_models()")
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        known = arch in torchvision.models.list_models()
+        what = "not a torchvision classification model" if known else "not a torchvision model"
+        raise ConfigError(f"'{arch}' is {what} (backbone 'tv:{arch}'); list the classification "
+                          f"models with torchvision.models.list_models(module=torchvision.models)")
     net = torchvision.models.get_model(arch, weights=None)
     if pretrained:
         enum = torchvision.models.get_model_weights(arch)
@@ -202,6 +234,11 @@ def torchvision_backbone(arch: str, input_shape: Sequence[int], pretrained: bool
                 f"(TORCH_HOME moves it), or set model.pretrained=false"
             ) from None
         net.load_state_dict(state)
+    if getattr(net, "aux_logits", False):  # googlenet, inception_v3: features only, not the auxiliary heads
+        net.aux_logits = False
+        for aux in ("aux1", "aux2", "AuxLogits"):
+            if hasattr(net, aux):
+                setattr(net, aux, None)
     name, layer = _last_linear(net)
     out_features = layer.in_features
     parent = net.get_submodule(name.rpartition(".")[0]) if "." in name else net
