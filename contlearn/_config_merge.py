@@ -65,9 +65,9 @@ def merge_checked(schema: Any, *layers: Any, where: str = "") -> DictConfig:
 
 
 def _container_mismatch(schema: DictConfig, layers: tuple[Any, ...]) -> tuple[str, str] | None:
-    """The first key a layer gives a mapping where the schema has a list, or a
-    list where it has a mapping, and what the schema wants there ("list" or
-    "mapping")."""
+    """The first key a layer gives a mapping where the schema (or an earlier
+    layer, for the free-form plugin sections) has a list, or a list where it has
+    a mapping, and what is wanted there ("list" or "mapping")."""
 
     def walk(node: Any, given: Any, prefix: str) -> tuple[str, str] | None:
         for key, value in given.items():
@@ -83,11 +83,16 @@ def _container_mismatch(schema: DictConfig, layers: tuple[Any, ...]) -> tuple[st
                     return found
         return None
 
+    merged = schema
     for layer in layers:
         if isinstance(layer, (dict, DictConfig)):
-            found = walk(schema, layer, "")
+            found = walk(merged, layer, "")
             if found is not None:
                 return found
+            try:
+                merged = OmegaConf.merge(merged, layer)
+            except (OmegaConfBaseException, TypeError):
+                return None
     return None
 
 

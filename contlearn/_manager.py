@@ -11,6 +11,7 @@ from typing import Any
 
 import pluggy
 import torch
+from omegaconf import DictConfig, ListConfig
 
 from contlearn import hookspecs
 from contlearn.errors import PluginError
@@ -37,6 +38,12 @@ def register_plugins(pm: pluggy.PluginManager, plugins: dict[str, Any], defaults
             raise PluginError(
                 f"plugin '{name}' is the class {plugin.__name__}, not a plugin object: pass an instance, "
                 f"e.g. {plugin.__name__}(...)"
+            )
+        if plugin is None or isinstance(plugin, (bool, int, float, complex, str, bytes, list, tuple, dict, set,
+                                                 DictConfig, ListConfig)):
+            raise PluginError(
+                f"plugin '{name}' is {type(plugin).__name__} {plugin!r:.60}, not a plugin: pass an object whose "
+                f"methods are marked @contlearn.hookimpl (a config section goes under plugins.<name> instead)"
             )
     try:
         pm.register(defaults, name=DEFAULTS_NAME)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from contlearn.errors import CheckpointError, ConfigError
+from contlearn.errors import CheckpointError, ConfigError, DataError
 
 if TYPE_CHECKING:
     from contlearn.run import Run
@@ -43,6 +43,11 @@ DIRNAME = "checkpoints"
 MAY_DIFFER = ("out", "device", "threads", "checkpoint")
 _NAME = re.compile(r"^ckpt-(\d+)-(\d+)\.pt$")
 _REQUIRED = ("config", "position", "model", "optimizer", "plugins", "rng", "metrics")
+_REQUIRED_INSIDE = {
+    "position": ("completed", "inside_experience", "epoch", "step", "global_step"),
+    "metrics": ("accuracy_rows", "initial_accuracy", "confusion", "timings", "elapsed", "epoch_losses",
+                "epoch_terms", "epoch_generator"),
+}
 
 
 class CheckpointWarning(UserWarning):
@@ -93,8 +98,14 @@ def list_checkpoints(directory: Path) -> list[Path]:
     """Checkpoint files of ``directory``, oldest first (temporary files excluded)."""
     if not directory.is_dir():
         return []
-    found = [(tuple(int(g) for g in m.groups()), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
-    return [p for _, p in sorted(found)]
+    return sorted((p for p in directory.iterdir() if _NAME.match(p.name)), key=_position)
+
+
+def _position(path: Path) -> tuple[int, ...]:
+    """(experiences completed, global step) of a checkpoint file's name."""
+    match = _NAME.match(path.name)
+    assert match is not None
+    return tuple(int(g) for g in match.groups())
 
 
 def check_plain(obj: Any, where: str = "checkpoint") -> None:
@@ -141,7 +152,10 @@ def write(directory: Path, state: dict[str, Any], keep_last: int) -> Path:
             detail = str(exc).strip().splitlines()
             reason = f"the write failed ({detail[0] if detail else type(exc).__name__}); {_free_space(directory)}"
         raise CheckpointError(f"cannot write checkpoint '{path}': {reason}") from None
-    for old in list_checkpoints(directory)[:-keep_last]:
+    # Only older ones rotate out: a newer one can be an unreadable file a resume
+    # skipped, which must not push out the checkpoints it resumed from.
+    older = [p for p in list_checkpoints(directory) if _position(p) <= _position(path)]
+    for old in older[:-keep_last]:
         old.unlink(missing_ok=True)
     return path
 
@@ -203,6 +217,8 @@ def load(path: Path) -> dict[str, Any]:
             f"checkpoint '{path.name}' has format version {state.get('version')}; this contlearn reads {VERSION}"
         )
     missing = [k for k in _REQUIRED if k not in state]
+    missing += [f"{section}.{k}" for section, keys in _REQUIRED_INSIDE.items() if section in state for k in keys
+                if not isinstance(state[section], dict) or k not in state[section]]
     if missing:
         raise CheckpointError(f"checkpoint '{path.name}' is incomplete: it lacks {missing}")
     return state
@@ -419,7 +435,10 @@ def data_checksum(data: Any) -> str | None:
         return _CHECKSUMS[data]
     except (KeyError, TypeError):  # not computed yet, or data that cannot be a weak key
         pass
-    x, y = getattr(data, "x", None), getattr(data, "y", None)
+    try:
+        x, y = data.x, data.y
+    except (AttributeError, DataError):  # data read through a DataLoader holds no x
+        return None
     if not torch.is_tensor(x) or not torch.is_tensor(y):
         return None
     n = len(x)

@@ -9,6 +9,7 @@ that names the key and lists what is valid.
 
 from __future__ import annotations
 
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -160,11 +161,20 @@ def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     try:
         data = OmegaConf.load(path)
     except Exception as exc:  # yaml.YAMLError, UnicodeDecodeError...
-        raise ConfigError(f"cannot read config '{path}': {exc}") from None
+        raise ConfigError(f"cannot read config '{path}': {_yaml_problem(exc)}") from None
     if not isinstance(data, DictConfig):
         raise ConfigError(f"config '{path}' must be a mapping of keys to values")
     _check_plugins_section(data, f"config '{path}'")
     return _over_base(data, path.parent, (*seen, path.resolve()))
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """One line for a YAML error: where it is and what (PyYAML's own message
+    takes several lines); the first line of any other error."""
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    if mark is not None and problem:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return first_line(str(exc))
 
 
 def _over_base(data: DictConfig, directory: Path | None, seen: tuple[Path, ...] = ()) -> DictConfig:
@@ -266,6 +276,7 @@ def validate(cfg: DictConfig, plugins: PluginClasses = None) -> DictConfig:
     """
     from contlearn._registry import PluginRegistry  # a plugin may import config
 
+    _check_finite(cfg)
     allowed = {
         "device": None,
         "scenario.setting": ("class", "task", "domain"),
@@ -320,7 +331,24 @@ def validate(cfg: DictConfig, plugins: PluginClasses = None) -> DictConfig:
         section = cfg.plugins[name]
         plugin_cfg = plugin_config(name, getattr(entry.load(), "Config", None), section)
         cfg.plugins[name] = OmegaConf.structured(plugin_cfg) if plugin_cfg is not None else {}
+    _check_finite(cfg.plugins, "plugins.")  # their values are typed by now
     return cfg
+
+
+def _check_finite(node: Any, key: str = "") -> None:
+    """:raises ConfigError: naming a NaN anywhere, or an infinity outside a
+    plugin's section (a plugin may give infinity a meaning; its own checks say)."""
+    if isinstance(node, DictConfig):
+        for name in node.keys():
+            _check_finite(node._get_node(name), f"{key}{name}.")
+    elif isinstance(node, ListConfig):
+        for i in range(len(node)):
+            _check_finite(node._get_node(i), f"{key[:-1]}[{i}].")
+    else:
+        value = node._value() if hasattr(node, "_value") else node
+        if isinstance(value, float) and not math.isfinite(value):
+            if math.isnan(value) or not key.startswith("plugins."):
+                raise ConfigError(f"'{key[:-1]}' must be a finite number, got {value}")
 
 
 def _check_schedule(train: DictConfig) -> None:

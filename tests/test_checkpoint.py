@@ -181,6 +181,15 @@ def test_other_files_are_refused(tmp_path):
         ckpt.latest(tmp_path / "nothing")
 
 
+def test_a_checkpoint_with_malformed_sections_is_incomplete(run_dir, tmp_path):
+    state = ckpt.load(ckpt.list_checkpoints(run_dir / "checkpoints")[-1])
+    state["position"] = {}
+    del state["metrics"]["timings"]
+    torch.save(state, tmp_path / "ckpt-002-000000008.pt")
+    with pytest.raises(CheckpointError, match=r"is incomplete: it lacks \['position.completed', .*'metrics.timings'\]"):
+        ckpt.load(tmp_path / "ckpt-002-000000008.pt")
+
+
 def test_config_differences_name_keys_and_ignore_device_and_out():
     a = {"seed": 0, "device": "cuda", "out": "x", "model": {"hidden": [8]}, "plugins": {"finetune": {}, "ewc": {"lam": 1.0}}}
     b = {"seed": 0, "device": "cpu", "out": None, "model": {"hidden": [16]}, "plugins": {"finetune": {}}}

@@ -77,6 +77,12 @@ def test_a_mapping_for_a_list_names_the_key(override, key):
     assert str(err.value) == f"wrong value for '{key}': expected a list in brackets, e.g. {key}=[1,2]"
 
 
+def test_a_list_for_a_plugin_section_of_the_file_names_the_key():
+    with pytest.raises(ConfigError) as err:
+        load_config("split-digits", ["plugins.finetune=[1]"])  # the file gives plugins.finetune: {}
+    assert str(err.value) == "wrong value for 'plugins.finetune': expected a mapping, e.g. plugins.finetune.KEY=VALUE"
+
+
 def test_unknown_plugin_lists_available_ones():
     with pytest.raises(PluginError, match="unknown plugin 'ewk'.*'finetune'") as err:
         load_config(None, ["plugins.ewk.lam=1"])
@@ -119,8 +125,24 @@ def test_values_out_of_range(override, key):
 def test_invalid_yaml_is_a_config_error(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("train: [unclosed\n")
-    with pytest.raises(ConfigError, match="cannot read config"):
+    with pytest.raises(ConfigError, match="cannot read config") as info:
         load_config(str(path))
+    assert str(info.value) == f"cannot read config '{path}': line 2, column 1: did not find expected ',' or ']'"
+    path.write_text("plugins:\n  ewc: {}\n  ewc: {}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert str(info.value) == f"cannot read config '{path}': line 3, column 3: found duplicate key ewc"
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("train.lr=nan", "train.lr"), ("train.weight_decay=nan", "train.weight_decay"), ("train.gamma=inf", "train.gamma"),
+     ("model.cosine_scale=nan", "model.cosine_scale"), ("scenario.memory_limit_gb=-inf", "scenario.memory_limit_gb"),
+     ("plugins.ewc.lam=nan", "plugins.ewc.lam")],
+)
+def test_a_number_that_is_not_finite_is_named(override, key):
+    with pytest.raises(ConfigError, match=f"^'{key}' must be a finite number, got "):
+        load_config("split-digits", [override])
 
 
 def test_every_shipped_config_loads():

@@ -291,6 +291,9 @@ def test_a_plugin_class_where_an_object_is_needed_is_refused():
 
     with pytest.raises(PluginError, match=r"plugin 'counter' is the class Counter, not a plugin object: pass an instance"):
         _manager.register_plugins(_manager.make_plugin_manager(), {"counter": Counter}, Defaults())
+    for value in (5, {"lr": 0.1}, None):  # a value where a plugin belongs (a config section, a typo)
+        with pytest.raises(PluginError, match=f"plugin 'counter' is {type(value).__name__} .*, not a plugin"):
+            _manager.register_plugins(_manager.make_plugin_manager(), {"counter": value}, Defaults())
 
 
 def test_unimplemented_step_hooks_are_not_dispatched():

@@ -341,3 +341,37 @@ def test_a_stopped_run_with_plugin_objects_says_to_resume_from_python(tmp_path):
     experiment = Experiment(load_config(None, TINY), out_dir=tmp_path, plugins={"counter": Counter()})
     with pytest.raises(Interrupted, match=r"continue with: Experiment.resume\('.*', plugins=\{'counter': Counter\(...\)\}\) in Python, with the same plugins \(new objects\)$"):
         experiment.run()
+
+
+@pytest.mark.parametrize("storage", ["loader", "auto"])
+def test_a_run_on_data_read_through_a_dataloader_checkpoints_and_resumes_exactly(tmp_path, storage):
+    """Loader data hold no tensors to checksum: the checkpoint leaves their
+    checksum out (storage=auto picks the loader above memory_limit_gb)."""
+    from _crash import assert_resume_is_exact
+
+    overrides = [*TINY, f"scenario.storage={storage}", "scenario.memory_limit_gb=1e-6", "scenario.num_workers=0",
+                 "checkpoint.every_n_steps=4"]
+    assert_resume_is_exact(None, overrides, tmp_path, crash_at=15)
+    state = ckpt.load(ckpt.list_checkpoints(tmp_path / "run" / ckpt.DIRNAME)[-1])
+    assert state["stream"]["data"][0] == [None, None]
+
+
+def test_a_newer_unreadable_checkpoint_does_not_rotate_out_the_ones_resumed_from(tmp_path):
+    out = tmp_path / "run"
+    Experiment(load_config(None, TINY), out_dir=out).run()
+    (out / "results.json").unlink()
+    *_, before, newest = ckpt.list_checkpoints(out / ckpt.DIRNAME)
+    newest.write_bytes(newest.read_bytes()[:1000])  # cut short
+    with pytest.warns(ckpt.CheckpointWarning, match=f"'{newest.name}' is truncated or corrupt.*'{before.name}'"):
+        resumed = Experiment.resume(out, ["checkpoint.keep_last=1", "checkpoint.every_n_steps=2"],
+                                    plugins={"crash": CrashAt(21)})
+    with pytest.raises(SimulatedCrash):
+        resumed.run()
+    names = [p.name for p in ckpt.list_checkpoints(out / ckpt.DIRNAME)]
+    assert names == ["ckpt-002-000000020.pt", newest.name]  # the newest good one kept, the cut one left alone
+    with pytest.warns(ckpt.CheckpointWarning, match="truncated or corrupt"):
+        again = Experiment.resume(out, ["checkpoint.keep_last=1", "checkpoint.every_n_steps=2"])
+    assert again._resume_from[1]["position"]["global_step"] == 20
+    again.run()
+    assert [p.name for p in ckpt.list_checkpoints(out / ckpt.DIRNAME)] == [newest.name]  # rewritten, good again
+    ckpt.load(out / ckpt.DIRNAME / newest.name)
