@@ -229,11 +229,21 @@ def train_step(
     if run.dist.world_size > 1:  # this process's share of the global batch (contlearn.distributed)
         rows, weight = run.dist.share(len(batch))
         batch = Batch(batch.x[rows], batch.y[rows], batch.t[rows])
-    if hooks.autocast is None:
-        loss, total = _forward_and_losses(run, batch, hooks, terms)
-    else:
-        with hooks.autocast:
+    try:
+        if hooks.autocast is None:
             loss, total = _forward_and_losses(run, batch, hooks, terms)
+        else:
+            with hooks.autocast:
+                loss, total = _forward_and_losses(run, batch, hooks, terms)
+    except ValueError as exc:
+        if len(batch) == 1 and "more than 1 value per channel" in str(exc):  # torch's BatchNorm
+            raise TrainingError(
+                f"step {run.step} of experience {run.experience.index} (epoch {run.epoch}) has a batch of one "
+                f"sample, which BatchNorm cannot normalise in training (one value per channel); the last batch of "
+                f"an epoch holds what is left after full batches of train.batch_size={run.config.train.batch_size}: "
+                f"choose a batch size that does not leave one sample"
+            ) from None
+        raise
     optimizer = run.optimizer
     optimizer.zero_grad(set_to_none=True)
     total.backward()

@@ -313,3 +313,18 @@ def test_broken_third_party_plugin_warns_with_its_distribution_and_the_rest_load
     assert err.startswith("warning: plugin 'broken' (cl_cat_broken:Plugin, from cl-broken 1.0) failed to load")
     assert "needs libfoo" in err and "Traceback" not in err and all(line.startswith("warning: ") for line in err.splitlines())
     assert (tmp_path / "run" / "results.json").is_file()
+
+
+def test_a_batch_of_one_sample_through_batchnorm_says_which_step_and_why(tmp_path, capsys):
+    """cnn-bn with four pooling stages leaves 1x1 maps on 8x8 digits, and the
+    batch size is chosen to leave a last batch of one."""
+    overrides = ["device=cpu", "scenario.n_experiences=1", "scenario.samples_per_class=4", "model.backbone=cnn-bn",
+                 "model.hidden=[4,4,4,4]", "train.epochs=1", "eval.fwt=false"]
+    cfg = load_config("split-digits", overrides)
+    n = len(stream_of(cfg)[0].train)
+    batch_size = next(b for b in range(2, n) if n % b == 1)
+    code = main(["run", "split-digits", *overrides, f"train.batch_size={batch_size}", "--out", str(tmp_path / "r"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert err.strip().startswith(f"error: step {n // batch_size} of experience 0 (epoch 0) has a batch of one sample")
+    assert f"train.batch_size={batch_size}" in err and "Traceback" not in err
