@@ -215,7 +215,9 @@ def torchvision_backbone(arch: str, input_shape: Sequence[int], pretrained: bool
         what = "not a torchvision classification model" if known else "not a torchvision model"
         raise ConfigError(f"'{arch}' is {what} (backbone 'tv:{arch}'); list the classification "
                           f"models with torchvision.models.list_models(module=torchvision.models)")
-    net = torchvision.models.get_model(arch, weights=None)
+    # googlenet and inception_v3 warn unless told how to initialise: their current (truncated normal) way
+    options = {"init_weights": True} if arch in ("googlenet", "inception_v3") else {}
+    net = torchvision.models.get_model(arch, weights=None, **options)
     if pretrained:
         enum = torchvision.models.get_model_weights(arch)
         tag = weights or "DEFAULT"
