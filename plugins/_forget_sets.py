@@ -131,6 +131,8 @@ def class_ids(stream: Any, classes: Sequence[Any], upto: int, where: str) -> lis
             f"{where}: class(es) {unseen} not trained yet (after {upto} experience(s) the model knows "
             f"{sorted(names[c] for c in learnt)})"
         )
+    if learnt <= set(ids):
+        raise DataError(f"{where}: forgetting every class learnt so far ({len(learnt)}) leaves nothing to retain")
     return sorted(set(ids))
 
 

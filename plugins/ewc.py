@@ -200,8 +200,8 @@ class EWC:
                 raise ConfigError(f"plugins.ewc.mode must be one of {choices(MODES)}, got {self.mode!r}")
             if self.fisher not in FISHERS:
                 raise ConfigError(f"plugins.ewc.fisher must be one of {choices(FISHERS)}, got {self.fisher!r}")
-            if self.lam < 0:
-                raise ConfigError(f"plugins.ewc.lam must be non-negative, got {self.lam}")
+            if not 0 <= self.lam < math.inf:
+                raise ConfigError(f"plugins.ewc.lam must be a non-negative finite number, got {self.lam}")
             if not 0 <= self.gamma <= 1:
                 raise ConfigError(f"plugins.ewc.gamma must be in [0, 1], got {self.gamma}")
             for key in ("fisher_batch_size", "fisher_samples"):

@@ -18,6 +18,7 @@ penalised only over the part that existed then.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -45,8 +46,8 @@ class L2:
         def __post_init__(self) -> None:
             if self.anchor not in ANCHORS:
                 raise ConfigError(f"plugins.l2.anchor must be one of {choices(ANCHORS)}, got {self.anchor!r}")
-            if self.lam < 0:
-                raise ConfigError(f"plugins.l2.lam must be non-negative, got {self.lam}")
+            if not 0 <= self.lam < math.inf:
+                raise ConfigError(f"plugins.l2.lam must be a non-negative finite number, got {self.lam}")
             check_pattern("plugins.l2.pattern", self.pattern)
 
     def __init__(self, config: Config):

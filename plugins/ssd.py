@@ -75,8 +75,10 @@ class ForgetEvent:
 
 
 def _check_number(where: str, value: Any, low: float = 0.0, high: float = math.inf) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low <= value <= high):
-        raise ConfigError(f"{where} must be a number in [{low}, {high}], got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low <= value <= high) \
+            or not math.isfinite(value):
+        span = f"[{low}, {high}]" if math.isfinite(high) else f"at least {low}"
+        raise ConfigError(f"{where} must be a finite number {span}, got {value!r}")
     return float(value)
 
 
@@ -316,6 +318,9 @@ class SSD:
             raise ConfigError(
                 f"{where}.after is {event.after}, but the stream has {len(run.stream)} experiences"
             )
+        self._settings(event.request(), where)
+        if event.classes is not None and event.experience is not None:
+            raise ConfigError(f"{where}: 'experience' selects where sample indices point; it needs 'samples'")
         upto = event.after + 1
         if event.classes is not None:
             fs.class_ids(run.stream, event.classes, upto, where)

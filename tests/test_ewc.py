@@ -197,7 +197,8 @@ def test_state_round_trip_gives_the_same_penalty():
     assert penalty(copy, run).item() == pytest.approx(penalty(plugin, run).item())
 
 
-@pytest.mark.parametrize("field, value", [("mode", "offline"), ("fisher", "exact"), ("gamma", 2.0), ("lam", -1.0)])
+@pytest.mark.parametrize("field, value", [("mode", "offline"), ("fisher", "exact"), ("gamma", 2.0), ("lam", -1.0),
+                                          ("lam", ".inf")])
 def test_bad_config_is_one_clear_error(field, value):
     with pytest.raises(ConfigError, match=f"plugins.ewc.{field}"):
         load_config(None, [f"plugins.ewc.{field}={value}"])

@@ -401,17 +401,24 @@ def test_forgetting_inside_a_stream_shows_in_the_accuracy_matrix(tmp_path):
     assert (tmp_path / "forget-events.json").is_file()
 
 
-def test_forget_events_are_checked_before_training():
-    cfg = load_config(
-        None, [*STREAM, "plugins.ssd={}", "plugins.ssd.forget=[{after: 0, classes: ['42']}]"]
-    )
-    with pytest.raises(ConfigError, match="unknown class '42'"):
-        Experiment(cfg).run()
-    cfg = load_config(
-        None, [*STREAM, "plugins.ssd={}", "plugins.ssd.forget=[{after: 7, classes: ['1']}]"]
-    )
-    with pytest.raises(ConfigError, match="stream has 2 experiences"):
-        Experiment(cfg).run()
+@pytest.mark.parametrize(
+    "event, message",
+    [
+        ("{after: 0, classes: ['42']}", "unknown class '42'"),
+        ("{after: 7, classes: ['1']}", "stream has 2 experiences"),
+        ("{after: 1, classes: ['1'], alpha: -1}", r"forget\[0\]: alpha must be a finite number"),
+        ("{after: 1, classes: ['1'], lam: .inf}", r"forget\[0\]: lam must be a finite number"),
+        ("{after: 1, classes: ['1'], auto: true, alpha: 5}", "not both"),
+        ("{after: 1, classes: ['1'], experience: 0}", "'experience' selects where sample indices point"),
+        ("{after: 1, classes: ['0','1','2','3','4','5','6','7','8','9']}", "leaves nothing to retain"),
+    ],
+)
+def test_forget_events_are_checked_before_training(event, message):
+    cfg = load_config(None, [*STREAM, "plugins.ssd={}", f"plugins.ssd.forget=[{event}]"])
+    experiment = Experiment(cfg)
+    with pytest.raises((ConfigError, DataError), match=message):
+        experiment.run()
+    assert experiment.run_state.global_step == 0  # refused before the first step
 
 
 def test_experiment_unlearn_reaches_the_plugin():

@@ -91,6 +91,8 @@ def test_unlearn_a_run_trained_without_ssd_computes_f_d(tmp_path):
         (["--classes", "3", "--target", "0.1"], "--target needs --auto"),
         (["--samples", "100000"], "outside"),
         (["--classes", "3", "--lam", "-1"], "lam"),
+        (["--classes", "3", "--lam", "inf"], "lam must be a finite number at least 0.0, got inf"),
+        (["--classes", *map(str, range(10))], "forgetting every class learnt so far (10) leaves nothing to retain"),
     ],
 )
 def test_bad_requests_exit_with_one_line_and_write_nothing(run_dir, args, needle, capsys):
