@@ -28,6 +28,7 @@ training; a classification stream has no answers to rewrite, so it is not here.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional
@@ -111,14 +112,14 @@ class RegLoRA:
         def __post_init__(self) -> None:
             if int(self.rank) != self.rank or self.rank < 1:
                 raise ConfigError(f"plugins.reglora.rank must be a positive integer, got {self.rank}")
-            if not self.alpha > 0:
-                raise ConfigError(f"plugins.reglora.alpha must be > 0, got {self.alpha}")
+            if not 0 < self.alpha < math.inf:
+                raise ConfigError(f"plugins.reglora.alpha must be a finite number > 0, got {self.alpha}")
             if not 0 <= self.dropout < 1:
                 raise ConfigError(f"plugins.reglora.dropout must be in [0, 1), got {self.dropout}")
             if not 0 < self.top <= 1:
                 raise ConfigError(f"plugins.reglora.top must be in (0, 1], got {self.top}")
-            if self.lam < 0:
-                raise ConfigError(f"plugins.reglora.lam must be >= 0, got {self.lam}")
+            if not 0 <= self.lam < math.inf:
+                raise ConfigError(f"plugins.reglora.lam must be a finite number >= 0, got {self.lam}")
             check_pattern("plugins.reglora.pattern", self.pattern)
 
     def __init__(self, config: Config | None = None):

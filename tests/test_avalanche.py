@@ -178,6 +178,21 @@ def test_bad_benchmark_arguments(av):
     assert data.y.tolist() == [3, 4] and data.t.tolist() == [1, 1] and data.x.shape == (2, 2)
 
 
+def test_an_unknown_transform_group_is_a_data_error(av, raw):
+    x_tr, y_tr, x_te, y_te = raw
+    bench = av.b.nc_benchmark(dataset(x_tr, y_tr), dataset(x_te, y_te), 5, task_labels=False, seed=1)
+    with pytest.raises(ContlearnError, match="has no transform group 'foo'; use 'eval' or 'train'"):
+        len(cav.stream_from_avalanche(bench, transforms="foo").experiences[0].train)  # read on first access
+
+
+def test_ids_renumbered_in_each_task_keep_their_own_names(av, raw):
+    """One Avalanche id stands for a different label in each task: no single original label to name it by."""
+    x_tr, y_tr, x_te, y_te = raw
+    bench = av.b.nc_benchmark(dataset(x_tr, y_tr), dataset(x_te, y_te), 5, task_labels=True, seed=1,
+                              class_ids_from_zero_in_each_exp=True)
+    assert cav.stream_from_avalanche(bench).class_names == ["0", "1"]
+
+
 # ------------------------------------------------------------------- configs
 
 
@@ -210,6 +225,14 @@ def test_stream_from_config_alias_and_dotted_factory(av, monkeypatch):
         cav.stream_from_config({"factory": "my_benchmarks.make", "args": {"bogus": 1}}, seed=0)
     with pytest.raises(ConfigError, match="needs scenario.factory"):
         cav.stream_from_config({"args": {}}, seed=0)
+
+    def unloadable(n_experiences):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz\nmore lines")
+
+    module.unloadable = unloadable
+    with pytest.raises(ContlearnError, match=r"could not load its data \(RuntimeError: Error downloading .*\.gz\); "
+                                             r"put the data under .*dataset_root"):
+        cav.stream_from_config({"factory": "my_benchmarks.unloadable", "args": {"n_experiences": 2}}, seed=0)
 
 
 # --------------------------------------------------------------- metric helpers
@@ -375,10 +398,26 @@ def test_contlearn_reglora_in_avalanche_adapts_a_contlearn_model_and_holds_its_k
     model = create_model(load_config(None, ["model.hidden=[32]"]).model, (1, 8, 8))
     av_model = cav.as_avalanche_model(model)
     adapter = cav.as_avalanche_plugin("reglora", {"rank": 4})
+    from avalanche.core import SupervisedPlugin
+
+    class AdaptersTrain(SupervisedPlugin):
+        """After each epoch: are the adapters in the optimizer, and did B move from zero?"""
+
+        def __init__(self):
+            super().__init__()
+            self.seen: list[tuple[int, bool, bool]] = []
+
+        def after_training_epoch(self, strategy, *args, **kwargs):
+            layer = model.backbone.net[1]
+            optimized = {id(p) for group in strategy.optimizer.param_groups for p in group["params"]}
+            self.seen.append((strategy.clock.train_exp_counter, id(layer.lora_B) in optimized,
+                              bool(torch.count_nonzero(layer.lora_B))))
+
+    probe = AdaptersTrain()
     strategy = av.t.Naive(
         model=av_model, optimizer=torch.optim.AdamW(av_model.parameters(), lr=1e-2), train_mb_size=32,
         train_epochs=2, eval_mb_size=512, evaluator=silent(av, av.m.accuracy_metrics(experience=True)),
-        plugins=[adapter],
+        plugins=[adapter, probe],
     )
     base = model.backbone.net[1].weight.detach().clone()
     R = cav.accuracy_matrix_from_avalanche(train_eval(strategy, bench))
@@ -390,6 +429,7 @@ def test_contlearn_reglora_in_avalanche_adapts_a_contlearn_model_and_holds_its_k
     reglora = adapter.plugin
     assert reglora.keys["net.1"].numel() == 3 * int(0.02 * 64 * 32)
     assert R[0][0] > 0.5 and R[2][2] > 0.5
+    assert probe.seen == [(k, True, True) for k in range(3) for _ in range(2)]  # experience 0 too
 
 
 class Recorder(Quiet):
@@ -524,6 +564,13 @@ def test_unmappable_hooks_are_refused(av):
         cav.as_avalanche_plugin(Predicting())
     with pytest.raises(PluginError, match="unknown plugin"):
         cav.as_avalanche_plugin("no-such-plugin")
+
+
+    class StreamingLDA:  # the attributes of an Avalanche strategy that takes no gradient steps
+        optimizer, train_mb_size, eval_mb_size, train_epochs, device = None, 16, 16, 1, "cpu"
+
+    with pytest.raises(PluginError, match="needs a strategy trained by gradient steps.*StreamingLDA has no optimizer"):
+        cav.as_avalanche_plugin("ewc")._make_run(StreamingLDA())
     with pytest.raises(ConfigError, match="lamda"):
         cav.as_avalanche_plugin("ewc", {"lamda": 1.0})
     with pytest.raises(ContlearnError, match="not trained"):

@@ -179,6 +179,13 @@ class _AdapterLogic:
 
         from contlearn.config import ExperimentConfig
 
+        missing = [a for a in ("optimizer", "train_mb_size", "eval_mb_size", "train_epochs", "device")
+                   if getattr(strategy, a, None) is None]
+        if missing:
+            raise PluginError(
+                f"contlearn plugin '{self.name}' needs a strategy trained by gradient steps (an optimizer, "
+                f"train_mb_size, train_epochs...); {type(strategy).__name__} has no {', '.join(missing)}"
+            )
         cfg = OmegaConf.structured(ExperimentConfig(name="avalanche", seed=self.seed))
         cfg.device = str(strategy.device)
         cfg.train.batch_size = int(strategy.train_mb_size)
@@ -254,9 +261,9 @@ class _AdapterLogic:
                 e.device = run.device
         run.experience, run.epoch, run.step = exp, 0, 0
         run.optimizer = strategy.optimizer
+        params = [id(p) for p in strategy.model.parameters()]  # before setup, which may add some (adapters)
         if first and self.implements["setup"]:
             self.pm.hook.setup(run=run)
-        params = [id(p) for p in strategy.model.parameters()]
         if self.implements["before_experience"]:
             self.pm.hook.before_experience(run=run, exp=exp)
         optimizer = None

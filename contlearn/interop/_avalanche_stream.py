@@ -102,6 +102,10 @@ def _batches(loader: Any, what: str) -> Any:
             batch = next(iterator)
         except StopIteration:
             return
+        except KeyError as exc:  # Avalanche reads a transform group's name only now
+            raise DataError(
+                f"{what} has no transform group {exc}; use 'eval' or 'train' (or a group the benchmark defines)"
+            ) from None
         except (TypeError, RuntimeError) as exc:
             raise DataError(
                 f"{what} cannot be read as tensors ({type(exc).__name__}: {exc}); give the benchmark a "
@@ -382,6 +386,8 @@ def _dataset_labels(benchmark: Any) -> dict[int, int]:
     ``classes_order`` then differs from ``classes_order_original_ids``)."""
     ids, originals = getattr(benchmark, "classes_order", None), getattr(benchmark, "classes_order_original_ids", None)
     if ids is None or originals is None or list(ids) == list(originals):
+        return {}
+    if len(set(ids)) != len(list(ids)):  # ids renumbered within each task: one id, several labels
         return {}
     return {int(i): int(o) for i, o in zip(ids, originals, strict=True)}
 
