@@ -349,6 +349,22 @@ def check_floating(op: str, what: str, value: Any, note: str = "") -> None:
         raise TypeError(f"{op}: {what} must be floating point, got {value.dtype}{suffix}")
 
 
+def refuse_overlaps(op: str, names: Sequence[str], tensors: Sequence[torch.Tensor], unchanged: str) -> None:
+    """:raises ValueError: a tensor to be written whose elements share memory (an
+    expanded tensor): an in-place write cannot give each element its own value.
+    Contiguous tensors, nearly all, are passed in one C-level sweep."""
+    if all(map(torch.Tensor.is_contiguous, tensors)):
+        return
+    for name, t in zip(names, tensors, strict=True):
+        if not t.is_contiguous() and (
+            torch._debug_has_internal_overlap(t) == 1 or any(s == 0 and n > 1 for s, n in zip(t.stride(), t.shape, strict=True))
+        ):
+            raise ValueError(
+                f"{op}: {name} has elements that share memory (an expanded tensor?), so it cannot be written in "
+                f"place; pass a tensor of its own (.clone()); {unchanged}"
+            )
+
+
 def refuse_repeats(op: str, names: Sequence[str], tensors: Sequence[torch.Tensor]) -> None:
     """:raises ValueError: one tensor is written twice (tied weights): one launch
     would race on it, and an undo would restore it once."""

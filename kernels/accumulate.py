@@ -58,6 +58,7 @@ def _check_lists(keys: list[Any] | None, importances: list[Any], grads: list[Any
             and list(map(_SHAPE, importances)) == list(map(_SHAPE, grads))
             and list(map(_DEVICE, importances)) == list(map(_DEVICE, grads))
             and len(set(ptrs)) == len(ptrs)
+            and all(map(torch.Tensor.is_contiguous, importances))
         ):
             return
     except TypeError:  # something other than a tensor
@@ -77,7 +78,9 @@ def _explain(keys: list[Any] | None, importances: list[Any], grads: list[Any]) -
                 f"accumulate_: importances{at(k)} is {tuple(imp.shape)} on {imp.device} "
                 f"but grads{at(k)} is {tuple(g.shape)} on {g.device}"
             )
-    _dispatch.refuse_repeats("accumulate_", [f"importances{at(k)}" for k in range(len(importances))], importances)
+    names = [f"importances{at(k)}" for k in range(len(importances))]
+    _dispatch.refuse_repeats("accumulate_", names, importances)
+    _dispatch.refuse_overlaps("accumulate_", names, importances, "no importance was changed")
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -48,6 +49,17 @@ def _as_lists(
         for label, t in (("", theta), ("F_D of ", fd), ("F_f of ", ff)):
             _dispatch.check_floating("dampen_", f"{label}{name}", t, "no parameter was changed")
     _dispatch.refuse_repeats("dampen_", names, thetas)
+    _dispatch.refuse_overlaps("dampen_", names, thetas, "no parameter was changed")
+    ptr = torch.Tensor.data_ptr
+    shared = set(map(ptr, thetas)) & (set(map(ptr, fds)) | set(map(ptr, ffs))) - {0}  # C-level sweeps
+    if shared:
+        for name, theta in zip(names, thetas, strict=True):
+            if theta.numel() and theta.data_ptr() in shared:
+                label = "F_D" if any(t.data_ptr() == theta.data_ptr() for t in fds) else "F_f"
+                raise ValueError(
+                    f"dampen_: {name} is also passed as a {label} tensor; dampening it would change the "
+                    f"importances it is selected by (pass a copy); no parameter was changed"
+                )
     for name, theta, fd, ff in zip(names, thetas, fds, ffs, strict=True):
         if theta.shape != fd.shape or theta.shape != ff.shape:
             raise ValueError(
@@ -87,17 +99,22 @@ def _first_nonfinite(tensors: list[torch.Tensor]) -> int | None:
     return next((k for k in suspects if not bool(torch.isfinite(tensors[k]).all())), None)
 
 
+_FP32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def _check_scalars(alpha: float, lam: float) -> None:
     """SSD's selection threshold ``alpha`` and dampening constant ``lam`` are positive
     (Foster et al., 2024); 0 is allowed as a limit: ``alpha = 0`` selects every element
     with ``F_f > 0`` and ``lam = 0`` zeroes the selected ones."""
     for name, value in (("alpha", alpha), ("lam", lam)):
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise TypeError(f"dampen_: {name} must be a real number, got {value!r}") from None
+        is_scalar_tensor = isinstance(value, torch.Tensor) and value.dim() == 0
+        if isinstance(value, bool) or not (isinstance(value, numbers.Real) or is_scalar_tensor):
+            raise TypeError(f"dampen_: {name} must be a real number, got {value!r}")
+        number = float(value)
         if not (math.isfinite(number) and number >= 0):
             raise ValueError(f"dampen_: {name} must be finite and >= 0, got {name}={value}")
+        if number > _FP32_MAX:  # the kernels compare in fp32, where it would be infinite (inf * 0 = NaN)
+            raise ValueError(f"dampen_: {name} must be at most {_FP32_MAX:.4g} (fp32's largest), got {name}={value}")
 
 
 @torch.no_grad()

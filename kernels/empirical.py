@@ -78,11 +78,13 @@ class _LinearTaps:
             if is_per_sample_linear(m)
             and any(id(p) in trainable for p in m.parameters(recurse=False))
         ]
+        # Only weight and bias are computed per sample; any other parameter of a tapped
+        # layer (old-style weight_norm's weight_g and weight_v) falls back to batch mode.
         self.exclusive = {
             id(p)
             for m in self.modules
-            for p in m.parameters(recurse=False)
-            if owners[id(p)] == 1 and id(p) in trainable
+            for p in (m.weight, getattr(m, "bias", None))
+            if isinstance(p, nn.Parameter) and owners.get(id(p)) == 1 and id(p) in trainable
         }
         self.calls: dict[nn.Module, list[list[torch.Tensor | None]]] = {m: [] for m in self.modules}
         self.handles = [m.register_forward_hook(self._hook, with_kwargs=True) for m in self.modules]

@@ -249,6 +249,20 @@ def test_a_tensor_passed_twice_is_refused(device: torch.device, backend: str) ->
     assert torch.equal(w, torch.full((4,), 2.0, device=device))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_an_expanded_or_fisher_aliased_parameter_is_refused_before_any_change(device: torch.device, backend: str) -> None:
+    first = torch.ones(3, device=device)
+    wide = torch.ones(1, device=device).expand(4)  # four elements, one memory location
+    fds = [torch.zeros(3, device=device), torch.zeros(4, device=device)]
+    ffs = [torch.ones(3, device=device), torch.ones(4, device=device)]
+    with pytest.raises(ValueError, match=r"params\[1\] has elements that share memory.*no parameter was changed"):
+        dampen.dampen_([first, wide], fds, ffs, 1.0, 1.0, backend=backend)
+    theta = torch.full((3,), 4.0, device=device)
+    with pytest.raises(ValueError, match=r"params\[1\] is also passed as a F_f tensor"):
+        dampen.dampen_([first, theta], fds[:1] * 2, [ffs[0], theta], 2.0, 0.5, backend=backend)
+    assert torch.equal(first, torch.ones(3, device=device)) and torch.equal(theta, torch.full((3,), 4.0, device=device))
+
+
 def test_an_unsupported_dtype_fails_before_any_tensor_changes(device: torch.device) -> None:
     thetas = [torch.ones(3, device=device), torch.ones(3, device=device, dtype=torch.float64)]
     fds = [torch.zeros(3, device=device), torch.zeros(3, device=device, dtype=torch.float64)]
@@ -322,6 +336,7 @@ def test_the_reference_takes_float64() -> None:
         (1.0, -0.5, "lam must be finite and >= 0, got lam=-0.5"),
         (1.0, float("inf"), "lam must be finite and >= 0, got lam=inf"),
         (float("-inf"), 1.0, "alpha must be finite"),
+        (1e39, 1.0, r"alpha must be at most 3.403e\+38 \(fp32's largest\), got alpha=1e\+39"),
     ],
 )
 def test_negative_or_infinite_alpha_and_lam_are_refused(alpha: float, lam: float, message: str) -> None:
@@ -332,6 +347,13 @@ def test_negative_or_infinite_alpha_and_lam_are_refused(alpha: float, lam: float
     with pytest.raises(ValueError, match=message):
         plan(alpha, lam)
     assert torch.equal(theta, torch.ones(3))
+
+
+def test_alpha_and_lam_are_numbers_not_strings() -> None:
+    theta = torch.ones(3)
+    with pytest.raises(TypeError, match="alpha must be a real number, got '1'"):
+        dampen.dampen_([theta], [torch.zeros(3)], [torch.ones(3)], "1", 1.0)  # type: ignore[arg-type]
+    assert dampen.dampen_([theta], [torch.zeros(3)], [torch.ones(3)], torch.tensor(1.0), 1.0) == 3
 
 
 def test_zero_alpha_and_zero_lam_are_the_limits() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -274,6 +275,31 @@ def test_per_sample_with_shared_weight_falls_back() -> None:
     batch, per_sample = _batch_loop(model, batches, _xent), _per_sample_loop(model, batches, _xent)
     torch.testing.assert_close(got["0.weight"], batch["0.weight"])
     torch.testing.assert_close(got["2.bias"], per_sample["2.bias"])
+
+
+def test_per_sample_mode_leaves_other_parameters_of_a_linear_layer_to_batch_mode() -> None:
+    """Old-style weight_norm keeps nn.Linear's forward but trains weight_g and
+    weight_v: they are not per-sample weights (they came back as 0)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the old API, still what some models use
+        model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.utils.weight_norm(nn.Linear(4, 3)))
+    batches = [(torch.randn(6, 5), torch.randint(0, 3, (6,)))]
+    got = fisher.empirical_fisher(model, batches, _xent, mode="per_sample")
+    batch, per_sample = _batch_loop(model, batches, _xent), _per_sample_loop(model, batches, _xent)
+    for name in ("2.weight_g", "2.weight_v"):
+        assert bool(got[name].abs().sum() > 0)
+        torch.testing.assert_close(got[name], batch[name], msg=name)
+    torch.testing.assert_close(got["2.bias"], per_sample["2.bias"])
+    torch.testing.assert_close(got["0.weight"], per_sample["0.weight"])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_accumulate_refuses_an_expanded_importance_before_any_change(device: torch.device, backend: str) -> None:
+    first = torch.zeros(3, device=device)
+    wide = torch.zeros(1, device=device).expand(4)
+    with pytest.raises(ValueError, match=r"importances\[1\] has elements that share memory.*no importance was changed"):
+        fisher.accumulate_([first, wide], [torch.ones(3, device=device), torch.ones(4, device=device)], backend=backend)
+    assert torch.equal(first, torch.zeros(3, device=device))
 
 
 def test_empirical_fisher_argument_errors() -> None:

@@ -147,3 +147,11 @@ def test_float64_is_rounded_to_fp32_as_documented(device: torch.device, t: int) 
         got_b = per_sample.per_sample_linear_bias(d, backend=backend)
         assert got_b.dtype == torch.float32
         torch.testing.assert_close(got_b, per_sample.per_sample_linear_bias_reference(d.float()))
+    # Values fp32 cannot hold tell rounding-first from computing in fp64 and rounding the result:
+    # T = 1: 1 + 2**-24 rounds to 1 (F = 1), where (1 + 2**-24)**2 in fp64 rounds to 1 + 2**-23;
+    # T = 2: 1 + 2**-30 and -1 cancel to 0 in fp32, to 2**-30 (F = 2**-60) in fp64.
+    x = [[1 + 2**-24]] if t == 1 else [[1 + 2**-30], [-1.0]] + [[0.0]] * (t - 2)
+    a = torch.tensor([x], device=device, dtype=torch.float64)
+    d = torch.ones(1, t, 1, device=device, dtype=torch.float64)
+    for backend in ("torch", "triton"):
+        assert per_sample.per_sample_linear(a, d, backend=backend).item() == (1.0 if t == 1 else 0.0)
