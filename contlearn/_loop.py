@@ -237,11 +237,18 @@ def train_step(
                 loss, total = _forward_and_losses(run, batch, hooks, terms)
     except ValueError as exc:
         if len(batch) == 1 and "more than 1 value per channel" in str(exc):  # torch's BatchNorm
+            where = f"step {run.step} of experience {run.experience.index} (epoch {run.epoch})"
+            why = "which BatchNorm cannot normalise in training (one value per channel)"
+            if run.dist.world_size > 1:
+                raise TrainingError(
+                    f"{where} gives this process a share of one sample, {why}; with {run.dist.world_size} "
+                    f"processes every batch needs at least {2 * run.dist.world_size} samples (train.batch_size="
+                    f"{run.config.train.batch_size}, and the last batch of an epoch)"
+                ) from None
             raise TrainingError(
-                f"step {run.step} of experience {run.experience.index} (epoch {run.epoch}) has a batch of one "
-                f"sample, which BatchNorm cannot normalise in training (one value per channel); the last batch of "
-                f"an epoch holds what is left after full batches of train.batch_size={run.config.train.batch_size}: "
-                f"choose a batch size that does not leave one sample"
+                f"{where} has a batch of one sample, {why}; the last batch of an epoch holds what is left after "
+                f"full batches of train.batch_size={run.config.train.batch_size}: choose a batch size that does "
+                f"not leave one sample"
             ) from None
         raise
     optimizer = run.optimizer

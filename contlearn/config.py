@@ -326,18 +326,28 @@ def validate(cfg: DictConfig, plugins: PluginClasses = None) -> DictConfig:
         raise ConfigError(f"'scenario.test_fraction' must be in (0, 1), got {cfg.scenario.test_fraction}")
 
     registry = PluginRegistry.load(given=plugins)
+    given = {name: list(section.keys()) if isinstance(section, DictConfig) else [] for name, section in cfg.plugins.items()}
     for name in list(cfg.plugins.keys()):
         entry = registry.get(name)
         section = cfg.plugins[name]
         plugin_cfg = plugin_config(name, getattr(entry.load(), "Config", None), section)
         cfg.plugins[name] = OmegaConf.structured(plugin_cfg) if plugin_cfg is not None else {}
-    _check_finite(cfg.plugins, "plugins.")  # their values are typed by now
+    for name, keys in given.items():  # the values a user set, typed by now (a plugin's defaults are its own)
+        section = cfg.plugins[name]
+        for key in keys:
+            if isinstance(section, DictConfig) and key in section:
+                _check_finite(section._get_node(key), f"plugins.{name}.{key}.")
     return cfg
+
+
+#: settings where infinity means "no limit"
+_UNBOUNDED = ("scenario.memory_limit_gb",)
 
 
 def _check_finite(node: Any, key: str = "") -> None:
     """:raises ConfigError: naming a NaN anywhere, or an infinity outside a
-    plugin's section (a plugin may give infinity a meaning; its own checks say)."""
+    plugin's section (a plugin may give infinity a meaning; its own checks say)
+    except where it means "no limit" (:data:`_UNBOUNDED`)."""
     if isinstance(node, DictConfig):
         for name in node.keys():
             _check_finite(node._get_node(name), f"{key}{name}.")
@@ -347,7 +357,8 @@ def _check_finite(node: Any, key: str = "") -> None:
     else:
         value = node._value() if hasattr(node, "_value") else node
         if isinstance(value, float) and not math.isfinite(value):
-            if math.isnan(value) or not key.startswith("plugins."):
+            unbounded = value == math.inf and key[:-1] in _UNBOUNDED
+            if math.isnan(value) or not (key.startswith("plugins.") or unbounded):
                 raise ConfigError(f"'{key[:-1]}' must be a finite number, got {value}")
 
 

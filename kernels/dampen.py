@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import math
-import numbers
 from typing import Any
 
 import torch
@@ -102,19 +101,22 @@ def _first_nonfinite(tensors: list[torch.Tensor]) -> int | None:
 _FP32_MAX = float(torch.finfo(torch.float32).max)
 
 
-def _check_scalars(alpha: float, lam: float) -> None:
+def _check_scalars(alpha: float, lam: float) -> tuple[float, float]:
     """SSD's selection threshold ``alpha`` and dampening constant ``lam`` are positive
     (Foster et al., 2024); 0 is allowed as a limit: ``alpha = 0`` selects every element
-    with ``F_f > 0`` and ``lam = 0`` zeroes the selected ones."""
+    with ``F_f > 0`` and ``lam = 0`` zeroes the selected ones. Returns them as floats."""
     for name, value in (("alpha", alpha), ("lam", lam)):
-        is_scalar_tensor = isinstance(value, torch.Tensor) and value.dim() == 0
-        if isinstance(value, bool) or not (isinstance(value, numbers.Real) or is_scalar_tensor):
-            raise TypeError(f"dampen_: {name} must be a real number, got {value!r}")
-        number = float(value)
+        try:
+            if isinstance(value, (str, bytes, bool)):
+                raise TypeError
+            number = float(value)  # a Python or NumPy number, a one-element tensor or array
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"dampen_: {name} must be a real number, got {value!r}") from None
         if not (math.isfinite(number) and number >= 0):
             raise ValueError(f"dampen_: {name} must be finite and >= 0, got {name}={value}")
         if number > _FP32_MAX:  # the kernels compare in fp32, where it would be infinite (inf * 0 = NaN)
             raise ValueError(f"dampen_: {name} must be at most {_FP32_MAX:.4g} (fp32's largest), got {name}={value}")
+    return float(alpha), float(lam)
 
 
 @torch.no_grad()
@@ -122,7 +124,7 @@ def dampen_reference_(
     params: Tensors, fisher_d: Tensors, fisher_f: Tensors, alpha: float, lam: float
 ) -> int:
     """Plain-torch :func:`dampen_`: validates every tensor, then dampens them one by one."""
-    _check_scalars(alpha, lam)
+    alpha, lam = _check_scalars(alpha, lam)
     return _dampen_lists(*_as_lists(params, fisher_d, fisher_f), alpha, lam)
 
 
@@ -236,7 +238,7 @@ def dampen_(
     and its edge cases. ``dampen_(p, fd, ff, alpha, lam)`` is
     ``DampenPlan(p, fd, ff)(alpha, lam)``.
     """
-    _check_scalars(alpha, lam)
+    alpha, lam = _check_scalars(alpha, lam)
     keys, (thetas, fds, ffs) = _dispatch.parallel_lists(
         "dampen_", {"params": params, "fisher_d": fisher_d, "fisher_f": fisher_f}
     )
@@ -340,7 +342,7 @@ class DampenPlan:
         lam: float,
     ) -> int:
         """Dampen ``thetas``: the plan's tensors, or tensors of its exact signature."""
-        _check_scalars(alpha, lam)
+        alpha, lam = _check_scalars(alpha, lam)
         if self.backend == "torch":
             return _dampen_lists(self.names, thetas, fds, ffs, alpha, lam)
         if not self.groups:

@@ -74,10 +74,13 @@ class ForgetEvent:
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
-def _check_number(where: str, value: Any, low: float = 0.0, high: float = math.inf) -> float:
+_FP32_MAX = float(torch.finfo(torch.float32).max)  # dampening compares in fp32
+
+
+def _check_number(where: str, value: Any, low: float = 0.0, high: float = _FP32_MAX) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low <= value <= high) \
             or not math.isfinite(value):
-        span = f"[{low}, {high}]" if math.isfinite(high) else f"at least {low}"
+        span = f"[{low}, {high}]" if high < _FP32_MAX else f"at least {low} and at most {high:.4g} (fp32's largest)"
         raise ConfigError(f"{where} must be a finite number {span}, got {value!r}")
     return float(value)
 

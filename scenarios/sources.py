@@ -400,7 +400,8 @@ def folder(path: str | None, image_size: int | None = None, test_fraction: float
     if not classes:
         raise DataError(f"image folder '{root}' has no class sub-folders (expected {root}/<class>/<image>)")
     if split_dirs:
-        extra = sorted({p.name for p in _class_folders(root / "test")} - set(classes))
+        extra = sorted(p.name for p in _class_folders(root / "test")
+                       if p.name not in classes and _images_of(root / "test", [p.name])[0])
         if extra:
             raise DataError(
                 f"the test set of image folder '{root}' has classes that the training set lacks: "

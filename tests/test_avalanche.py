@@ -185,6 +185,18 @@ def test_an_unknown_transform_group_is_a_data_error(av, raw):
         len(cav.stream_from_avalanche(bench, transforms="foo").experiences[0].train)  # read on first access
 
 
+def test_a_key_error_of_the_data_itself_is_not_called_a_transform_group():
+    class Records(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            raise KeyError("pixels")  # a record that lacks a field
+
+    with pytest.raises(KeyError, match="pixels"):
+        cav.materialise(Records())
+
+
 def test_ids_renumbered_in_each_task_keep_their_own_names(av, raw):
     """One Avalanche id stands for a different label in each task: no single original label to name it by."""
     x_tr, y_tr, x_te, y_te = raw

@@ -322,3 +322,13 @@ def test_gpus_are_one_per_process(monkeypatch, device, local_rank, message):
     monkeypatch.setenv("LOCAL_RANK", local_rank)
     with pytest.raises(ConfigError, match=message):
         DistributedView.from_environment(torch.device(device))
+
+
+def test_a_share_of_one_sample_through_batchnorm_says_how_many_samples_a_batch_needs(tmp_path):
+    overrides = ["device=cpu", "scenario.n_experiences=1", "scenario.samples_per_class=4", "model.backbone=cnn-bn",
+                 "model.hidden=[4,4,4,4]", "train.epochs=1", "eval.fwt=false", "train.batch_size=3"]
+    proc = two_processes("-m", "contlearn", "run", "split-digits", *overrides, "--out", str(tmp_path / "r"), "--quiet")
+    assert proc.returncode != 0
+    assert ("step 0 of experience 0 (epoch 0) gives this process a share of one sample, which BatchNorm cannot "
+            "normalise in training (one value per channel); with 2 processes every batch needs at least 4 samples"
+            ) in proc.stderr, proc.stderr[-2000:]

@@ -89,6 +89,8 @@ def test_unknown_backbones_and_pretrained_builtins():
         create_backbone("tv:not_a_net", (3, 8, 8), model_cfg())
     with pytest.raises(ConfigError, match="is not a torchvision classification model"):  # would download a backbone
         create_backbone("tv:fasterrcnn_resnet50_fpn", (3, 8, 8), model_cfg())
+    with pytest.raises(ConfigError, match="is a quantized torchvision model .*use its float version, tv:resnet18$"):
+        create_backbone("tv:quantized_resnet18", (3, 8, 8), model_cfg())
     assert {"mlp", "cnn", "resnet18", "resnet32"} <= set(BACKBONES)
 
 

@@ -74,7 +74,7 @@ def materialise(
     collate = getattr(data, "collate_fn", None)
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=collate)
     xs, ys, ts = [], [], []
-    for batch in _batches(loader, what):
+    for batch in _batches(loader, what, transforms):
         if not isinstance(batch, (list, tuple)) or len(batch) < 2:
             raise DataError(f"{what} must yield (x, y) or (x, y, task) samples, got {type(batch).__name__}")
         x, y = batch[0], batch[1]
@@ -93,7 +93,7 @@ def materialise(
     return TensorData(torch.cat(xs), torch.cat(ys), torch.cat(ts))
 
 
-def _batches(loader: Any, what: str) -> Any:
+def _batches(loader: Any, what: str, group: str = "eval") -> Any:
     """The loader's batches; a sample that cannot be batched (a PIL image, mixed
     shapes) is a :class:`DataError` with the fix."""
     iterator = iter(loader)
@@ -103,6 +103,8 @@ def _batches(loader: Any, what: str) -> Any:
         except StopIteration:
             return
         except KeyError as exc:  # Avalanche reads a transform group's name only now
+            if exc.args != (group,):
+                raise
             raise DataError(
                 f"{what} has no transform group {exc}; use 'eval' or 'train' (or a group the benchmark defines)"
             ) from None

@@ -191,7 +191,7 @@ def timm_backbone(arch: str, input_shape: Sequence[int], pretrained: bool, weigh
             f"pretrained weights for timm model '{name}' ({hub}) are not in the Hugging Face cache "
             f"'{_hf_cache()}' and could not be downloaded{_offline_hint(reachable)}: {type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''}; connect once to fill the cache, or set "
-            f"model.pretrained=false"
+            f"model.pretrained=false (and model.weights=null)"
         ) from None
     return _Features(net, int(net.num_features), f"timm:{name}")
 
@@ -211,6 +211,9 @@ def torchvision_backbone(arch: str, input_shape: Sequence[int], pretrained: bool
 
     _rgb(f"tv:{arch}", input_shape)
     if arch not in torchvision.models.list_models(module=torchvision.models):
+        if arch in torchvision.models.list_models(module=torchvision.models.quantization):
+            raise ConfigError(f"'{arch}' is a quantized torchvision model (backbone 'tv:{arch}'); use its float "
+                              f"version, tv:{arch.removeprefix('quantized_')}")
         known = arch in torchvision.models.list_models()
         what = "not a torchvision classification model" if known else "not a torchvision model"
         raise ConfigError(f"'{arch}' is {what} (backbone 'tv:{arch}'); list the classification "
@@ -233,7 +236,7 @@ def torchvision_backbone(arch: str, input_shape: Sequence[int], pretrained: bool
             raise WeightsError(
                 f"pretrained weights {chosen} for tv:{arch} are not cached at '{file}' and could not be "
                 f"downloaded from {chosen.url}: {type(exc).__name__}: {exc}; connect once to fill the cache "
-                f"(TORCH_HOME moves it), or set model.pretrained=false"
+                f"(TORCH_HOME moves it), or set model.pretrained=false (and model.weights=null)"
             ) from None
         net.load_state_dict(state)
     if getattr(net, "aux_logits", False):  # googlenet, inception_v3: features only, not the auxiliary heads
@@ -277,7 +280,7 @@ def clip_backbone(arch: str, input_shape: Sequence[int], pretrained: bool, weigh
             f"pretrained weights '{tag}' for clip:{arch} ({hub}) are not in the Hugging Face cache "
             f"'{_hf_cache()}' and could not be downloaded{_offline_hint(reachable)}: "
             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; connect once to fill the cache, "
-            f"or set model.pretrained=false"
+            f"or set model.pretrained=false (and model.weights=null)"
         ) from None
     visual = model.visual
     out_features = int(getattr(visual, "output_dim", 0) or model.text_projection.shape[1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from contlearn.kernels import _dispatch, dampen
@@ -354,6 +355,7 @@ def test_alpha_and_lam_are_numbers_not_strings() -> None:
     with pytest.raises(TypeError, match="alpha must be a real number, got '1'"):
         dampen.dampen_([theta], [torch.zeros(3)], [torch.ones(3)], "1", 1.0)  # type: ignore[arg-type]
     assert dampen.dampen_([theta], [torch.zeros(3)], [torch.ones(3)], torch.tensor(1.0), 1.0) == 3
+    assert dampen.dampen_([theta], [torch.zeros(3)], [torch.ones(3)], np.array(1.0), torch.tensor([1.0])) == 3
 
 
 def test_zero_alpha_and_zero_lam_are_the_limits() -> None:
