@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         f"train.epochs={args.epochs}",
         f"device={args.device}",
         "eval.fwt=false",
+        "threads=1",  # results depend on the thread count (docs/results.md, Across machines)
         *args.set,
     ]
     own: dict[str, list[str]] = {}
