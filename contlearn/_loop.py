@@ -226,6 +226,7 @@ def train_step(
             if wrong is not None:
                 raise TrainingError(f"extra_samples must return a Batch or None, got {_describe(wrong)}")
             batch = Batch.cat([batch, *extra])
+    run.batch_size = len(batch)
     if run.dist.world_size > 1:  # this process's share of the global batch (contlearn.distributed)
         rows, weight = run.dist.share(len(batch))
         batch = Batch(batch.x[rows], batch.y[rows], batch.t[rows])

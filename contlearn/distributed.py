@@ -138,6 +138,24 @@ class DistributedView:
         rows = self.part(n)
         return slice(rows.start, rows.stop), len(rows) / n
 
+    def gather_rows(self, rows: torch.Tensor, n: int) -> torch.Tensor:
+        """The ``n`` rows of a global batch from each process's share (:meth:`share`):
+        this process's ``rows`` as they are (gradients flow through them), the
+        others' as constants. A batch-coupled loss (a contrastive one) computed on
+        it sees the whole batch; a collective (every process must call it). A
+        batch not divided (``n`` smaller than the processes) is returned as is."""
+        if self.world_size <= 1 or n < self.world_size:
+            return rows
+        parts = [DistributedView(r, self.world_size).part(n) for r in range(self.world_size)]
+        width = max(len(p) for p in parts)
+        padded = rows.detach().new_zeros((width, *rows.shape[1:]))
+        padded[: len(rows)] = rows.detach()
+        gathered = [torch.empty_like(padded) for _ in range(self.world_size)]
+        torch.distributed.all_gather(gathered, padded.contiguous())
+        pieces = [g[: len(p)] for g, p in zip(gathered, parts, strict=True)]
+        pieces[self.rank] = rows
+        return torch.cat(pieces)
+
     def broadcast_buffers_(self, module: torch.nn.Module) -> None:
         """Give every process process 0's buffers of ``module`` (BatchNorm's running
         statistics): one broadcast per dtype over a flat copy (a no-op on one process)."""

@@ -72,6 +72,9 @@ class Run:
     :ivar global_step: training steps since the run started.
     :ivar generator: the CPU generator that draws sample orders.
     :ivar accuracy_rows: rows of the accuracy matrix measured so far.
+    :ivar batch_size: samples in the current training step's batch, extra samples
+        included: under torchrun the global batch, of which this process holds
+        ``dist.share(batch_size)`` (``dist.gather_rows`` gathers it back).
     """
 
     config: DictConfig
@@ -88,6 +91,7 @@ class Run:
     step: int = 0
     global_step: int = 0
     accuracy_rows: list[list[float]] = field(default_factory=list)
+    batch_size: int = 0
     stash: Stash = field(default_factory=Stash)
     dist: DistributedView = field(default_factory=DistributedView)
 

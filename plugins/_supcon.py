@@ -12,9 +12,32 @@ positives are the other views of the same sample.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from contlearn.errors import TrainingError
+
+
+def supcon_over_processes(
+    z: torch.Tensor,
+    labels: torch.Tensor,
+    dist: Any,
+    n: int,
+    temperature: float = 0.1,
+    base_temperature: float = 0.07,
+) -> torch.Tensor:
+    """Several processes (torchrun): :func:`supcon_loss` of the whole global batch
+    of ``n`` samples, from this process's share ``z``, ``labels``.
+
+    Every process contrasts the gathered batch (its own rows keep their
+    gradients, the others' are constants), so the value is the one-process
+    loss. The gradient is scaled by ``n / share``: the loop weights each
+    process's gradient by its share of the batch and sums them, and the sum of
+    the processes' gradients through their own rows is the whole gradient."""
+    whole = supcon_loss(dist.gather_rows(z, n), dist.gather_rows(labels, n), temperature, base_temperature)
+    scale = n / len(z)
+    return whole.detach() + (whole - whole.detach()) * scale
 
 
 def supcon_loss(

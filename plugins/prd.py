@@ -42,7 +42,7 @@ from typing import Any, List
 
 import torch
 from contlearn.plugins._common import plugin_generator
-from contlearn.plugins._supcon import supcon_loss
+from contlearn.plugins._supcon import supcon_loss, supcon_over_processes
 from contlearn.plugins._views import Views
 from torch import nn
 from torch.nn import functional as F
@@ -227,8 +227,11 @@ class PRD:
         return torch.Generator().manual_seed(plugin_generator(run.config.seed, name))
 
     @hookimpl
-    def compute_loss(self, batch: Any, out: Output) -> torch.Tensor:
-        return supcon_loss(out.extras["projections"], batch.y, self.config.temperature, self.config.base_temperature)
+    def compute_loss(self, run: Any, batch: Any, out: Output) -> torch.Tensor:
+        z, cfg = out.extras["projections"], self.config
+        if run.dist.world_size == 1 or run.batch_size < run.dist.world_size:
+            return supcon_loss(z, batch.y, cfg.temperature, cfg.base_temperature)
+        return supcon_over_processes(z, batch.y, run.dist, run.batch_size, cfg.temperature, cfg.base_temperature)
 
     @hookimpl
     def loss_terms(self, batch: Any, out: Output) -> dict[str, torch.Tensor]:

@@ -250,6 +250,44 @@ def test_a_run_with_draws_per_share_resumes_exactly_on_as_many_processes(tmp_pat
         assert torch.equal(value, final[1]["model"][name]), name
 
 
+SUPCON_SCRIPT = """
+import sys
+
+import torch
+from torch.nn import functional as F
+
+from contlearn.distributed import DistributedView
+from contlearn.plugins._supcon import supcon_loss, supcon_over_processes
+
+out = sys.argv[1]
+dist, _ = DistributedView.from_environment(torch.device("cpu"))
+torch.manual_seed(0)
+w = torch.randn(5, 4, requires_grad=True)  # a model: z = normalise(x w)
+x, y = torch.randn(7, 2, 5), torch.tensor([0, 1, 0, 2, 1, 0, 2])  # 7 samples: shares of 3 and 4
+rows, weight = dist.share(7)
+loss = supcon_over_processes(F.normalize(x[rows] @ w, dim=2), y[rows], dist, 7)
+loss.backward()
+dist.sum_gradients_([w], weight)  # what the loop does
+one = w.detach().clone().requires_grad_(True)
+whole = supcon_loss(F.normalize(x @ one, dim=2), y)
+whole.backward()
+torch.save({"loss": loss.item(), "whole": whole.item(), "grad": w.grad, "one": one.grad}, f"{out}/rank{dist.rank}.pt")
+"""
+
+
+def test_a_contrastive_loss_over_the_processes_is_the_whole_batch_s(tmp_path):
+    """PRD's supervised contrastive term contrasts the gathered batch: the value
+    and the summed gradient are one process's, with uneven shares."""
+    script = tmp_path / "supcon.py"
+    script.write_text(SUPCON_SCRIPT)
+    proc = two_processes(str(script), str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["loss"] == pytest.approx(got["whole"], rel=1e-6)
+        torch.testing.assert_close(got["grad"], got["one"], rtol=1e-5, atol=1e-7)
+
+
 STOP_SCRIPT = """
 import json
 import sys
