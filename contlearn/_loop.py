@@ -391,7 +391,8 @@ def evaluate_initial(run: Run) -> list[float]:
     """Accuracy of the untrained model on each experience, with its head grown to
     every class of the stream (a copy; the run's model and RNG are untouched).
     This is the baseline ``b`` of forward transfer."""
-    with torch.random.fork_rng(devices=[]):
+    # The copy's new head rows draw from the generator of its device: fork that one too.
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
         model = copy.deepcopy(run.model)
         for exp in run.stream:
             model.adapt(exp.classes, exp.task)

@@ -36,7 +36,9 @@ def overlap(param: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor | None:
     return param[tuple(slice(0, a) for a in anchor.shape)]
 
 
-def selected_parameters(model: nn.Module, pattern: re.Pattern[str] | None) -> Iterator[tuple[str, nn.Parameter]]:
+def selected_parameters(
+    model: nn.Module, pattern: re.Pattern[str] | None = None
+) -> Iterator[tuple[str, nn.Parameter]]:
     """Trainable parameters whose name ``pattern`` finds (``re.search``); all when ``None``."""
     for name, p in model.named_parameters():
         if p.requires_grad and (pattern is None or pattern.search(name)):
