@@ -110,12 +110,12 @@ def class_ids(stream: Any, classes: Sequence[Any], upto: int, where: str) -> lis
     """Model-side ids of classes named as in ``stream.class_names``, each learnt in
     one of the first ``upto`` experiences.
 
-    :raises ConfigError: an unknown class name, or none given.
-    :raises DataError: a class not trained yet.
+    :raises ConfigError: an unknown class name, none given, a class not trained
+        yet, or every class learnt (nothing would be retained).
     """
     names = class_names(stream)
     if len(classes) == 0:
-        raise DataError(f"{where}: the list of classes to forget is empty")
+        raise ConfigError(f"{where}: the list of classes to forget is empty")
     ids = []
     for c in classes:
         name = str(c)
@@ -127,30 +127,30 @@ def class_ids(stream: Any, classes: Sequence[Any], upto: int, where: str) -> lis
     learnt = {c for exp in stream.experiences[:upto] for c in exp.classes}
     unseen = [names[i] for i in ids if i not in learnt]
     if unseen:
-        raise DataError(
+        raise ConfigError(
             f"{where}: class(es) {unseen} not trained yet (after {upto} experience(s) the model knows "
             f"{sorted(names[c] for c in learnt)})"
         )
     if learnt <= set(ids):
-        raise DataError(f"{where}: forgetting every class learnt so far ({len(learnt)}) leaves nothing to retain")
+        raise ConfigError(f"{where}: forgetting every class learnt so far ({len(learnt)}) leaves nothing to retain")
     return sorted(set(ids))
 
 
 def sample_index(samples: Any, size: int, where: str) -> torch.Tensor:
     """Sample indices as a sorted, unique long tensor, each in ``[0, size)``.
 
-    :raises DataError: empty, not integers, or out of range.
+    :raises ConfigError: empty, not integers, or out of range.
     """
     if isinstance(samples, torch.Tensor):
         samples = samples.flatten().tolist()
     items = list(samples)
     if not items:
-        raise DataError(f"{where}: the forget set is empty (no sample indices given)")
+        raise ConfigError(f"{where}: the forget set is empty (no sample indices given)")
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
-        raise DataError(f"{where}: sample indices must be integers, got {items[:5]}")
+        raise ConfigError(f"{where}: sample indices must be integers, got {items[:5]}")
     bad = [i for i in items if not 0 <= i < size]
     if bad:
-        raise DataError(
+        raise ConfigError(
             f"{where}: sample indices {bad[:5]} are outside the {size} training samples (0 to {size - 1})"
         )
     return torch.tensor(sorted(set(items)), dtype=torch.long)
@@ -159,8 +159,10 @@ def sample_index(samples: Any, size: int, where: str) -> torch.Tensor:
 def resolve(run: Any, request: dict[str, Any], where: str = "unlearn") -> ForgetSets:
     """The sets of ``request`` (one of ``classes``, ``samples`` or ``data``).
 
-    :raises ConfigError: no or several kinds of target, unknown classes.
-    :raises DataError: an empty forget set, indices out of range, unseen classes.
+    :raises ConfigError: no or several kinds of target, a request that does not
+        fit the run (unknown or unseen classes, every class, indices out of
+        range, an experience not trained).
+    :raises DataError: nothing trained yet, or no sample to forget in the data.
     """
     kinds = [k for k in ("classes", "samples", "data") if request.get(k) is not None]
     if len(kinds) != 1:
@@ -208,7 +210,7 @@ def resolve(run: Any, request: dict[str, Any], where: str = "unlearn") -> Forget
                 or not isinstance(experience, int)
                 or not 0 <= experience < upto
             ):
-                raise DataError(
+                raise ConfigError(
                     f"{where}: experience {experience!r} has not been trained (experiences 0 to {upto - 1} have)"
                 )
             offset, size = sum(sizes[:experience]), sizes[experience]
