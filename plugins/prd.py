@@ -94,6 +94,15 @@ def relation_distillation(
     )
 
 
+def views_over_processes(scores: torch.Tensor, dist: Any, n: int) -> torch.Tensor:
+    """Several processes: the ``[2 b, P]`` scores of a share's two views (view-major,
+    as :meth:`PRD.forward` stacks them) -> the ``[2 n, P]`` scores of the whole
+    batch of ``n`` samples (this share's rows keep their gradients; a collective)."""
+    b = scores.shape[0] // 2
+    whole = dist.gather_rows(scores.view(2, b, -1).transpose(0, 1), n)  # [n, 2, P]
+    return whole.transpose(0, 1).reshape(2 * n, -1)
+
+
 def projection_mlp(in_features: int, hidden: int, out_features: int, layers: int) -> nn.Sequential:
     """``layers`` linear layers, ReLU between them (the reference's ``ProjectionMLP``)."""
     widths = [in_features] + [hidden] * (layers - 1) + [out_features]
@@ -234,7 +243,7 @@ class PRD:
         return supcon_over_processes(z, batch.y, run.dist, run.batch_size, cfg.temperature, cfg.base_temperature)
 
     @hookimpl
-    def loss_terms(self, batch: Any, out: Output) -> dict[str, torch.Tensor]:
+    def loss_terms(self, run: Any, batch: Any, out: Output) -> dict[str, torch.Tensor]:
         cfg = self.config
         features = out.extras["view_features"]
         targets = self._column("local")[batch.y].repeat(2)
@@ -242,14 +251,18 @@ class PRD:
         if self.teacher is not None and self.teacher_prototypes:
             with torch.no_grad():
                 old_features = self.teacher(out.extras["views"])
+            # relation "samples" couples the batch's samples: under torchrun, gathered like SupCon
+            n, b = run.batch_size, len(batch)
+            gathered = cfg.relation == "samples" and run.dist.world_size > 1 and n >= run.dist.world_size
             distill = features.new_zeros(())
             for student_p, teacher_p in zip(self.prototypes, self.teacher_prototypes, strict=False):  # older ones
-                distill = distill + relation_distillation(
-                    relation_scores(features, student_p),
-                    relation_scores(old_features, teacher_p),
-                    cfg.distill_temperature,
-                    cfg.relation,
-                )
+                student, teacher = relation_scores(features, student_p), relation_scores(old_features, teacher_p)
+                if gathered:
+                    student = views_over_processes(student, run.dist, n)
+                    teacher = views_over_processes(teacher, run.dist, n)
+                distill = distill + relation_distillation(student, teacher, cfg.distill_temperature, cfg.relation)
+            if gathered:  # the loop weights this share's gradient by b / n: see supcon_over_processes
+                distill = distill.detach() + (distill - distill.detach()) * (n / b)
             terms["distill"] = cfg.distill_weight * distill
         return terms
 

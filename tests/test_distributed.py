@@ -275,12 +275,42 @@ torch.save({"loss": loss.item(), "whole": whole.item(), "grad": w.grad, "one": o
 """
 
 
-def test_a_contrastive_loss_over_the_processes_is_the_whole_batch_s(tmp_path):
-    """PRD's supervised contrastive term contrasts the gathered batch: the value
-    and the summed gradient are one process's, with uneven shares."""
-    script = tmp_path / "supcon.py"
-    script.write_text(SUPCON_SCRIPT)
-    proc = two_processes(str(script), str(tmp_path))
+DISTILL_SCRIPT = """
+import sys
+
+import torch
+
+from contlearn.distributed import DistributedView
+from contlearn.plugins.prd import relation_distillation, views_over_processes
+
+out = sys.argv[1]
+dist, _ = DistributedView.from_environment(torch.device("cpu"))
+torch.manual_seed(0)
+w = torch.randn(5, 3, requires_grad=True)  # student scores = features w; 3 prototypes
+x, teacher = torch.randn(2, 7, 5), torch.randn(2, 7, 3)  # two views of 7 samples: shares of 3 and 4
+rows, weight = dist.share(7)
+b = len(range(7)[rows])
+student = (x[:, rows] @ w).reshape(2 * b, 3)  # view-major, as PRD stacks its views
+whole = relation_distillation(views_over_processes(student, dist, 7),
+                              views_over_processes(teacher[:, rows].reshape(2 * b, 3), dist, 7), 2.0, "samples")
+loss = whole.detach() + (whole - whole.detach()) * (7 / b)  # PRD's scale
+loss.backward()
+dist.sum_gradients_([w], weight)
+one = w.detach().clone().requires_grad_(True)
+reference = relation_distillation((x @ one).reshape(14, 3), teacher.reshape(14, 3), 2.0, "samples")
+reference.backward()
+torch.save({"loss": loss.item(), "whole": reference.item(), "grad": w.grad, "one": one.grad}, f"{out}/rank{dist.rank}.pt")
+"""
+
+
+@pytest.mark.parametrize("script", [SUPCON_SCRIPT, DISTILL_SCRIPT], ids=["supcon", "relation-samples"])
+def test_a_contrastive_loss_over_the_processes_is_the_whole_batch_s(tmp_path, script):
+    """PRD's supervised contrastive term and its relation distillation over samples
+    see the gathered batch: the value and the summed gradient are one
+    process's, with uneven shares."""
+    path = tmp_path / "loss.py"
+    path.write_text(script)
+    proc = two_processes(str(path), str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt")

@@ -161,7 +161,7 @@ def _grads_of(prd: PRD, run: Any, term: str) -> dict[str, bool]:
             p.grad = None
     batch = next(run.stream[1].train.batches(8))
     out = prd.forward(run=run, batch=batch)
-    loss = prd.compute_loss(run=run, batch=batch, out=out) if term == "supcon" else prd.loss_terms(batch=batch, out=out)[term]
+    loss = prd.compute_loss(run=run, batch=batch, out=out) if term == "supcon" else prd.loss_terms(run=run, batch=batch, out=out)[term]
     loss.backward()
     return {
         name: any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in group) for name, group in params.items()
