@@ -57,3 +57,9 @@ def choices(valid: Iterable[str]) -> str:
     """Format valid names for an error message: ``'a', 'b', 'c'``."""
     names = sorted(valid)
     return ", ".join(repr(n) for n in names) if names else "(none)"
+
+
+def one_line(exc: BaseException) -> str:
+    """A library's error inside one of ours: ``Type: first line of its message``."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from contlearn.errors import ConfigError, ContlearnError, DataError, choices
+from contlearn.errors import ConfigError, ContlearnError, DataError, choices, one_line
 from contlearn.interop._avalanche_stream import require_avalanche, stream_from_avalanche
 from contlearn.scenarios import Stream
 
@@ -158,11 +158,9 @@ def stream_from_config(scenario_cfg: Any, seed: int) -> Stream:
     except (TypeError, ValueError, AssertionError) as exc:
         raise ConfigError(f"scenario.factory '{factory}' rejected scenario.args {args}: {exc}") from None
     except (RuntimeError, OSError) as exc:  # a download that failed, a missing dataset_root
-        detail = str(exc).strip().splitlines()
         raise DataError(
-            f"scenario.factory '{factory}' could not load its data ({type(exc).__name__}: "
-            f"{detail[0] if detail else ''}); put the data under the benchmark's dataset_root "
-            f"(scenario.args.dataset_root) or connect once to download it"
+            f"scenario.factory '{factory}' could not load its data ({one_line(exc)}); put the data under the "
+            f"benchmark's dataset_root (scenario.args.dataset_root) or connect once to download it"
         ) from None
     return stream_from_avalanche(benchmark, name=factory, class_names=class_names)
 

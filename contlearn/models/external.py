@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from contlearn.errors import ConfigError, ContlearnError
+from contlearn.errors import ConfigError, ContlearnError, one_line
 
 
 class WeightsError(ContlearnError):
@@ -127,11 +127,9 @@ def check_input_shape(net: nn.Module, input_shape: Sequence[int], name: str) -> 
         with torch.no_grad():
             net(torch.zeros(1, *input_shape))
     except (RuntimeError, ValueError, AssertionError, IndexError) as exc:
-        detail = str(exc).strip().splitlines()
         raise ConfigError(
-            f"backbone '{name}' cannot take inputs of shape {tuple(input_shape)}: "
-            f"{type(exc).__name__}: {detail[0] if detail else ''}; resize them with 'resize:N' in "
-            f"scenario.train_transform and eval_transform (224 for most pretrained models)"
+            f"backbone '{name}' cannot take inputs of shape {tuple(input_shape)}: {one_line(exc)}; resize "
+            f"them with 'resize:N' in scenario.train_transform and eval_transform (224 for most pretrained models)"
         ) from None
     finally:
         net.train(was_training)
