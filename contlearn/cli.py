@@ -128,7 +128,12 @@ def _run_to_the_end(experiment, out: str | Path) -> int:
         experiment.run()
     if environment_rank() != 0:
         return 0
-    write_report([out])
+    try:
+        write_report([out])
+    except KeyboardInterrupt:  # the run is finished and its results written: say so, not "interrupted"
+        print(f"error: the run finished and its results are in {out}, but the report was interrupted; "
+              f"write it with: contlearn report {out}", file=sys.stderr)
+        return 130
     print(experiment.summary_text())
     print(f"\nrun directory: {out}")
     return 0

@@ -19,6 +19,20 @@ def test_run_default_with_overrides(tmp_path, capsys):
     assert data["config"]["train"]["epochs"] == 1
 
 
+def test_ctrl_c_while_the_report_is_written_says_the_run_finished(tmp_path, capsys, monkeypatch):
+    import contlearn.report
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(contlearn.report, "write_report", interrupted)
+    assert main(["run", "train.epochs=1", "--out", str(tmp_path), "--quiet"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: the run finished and its results are in {tmp_path}, but the report was interrupted; "
+                   f"write it with: contlearn report {tmp_path}")
+    assert (tmp_path / "results.json").is_file()
+
+
 def test_run_by_name_prints_progress(tmp_path, capsys):
     assert main(["run", "split-digits", "train.epochs=1", "eval.fwt=false", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
