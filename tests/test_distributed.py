@@ -272,6 +272,8 @@ one = w.detach().clone().requires_grad_(True)
 whole = supcon_loss(F.normalize(x @ one, dim=2), y)
 whole.backward()
 torch.save({"loss": loss.item(), "whole": whole.item(), "grad": w.grad, "one": one.grad}, f"{out}/rank{dist.rank}.pt")
+torch.distributed.barrier()  # leave together: a process exiting mid-connection can abort the other
+torch.distributed.destroy_process_group()
 """
 
 
@@ -300,6 +302,8 @@ one = w.detach().clone().requires_grad_(True)
 reference = relation_distillation((x @ one).reshape(14, 3), teacher.reshape(14, 3), 2.0, "samples")
 reference.backward()
 torch.save({"loss": loss.item(), "whole": reference.item(), "grad": w.grad, "one": one.grad}, f"{out}/rank{dist.rank}.pt")
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
 """
 
 
