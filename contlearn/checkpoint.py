@@ -154,7 +154,8 @@ def write(directory: Path, state: dict[str, Any], keep_last: int) -> Path:
         raise CheckpointError(f"cannot write checkpoint '{path}': {reason}") from None
     # Only older ones rotate out: a newer one can be an unreadable file a resume
     # skipped, which must not push out the checkpoints it resumed from.
-    older = [p for p in list_checkpoints(directory) if _position(p) <= _position(path)]
+    newest = _position(path)
+    older = [p for p in list_checkpoints(directory) if _position(p) <= newest]
     for old in older[:-keep_last]:
         old.unlink(missing_ok=True)
     return path
@@ -541,7 +542,7 @@ def capture(
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict() if inside and run.optimizer is not None else None,
         "plugins": _plugin_states(run),
-        "rng": rng_state(run.generator, own_gpu(run)),
+        "rng": process_rngs[0] if process_rngs else rng_state(run.generator, own_gpu(run)),
         "rng_processes": list(process_rngs) if process_rngs is not None and len(process_rngs) > 1 else None,
         "metrics": {
             "accuracy_rows": [list(r) for r in run.accuracy_rows],

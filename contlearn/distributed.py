@@ -151,10 +151,19 @@ class DistributedView:
         padded = rows.detach().new_zeros((width, *rows.shape[1:]))
         padded[: len(rows)] = rows.detach()
         gathered = [torch.empty_like(padded) for _ in range(self.world_size)]
-        torch.distributed.all_gather(gathered, padded.contiguous())
+        torch.distributed.all_gather(gathered, padded)
         pieces = [g[: len(p)] for g, p in zip(gathered, parts, strict=True)]
         pieces[self.rank] = rows
         return torch.cat(pieces)
+
+    @staticmethod
+    def whole_batch_loss(loss: torch.Tensor, n: int, share: int) -> torch.Tensor:
+        """``loss`` computed on the gathered batch (:meth:`gather_rows`), with its
+        gradient scaled by ``n / share``: the loop weights each process's gradient
+        by its share of the batch, ``share / n``, and sums them, and the sum of the
+        processes' gradients through their own rows is the whole batch's. The
+        value is unchanged (the one-process loss)."""
+        return loss.detach() + (loss - loss.detach()) * (n / share)
 
     def broadcast_buffers_(self, module: torch.nn.Module) -> None:
         """Give every process process 0's buffers of ``module`` (BatchNorm's running

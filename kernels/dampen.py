@@ -98,7 +98,8 @@ def _first_nonfinite(tensors: list[torch.Tensor]) -> int | None:
     return next((k for k in suspects if not bool(torch.isfinite(tensors[k]).all())), None)
 
 
-_FP32_MAX = float(torch.finfo(torch.float32).max)
+#: the largest alpha or lam: the kernels compare in fp32, where a larger one is infinite (inf * 0 = NaN)
+MAX_SCALAR = float(torch.finfo(torch.float32).max)
 
 
 def _check_scalars(alpha: float, lam: float) -> tuple[float, float]:
@@ -114,8 +115,8 @@ def _check_scalars(alpha: float, lam: float) -> tuple[float, float]:
             raise TypeError(f"dampen_: {name} must be a real number, got {value!r}") from None
         if not (math.isfinite(number) and number >= 0):
             raise ValueError(f"dampen_: {name} must be finite and >= 0, got {name}={value}")
-        if number > _FP32_MAX:  # the kernels compare in fp32, where it would be infinite (inf * 0 = NaN)
-            raise ValueError(f"dampen_: {name} must be at most {_FP32_MAX:.4g} (fp32's largest), got {name}={value}")
+        if number > MAX_SCALAR:
+            raise ValueError(f"dampen_: {name} must be at most {MAX_SCALAR:.4g} (fp32's largest), got {name}={value}")
     return float(alpha), float(lam)
 
 

@@ -231,10 +231,6 @@ class Schedule:
         0, or one too large) and a budget is shared, their ratios to the largest,
         computed in logs (the budget then goes to the heaviest tasks); with a
         scale, zeros stand and an overflow is a ConfigError."""
-        if self.kind == "power_law_index":
-            logs = [(self.alpha - 1) * math.log(self.offset + i) for i in tasks]
-        else:
-            logs = [self.log_decay(a) for a in ages]
         try:
             if self.kind == "power_law_index":
                 weights = [float((self.offset + i) ** (self.alpha - 1)) for i in tasks]
@@ -242,9 +238,15 @@ class Schedule:
                 weights = [self.decay(a) for a in ages]
             if self.scale is not None or max(weights) > 0:
                 return weights
+            overflow = False
         except (OverflowError, ConfigError):
-            if self.scale is not None:
-                raise _overflow(max(logs), self.where) from None
+            overflow = True
+        if self.kind == "power_law_index":
+            logs = [(self.alpha - 1) * math.log(self.offset + i) for i in tasks]
+        else:
+            logs = [self.log_decay(a) for a in ages]
+        if overflow and self.scale is not None:
+            raise _overflow(max(logs), self.where)
         top = max(logs)
         return [math.exp(v - top) for v in logs]
 

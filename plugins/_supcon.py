@@ -31,13 +31,10 @@ def supcon_over_processes(
     of ``n`` samples, from this process's share ``z``, ``labels``.
 
     Every process contrasts the gathered batch (its own rows keep their
-    gradients, the others' are constants), so the value is the one-process
-    loss. The gradient is scaled by ``n / share``: the loop weights each
-    process's gradient by its share of the batch and sums them, and the sum of
-    the processes' gradients through their own rows is the whole gradient."""
+    gradients, the others' are constants), so value and summed gradient are
+    the one-process ones (:meth:`~contlearn.distributed.DistributedView.whole_batch_loss`)."""
     whole = supcon_loss(dist.gather_rows(z, n), dist.gather_rows(labels, n), temperature, base_temperature)
-    scale = n / len(z)
-    return whole.detach() + (whole - whole.detach()) * scale
+    return dist.whole_batch_loss(whole, n, len(z))
 
 
 def supcon_loss(

@@ -261,8 +261,8 @@ class PRD:
                     student = views_over_processes(student, run.dist, n)
                     teacher = views_over_processes(teacher, run.dist, n)
                 distill = distill + relation_distillation(student, teacher, cfg.distill_temperature, cfg.relation)
-            if gathered:  # the loop weights this share's gradient by b / n: see supcon_over_processes
-                distill = distill.detach() + (distill - distill.detach()) * (n / b)
+            if gathered:
+                distill = run.dist.whole_batch_loss(distill, n, b)
             terms["distill"] = cfg.distill_weight * distill
         return terms
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 import torch
-from contlearn.kernels.dampen import dampen_
+from contlearn.kernels.dampen import MAX_SCALAR, dampen_
 from contlearn.plugins import _forget_sets as fs
 from contlearn.plugins._unlearning_metrics import accuracy, forgetting_metrics
 from contlearn.plugins.ewc import fisher_and_divisors, fisher_information
@@ -74,13 +74,10 @@ class ForgetEvent:
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
-_FP32_MAX = float(torch.finfo(torch.float32).max)  # dampening compares in fp32
-
-
-def _check_number(where: str, value: Any, low: float = 0.0, high: float = _FP32_MAX) -> float:
+def _check_number(where: str, value: Any, low: float = 0.0, high: float = MAX_SCALAR) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low <= value <= high) \
             or not math.isfinite(value):
-        span = f"[{low}, {high}]" if high < _FP32_MAX else f"at least {low} and at most {high:.4g} (fp32's largest)"
+        span = f"[{low}, {high}]" if high < MAX_SCALAR else f"at least {low} and at most {high:.4g} (fp32's largest)"
         raise ConfigError(f"{where} must be a finite number {span}, got {value!r}")
     return float(value)
 

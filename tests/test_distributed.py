@@ -295,7 +295,7 @@ b = len(range(7)[rows])
 student = (x[:, rows] @ w).reshape(2 * b, 3)  # view-major, as PRD stacks its views
 whole = relation_distillation(views_over_processes(student, dist, 7),
                               views_over_processes(teacher[:, rows].reshape(2 * b, 3), dist, 7), 2.0, "samples")
-loss = whole.detach() + (whole - whole.detach()) * (7 / b)  # PRD's scale
+loss = dist.whole_batch_loss(whole, 7, b)  # as PRD does
 loss.backward()
 dist.sum_gradients_([w], weight)
 one = w.detach().clone().requires_grad_(True)
