@@ -224,6 +224,44 @@ def _loop_fisher(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _chunk_sweep(a: torch.Tensor, d: torch.Tensor, timer: Timer) -> list[tuple[str, float]]:
+    """Rows for chunk sizes of the bmm path. Small chunks keep the per-sample gradients
+    in L2 (50 MB on an H100: 2 to 4 gradients of a ViT-B MLP layer), so that neither the
+    batched GEMM's writes nor the squaring's reads reach HBM; then launches are many,
+    and the per-sample ``addcmul_`` rows show what the Triton launcher costs."""
+    n_batch, n_out, n_in = a.shape[0], d.shape[2], a.shape[2]
+    grad_mb = n_out * n_in * 4 / 2**20
+    l2_mb = torch.cuda.get_device_properties(a.device).L2_cache_size / 2**20
+    rows = []
+    for chunk in (1, 2, 4, 8, 16, 64, 128):
+        name = f"bmm + square-sum, chunk {chunk} ({chunk * grad_mb:.0f} MB; L2 {l2_mb:.0f} MB)"
+        rows.append((name, timer(lambda c=chunk: per_sample.per_sample_linear_bmm(a, d, chunk=c))))
+
+    def bmm_addcmul(chunk: int) -> torch.Tensor:
+        out = torch.zeros(n_out, n_in, device=a.device)
+        scratch = torch.empty(chunk, n_out, n_in, device=a.device)
+        for s in range(0, n_batch, chunk):
+            g = scratch[: min(chunk, n_batch - s)]
+            torch.bmm(d[s : s + chunk].transpose(1, 2), a[s : s + chunk], out=g)
+            for g_b in g:
+                out.addcmul_(g_b, g_b)
+        return out
+
+    want = per_sample.per_sample_linear_bmm(a, d)
+    for chunk in (1, 2, 4):
+        torch.testing.assert_close(bmm_addcmul(chunk), want, rtol=1e-4, atol=1e-3)
+        rows.append((f"bmm + addcmul_ per sample, chunk {chunk}", timer(lambda c=chunk: bmm_addcmul(c))))
+    for chunk in (2, 4, 32):
+        scratch = torch.empty(chunk, n_out, n_in, device=a.device)
+
+        def bmm_only(c: int = chunk, out: torch.Tensor = scratch) -> None:
+            for s in range(0, n_batch - c + 1, c):
+                torch.bmm(d[s : s + c].transpose(1, 2), a[s : s + c], out=out)
+
+        rows.append((f"bmm alone, chunk {chunk} (no squaring)", timer(bmm_only)))
+    return rows
+
+
 def bench_per_sample(
     device: torch.device, b: int, t: int, n_in: int, n_out: int, timer: Timer, sweep: bool
 ) -> None:
@@ -250,21 +288,8 @@ def bench_per_sample(
                 timer(lambda: per_sample.per_sample_linear_reference(a, d)),
             )
         )
-        for chunk in (16, 32, 64, 128) if sweep else ():
-            rows.append(
-                (
-                    f"bmm + square-sum, chunk {chunk}",
-                    timer(lambda c=chunk: per_sample.per_sample_linear_bmm(a, d, chunk=c)),
-                )
-            )
         if sweep:
-            scratch = torch.empty(32, n_out, n_in, device=device)
-
-            def bmm_only() -> None:
-                for s in range(0, b, 32):
-                    torch.bmm(d[s : s + 32].transpose(1, 2), a[s : s + 32], out=scratch)
-
-            rows.append(("bmm alone, chunk 32 (no squaring)", timer(bmm_only)))
+            rows += _chunk_sweep(a, d, timer)
     rows += [
         ("torch.func.vmap per-sample grads", timer(lambda: _vmap_fisher(a, d))),
         ("per-sample loop", timer(lambda: _loop_fisher(a, d))),
