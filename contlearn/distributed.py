@@ -52,6 +52,21 @@ def environment_world_size() -> int:
     return _environment_int("WORLD_SIZE", 1)
 
 
+def leave_process_group(*, synchronize: bool) -> None:
+    """End this process's part in the process group, if one was joined: the last
+    call of a program (the command line's ``main``), so that NCCL's pending work
+    finishes and no process leaves while another still talks to it. With
+    ``synchronize`` (the program succeeded, so every process gets here) the
+    processes first wait for each other; after an error they do not, since the
+    others may never arrive (torchrun then stops them)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if synchronize:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def _environment_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     if value is None:

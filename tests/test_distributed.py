@@ -404,3 +404,23 @@ def test_a_share_of_one_sample_through_batchnorm_says_how_many_samples_a_batch_n
     assert ("step 0 of experience 0 (epoch 0) gives this process a share of one sample, which BatchNorm cannot "
             "normalise in training (one value per channel); with 2 processes every batch needs at least 4 samples"
             ) in proc.stderr, proc.stderr[-2000:]
+
+
+LEAVING_SCRIPT = """
+import os, sys
+import torch
+from contlearn.cli import main
+
+code = main(sys.argv[2:])
+joined = "joined" if torch.distributed.is_initialized() else "left"
+open(sys.argv[1] + f"/rank{os.environ['RANK']}-exit{code}-{joined}", "w").close()
+"""
+
+
+def test_the_command_line_leaves_the_process_group_it_joined(tmp_path):
+    script = tmp_path / "leave.py"
+    script.write_text(LEAVING_SCRIPT)
+    overrides = [*SMALL_RUN, "eval.fwt=false"]
+    proc = two_processes(str(script), str(tmp_path), "run", *overrides, "--out", str(tmp_path / "r"), "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("rank*")) == ["rank0-exit0-left", "rank1-exit0-left"]
