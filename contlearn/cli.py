@@ -253,13 +253,6 @@ def _process() -> str:
         return ""
 
 
-def _leave_process_group(*, synchronize: bool) -> None:
-    if "torch" in sys.modules:  # else no process group was joined, and the CLI stays quick
-        from contlearn.distributed import leave_process_group
-
-        leave_process_group(synchronize=synchronize)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     previous, warnings.showwarning = warnings.showwarning, _show_warning
@@ -268,9 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _parser().print_help()
             return 0
         args = _parse(argv)
-        code = COMMANDS[args.command](args)
-        _leave_process_group(synchronize=code == 0)
-        return code
+        return COMMANDS[args.command](args)
     except Interrupted as exc:
         print(f"{_process()}{exc}", file=sys.stderr)
         return exc.exit_code
@@ -281,5 +272,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{_process()}interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
-        _leave_process_group(synchronize=False)  # after an error (a no-op once left)
         warnings.showwarning = previous

@@ -64,10 +64,32 @@ REFERENCE_VIEWS = ["random_crop:4", "hflip", "color_jitter:0.4,0.4,0.4,0.8", "gr
 def prototype_loss(features: torch.Tensor, targets: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
     """``mean(1 - cos(features_i, prototypes[targets_i]))`` over the samples whose
     target is a row of ``prototypes`` (``targets >= 0``); 0 when there are none."""
+    total, count = _prototype_sum(features, targets, prototypes)
+    return total / count.clamp_min(1)
+
+
+def _prototype_sum(
+    features: torch.Tensor, targets: torch.Tensor, prototypes: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sum of ``1 - cos`` over the samples with a prototype, and their number."""
     cos = F.normalize(features, dim=1) @ F.normalize(prototypes, dim=1).T
     valid = targets >= 0
     picked = cos.gather(1, targets.clamp_min(0)[:, None]).squeeze(1)
-    return ((1 - picked) * valid).sum() / valid.sum().clamp_min(1)
+    return ((1 - picked) * valid).sum(), valid.sum().to(picked.dtype)
+
+
+def prototype_loss_over_processes(
+    features: torch.Tensor, targets: torch.Tensor, prototypes: torch.Tensor, dist: Any, n: int, share: int
+) -> torch.Tensor:
+    """Several processes: :func:`prototype_loss` of the whole batch of ``n`` samples
+    from this process's ``share`` of them. The mean runs over every process's samples
+    with a prototype (rehearsed old classes have none, and a share may hold more of
+    them than another): its value is the whole batch's, and its gradient this share's
+    part of it, scaled for the loop's weighting of the shares (a collective)."""
+    total, count = _prototype_sum(features, targets, prototypes)
+    whole_total, whole_count = dist.all_reduce_(torch.stack([total.detach(), count]))
+    whole = (whole_total + (total - total.detach())) / whole_count.clamp_min(1)
+    return dist.whole_batch_loss(whole, n, share)
 
 
 def relation_scores(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
@@ -247,13 +269,18 @@ class PRD:
         cfg = self.config
         features = out.extras["view_features"]
         targets = self._column("local")[batch.y].repeat(2)
-        terms = {"prototype": cfg.prototype_weight * prototype_loss(features.detach(), targets, self.prototypes[-1])}
+        n, b = run.batch_size, len(batch)
+        divided = run.dist.world_size > 1 and n >= run.dist.world_size  # each process has a share
+        if divided:
+            prototype = prototype_loss_over_processes(features.detach(), targets, self.prototypes[-1], run.dist, n, b)
+        else:
+            prototype = prototype_loss(features.detach(), targets, self.prototypes[-1])
+        terms = {"prototype": cfg.prototype_weight * prototype}
         if self.teacher is not None and self.teacher_prototypes:
             with torch.no_grad():
                 old_features = self.teacher(out.extras["views"])
             # relation "samples" couples the batch's samples: under torchrun, gathered like SupCon
-            n, b = run.batch_size, len(batch)
-            gathered = cfg.relation == "samples" and run.dist.world_size > 1 and n >= run.dist.world_size
+            gathered = cfg.relation == "samples" and divided
             distill = features.new_zeros(())
             for student_p, teacher_p in zip(self.prototypes, self.teacher_prototypes, strict=False):  # older ones
                 student, teacher = relation_scores(features, student_p), relation_scores(old_features, teacher_p)

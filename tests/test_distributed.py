@@ -307,11 +307,43 @@ torch.distributed.destroy_process_group()
 """
 
 
-@pytest.mark.parametrize("script", [SUPCON_SCRIPT, DISTILL_SCRIPT], ids=["supcon", "relation-samples"])
+PROTOTYPE_SCRIPT = """
+import sys
+
+import torch
+
+from contlearn.distributed import DistributedView
+from contlearn.plugins.prd import prototype_loss, prototype_loss_over_processes
+
+out = sys.argv[1]
+dist, _ = DistributedView.from_environment(torch.device("cpu"))
+torch.manual_seed(0)
+w = torch.randn(3, 5, requires_grad=True)  # 3 prototypes
+x = torch.randn(14, 5)  # two views of 7 samples, view-major: shares of 3 and 4
+y = torch.tensor([0, -1, -1, 2, 1, 0, 2]).repeat(2)  # rehearsed samples (-1) only in process 0's share
+rows, weight = dist.share(7)
+b = len(range(7)[rows])
+mine = torch.cat([torch.arange(7)[rows], 7 + torch.arange(7)[rows]])
+loss = prototype_loss_over_processes(x[mine], y[mine], w, dist, 7, b)
+loss.backward()
+dist.sum_gradients_([w], weight)
+one = w.detach().clone().requires_grad_(True)
+reference = prototype_loss(x, y, one)
+reference.backward()
+torch.save({"loss": loss.item(), "whole": reference.item(), "grad": w.grad, "one": one.grad}, f"{out}/rank{dist.rank}.pt")
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize(
+    "script", [SUPCON_SCRIPT, DISTILL_SCRIPT, PROTOTYPE_SCRIPT], ids=["supcon", "relation-samples", "prototype"]
+)
 def test_a_contrastive_loss_over_the_processes_is_the_whole_batch_s(tmp_path, script):
     """PRD's supervised contrastive term and its relation distillation over samples
-    see the gathered batch: the value and the summed gradient are one
-    process's, with uneven shares."""
+    see the gathered batch, and its prototype loss averages over every process's
+    samples that have a prototype: the value and the summed gradient are one
+    process's, with uneven shares (and rehearsed samples in one share only)."""
     path = tmp_path / "loss.py"
     path.write_text(script)
     proc = two_processes(str(path), str(tmp_path))
@@ -407,20 +439,24 @@ def test_a_share_of_one_sample_through_batchnorm_says_how_many_samples_a_batch_n
 
 
 LEAVING_SCRIPT = """
-import os, sys
+import atexit, os, sys
 import torch
-from contlearn.cli import main
+from contlearn import Experiment, load_config
 
-code = main(sys.argv[2:])
-joined = "joined" if torch.distributed.is_initialized() else "left"
-open(sys.argv[1] + f"/rank{os.environ['RANK']}-exit{code}-{joined}", "w").close()
+
+def record() -> None:  # registered first, so it runs after the handlers registered later
+    joined = "joined" if torch.distributed.is_initialized() else "left"
+    open(sys.argv[1] + f"/rank{os.environ['RANK']}-{joined}", "w").close()
+
+
+atexit.register(record)
+Experiment(load_config("split-digits", sys.argv[2:])).run()
 """
 
 
-def test_the_command_line_leaves_the_process_group_it_joined(tmp_path):
+def test_a_process_leaves_the_process_group_contlearn_joined_when_it_exits(tmp_path):
     script = tmp_path / "leave.py"
     script.write_text(LEAVING_SCRIPT)
-    overrides = [*SMALL_RUN, "eval.fwt=false"]
-    proc = two_processes(str(script), str(tmp_path), "run", *overrides, "--out", str(tmp_path / "r"), "--quiet")
+    proc = two_processes(str(script), str(tmp_path), *SMALL_RUN, "eval.fwt=false")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(p.name for p in tmp_path.glob("rank*")) == ["rank0-exit0-left", "rank1-exit0-left"]
+    assert sorted(p.name for p in tmp_path.glob("rank*")) == ["rank0-left", "rank1-left"]
