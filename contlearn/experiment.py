@@ -192,7 +192,7 @@ class Experiment:
         self.config: DictConfig = config
         out = out_dir if out_dir is not None else config.out
         self.out_dir: Path | None = Path(out) if out is not None else None
-        self._has_run_dir = self.out_dir is not None  # set by build() on every process; process 0 writes
+        self._has_run_dir = self.out_dir is not None  # on every process (build() clears out_dir but on process 0)
         self.extra_plugins = {name: p for name, p in given.items() if name not in self.plugin_classes}
         self.stream = stream
         self.run_state: Run | None = None
@@ -295,7 +295,6 @@ class Experiment:
         """Seed, then build the stream, the model and the plugins; nothing trains yet."""
         cfg = self.config
         dist, device = DistributedView.from_environment(resolve_device(cfg.device))
-        self._has_run_dir = self.out_dir is not None
         if not dist.is_main:
             self.out_dir = None  # process 0 writes the run directory
         if self.out_dir is not None:

@@ -450,13 +450,15 @@ def record() -> None:  # registered first, so it runs after the handlers registe
 
 
 atexit.register(record)
-Experiment(load_config("split-digits", sys.argv[2:])).run()
+experiment = Experiment(load_config("split-digits", sys.argv[3:]), out_dir=sys.argv[2])
+experiment.build()  # built twice (run() builds again): process 1 still joins the checkpoints' collectives
+experiment.run()
 """
 
 
 def test_a_process_leaves_the_process_group_contlearn_joined_when_it_exits(tmp_path):
     script = tmp_path / "leave.py"
     script.write_text(LEAVING_SCRIPT)
-    proc = two_processes(str(script), str(tmp_path), *SMALL_RUN, "eval.fwt=false")
+    proc = two_processes(str(script), str(tmp_path), str(tmp_path / "run"), *SMALL_RUN, "eval.fwt=false")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.glob("rank*")) == ["rank0-left", "rank1-left"]
