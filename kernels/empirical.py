@@ -118,6 +118,28 @@ class _LinearTaps:
         d_all = torch.cat([d.reshape(b, -1, d.shape[-1]) for _, d in pairs], dim=1)  # type: ignore[union-attr]
         return a_all, d_all
 
+    def drop_functional_uses(self, loss: torch.Tensor) -> None:
+        """Leave to batch mode a tapped parameter that ``loss`` also uses outside its
+        layer's forward (``x @ layer.weight.T`` elsewhere in the model): the taps see
+        only the forward's share of its per-sample gradient. Every use is one edge
+        into the parameter's gradient accumulator in the autograd graph, and every
+        forward call one; more edges than calls is a use the taps miss."""
+        calls = {id(p): len(self.calls[m]) for m in self.modules for p in m.parameters(recurse=False)}
+        edges = dict.fromkeys(self.exclusive, 0)
+        seen: set[Any] = set()
+        stack = [loss.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            for child, _ in node.next_functions:
+                variable = getattr(child, "variable", None)
+                if variable is not None and id(variable) in edges:
+                    edges[id(variable)] += 1
+                stack.append(child)
+        self.exclusive -= {k for k, n in edges.items() if n > calls[k]}
+
     def clear(self) -> None:
         for calls in self.calls.values():
             calls.clear()
@@ -153,8 +175,9 @@ def empirical_fisher(
     and output gradients; since ``L_k`` is a mean over B_k samples, ``dl_n/dtheta =
     B_k * dL_k/dtheta`` restricted to sample n). Parameters of other modules
     (convolutions, cosine heads), Linear layers bypassed by functional calls (e.g.
-    ``nn.MultiheadAttention.out_proj``) and parameters shared between modules fall back
-    to the batch-mode formula, which is about B times smaller in scale. Per-sample mode
+    ``nn.MultiheadAttention.out_proj``), parameters shared between modules and
+    parameters that the loss also uses outside their layer's forward (found in the
+    first batch's autograd graph) fall back to the batch-mode formula, which is about B times smaller in scale. Per-sample mode
     assumes samples do not interact (BatchNorm in eval mode) and that the batch is the
     leading dimension of every Linear input.
 
@@ -208,6 +231,7 @@ def fisher_sums(
             else:
                 if per_sample_modules is None:
                     per_sample_modules = taps.fired()
+                    taps.drop_functional_uses(loss)
                 elif taps.fired() != per_sample_modules:
                     raise RuntimeError(
                         "empirical_fisher(per_sample): the model called different Linear layers "

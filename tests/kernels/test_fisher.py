@@ -277,6 +277,29 @@ def test_per_sample_with_shared_weight_falls_back() -> None:
     torch.testing.assert_close(got["2.bias"], per_sample["2.bias"])
 
 
+class _ReusedWeight(nn.Module):
+    """A layer called through its forward whose weight the model also uses directly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.body(x))
+        return self.head(h) + 0.5 * (h @ self.body.weight.T)[:, :3]
+
+
+def test_per_sample_mode_leaves_a_weight_also_used_outside_its_layer_to_batch_mode() -> None:
+    torch.manual_seed(0)
+    model = _ReusedWeight()
+    batches = [(torch.randn(5, 4), torch.randint(0, 3, (5,))), (torch.randn(3, 4), torch.randint(0, 3, (3,)))]
+    got = fisher.empirical_fisher(model, batches, _xent, mode="per_sample")
+    batch, per_sample = _batch_loop(model, batches, _xent), _per_sample_loop(model, batches, _xent)
+    torch.testing.assert_close(got["body.weight"], batch["body.weight"])  # the taps would miss the second use
+    for name in ("body.bias", "head.weight", "head.bias"):
+        torch.testing.assert_close(got[name], per_sample[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
 def test_per_sample_mode_leaves_other_parameters_of_a_linear_layer_to_batch_mode() -> None:
     """Old-style weight_norm keeps nn.Linear's forward but trains weight_g and
     weight_v: they are not per-sample weights (they came back as 0)."""
