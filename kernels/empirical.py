@@ -177,9 +177,10 @@ def empirical_fisher(
     (convolutions, cosine heads), Linear layers bypassed by functional calls (e.g.
     ``nn.MultiheadAttention.out_proj``), parameters shared between modules and
     parameters that the loss also uses outside their layer's forward (found in the
-    first batch's autograd graph) fall back to the batch-mode formula, which is about B times smaller in scale. Per-sample mode
-    assumes samples do not interact (BatchNorm in eval mode) and that the batch is the
-    leading dimension of every Linear input.
+    first batch's autograd graph) fall back to the batch-mode formula, which is
+    about B times smaller in scale. Per-sample mode assumes samples do not interact
+    (BatchNorm in eval mode) and that the batch is the leading dimension of every
+    Linear input.
 
     Returns fp32 tensors keyed by ``model.named_parameters()`` names (only those with
     ``requires_grad``; a model with none raises ValueError). The model's mode is left as the caller set it and no ``.grad``
