@@ -56,12 +56,18 @@ def merge_checked(schema: Any, *layers: Any, where: str = "") -> DictConfig:
     except OmegaConfBaseException as exc:
         raise ConfigError(f"invalid config{f' at {where}' if where else ''}: {first_line(exc.msg)}") from None
     except TypeError as exc:  # OmegaConf's "Cannot merge incompatible container types", without the key
-        found = _container_mismatch(OmegaConf.structured(schema), layers)
-        if found is None:
-            raise ConfigError(f"invalid config{f' at {where}' if where else ''}: {exc}") from None
-        key = f"{where}{found[0]}"
-        wanted = f"a list in brackets, e.g. {key}=[1,2]" if found[1] == "list" else f"a mapping, e.g. {key}.KEY=VALUE"
-        raise ConfigError(f"wrong value for '{key}': expected {wanted}") from None
+        raise container_mismatch_error(OmegaConf.structured(schema), layers, exc, where) from None
+
+
+def container_mismatch_error(base: DictConfig, layers: tuple[Any, ...], exc: TypeError, where: str = "") -> ConfigError:
+    """The error for layers merged over ``base`` that give a list where it has a
+    mapping or the reverse (OmegaConf's TypeError does not say where)."""
+    found = _container_mismatch(base, layers)
+    if found is None:
+        return ConfigError(f"invalid config{f' at {where}' if where else ''}: {exc}")
+    key = f"{where}{found[0]}"
+    wanted = f"a list in brackets, e.g. {key}=[1,2]" if found[1] == "list" else f"a mapping, e.g. {key}.KEY=VALUE"
+    return ConfigError(f"wrong value for '{key}': expected {wanted}")
 
 
 def _container_mismatch(schema: DictConfig, layers: tuple[Any, ...]) -> tuple[str, str] | None:

@@ -47,7 +47,9 @@ _REQUIRED_INSIDE = {
     "position": ("completed", "inside_experience", "epoch", "step", "global_step"),
     "metrics": ("accuracy_rows", "initial_accuracy", "confusion", "timings", "elapsed", "epoch_losses",
                 "epoch_terms", "epoch_generator"),
+    "rng": ("python", "numpy", "torch", "cuda", "generator"),
 }
+_MAPPINGS = ("config", "model", "plugins")  # sections that must be mappings (a hand edit may make them None)
 
 
 class CheckpointWarning(UserWarning):
@@ -222,6 +224,9 @@ def load(path: Path) -> dict[str, Any]:
                 if not isinstance(state[section], dict) or k not in state[section]]
     if missing:
         raise CheckpointError(f"checkpoint '{path.name}' is incomplete: it lacks {missing}")
+    malformed = [k for k in _MAPPINGS if not isinstance(state[k], dict)]
+    if malformed:
+        raise CheckpointError(f"checkpoint '{path.name}' is malformed: {malformed} should be mappings")
     return state
 
 

@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
 
     resume = sub.add_parser("resume", help="continue a run from its newest checkpoint")
     resume.add_argument("run_dir", metavar="RUN_DIR", help="the run directory")
-    resume.add_argument("overrides", nargs="*", help="key=value overrides (device, threads, checkpoint.*)")
+    resume.add_argument("overrides", nargs="*", default=[], help="key=value overrides (device, threads, checkpoint.*)")
     resume.add_argument("--quiet", action="store_true", help="print only the final table")
     resume.add_argument("--tensorboard", action="store_true", help="also log to RUN_DIR/tensorboard")
 

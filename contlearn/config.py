@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from contlearn._config_merge import first_line, merge_checked
+from contlearn._config_merge import container_mismatch_error, first_line, merge_checked
 from contlearn.errors import ConfigError, choices
 
 DEFAULT_EXPERIMENT = "split-digits"
@@ -189,7 +189,10 @@ def _over_base(data: DictConfig, directory: Path | None, seen: tuple[Path, ...] 
     parent = _load_yaml(resolve_config_path(str(base_path)), seen)
     if "plugins" in data:
         parent.plugins = {}  # a config's plugin list replaces its base's: plugins are a choice, not a default
-    return OmegaConf.merge(parent, data)  # type: ignore[return-value]
+    try:
+        return OmegaConf.merge(parent, data)  # type: ignore[return-value]
+    except TypeError as exc:  # a list over a mapping of the base, or the reverse
+        raise container_mismatch_error(parent, (data,), exc) from None
 
 
 def override_list(overrides: Any) -> list[str]:

@@ -344,7 +344,8 @@ def _torchvision_set(name: str, root: Path, train: bool, download: bool) -> Any:
             ) from None
         raise DataError(f"cannot load {cls_name} from '{root}': {exc}") from None
     except OSError as exc:  # download failures (no network)
-        raise DataError(f"cannot download {cls_name} into '{root}': {exc}") from None
+        reason = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # torchvision's tries, one per line
+        raise DataError(f"cannot download {cls_name} into '{root}': {reason}") from None
 
 
 def torchvision_source(name: str, root: str | None, download: bool = False) -> Split:

@@ -190,6 +190,19 @@ def test_a_checkpoint_with_malformed_sections_is_incomplete(run_dir, tmp_path):
         ckpt.load(tmp_path / "ckpt-002-000000008.pt")
 
 
+def test_a_checkpoint_with_hand_edited_random_state_or_sections_is_refused_by_name(run_dir, tmp_path):
+    state = ckpt.load(ckpt.list_checkpoints(run_dir / "checkpoints")[-1])
+    del state["rng"]["numpy"]
+    torch.save(state, tmp_path / "ckpt-002-000000008.pt")
+    with pytest.raises(CheckpointError, match=r"is incomplete: it lacks \['rng.numpy'\]"):
+        ckpt.load(tmp_path / "ckpt-002-000000008.pt")
+    state = ckpt.load(ckpt.list_checkpoints(run_dir / "checkpoints")[-1])
+    state["plugins"], state["config"] = None, None
+    torch.save(state, tmp_path / "ckpt-002-000000009.pt")
+    with pytest.raises(CheckpointError, match=r"is malformed: \['config', 'plugins'\] should be mappings"):
+        ckpt.load(tmp_path / "ckpt-002-000000009.pt")
+
+
 def test_config_differences_name_keys_and_ignore_device_and_out():
     a = {"seed": 0, "device": "cuda", "out": "x", "model": {"hidden": [8]}, "plugins": {"finetune": {}, "ewc": {"lam": 1.0}}}
     b = {"seed": 0, "device": "cpu", "out": None, "model": {"hidden": [16]}, "plugins": {"finetune": {}}}

@@ -47,6 +47,7 @@ def test_run_by_name_prints_progress(tmp_path, capsys):
         (["run", "plugins.nope.x=1"], "available plugins"),
         (["show-config", "split-digits", "train.lr=fast"], "train.lr"),
         (["frobnicate"], "invalid choice"),
+        (["resume"], "the following arguments are required: RUN_DIR\n"),  # not the optional overrides
     ],
 )
 def test_usage_errors_exit_2_with_one_line(argv, needle, capsys):

@@ -185,3 +185,18 @@ def test_a_config_given_as_a_mapping_loads_like_a_file(tmp_path):
         load_config({"base": "nowhere"})
     with pytest.raises(ConfigError, match="unknown config key 'train.epochz'"):
         load_config({"train": {"epochz": 1}})
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("model:\n  hidden: {a: 1}\n", "wrong value for 'model.hidden': expected a list in brackets, e.g. model.hidden=[1,2]"),
+        ("model: [1]\n", "wrong value for 'model': expected a mapping, e.g. model.KEY=VALUE"),
+    ],
+)
+def test_a_file_over_a_base_with_a_list_for_a_mapping_names_the_key(tmp_path, text, message):
+    path = tmp_path / "exp.yaml"
+    path.write_text("base: split-digits\n" + text)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert str(info.value) == message

@@ -108,6 +108,8 @@ def test_not_a_run_dir_and_out_equal_to_run_dir(run_dir, tmp_path, capsys):
     assert "not a run directory" in capsys.readouterr().err
     assert main(["unlearn", str(run_dir), "--classes", "3", "--out", str(run_dir)]) == 2
     assert "new directory" in capsys.readouterr().err
+    assert main(["unlearn", str(run_dir), "--classes", "3", "--out="]) == 2  # was the current directory
+    assert capsys.readouterr().err.strip() == "error: --out is empty: give the directory to write the unlearnt run to"
 
 
 def test_out_that_holds_another_run_is_refused(run_dir, tmp_path, capsys):
