@@ -271,5 +271,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{_process()}interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as exc:
+        if exc.filename is None:  # not about a file of the user's (a bug, or the network): the traceback helps
+            raise
+        print(f"{_process()}error: {exc}", file=sys.stderr)  # a file or folder this user cannot read or write
+        return 1
     finally:
         warnings.showwarning = previous

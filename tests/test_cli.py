@@ -78,3 +78,15 @@ def test_python_dash_m_and_exit_code_in_a_real_process(tmp_path):
     )
     assert proc.returncode == 2
     assert "error: unknown config key 'train.epochz'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_file_the_user_cannot_read_is_one_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text("{}")
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr("pathlib.Path.read_text", refuse)  # what chmod 000 does, for a user who is not root
+    assert main(["report", str(tmp_path / "run")]) == 1
+    assert capsys.readouterr().err == f"error: [Errno 13] Permission denied: '{tmp_path / 'run' / 'results.json'}'\n"
