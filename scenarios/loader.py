@@ -162,7 +162,12 @@ class LoaderData:
             generator=torch.Generator(),
         )
         non_blocking = self._device.type == "cuda"
-        for index, x in zip(chunks, loader, strict=True):
+        inputs = iter(loader)
+        for index in chunks:
+            try:
+                x = next(inputs)
+            except (DataError, RuntimeError) as exc:
+                raise loading_error(exc) from None
             batch = Batch(x, self.y[index], self.t[index]).to(self._device, non_blocking=non_blocking)
             if self.augment is not None:
                 batch = Batch(self.augment(batch.x, generator), batch.y, batch.t, raw=batch.x)
@@ -190,3 +195,18 @@ class _TensorItems(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.x[i]
+
+
+def loading_error(exc: BaseException) -> DataError:
+    """One line for a failure to read or stack inputs, in this process or in a
+    DataLoader worker (whose error arrives with the worker's traceback in its
+    message: its last line is the original error)."""
+    message = str(exc).strip()
+    if "Original Traceback" in message:
+        last = message.splitlines()[-1]
+        message = last.split(": ", 1)[1] if ": " in last else last  # "module.Error: what" -> "what"
+    if "stack expects each tensor to be equal size" in message or "Sizes of tensors must match" in message:
+        return DataError(
+            f"the inputs of this data set do not all have one shape ({message}); set scenario.image_size to resize them"
+        )
+    return DataError(message if isinstance(exc, DataError) else f"cannot read the data: {message}")

@@ -47,9 +47,10 @@ class Samples(Dataset):
                             generator=torch.Generator())
         try:
             return torch.cat(list(loader)) if len(self) else torch.empty(0)
-        except RuntimeError as exc:
-            raise DataError(f"the inputs of this data set do not all have one shape ({exc}); "
-                            f"set scenario.image_size to resize them") from None
+        except (DataError, RuntimeError) as exc:
+            from contlearn.scenarios.loader import loading_error  # loader builds on this module
+
+            raise loading_error(exc) from None
 
     def subset(self, index: torch.Tensor) -> Samples:
         raise NotImplementedError

@@ -178,6 +178,28 @@ def test_image_folder_of_mixed_sizes_needs_image_size(tmp_path):
         sources.folder(str(tmp_path / "none"))
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_images_that_fail_in_a_loader_batch_are_one_line(tmp_path, workers):
+    """Through the DataLoader (loader storage, data above the memory limit), as
+    when loading them whole: a worker's traceback is not part of the message."""
+    mixed = write_image_folder(tmp_path / "mixed", sizes=((5, 5), (7, 4)))
+    bad = write_image_folder(tmp_path / "bad")
+    (bad / "ant" / "0.png").write_text("not an image")
+    unreadable = r"^cannot read image '.*0.png': cannot identify image file"
+    cfg = load_config("split-digits", ["scenario.source=folder", f"scenario.path={bad}", "scenario.n_experiences=3",
+                                       "scenario.storage=loader", f"scenario.num_workers={workers}"])
+    with pytest.raises(DataError, match=unreadable) as info:
+        for exp in build_stream(cfg.scenario, 0):
+            list(exp.train.batches(18)), list(exp.test.batches(18))
+    assert "\n" not in str(info.value) and "Traceback" not in str(info.value)
+    for root, message in ((mixed, r"^the inputs of this data set do not all have one shape \(stack expects"),
+                          (bad, unreadable)):
+        split = sources.folder(str(root))
+        with pytest.raises(DataError, match=message) as info:
+            split.train.load(num_workers=workers), split.test.load(num_workers=workers)
+        assert "\n" not in str(info.value) and "Traceback" not in str(info.value)
+
+
 def test_image_folder_test_classes_must_be_training_classes(tmp_path):
     write_image_folder(tmp_path / "split" / "train")
     write_image_folder(tmp_path / "split" / "test", classes=("ant", "bee", "cow", "dog"))
