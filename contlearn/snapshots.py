@@ -76,6 +76,23 @@ def load_tensors(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
                 target.data = value.clone()
 
 
+def drop_unsaved_entries(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Remove from ``module`` the trailing entries of its ModuleLists that
+    hold tensors, none of them in ``tensors``: a copy of a model that has grown
+    since ``tensors`` were saved (a block added by MEMO or by model surgery) rolled
+    back to the saved model's structure, as for a teacher rebuilt on resume."""
+    for prefix, child in list(module.named_modules()):
+        if not isinstance(child, nn.ModuleList):
+            continue
+        base = f"{prefix}." if prefix else ""
+        while len(child):
+            index = len(child) - 1
+            names = [f"{base}{index}.{n}" for n, _ in (*child[index].named_parameters(), *child[index].named_buffers())]
+            if not names or any(n in tensors for n in names):
+                break
+            del child[index]
+
+
 def module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer of ``module`` by name, detached (for ``state_dict``)."""
     out = {name: p.detach() for name, p in module.named_parameters()}

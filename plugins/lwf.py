@@ -38,7 +38,7 @@ from torch.nn import functional as F
 from contlearn.errors import ConfigError, PluginError
 from contlearn.hookspecs import hookimpl
 from contlearn.models.heads import MultiHead
-from contlearn.snapshots import frozen_copy, load_tensors, module_tensors
+from contlearn.snapshots import drop_unsaved_entries, frozen_copy, load_tensors, module_tensors
 
 
 def distillation(student: torch.Tensor, teacher: torch.Tensor, T: float) -> torch.Tensor:
@@ -71,6 +71,7 @@ class LwF:
     def setup(self, run: Any) -> None:
         if self._pending is not None:  # after a resume: the teacher's weights over a copy of the model
             teacher = frozen_copy(run.model)
+            drop_unsaved_entries(teacher, self._pending)  # blocks added to the model since (MEMO, surgery)
             load_tensors(teacher, self._pending)
             if isinstance(getattr(teacher, "head", None), MultiHead):
                 # the copy may already hold the head of the experience under way: not distilled

@@ -52,7 +52,7 @@ from contlearn.errors import ConfigError, choices
 from contlearn.hookspecs import hookimpl
 from contlearn.models import Output
 from contlearn.models.heads import MASKED_LOGIT
-from contlearn.snapshots import load_tensors, module_tensors
+from contlearn.snapshots import drop_unsaved_entries, load_tensors, module_tensors
 
 RELATIONS = ("prototypes", "samples")
 TEACHER_BN = ("batch", "running")
@@ -380,6 +380,7 @@ class PRD:
         self.teacher = None
         if state["teacher"]:
             self.teacher = self._frozen_encoder(run)
+            drop_unsaved_entries(self.teacher, state["teacher"])  # blocks added to the model since
             load_tensors(self.teacher, state["teacher"])
         self.teacher_prototypes = [p.detach().clone().to(run.device) for p in state["teacher_prototypes"]]
         if state["generator"] is not None:

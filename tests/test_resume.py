@@ -161,6 +161,24 @@ class AddBlock:
         self._graft(run, self.n)
 
 
+@pytest.mark.parametrize("grows", ["surgery", "memo"])
+def test_a_teacher_taken_before_the_model_grew_resumes_exactly(tmp_path, grows):
+    """LwF's teacher is rebuilt on resume from a copy of the model, which has since
+    gained a block (this experience's): the copy drops it (was a shape error with
+    MEMO, and a teacher with the student's new block after surgery)."""
+    overrides = [*TINY, "checkpoint.every_n_steps=5", "checkpoint.keep_last=50", "plugins.lwf={}"]
+    if grows == "memo":
+        overrides.append("plugins.memo.memory_size=20")
+    plugins = (lambda: {"blocks": AddBlock()}) if grows == "surgery" else dict
+    Experiment(load_config(None, overrides), out_dir=tmp_path / "whole", plugins=plugins()).run()
+    out = tmp_path / "run"
+    with pytest.raises(SimulatedCrash):
+        Experiment(load_config(None, overrides), out_dir=out, plugins={**plugins(), "crash": CrashAt(16)}).run()
+    Experiment.resume(out, plugins=plugins()).run()
+    assert comparable(out) == comparable(tmp_path / "whole")
+    assert_same_final_weights(out, tmp_path / "whole")
+
+
 def test_plugin_surgery_is_rebuilt_through_restore(tmp_path):
     overrides = [*TINY, "checkpoint.every_n_steps=5", "checkpoint.keep_last=50"]
     whole = Experiment(load_config(None, overrides), out_dir=tmp_path / "whole", plugins={"blocks": AddBlock()}).run()
