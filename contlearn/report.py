@@ -118,6 +118,9 @@ def label_runs(runs: list[FinishedRun]) -> None:
     """Give runs that share a folder name labels with as many parent folders as
     tell them apart (``a/seed0`` and ``b/seed0``)."""
     parts = [run.path.resolve().parts for run in runs]
+    repeated = next((run.path for run, p in zip(runs, parts, strict=True) if parts.count(p) > 1), None)
+    if repeated is not None:
+        raise ConfigError(f"run directory '{repeated}' is given twice")
     depth = [1] * len(runs)
     while True:
         labels = ["/".join(p[-d:]) for p, d in zip(parts, depth, strict=True)]

@@ -55,12 +55,14 @@ def _check(cfg: Any) -> None:
         raise ConfigError(f"'scenario.validation_fraction' must be in [0, 1), got {cfg.validation_fraction}")
     if cfg.samples_per_class is not None and cfg.samples_per_class < 1:
         raise ConfigError(f"'scenario.samples_per_class' must be at least 1, got {cfg.samples_per_class}")
-    if cfg.num_workers < 0 or cfg.memory_limit_gb <= 0:
-        raise ConfigError("'scenario.num_workers' must be >= 0 and 'scenario.memory_limit_gb' positive")
+    if cfg.num_workers < 0:
+        raise ConfigError(f"'scenario.num_workers' must be >= 0, got {cfg.num_workers}")
+    if cfg.memory_limit_gb <= 0:
+        raise ConfigError(f"'scenario.memory_limit_gb' must be positive, got {cfg.memory_limit_gb}")
     if cfg.setting != "domain":
-        if cfg.transform != "none" or cfg.domains is not None:
+        if cfg.transform != "none" or cfg.domains is not None or cfg.rotations is not None:
             raise ConfigError(
-                f"scenario.transform and scenario.domains make domain-incremental streams; "
+                f"scenario.transform, scenario.rotations and scenario.domains make domain-incremental streams; "
                 f"set scenario.setting=domain (it is '{cfg.setting}')"
             )
         return

@@ -87,9 +87,15 @@ def _names(split: Split, labels: Sequence[int]) -> list[str]:
 def _remap(order: Sequence[int]) -> torch.Tensor:
     if min(order) < 0:
         raise DataError(f"the training set has a negative label ({min(order)}): labels must be 0 or more")
+    if max(order) >= _MAX_LABEL:  # the relabelling table has an entry per label up to the largest
+        raise DataError(f"the training set has label {max(order)}; labels must be below {_MAX_LABEL:,} "
+                        f"(number the classes 0, 1, 2, ...)")
     remap = torch.full((max(order) + 1,), -1, dtype=torch.long)
     remap[torch.tensor(order)] = torch.arange(len(order))
     return remap
+
+
+_MAX_LABEL = 10_000_000  # 80 MB of relabelling table; ImageNet-21k's labels stay below 22,000
 
 
 def _relabel(data, remap: torch.Tensor, what: str):

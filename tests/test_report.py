@@ -170,3 +170,9 @@ def test_a_relative_dot_is_named_by_its_folder(finished, monkeypatch, capsys):
 def test_out_with_one_run_is_refused(finished, tmp_path, capsys):
     assert main(["report", str(finished[0]), "--out", str(tmp_path / "cmp")]) == 2
     assert "--out" in capsys.readouterr().err and not (tmp_path / "cmp").exists()
+
+
+def test_a_run_given_twice_is_refused(finished, capsys):
+    run = finished[0]
+    assert main(["report", str(run), str(run)]) == 2
+    assert capsys.readouterr().err == f"error: run directory '{run}' is given twice\n"  # its rows were both '//...'

@@ -106,6 +106,9 @@ def test_task_labels_are_present_and_right():
         (["scenario.train_transform=[center_crop:0]"], "'center_crop:0' needs sizes of at least 1"),
         (["scenario.eval_transform=[resize:0]"], "'resize:0' needs sizes of at least 1"),
         (["scenario.image_size=0"], "'scenario.image_size' must be at least 1"),
+        (["scenario.rotations=[0,90]"], "make domain-incremental streams; set scenario.setting=domain"),  # was ignored
+        (["scenario.memory_limit_gb=-1"], r"^'scenario.memory_limit_gb' must be positive, got -1"),
+        (["scenario.num_workers=-1"], r"^'scenario.num_workers' must be >= 0, got -1$"),
     ],
 )
 def test_bad_scenarios_are_one_clear_error(overrides, match):

@@ -232,3 +232,6 @@ def test_arrays_of_mixed_scales_and_bad_labels_are_data_errors():
         Stream.from_tensors(x, y - 1, x, y - 1, n_experiences=2)
     with pytest.raises(DataError, match=r"negative label \(-2\)"):  # no valid label left to size the mapping
         Stream.from_tensors(x, y - 2, x, y - 2, n_experiences=2)
+    huge = y * 10**12  # the relabelling table would take 8 TB
+    with pytest.raises(DataError, match="has label 1000000000000; labels must be below 10,000,000"):
+        Stream.from_tensors(x, huge, x, huge, n_experiences=2)
