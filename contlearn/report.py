@@ -101,10 +101,11 @@ def _check_fields(file: Path, results: dict[str, Any]) -> None:
     for key in ("config", "timings", "given"):
         if results.get(key) is not None and not isinstance(results[key], dict):
             raise ConfigError(f"'{file}' is not a contlearn results file: '{key}' is not a mapping")
-    for key in ("scenario", "model", "train"):
-        section = (results.get("config") or {}).get(key)
+    for where, key in (("config", "scenario"), ("config", "model"), ("config", "train"), ("config", "plugins"),
+                       ("given", "plugins")):
+        section = (results.get(where) or {}).get(key)
         if section is not None and not isinstance(section, dict):
-            raise ConfigError(f"'{file}' is not a contlearn results file: 'config.{key}' is not a mapping")
+            raise ConfigError(f"'{file}' is not a contlearn results file: '{where}.{key}' is not a mapping")
     for key in HEADLINE:
         value = results.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):

@@ -102,7 +102,8 @@ def test_not_a_finished_run_is_one_clear_error(tmp_path, finished, capsys):
     (partial / "results.json").write_text(json.dumps(data))
     with pytest.raises(ConfigError, match="incomplete"):
         load_run(partial)
-    for text in ("{not json", '{"accuracy_matrix": "x"}', "[1, 2]", '{"accuracy_matrix": [[0.5, "a"]]}'):
+    edited = json.dumps({**data, "accuracy_matrix": [[0.5]], "config": {**data["config"], "plugins": 3}})
+    for text in ("{not json", '{"accuracy_matrix": "x"}', "[1, 2]", '{"accuracy_matrix": [[0.5, "a"]]}', edited):
         (partial / "results.json").write_text(text)
         assert main(["report", str(partial)]) == 2
         err = capsys.readouterr().err
