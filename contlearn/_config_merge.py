@@ -38,6 +38,12 @@ def merge_checked(schema: Any, *layers: Any, where: str = "") -> DictConfig:
     except ConfigKeyError as exc:
         full_key = f"{where}{exc.full_key}" if exc.full_key else where.rstrip(".")
         valid = _valid_keys(schema, str(exc.full_key))
+        owner = getattr(exc, "object_type", None)
+        if dataclasses.is_dataclass(owner) and owner is not schema and exc.key is not None and "." not in str(exc.full_key):
+            # a key of a dataclass inside a list (SSD's forget events): OmegaConf's full_key lost the path
+            path = _path_in_lists(layers, str(exc.key))
+            full_key = f"{where}{path}" if path else full_key
+            valid = [f.name for f in dataclasses.fields(owner)]
         raise ConfigError(f"unknown config key '{full_key}'; valid keys here: {choices(valid)}") from None
     except ValidationError as exc:
         if not exc.full_key:  # OmegaConf says nothing when a section is given a plain value
@@ -99,6 +105,31 @@ def _container_mismatch(schema: DictConfig, layers: tuple[Any, ...]) -> tuple[st
                 merged = OmegaConf.merge(merged, layer)
             except (OmegaConfBaseException, TypeError):
                 return None
+    return None
+
+
+def _path_in_lists(layers: tuple[Any, ...], key: str) -> str | None:
+    """Where the layers give ``key`` in a mapping inside a list (``forget[0].key``)."""
+
+    def walk(node: Any, prefix: str, in_list: bool) -> str | None:
+        if isinstance(node, (dict, DictConfig)):
+            if in_list and key in node:
+                return f"{prefix}.{key}" if prefix else key
+            for k, v in node.items():
+                found = walk(v, f"{prefix}.{k}" if prefix else str(k), False)
+                if found:
+                    return found
+        elif isinstance(node, (list, ListConfig)):
+            for i, v in enumerate(node):
+                found = walk(v, f"{prefix}[{i}]", True)
+                if found:
+                    return found
+        return None
+
+    for layer in reversed(layers):
+        found = walk(layer, "", False)
+        if found:
+            return found
     return None
 
 

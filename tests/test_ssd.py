@@ -421,6 +421,13 @@ def test_forget_events_are_checked_before_training(event, message):
     assert experiment.run_state.global_step == 0  # refused before the first step
 
 
+def test_a_mistyped_forget_event_field_is_named_with_the_event_s_fields():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [*STREAM, "plugins.ssd={}", "plugins.ssd.forget=[{after: 1, classes: ['1']}, {after: 1, clases: [2]}]"])
+    assert str(info.value) == ("unknown config key 'plugins.ssd.forget[1].clases'; valid keys here: "
+                               "'after', 'alpha', 'auto', 'classes', 'experience', 'lam', 'samples'")  # was plugins.ssd.clases
+
+
 def test_experiment_unlearn_reaches_the_plugin():
     cfg = load_config(None, [*STREAM, "plugins.ssd={}"])
     experiment = Experiment(cfg)
