@@ -271,7 +271,8 @@ def npz(path: str | None, test_fraction: float = 0.2, seed: int = 0) -> Split:
         raise ConfigError("scenario.source=npz needs scenario.path=FILE (a .npz with arrays x and y)")
     file = Path(path).expanduser()
     if not file.is_file():
-        raise DataError(f"npz file '{file}' does not exist (scenario.path)")
+        what = "is a directory, not a .npz file" if file.is_dir() else "does not exist"
+        raise DataError(f"npz file '{file}' {what} (scenario.path)")
     try:
         _check_npz_magic(file)
         with np.load(file, allow_pickle=False) as arrays:
@@ -396,7 +397,8 @@ def folder(path: str | None, image_size: int | None = None, test_fraction: float
         raise ConfigError("scenario.source=folder needs scenario.path=DIR (one sub-folder of images per class)")
     root = Path(path).expanduser()
     if not root.is_dir():
-        raise DataError(f"image folder '{root}' does not exist (scenario.path)")
+        what = "is a file, not a folder of class sub-folders" if root.exists() else "does not exist"
+        raise DataError(f"image folder '{root}' {what} (scenario.path)")
     split_dirs = (root / "train").is_dir() and (root / "test").is_dir()
     classes = [p.name for p in _class_folders(root / "train" if split_dirs else root)]
     if not classes:

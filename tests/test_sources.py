@@ -176,6 +176,11 @@ def test_image_folder_of_mixed_sizes_needs_image_size(tmp_path):
     assert sources.folder(str(root), image_size=6).train.load().shape[1:] == (3, 6, 6)
     with pytest.raises(DataError, match="does not exist"):
         sources.folder(str(tmp_path / "none"))
+    (tmp_path / "a.png").write_bytes(b"")
+    with pytest.raises(DataError, match="'.*a.png' is a file, not a folder of class sub-folders"):
+        sources.folder(str(tmp_path / "a.png"))
+    with pytest.raises(DataError, match="'.*mixed' is a directory, not a .npz file"):
+        sources.npz(str(root))
 
 
 @pytest.mark.parametrize("workers", [0, 1])
