@@ -38,12 +38,9 @@ def merge_checked(schema: Any, *layers: Any, where: str = "") -> DictConfig:
     except ConfigKeyError as exc:
         full_key = f"{where}{exc.full_key}" if exc.full_key else where.rstrip(".")
         valid = _valid_keys(schema, str(exc.full_key))
-        owner = getattr(exc, "object_type", None)
-        if dataclasses.is_dataclass(owner) and owner is not schema and exc.key is not None and "." not in str(exc.full_key):
-            # a key of a dataclass inside a list (SSD's forget events): OmegaConf's full_key lost the path
-            path = _path_in_lists(layers, str(exc.key))
-            full_key = f"{where}{path}" if path else full_key
-            valid = [f.name for f in dataclasses.fields(owner)]
+        in_list = _key_in_a_list(schema, layers, exc, where)
+        if in_list is not None:
+            full_key, valid = in_list
         raise ConfigError(f"unknown config key '{full_key}'; valid keys here: {choices(valid)}") from None
     except ValidationError as exc:
         if not exc.full_key:  # OmegaConf says nothing when a section is given a plain value
@@ -53,6 +50,9 @@ def merge_checked(schema: Any, *layers: Any, where: str = "") -> DictConfig:
                     f"'{where}{section}' is a section: set its keys ({where}{section}.KEY=VALUE), not a value"
                 ) from None
         full_key = f"{where}{exc.full_key}"
+        in_list = _key_in_a_list(schema, layers, exc, where)
+        if in_list is not None:
+            full_key = in_list[0]
         if "is not a ListConfig" in exc.msg:  # OmegaConf's words for a plain value given to a list
             value = _given_value(layers, str(exc.full_key))
             raise ConfigError(
@@ -106,6 +106,22 @@ def _container_mismatch(schema: DictConfig, layers: tuple[Any, ...]) -> tuple[st
             except (OmegaConfBaseException, TypeError):
                 return None
     return None
+
+
+def _key_in_a_list(
+    schema: Any, layers: tuple[Any, ...], exc: OmegaConfBaseException, where: str
+) -> tuple[str, list[str]] | None:
+    """The full key and the valid keys of an error about a key of a dataclass inside
+    a list (SSD's forget events), whose path OmegaConf's ``full_key`` lost; None for
+    any other error."""
+    owner = getattr(exc, "object_type", None)
+    key = getattr(exc, "key", None)
+    if not dataclasses.is_dataclass(owner) or owner is schema or key is None or "." in str(exc.full_key):
+        return None
+    path = _path_in_lists(layers, str(key))
+    if path is None:
+        return None
+    return f"{where}{path}", [f.name for f in dataclasses.fields(owner)]
 
 
 def _path_in_lists(layers: tuple[Any, ...], key: str) -> str | None:

@@ -426,6 +426,8 @@ def test_a_mistyped_forget_event_field_is_named_with_the_event_s_fields():
         load_config(None, [*STREAM, "plugins.ssd={}", "plugins.ssd.forget=[{after: 1, classes: ['1']}, {after: 1, clases: [2]}]"])
     assert str(info.value) == ("unknown config key 'plugins.ssd.forget[1].clases'; valid keys here: "
                                "'after', 'alpha', 'auto', 'classes', 'experience', 'lam', 'samples'")  # was plugins.ssd.clases
+    with pytest.raises(ConfigError, match=r"^wrong value for 'plugins.ssd.forget\[0\].after': Value '1.5'"):
+        load_config(None, [*STREAM, "plugins.ssd={}", "plugins.ssd.forget=[{after: 1.5, classes: ['1']}]"])
 
 
 def test_experiment_unlearn_reaches_the_plugin():
