@@ -24,6 +24,7 @@ from contlearn._config_merge import container_mismatch_error, first_line, merge_
 from contlearn.errors import ConfigError, choices
 
 DEFAULT_EXPERIMENT = "split-digits"
+MAX_THREADS = 4096  # torch's thread pool crashed the process (segfault) at 100,000
 
 #: Plugin classes by name that a config may configure besides the installed ones.
 PluginClasses = Optional[typing.Mapping[str, type]]
@@ -301,8 +302,8 @@ def validate(cfg: DictConfig, plugins: PluginClasses = None) -> DictConfig:
     for key in ("scenario.n_experiences", "train.epochs", "train.batch_size", "train.eval_batch_size"):
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"'{key}' must be at least 1, got {OmegaConf.select(cfg, key)}")
-    if cfg.threads is not None and cfg.threads < 1:
-        raise ConfigError(f"'threads' must be at least 1 (or null), got {cfg.threads}")
+    if cfg.threads is not None and not 1 <= cfg.threads <= MAX_THREADS:
+        raise ConfigError(f"'threads' must be from 1 to {MAX_THREADS} (or null), got {cfg.threads}")
     if cfg.train.lr <= 0:
         raise ConfigError(f"'train.lr' must be positive, got {cfg.train.lr}")
     if not 0 <= cfg.seed < 2**32:  # what NumPy's and scikit-learn's seeding accept

@@ -114,6 +114,7 @@ def test_bad_override_syntax():
         ("train.epochs=0", "train.epochs"),
         ("train.lr=-1", "train.lr"),
         ("threads=0", "threads"),
+        ("threads=100000", r"'threads' must be from 1 to 4096 \(or null\), got 100000"),  # was a segfault
         ("scenario.setting=online", "scenario.setting"),
     ],
 )
