@@ -146,12 +146,17 @@ class DistributedView:
         some processes when ``n < world``)."""
         return range(self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size)
 
+    def divides(self, n: int) -> bool:
+        """Whether a global batch of ``n`` is divided into shares (several processes
+        and at least one sample each); a batch-coupled loss gathers it only then."""
+        return 1 < self.world_size <= n
+
     def share(self, n: int) -> tuple[slice, float]:
         """This process's rows of a global batch of ``n`` and the weight of its
         gradient: rows ``[rank * n // world, (rank + 1) * n // world)``, weighted
         by their fraction of ``n``. A batch smaller than the number of processes
         is not divided: every process takes all of it, at weight ``1 / world``."""
-        if n < self.world_size:
+        if not self.divides(n):
             return slice(0, n), 1.0 / self.world_size
         rows = self.part(n)
         return slice(rows.start, rows.stop), len(rows) / n
@@ -162,7 +167,7 @@ class DistributedView:
         others' as constants. A batch-coupled loss (a contrastive one) computed on
         it sees the whole batch; a collective (every process must call it). A
         batch not divided (``n`` smaller than the processes) is returned as is."""
-        if self.world_size <= 1 or n < self.world_size:
+        if not self.divides(n):
             return rows
         parts = [DistributedView(r, self.world_size).part(n) for r in range(self.world_size)]
         width = max(len(p) for p in parts)

@@ -260,7 +260,7 @@ class PRD:
     @hookimpl
     def compute_loss(self, run: Any, batch: Any, out: Output) -> torch.Tensor:
         z, cfg = out.extras["projections"], self.config
-        if run.dist.world_size == 1 or run.batch_size < run.dist.world_size:
+        if not run.dist.divides(run.batch_size):
             return supcon_loss(z, batch.y, cfg.temperature, cfg.base_temperature)
         return supcon_over_processes(z, batch.y, run.dist, run.batch_size, cfg.temperature, cfg.base_temperature)
 
@@ -270,7 +270,7 @@ class PRD:
         features = out.extras["view_features"]
         targets = self._column("local")[batch.y].repeat(2)
         n, b = run.batch_size, len(batch)
-        divided = run.dist.world_size > 1 and n >= run.dist.world_size  # each process has a share
+        divided = run.dist.divides(n)
         if divided:
             prototype = prototype_loss_over_processes(features.detach(), targets, self.prototypes[-1], run.dist, n, b)
         else:
