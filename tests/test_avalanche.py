@@ -31,6 +31,18 @@ def test_missing_avalanche_says_how_to_install(monkeypatch):
         cav.as_avalanche_model(torch.nn.Linear(2, 2))
 
 
+def test_the_avalanche_extra_imports_avalanche_training_without_warnings():
+    """The extra brings quadprog, the QP backend Avalanche's GEM asks qpsolvers for;
+    without one, qpsolvers warns "no QP solver found" at every import."""
+    import subprocess
+
+    script = "import contlearn.interop.avalanche, avalanche.training; print('imported')"
+    done = subprocess.run(
+        [sys.executable, "-W", "error::UserWarning", "-c", script], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 # --------------------------------------------------------------------- fixtures
 
 
