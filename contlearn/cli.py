@@ -78,6 +78,13 @@ def _parser() -> argparse.ArgumentParser:
     unlearn.add_argument("--auto", action="store_true", help="choose alpha and lambda until the target is met")
     unlearn.add_argument("--target", type=float, default=None, help="--auto: forget-set accuracy to reach")
     unlearn.add_argument("--fisher", choices=["batch", "per_sample"], default=None, help="importance estimator")
+    unlearn.add_argument(
+        "--batch-size", type=int, default=None, help="batches of the importance passes (default: plugins.ssd.batch_size)"
+    )
+    unlearn.add_argument(
+        "--fisher-d-order", choices=["class", "data"], default=None,
+        help="F_D's batches grouped by class, or in the data's order (default: plugins.ssd.fisher_d_order)",
+    )
     unlearn.add_argument("--recompute-fisher", action="store_true", help="recompute F_D instead of the cached one")
     unlearn.add_argument("--out", default=None, help="new run directory (default RUN_DIR/unlearn-<k>)")
     return parser
@@ -167,7 +174,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     request = {
         "classes": args.classes, "samples": args.samples, "experience": args.experience, "alpha": args.alpha,
         "lam": args.lam, "auto": args.auto or None, "target": args.target, "fisher": args.fisher,
-        "recompute": args.recompute_fisher or None,
+        "batch_size": args.batch_size, "fisher_d_order": args.fisher_d_order, "recompute": args.recompute_fisher or None,
     }  # fmt: skip
     report, out = unlearn_run_dir(args.run_dir, {k: v for k, v in request.items() if v is not None}, args.out)
     print(summary(report))

@@ -51,7 +51,7 @@ ORDERS = ("class", "data")
 #: keys an unlearning request may hold
 REQUEST_KEYS = (
     "classes", "samples", "experience", "data", "alpha", "lam", "auto", "target", "recompute", "fisher",
-    "batch_size", "metrics",
+    "batch_size", "fisher_d_order", "metrics",
 )  # fmt: skip
 
 
@@ -260,14 +260,18 @@ class SSD:
         return float(sum(math.ceil(len(run.stream[k].train) / cfg.batch_size) for k in self.fisher_d_experiences))
 
     def _cache_fits(
-        self, run: Any, upto: int, fisher_f: dict[str, torch.Tensor], mode: str, batch_size: int
+        self, run: Any, upto: int, fisher_f: dict[str, torch.Tensor], settings: dict[str, Any]
     ) -> str | None:
         """Why the cache cannot serve this request, or ``None`` when it can."""
         cfg = self.config
         if not self.fisher_d:
             return "no cached F_D" + ("" if cfg.cache else " (plugins.ssd.cache is off)")
-        if (mode, batch_size) != (cfg.fisher, cfg.batch_size):
-            return f"the cache holds {cfg.fisher} importance with batch size {cfg.batch_size}"
+        asked = (settings["fisher"], settings["batch_size"], settings["fisher_d_order"])
+        if asked != (cfg.fisher, cfg.batch_size, cfg.fisher_d_order):
+            return (
+                f"the cache holds {cfg.fisher} importance with batch size {cfg.batch_size} "
+                f"in {cfg.fisher_d_order} order"
+            )
         if sorted(self.fisher_d_experiences) != list(range(upto)):
             return f"the cache covers experiences {self.fisher_d_experiences}, not 0 to {upto - 1}"
         wrong = [
@@ -290,7 +294,8 @@ class SSD:
         cfg = self.config
         defaults = {
             "alpha": cfg.alpha, "lam": cfg.lam, "auto": cfg.auto, "target": cfg.target, "recompute": False,
-            "fisher": cfg.fisher, "batch_size": cfg.batch_size, "metrics": cfg.metrics,
+            "fisher": cfg.fisher, "batch_size": cfg.batch_size, "fisher_d_order": cfg.fisher_d_order,
+            "metrics": cfg.metrics,
         }  # fmt: skip
         s = {k: request[k] if request.get(k) is not None else d for k, d in defaults.items()}
         s["alpha"] = _check_number(f"{where}: alpha", s["alpha"])
@@ -299,6 +304,10 @@ class SSD:
         if s["fisher"] not in FISHERS:
             raise ConfigError(
                 f"{where}: fisher must be one of {choices(FISHERS)}, got {s['fisher']!r}"
+            )
+        if s["fisher_d_order"] not in ORDERS:
+            raise ConfigError(
+                f"{where}: fisher_d_order must be one of {choices(ORDERS)}, got {s['fisher_d_order']!r}"
             )
         if (
             isinstance(s["batch_size"], bool)
@@ -368,14 +377,14 @@ class SSD:
         reason = (
             "recompute was asked for"
             if settings["recompute"]
-            else self._cache_fits(run, fs.n_seen(run), fisher_f, mode, bs)
+            else self._cache_fits(run, fs.n_seen(run), fisher_f, settings)
         )
         if reason is None:
             fisher_d, source = self.fisher_d, "cache"
         else:
             if len(sets.seen_train) == 0:
                 raise DataError(f"{where}: {reason}, and no training data to compute F_D from")
-            fisher_d = self._importance(run, sets.seen_train, mode, bs, self.config.fisher_d_order)
+            fisher_d = self._importance(run, sets.seen_train, mode, bs, settings["fisher_d_order"])
             source = f"computed ({reason})"
         _sync(run.device)
         t3 = time.perf_counter()
@@ -417,6 +426,7 @@ class SSD:
             "auto": bool(settings["auto"]),
             "fisher": mode,
             "batch_size": bs,
+            "fisher_d_order": settings["fisher_d_order"],
             "fisher_d": source,
             "dampened": int(dampened),
             "dampened_fraction": dampened / max(total, 1),

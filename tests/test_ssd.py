@@ -148,6 +148,22 @@ def test_cached_fisher_d_equals_a_recomputed_one():
     assert_same(from_cache, weights(run.model))
 
 
+def test_a_request_in_another_order_than_the_cache_recomputes_f_d_in_that_order():
+    run = tiny_run(n_train=40)
+    plugin = trained_plugin(run, batch_size=8)  # cache in class order
+    before = weights(run.model)
+    report = plugin.forget(run, {"classes": ["dog"], "metrics": False, "fisher_d_order": "data"})
+    assert report["fisher_d"].startswith("computed (the cache holds batch importance with batch size 8 in class order")
+    assert report["fisher_d_order"] == "data"
+    by_request = weights(run.model)
+    run.model.load_state_dict(before)
+    data_order = SSD(SSD.Config(batch_size=8, fisher_d_order="data", cache=False))
+    data_order.forget(run, {"classes": ["dog"], "metrics": False})
+    assert_same(by_request, weights(run.model))
+    with pytest.raises(ConfigError, match=r"unlearn: fisher_d_order must be one of 'class', 'data', got 'random'"):
+        plugin.forget(run, {"classes": ["dog"], "fisher_d_order": "random"})
+
+
 def test_per_sample_cache_weighs_each_parameter_by_what_it_is_a_mean_over():
     """A CNN in per-sample mode: the head is computed per sample (a mean over samples),
     the convolutions fall back to batch gradients (a mean over batches). With the same

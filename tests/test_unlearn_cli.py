@@ -83,6 +83,16 @@ def test_unlearn_a_run_trained_without_ssd_computes_f_d(tmp_path):
     assert set(_newest(tmp_path / "u")["plugins"]) == {"finetune"}
 
 
+def test_the_reference_sample_setting_recomputes_f_d_in_data_order(run_dir, capsys):
+    """The reference's random-sample experiments: F_D in the data's order, batches of 128."""
+    out = run_dir / "samples"
+    args = ["--samples", "0", "1", "2", "--batch-size", "128", "--fisher-d-order", "data", "--out", str(out)]
+    assert main(["unlearn", str(run_dir), *args]) == 0
+    report = json.loads((out / "unlearn.json").read_text())
+    assert report["batch_size"] == 128 and report["fisher_d_order"] == "data"
+    assert report["fisher_d"] == "computed (the cache holds batch importance with batch size 64 in class order)"
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [
@@ -93,6 +103,7 @@ def test_unlearn_a_run_trained_without_ssd_computes_f_d(tmp_path):
         (["--classes", "3", "--lam", "-1"], "lam"),
         (["--classes", "3", "--lam", "inf"], "lam must be a finite number at least 0.0 and at most 3.403e+38 (fp32's largest), got inf"),
         (["--classes", *map(str, range(10))], "forgetting every class learnt so far (10) leaves nothing to retain"),
+        (["--classes", "3", "--batch-size", "0"], "batch_size must be an integer >= 1, got 0"),
     ],
 )
 def test_bad_requests_exit_with_one_line_and_write_nothing(run_dir, args, needle, capsys):
