@@ -94,6 +94,10 @@ def train_experience(
         check_training_data(run, exp, data)
         run.hook.before_experience(run=run, exp=exp)
         run.optimizer = run.hook.configure_optimizer(run=run, exp=exp)
+        if not isinstance(run.optimizer, torch.optim.Optimizer):
+            raise TrainingError(
+                f"configure_optimizer must return a torch.optim.Optimizer instance, got {_describe(run.optimizer)}"
+            )
     else:
         data = resumed.data
     run.model.train()
@@ -147,6 +151,11 @@ def train_experience(
 
 def check_training_data(run: Run, exp: Experience, data: Any) -> None:
     """An experience's training data is not empty and its labels fit the head (one host read)."""
+    if not (hasattr(data, "batches") and isinstance(getattr(data, "y", None), torch.Tensor)):
+        raise TrainingError(
+            f"train_data must return the experience's training data (a TensorData, e.g. "
+            f"TensorData.concat([exp.train, more])), got {_describe(data)}"
+        )
     if len(data) == 0:
         raise TrainingError(f"experience {exp.index} has no training samples")
     n_out = getattr(run.model.head, "out_features", None)

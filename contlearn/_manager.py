@@ -7,6 +7,8 @@ each other's plugins.
 
 from __future__ import annotations
 
+import dataclasses
+import types
 from typing import Any
 
 import pluggy
@@ -38,6 +40,16 @@ def register_plugins(pm: pluggy.PluginManager, plugins: dict[str, Any], defaults
             raise PluginError(
                 f"plugin '{name}' is the class {plugin.__name__}, not a plugin object: pass an instance, "
                 f"e.g. {plugin.__name__}(...)"
+            )
+        if dataclasses.is_dataclass(plugin):
+            raise PluginError(
+                f"plugin '{name}' is a {type(plugin).__qualname__} instance, a config, not a plugin: give the "
+                f"plugin class (configured by plugins.{name}.<field>) or a plugin object built from the config"
+            )
+        if isinstance(plugin, (types.FunctionType, types.BuiltinFunctionType, types.MethodType)):
+            raise PluginError(
+                f"plugin '{name}' is the function {getattr(plugin, '__qualname__', plugin)!r}, not a plugin: "
+                f"pass an object whose methods are marked @contlearn.hookimpl"
             )
         if plugin is None or isinstance(plugin, (bool, int, float, complex, str, bytes, list, tuple, dict, set,
                                                  DictConfig, ListConfig)):

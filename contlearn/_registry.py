@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,6 +40,40 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "clr": "contlearn.plugins.clr:CLR",
     "reglora": "contlearn.plugins.reglora:RegLoRA",
 }
+
+
+#: what a plugin name may be: it becomes the config key ``plugins.<name>``
+_NAME = re.compile(r"[^.\[\]=\s]+")
+
+
+def given_plugins(plugins: Any, where: str, *, classes_only: bool = False) -> dict[str, Any]:
+    """The plugins a script gives by name (``plugins=`` of :class:`~contlearn.Experiment`,
+    :func:`~contlearn.load_config`), checked: a mapping of names to plugin classes
+    (or objects, unless ``classes_only``).
+
+    :raises PluginError: not a mapping, a name that cannot be a config key, or an
+        object where a class is needed.
+    """
+    if plugins is None:
+        return {}
+    kinds = "plugin classes" if classes_only else "plugin classes or objects"
+    if not isinstance(plugins, Mapping):
+        raise PluginError(
+            f"{where} must map plugin names to {kinds}, e.g. {{'anchor': LogitAnchor}}; got "
+            f"{type(plugins).__name__} {plugins!r:.60} (to use an installed plugin, name it in the config instead: 'plugins.<name>={{}}')"
+        )
+    for name, plugin in plugins.items():
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise PluginError(
+                f"{where}: plugin name {name!r} cannot be a config key plugins.<name>: give a non-empty string "
+                f"without '.', '[', ']', '=' or spaces"
+            )
+        if classes_only and not isinstance(plugin, type):
+            raise PluginError(
+                f"{where}: plugin '{name}' is {type(plugin).__name__} {plugin!r:.60}, not a class "
+                f"(plugin objects go to Experiment(plugins=...))"
+            )
+    return dict(plugins)
 
 
 class PluginLoadWarning(UserWarning):
@@ -115,7 +150,7 @@ class PluginRegistry:
                     warnings.warn(str(exc), PluginLoadWarning, stacklevel=2)
                     continue
                 entries[ep.name] = entry
-        for name, plugin_class in (given or {}).items():
+        for name, plugin_class in given_plugins(given, "plugins", classes_only=True).items():
             if name in entries:
                 raise PluginError(
                     f"the plugin class {plugin_class.__name__} is given as '{name}', the name of a plugin from "

@@ -9,9 +9,11 @@ that names the key and lists what is valid.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -21,7 +23,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from contlearn._config_merge import container_mismatch_error, first_line, merge_checked
-from contlearn.errors import ConfigError, choices
+from contlearn.errors import ConfigError, PluginError, choices
 
 DEFAULT_EXPERIMENT = "split-digits"
 MAX_THREADS = 4096  # torch's thread pool crashed the process (segfault) at 100,000
@@ -202,6 +204,11 @@ def override_list(overrides: Any) -> list[str]:
         return []
     if isinstance(overrides, str):
         raise ConfigError(f"overrides must be a list of 'key=value' strings, got the string {overrides!r}")
+    if isinstance(overrides, Mapping):
+        example = [f"{k}={v}" for k, v in list(overrides.items())[:2]]
+        raise ConfigError(f"overrides must be a list of 'key=value' strings, e.g. {example}; got a mapping")
+    if not isinstance(overrides, Iterable):
+        raise ConfigError(f"overrides must be a list of 'key=value' strings, got {type(overrides).__name__} {overrides!r:.60}")
     items = list(overrides)
     bad = [item for item in items if not isinstance(item, str)]
     if bad:
@@ -268,7 +275,15 @@ def plugin_config(name: str, config_cls: type | None, section: Any) -> Any:
         if len(section):
             raise ConfigError(f"plugin '{name}' takes no config fields, got {choices(section.keys())}")
         return None
+    if not (isinstance(config_cls, type) and dataclasses.is_dataclass(config_cls)):
+        raise PluginError(f"plugin '{name}': its Config must be a @dataclass class, got {config_cls!r:.80}")
     merged = merge_checked(config_cls, section, where=f"plugins.{name}.")
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise ConfigError(
+            f"plugins.{name}.{missing[0]} is required (it has no default): set it, "
+            f"e.g. plugins.{name}.{missing[0]}=..."
+        )
     return OmegaConf.to_object(merged)
 
 
@@ -424,9 +439,27 @@ def merge_config(
     validated as :func:`load_config` validates a file."""
     if not isinstance(config, (DictConfig, dict)):
         raise ConfigError(f"a config must be a mapping of keys to values (or a file or name), got {type(config).__name__}")
-    layer = OmegaConf.create(to_container(config) if isinstance(config, DictConfig) else config)
+    try:
+        layer = OmegaConf.create(to_container(config) if isinstance(config, DictConfig) else _plain_values(config))
+    except OmegaConfBaseException as exc:
+        key = f" '{exc.full_key}'" if getattr(exc, "full_key", None) else ""
+        raise ConfigError(
+            f"the config's value{key} is not a config value ({first_line(str(exc))}): a config holds numbers, "
+            f"strings, booleans, null, lists and mappings"
+        ) from None
     _check_plugins_section(layer, "the config")
     return _with_overrides(_over_base(layer, None), overrides, check, plugins)
+
+
+def _plain_values(value: Any) -> Any:
+    """``value`` with NumPy scalars (from ``np.logspace`` and the like) as Python numbers."""
+    if isinstance(value, dict):
+        return {k: _plain_values(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain_values(v) for v in value]
+    if type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        return value.item()
+    return value
 
 
 def _with_overrides(base: DictConfig, overrides: Any, check: bool, plugins: PluginClasses = None) -> DictConfig:
@@ -454,7 +487,6 @@ def schema_defaults(plugin_names: list[str], plugins: PluginClasses = None) -> d
     know, such as objects given to an experiment, get an empty section);
     ``plugins``: plugin classes by name besides the installed ones."""
     from contlearn._registry import PluginRegistry
-    from contlearn.errors import PluginError
 
     registry = PluginRegistry.load(given=plugins)
     out = to_container(OmegaConf.structured(ExperimentConfig))

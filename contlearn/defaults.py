@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import torch
 from torch.nn import functional as F
 
+from contlearn.errors import TrainingError
 from contlearn.hookspecs import hookimpl
 from contlearn.models import Output
 from contlearn.run import Run
@@ -143,7 +144,14 @@ class Defaults:
 
     @hookimpl(trylast=True)
     def compute_loss(self, run: Run, batch: Batch, out: Output) -> torch.Tensor:
-        return F.cross_entropy(out.logits, batch.y)
+        try:
+            logits = out.logits
+        except AttributeError:
+            raise TrainingError(
+                f"forward returned a {type(out).__name__}: the default loss needs a contlearn.models.Output "
+                f"(Output(logits=..., features=...)), or a compute_loss hook for what forward returns"
+            ) from None
+        return F.cross_entropy(logits, batch.y)
 
     @hookimpl(trylast=True)
     def predict(self, run: Run, batch: Batch) -> torch.Tensor:

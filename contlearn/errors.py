@@ -55,7 +55,7 @@ class Interrupted(ContlearnError):
 
 def choices(valid: Iterable[str]) -> str:
     """Format valid names for an error message: ``'a', 'b', 'c'``."""
-    names = sorted(valid)
+    names = sorted(valid, key=str)
     return ", ".join(repr(n) for n in names) if names else "(none)"
 
 

@@ -41,7 +41,7 @@ from contlearn._loop import (
     raise_if_not_finite,
     train_experience,
 )
-from contlearn._registry import PluginRegistry
+from contlearn._registry import PluginRegistry, given_plugins
 from contlearn.checkpoint import EpochState, Progress, Resumed
 from contlearn.config import (
     load_config,
@@ -152,11 +152,20 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def _check_stream(stream: Any) -> None:
+    if stream is not None and not isinstance(stream, Stream):
+        raise ConfigError(
+            f"stream= must be a contlearn Stream (Stream.from_tensors(x, y, ...), or "
+            f"contlearn.interop.avalanche.stream_from_avalanche(benchmark)), got {type(stream).__name__} {stream!r:.60}"
+        )
+
+
 class Experiment:
     """One continual-learning experiment.
 
-    :param config: a config from :func:`~contlearn.load_config`, or a YAML path or
-        shipped name to load, or ``None`` for the default experiment.
+    :param config: a config from :func:`~contlearn.load_config`, a mapping of its
+        sections (``{"train": {"lr": 0.1}}``), a YAML path or shipped name to
+        load, or ``None`` for the default experiment.
     :param overrides: ``key=value`` strings applied on top of ``config``.
     :param out_dir: where to write the run directory; default ``config.out``,
         and nothing is written when both are unset.
@@ -174,14 +183,15 @@ class Experiment:
 
     def __init__(
         self,
-        config: DictConfig | str | Path | None = None,
+        config: DictConfig | dict[str, Any] | str | Path | None = None,
         overrides: list[str] | tuple[str, ...] = (),
         *,
         out_dir: str | Path | None = None,
         plugins: dict[str, Any] | None = None,
         stream: Stream | None = None,
     ):
-        given = dict(plugins or {})
+        given = given_plugins(plugins, "Experiment(plugins=...)")
+        _check_stream(stream)
         self.plugin_classes = {name: p for name, p in given.items() if isinstance(p, type)}
         if self.plugin_classes:  # a class given is active: an empty section keeps what the config sets
             overrides = [*override_list(overrides), *(f"plugins.{name}={{}}" for name in self.plugin_classes)]
@@ -233,7 +243,8 @@ class Experiment:
             raise ConfigError(f"'{run_dir}' is not a run directory: it has no config.yaml")
         if "out" in override_keys(overrides):
             raise ConfigError(f"a run resumes in its own directory '{run_dir}': 'out' cannot be overridden")
-        classes = {name: p for name, p in (plugins or {}).items() if isinstance(p, type)}
+        classes = {n: p for n, p in given_plugins(plugins, "Experiment.resume(plugins=...)").items() if isinstance(p, type)}
+        _check_stream(stream)
         try:
             config = load_config(config_file, overrides, plugins=classes)
         except PluginError as exc:

@@ -37,15 +37,18 @@ def overlap(param: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor | None:
 
 
 def selected_parameters(
-    model: nn.Module, pattern: re.Pattern[str] | None = None
+    model: nn.Module, pattern: re.Pattern[str] | str | None = None
 ) -> Iterator[tuple[str, nn.Parameter]]:
-    """Trainable parameters whose name ``pattern`` finds (``re.search``); all when ``None``."""
+    """Trainable parameters whose name ``pattern`` (a regular expression) finds
+    (``re.search``); all when ``None``."""
+    if isinstance(pattern, str):
+        pattern = re.compile(pattern)
     for name, p in model.named_parameters():
         if p.requires_grad and (pattern is None or pattern.search(name)):
             yield name, p
 
 
-def snapshot(model: nn.Module, pattern: re.Pattern[str] | None = None) -> dict[str, torch.Tensor]:
+def snapshot(model: nn.Module, pattern: re.Pattern[str] | str | None = None) -> dict[str, torch.Tensor]:
     """Detached copies of the selected parameters, by name."""
     return {name: p.detach().clone() for name, p in selected_parameters(model, pattern)}
 

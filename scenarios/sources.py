@@ -154,13 +154,13 @@ class Split:
         of the training arrays with ``seed``. 8-bit inputs are divided by 255."""
         if (x_test is None) != (y_test is None):
             raise DataError("give both x_test and y_test, or neither")
-        x_train, y_train, names = _as_tensor(x_train), *_labels_of(y_train, None)
+        x_train, y_train, names = _inputs(x_train, name, "train"), *_labels_of(y_train, None)
         if x_train.shape[0] != y_train.shape[0]:
             raise DataError(f"{name}: x has {x_train.shape[0]} samples but y has {y_train.shape[0]}")
         if x_test is None:
             x_train, y_train, x_test, y_test = stratified_split(x_train, y_train, test_fraction, seed)
         else:
-            x_test, (y_test, names) = _as_tensor(x_test), _labels_of(y_test, names)
+            x_test, (y_test, names) = _inputs(x_test, name, "test"), _labels_of(y_test, names)
         for what, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
             if x.shape[0] != y.shape[0]:
                 raise DataError(f"{name}: x_{what} has {x.shape[0]} samples but y_{what} has {y.shape[0]}")
@@ -189,6 +189,16 @@ def _as_tensor(x: Any) -> torch.Tensor:
     x = torch.as_tensor(np.ascontiguousarray(x)) if not isinstance(x, torch.Tensor) else x
     if not (x.dtype.is_floating_point or x.dtype == torch.uint8):
         x = x.to(torch.float32)
+    return x
+
+
+def _inputs(x: Any, name: str, what: str) -> torch.Tensor:
+    x = _as_tensor(x)
+    if x.dim() < 2:
+        raise DataError(
+            f"{name}: x_{what} has shape {tuple(x.shape)}; inputs are [samples, features...] "
+            f"(one feature per sample: x[:, None])"
+        )
     return x
 
 

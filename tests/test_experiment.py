@@ -175,9 +175,30 @@ class Scores:
         return run.model(batch.x).logits
 
 
+class BareLogits:
+    @hookimpl(tryfirst=True)
+    def forward(self, run, batch):
+        return run.model(batch.x).logits
+
+
+class OptimizerClass:
+    @hookimpl(tryfirst=True)
+    def configure_optimizer(self, run):
+        return torch.optim.SGD
+
+
+class TupleData:
+    @hookimpl(tryfirst=True)
+    def train_data(self, exp):
+        return exp.train.x, exp.train.y
+
+
 @pytest.mark.parametrize(
     ("plugin", "message"),
     [
+        (BareLogits, r"forward returned a Tensor: the default loss needs a contlearn.models.Output"),
+        (OptimizerClass, r"configure_optimizer must return a torch.optim.Optimizer instance, got a type"),
+        (TupleData, r"train_data must return the experience's training data \(a TensorData.*\), got a tuple"),
         (PerSampleTerm, r"loss term 'per_sample' has shape \(16,\): a loss term is a scalar"),
         (PerSampleLoss, r"compute_loss must return a scalar loss tensor, got a torch.float32 tensor of shape \(16,\)"),
         (TupleOfBatches, r"extra_samples must return a Batch or None, got a tuple"),
@@ -191,6 +212,58 @@ def test_a_hook_that_returns_the_wrong_thing_is_named(quick, plugin, message):
     cfg = load_config(None, [*quick, "eval.fwt=false", "train.batch_size=16"])
     with pytest.raises(TrainingError, match=message):
         Experiment(cfg, plugins={"wrong": plugin()}).run()
+
+
+def test_arguments_of_the_wrong_kind_are_named(quick):
+    from contlearn import ConfigError, PluginError
+
+    @dataclass
+    class Config:
+        weight: float = 1.0
+
+    cases = [
+        (dict(plugins="replay"), PluginError, r"Experiment\(plugins=...\) must map plugin names to plugin classes or objects.*got str 'replay'"),
+        (dict(plugins={3: Scores}), PluginError, r"plugin name 3 cannot be a config key"),
+        (dict(plugins={"my.anchor": Scores}), PluginError, r"plugin name 'my.anchor' cannot be a config key"),
+        (dict(plugins={"anchor": Config()}), PluginError, r"plugin 'anchor' is a .*Config instance, a config, not a plugin"),
+        (dict(plugins={"anchor": len}), PluginError, r"plugin 'anchor' is the function 'len', not a plugin"),
+        (dict(stream=[1, 2]), ConfigError, r"stream= must be a contlearn Stream .*got list \[1, 2\]"),
+    ]  # fmt: skip
+    for kwargs, error, message in cases:
+        with pytest.raises(error, match=message):
+            Experiment(load_config(None, quick), **kwargs).build()
+    with pytest.raises(ConfigError, match=r"overrides must be a list of 'key=value' strings, e.g. \['seed=1'\]; got a mapping"):
+        Experiment(None, {"seed": 1})
+
+
+def test_a_plugin_config_must_be_a_dataclass_and_its_required_fields_set(quick):
+    from contlearn import ConfigError, PluginError
+
+    class Plain:
+        class Config:
+            weight = 1.0
+
+    class Required:
+        @dataclass
+        class Config:
+            weight: float
+
+    with pytest.raises(PluginError, match=r"plugin 'plain': its Config must be a @dataclass class"):
+        Experiment(load_config(None, quick), plugins={"plain": Plain})
+    with pytest.raises(ConfigError, match=r"plugins.required.weight is required \(it has no default\)"):
+        Experiment(load_config(None, quick), plugins={"required": Required})
+    assert Experiment(load_config(None, quick), ["plugins.required.weight=2"], plugins={"required": Required})
+
+
+def test_numpy_scalars_in_a_config_mapping_are_numbers():
+    import numpy as np
+
+    from contlearn import ConfigError
+
+    cfg = Experiment({"train": {"lr": np.float64(0.05), "epochs": np.int64(3)}}).config
+    assert cfg.train.lr == 0.05 and cfg.train.epochs == 3
+    with pytest.raises(ConfigError, match=r"the config's value 'train.lr' is not a config value"):
+        Experiment({"train": {"lr": torch.tensor(0.1)}})
 
 
 def test_an_experiment_runs_once(quick):

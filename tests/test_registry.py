@@ -99,3 +99,9 @@ def test_wrong_plugin_field_type(third_party):
         load_config(None, ["plugins.shout.volume=loud"])
     with pytest.warns(PluginLoadWarning), pytest.raises(ConfigError, match="plugins.shout.pitch.*'volume'"):
         load_config(None, ["plugins.shout.pitch=1"])
+
+
+def test_choices_lists_names_of_any_type_in_order():
+    from contlearn.errors import choices
+
+    assert choices(["b", 3, "a"]) == "3, 'a', 'b'"

@@ -74,6 +74,7 @@ def test_snapshot_and_selected_parameters_follow_the_pattern_and_trainability():
     model = small_model()
     model[1].weight.requires_grad_(False)
     assert [n for n, _ in selected_parameters(model, re.compile(r"^3\."))] == ["3.weight", "3.bias"]
+    assert [n for n, _ in selected_parameters(model, r"^3\.")] == ["3.weight", "3.bias"]  # a string compiles
     anchor = snapshot(model)
     assert "1.weight" not in anchor and set(anchor) == {"0.weight", "0.bias", "1.bias", "3.weight", "3.bias"}
     with torch.no_grad():

@@ -240,3 +240,5 @@ def test_arrays_of_mixed_scales_and_bad_labels_are_data_errors():
     huge = y * 10**12  # the relabelling table would take 8 TB
     with pytest.raises(DataError, match="has label 1000000000000; labels must be below 10,000,000"):
         Stream.from_tensors(x, huge, x, huge, n_experiences=2)
+    with pytest.raises(DataError, match=r"x_train has shape \(8,\); inputs are \[samples, features...\] \(one feature per sample: x\[:, None\]\)"):
+        Stream.from_tensors(x[:, 0], y, n_experiences=2)
