@@ -94,9 +94,12 @@ def train_experience(
         check_training_data(run, exp, data)
         run.hook.before_experience(run=run, exp=exp)
         run.optimizer = run.hook.configure_optimizer(run=run, exp=exp)
-        if not isinstance(run.optimizer, torch.optim.Optimizer):
+        if isinstance(run.optimizer, type) or not all(
+            callable(getattr(run.optimizer, m, None)) for m in ("step", "zero_grad", "state_dict")
+        ):
             raise TrainingError(
-                f"configure_optimizer must return a torch.optim.Optimizer instance, got {_describe(run.optimizer)}"
+                f"configure_optimizer must return an optimizer (a torch.optim.Optimizer instance, or an object "
+                f"with step, zero_grad and state_dict), got {_describe(run.optimizer)}"
             )
     else:
         data = resumed.data

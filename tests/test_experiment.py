@@ -197,7 +197,7 @@ class TupleData:
     ("plugin", "message"),
     [
         (BareLogits, r"forward returned a Tensor: the default loss needs a contlearn.models.Output"),
-        (OptimizerClass, r"configure_optimizer must return a torch.optim.Optimizer instance, got a type"),
+        (OptimizerClass, r"configure_optimizer must return an optimizer \(a torch.optim.Optimizer instance, .*got a type"),
         (TupleData, r"train_data must return the experience's training data \(a TensorData.*\), got a tuple"),
         (PerSampleTerm, r"loss term 'per_sample' has shape \(16,\): a loss term is a scalar"),
         (PerSampleLoss, r"compute_loss must return a scalar loss tensor, got a torch.float32 tensor of shape \(16,\)"),
