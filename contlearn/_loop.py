@@ -21,6 +21,7 @@ import pluggy
 import torch
 
 from contlearn import _manager
+from contlearn._hook_results import describe, experience_data, experience_optimizer
 from contlearn.checkpoint import EpochState, Resumed, rng_state, set_rng_state
 from contlearn.defaults import (
     Defaults,
@@ -35,7 +36,7 @@ from contlearn.defaults import (
 from contlearn.distributed import DistributedView
 from contlearn.errors import DataError, TrainingError
 from contlearn.run import Run
-from contlearn.scenarios import Batch, Experience, TensorData
+from contlearn.scenarios import Batch, Experience
 
 if TYPE_CHECKING:
     from contlearn.experiment import _Control
@@ -90,17 +91,9 @@ def train_experience(
             own = run.device if run.device.type == "cuda" else None  # process 0's GPU state onto this one's
             set_rng_state(run.dist.broadcast_object(rng_state(run.generator, own)), run.generator, own)
         run.model.adapt(exp.classes, exp.task)
-        data: TensorData = run.hook.train_data(run=run, exp=exp)
-        check_training_data(run, exp, data)
+        data = experience_data(run, exp)
         run.hook.before_experience(run=run, exp=exp)
-        run.optimizer = run.hook.configure_optimizer(run=run, exp=exp)
-        if isinstance(run.optimizer, type) or not all(
-            callable(getattr(run.optimizer, m, None)) for m in ("step", "zero_grad", "state_dict")
-        ):
-            raise TrainingError(
-                f"configure_optimizer must return an optimizer (a torch.optim.Optimizer instance, or an object "
-                f"with step, zero_grad and state_dict), got {_describe(run.optimizer)}"
-            )
+        run.optimizer = experience_optimizer(run, exp)
     else:
         data = resumed.data
     run.model.train()
@@ -152,25 +145,6 @@ def train_experience(
     run.hook.after_experience(run=run, exp=exp)
 
 
-def check_training_data(run: Run, exp: Experience, data: Any) -> None:
-    """An experience's training data is not empty and its labels fit the head (one host read)."""
-    if not (hasattr(data, "batches") and isinstance(getattr(data, "y", None), torch.Tensor)):
-        raise TrainingError(
-            f"train_data must return the experience's training data (a TensorData, e.g. "
-            f"TensorData.concat([exp.train, more])), got {_describe(data)}"
-        )
-    if len(data) == 0:
-        raise TrainingError(f"experience {exp.index} has no training samples")
-    n_out = getattr(run.model.head, "out_features", None)
-    if n_out is not None:
-        low, high = (int(v) for v in torch.stack(torch.aminmax(data.y)).cpu())
-        if low < 0 or high >= n_out:
-            raise DataError(
-                f"experience {exp.index} trains on label {low if low < 0 else high}, outside the head's "
-                f"{n_out} outputs (labels 0 to {n_out - 1}: the classes seen so far)"
-            )
-
-
 def _rest_of_epoch(batches: Iterator[Batch], state: EpochState, generator: torch.Generator) -> Iterator[Batch]:
     """The batches of an epoch that a checkpoint interrupted: the order is drawn
     again from the generator's state at the epoch's start, the batches done are
@@ -191,7 +165,7 @@ def _forward_and_losses(
     out = hooks.forward(run=run, batch=batch)
     loss = hooks.compute_loss(run=run, batch=batch, out=out)
     if not isinstance(loss, torch.Tensor) or loss.dim():
-        raise TrainingError(f"compute_loss must return a scalar loss tensor, got {_describe(loss)}")
+        raise TrainingError(f"compute_loss must return a scalar loss tensor, got {describe(loss)}")
     total = loss
     if hooks.loss_terms is not None:
         seen: set[str] = set()
@@ -216,13 +190,6 @@ def _forward_and_losses(
     return loss, total
 
 
-def _describe(value: Any) -> str:
-    """What a hook returned, for an error message."""
-    if isinstance(value, torch.Tensor):
-        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-    return "None" if value is None else f"a {type(value).__name__}"
-
-
 def train_step(
     run: Run,
     batch: Batch,
@@ -236,7 +203,7 @@ def train_step(
         if extra:
             wrong = next((b for b in extra if not isinstance(b, Batch)), None)
             if wrong is not None:
-                raise TrainingError(f"extra_samples must return a Batch or None, got {_describe(wrong)}")
+                raise TrainingError(f"extra_samples must return a Batch or None, got {describe(wrong)}")
             batch = Batch.cat([batch, *extra])
     run.batch_size = len(batch)
     if run.dist.world_size > 1:  # this process's share of the global batch (contlearn.distributed)
@@ -386,7 +353,7 @@ def evaluate(run: Run, hooks: StepHooks) -> tuple[list[float], np.ndarray]:
             if not isinstance(pred, torch.Tensor) or pred.shape != batch.y.shape or pred.is_floating_point():
                 raise TrainingError(
                     f"predict must return the predicted class of each sample (an integer tensor of shape "
-                    f"{tuple(batch.y.shape)}), got {_describe(pred)}"
+                    f"{tuple(batch.y.shape)}), got {describe(pred)}"
                 )
             if hooks.after_eval_batch is not None:
                 hooks.after_eval_batch(run=run, batch=batch, predictions=pred)

@@ -28,6 +28,11 @@ def make_plugin_manager() -> pluggy.PluginManager:
     return pm
 
 
+def _has_hookimpls(plugin: Any) -> bool:
+    marker = f"{hookspecs.PROJECT}_impl"
+    return any(hasattr(getattr(type(plugin), name, None), marker) for name in dir(type(plugin)))
+
+
 def register_plugins(pm: pluggy.PluginManager, plugins: dict[str, Any], defaults: Any) -> None:
     """Register the defaults and then ``plugins`` in order, and check them.
 
@@ -41,7 +46,7 @@ def register_plugins(pm: pluggy.PluginManager, plugins: dict[str, Any], defaults
                 f"plugin '{name}' is the class {plugin.__name__}, not a plugin object: pass an instance, "
                 f"e.g. {plugin.__name__}(...)"
             )
-        if dataclasses.is_dataclass(plugin):
+        if dataclasses.is_dataclass(plugin) and not _has_hookimpls(plugin):
             raise PluginError(
                 f"plugin '{name}' is a {type(plugin).__qualname__} instance, a config, not a plugin: give the "
                 f"plugin class (configured by plugins.{name}.<field>) or a plugin object built from the config"

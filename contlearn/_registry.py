@@ -51,8 +51,8 @@ def given_plugins(plugins: Any, where: str, *, classes_only: bool = False) -> di
     :func:`~contlearn.load_config`), checked: a mapping of names to plugin classes
     (or objects, unless ``classes_only``).
 
-    :raises PluginError: not a mapping, a name that cannot be a config key, or an
-        object where a class is needed.
+    :raises PluginError: not a mapping, a name that is not a string, a class under
+        a name that cannot be its config key, or an object where a class is needed.
     """
     if plugins is None:
         return {}
@@ -63,10 +63,12 @@ def given_plugins(plugins: Any, where: str, *, classes_only: bool = False) -> di
             f"{type(plugins).__name__} {plugins!r:.60} (to use an installed plugin, name it in the config instead: 'plugins.<name>={{}}')"
         )
     for name, plugin in plugins.items():
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
+        if not isinstance(name, str) or not name:
+            raise PluginError(f"{where}: plugin names are non-empty strings, got {name!r}")
+        if isinstance(plugin, type) and not _NAME.fullmatch(name):
             raise PluginError(
-                f"{where}: plugin name {name!r} cannot be a config key plugins.<name>: give a non-empty string "
-                f"without '.', '[', ']', '=' or spaces"
+                f"{where}: the plugin class {plugin.__name__} is given as {name!r}, which cannot be its config "
+                f"key plugins.<name>: give a name without '.', '[', ']', '=' or spaces"
             )
         if classes_only and not isinstance(plugin, type):
             raise PluginError(

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from contlearn._hook_results import experience_data, experience_optimizer
 from contlearn.errors import CheckpointError, ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -648,8 +649,8 @@ def restore(
 
     resumed = None
     if current is not None:
-        data = run.hook.train_data(run=run, exp=current)
-        run.optimizer = run.hook.configure_optimizer(run=run, exp=current)
+        data = experience_data(run, current)
+        run.optimizer = experience_optimizer(run, current)
         if state["optimizer"] is not None:
             run.optimizer.load_state_dict(state["optimizer"])
         losses = metrics["epoch_losses"]

@@ -19,6 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -205,7 +206,7 @@ def override_list(overrides: Any) -> list[str]:
     if isinstance(overrides, str):
         raise ConfigError(f"overrides must be a list of 'key=value' strings, got the string {overrides!r}")
     if isinstance(overrides, Mapping):
-        example = [f"{k}={v}" for k, v in list(overrides.items())[:2]]
+        example = [f"{k}={_yaml_value(v)}" for k, v in list(overrides.items())[:2]]
         raise ConfigError(f"overrides must be a list of 'key=value' strings, e.g. {example}; got a mapping")
     if not isinstance(overrides, Iterable):
         raise ConfigError(f"overrides must be a list of 'key=value' strings, got {type(overrides).__name__} {overrides!r:.60}")
@@ -214,6 +215,11 @@ def override_list(overrides: Any) -> list[str]:
     if bad:
         raise ConfigError(f"overrides must be 'key=value' strings, got {bad[0]!r}")
     return items
+
+
+def _yaml_value(value: Any) -> str:
+    """``value`` as an override writes it (``null``, ``true``, ``0.1``)."""
+    return yaml.safe_dump([value], default_flow_style=True, width=1 << 30).strip()[1:-1]
 
 
 def parse_overrides(overrides: list[str] | tuple[str, ...]) -> DictConfig:
@@ -275,7 +281,7 @@ def plugin_config(name: str, config_cls: type | None, section: Any) -> Any:
         if len(section):
             raise ConfigError(f"plugin '{name}' takes no config fields, got {choices(section.keys())}")
         return None
-    if not (isinstance(config_cls, type) and dataclasses.is_dataclass(config_cls)):
+    if not (isinstance(config_cls, type) and (dataclasses.is_dataclass(config_cls) or hasattr(config_cls, "__attrs_attrs__"))):
         raise PluginError(f"plugin '{name}': its Config must be a @dataclass class, got {config_cls!r:.80}")
     merged = merge_checked(config_cls, section, where=f"plugins.{name}.")
     missing = sorted(OmegaConf.missing_keys(merged))
@@ -452,13 +458,13 @@ def merge_config(
 
 
 def _plain_values(value: Any) -> Any:
-    """``value`` with NumPy scalars (from ``np.logspace`` and the like) as Python numbers."""
+    """``value`` with NumPy scalars and arrays (``np.logspace(...)``) as Python numbers and lists."""
     if isinstance(value, dict):
         return {k: _plain_values(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain_values(v) for v in value]
-    if type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "ndim", None) == 0:
-        return value.item()
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):  # a scalar or an array
+        return value.tolist()
     return value
 
 

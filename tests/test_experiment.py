@@ -187,6 +187,28 @@ class OptimizerClass:
         return torch.optim.SGD
 
 
+class ScheduleOnly:
+    """An optimizer-like object without param_groups, which schedules and resumes need."""
+
+    def step(self):
+        pass
+
+    def zero_grad(self, set_to_none=True):
+        pass
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+class NoParamGroups:
+    @hookimpl(tryfirst=True)
+    def configure_optimizer(self, run):
+        return ScheduleOnly()
+
+
 class TupleData:
     @hookimpl(tryfirst=True)
     def train_data(self, exp):
@@ -198,6 +220,8 @@ class TupleData:
     [
         (BareLogits, r"forward returned a Tensor: the default loss needs a contlearn.models.Output"),
         (OptimizerClass, r"configure_optimizer must return an optimizer \(a torch.optim.Optimizer instance, .*got a type"),
+        (NoParamGroups, r"configure_optimizer must return an optimizer \(.*an object with param_groups and step, "
+                        r"zero_grad, state_dict, load_state_dict\), got a ScheduleOnly"),
         (TupleData, r"train_data must return the experience's training data \(a TensorData.*\), got a tuple"),
         (PerSampleTerm, r"loss term 'per_sample' has shape \(16,\): a loss term is a scalar"),
         (PerSampleLoss, r"compute_loss must return a scalar loss tensor, got a torch.float32 tensor of shape \(16,\)"),
@@ -223,8 +247,9 @@ def test_arguments_of_the_wrong_kind_are_named(quick):
 
     cases = [
         (dict(plugins="replay"), PluginError, r"Experiment\(plugins=...\) must map plugin names to plugin classes or objects.*got str 'replay'"),
-        (dict(plugins={3: Scores}), PluginError, r"plugin name 3 cannot be a config key"),
-        (dict(plugins={"my.anchor": Scores}), PluginError, r"plugin name 'my.anchor' cannot be a config key"),
+        (dict(plugins={3: Scores}), PluginError, r"plugin names are non-empty strings, got 3"),
+        (dict(plugins={"my.anchor": Scores}), PluginError, r"the plugin class Scores is given as 'my.anchor', which cannot be its config key"),
+        (dict(plugins={"": Scores()}), PluginError, r"plugin names are non-empty strings, got ''"),
         (dict(plugins={"anchor": Config()}), PluginError, r"plugin 'anchor' is a .*Config instance, a config, not a plugin"),
         (dict(plugins={"anchor": len}), PluginError, r"plugin 'anchor' is the function 'len', not a plugin"),
         (dict(stream=[1, 2]), ConfigError, r"stream= must be a contlearn Stream .*got list \[1, 2\]"),
@@ -232,8 +257,21 @@ def test_arguments_of_the_wrong_kind_are_named(quick):
     for kwargs, error, message in cases:
         with pytest.raises(error, match=message):
             Experiment(load_config(None, quick), **kwargs).build()
-    with pytest.raises(ConfigError, match=r"overrides must be a list of 'key=value' strings, e.g. \['seed=1'\]; got a mapping"):
-        Experiment(None, {"seed": 1})
+    with pytest.raises(ConfigError, match=r"overrides must be a list of 'key=value' strings, e.g. \['seed=1', 'out=null'\]; got a mapping"):
+        Experiment(None, {"seed": 1, "out": None})
+
+
+def test_plugin_objects_may_be_dataclasses_and_have_any_name(quick):
+    @dataclass
+    class Anchor:
+        weight: float = 0.5
+
+        @hookimpl
+        def loss_terms(self, out):
+            return {"anchor": self.weight * out.logits.square().mean()}
+
+    results = Experiment(load_config(None, quick), plugins={"my.anchor [2]": Anchor()}).run()
+    assert len(results.accuracy_matrix) == 5 and "my.anchor [2]" in results.given["plugins"]
 
 
 def test_a_plugin_config_must_be_a_dataclass_and_its_required_fields_set(quick):
@@ -254,14 +292,27 @@ def test_a_plugin_config_must_be_a_dataclass_and_its_required_fields_set(quick):
         Experiment(load_config(None, quick), plugins={"required": Required})
     assert Experiment(load_config(None, quick), ["plugins.required.weight=2"], plugins={"required": Required})
 
+    import attr
+
+    class Attrs:
+        @attr.s(auto_attribs=True)
+        class Config:
+            weight: float = 1.0
+
+        def __init__(self, config):
+            self.config = config
+
+    experiment = Experiment(load_config(None, quick), ["plugins.attrs.weight=0.25"], plugins={"attrs": Attrs})
+    assert experiment.build().plugins["attrs"].config.weight == 0.25
+
 
 def test_numpy_scalars_in_a_config_mapping_are_numbers():
     import numpy as np
 
     from contlearn import ConfigError
 
-    cfg = Experiment({"train": {"lr": np.float64(0.05), "epochs": np.int64(3)}}).config
-    assert cfg.train.lr == 0.05 and cfg.train.epochs == 3
+    cfg = Experiment({"train": {"lr": np.float64(0.05), "epochs": np.int64(3), "lr_schedule": "multistep", "milestones": np.array([1, 2])}}).config
+    assert cfg.train.lr == 0.05 and cfg.train.epochs == 3 and list(cfg.train.milestones) == [1, 2]
     with pytest.raises(ConfigError, match=r"the config's value 'train.lr' is not a config value"):
         Experiment({"train": {"lr": torch.tensor(0.1)}})
 

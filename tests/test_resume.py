@@ -94,6 +94,33 @@ def test_resume_inside_an_experience_mid_epoch_is_exact(tmp_path, reference):
     assert comparable(out) == expected
 
 
+class OwnSGD:
+    """A plugin's optimizer; on resume, by mistake, the optimizer class itself."""
+
+    def __init__(self, wrong: bool = False):
+        self.wrong = wrong
+
+    @hookimpl(tryfirst=True)
+    def configure_optimizer(self, run):
+        return torch.optim.SGD if self.wrong else torch.optim.SGD(run.model.parameters(), lr=0.05)
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def test_a_resume_inside_an_experience_checks_the_optimizer_as_a_run_does(tmp_path):
+    out = tmp_path / "run"
+    cfg = load_config(None, [*TINY, "checkpoint.every_n_steps=4"])
+    with pytest.raises(SimulatedCrash):
+        Experiment(cfg, out_dir=out, plugins={"sgd": OwnSGD(), "crash": CrashAt(15)}).run()
+    with pytest.raises(TrainingError, match=r"configure_optimizer must return an optimizer .*got a type"):
+        Experiment.resume(out, plugins={"sgd": OwnSGD(wrong=True)}).run()
+    Experiment.resume(out, plugins={"sgd": OwnSGD()}).run()  # the checkpoint is still there
+
+
 def test_ctrl_c_finishes_the_step_checkpoints_and_exits_130(tmp_path, reference, monkeypatch, capsys):
     import contlearn._loop as loop
 

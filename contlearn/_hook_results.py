@@ -1,0 +1,69 @@
+"""What the experience hooks return, checked where the loop and a resume receive it.
+
+``train_data`` and ``configure_optimizer`` are asked once per experience, by the
+loop and again by :func:`contlearn.checkpoint.restore` on a resume inside an
+experience; both paths get the same checks and the same messages.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from contlearn.errors import DataError, TrainingError
+
+if TYPE_CHECKING:
+    from contlearn.run import Run
+    from contlearn.scenarios import Experience, TensorData
+
+#: what the loop, schedules, resumes and distributed runs use of an optimizer
+_OPTIMIZER_METHODS = ("step", "zero_grad", "state_dict", "load_state_dict")
+
+
+def describe(value: Any) -> str:
+    """What a hook returned, for an error message."""
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return "None" if value is None else f"a {type(value).__name__}"
+
+
+def experience_data(run: Run, exp: Experience) -> TensorData:
+    """The training data of ``exp`` (``train_data`` hook), checked."""
+    data = run.hook.train_data(run=run, exp=exp)
+    check_training_data(run, exp, data)
+    return data
+
+
+def experience_optimizer(run: Run, exp: Experience) -> torch.optim.Optimizer:
+    """The optimizer of ``exp`` (``configure_optimizer`` hook), checked: a
+    ``torch.optim.Optimizer`` instance, or an object with what the loop uses of one."""
+    optimizer = run.hook.configure_optimizer(run=run, exp=exp)
+    if isinstance(optimizer, type) or not (
+        all(callable(getattr(optimizer, m, None)) for m in _OPTIMIZER_METHODS)
+        and isinstance(getattr(optimizer, "param_groups", None), list)
+    ):
+        raise TrainingError(
+            f"configure_optimizer must return an optimizer (a torch.optim.Optimizer instance, or an object with "
+            f"param_groups and {', '.join(_OPTIMIZER_METHODS)}), got {describe(optimizer)}"
+        )
+    return optimizer
+
+
+def check_training_data(run: Run, exp: Experience, data: Any) -> None:
+    """An experience's training data is not empty and its labels fit the head (one host read)."""
+    if not (hasattr(data, "batches") and isinstance(getattr(data, "y", None), torch.Tensor)):
+        raise TrainingError(
+            f"train_data must return the experience's training data (a TensorData, e.g. "
+            f"TensorData.concat([exp.train, more])), got {describe(data)}"
+        )
+    if len(data) == 0:
+        raise TrainingError(f"experience {exp.index} has no training samples")
+    n_out = getattr(run.model.head, "out_features", None)
+    if n_out is not None:
+        low, high = (int(v) for v in torch.stack(torch.aminmax(data.y)).cpu())
+        if low < 0 or high >= n_out:
+            raise DataError(
+                f"experience {exp.index} trains on label {low if low < 0 else high}, outside the head's "
+                f"{n_out} outputs (labels 0 to {n_out - 1}: the classes seen so far)"
+            )
