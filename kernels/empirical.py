@@ -178,7 +178,8 @@ def empirical_fisher(
     ``nn.MultiheadAttention.out_proj``), parameters shared between modules and
     parameters that the loss also uses outside their layer's forward (found in the
     first batch's autograd graph) fall back to the batch-mode formula, which is
-    about B times smaller in scale. Per-sample mode assumes samples do not interact
+    smaller in scale: at most the per-sample value, about 1/B of it for uncorrelated
+    per-sample gradients, without a lower bound where gradients cancel in a batch. Per-sample mode assumes samples do not interact
     (BatchNorm in eval mode) and that the batch is the leading dimension of every
     Linear input.
 

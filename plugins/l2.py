@@ -5,8 +5,8 @@ While an experience is trained the loss gains
     L_l2 = lam/2 * sum_i (theta_i - theta*_i)^2,   dL_l2/dtheta = lam * (theta - theta*)
 
 with ``theta*`` the weights after the previous experience (``anchor: previous``;
-EWC with the Fisher replaced by the identity, the L2 baseline of Kirkpatrick et
-al., PNAS 2017, fig. 2) or the weights the run started from, e.g. pretrained
+the L2 baseline of Kirkpatrick et al., PNAS 2017, fig. 2: online EWC with the
+Fisher replaced by the identity and gamma 0, since only the last anchor pulls) or the weights the run started from, e.g. pretrained
 ones (``anchor: initial``; L2-SP, Xuhong Li et al., "Explicit Inductive Bias for
 Transfer Learning with Convolutional Networks", ICML 2018). ``pattern``, a
 regular expression searched in parameter names, restricts the penalty to some
