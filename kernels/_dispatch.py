@@ -57,15 +57,20 @@ def import_triton() -> ModuleType:
     return triton
 
 
+#: the dtypes the Triton kernels load and store
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def resolve_backend(
     op: str, backend: str, tensors: Sequence[torch.Tensor]
 ) -> Literal["triton", "torch"]:
     """Pick the implementation of ``op`` for ``tensors``.
 
-    ``auto`` runs Triton when every tensor is on a CUDA device and Triton imports, and
-    the torch reference otherwise. ``triton`` runs Triton on CUDA tensors, or on CPU
-    tensors through the interpreter when ``TRITON_INTERPRET=1``; anything else raises
-    RuntimeError saying why. ``torch`` always runs the reference.
+    ``auto`` runs Triton when every tensor is on a CUDA device, of a dtype the kernels
+    take (:data:`TRITON_DTYPES`) and Triton imports, and the torch reference otherwise.
+    ``triton`` runs Triton on CUDA tensors, or on CPU tensors through the interpreter
+    when ``TRITON_INTERPRET=1``; anything else raises RuntimeError saying why (TypeError
+    for another dtype). ``torch`` always runs the reference.
     """
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
@@ -73,9 +78,14 @@ def resolve_backend(
         return "torch"
     devices = {t.device for t in tensors}
     kinds = {d.type for d in devices}
+    others = sorted({str(t.dtype) for t in tensors if t.dtype not in TRITON_DTYPES})
     if backend == "auto":
-        return (
-            "triton" if kinds == {"cuda"} and len(devices) == 1 and triton_available() else "torch"
+        runs = kinds == {"cuda"} and len(devices) == 1 and not others and triton_available()
+        return "triton" if runs else "torch"
+    if others:
+        raise TypeError(
+            f"{op}: backend='triton' takes float32, bfloat16 and float16 tensors, got {', '.join(others)}; "
+            f"use backend='torch' or 'auto'"
         )
     triton, reason = _load_triton()
     if triton is None:

@@ -222,6 +222,8 @@ def fisher_sums(
     try:
         for batch in batches:
             x, y = (_to(v, device) for v in _unpack(batch))
+            if any(torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == 0 for v in (x, y)):
+                raise ValueError(f"empirical_fisher: batch {n_batches} is empty (it would count as a batch)")
             with torch.enable_grad():
                 loss = loss_fn(model, x, y)
             if not torch.is_tensor(loss) or loss.numel() != 1:

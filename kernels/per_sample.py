@@ -42,6 +42,11 @@ def _as_btx(x: torch.Tensor, name: str, op: str) -> torch.Tensor:
     return x
 
 
+def _fp64_rounded(x: torch.Tensor) -> torch.Tensor:
+    """float64 rounded to fp32, as every path computes (the kernels take no float64)."""
+    return x.float() if x.dtype == torch.float64 else x
+
+
 def _check_pair(
     a: torch.Tensor, d: torch.Tensor, op: str = "per_sample_linear"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,8 +58,10 @@ def _check_pair(
     return a3, d3
 
 
+@torch.no_grad()
 def per_sample_linear_reference(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """``F[o, i] = sum_b (sum_t d[b,t,o] a[b,t,i])**2`` in plain torch (fp32), [O, I]."""
+    """``F[o, i] = sum_b (sum_t d[b,t,o] a[b,t,i])**2`` in plain torch (fp32), [O, I]
+    (detached, as the Triton path's)."""
     a3, d3 = _check_pair(a, d)
     a3, d3 = a3.float(), d3.float()
     n_batch, n_t, n_in = a3.shape
@@ -80,8 +87,9 @@ def _reference_chunk(device: torch.device, grad_numel: int) -> int:
     return max(1, _REFERENCE_CHUNK // max(1, grad_numel))
 
 
+@torch.no_grad()
 def per_sample_linear_bias_reference(d: torch.Tensor) -> torch.Tensor:
-    """``F[o] = sum_b (sum_t d[b,t,o])**2`` in plain torch (fp32), [O]."""
+    """``F[o] = sum_b (sum_t d[b,t,o])**2`` in plain torch (fp32), [O] (detached)."""
     d3 = _as_btx(d, "d", "per_sample_linear_bias")
     return torch.sum(d3, dim=1, dtype=torch.float32).square().sum(0)
 
@@ -304,7 +312,7 @@ def _cdiv(a: int, b: int) -> int:
 def _per_sample_triton(a3: torch.Tensor, d3: torch.Tensor) -> torch.Tensor:
     n_batch, n_t, n_in = a3.shape
     n_out = d3.shape[2]
-    if a3.dtype != d3.dtype or a3.dtype == torch.float64:  # float64 is rounded to fp32, as in the reference
+    if a3.dtype != d3.dtype:
         a3, d3 = a3.float(), d3.float()
     out = torch.empty(n_out, n_in, dtype=torch.float32, device=a3.device)
     if n_out == 0 or n_in == 0:
@@ -368,7 +376,7 @@ def per_sample_linear(
     per-sample gradient is ever written, at the price of a slower fp32 GEMM than the
     vendor library's.
     """
-    a3, d3 = _check_pair(a, d)
+    a3, d3 = (_fp64_rounded(x) for x in _check_pair(a, d))
     chosen = _dispatch.resolve_backend("per_sample_linear", backend, [a3, d3])
     if chosen == "torch" or (backend == "auto" and a3.shape[1] == 1):
         return per_sample_linear_reference(a3, d3)
@@ -384,7 +392,7 @@ def per_sample_linear_bias(d: torch.Tensor, *, backend: Backend = "auto") -> tor
     ``d`` is the output gradient [B, T, O] (or [B, O]), a floating-point tensor
     (TypeError otherwise); returns fp32 ``F[o] = sum_b (sum_t d[b,t,o])**2`` [O].
     """
-    d3 = _as_btx(d, "d", "per_sample_linear_bias")
+    d3 = _fp64_rounded(_as_btx(d, "d", "per_sample_linear_bias"))
     if _dispatch.resolve_backend("per_sample_linear_bias", backend, [d3]) == "torch":
         return per_sample_linear_bias_reference(d3)
     with _dispatch.device_guard(d3.device):

@@ -94,7 +94,7 @@ def test_unknown_backbones_and_pretrained_builtins():
     assert {"mlp", "cnn", "resnet18", "resnet32"} <= set(BACKBONES)
 
 
-@pytest.mark.parametrize("name", ["timm:resnet18", "tv:resnet18", "tv:mobilenet_v3_small"])
+@pytest.mark.parametrize("name", ["timm:resnet18", "tv:resnet18", "tv:mobilenet_v3_small", "tv:squeezenet1_1"])
 def test_timm_and_torchvision_backbones_without_weights(name):
     net = create_backbone(name, (3, 32, 32), model_cfg())
     out = net(torch.randn(2, 3, 32, 32))
@@ -127,6 +127,11 @@ def test_timm_takes_other_channel_counts_and_torchvision_asks_for_rgb():
         create_backbone("tv:resnet18", (1, 16, 16), model_cfg())
     with pytest.raises(ConfigError, match="'rgb'"):
         create_backbone("clip:ViT-S-32", (1, 16, 16), model_cfg())
+    # a wrong name is named as such before the inputs are
+    with pytest.raises(ConfigError, match="'nosuch' is not a torchvision model"):
+        create_backbone("tv:nosuch", (1, 16, 16), model_cfg())
+    with pytest.raises(ConfigError, match="unknown open_clip model 'nosuch'"):
+        create_backbone("clip:nosuch", (1, 16, 16), model_cfg())
 
 
 def test_clip_image_tower_without_weights():
@@ -167,6 +172,7 @@ def test_missing_pretrained_weights_say_which_and_where(tmp_path):
     hf_cache = str(tmp_path / "hf" / "hub")
     assert "timm/resnet18" in lines["timm:resnet18"] and hf_cache in lines["timm:resnet18"]
     assert "HF_HUB_OFFLINE" in lines["timm:resnet18"]
+    assert "Downloading" not in proc.stderr, proc.stderr  # torch.hub's line, printed before the error
     tv = lines["tv:resnet18"]
     assert "ResNet18_Weights.IMAGENET1K_V1" in tv and str(tmp_path / "torch" / "hub" / "checkpoints") in tv
     clip = lines["clip:ViT-B-32"]
@@ -223,6 +229,16 @@ def test_multi_head_masks_other_tasks_and_handles_mixed_batches():
     assert head.heads["1"].weight.grad is None or float(head.heads["1"].weight.grad.abs().sum()) == 0.0
     assert float(head.heads["0"].weight.grad.abs().sum()) > 0
     assert torch.isfinite(F.cross_entropy(logits, y))
+
+
+def test_heads_keep_the_model_dtype_and_take_no_classes():
+    for head in ("incremental", "cosine", "multi"):
+        model = create_model(OmegaConf.structured(ModelConfig(backbone="mlp", hidden=[8], head=head)), (4,)).double()
+        model.adapt([], 0)  # nothing to add
+        model.adapt([0, 1], 0)
+        model.adapt([2], 1)
+        out = model(torch.randn(3, 4, dtype=torch.float64), torch.tensor([0, 1, 1]))
+        assert out.logits.dtype == torch.float64 and out.logits.shape[1] == 3, head
 
 
 def test_multi_head_grows_a_known_task_and_shares_classes_across_tasks():

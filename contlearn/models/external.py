@@ -12,6 +12,7 @@ downloadable the error names the weights and where they were looked for.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import socket
@@ -207,7 +208,6 @@ def torchvision_backbone(arch: str, input_shape: Sequence[int], pretrained: bool
     member name (default ``DEFAULT``)."""
     import torchvision
 
-    _rgb(f"tv:{arch}", input_shape)
     if arch not in torchvision.models.list_models(module=torchvision.models):
         if arch in torchvision.models.list_models(module=torchvision.models.quantization):
             raise ConfigError(f"'{arch}' is a quantized torchvision model (backbone 'tv:{arch}'); use its float "
@@ -216,6 +216,7 @@ def torchvision_backbone(arch: str, input_shape: Sequence[int], pretrained: bool
         what = "not a torchvision classification model" if known else "not a torchvision model"
         raise ConfigError(f"'{arch}' is {what} (backbone 'tv:{arch}'); list the classification "
                           f"models with torchvision.models.list_models(module=torchvision.models)")
+    _rgb(f"tv:{arch}", input_shape)
     # googlenet and inception_v3 warn unless told how to initialise: their current (truncated normal) way
     options = {"init_weights": True} if arch in ("googlenet", "inception_v3") else {}
     net = torchvision.models.get_model(arch, weights=None, **options)
@@ -229,7 +230,8 @@ def torchvision_backbone(arch: str, input_shape: Sequence[int], pretrained: bool
                               f"{', '.join(dict.fromkeys(['DEFAULT', *enum.__members__]))}") from None
         file = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(chosen.url))
         try:
-            state = chosen.get_state_dict(progress=False, check_hash=True)
+            with contextlib.redirect_stderr(io.StringIO()):  # torch.hub's "Downloading: ..." line, even offline
+                state = chosen.get_state_dict(progress=False, check_hash=True)
         except (OSError, RuntimeError) as exc:
             raise WeightsError(
                 f"pretrained weights {chosen} for tv:{arch} are not cached at '{file}' and could not be "
@@ -242,6 +244,9 @@ def torchvision_backbone(arch: str, input_shape: Sequence[int], pretrained: bool
         for aux in ("aux1", "aux2", "AuxLogits"):
             if hasattr(net, aux):
                 setattr(net, aux, None)
+    if arch.startswith("squeezenet"):  # a convolutional classifier: keep the pooled 512 feature channels
+        net.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        return _Features(net, 512, f"tv:{arch}")
     name, layer = _last_linear(net)
     out_features = layer.in_features
     parent = net.get_submodule(name.rpartition(".")[0]) if "." in name else net
@@ -257,10 +262,10 @@ def clip_backbone(arch: str, input_shape: Sequence[int], pretrained: bool, weigh
         import open_clip
     except ImportError:
         raise ConfigError(f"backbone 'clip:{arch}' needs open_clip: pip install 'contlearn[clip]'") from None
-    _rgb(f"clip:{arch}", input_shape)
     if arch not in open_clip.list_models():
         raise ConfigError(f"unknown open_clip model '{arch}' (backbone 'clip:{arch}'); "
                           f"list them with open_clip.list_models()")
+    _rgb(f"clip:{arch}", input_shape)
     tag = None
     if pretrained:
         tags = open_clip.list_pretrained_tags_by_model(arch)

@@ -76,8 +76,9 @@ class IncrementalLinear(nn.Module):
         return True
 
     def adapt(self, classes: Sequence[int], task: int = 0) -> None:
-        """Grow to cover ``classes`` (model-side class ids)."""
-        self.grow(max(classes) + 1)
+        """Grow to cover ``classes`` (model-side class ids); none: no change."""
+        if len(classes):
+            self.grow(max(classes) + 1)
 
     #: forward is ``F.linear(features, self.weight, self.bias)``: per-sample Fisher
     #: information is exact for it (contlearn.kernels.empirical.is_per_sample_linear)
@@ -133,7 +134,7 @@ class MultiHead(nn.Module):
         self.heads = nn.ModuleDict()
         self.task_classes: dict[int, list[int]] = {}
         self._columns: dict[int, torch.Tensor] = {}
-        # follows the module through .to(), so new heads go where the model is
+        # follows the module through .to(), so new heads get the model's device and dtype
         self.register_buffer("_anchor", torch.empty(0), persistent=False)
 
     @property
@@ -151,7 +152,7 @@ class MultiHead(nn.Module):
         if not new:
             return
         if task not in self.task_classes:
-            self.heads[str(task)] = IncrementalLinear(self.in_features).to(self._anchor.device)
+            self.heads[str(task)] = IncrementalLinear(self.in_features).to(self._anchor.device, self._anchor.dtype)
         self.task_classes[task] = known + new
         self.heads[str(task)].grow(len(self.task_classes[task]))
         self._columns.pop(task, None)

@@ -268,9 +268,11 @@ def test_an_unsupported_dtype_fails_before_any_tensor_changes(device: torch.devi
     thetas = [torch.ones(3, device=device), torch.ones(3, device=device, dtype=torch.float64)]
     fds = [torch.zeros(3, device=device), torch.zeros(3, device=device, dtype=torch.float64)]
     ffs = [torch.ones(3, device=device), torch.ones(3, device=device, dtype=torch.float64)]
-    with pytest.raises(TypeError, match="unsupported dtype"):
+    with pytest.raises(TypeError, match=r"dampen_: backend='triton' takes float32, bfloat16 and float16 tensors, got torch.float64"):
         dampen.dampen_(thetas, fds, ffs, 1.0, 1.0, backend="triton")
     assert all(torch.equal(t, torch.ones_like(t)) for t in thetas)
+    assert dampen.dampen_(thetas, fds, ffs, 1.0, 1.0, backend="auto") == 6  # the reference, on a GPU too
+    assert all(torch.equal(t, torch.zeros_like(t)) for t in thetas)
 
 
 def test_argument_shape_errors_are_not_hidden_by_the_plan_cache(device: torch.device) -> None:

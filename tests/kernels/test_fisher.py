@@ -335,6 +335,10 @@ def test_empirical_fisher_argument_errors() -> None:
         fisher.empirical_fisher(model, [torch.randn(2, 2)], _xent)
     with pytest.raises(ValueError, match="scalar"):
         fisher.empirical_fisher(model, [(torch.randn(2, 2), None)], lambda m, x, y: m(x))
+    batches = [(torch.randn(4, 2), torch.tensor([0, 1, 0, 1])), (torch.randn(0, 2), torch.zeros(0, dtype=torch.long))]
+    for mode in ("batch", "per_sample"):  # an empty batch would count as one: a Fisher too small by K/(K+1)
+        with pytest.raises(ValueError, match="empirical_fisher: batch 1 is empty"):
+            fisher.empirical_fisher(model, batches, _xent, mode=mode)
 
 
 def test_accumulate_reuses_a_plan_that_holds_no_tensor(device: torch.device) -> None:
@@ -429,9 +433,12 @@ def test_accumulate_non_floating_tensors_fail_before_any_change(backend: str) ->
 def test_accumulate_unsupported_dtype_on_triton_fails_before_any_launch(device: torch.device) -> None:
     imps = [torch.zeros(3, device=device), torch.zeros(3, device=device, dtype=torch.float64)]
     grads = [torch.ones(3, device=device), torch.ones(3, device=device, dtype=torch.float64)]
-    with pytest.raises(TypeError, match="unsupported dtype torch.float64"):
+    with pytest.raises(TypeError, match=r"accumulate_: backend='triton' takes float32, bfloat16 and float16 tensors, "
+                                        r"got torch.float64; use backend='torch' or 'auto'"):
         fisher.accumulate_(imps, grads, backend="triton")
     assert torch.equal(imps[0], torch.zeros(3, device=device))  # the fp32 group was not launched first
+    fisher.accumulate_(imps, grads, backend="auto")  # auto runs the reference for them, on a GPU too
+    assert all(torch.equal(t, torch.ones(3, device=device, dtype=t.dtype)) for t in imps)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

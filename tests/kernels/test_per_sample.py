@@ -88,6 +88,14 @@ def test_reference_chunks_the_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.testing.assert_close(per_sample.per_sample_linear_reference(a, d), one_by_one)
 
 
+def test_every_backend_returns_a_detached_result(device: torch.device) -> None:
+    a = torch.randn(3, 2, 4, device=device, requires_grad=True)
+    d = torch.randn(3, 2, 5, device=device, requires_grad=True)
+    for backend in ("auto", "torch", "triton"):
+        assert not per_sample.per_sample_linear(a, d, backend=backend).requires_grad, backend
+        assert not per_sample.per_sample_linear_bias(d, backend=backend).requires_grad, backend
+
+
 def test_empty_batch(device: torch.device) -> None:
     a, d = torch.randn(0, 3, 4, device=device), torch.randn(0, 3, 5, device=device)
     assert torch.equal(
