@@ -119,6 +119,13 @@ def test_pretrained_tags_are_checked_before_anything_loads():
         create_backbone("timm:resnet18", (3, 32, 32), model_cfg(pretrained=True, weights="bogus"))
     with pytest.raises(ConfigError, match="model.weights.*needs model.pretrained=true"):
         load_config("split-digits", ["model.weights=a1_in1k"])
+    # a tag in the name chooses weights as model.weights does
+    with pytest.raises(ConfigError, match="the tag 'a1_in1k' of backbone 'timm:resnet18.a1_in1k' chooses pretrained weights"):
+        create_backbone("timm:resnet18.a1_in1k", (3, 32, 32), model_cfg())
+    with pytest.raises(ConfigError, match="'bogus' is not a pretrained tag of timm model 'resnet18'; valid: .*a1_in1k"):
+        create_backbone("timm:resnet18.bogus", (3, 32, 32), model_cfg(pretrained=True))
+    with pytest.raises(ConfigError, match="names the tag 'a1_in1k' and model.weights names 'tv_in1k': give one"):
+        create_backbone("timm:resnet18.a1_in1k", (3, 32, 32), model_cfg(pretrained=True, weights="tv_in1k"))
 
 
 def test_timm_takes_other_channel_counts_and_torchvision_asks_for_rgb():

@@ -163,10 +163,17 @@ def timm_backbone(arch: str, input_shape: Sequence[int], pretrained: bool, weigh
 
     if len(input_shape) != 3:
         raise ConfigError(f"backbone 'timm:{arch}' needs image inputs [C, H, W], got {tuple(input_shape)}")
-    name = f"{arch}.{weights}" if weights else arch
-    base = arch.split(".")[0]
+    base, _, tag = arch.partition(".")
     if not timm.is_model(base):
         raise ConfigError(f"unknown timm model '{arch}' (backbone 'timm:{arch}'); list them with timm.list_models()")
+    if tag and weights:
+        raise ConfigError(f"backbone 'timm:{arch}' names the tag '{tag}' and model.weights names '{weights}': give one")
+    if tag and not pretrained:  # as model.weights without model.pretrained: a tag chooses pretrained weights
+        raise ConfigError(
+            f"the tag '{tag}' of backbone 'timm:{arch}' chooses pretrained weights: it needs model.pretrained=true "
+            f"(or use timm:{base})"
+        )
+    name = f"{arch}.{weights}" if weights else arch
     if pretrained and "." in name:
         tags = [t.partition(".")[2] for t in timm.list_pretrained(f"{base}.*")]
         if name.partition(".")[2] not in tags:
