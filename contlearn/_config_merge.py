@@ -14,16 +14,37 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from contlearn.errors import ConfigError, choices
 
 
+def is_structured(cls: Any) -> bool:
+    """Whether ``cls`` is a class OmegaConf takes as a schema: a dataclass or an attrs class."""
+    return isinstance(cls, type) and (dataclasses.is_dataclass(cls) or hasattr(cls, "__attrs_attrs__"))
+
+
+def field_defaults(cls: Any) -> dict[str, Any]:
+    """The fields of a structured class and their defaults (:data:`dataclasses.MISSING` for none)."""
+    if dataclasses.is_dataclass(cls):
+        return {
+            f.name: f.default if f.default is not dataclasses.MISSING
+            else f.default_factory() if f.default_factory is not dataclasses.MISSING  # type: ignore[misc]
+            else dataclasses.MISSING
+            for f in dataclasses.fields(cls)
+        }  # fmt: skip
+    import attr
+
+    return {
+        a.name: a.default.factory() if isinstance(a.default, attr.Factory)  # type: ignore[arg-type]
+        else dataclasses.MISSING if a.default is attr.NOTHING else a.default
+        for a in attr.fields(cls)
+    }  # fmt: skip
+
+
 def _valid_keys(schema: Any, full_key: str) -> list[str]:
     """The valid keys of the config section that holds ``full_key``."""
     node: Any = schema
     for part in str(full_key).split(".")[:-1]:
-        if not dataclasses.is_dataclass(node):
+        if not is_structured(node):
             return []
         node = typing.get_type_hints(node).get(part)
-    if dataclasses.is_dataclass(node):
-        return [f.name for f in dataclasses.fields(node)]
-    return []
+    return list(field_defaults(node)) if is_structured(node) else []
 
 
 def first_line(text: str) -> str:
@@ -116,12 +137,12 @@ def _key_in_a_list(
     any other error."""
     owner = getattr(exc, "object_type", None)
     key = getattr(exc, "key", None)
-    if not dataclasses.is_dataclass(owner) or owner is schema or key is None or "." in str(exc.full_key):
+    if not is_structured(owner) or owner is schema or key is None or "." in str(exc.full_key):
         return None
     path = _path_in_lists(layers, str(key))
     if path is None:
         return None
-    return f"{where}{path}", [f.name for f in dataclasses.fields(owner)]
+    return f"{where}{path}", list(field_defaults(owner))
 
 
 def _path_in_lists(layers: tuple[Any, ...], key: str) -> str | None:
@@ -162,7 +183,8 @@ def _given_value(layers: tuple[Any, ...], key: str) -> Any:
 
 
 def _section_given_a_value(schema: Any, layers: tuple[Any, ...]) -> str | None:
-    sections = {f.name for f in dataclasses.fields(schema) if dataclasses.is_dataclass(typing.get_type_hints(schema)[f.name])}
+    hints = typing.get_type_hints(schema)
+    sections = {name for name in field_defaults(schema) if is_structured(hints.get(name))}
     for layer in layers:
         for key in sections:
             value = layer.get(key) if isinstance(layer, (DictConfig, dict)) else None

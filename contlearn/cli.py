@@ -183,6 +183,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
+    from contlearn._config_merge import field_defaults
     from contlearn._registry import PluginRegistry
 
     with warnings.catch_warnings(record=True) as caught:
@@ -201,9 +202,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         if config_cls is None:
             print("    (no config fields)")
             continue
-        for f in dataclasses.fields(config_cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            print(f"    {f.name} = {default!r}")
+        for field_name, default in field_defaults(config_cls).items():
+            print(f"    {field_name} = {'(required)' if default is dataclasses.MISSING else repr(default)}")
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     return 0

@@ -9,7 +9,6 @@ that names the key and lists what is valid.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 import typing
@@ -23,7 +22,12 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from contlearn._config_merge import container_mismatch_error, first_line, merge_checked
+from contlearn._config_merge import (
+    container_mismatch_error,
+    first_line,
+    is_structured,
+    merge_checked,
+)
 from contlearn.errors import ConfigError, PluginError, choices
 
 DEFAULT_EXPERIMENT = "split-digits"
@@ -219,7 +223,10 @@ def override_list(overrides: Any) -> list[str]:
 
 def _yaml_value(value: Any) -> str:
     """``value`` as an override writes it (``null``, ``true``, ``0.1``)."""
-    return yaml.safe_dump([value], default_flow_style=True, width=1 << 30).strip()[1:-1]
+    try:
+        return yaml.safe_dump([_plain_values(value)], default_flow_style=True, width=1 << 30).strip()[1:-1]
+    except yaml.YAMLError:  # an object YAML cannot write: the message shows it as Python does
+        return str(value)
 
 
 def parse_overrides(overrides: list[str] | tuple[str, ...]) -> DictConfig:
@@ -281,8 +288,8 @@ def plugin_config(name: str, config_cls: type | None, section: Any) -> Any:
         if len(section):
             raise ConfigError(f"plugin '{name}' takes no config fields, got {choices(section.keys())}")
         return None
-    if not (isinstance(config_cls, type) and (dataclasses.is_dataclass(config_cls) or hasattr(config_cls, "__attrs_attrs__"))):
-        raise PluginError(f"plugin '{name}': its Config must be a @dataclass class, got {config_cls!r:.80}")
+    if not is_structured(config_cls):
+        raise PluginError(f"plugin '{name}': its Config must be a @dataclass (or attrs) class, got {config_cls!r:.80}")
     merged = merge_checked(config_cls, section, where=f"plugins.{name}.")
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:

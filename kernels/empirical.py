@@ -30,6 +30,19 @@ def _unpack(batch: Any) -> tuple[Any, Any]:
     )
 
 
+def _leading_size(value: Any) -> int | None:
+    """The batch size of an input: the leading dimension of its first tensor (inside
+    a mapping or sequence too); None without one."""
+    if torch.is_tensor(value):
+        return value.shape[0] if value.dim() > 0 else None
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    for item in items:
+        size = _leading_size(item)
+        if size is not None:
+            return size
+    return None
+
+
 def _to(value: Any, device: torch.device) -> Any:
     return value.to(device) if torch.is_tensor(value) else value
 
@@ -222,7 +235,9 @@ def fisher_sums(
     try:
         for batch in batches:
             x, y = (_to(v, device) for v in _unpack(batch))
-            if any(torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == 0 for v in (x, y)):
+            batch_size = _leading_size(x)
+            batch_size = _leading_size(y) if batch_size is None else batch_size
+            if batch_size == 0:
                 raise ValueError(f"empirical_fisher: batch {n_batches} is empty (it would count as a batch)")
             with torch.enable_grad():
                 loss = loss_fn(model, x, y)
@@ -241,9 +256,6 @@ def fisher_sums(
                         "empirical_fisher(per_sample): the model called different Linear layers "
                         "in different batches"
                     )
-                batch_size = next(
-                    (v.shape[0] for v in (x, y) if torch.is_tensor(v) and v.dim() > 0), None
-                )
                 n_samples += _accumulate_per_sample(
                     fisher, named, taps, per_sample_modules, loss, batch_size, backend
                 )

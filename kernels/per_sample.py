@@ -276,8 +276,8 @@ def per_sample_linear_bmm(
     ``per_sample_linear`` runs for T > 1 on a GPU.
     """
     a3, d3 = _check_pair(a, d, "per_sample_linear_bmm")
+    a3, d3 = a3.float(), d3.float()  # the gradients are formed and squared in fp32 (float64 rounded first)
     _dispatch.resolve_backend("per_sample_linear_bmm", "triton", [a3, d3])
-    a3, d3 = a3.float(), d3.float()  # the gradients are formed and squared in fp32
     n_batch, _, n_in = a3.shape
     n_out = d3.shape[2]
     out = torch.zeros(n_out, n_in, dtype=torch.float32, device=a3.device)

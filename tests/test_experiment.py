@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 
@@ -286,7 +287,7 @@ def test_a_plugin_config_must_be_a_dataclass_and_its_required_fields_set(quick):
         class Config:
             weight: float
 
-    with pytest.raises(PluginError, match=r"plugin 'plain': its Config must be a @dataclass class"):
+    with pytest.raises(PluginError, match=r"plugin 'plain': its Config must be a @dataclass \(or attrs\) class"):
         Experiment(load_config(None, quick), plugins={"plain": Plain})
     with pytest.raises(ConfigError, match=r"plugins.required.weight is required \(it has no default\)"):
         Experiment(load_config(None, quick), plugins={"required": Required})
@@ -304,6 +305,18 @@ def test_a_plugin_config_must_be_a_dataclass_and_its_required_fields_set(quick):
 
     experiment = Experiment(load_config(None, quick), ["plugins.attrs.weight=0.25"], plugins={"attrs": Attrs})
     assert experiment.build().plugins["attrs"].config.weight == 0.25
+    with pytest.raises(ConfigError, match=r"unknown config key 'plugins.attrs.wieght'; valid keys here: 'weight'"):
+        Experiment(load_config(None, quick), ["plugins.attrs.wieght=0.25"], plugins={"attrs": Attrs})
+
+    from contlearn._config_merge import field_defaults
+
+    @attr.s(auto_attribs=True)
+    class Fields:
+        need: int
+        some: list = attr.Factory(lambda: [1])
+        weight: float = 0.5
+
+    assert field_defaults(Fields) == {"need": dataclasses.MISSING, "some": [1], "weight": 0.5}
 
 
 def test_numpy_scalars_in_a_config_mapping_are_numbers():

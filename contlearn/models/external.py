@@ -12,7 +12,6 @@ downloadable the error names the weights and where they were looked for.
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
 import socket
@@ -82,6 +81,14 @@ def _hub_or_cache(probe_seconds: float = 3.0) -> Iterator[bool]:
         yield False
     finally:
         constants.HF_HUB_OFFLINE = False
+
+
+def _url_answers(url: str, seconds: float = 3.0) -> bool:
+    """Whether the host of ``url`` answers a connection probe (taken as yes behind a proxy)."""
+    if any(key in urllib.request.getproxies() for key in ("https", "http", "all")):
+        return True
+    where = urlparse(url)
+    return _answers(where.hostname or "", where.port or (80 if where.scheme == "http" else 443), seconds)
 
 
 def _answers(host: str, port: int, seconds: float) -> bool:
@@ -236,14 +243,18 @@ def torchvision_backbone(arch: str, input_shape: Sequence[int], pretrained: bool
             raise ConfigError(f"model.weights '{tag}' is not a weight of tv:{arch}; valid: "
                               f"{', '.join(dict.fromkeys(['DEFAULT', *enum.__members__]))}") from None
         file = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(chosen.url))
+        why = ""
         try:
-            with contextlib.redirect_stderr(io.StringIO()):  # torch.hub's "Downloading: ..." line, even offline
-                state = chosen.get_state_dict(progress=False, check_hash=True)
+            # torch.hub prints "Downloading: ..." before it tries: only when the host answers
+            if not os.path.exists(file) and not _url_answers(chosen.url):
+                why = f"{urlparse(chosen.url).hostname} cannot be reached from here"
+                raise OSError("nothing was downloaded")
+            state = chosen.get_state_dict(progress=False, check_hash=True)
         except (OSError, RuntimeError) as exc:
             raise WeightsError(
                 f"pretrained weights {chosen} for tv:{arch} are not cached at '{file}' and could not be "
-                f"downloaded from {chosen.url}: {type(exc).__name__}: {exc}; connect once to fill the cache "
-                f"(TORCH_HOME moves it), or set model.pretrained=false (and model.weights=null)"
+                f"downloaded from {chosen.url}: {why or f'{type(exc).__name__}: {exc}'}; connect once to fill the "
+                f"cache (TORCH_HOME moves it), or set model.pretrained=false (and model.weights=null)"
             ) from None
         net.load_state_dict(state)
     if getattr(net, "aux_logits", False):  # googlenet, inception_v3: features only, not the auxiliary heads

@@ -336,9 +336,15 @@ def test_empirical_fisher_argument_errors() -> None:
     with pytest.raises(ValueError, match="scalar"):
         fisher.empirical_fisher(model, [(torch.randn(2, 2), None)], lambda m, x, y: m(x))
     batches = [(torch.randn(4, 2), torch.tensor([0, 1, 0, 1])), (torch.randn(0, 2), torch.zeros(0, dtype=torch.long))]
+    by_key = [({"x": x}, None) for x, _ in batches]  # inputs in a mapping, no labels
     for mode in ("batch", "per_sample"):  # an empty batch would count as one: a Fisher too small by K/(K+1)
         with pytest.raises(ValueError, match="empirical_fisher: batch 1 is empty"):
             fisher.empirical_fisher(model, batches, _xent, mode=mode)
+        with pytest.raises(ValueError, match="empirical_fisher: batch 1 is empty"):
+            fisher.empirical_fisher(model, by_key, lambda m, x, y: m(x["x"]).square().mean(), mode=mode)
+    # the inputs say how many samples a batch holds, not labels the loss ignores
+    unlabelled = [(torch.randn(4, 2), torch.empty(0))]
+    assert fisher.empirical_fisher(model, unlabelled, lambda m, x, y: m(x).square().mean())["weight"].abs().sum() > 0
 
 
 def test_accumulate_reuses_a_plan_that_holds_no_tensor(device: torch.device) -> None:

@@ -114,7 +114,7 @@ def test_shape_errors() -> None:
 
 
 @pytest.mark.parametrize("chunk", [1, 3, None], ids=["chunk1", "chunk3", "default"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
 def test_batched_gemm_path_matches_reference(
     device: torch.device, chunk: int | None, dtype: torch.dtype
 ) -> None:
