@@ -192,9 +192,10 @@ def empirical_fisher(
     parameters that the loss also uses outside their layer's forward (found in the
     first batch's autograd graph) fall back to the batch-mode formula, which is
     smaller in scale: at most the per-sample value, about 1/B of it for uncorrelated
-    per-sample gradients, without a lower bound where gradients cancel in a batch. Per-sample mode assumes samples do not interact
-    (BatchNorm in eval mode) and that the batch is the leading dimension of every
-    Linear input.
+    per-sample gradients, without a lower bound where gradients cancel in a batch.
+    Per-sample mode assumes samples do not interact (BatchNorm in eval mode) and that
+    the batch is the leading dimension of every Linear input. An empty batch (no
+    samples in the inputs' first tensor) is a ValueError: it would count as a batch.
 
     Returns fp32 tensors keyed by ``model.named_parameters()`` names (only those with
     ``requires_grad``; a model with none raises ValueError). The model's mode is left as the caller set it and no ``.grad``

@@ -6,8 +6,8 @@ While an experience is trained the loss gains
 
 with ``theta*`` the weights after the previous experience (``anchor: previous``;
 the L2 baseline of Kirkpatrick et al., PNAS 2017, fig. 2: online EWC with the
-Fisher replaced by the identity and gamma 0, since only the last anchor pulls) or the weights the run started from, e.g. pretrained
-ones (``anchor: initial``; L2-SP, Xuhong Li et al., "Explicit Inductive Bias for
+Fisher replaced by the identity and gamma 0, since only the last anchor pulls)
+or the weights the run started from, e.g. pretrained ones (``anchor: initial``; L2-SP, Xuhong Li et al., "Explicit Inductive Bias for
 Transfer Learning with Convolutional Networks", ICML 2018). ``pattern``, a
 regular expression searched in parameter names, restricts the penalty to some
 weights (e.g. ``attn`` for attention projections only).

@@ -66,14 +66,7 @@ def _hub_or_cache(probe_seconds: float = 3.0) -> Iterator[bool]:
     except ImportError:  # pragma: no cover - timm and open_clip depend on it
         yield True
         return
-    endpoint = urlparse(constants.ENDPOINT)
-    proxied = any(key in urllib.request.getproxies() for key in ("https", "http", "all"))
-    if constants.HF_HUB_OFFLINE or proxied:
-        yield True
-        return
-    host = endpoint.hostname or "huggingface.co"
-    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
-    if _answers(host, port, probe_seconds):
+    if constants.HF_HUB_OFFLINE or _url_answers(constants.ENDPOINT, probe_seconds):
         yield True
         return
     constants.HF_HUB_OFFLINE = True
@@ -243,19 +236,21 @@ def torchvision_backbone(arch: str, input_shape: Sequence[int], pretrained: bool
             raise ConfigError(f"model.weights '{tag}' is not a weight of tv:{arch}; valid: "
                               f"{', '.join(dict.fromkeys(['DEFAULT', *enum.__members__]))}") from None
         file = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(chosen.url))
-        why = ""
+
+        def missing(why: str) -> WeightsError:
+            return WeightsError(
+                f"pretrained weights {chosen} for tv:{arch} are not cached at '{file}' and could not be "
+                f"downloaded from {chosen.url}: {why}; connect once to fill the cache (TORCH_HOME moves it), "
+                f"or set model.pretrained=false (and model.weights=null)"
+            )
+
+        # torch.hub prints "Downloading: ..." before it tries: only try when the host answers
+        if not os.path.exists(file) and not _url_answers(chosen.url):
+            raise missing(f"{urlparse(chosen.url).hostname} cannot be reached from here")
         try:
-            # torch.hub prints "Downloading: ..." before it tries: only when the host answers
-            if not os.path.exists(file) and not _url_answers(chosen.url):
-                why = f"{urlparse(chosen.url).hostname} cannot be reached from here"
-                raise OSError("nothing was downloaded")
             state = chosen.get_state_dict(progress=False, check_hash=True)
         except (OSError, RuntimeError) as exc:
-            raise WeightsError(
-                f"pretrained weights {chosen} for tv:{arch} are not cached at '{file}' and could not be "
-                f"downloaded from {chosen.url}: {why or f'{type(exc).__name__}: {exc}'}; connect once to fill the "
-                f"cache (TORCH_HOME moves it), or set model.pretrained=false (and model.weights=null)"
-            ) from None
+            raise missing(f"{type(exc).__name__}: {exc}") from None
         net.load_state_dict(state)
     if getattr(net, "aux_logits", False):  # googlenet, inception_v3: features only, not the auxiliary heads
         net.aux_logits = False
