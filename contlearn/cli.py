@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -76,8 +77,14 @@ def _parser() -> argparse.ArgumentParser:
     unlearn.add_argument("--alpha", type=float, default=None, help="selection threshold (default: plugins.ssd.alpha)")
     unlearn.add_argument("--lam", type=float, default=None, help="dampening constant (default: plugins.ssd.lam)")
     unlearn.add_argument("--auto", action="store_true", help="choose alpha and lambda until the target is met")
-    unlearn.add_argument("--target", type=float, default=None, help="--auto: forget-set accuracy to reach")
-    unlearn.add_argument("--fisher", choices=["batch", "per_sample"], default=None, help="importance estimator")
+    unlearn.add_argument(
+        "--target", type=float, default=None,
+        help="--auto: accuracy on the forget set's training samples to reach (default: plugins.ssd.target)",
+    )
+    unlearn.add_argument(
+        "--fisher", choices=["batch", "per_sample"], default=None,
+        help="importance estimator (default: plugins.ssd.fisher)",
+    )
     unlearn.add_argument(
         "--batch-size", type=int, default=None, help="batches of the importance passes (default: plugins.ssd.batch_size)"
     )
@@ -252,6 +259,8 @@ _python_showwarning = warnings.showwarning
 
 def _process() -> str:
     """Under ``torchrun``, which process a line comes from (every one reports its errors)."""
+    if "WORLD_SIZE" not in os.environ:  # not under torchrun: no need to import torch (an early Ctrl-C)
+        return ""
     from contlearn.distributed import environment_rank, environment_world_size
 
     try:

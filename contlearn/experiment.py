@@ -104,14 +104,16 @@ def refuse_existing_run(out_dir: Path) -> None:
     results): a new run there would overwrite its results, and its newer
     checkpoints would shadow the new run's (and be deleted by them). A directory
     left by a run that stopped before its first checkpoint can be reused."""
-    if ckpt.list_checkpoints(out_dir / ckpt.DIRNAME):
-        raise ConfigError(
-            f"'{out_dir}' already holds a run (checkpoints): continue it with "
-            f"'contlearn resume {out_dir}', or give the new run another directory"
-        )
-    if (out_dir / "results.json").exists():
+    if (out_dir / "results.json").exists():  # checked first: a finished run keeps its checkpoints
         raise ConfigError(
             f"'{out_dir}' already holds a finished run (results.json): give the new run another directory"
+        )
+    if ckpt.list_checkpoints(out_dir / ckpt.DIRNAME):
+        copy = (out_dir / "unlearn.json").exists()
+        raise ConfigError(
+            f"'{out_dir}' already holds a {'model that unlearned' if copy else 'run'} (checkpoints): continue it "
+            f"with 'contlearn resume {out_dir}'{' if experiences are left' if copy else ''}, or give the new run "
+            f"another directory"
         )
 
 

@@ -137,7 +137,8 @@ def summary(report: dict[str, Any]) -> str:
         f"forgot {what} in {report['seconds']:.3f} s (F_D: {report['fisher_d']}); "
         f"alpha {report['alpha']:g}, lambda {report['lam']:g}"
         + (
-            f" (auto, target {report['target']:g}{'' if report['target_reached'] else ', NOT reached'})"
+            f" (auto, target {report['target']:g} for the forget train accuracy"
+            f"{'' if report['target_reached'] else ', NOT reached'})"
             if report["auto"]
             else ""
         )
@@ -145,6 +146,7 @@ def summary(report: dict[str, Any]) -> str:
     ]
     for key, label in (
         ("forget_accuracy", "forget accuracy"),
+        ("forget_train_accuracy", "forget train acc"),
         ("retain_accuracy", "retain accuracy"),
         ("mia", "MIA"),
     ):

@@ -161,7 +161,7 @@ def test_a_plugin_list_instead_of_a_mapping_in_a_file(tmp_path, capsys):
 
 
 def test_a_new_run_in_a_directory_that_holds_a_run_is_refused(finished_run, tmp_path, capsys):
-    run = copy_run(finished_run, tmp_path / "run")
+    run = copy_run(finished_run, tmp_path / "run")  # checkpoints without results: a run that stopped
     err = one_error_line(capsys, 2, ["run", *TINY, "--out", str(run), "--quiet"])
     assert err == (
         f"error: '{run}' already holds a run (checkpoints): continue it with "
@@ -175,6 +175,9 @@ def test_a_new_run_in_a_directory_that_holds_a_run_is_refused(finished_run, tmp_
     (finished / "results.json").write_text('{"kept": true}')
     err = one_error_line(capsys, 2, ["run", *TINY, "--out", str(finished), "--quiet"])
     assert "already holds a finished run (results.json)" in err
+    # a finished run keeps its checkpoints, but 'contlearn resume' would refuse it: no such advice
+    err = one_error_line(capsys, 2, ["run", *TINY, "--out", str(finished_run), "--quiet"])
+    assert err == f"error: '{finished_run}' already holds a finished run (results.json): give the new run another directory"
     assert (finished / "results.json").read_text() == '{"kept": true}'
 
 

@@ -90,3 +90,19 @@ def test_a_file_the_user_cannot_read_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("pathlib.Path.read_text", refuse)  # what chmod 000 does, for a user who is not root
     assert main(["report", str(tmp_path / "run")]) == 1
     assert capsys.readouterr().err == f"error: [Errno 13] Permission denied: '{tmp_path / 'run' / 'results.json'}'\n"
+
+
+def test_help_and_import_do_not_load_torch():
+    """``contlearn --help`` answers at once, and a Ctrl-C while it starts is no traceback."""
+    script = (
+        "import sys, contlearn, contlearn.cli\n"
+        "assert 'torch' not in sys.modules, 'import contlearn loaded torch'\n"
+        "try:\n"
+        "    contlearn.cli.main(['--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "assert 'torch' not in sys.modules, 'contlearn --help loaded torch'\n"
+        "assert contlearn.Experiment.__name__ == 'Experiment' and 'torch' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

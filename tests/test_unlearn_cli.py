@@ -128,7 +128,7 @@ def test_out_that_holds_another_run_is_refused(run_dir, tmp_path, capsys):
     _train(other, "plugins.ssd={}")
     before = sorted(p.name for p in (other / ckpt.DIRNAME).iterdir())
     assert main(["unlearn", str(run_dir), "--classes", "3", "--out", str(other)]) == 2
-    assert "already holds a run (checkpoints)" in capsys.readouterr().err
+    assert "already holds a finished run (results.json)" in capsys.readouterr().err
     assert sorted(p.name for p in (other / ckpt.DIRNAME).iterdir()) == before
 
 
