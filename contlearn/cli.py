@@ -153,11 +153,18 @@ def _run_to_the_end(experiment, out: str | Path) -> int:
     return 0
 
 
+def _refuse_empty_out(out: str | None, what: str) -> None:
+    """``--out ""`` (an unset shell variable, say) would mean the default or the current directory."""
+    if out is not None and not out.strip():
+        raise ConfigError(f"--out is empty: give {what}")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from contlearn.config import load_config
     from contlearn.experiment import Experiment
     from contlearn.results import default_run_dir
 
+    _refuse_empty_out(args.out, "the run directory")
     source, overrides = _split_config_arg(args.config, args.overrides)
     cfg = load_config(source, overrides)
     out = args.out or cfg.out or default_run_dir(cfg.name)
@@ -234,6 +241,7 @@ def cmd_configs(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from contlearn.report import comparison_table, label_runs, load_run, write_report
 
+    _refuse_empty_out(args.out, "where to write the comparison")
     for path in write_report(args.run_dirs, args.out):
         print(f"wrote {path}")
     runs = [load_run(p) for p in args.run_dirs]

@@ -132,6 +132,13 @@ def test_npz_source_without_a_path(capsys):
     assert "needs scenario.path" in one_error_line(capsys, 2, ["run", "scenario.source=npz"])
 
 
+def test_an_empty_out_is_refused_not_taken_for_the_default(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert one_error_line(capsys, 2, ["run", "--out", ""]) == "error: --out is empty: give the run directory"
+    assert "--out is empty" in one_error_line(capsys, 2, ["report", str(tmp_path), str(tmp_path), "--out="])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_resume_of_a_directory_that_is_no_run(tmp_path, capsys):
     assert "is not a run directory" in one_error_line(capsys, 2, ["resume", str(tmp_path)])
 
