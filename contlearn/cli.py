@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -120,7 +119,7 @@ def _split_config_arg(config: str | None, overrides: list[str]) -> tuple[str | N
 
 def _command_plugins(args: argparse.Namespace, out: str | Path) -> dict:
     """The plugins a command-line run adds: progress display and loggers."""
-    from contlearn.distributed import environment_rank
+    from contlearn._environment import environment_rank
     from contlearn.loggers import JSONLLogger, TensorBoardLogger
     from contlearn.reporting import progress_plugins
 
@@ -135,7 +134,7 @@ def _command_plugins(args: argparse.Namespace, out: str | Path) -> dict:
 
 def _run_to_the_end(experiment, out: str | Path) -> int:
     """Run (Ctrl-C: checkpoint and exit 130), then write the report and print the table."""
-    from contlearn.distributed import environment_rank
+    from contlearn._environment import environment_rank
     from contlearn.report import write_report
 
     with experiment.interruptible():
@@ -267,9 +266,10 @@ _python_showwarning = warnings.showwarning
 
 def _process() -> str:
     """Under ``torchrun``, which process a line comes from (every one reports its errors)."""
-    if "WORLD_SIZE" not in os.environ:  # not under torchrun: no need to import torch (an early Ctrl-C)
-        return ""
-    from contlearn.distributed import environment_rank, environment_world_size
+    from contlearn._environment import (  # no torch: an early Ctrl-C
+        environment_rank,
+        environment_world_size,
+    )
 
     try:
         return f"[rank {environment_rank()}] " if environment_world_size() > 1 else ""

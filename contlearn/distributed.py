@@ -33,7 +33,6 @@ many processes gives each its own back, so that it continues exactly.
 from __future__ import annotations
 
 import atexit
-import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -41,17 +40,8 @@ from typing import Any
 
 import torch
 
+from contlearn._environment import environment_int, environment_world_size
 from contlearn.errors import ConfigError
-
-
-def environment_rank() -> int:
-    """This process's rank as ``torchrun`` sets it (``RANK``), 0 without it."""
-    return _environment_int("RANK", 0)
-
-
-def environment_world_size() -> int:
-    """The number of processes ``torchrun`` started (``WORLD_SIZE``), 1 without it."""
-    return _environment_int("WORLD_SIZE", 1)
 
 
 def _leave_process_group() -> None:
@@ -67,19 +57,6 @@ def _leave_process_group() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     time.sleep(0.05)
-
-
-def _environment_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    if value is None:
-        return default
-    try:
-        number = int(value)
-    except ValueError:
-        number = -1
-    if number < 0:
-        raise ConfigError(f"the environment variable {name} must be a non-negative integer (torchrun sets it), got {value!r}")
-    return number
 
 
 @dataclass
@@ -112,7 +89,7 @@ class DistributedView:
                     f"device={device} under torchrun would put all {world} processes on one GPU; use "
                     "device=cuda or auto (each process takes GPU LOCAL_RANK)"
                 )
-            local = 0 if visible == 1 else _environment_int("LOCAL_RANK", 0)
+            local = 0 if visible == 1 else environment_int("LOCAL_RANK", 0)
             if local >= visible:
                 raise ConfigError(
                     f"process LOCAL_RANK={local} has no GPU of its own: {visible} visible; "

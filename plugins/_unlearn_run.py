@@ -52,7 +52,7 @@ def unlearn_run_dir(
     :raises ConfigError: not a run directory, ``out`` is ``run_dir``, a bad request.
     :raises CheckpointError: no usable checkpoint, or one inside an experience.
     """
-    from contlearn.distributed import environment_world_size
+    from contlearn._environment import environment_world_size
     from contlearn.experiment import Experiment, cpu_threads, refuse_existing_run
 
     if environment_world_size() > 1:

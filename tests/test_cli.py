@@ -102,6 +102,9 @@ def test_help_and_import_do_not_load_torch():
         "except SystemExit:\n"
         "    pass\n"
         "assert 'torch' not in sys.modules, 'contlearn --help loaded torch'\n"
+        "import os\n"
+        "os.environ.update(WORLD_SIZE='2', RANK='1')  # under torchrun, an error line names the process\n"
+        "assert contlearn.cli._process() == '[rank 1] ' and 'torch' not in sys.modules\n"
         "assert contlearn.Experiment.__name__ == 'Experiment' and 'torch' in sys.modules\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
