@@ -151,15 +151,21 @@ def resolve_config_path(name_or_path: str) -> Path:
         return path
     if path.is_dir():
         raise ConfigError(f"config '{name_or_path}' is a directory, not a YAML file")
-    if path.suffix in {".yaml", ".yml"} or path.parent != Path("."):
+    if _names_a_file(path):
         raise ConfigError(f"config file '{name_or_path}' does not exist")
-    shipped = resources.files("contlearn.configs") / f"{name_or_path}.yaml"
+    return _shipped_path(name_or_path, f"no config file or shipped experiment named '{name_or_path}'")
+
+
+def _names_a_file(path: Path) -> bool:
+    """Whether ``path`` can only be a file: a YAML suffix or a folder in it (else it may name an experiment)."""
+    return path.suffix in {".yaml", ".yml"} or path.parent != Path(".")
+
+
+def _shipped_path(name: str, missing: str) -> Path:
+    shipped = resources.files("contlearn.configs") / f"{name}.yaml"
     if shipped.is_file():
         return Path(str(shipped))
-    raise ConfigError(
-        f"no config file or shipped experiment named '{name_or_path}'; "
-        f"shipped experiments: {', '.join(shipped_configs())}"
-    )
+    raise ConfigError(f"{missing}; shipped experiments: {', '.join(shipped_configs())}")
 
 
 def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
@@ -187,14 +193,22 @@ def _yaml_problem(exc: Exception) -> str:
 
 def _over_base(data: DictConfig, directory: Path | None, seen: tuple[Path, ...] = ()) -> DictConfig:
     """``data`` merged over the config its ``base`` key names (a file, found first
-    in ``directory``, or a shipped experiment); ``data`` itself without one."""
+    in ``directory``, the folder of the file that names it, or a shipped
+    experiment; never the working directory, which would make a shipped
+    config's base depend on where it is run); ``data`` itself without one."""
     base = data.pop("base", None)
     if base is None:
         return data
-    base_path = Path(str(base))
-    if directory is not None and not base_path.is_absolute() and (directory / base_path).is_file():
-        base_path = directory / base_path
-    parent = _load_yaml(resolve_config_path(str(base_path)), seen)
+    base_path = Path(str(base)).expanduser()
+    if directory is None or base_path.is_absolute():
+        found = resolve_config_path(str(base_path))
+    elif (directory / base_path).is_file() or _names_a_file(base_path):
+        found = directory / base_path
+        if not found.is_file():
+            raise ConfigError(f"base config file '{found}' does not exist")
+    else:
+        found = _shipped_path(str(base), f"base '{base}' is neither a file beside its config nor a shipped experiment")
+    parent = _load_yaml(found, seen)
     if "plugins" in data:
         parent.plugins = {}  # a config's plugin list replaces its base's: plugins are a choice, not a default
     try:

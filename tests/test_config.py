@@ -40,6 +40,22 @@ def test_yaml_file_with_base(tmp_path):
     assert cfg.name == "mine" and cfg.train.epochs == 2 and cfg.train.batch_size == 32
 
 
+def test_a_base_is_found_beside_its_file_or_shipped_never_in_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "split-digits").write_text("train: {epochs: 777}\n")  # e.g. an old run's output, or a stray file
+    assert load_config("task-digits").train.epochs == 20  # split-digits's, the shipped base
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "near.yaml").write_text("train: {epochs: 3}\n")
+    (tmp_path / "sub" / "exp.yaml").write_text("base: near.yaml\n")
+    assert load_config("sub/exp.yaml").train.epochs == 3
+    (tmp_path / "sub" / "lost.yaml").write_text("base: gone.yaml\n")
+    with pytest.raises(ConfigError, match=r"base config file '.*gone.yaml' does not exist"):
+        load_config("sub/lost.yaml")
+    (tmp_path / "sub" / "odd.yaml").write_text("base: nosuch\n")
+    with pytest.raises(ConfigError, match="base 'nosuch' is neither a file beside its config nor a shipped experiment"):
+        load_config("sub/odd.yaml")
+
+
 def test_unknown_key_names_it_and_lists_valid_keys():
     with pytest.raises(ConfigError) as err:
         load_config(None, ["train.epochz=3"])
