@@ -17,6 +17,7 @@ needed and the global pyplot backend is left alone.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,8 +109,10 @@ def _check_fields(file: Path, results: dict[str, Any]) -> None:
             raise ConfigError(f"'{file}' is not a contlearn results file: '{where}.{key}' is not a mapping")
     for key in HEADLINE:
         value = results.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise ConfigError(f"'{file}' is not a contlearn results file: '{key}' is not a number")
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+        ):
+            raise ConfigError(f"'{file}' is not a contlearn results file: '{key}' is not a finite number ({value!r})")
     seconds = (results.get("timings") or {}).get("total_seconds")
     if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))):
         raise ConfigError(f"'{file}' is not a contlearn results file: 'timings.total_seconds' is not a number")

@@ -103,7 +103,8 @@ def test_not_a_finished_run_is_one_clear_error(tmp_path, finished, capsys):
     with pytest.raises(ConfigError, match="incomplete"):
         load_run(partial)
     edited = json.dumps({**data, "accuracy_matrix": [[0.5]], "config": {**data["config"], "plugins": 3}})
-    for text in ("{not json", '{"accuracy_matrix": "x"}', "[1, 2]", '{"accuracy_matrix": [[0.5, "a"]]}', edited):
+    nan_bwt = json.dumps({**data, "accuracy_matrix": [[0.5]], "bwt": float("nan")})  # JSON's NaN, by hand
+    for text in ("{not json", '{"accuracy_matrix": "x"}', "[1, 2]", '{"accuracy_matrix": [[0.5, "a"]]}', edited, nan_bwt):
         (partial / "results.json").write_text(text)
         assert main(["report", str(partial)]) == 2
         err = capsys.readouterr().err
