@@ -9,7 +9,8 @@ With ``i`` the last row and experiences indexed from 0:
 * average incremental accuracy (Rebuffi et al., iCaRL 2017):
   :math:`\bar A = \frac{1}{T}\sum_{i} \frac{1}{i+1}\sum_{j \le i} R_{i,j}`
 * forgetting (Chaudhry et al., RWalk 2018): for each experience but the last,
-  the best accuracy it had after any earlier training step minus its final one,
+  the best accuracy it had after its own training step and the ones before the
+  last, minus its final one,
   :math:`F = \frac{1}{T-1}\sum_{j<T-1} \max_{l \in [j, T-2]} R_{l,j} - R_{T-1,j}`
 * backward transfer (Lopez-Paz and Ranzato, GEM 2017):
   :math:`BWT = \frac{1}{T-1}\sum_{j<T-1} R_{T-1,j} - R_{j,j}`
@@ -74,6 +75,8 @@ def fwt(R: Matrix, initial: Sequence[float] | None) -> float | None:
     if arr.shape[0] < 2:
         return None
     b = np.asarray(initial, dtype=np.float64)
+    if b.shape != (arr.shape[1],):
+        raise ValueError(f"fwt: initial holds {b.size} accuracies, one per experience is needed ({arr.shape[1]})")
     return float(np.mean([arr[j - 1, j] - b[j] for j in range(1, arr.shape[0])]))
 
 

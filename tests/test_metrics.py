@@ -42,6 +42,8 @@ def test_fwt_against_initial_accuracies():
     b = [0.1, 0.05, 0.1]
     assert metrics.fwt(R, b) == pytest.approx(((0.1 - 0.05) + (0.2 - 0.1)) / 2)
     assert metrics.fwt(R, None) is None
+    with pytest.raises(ValueError, match=r"fwt: initial holds 1 accuracies, one per experience is needed \(3\)"):
+        metrics.fwt(R, [0.1])
 
 
 def test_single_experience_has_no_forgetting():
