@@ -42,7 +42,8 @@ def scenario_config(values: Mapping[str, Any] | DictConfig | None = None) -> Dic
     return merge_checked(ScenarioConfig, dict(values or {}), where="scenario.")
 
 
-def _check(cfg: Any) -> None:
+def check_scenario(cfg: Any) -> None:
+    """:raises ConfigError: a scenario section whose values do not fit together or are out of range."""
     if cfg.setting not in ("class", "task", "domain"):
         raise ConfigError(f"'scenario.setting' must be one of 'class', 'domain', 'task', got {cfg.setting!r}")
     if cfg.storage not in ("auto", "tensor", "loader"):
@@ -51,6 +52,8 @@ def _check(cfg: Any) -> None:
         raise ConfigError(f"'scenario.transform' must be one of 'none', 'permute', 'rotate', got {cfg.transform!r}")
     if cfg.n_experiences < 1:
         raise ConfigError(f"'scenario.n_experiences' must be at least 1, got {cfg.n_experiences}")
+    if not 0 < cfg.test_fraction < 1:
+        raise ConfigError(f"'scenario.test_fraction' must be in (0, 1), got {cfg.test_fraction}")
     if not 0 <= cfg.validation_fraction < 1:
         raise ConfigError(f"'scenario.validation_fraction' must be in [0, 1), got {cfg.validation_fraction}")
     if cfg.samples_per_class is not None and cfg.samples_per_class < 1:
@@ -155,7 +158,7 @@ def _prepared(split: Split, cfg: Any, storage: str) -> tuple[Split, list[Op], li
 def build_from_split(split: Split, cfg: Any, seed: int, extra: list[Split] | None = None) -> Stream:
     """The stream ``cfg`` (a full scenario section) describes over ``split``
     (and, for ``scenario.domains``, the ``extra`` splits after it)."""
-    _check(cfg)
+    check_scenario(cfg)
     splits = [_subsample(s, cfg, seed) for s in [split, *(extra or [])]]
     train_ops, _, _ = _transforms(cfg)
     shifted = cfg.setting == "domain" and cfg.transform != "none"
@@ -224,7 +227,7 @@ def build_stream(scenario: Any, seed: int) -> Stream:
         from contlearn.interop.avalanche import stream_from_config
 
         return stream_from_config(scenario, seed)
-    _check(scenario)
+    check_scenario(scenario)
     if scenario.setting == "domain" and scenario.domains is not None:
         if not len(scenario.domains):
             raise ConfigError("scenario.domains must list at least one source")

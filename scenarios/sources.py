@@ -154,6 +154,9 @@ class Split:
         of the training arrays with ``seed``. 8-bit inputs are divided by 255."""
         if (x_test is None) != (y_test is None):
             raise DataError("give both x_test and y_test, or neither")
+        if y_test is not None and _are_names(y_train) != _are_names(y_test):
+            kinds = ("names", "integers") if _are_names(y_train) else ("integers", "names")
+            raise DataError(f"{name}: y_train holds {kinds[0]} but y_test holds {kinds[1]}; give both the same kind")
         x_train, y_train, names = _inputs(x_train, name, "train"), *_labels_of(y_train, None)
         if x_train.shape[0] != y_train.shape[0]:
             raise DataError(f"{name}: x has {x_train.shape[0]} samples but y has {y_train.shape[0]}")
@@ -199,7 +202,19 @@ def _inputs(x: Any, name: str, what: str) -> torch.Tensor:
             f"{name}: x_{what} has shape {tuple(x.shape)}; inputs are [samples, features...] "
             f"(one feature per sample: x[:, None])"
         )
+    if x.is_floating_point():
+        bad = int((~torch.isfinite(x)).sum())
+        if bad:
+            raise DataError(f"{name}: x_{what} holds {bad} non-finite values (NaN or inf)")
     return x
+
+
+def _are_names(y: Any) -> bool:
+    """Whether labels are names (strings), not numbers."""
+    if isinstance(y, torch.Tensor):
+        return False
+    kind = np.asarray(y).dtype
+    return not (np.issubdtype(kind, np.number) or np.issubdtype(kind, np.bool_))
 
 
 def _labels_of(y: Any, names: list[str] | None) -> tuple[torch.Tensor, list[str] | None]:

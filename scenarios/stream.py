@@ -275,10 +275,20 @@ class Stream:
         docs/scenarios.md), e.g.
         ``Stream.from_tensors(x, y, setting="domain", transform="permute", n_experiences=3)``.
         """
-        from contlearn.scenarios.build import build_from_split, scenario_config
+        from contlearn.scenarios.build import build_from_split, check_scenario, scenario_config
         from contlearn.scenarios.sources import Split
 
+        from contlearn.errors import ConfigError
+
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+            raise ConfigError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+        if scenario.get("domains") is not None:
+            raise ConfigError(
+                "scenario.domains names data sets to load; Stream.from_tensors streams the tensors it is given "
+                "(a domain-incremental stream of them: setting='domain', transform='permute' or 'rotate')"
+            )
         cfg = scenario_config(scenario)
+        check_scenario(cfg)  # before the split, which test_fraction drives
         split = Split.from_arrays(
             x_train, y_train, x_test, y_test, name=name, test_fraction=cfg.test_fraction, seed=seed
         )

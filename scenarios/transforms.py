@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch.nn import functional as F
 
-from contlearn.errors import ConfigError, choices
+from contlearn.errors import ConfigError, DataError, choices
 
 
 class Op:
@@ -78,6 +78,12 @@ class Normalize(Op):
             raise ConfigError("transform 'normalize' cannot be fitted on empty training data")
         mean = total / count
         std = (total_sq / count - mean * mean).clamp_min(0).sqrt()
+        bad = (~torch.isfinite(mean) | ~torch.isfinite(std)).nonzero().flatten().tolist()
+        if bad:
+            raise DataError(
+                f"transform 'normalize': the training inputs hold non-finite values (NaN or inf) in "
+                f"channel(s) {bad[:8]}"
+            )
         self.mean = mean.float()
         # a feature constant in training keeps its scale (as scikit-learn's StandardScaler):
         # dividing by ~0 would blow up any other value it takes at test time

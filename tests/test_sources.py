@@ -242,3 +242,33 @@ def test_arrays_of_mixed_scales_and_bad_labels_are_data_errors():
         Stream.from_tensors(x, huge, x, huge, n_experiences=2)
     with pytest.raises(DataError, match=r"x_train has shape \(8,\); inputs are \[samples, features...\] \(one feature per sample: x\[:, None\]\)"):
         Stream.from_tensors(x[:, 0], y, n_experiences=2)
+
+
+def test_from_tensors_refuses_what_it_would_ignore_or_misread():
+    from contlearn import ConfigError
+    from contlearn.scenarios import Stream
+
+    x, y = torch.rand(100, 8), torch.arange(100) % 5
+    with pytest.raises(ConfigError, match="scenario.domains names data sets to load; Stream.from_tensors streams"):
+        Stream.from_tensors(x, y, setting="domain", domains=["digits", "digits"])
+    with pytest.raises(ConfigError, match=r"'scenario.test_fraction' must be in \(0, 1\), got 0.0"):
+        Stream.from_tensors(x, y, test_fraction=0)
+    with pytest.raises(ConfigError, match=r"seed must be an integer in \[0, 2\*\*32\), got -1"):
+        Stream.from_tensors(x, y, x[:20], y[:20], seed=-1, setting="domain", transform="permute")
+    names = np.array([f"k{i % 5}" for i in range(20)])
+    with pytest.raises(DataError, match="y_train holds integers but y_test holds names; give both the same kind"):
+        Stream.from_tensors(x, y, x[:20], names, n_experiences=1)
+    bad = x.clone()
+    bad[3, 2] = float("nan")
+    with pytest.raises(DataError, match=r"x_train holds 1 non-finite values \(NaN or inf\)"):
+        Stream.from_tensors(bad, y, n_experiences=1)
+
+
+def test_normalize_refuses_training_inputs_that_are_not_finite():
+    from contlearn.scenarios.transforms import Normalize
+
+    batch = torch.rand(4, 3, 2, 2)
+    batch[1, 2, 0, 0] = float("inf")
+    with pytest.raises(DataError, match=r"transform 'normalize': the training inputs hold non-finite values .* channel\(s\) \[2\]"):
+        Normalize().fit([batch])
+
