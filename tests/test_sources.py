@@ -245,8 +245,9 @@ def test_arrays_of_mixed_scales_and_bad_labels_are_data_errors():
 
 
 def test_from_tensors_refuses_what_it_would_ignore_or_misread():
-    from contlearn import ConfigError
     from contlearn.scenarios import Stream
+
+    from contlearn import ConfigError
 
     x, y = torch.rand(100, 8), torch.arange(100) % 5
     with pytest.raises(ConfigError, match="scenario.domains names data sets to load; Stream.from_tensors streams"):
