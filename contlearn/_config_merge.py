@@ -19,6 +19,15 @@ def is_structured(cls: Any) -> bool:
     return isinstance(cls, type) and (dataclasses.is_dataclass(cls) or hasattr(cls, "__attrs_attrs__"))
 
 
+def field_names(cls: Any) -> list[str]:
+    """The field names of a structured class."""
+    if dataclasses.is_dataclass(cls):
+        return [f.name for f in dataclasses.fields(cls)]
+    import attr
+
+    return [a.name for a in attr.fields(cls)]
+
+
 def field_defaults(cls: Any) -> dict[str, Any]:
     """The fields of a structured class and their defaults (:data:`dataclasses.MISSING` for none)."""
     if dataclasses.is_dataclass(cls):
@@ -44,7 +53,7 @@ def _valid_keys(schema: Any, full_key: str) -> list[str]:
         if not is_structured(node):
             return []
         node = typing.get_type_hints(node).get(part)
-    return list(field_defaults(node)) if is_structured(node) else []
+    return field_names(node) if is_structured(node) else []
 
 
 def first_line(text: str) -> str:
@@ -142,7 +151,7 @@ def _key_in_a_list(
     path = _path_in_lists(layers, str(key))
     if path is None:
         return None
-    return f"{where}{path}", list(field_defaults(owner))
+    return f"{where}{path}", field_names(owner)
 
 
 def _path_in_lists(layers: tuple[Any, ...], key: str) -> str | None:
@@ -184,7 +193,7 @@ def _given_value(layers: tuple[Any, ...], key: str) -> Any:
 
 def _section_given_a_value(schema: Any, layers: tuple[Any, ...]) -> str | None:
     hints = typing.get_type_hints(schema)
-    sections = {name for name in field_defaults(schema) if is_structured(hints.get(name))}
+    sections = {name for name in field_names(schema) if is_structured(hints.get(name))}
     for layer in layers:
         for key in sections:
             value = layer.get(key) if isinstance(layer, (DictConfig, dict)) else None

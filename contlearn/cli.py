@@ -180,6 +180,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def cmd_unlearn(args: argparse.Namespace) -> int:
     from contlearn.plugins._unlearn_run import summary, unlearn_run_dir
 
+    _refuse_empty_out(args.out, "the directory to write the unlearnt run to")
     if args.auto and (args.alpha is not None or args.lam is not None):
         raise ConfigError("contlearn unlearn: give either --alpha/--lam or --auto, not both")
     if args.target is not None and not args.auto:

@@ -57,8 +57,6 @@ def unlearn_run_dir(
 
     if environment_world_size() > 1:
         raise ConfigError("unlearning runs in one process: start 'contlearn unlearn' without torchrun")
-    if out is not None and not str(out).strip():
-        raise ConfigError("--out is empty: give the directory to write the unlearnt run to")
     run_dir = Path(run_dir)
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():

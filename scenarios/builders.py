@@ -84,6 +84,9 @@ def _names(split: Split, labels: Sequence[int]) -> list[str]:
     return [names[c] if names is not None and 0 <= c < len(names) else str(c) for c in labels]
 
 
+_MAX_LABEL = 10_000_000  # 80 MB of relabelling table; ImageNet-21k's labels stay below 22,000
+
+
 def _remap(order: Sequence[int]) -> torch.Tensor:
     if min(order) < 0:
         raise DataError(f"the training set has a negative label ({min(order)}): labels must be 0 or more")
@@ -93,9 +96,6 @@ def _remap(order: Sequence[int]) -> torch.Tensor:
     remap = torch.full((max(order) + 1,), -1, dtype=torch.long)
     remap[torch.tensor(order)] = torch.arange(len(order))
     return remap
-
-
-_MAX_LABEL = 10_000_000  # 80 MB of relabelling table; ImageNet-21k's labels stay below 22,000
 
 
 def _relabel(data, remap: torch.Tensor, what: str):
