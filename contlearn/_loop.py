@@ -34,7 +34,7 @@ from contlearn.defaults import (
     warmup_steps,
 )
 from contlearn.distributed import DistributedView
-from contlearn.errors import DataError, TrainingError
+from contlearn.errors import ConfigError, DataError, TrainingError
 from contlearn.run import Run
 from contlearn.scenarios import Batch, Experience
 
@@ -220,15 +220,18 @@ def train_step(
             where = f"step {run.step} of experience {run.experience.index} (epoch {run.epoch})"
             why = "which BatchNorm cannot normalise in training (one value per channel)"
             if run.dist.world_size > 1:
-                raise TrainingError(
+                raise ConfigError(
                     f"{where} gives this process a share of one sample, {why}; with {run.dist.world_size} "
                     f"processes every batch needs at least {2 * run.dist.world_size} samples (train.batch_size="
                     f"{run.config.train.batch_size}, and the last batch of an epoch)"
                 ) from None
-            raise TrainingError(
+            size = run.config.train.batch_size
+            if size == 1:
+                raise ConfigError(f"{where} has a batch of one sample, {why}; train.batch_size=1 makes every batch "
+                                  "one sample: use at least 2, or a model without BatchNorm") from None
+            raise ConfigError(
                 f"{where} has a batch of one sample, {why}; the last batch of an epoch holds what is left after "
-                f"full batches of train.batch_size={run.config.train.batch_size}: choose a batch size that does "
-                f"not leave one sample"
+                f"full batches of train.batch_size={size}: choose a batch size that does not leave one sample"
             ) from None
         raise
     optimizer = run.optimizer

@@ -335,6 +335,16 @@ def test_a_batch_of_one_sample_through_batchnorm_says_which_step_and_why(tmp_pat
     batch_size = next(b for b in range(2, n) if n % b == 1)
     code = main(["run", "split-digits", *overrides, f"train.batch_size={batch_size}", "--out", str(tmp_path / "r"), "--quiet"])
     err = capsys.readouterr().err
-    assert code == 1, err
+    assert code == 2, err
     assert err.strip().startswith(f"error: step {n // batch_size} of experience 0 (epoch 0) has a batch of one sample")
     assert f"train.batch_size={batch_size}" in err and "Traceback" not in err
+
+
+def test_a_batch_size_of_one_through_batchnorm_is_named_as_the_cause(tmp_path, capsys):
+    overrides = ["device=cpu", "scenario.n_experiences=1", "scenario.samples_per_class=2", "model.backbone=cnn-bn",
+                 "model.hidden=[4,4,4,4]", "train.epochs=1", "eval.fwt=false", "train.batch_size=1"]
+    code = main(["run", "split-digits", *overrides, "--out", str(tmp_path / "r"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.strip().startswith("error: step 0 of experience 0 (epoch 0) has a batch of one sample")
+    assert "train.batch_size=1 makes every batch one sample: use at least 2" in err and "Traceback" not in err
