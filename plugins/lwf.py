@@ -104,6 +104,16 @@ class LwF:
                 terms.append(distillation(heads[str(t)](out.features)[:, : old.shape[1]], old, T))
             loss = sum(terms)
             return {"lwf": self.config.alpha * loss}
+        tasks = getattr(self.teacher, "trained_tasks", None)
+        if tasks is not None:
+            # an Avalanche multi-task model (contlearn.interop.avalanche), likewise:
+            # every old task's classifier on the new data
+            terms = []
+            for t in tasks:
+                with torch.no_grad():
+                    old = self.teacher.task_logits(batch.x, t)
+                terms.append(distillation(run.model.task_logits(batch.x, t)[:, : old.shape[1]], old, T))
+            return {"lwf": self.config.alpha * sum(terms)}
         with torch.no_grad():
             old = self.teacher(batch.x, batch.t).logits
         return {"lwf": self.config.alpha * distillation(out.logits[:, : old.shape[1]], old, T)}

@@ -851,3 +851,64 @@ def test_class_names_follow_the_data_sets_labels_when_avalanche_renumbered(av, r
     first = int(renumbered.classes_order_original_ids[0])
     assert b.class_names[0] == f"digit {first}" and first != 0  # class 0 is the data set's first class drawn
     assert cav.stream_from_avalanche(renumbered).class_names[0] == str(first)
+
+
+def test_lwf_on_an_avalanche_multi_task_model_distils_every_old_tasks_classifier(av, raw):
+    from avalanche.models import MultiHeadClassifier, MultiTaskModule
+
+    class Net(MultiTaskModule):  # forward(x, task_labels) only, as Avalanche's MTSimpleMLP
+        def __init__(self):
+            super().__init__()
+            self.body, self.classifier = torch.nn.Linear(64, 32), MultiHeadClassifier(32)
+
+        def forward(self, x, task_labels):
+            return self.classifier(torch.relu(self.body(x)), task_labels)
+
+    x_tr, y_tr, x_te, y_te = raw
+    x_tr, x_te = x_tr.flatten(1), x_te.flatten(1)
+    keep, keep_te = y_tr < 6, y_te < 6
+    bench = av.b.nc_benchmark(dataset(x_tr[keep], y_tr[keep]), dataset(x_te[keep_te], y_te[keep_te]), 3,
+                              task_labels=True, fixed_class_order=list(range(6)),
+                              class_ids_from_zero_in_each_exp=True)  # fmt: skip
+    torch.manual_seed(0)
+    adapter = cav.as_avalanche_plugin("lwf")
+    strategy = naive(av, Net(), [adapter])
+    strategy.train(bench.train_stream[0], eval_streams=[])
+    lwf = adapter.plugin
+    assert lwf.teacher.trained_tasks == [0]
+    x = x_tr[keep][:16]
+    batch = Batch(x, torch.zeros(16, dtype=torch.long), torch.ones(16, dtype=torch.long))  # new task 1's data
+    term = lwf.loss_terms(run=adapter.run, batch=batch, out=Output(torch.zeros(16, 2)))["lwf"]
+    with torch.no_grad():  # the student is still the teacher: the soft targets' own entropy, from task 0's head
+        old = lwf.teacher.task_logits(x, 0)
+        soft = torch.softmax(old / lwf.config.T, dim=1)
+        expected = -(soft * torch.log_softmax(old / lwf.config.T, dim=1)).sum(1).mean() * lwf.config.alpha
+    assert old.shape == (16, 2) and term.requires_grad
+    torch.testing.assert_close(term.detach(), expected)
+    for exp in bench.train_stream[1:]:  # was a KeyError: the teacher has no classifier for task 1
+        strategy.train(exp, eval_streams=[])
+    assert lwf.teacher.trained_tasks == [0, 1, 2]
+
+
+def test_a_teacher_of_an_incremental_classifier_has_only_the_classes_trained(av, raw):
+    """Avalanche's IncrementalClassifier grows on evaluation experiences too, its
+    new units masked at -1000; LwF distilled those as the old model's answer."""
+    from avalanche.models import IncrementalClassifier
+
+    x_tr, y_tr, x_te, y_te = raw
+    x_tr, x_te = x_tr.flatten(1), x_te.flatten(1)
+    keep, keep_te = y_tr < 6, y_te < 6
+    bench = av.b.class_incremental_benchmark({"train": dataset(x_tr[keep], y_tr[keep]),
+                                              "test": dataset(x_te[keep_te], y_te[keep_te])},
+                                             class_order=list(range(6)), num_experiences=3)  # fmt: skip
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), IncrementalClassifier(32, 2))
+    adapter = cav.as_avalanche_plugin("lwf")
+    strategy = naive(av, model, [adapter])
+    widths = []
+    for exp in bench.train_stream[:2]:
+        strategy.train(exp, eval_streams=[])
+        strategy.eval(bench.test_stream)  # grows the classifier to 6 outputs
+        widths.append((model[2].classifier.out_features, adapter.plugin.teacher(x_te[:4]).logits.shape[1]))
+    assert widths == [(6, 2), (6, 4)]
+    assert adapter.plugin.teacher(x_te[:4]).logits.min() > -100  # no masked unit among the targets

@@ -93,18 +93,48 @@ MAPPED = (
 class AvalancheModelView(nn.Module):
     """An Avalanche model seen as a contlearn model: ``forward(x, task)`` returns
     ``Output(logits, features=None)``. Parameters are the model's own (prefixed
-    ``module.``). ``adapt`` does nothing: Avalanche adapts its dynamic modules."""
+    ``module.``). ``adapt`` does nothing: Avalanche adapts its dynamic modules.
+
+    The logits are cut to ``trained_width`` outputs, one per class trained so far
+    (the adapter sets it before each training experience), as a contlearn head has
+    them: Avalanche's ``IncrementalClassifier`` also grows on evaluation
+    experiences, with its untrained units masked at -1000, and a copy of the model
+    (a teacher) must not hand those on as the old model's answer."""
 
     def __init__(self, module: nn.Module):
         super().__init__()
         self.module = module
+        self.trained_width: int | None = None
 
     def forward(self, x: torch.Tensor, task: torch.Tensor | None = None) -> Output:
         if task is None:
-            return Output(self.module(x))
-        from avalanche.models.utils import avalanche_forward
+            logits = self.module(x)
+        else:
+            from avalanche.models.utils import avalanche_forward
 
-        return Output(avalanche_forward(self.module, x, task))
+            logits = avalanche_forward(self.module, x, task)
+        width = self.trained_width
+        return Output(logits[:, :width] if width is not None and logits.shape[1] > width else logits)
+
+    @property
+    def trained_tasks(self) -> list[int] | None:
+        """The task labels trained so far when the model is an Avalanche
+        ``MultiTaskModule`` (each task has its own classifier), else ``None``."""
+        from avalanche.models import MultiTaskModule
+
+        if isinstance(self.module, MultiTaskModule):
+            return sorted(int(t) for t in self.module.known_train_tasks_labels)
+        return None
+
+    def task_logits(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        """Task ``task``'s classifier on every sample of ``x`` (a ``MultiTaskModule``;
+        one that implements only ``forward(x, task_labels)``, as ``MTSimpleMLP``
+        does, is called with a task label per sample)."""
+        from avalanche.models import MultiTaskModule
+
+        if type(self.module).forward_single_task is not MultiTaskModule.forward_single_task:
+            return self.module.forward_single_task(x, task)
+        return self.module(x, torch.full((x.shape[0],), task, dtype=torch.long, device=x.device))
 
     def adapt(self, classes: Sequence[int], task: int = 0) -> None:
         pass
@@ -255,6 +285,8 @@ class _AdapterLogic:
         exp = run.stream[seen.index] if self._whole and seen.index < len(run.stream) else seen
         if self._model_source is not strategy.model:
             run.model, self._model_source = model_view(strategy.model), strategy.model
+        if isinstance(run.model, AvalancheModelView):
+            run.model.trained_width = 1 + max((c for e in self._seen.values() for c in e.classes), default=-1)
         run.device = torch.device(strategy.device)
         for e in run.stream:  # their data on the strategy's device, as contlearn's loop has it
             if isinstance(e, LazyExperience):
