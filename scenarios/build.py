@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from contlearn.scenarios import builders
 from contlearn.scenarios.loader import LoaderData
 from contlearn.scenarios.sources import Samples, Split, load_source
@@ -193,6 +194,11 @@ def build_from_split(split: Split, cfg: Any, seed: int, extra: list[Split] | Non
         prepared = [Split(_apply(s.train, train_ops), _apply(s.test, eval_ops), s.name, s.class_names) for s in prepared]
         stream = builders.one_dataset_per_experience(prepared)
 
+    return _finish(stream, cfg, seed, augment)
+
+
+def _finish(stream: Stream, cfg: Any, seed: int, augment: Any) -> Stream:
+    """Check the test inputs' shape, carve validation sets and attach the training augmentation."""
     _check_eval_shape(stream, cfg)
     for exp in stream:
         if cfg.validation_fraction > 0:
@@ -223,10 +229,8 @@ def build_stream(scenario: Any, seed: int) -> Stream:
     if not isinstance(scenario, DictConfig):
         scenario = scenario_config(OmegaConf.to_container(OmegaConf.structured(scenario))
                                    if not isinstance(scenario, Mapping) else scenario)
-    if scenario.source == "avalanche":  # the benchmark defines its own experiences and setting
-        from contlearn.interop.avalanche import stream_from_config
-
-        return stream_from_config(scenario, seed)
+    if scenario.source == "avalanche":
+        return _build_avalanche(scenario, seed)
     check_scenario(scenario)
     if scenario.setting == "domain" and scenario.domains is not None:
         if not len(scenario.domains):
@@ -234,3 +238,38 @@ def build_stream(scenario: Any, seed: int) -> Stream:
         splits = [load_source(str(name), scenario, seed) for name in scenario.domains]
         return build_from_split(splits[0], scenario, seed, splits[1:])
     return build_from_split(load_source(str(scenario.source), scenario, seed), scenario, seed)
+
+
+#: Keys that shape a stream's experiences, which an Avalanche benchmark makes itself.
+AVALANCHE_MAKES = ("setting", "n_experiences", "class_order", "classes_per_experience", "transform", "rotations",
+                   "domains", "identity_first", "storage")
+
+
+def _build_avalanche(cfg: Any, seed: int) -> Stream:
+    """The stream of the Avalanche benchmark ``scenario.factory`` makes, then
+    what contlearn adds to any stream: ``samples_per_class`` (per class of each
+    experience), the transforms (``normalize`` fitted on all training data) and the
+    augmentation, validation sets. The keys that shape experiences are refused."""
+    defaults = scenario_config()
+    given = [key for key in AVALANCHE_MAKES if cfg[key] != defaults[key]]
+    if given:
+        raise ConfigError(
+            f"scenario.{given[0]} does not apply to scenario.source=avalanche: the benchmark makes the experiences "
+            f"(its setting is detected; give the factory's own arguments in scenario.args)"
+        )
+    check_scenario(cfg)
+    from contlearn.interop.avalanche import stream_from_config
+
+    stream = stream_from_config(cfg, seed)
+    if cfg.samples_per_class is not None:
+        for exp in stream:
+            exp.train = exp.train.subset(builders.subsample_per_class(exp.train.y, cfg.samples_per_class, seed + exp.index))
+    train_ops, eval_ops, augment = _transforms(cfg)
+    if train_ops or eval_ops:
+        whole = TensorData(torch.cat([exp.train.x for exp in stream]), torch.cat([exp.train.y for exp in stream]))
+        fit_ops(train_ops, whole)
+        fit_ops(eval_ops, whole)
+        for exp in stream:
+            exp.train, exp.test = _apply(exp.train, train_ops), _apply(exp.test, eval_ops)
+        stream.input_shape = tuple(stream[0].train.input_shape)
+    return _finish(stream, cfg, seed, augment)

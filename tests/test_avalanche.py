@@ -912,3 +912,69 @@ def test_a_teacher_of_an_incremental_classifier_has_only_the_classes_trained(av,
         widths.append((model[2].classifier.out_features, adapter.plugin.teacher(x_te[:4]).logits.shape[1]))
     assert widths == [(6, 2), (6, 4)]
     assert adapter.plugin.teacher(x_te[:4]).logits.min() > -100  # no masked unit among the targets
+
+
+def test_materialised_samples_are_float_inputs_and_one_class_id_each():
+    x = torch.arange(6, dtype=torch.uint8).reshape(3, 2) * 51
+    data = cav.materialise([(x[i], torch.tensor([i])) for i in range(3)])  # 8-bit images, labels of shape [1]
+    assert data.x.dtype == torch.float32 and data.x.max() == 1.0 and data.y.tolist() == [0, 1, 2]
+    one_hot = torch.eye(3)
+    with pytest.raises(ContlearnError, match=r"labels of shape \(3, 3\) for 3 inputs; .* give their argmax"):
+        cav.materialise([(torch.zeros(2), one_hot[i]) for i in range(3)])
+    with pytest.raises(ContlearnError, match="fractional labels such as 0.7"):
+        cav.materialise([(torch.zeros(2), 0.7), (torch.zeros(2), 1.0)])
+    with pytest.raises(ContlearnError, match="yields the label -1; class ids start at 0"):
+        cav.materialise([(torch.zeros(2), -1), (torch.zeros(2), 1)])
+    with pytest.raises(ContlearnError, match="inputs of dtype torch.int64"):
+        cav.materialise([(torch.zeros(2, dtype=torch.long), 0)])
+
+
+def test_a_test_class_no_experience_trains_is_refused_whether_or_not_labels_are_renumbered(av):
+    x, y = torch.randn(40, 3), torch.arange(40) % 4
+    for train_classes in ([0, 1], [2, 3]):  # kept as they are, renumbered
+        keep = torch.isin(y, torch.tensor(train_classes))
+        bench = av.b.tensors_benchmark([[x[keep], y[keep]]], [[x, y]], task_labels=[0])
+        with pytest.raises(ContlearnError, match="test experience 0 has classes .* that no training experience has"):
+            cav.stream_from_avalanche(bench)
+
+
+def test_interop_helpers_refuse_what_they_cannot_use():
+    with pytest.raises(ContlearnError, match="Linear has no adapt: give a plain torch model to the Avalanche strategy"):
+        cav.as_avalanche_model(torch.nn.Linear(64, 10))
+    with pytest.raises(ContlearnError, match="a list of one metrics dict per training experience"):
+        cav.accuracy_matrix_from_avalanche({"Top1_Acc_Exp/eval_phase/test_stream/Exp000": 0.5})
+    from contlearn.plugins.lwf import LwF
+
+    with pytest.raises(PluginError, match="plugin 'lwf' is the class LwF"):
+        cav.as_avalanche_plugin(LwF)
+
+
+AVALANCHE_SOURCE = ["scenario.source=avalanche", "scenario.factory=class_incremental_benchmark",
+                    "scenario.args={num_experiences: 5}"]  # fmt: skip
+
+
+def test_an_avalanche_source_gets_contlearns_subsampling_transforms_and_validation():
+    cfg = load_config(None, [*AVALANCHE_SOURCE, "scenario.samples_per_class=6", "scenario.validation_fraction=0.5",
+                             "scenario.train_transform=[normalize, hflip]", "scenario.eval_transform=[normalize]"])
+    stream = stream_of(cfg)
+    plain = stream_of(load_config(None, [*AVALANCHE_SOURCE, "scenario.samples_per_class=6"]))
+    for exp in stream:
+        assert sorted(torch.bincount(torch.cat([exp.train.y, exp.val.y])).tolist()) == [0] * exp.classes[0] + [6, 6]
+        assert exp.train.augment is not None and exp.val.augment is None
+    whole = torch.cat([e.train.x for e in plain])
+    first = plain[0].test.x
+    expected = (first - whole.mean()) / whole.std(correction=0)  # normalize: fitted on all (subsampled) training inputs
+    assert torch.allclose(stream[0].test.x, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("override", ["scenario.n_experiences=3", "scenario.setting=task", "scenario.class_order=[0]"])
+def test_keys_that_shape_experiences_do_not_apply_to_an_avalanche_source(override):
+    with pytest.raises(ConfigError, match=f"scenario.{override.split('=')[0][9:]} does not apply to "
+                                          "scenario.source=avalanche"):
+        stream_of(load_config(None, [*AVALANCHE_SOURCE, override]))
+
+
+def test_more_experiences_than_classes_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"scenario.args \{'num_experiences': 20\} makes train experience \d+ "
+                                          r"without samples"):
+        stream_of(load_config(None, [*AVALANCHE_SOURCE[:2], "scenario.args={num_experiences: 20}"]))

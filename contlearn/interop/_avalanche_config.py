@@ -18,6 +18,7 @@ from contlearn.scenarios import Stream
 
 def tensor_dataset(x: torch.Tensor, y: torch.Tensor) -> Any:
     """Tensors as an Avalanche classification dataset."""
+    require_avalanche()
     from avalanche.benchmarks.utils import as_classification_dataset
     from torch.utils.data import TensorDataset
 
@@ -143,7 +144,7 @@ def stream_from_config(scenario_cfg: Any, seed: int) -> Stream:
     args = _plain(raw_args)
     if not isinstance(args, dict):
         raise ConfigError(f"scenario.args must be a mapping of keyword arguments, got {raw_args!r}")
-    factory = str(factory)
+    factory, given = str(factory), dict(args)  # given: for messages, without the seed added below
     if factory in ALIASES:
         call = lambda: _alias_benchmark(factory, scenario_cfg, seed, args)  # noqa: E731
     else:
@@ -156,12 +157,18 @@ def stream_from_config(scenario_cfg: Any, seed: int) -> Stream:
     except ContlearnError:
         raise
     except (TypeError, ValueError, AssertionError) as exc:
-        raise ConfigError(f"scenario.factory '{factory}' rejected scenario.args {args}: {exc}") from None
+        raise ConfigError(f"scenario.factory '{factory}' rejected scenario.args {given}: {exc}") from None
     except (RuntimeError, OSError) as exc:  # a download that failed, a missing dataset_root
         raise DataError(
             f"scenario.factory '{factory}' could not load its data ({one_line(exc)}); put the data under the "
             f"benchmark's dataset_root (scenario.args.dataset_root) or connect once to download it"
         ) from None
+    empty = [k for k, exp in enumerate(getattr(benchmark, "train_stream", ())) if len(exp.dataset) == 0]
+    if empty:
+        raise ConfigError(
+            f"scenario.factory '{factory}' with scenario.args {given} makes train experience {empty[0]} without "
+            f"samples (more experiences than classes?)"
+        )
     return stream_from_avalanche(benchmark, name=factory, class_names=class_names)
 
 

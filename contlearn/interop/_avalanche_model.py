@@ -123,6 +123,11 @@ def logits_model(model: nn.Module, multi_task: bool | None = None) -> LogitsMode
         raise ContlearnError(f"as_avalanche_model needs a contlearn model (a torch Module), got {type(model).__name__}")
     if isinstance(model, LogitsModel):
         model = model.model
+    if not callable(getattr(model, "adapt", None)):
+        raise ContlearnError(
+            f"as_avalanche_model wraps a contlearn model (forward(x, task) returning an Output, and adapt(classes, "
+            f"task)); {type(model).__name__} has no adapt: give a plain torch model to the Avalanche strategy as it is"
+        )
     if multi_task is None:
         multi_task = isinstance(getattr(model, "head", None), MultiHead)
     return logits_model_class(bool(multi_task))(model)

@@ -496,4 +496,5 @@ def as_avalanche_plugin(
         plugin = registry.create(plugin, value)
     elif config is not None:
         raise PluginError("config is only used with a plugin name; configure a plugin object when building it")
-    return adapter_class()(plugin, name or type(plugin).__name__.lower(), benchmark, transforms, seed)
+    default_name = (plugin if isinstance(plugin, type) else type(plugin)).__name__.lower()
+    return adapter_class()(plugin, name or default_name, benchmark, transforms, seed)

@@ -83,7 +83,7 @@ def materialise(
                 f"{what} yields inputs of type {type(x).__name__}, not tensors; give the benchmark "
                 f"a transform that ends in a tensor (e.g. torchvision's ToTensor)"
             )
-        y = torch.as_tensor(y).long().reshape(-1)
+        x, y = _checked_samples(x, y, what)
         t = torch.as_tensor(batch[2]).long().reshape(-1) if len(batch) > 2 else torch.zeros_like(y)
         xs.append(x.detach().cpu())
         ys.append(y.cpu())
@@ -91,6 +91,28 @@ def materialise(
     if not xs:
         return TensorData(torch.empty(0), torch.empty(0, dtype=torch.long))
     return TensorData(torch.cat(xs), torch.cat(ys), torch.cat(ts))
+
+
+def _checked_samples(x: torch.Tensor, y: Any, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float inputs (8-bit images divided by 255, as ``Stream.from_tensors`` does)
+    and one non-negative integer class id per sample, or a :class:`DataError`."""
+    if x.dtype == torch.uint8:
+        x = x.float().div_(255)
+    elif not x.is_floating_point():
+        raise DataError(f"{what} yields inputs of dtype {x.dtype}; give floating-point inputs (or uint8 images)")
+    y = torch.as_tensor(y)
+    if y.dim() == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.dim() != 1 or len(y) != len(x):
+        raise DataError(
+            f"{what} yields labels of shape {tuple(y.shape)} for {len(x)} inputs; a label is one class id per "
+            f"sample (for one-hot or soft targets, give their argmax)"
+        )
+    if y.is_floating_point() and not bool((y == y.round()).all()):
+        raise DataError(f"{what} yields fractional labels such as {float(y[y != y.round()][0])}; give class ids")
+    if len(y) and int(y.min()) < 0:
+        raise DataError(f"{what} yields the label {int(y.min())}; class ids start at 0")
+    return x, y.long()
 
 
 def _batches(loader: Any, what: str, group: str = "eval") -> Any:
@@ -271,8 +293,9 @@ def detect_setting(tasks: Sequence[int], train_classes: Sequence[Sequence[int]])
 # ------------------------------------------------------------------ benchmark -> stream
 
 
-def _apply_remap(data: TensorData, remap: torch.Tensor | None, what: str) -> TensorData:
-    if remap is None or len(data) == 0:
+def _apply_remap(data: TensorData, remap: torch.Tensor, what: str) -> TensorData:
+    """``data`` with its labels mapped by ``remap`` (-1: a class no training experience has)."""
+    if len(data) == 0:
         return data
     if int(data.y.max()) >= remap.numel() or int(data.y.min()) < 0 or bool((remap[data.y] < 0).any()):
         bad = sorted({int(c) for c in data.y.tolist() if c >= remap.numel() or c < 0 or remap[c] < 0})
@@ -349,14 +372,11 @@ def stream_from_avalanche(
 
     order = class_order(benchmark, classes)
     renumber = remap is True or (remap == "auto" and order != list(range(len(order))))
-    if renumber:
-        mapping = torch.full((max(order) + 1,), -1, dtype=torch.long)
-        mapping[torch.tensor(order)] = torch.arange(len(order))
-        n_classes, originals = len(order), order
-    else:
-        mapping = None
-        n_classes = max(max(order), max((int(d.y.max()) for d in tests if len(d)), default=0)) + 1
-        originals = list(range(n_classes))
+    # the classes trained, renumbered or kept: a test class none of them has is refused
+    mapping = torch.full((max(order) + 1,), -1, dtype=torch.long)
+    mapping[torch.tensor(order)] = torch.arange(len(order)) if renumber else torch.tensor(order)
+    n_classes = len(order) if renumber else max(order) + 1
+    originals = order if renumber else list(range(n_classes))
 
     experiences = []
     for k, (exp, data) in enumerate(zip(train_exps, train, strict=True)):
@@ -367,7 +387,7 @@ def stream_from_avalanche(
         test = _apply_remap(test, mapping, f"test experience {k}")
         if len(test) == 0:
             test = TensorData(data.x[:0], data.y[:0], data.t[:0])
-        exp_classes = sorted(int(mapping[c]) for c in classes[k]) if mapping is not None else classes[k]
+        exp_classes = sorted(int(mapping[c]) for c in classes[k])
         experiences.append(Experience(k, exp_classes, experience_task(exp), data, test))
 
     dataset_label = _dataset_labels(benchmark)

@@ -82,6 +82,9 @@ def accuracy_matrix_from_avalanche(
     :param stream: the evaluated stream's name (``test`` for ``test_stream``).
     :return: ``R[i][j]``: the ``Top1_Acc_Exp`` of experience j after training i.
     """
+    if isinstance(results, Mapping):
+        raise DataError("results must be a list of one metrics dict per training experience (what strategy.eval "
+                        "returned after each), not one dict; for a single evaluation give [results]")
     rows = []
     for i, metrics in enumerate(results):
         row: dict[int, float] = {}
