@@ -153,6 +153,8 @@ class PluginRegistry:
                     continue
                 entries[ep.name] = entry
         for name, plugin_class in given_plugins(given, "plugins", classes_only=True).items():
+            if name in entries and _loads_as(entries[name], plugin_class):
+                continue  # the class that name is registered for, given as well (a script written before it was)
             if name in entries:
                 raise PluginError(
                     f"the plugin class {plugin_class.__name__} is given as '{name}', the name of a plugin from "
@@ -181,3 +183,11 @@ class PluginRegistry:
         except Exception as exc:
             raise PluginError(f"plugin '{name}' could not be built: {type(exc).__name__}: {exc}") from exc
         return plugin
+
+
+def _loads_as(entry: PluginEntry, plugin_class: type) -> bool:
+    """Whether ``entry`` is ``plugin_class`` (a broken entry is not)."""
+    try:
+        return entry.load() is plugin_class
+    except PluginError:
+        return False

@@ -255,14 +255,18 @@ COMMANDS = {"report": cmd_report, "resume": cmd_resume, "unlearn": cmd_unlearn, 
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # type: ignore[no-untyped-def]
-    """contlearn's own warnings (a broken plugin, a skipped checkpoint) as one line."""
+    """contlearn's own warnings (a broken plugin, a skipped checkpoint) as one
+    line, each once per command (the plugins are loaded more than once)."""
     if category.__module__.split(".")[0] == "contlearn":
-        print(f"{_process()}warning: {message}", file=sys.stderr)
+        if str(message) not in _shown:
+            _shown.add(str(message))
+            print(f"{_process()}warning: {message}", file=sys.stderr)
     else:
         _python_showwarning(message, category, filename, lineno, file, line)
 
 
 _python_showwarning = warnings.showwarning
+_shown: set[str] = set()
 
 
 def _process() -> str:
@@ -281,6 +285,7 @@ def _process() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     previous, warnings.showwarning = warnings.showwarning, _show_warning
+    _shown.clear()
     try:
         if not (sys.argv[1:] if argv is None else list(argv)):
             _parser().print_help()

@@ -21,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,10 @@ from contlearn.results import (
 )
 from contlearn.run import Run
 from contlearn.scenarios import Experience, Stream, TensorData, build_stream
+
+#: Plugin objects an Experiment has trained with, by id, weakly held: one given to
+#: another Experiment would carry what it learnt into that run.
+_TRAINED_PLUGINS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 
 
 def seed_everything(seed: int) -> None:
@@ -305,15 +310,27 @@ class Experiment:
     # ------------------------------------------------------------------ build
 
     def build(self) -> Run:
-        """Seed, then build the stream, the model and the plugins; nothing trains yet."""
-        cfg = self.config
-        dist, device = DistributedView.from_environment(resolve_device(cfg.device))
+        """Seed, then build the stream, the model and the plugins; nothing trains yet.
+        A run directory this call creates is removed again if the build fails
+        before anything is written in it."""
+        dist, device = DistributedView.from_environment(resolve_device(self.config.device))
         if not dist.is_main:
             self.out_dir = None  # process 0 writes the run directory
+        created = self.out_dir is not None and not self.out_dir.exists()
         if self.out_dir is not None:
             if self._resume_from is None:
                 refuse_existing_run(self.out_dir)
             prepare_run_dir(self.out_dir)
+        try:
+            return self._build(dist, device)
+        except BaseException:
+            if created:
+                with contextlib.suppress(OSError):  # not empty, or gone: left as it is
+                    self.out_dir.rmdir()
+            raise
+
+    def _build(self, dist: DistributedView, device: torch.device) -> Run:
+        cfg = self.config
         seed_everything(cfg.seed)
         stream = (self.stream if self.stream is not None else build_stream(cfg.scenario, cfg.seed)).to(device)
         untestable = [exp.index for exp in stream if len(exp.test) == 0]
@@ -337,6 +354,12 @@ class Experiment:
         for name, plugin in self.extra_plugins.items():
             if name in plugins:
                 raise ConfigError(f"plugin name '{name}' is both in the config and passed to Experiment")
+            if self._resume_from is None and _TRAINED_PLUGINS.get(id(plugin)) is plugin:
+                raise ConfigError(
+                    f"the plugin object given as '{name}' has trained in another Experiment and keeps what it "
+                    f"learnt there: give every Experiment new plugin objects (or the class, "
+                    f"plugins={{'{name}': {type(plugin).__name__}}})"
+                )
             plugins[name] = plugin
         pm = _manager.make_plugin_manager()
         _manager.register_plugins(pm, plugins, self.defaults)
@@ -368,6 +391,9 @@ class Experiment:
         t_start = time.perf_counter()
         run = self.build()
         self._started = True  # from here on, plugins learn
+        for plugin in self.extra_plugins.values():
+            with contextlib.suppress(TypeError):  # an object without weak references is not tracked
+                _TRAINED_PLUGINS[id(plugin)] = plugin
         progress = Progress()
         ctl = self._control = _Control(self, run, progress, t_start)
         resumed: Resumed | None = None

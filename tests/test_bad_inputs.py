@@ -322,6 +322,7 @@ def test_broken_third_party_plugin_warns_with_its_distribution_and_the_rest_load
     err = capsys.readouterr().err
     assert err.startswith("warning: plugin 'broken' (cl_cat_broken:Plugin, from cl-broken 1.0) failed to load")
     assert "needs libfoo" in err and "Traceback" not in err and all(line.startswith("warning: ") for line in err.splitlines())
+    assert err.count("failed to load") == 1, err  # once, though the config and the run both load the plugins
     assert (tmp_path / "run" / "results.json").is_file()
 
 

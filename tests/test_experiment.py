@@ -339,6 +339,20 @@ def test_an_experiment_runs_once(quick):
         experiment.run()
 
 
+def test_a_plugin_object_that_has_trained_is_refused_by_the_next_experiment(quick, tmp_path):
+    from contlearn.plugins.replay import Replay
+
+    from contlearn import ConfigError
+
+    replay = Replay(Replay.Config(size=20))
+    overrides = [*quick, "scenario.n_experiences=2", "plugins={}"]
+    Experiment(None, overrides, plugins={"replay": replay}).run()
+    with pytest.raises(ConfigError, match="the plugin object given as 'replay' has trained in another Experiment"):
+        Experiment(None, overrides, out_dir=tmp_path / "again", plugins={"replay": replay}).run()
+    assert not (tmp_path / "again").exists()  # the directory the failed build made is gone again
+    Experiment(None, overrides, plugins={"replay": Replay(Replay.Config(size=20))}).run()
+
+
 class Damping:
     """A script's own plugin, given to Experiment as a class."""
 

@@ -105,3 +105,19 @@ def test_choices_lists_names_of_any_type_in_order():
     from contlearn.errors import choices
 
     assert choices(["b", 3, "a"]) == "3, 'a', 'b'"
+
+
+def test_the_class_an_entry_point_names_may_be_given_under_its_name_too(third_party):
+    """A script written before the plugin was installed passes the class by name."""
+    import cl_extras
+
+    with pytest.warns(PluginLoadWarning):
+        cfg = load_config(None, ["plugins.shout.volume=5"], plugins={"shout": cl_extras.Shout})
+    assert cfg.plugins.shout.volume == 5
+
+    class Other(cl_extras.Shout):
+        pass
+
+    with pytest.warns(PluginLoadWarning), pytest.raises(PluginError, match="the plugin class Other is given as "
+                                                                          "'shout', the name of a plugin from cl-extras"):
+        load_config(None, [], plugins={"shout": Other})
