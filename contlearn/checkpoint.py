@@ -22,10 +22,11 @@ import re
 import shutil
 import warnings
 import weakref
+import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 import torch
@@ -210,10 +211,15 @@ def load(path: Path) -> dict[str, Any]:
 
     :raises CheckpointError: unreadable (truncated, corrupt, not a checkpoint) or of another version.
     """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, bad pickle, forbidden global...
-        raise CheckpointError(f"checkpoint '{path.name}' is truncated or corrupt ({load_failure(exc)})") from None
+    with open(path, "rb") as f:  # an OSError (no permission) propagates: the file itself may be whole
+        damaged = _crc_failure(f)
+        if damaged is not None:  # torch.load does not check the CRC-32 torch.save writes for every record
+            raise CheckpointError(f"checkpoint '{path.name}' is corrupt: its record '{damaged}' fails its CRC check")
+        f.seek(0)
+        try:
+            state = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated zip, bad pickle, forbidden global...
+            raise CheckpointError(f"checkpoint '{path.name}' is truncated or corrupt ({load_failure(exc)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"'{path.name}' is not a contlearn checkpoint")
     if state.get("version") != VERSION:
@@ -229,6 +235,16 @@ def load(path: Path) -> dict[str, Any]:
     if malformed:
         raise CheckpointError(f"checkpoint '{path.name}' is malformed: {malformed} should be mappings")
     return state
+
+
+def _crc_failure(f: BinaryIO) -> str | None:
+    """The first record of the zip archive ``f`` whose bytes fail their CRC-32
+    (a bit flipped on the disk), or ``None``; also ``None`` for a file that is
+    not a whole archive, which ``torch.load`` then describes."""
+    try:
+        return zipfile.ZipFile(f).testzip()
+    except Exception:  # not a zip, or cut short
+        return None
 
 
 def latest(directory: Path) -> tuple[Path, dict[str, Any]]:

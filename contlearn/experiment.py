@@ -123,15 +123,16 @@ def refuse_existing_run(out_dir: Path) -> None:
 
 
 def _refuse_finished(run_dir: Path, state: dict[str, Any]) -> None:
-    """:raises ConfigError: when the run wrote its results after the checkpoint
-    it would resume from: there is nothing left to train, and resuming would
-    only rewrite them."""
+    """:raises ConfigError: when the run has written its results (for every
+    experience of its stream), whichever checkpoint it would resume from (an
+    older one, when the newest is unreadable or a session wrote none): there is
+    nothing left to train, and resuming would only rewrite them."""
     results = run_dir / "results.json"
-    if state["position"]["inside_experience"]:
-        return
+    position = state["position"]
     n_experiences = len((state.get("stream") or {}).get("experiences") or ())
     if not results.is_file():
-        if (run_dir / "unlearn.json").is_file() and state["position"]["completed"] == n_experiences:
+        at_end = not position["inside_experience"] and position["completed"] == n_experiences
+        if at_end and (run_dir / "unlearn.json").is_file():
             raise ConfigError(
                 f"'{run_dir}' holds a model that unlearned after its last experience: there is nothing left to "
                 f"train, and its accuracy matrix predates the unlearning (unlearn.json has what it measured after)"
@@ -141,8 +142,13 @@ def _refuse_finished(run_dir: Path, state: dict[str, Any]) -> None:
         rows = len(json.loads(results.read_text(encoding="utf-8"))["accuracy_matrix"])
     except (ValueError, KeyError, TypeError):
         return  # unreadable results: resuming writes them again
-    if rows == state["position"]["completed"]:
-        raise ConfigError(f"'{run_dir}' is finished: its {rows} experiences are trained and its results written")
+    if n_experiences:
+        finished = rows == n_experiences
+    else:  # a checkpoint without its stream's description: it must be the last one
+        finished = not position["inside_experience"] and rows == position["completed"]
+    if finished:
+        raise ConfigError(f"'{run_dir}' is finished: its {rows} experiences are trained and its results written "
+                          f"(if its report is missing: contlearn report {run_dir})")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -170,6 +170,32 @@ def test_latest_skips_a_truncated_checkpoint_and_says_so(run_dir, tmp_path):
         ckpt.latest(tmp_path)
 
 
+def test_a_flipped_bit_in_a_tensor_fails_the_crc_check(run_dir, tmp_path):
+    """torch.load does not check the CRC-32 that torch.save writes for every record."""
+    import zipfile
+
+    source = ckpt.list_checkpoints(run_dir / "checkpoints")[-1]
+    with zipfile.ZipFile(source) as archive:
+        record = max(archive.infolist(), key=lambda i: i.file_size if "/data/" in i.filename else -1)
+    data = bytearray(source.read_bytes())
+    data[record.header_offset + 30 + len(record.filename.encode()) + len(record.extra) + 5] ^= 0x10  # inside its bytes
+    path = tmp_path / source.name
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"'{source.name}' is corrupt: its record '{record.filename}' fails its "
+                                              r"CRC check"):
+        ckpt.load(path)
+
+
+def test_a_checkpoint_that_cannot_be_opened_is_not_called_corrupt(run_dir, monkeypatch):
+    """Permissions: the file may be whole, so it is not skipped (and later rotated away)."""
+    def refuse(path, mode="r"):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(ckpt, "open", refuse, raising=False)
+    with pytest.raises(PermissionError):
+        ckpt.latest(run_dir / "checkpoints")
+
+
 def test_other_files_are_refused(tmp_path):
     torch.save({"model": {}}, tmp_path / "ckpt-000-000000001.pt")
     with pytest.raises(CheckpointError, match="not a contlearn checkpoint"):
@@ -272,8 +298,8 @@ def test_a_run_written_before_an_option_existed_resumes(run_dir, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(run_dir, old)
     *_, newest = ckpt.list_checkpoints(old / "checkpoints")[:3]
-    for later in ckpt.list_checkpoints(old / "checkpoints")[3:]:
-        later.unlink()
+    for later in [*ckpt.list_checkpoints(old / "checkpoints")[3:], old / "results.json"]:
+        later.unlink()  # as a run that stopped there left it
     state = ckpt.load(newest)
     del state["config"]["train"]["lr_schedule"], state["config"]["threads"]  # as older code wrote it
     torch.save(state, newest)

@@ -310,10 +310,16 @@ def test_a_finished_run_is_not_resumed_and_its_results_stay(tmp_path, capsys):
     capsys.readouterr()
     assert main(["resume", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert err.strip() == f"error: '{out}' is finished: its 3 experiences are trained and its results written"
+    assert err.strip() == (f"error: '{out}' is finished: its 3 experiences are trained and its results written (if "
+                           f"its report is missing: contlearn report {out})")
     assert (out / "results.json").read_text() == before
     assert main(["resume", str(out), "train.epochs=5"]) == 2
     assert "(a resume may change only device, threads and checkpoint.*)" in capsys.readouterr().err
+    newest = ckpt.list_checkpoints(out / "checkpoints")[-1]
+    newest.write_bytes(newest.read_bytes()[:1000])  # an older checkpoint is resumed from: still finished
+    assert main(["resume", str(out), "--quiet"]) == 2
+    assert "is finished: its 3 experiences are trained" in capsys.readouterr().err
+    assert (out / "results.json").read_text() == before
 
 
 def test_a_run_on_a_given_stream_resumes_on_that_stream_only(tmp_path):
