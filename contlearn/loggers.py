@@ -12,6 +12,7 @@ never reads a tensor back from the device. Only the main process writes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -73,13 +74,19 @@ class JSONLLogger:
         if self._file is None:
             return
         event = {**_plain(metrics), "time": time.time(), "global_step": run.global_step}
-        self._file.write(json.dumps(event, default=str) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(event, default=str) + "\n")
+            self._file.flush()
+        except OSError as exc:
+            raise ContlearnError(f"cannot write the event log '{self.path}': {exc.strerror or exc}") from None
 
     @hookimpl
     def teardown(self) -> None:
         if self._file is not None:
-            self._file.close()
+            # every event was flushed: what is left is the line whose write failed,
+            # and that failure is the error being reported
+            with contextlib.suppress(OSError):
+                self._file.close()
             self._file = None
 
 
@@ -117,7 +124,12 @@ def _events_before(path: Path, run: Any) -> list[str]:
     if run.experience is None:
         last = len(run.accuracy_rows) - 1
         ends = [k for k, (_, e) in enumerate(events) if e.get("kind") == "eval" and e.get("experience") == last]
-        return [line for line, _ in events[: ends[-1] + 1]] if ends and last >= 0 else []
+        if last < 0:
+            return []
+        if ends:
+            return [line for line, _ in events[: ends[-1] + 1]]
+        # that evaluation's line is lost (flushed, not synced, before the checkpoint): keep every event of the
+        # experiences completed, and of no experience before the checkpoint's step
     return [line for line, event in events if before_position(event, run)]
 
 

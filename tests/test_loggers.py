@@ -203,3 +203,44 @@ def test_console_progress_reports_a_forget_event(quick):
     lines = out.getvalue().splitlines()
     assert [line.split(":")[0] for line in lines] == ["experience 1/2", "after experience 2", "experience 2/2"]
     assert lines[1].startswith("after experience 2: forgot (SSD alpha ") and "% of parameters dampened" in lines[1]
+
+
+def test_a_lost_evaluation_line_keeps_the_events_of_the_experiences_completed(tmp_path, uninterrupted_events):
+    """The evaluation's line is flushed, not synced, before the checkpoint between
+    experiences: an OS crash can lose it. The log then keeps every event of the
+    completed experiences (it used to be emptied)."""
+    out, path = tmp_path / "run", tmp_path / "run" / "events.jsonl"
+    cfg = load_config(None, [*SMALL_RUN, "plugins.ewc.lam=1", "checkpoint.every_n_steps=1", "checkpoint.keep_last=2"])
+    with pytest.raises(SimulatedCrash):  # resumes between experiences 0 and 1
+        Experiment(cfg, out_dir=out, plugins={"events": JSONLLogger(path), "notes": Notes(), "crash": CrashAt(10)}).run()
+    lines = path.read_text().splitlines(keepends=True)
+    last_eval = max(k for k, line in enumerate(lines) if '"kind": "eval"' in line and '"experience": 0' in line)
+    path.write_text("".join(lines[:last_eval]))
+    Experiment.resume(out, plugins={"events": JSONLLogger(path), "notes": Notes()}).run()
+    lost = [e for e in uninterrupted_events if (e["kind"] == "eval" and e["experience"] == 0)
+            or (e["experience"] is None and e["global_step"] == 10)]  # fmt: skip
+    assert [e for e in uninterrupted_events if e not in lost] == without_times(path)
+    assert [e["kind"] for e in lost] == ["memo", "eval"]
+
+
+def test_a_full_disk_under_the_event_log_is_one_error(tmp_path):
+    from contlearn import ContlearnError
+
+    class FullDisk:
+        def write(self, text=""):
+            raise OSError(28, "No space left on device")
+
+        flush = close = write  # closing flushes the line that failed, and fails again
+
+    path = tmp_path / "events.jsonl"
+    logger = JSONLLogger(path)
+
+    class Fill:
+        @hookimpl
+        def after_step(self, run):
+            if run.global_step == 3:
+                logger._file.close()
+                logger._file = FullDisk()
+
+    with pytest.raises(ContlearnError, match=f"cannot write the event log '{path}': No space left on device"):
+        Experiment(load_config(None, SMALL_RUN), plugins={"events": logger, "fill": Fill()}).run()
