@@ -24,6 +24,7 @@ import warnings
 import weakref
 import zipfile
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -627,7 +628,10 @@ def restore(
     last, so that nothing above shifts them.
     """
     pos, metrics = state["position"], state["metrics"]
-    completed, inside = int(pos["completed"]), bool(pos["inside_experience"])
+    with _fits(source, "its position"):
+        completed, inside = int(pos["completed"]), bool(pos["inside_experience"])
+        global_step, epoch, step = int(pos["global_step"]), int(pos["epoch"]), int(pos["step"])
+        accuracy_rows = [[float(a) for a in row] for row in metrics["accuracy_rows"]]
     stream = run.stream
     if isinstance(state.get("stream"), dict):  # checkpoints written before these checks lack them
         _check_stream(state["stream"], stream, source)
@@ -635,13 +639,13 @@ def restore(
         _warn_given_plugins(state["given_plugins"], dict(given_plugins or {}), source)
     if completed + inside > len(stream):
         raise CheckpointError(f"checkpoint '{source}' is past the end of the stream ({len(stream)} experiences)")
-    run.accuracy_rows = [list(r) for r in metrics["accuracy_rows"]]
-    run.global_step = int(pos["global_step"])
+    run.accuracy_rows = accuracy_rows
+    run.global_step = global_step
     current: Experience | None = stream[completed] if inside else None
     for exp in stream.experiences[: completed + inside]:
         run.model.adapt(exp.classes, exp.task)
     run.experience = current
-    run.epoch, run.step = int(pos["epoch"]), int(pos["step"])
+    run.epoch, run.step = epoch, step
 
     saved = state["plugins"]
     own = {name for name, p in run.plugins.items() if callable(getattr(p, "state_dict", None))}
@@ -654,14 +658,19 @@ def restore(
         )
     for name, plugin_state in saved.items():  # tensors on the CPU: plugins move them (generator states stay)
         plugin = run.plugins[name]
-        if callable(getattr(plugin, "restore", None)):
-            plugin.restore(run, plugin_state)
-        else:
-            plugin.load_state_dict(plugin_state)
+        with _fits(source, f"the state of plugin '{name}' (written by another version of it?)"):
+            if callable(getattr(plugin, "restore", None)):
+                plugin.restore(run, plugin_state)
+            else:
+                plugin.load_state_dict(plugin_state)
 
     check_model(run.model, state["model"], source)
     run.model.load_state_dict(state["model"])
-    run.hook.setup(run=run)
+    try:  # plugins apply states that need the run's device here
+        run.hook.setup(run=run)
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+        raise CheckpointError(f"cannot resume from checkpoint '{source}': a plugin's setup failed on its saved "
+                              f"state (written by another version of it?): {type(exc).__name__}: {exc}") from exc
 
     resumed = None
     if current is not None:
@@ -678,12 +687,24 @@ def restore(
                 metrics["epoch_generator"],
             ),
         )
-    set_rng_state(_own_rng(state, run, source), run.generator, own_gpu(run))
-    confusion = metrics["confusion"]
-    progress = Progress(
-        timings=dict(metrics["timings"]),
-        initial=metrics["initial_accuracy"],
-        confusion=None if confusion is None else confusion.numpy(),
-        elapsed=float(metrics["elapsed"]),
-    )
+    with _fits(source, "its random states or metrics"):
+        set_rng_state(_own_rng(state, run, source), run.generator, own_gpu(run))
+        confusion = metrics["confusion"]
+        progress = Progress(
+            timings=dict(metrics["timings"]),
+            initial=metrics["initial_accuracy"],
+            confusion=None if confusion is None else confusion.numpy(),
+            elapsed=float(metrics["elapsed"]),
+        )
     return progress, resumed
+
+
+@contextlib.contextmanager
+def _fits(source: str, what: str) -> Iterator[None]:
+    """A value of the wrong type or shape in a checkpoint (edited by hand, or by
+    another version) as a :class:`CheckpointError` naming the part it is in."""
+    try:
+        yield
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+        raise CheckpointError(f"checkpoint '{source}' is malformed: {what} does not fit this run "
+                              f"({type(exc).__name__}: {exc})") from exc

@@ -229,6 +229,24 @@ def test_a_checkpoint_with_hand_edited_random_state_or_sections_is_refused_by_na
         ckpt.load(tmp_path / "ckpt-002-000000009.pt")
 
 
+@pytest.mark.parametrize("edit, part", [
+    (lambda s: s["rng"].update(python=None), "its random states or metrics"),
+    (lambda s: s["position"].update(global_step="x"), "its position"),
+    (lambda s: s["metrics"].update(accuracy_rows=None), "its position"),
+    (lambda s: s["plugins"].update(replay={}), "a plugin's setup failed on its saved state"),
+])  # fmt: skip
+def test_a_checkpoint_with_values_of_the_wrong_kind_is_malformed_by_part(tmp_path, edit, part):
+    out = tmp_path / "run"
+    Experiment(load_config(None, [*TINY, "plugins.replay.size=10"]), out_dir=out).run()
+    (out / "results.json").unlink()  # as a run stopped after its last checkpoint
+    newest = ckpt.list_checkpoints(out / "checkpoints")[-1]
+    state = ckpt.load(newest)
+    edit(state)
+    torch.save(state, newest)
+    with pytest.raises(CheckpointError, match=rf"'{newest.name}'(: | is malformed: ){part}"):
+        Experiment.resume(out).run()
+
+
 def test_config_differences_name_keys_and_ignore_device_and_out():
     a = {"seed": 0, "device": "cuda", "out": "x", "model": {"hidden": [8]}, "plugins": {"finetune": {}, "ewc": {"lam": 1.0}}}
     b = {"seed": 0, "device": "cpu", "out": None, "model": {"hidden": [16]}, "plugins": {"finetune": {}}}
