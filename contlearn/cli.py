@@ -137,13 +137,16 @@ def _run_to_the_end(experiment, out: str | Path) -> int:
     from contlearn._environment import environment_rank
     from contlearn.report import write_report
 
-    with experiment.interruptible():
-        experiment.run()
-    if environment_rank() != 0:
-        return 0
     try:
+        with experiment.interruptible():
+            experiment.run()
+        if environment_rank() != 0:
+            return 0
         write_report([out])
-    except KeyboardInterrupt:  # the run is finished and its results written: say so, not "interrupted"
+    except KeyboardInterrupt:
+        if experiment.results is None or not (Path(out) / "results.json").is_file():
+            raise
+        # the run is finished and its results written (a Ctrl-C in the plugins' teardown, or the report's)
         print(f"error: the run finished and its results are in {out}, but the report was interrupted; "
               f"write it with: contlearn report {out}", file=sys.stderr)
         return 130

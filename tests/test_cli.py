@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from contlearn import hookimpl
 from contlearn.cli import main
 
 
@@ -30,6 +31,18 @@ def test_ctrl_c_while_the_report_is_written_says_the_run_finished(tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert err == (f"error: the run finished and its results are in {tmp_path}, but the report was interrupted; "
                    f"write it with: contlearn report {tmp_path}")
+    assert (tmp_path / "results.json").is_file()
+
+
+def test_ctrl_c_in_a_plugins_teardown_after_the_results_says_the_run_finished(tmp_path, capsys, monkeypatch):
+    from contlearn.loggers import JSONLLogger
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(JSONLLogger, "teardown", hookimpl(interrupted))
+    assert main(["run", "train.epochs=1", "scenario.n_experiences=2", "--out", str(tmp_path), "--quiet"]) == 130
+    assert capsys.readouterr().err.strip().startswith(f"error: the run finished and its results are in {tmp_path}")
     assert (tmp_path / "results.json").is_file()
 
 
