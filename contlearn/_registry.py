@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
-from contlearn.errors import PluginError, choices
+from contlearn.errors import ContlearnError, PluginError, choices
 
 ENTRY_POINT_GROUP = "contlearn.plugins"
 DISABLE_AUTOLOAD_ENV = "CONTLEARN_DISABLE_PLUGIN_AUTOLOAD"
@@ -180,6 +180,8 @@ class PluginRegistry:
         cls = self.get(name).load()
         try:
             plugin = cls(config) if getattr(cls, "Config", None) is not None else cls()
+        except ContlearnError:  # the plugin's own check of its config: its message says it all
+            raise
         except Exception as exc:
             raise PluginError(f"plugin '{name}' could not be built: {type(exc).__name__}: {exc}") from exc
         return plugin

@@ -176,10 +176,22 @@ def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
         data = OmegaConf.load(path)
     except Exception as exc:  # yaml.YAMLError, UnicodeDecodeError...
         raise ConfigError(f"cannot read config '{path}': {_yaml_problem(exc)}") from None
-    if not isinstance(data, DictConfig):
+    if not isinstance(data, DictConfig) or _is_scalar_yaml(path):
         raise ConfigError(f"config '{path}' must be a mapping of keys to values")
     _check_plugins_section(data, f"config '{path}'")
     return _over_base(data, path.parent, (*seen, path.resolve()))
+
+
+def _is_scalar_yaml(path: Path) -> bool:
+    """Whether the file holds one plain value (``just a string``), which OmegaConf
+    loads as a mapping with that value as its only key."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except Exception:  # tags OmegaConf reads and safe_load does not: not a scalar
+        return False
+    return value is not None and not isinstance(value, dict)
 
 
 def _yaml_problem(exc: Exception) -> str:
@@ -305,13 +317,17 @@ def plugin_config(name: str, config_cls: type | None, section: Any) -> Any:
     if not is_structured(config_cls):
         raise PluginError(f"plugin '{name}': its Config must be a @dataclass (or attrs) class, got {config_cls!r:.80}")
     merged = merge_checked(config_cls, section, where=f"plugins.{name}.")
+    _check_finite(merged, f"plugins.{name}.", numbers=False)  # lists in lists
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
         raise ConfigError(
             f"plugins.{name}.{missing[0]} is required (it has no default): set it, "
             f"e.g. plugins.{name}.{missing[0]}=..."
         )
-    return OmegaConf.to_object(merged)
+    try:
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:  # what the checks above let through
+        raise ConfigError(f"wrong value in plugins.{name}: {first_line(str(exc))}") from None
 
 
 def validate(cfg: DictConfig, plugins: PluginClasses = None) -> DictConfig:
@@ -368,6 +384,17 @@ def validate(cfg: DictConfig, plugins: PluginClasses = None) -> DictConfig:
             f"'model.weights' ({cfg.model.weights}) chooses pretrained weights: it needs model.pretrained=true"
         )
     _check_schedule(cfg.train)
+    _check_what_applies(cfg)
+    if not cfg.model.cosine_scale > 0:
+        raise ConfigError(f"'model.cosine_scale' must be positive, got {cfg.model.cosine_scale}")
+    if cfg.train.momentum >= 1:
+        raise ConfigError(f"'train.momentum' must be below 1, got {cfg.train.momentum}")
+    name = str(cfg.name)
+    if not name.strip() or name in (".", "..") or any(c in name for c in "/\\"):
+        raise ConfigError(f"'name' names the run and its default directory runs/<name>-<time>: give a name without "
+                          f"'/' or '\\', got {name!r}")
+    if cfg.out is not None and not str(cfg.out).strip():
+        raise ConfigError("'out' is empty: give the run directory, or null for runs/<name>-<time>")
     if not 0 < cfg.scenario.test_fraction < 1:
         raise ConfigError(f"'scenario.test_fraction' must be in (0, 1), got {cfg.scenario.test_fraction}")
 
@@ -390,22 +417,73 @@ def validate(cfg: DictConfig, plugins: PluginClasses = None) -> DictConfig:
 _UNBOUNDED = ("scenario.memory_limit_gb",)
 
 
-def _check_finite(node: Any, key: str = "") -> None:
-    """:raises ConfigError: naming a NaN anywhere, or an infinity outside a
-    plugin's section (a plugin may give infinity a meaning; its own checks say)
-    except where it means "no limit" (:data:`_UNBOUNDED`)."""
+def _check_finite(node: Any, key: str = "", numbers: bool = True) -> None:
+    """:raises ConfigError: naming a NaN or an infinity (unless ``numbers`` is
+    false: a plugin's defaults are its own) except where it means "no limit"
+    (:data:`_UNBOUNDED`); or a list or mapping in a list of numbers, strings or
+    booleans."""
     if isinstance(node, DictConfig):
         for name in node.keys():
-            _check_finite(node._get_node(name), f"{key}{name}.")
+            _check_finite(node._get_node(name), f"{key}{name}.", numbers)
     elif isinstance(node, ListConfig):
+        kind = node._metadata.element_type
         for i in range(len(node)):
-            _check_finite(node._get_node(i), f"{key[:-1]}[{i}].")
+            item = node._get_node(i)
+            if kind in (int, float, str, bool) and isinstance(item, (DictConfig, ListConfig)):
+                # OmegaConf types a list's plain elements but lets a container through
+                raise ConfigError(f"wrong value for '{key[:-1]}[{i}]': expected {kind.__name__}, got "
+                                  f"{OmegaConf.to_container(item)!r}")
+            _check_finite(item, f"{key[:-1]}[{i}].", numbers)
     else:
         value = node._value() if hasattr(node, "_value") else node
-        if isinstance(value, float) and not math.isfinite(value):
-            unbounded = value == math.inf and key[:-1] in _UNBOUNDED
-            if math.isnan(value) or not (key.startswith("plugins.") or unbounded):
+        if numbers and isinstance(value, float) and not math.isfinite(value):
+            if not (value == math.inf and key[:-1] in _UNBOUNDED):
                 raise ConfigError(f"'{key[:-1]}' must be a finite number, got {value}")
+
+
+def _sources_read(scenario: DictConfig) -> list[str]:
+    """The data sources a scenario reads (``npz:FILE`` as given); none for an
+    Avalanche factory given by its dotted name."""
+    if scenario.source == "avalanche":
+        factory = scenario.factory
+        return [] if factory is None or "." in str(factory) else [str((scenario.args or {}).get("dataset", "digits"))]
+    if scenario.setting == "domain" and scenario.domains is not None:
+        return [str(name) for name in scenario.domains]
+    return [str(scenario.source)]
+
+
+def _check_what_applies(cfg: DictConfig) -> None:
+    """:raises ConfigError: a setting that nothing in the config reads (a path
+    given while another source is read would train on the wrong data unseen)."""
+    sc, train = cfg.scenario, cfg.train
+    kinds = [name.partition(":") for name in _sources_read(sc)]
+    needs = [
+        ("scenario.path", sc.path is not None, any(k in ("npz", "folder") and not own for k, own, _ in kinds),
+         "the npz or folder source (scenario.source=npz|folder)"),
+        ("scenario.root", sc.root is not None, any(k not in _LOCAL_SOURCES for k, _, _ in kinds),
+         "a torchvision source (mnist, cifar10...)"),
+        ("scenario.download", bool(sc.download), any(k not in _LOCAL_SOURCES for k, _, _ in kinds),
+         "a torchvision source (mnist, cifar10...)"),
+        ("scenario.image_size", sc.image_size is not None, any(k == "folder" for k, _, _ in kinds),
+         "the folder source"),
+        ("scenario.factory", sc.factory is not None, sc.source == "avalanche", "scenario.source=avalanche"),
+        ("scenario.args", bool(sc.args), sc.source == "avalanche", "scenario.source=avalanche"),
+        ("scenario.identity_first", bool(sc.identity_first), sc.transform == "permute", "scenario.transform=permute"),
+        ("train.momentum", train.momentum != 0, train.optimizer == "sgd",
+         "train.optimizer=sgd (Adam's betas play its part)"),
+        ("train.min_lr", train.min_lr != 0, train.lr_schedule == "cosine", "train.lr_schedule=cosine"),
+        ("train.gamma", train.gamma != TrainConfig.gamma, train.lr_schedule == "multistep", "train.lr_schedule=multistep"),
+        ("train.compile_mode", train.compile_mode != "default", bool(train.compile), "train.compile=true"),
+        ("checkpoint.every_n_steps", cfg.checkpoint.every_n_steps is not None, bool(cfg.checkpoint.enabled),
+         "checkpoint.enabled=true"),
+    ]  # fmt: skip
+    for key, given, read, what in needs:
+        if given and not read:
+            raise ConfigError(f"'{key}' is set ({OmegaConf.select(cfg, key)!r}) but only {what} reads it")
+
+
+#: Sources that read no torchvision root.
+_LOCAL_SOURCES = ("digits", "npz", "folder", "avalanche")
 
 
 def _check_schedule(train: DictConfig) -> None:

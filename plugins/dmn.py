@@ -134,6 +134,11 @@ class DMN:
         for key in ("weight_decay", "beta"):
             if not getattr(c, key) >= 0:
                 raise ConfigError(f"plugins.dmn.{key} must be non-negative, got {getattr(c, key)}")
+        for key in ("alpha_dynamic", "alpha_static"):
+            if getattr(c, key) is not None and not getattr(c, key) >= 0:
+                raise ConfigError(f"plugins.dmn.{key} must be non-negative (or null: searched), got {getattr(c, key)}")
+        if not all(a >= 0 for a in c.alpha_grid):
+            raise ConfigError(f"plugins.dmn.alpha_grid weights must be non-negative, got {list(c.alpha_grid)}")
         if not 0 < c.view_fraction <= 1 or not 0 < c.crop_min <= 1:
             raise ConfigError("plugins.dmn.view_fraction and crop_min must be in (0, 1]")
         if self.searches and c.validation_per_class < 1:

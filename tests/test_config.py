@@ -149,6 +149,9 @@ def test_invalid_yaml_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(str(path))
     assert str(info.value) == f"cannot read config '{path}': line 3, column 3: found duplicate key ewc"
+    path.write_text("just a string\n")  # OmegaConf makes it a key
+    with pytest.raises(ConfigError, match="must be a mapping of keys to values"):
+        load_config(str(path))
 
 
 def test_a_plugins_own_nan_default_and_an_unbounded_memory_limit_pass():
@@ -175,6 +178,59 @@ def test_a_plugins_own_nan_default_and_an_unbounded_memory_limit_pass():
 def test_a_number_that_is_not_finite_is_named(override, key):
     with pytest.raises(ConfigError, match=f"^'?{key}'? must be a (non-negative )?finite number, got "):
         load_config("split-digits", [override])  # a plugin's own check may come first
+
+
+@pytest.mark.parametrize("override", ["plugins.powerlaw.budget_fraction=inf", "plugins.memo.alpha_aux=inf",
+                                      "plugins.prd.temperature=inf", "plugins.dmn.beta=-inf"])
+def test_an_infinity_a_user_gives_a_plugin_is_refused_too(override):
+    with pytest.raises(ConfigError, match=f"'{override.split('=')[0]}' must be a finite number, got -?inf"):
+        load_config("split-digits", [override])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.hidden=[[8]]", r"wrong value for 'model.hidden\[0\]': expected int, got \[8\]"),
+    ("scenario.class_order=[[0,1],2]", r"'scenario.class_order\[0\]': expected int, got \[0, 1\]"),
+    ("plugins.prd.views=[[hflip]]", r"'plugins.prd.views\[0\]': expected str, got \['hflip'\]"),
+    ("plugins.ssd.forget=[{after: 0, classes: [[1]]}]", r"'plugins.ssd.forget\[0\].classes\[0\]': expected"),
+])  # fmt: skip
+def test_a_list_inside_a_list_of_plain_values_is_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("split-digits", [override])
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["scenario.path=/data/mine.npz"], "scenario.path"),  # would train on the digits, unseen
+    (["scenario.root=/data"], "scenario.root"),
+    (["scenario.image_size=8"], "scenario.image_size"),
+    (["scenario.factory=nc_benchmark"], "scenario.factory"),
+    (["scenario.identity_first=true"], "scenario.identity_first"),
+    (["train.optimizer=adam", "train.momentum=0.9"], "train.momentum"),
+    (["train.min_lr=0.01"], "train.min_lr"),
+    (["train.gamma=0.5"], "train.gamma"),
+    (["train.compile_mode=max-autotune"], "train.compile_mode"),
+    (["checkpoint.enabled=false", "checkpoint.every_n_steps=5"], "checkpoint.every_n_steps"),
+])  # fmt: skip
+def test_a_setting_nothing_reads_is_refused(overrides, key):
+    with pytest.raises(ConfigError, match=f"^'{key}' is set .* but only .* reads it"):
+        load_config("split-digits", overrides)
+
+
+def test_settings_read_by_the_sources_in_use_pass():
+    load_config(None, ["scenario.source=npz", "scenario.path=x.npz"])
+    load_config(None, ["scenario.source=cifar10", "scenario.root=/data"])
+    load_config(None, ["scenario.setting=domain", "scenario.domains=[mnist, 'npz:a.npz']", "scenario.root=/data"])
+    load_config(None, ["scenario.source=avalanche", "scenario.factory=nc_benchmark",
+                       "scenario.args={dataset: npz}", "scenario.path=x.npz"])  # fmt: skip
+
+
+@pytest.mark.parametrize("override, message", [
+    ("name=../../elsewhere", "'name' names the run"), ("name=' '", "'name' names the run"),
+    ("out=''", "'out' is empty"), ("model.cosine_scale=0", "'model.cosine_scale' must be positive"),
+    ("train.momentum=1", "'train.momentum' must be below 1"),
+])  # fmt: skip
+def test_names_paths_and_ranges(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("split-digits", [override])
 
 
 def test_every_shipped_config_loads():

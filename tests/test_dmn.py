@@ -299,6 +299,7 @@ def test_resume_from_a_checkpoint_continues_exactly(tmp_path):
     checkpoints = sorted((tmp_path / "a" / "checkpoints").glob("*.pt"))
     assert len(checkpoints) == 2
     checkpoints[-1].unlink()  # as if killed before the second experience's checkpoint
+    (tmp_path / "a" / "results.json").unlink()
     resumed = Experiment.resume(tmp_path / "a")
     results = resumed.run()
     assert results.accuracy_matrix == reference.accuracy_matrix

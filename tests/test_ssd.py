@@ -423,7 +423,6 @@ def test_forgetting_inside_a_stream_shows_in_the_accuracy_matrix(tmp_path):
         ("{after: 0, classes: ['42']}", "unknown class '42'"),
         ("{after: 7, classes: ['1']}", "stream has 2 experiences"),
         ("{after: 1, classes: ['1'], alpha: -1}", r"forget\[0\]: alpha must be a finite number"),
-        ("{after: 1, classes: ['1'], lam: .inf}", r"forget\[0\]: lam must be a finite number"),
         ("{after: 1, classes: ['1'], auto: true, alpha: 5}", "not both"),
         ("{after: 1, classes: ['1'], experience: 0}", "'experience' selects where sample indices point"),
         ("{after: 1, classes: ['0','1','2','3','4','5','6','7','8','9']}", "leaves nothing to retain"),
@@ -435,6 +434,11 @@ def test_forget_events_are_checked_before_training(event, message):
     with pytest.raises((ConfigError, DataError), match=message):
         experiment.run()
     assert experiment.run_state.global_step == 0  # refused before the first step
+
+
+def test_an_infinite_forget_event_value_is_refused_with_the_config():
+    with pytest.raises(ConfigError, match=r"'plugins.ssd.forget\[0\].lam' must be a finite number, got inf"):
+        load_config(None, [*STREAM, "plugins.ssd={}", "plugins.ssd.forget=[{after: 1, classes: ['1'], lam: .inf}]"])
 
 
 def test_a_mistyped_forget_event_field_is_named_with_the_event_s_fields():
