@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from contlearn.errors import ConfigError, ContlearnError, Interrupted
+from contlearn.errors import ConfigError, ContlearnError, Interrupted, one_line
 
 EXIT_INTERRUPTED = 130
 
@@ -285,6 +285,21 @@ def _process() -> str:
         return ""
 
 
+#: What gloo and NCCL say when another process of the group is gone.
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
+
+
+def _lost_a_peer(exc: RuntimeError) -> bool:
+    """Whether ``exc`` is a collective that failed because another process of a
+    torchrun run stopped (its own error is its to report)."""
+    from contlearn._environment import environment_world_size
+
+    backend_error = getattr(getattr(sys.modules.get("torch"), "distributed", None), "DistBackendError", ())
+    return environment_world_size() > 1 and (
+        isinstance(exc, backend_error) or any(text in str(exc) for text in _PEER_LOST)
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     previous, warnings.showwarning = warnings.showwarning, _show_warning
@@ -304,6 +319,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{_process()}interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except RuntimeError as exc:
+        if not _lost_a_peer(exc):
+            raise
+        # the process that failed printed its own error; this one only lost it mid-collective
+        print(f"{_process()}error: another process of this run stopped ({one_line(exc)}); stopping too",
+              file=sys.stderr)
+        return 1
     except OSError as exc:
         if exc.filename is None:  # not about a file of the user's (a bug, or the network): the traceback helps
             raise

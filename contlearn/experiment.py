@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from contlearn import _manager
 from contlearn import checkpoint as ckpt
+from contlearn._environment import environment_world_size
 from contlearn._loop import (
     StepHooks,
     check_weights,
@@ -302,9 +303,13 @@ class Experiment:
             yield
             return
 
+        when = "after the current step"
+        if environment_world_size() > 1:  # the processes agree on it there
+            when = "at the end of the epoch or the next periodic checkpoint (checkpoint.every_n_steps)"
+
         def on_sigint(signum: int, frame: Any) -> None:
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            print("\nstopping after the current step (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+            print(f"\nstopping {when} (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
             self.request_stop()
 
         previous = signal.signal(signal.SIGINT, on_sigint)
@@ -603,9 +608,10 @@ class _Control:
 
     def vote(self) -> bool:
         """Several processes: whether any of them was asked to stop, agreed by all
-        of them at the end of every epoch (a one-number all-reduce; every process
-        must call it). Each process's signal arrives at its own step, so a stop
-        waits for the end of the epoch there. False on one process."""
+        of them at the end of every epoch and at every periodic checkpoint (a
+        one-number all-reduce; every process must call it). Each process's signal
+        arrives at its own step, so a stop waits for the next of these. False on
+        one process."""
         if self.dist.world_size == 1:
             return False
         flag = torch.tensor([1.0 if self.stop else 0.0], device=self.device)  # NCCL needs the GPU
@@ -618,11 +624,16 @@ class _Control:
         if self.saving and self.saved is not None and self.saved[0] == run.global_step:
             path = self.saved[1]  # a periodic checkpoint of this step, before the processes' vote
         elif self.saving:
-            if self.directory is not None:
-                names, values = loss_table(epoch.losses, epoch.terms)
-                raise_if_not_finite(run, exp, names, values)
+            # every process checks the losses (averaged over them: what the checkpoint keeps) and raises together
+            names, values = loss_table(epoch.losses, epoch.terms, self.dist)
+            raise_if_not_finite(run, exp, names, values)
+            if self.dist.world_size > 1:
+                terms = {name: list(v.unbind()) for name, v in zip(names[1:], values[1:], strict=True)}
+                epoch = EpochState(list(values[0].unbind()), terms, epoch.generator)
             path = self._save(run, exp, epoch, time.perf_counter() - self.t_experience)
             self.saved = (run.global_step, path)
+            if not self.agreed:  # a checkpoint is a collective already: the processes agree on a stop there too
+                self.vote()
         if self.stopping:
             raise Interrupted(self._stopped(f"after {where}", path))
 
@@ -634,12 +645,12 @@ class _Control:
     def _save(self, run: Run, exp: Experience, epoch: EpochState | None, train_so_far: float) -> Path | None:
         """Write a checkpoint (process 0; a collective on several processes, which
         gathers their random states). Returns its path, ``None`` on the others."""
+        check_weights(run, exp)  # on every process (the weights are the same): they raise together
         processes = None
         if self.dist.world_size > 1:
             processes = self.dist.gather_object(ckpt.rng_state(run.generator, ckpt.own_gpu(run)))
         if self.directory is None:
             return None
-        check_weights(run, exp)
         timings = dict(self.progress.timings)
         timings["train_seconds"] += train_so_far
         now = Progress(timings, self.progress.initial, self.progress.confusion,

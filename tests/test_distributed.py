@@ -462,3 +462,70 @@ def test_a_process_leaves_the_process_group_contlearn_joined_when_it_exits(tmp_p
     proc = two_processes(str(script), str(tmp_path), str(tmp_path / "run"), *SMALL_RUN, "eval.fwt=false")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.glob("rank*")) == ["rank0-left", "rank1-left"]
+
+
+def test_a_stop_is_agreed_at_a_periodic_checkpoint_inside_the_epoch(tmp_path):
+    """torchrun kills the processes some seconds after forwarding Ctrl-C: a stop
+    cannot always wait for the end of a long epoch."""
+    out = tmp_path / "run"
+    script = tmp_path / "stop.py"
+    script.write_text(STOP_SCRIPT)  # process 1 is asked in step 2; the epoch has 5 steps
+    proc = two_processes(str(script), str(out), *SMALL_RUN, "eval.fwt=false", "checkpoint.every_n_steps=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"stop{r}.json").read_text()) for r in (0, 1)]
+    assert [r["global_step"] for r in ranks] == [3, 3]
+    assert "ckpt-000-000000003.pt" in ranks[0]["message"]
+
+
+def test_a_non_finite_loss_is_one_line_from_each_process(tmp_path):
+    proc = two_processes("-m", "contlearn", "run", *SMALL_RUN, "train.lr=1e12", "checkpoint.every_n_steps=2",
+                         "--out", str(tmp_path / "run"), "--quiet")  # fmt: skip
+    # torchrun prints its own traceback for a failed child; a worker's would be prefixed "[rank1]:"
+    assert proc.returncode == 1 and "[rank0]:" not in proc.stderr and "[rank1]:" not in proc.stderr, proc.stderr[-3000:]
+    for rank in (0, 1):  # both check at the checkpoint, and stop together
+        assert f"[rank {rank}] error: non-finite loss at step" in proc.stderr
+
+
+FAILING_PROCESS_SCRIPT = """
+import sys
+
+from contlearn import _loop, cli
+from contlearn.errors import TrainingError
+
+step = _loop.train_step
+
+
+def failing(run, *args, **kwargs):
+    if run.dist.rank == 1 and run.global_step == 3:
+        raise TrainingError("process 1 fails here")
+    return step(run, *args, **kwargs)
+
+
+_loop.train_step = failing
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_process_that_loses_another_mid_collective_says_so_in_one_line(tmp_path):
+    script = tmp_path / "fail.py"
+    script.write_text(FAILING_PROCESS_SCRIPT)
+    proc = two_processes(str(script), "run", *SMALL_RUN, "--out", str(tmp_path / "run"), "--quiet")
+    assert proc.returncode != 0 and "[rank0]:" not in proc.stderr and "[rank1]:" not in proc.stderr, proc.stderr[-3000:]
+    assert "[rank 1] error: process 1 fails here" in proc.stderr
+    assert "[rank 0] error: another process of this run stopped" in proc.stderr
+
+
+def test_the_epoch_losses_of_a_resumed_run_are_the_processes_average(tmp_path):
+    overrides = [*SMALL_RUN, "checkpoint.every_n_steps=3", "checkpoint.keep_last=100"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    proc = two_processes("-m", "contlearn", "run", *overrides, "--out", str(whole), "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shutil.copytree(whole, cut)
+    (cut / "results.json").unlink()
+    for later in ckpt.list_checkpoints(cut / ckpt.DIRNAME)[2:]:  # resumes at step 6, inside epoch 1
+        later.unlink()
+    proc = two_processes("-m", "contlearn", "resume", str(cut), "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = [[e["loss"] for e in map(json.loads, (d / "events.jsonl").read_text().splitlines()) if e["kind"] == "epoch"]
+              for d in (whole, cut)]  # fmt: skip
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)  # was process 0's share's loss for the epoch resumed
