@@ -263,6 +263,8 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> DictConfig:
         key, sep, _ = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override '{item}' is not of the form key=value")
+        if "" in re.sub(r"\[\d+\]", "", key.strip()).split("."):
+            raise ConfigError(f"override '{item}': the key '{key.strip()}' has an empty part between its dots")
     sections = [re.split(r"[.\[]", item.partition("=")[0].strip())[0] for item in items]
     last_list = max((k for k, item in enumerate(items) if item.partition("=")[0].strip() == "plugins"), default=None)
     if last_list is not None:
@@ -289,6 +291,12 @@ def _override_error(items: list[str], exc: Exception) -> ConfigError:
         except Exception as one:
             hint = " (in YAML, a ':' in a mapping needs a space after it: {a: 1})" if re.search(r"[{,]\s*\w+:\S", item) else ""
             return ConfigError(f"cannot parse override '{item}': {first_line(str(one))}{hint}")
+    keys = [item.partition("=")[0].strip() for item in items]
+    for key in keys:  # each parses alone: one sets a key inside another's value
+        inner = next((other for other in keys if other.startswith((f"{key}.", f"{key}["))), None)
+        if inner is not None:
+            return ConfigError(f"cannot combine the overrides of '{key}' and '{inner}' (inside it): "
+                               f"{first_line(str(exc))}; give the whole value in one override")
     return ConfigError(f"cannot parse overrides {items}: {first_line(str(exc))}")
 
 

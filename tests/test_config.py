@@ -273,3 +273,13 @@ def test_a_file_over_a_base_with_a_list_for_a_mapping_names_the_key(tmp_path, te
     with pytest.raises(ConfigError) as info:
         load_config(str(path))
     assert str(info.value) == message
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train..lr=1"], r"the key 'train..lr' has an empty part between its dots"),
+    (["model.hidden=[8]", "model.hidden[1]=3"], r"cannot combine the overrides of 'model.hidden' and 'model.hidden\[1\]'"),
+    (["train.lr=0.1", "train=[1]"], r"cannot combine the overrides of 'train' and 'train.lr'"),
+])  # fmt: skip
+def test_overrides_that_do_not_go_together_are_named(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("split-digits", overrides)
