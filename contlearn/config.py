@@ -9,10 +9,12 @@ that names the key and lists what is valid.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import re
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -392,15 +394,12 @@ def validate(cfg: DictConfig, plugins: PluginClasses = None) -> DictConfig:
             f"'model.weights' ({cfg.model.weights}) chooses pretrained weights: it needs model.pretrained=true"
         )
     _check_schedule(cfg.train)
-    _check_what_applies(cfg)
+    if not _SAVED_RUN.get():
+        _check_new_run(cfg)
     if not cfg.model.cosine_scale > 0:
         raise ConfigError(f"'model.cosine_scale' must be positive, got {cfg.model.cosine_scale}")
     if cfg.train.momentum >= 1:
         raise ConfigError(f"'train.momentum' must be below 1, got {cfg.train.momentum}")
-    name = str(cfg.name)
-    if not name.strip() or name in (".", "..") or any(c in name for c in "/\\"):
-        raise ConfigError(f"'name' names the run and its default directory runs/<name>-<time>: give a name without "
-                          f"'/' or '\\', got {name!r}")
     if cfg.out is not None and not str(cfg.out).strip():
         raise ConfigError("'out' is empty: give the run directory, or null for runs/<name>-<time>")
     if not 0 < cfg.scenario.test_fraction < 1:
@@ -460,38 +459,90 @@ def _sources_read(scenario: DictConfig) -> list[str]:
     return [str(scenario.source)]
 
 
-def _check_what_applies(cfg: DictConfig) -> None:
-    """:raises ConfigError: a setting that nothing in the config reads (a path
-    given while another source is read would train on the wrong data unseen)."""
+#: Keys that shape a stream's experiences, which an Avalanche benchmark makes itself.
+AVALANCHE_MAKES = ("setting", "n_experiences", "class_order", "classes_per_experience", "transform", "rotations",
+                   "domains", "identity_first", "storage")
+
+
+class ConfigWarning(UserWarning):
+    """A setting the config gives that nothing reads (one a base file set, say)."""
+
+
+def _check_new_run(cfg: DictConfig) -> None:
+    """What only a new run's config is held to (a saved run's was made without
+    these checks: :func:`saved_run_config`).
+
+    :raises ConfigError: a data setting that nothing reads (a path given while
+        another source is read would train on the wrong data unseen), or a name
+        that is no folder name.
+    """
+    import warnings
+
+    from contlearn.scenarios.sources import BUILTIN_SOURCES
+
+    name = str(cfg.name)
+    if not name.strip() or name in (".", "..") or any(c in name for c in "/\\"):
+        raise ConfigError(f"'name' names the run and its default directory runs/<name>-<time>: give a name without "
+                          f"'/' or '\\', got {name!r}")
     sc, train = cfg.scenario, cfg.train
-    kinds = [name.partition(":") for name in _sources_read(sc)]
-    needs = [
+    if sc.source == "avalanche":
+        defaults = ScenarioConfig()
+        given = [key for key in AVALANCHE_MAKES if sc[key] != getattr(defaults, key)]
+        if given:
+            raise ConfigError(
+                f"scenario.{given[0]} does not apply to scenario.source=avalanche: the benchmark makes the "
+                f"experiences (its setting is detected; give the factory's own arguments in scenario.args)"
+            )
+    kinds = [source.partition(":") for source in _sources_read(sc)]
+    builtin = all(kind in BUILTIN_SOURCES for kind, _, _ in kinds)  # a source of one's own may read any key
+    torchvision = any(kind not in _LOCAL_SOURCES for kind, _, _ in kinds)
+    refused = [
         ("scenario.path", sc.path is not None, any(k in ("npz", "folder") and not own for k, own, _ in kinds),
          "the npz or folder source (scenario.source=npz|folder)"),
-        ("scenario.root", sc.root is not None, any(k not in _LOCAL_SOURCES for k, _, _ in kinds),
-         "a torchvision source (mnist, cifar10...)"),
-        ("scenario.download", bool(sc.download), any(k not in _LOCAL_SOURCES for k, _, _ in kinds),
-         "a torchvision source (mnist, cifar10...)"),
+        ("scenario.root", sc.root is not None, torchvision, "a torchvision source (mnist, cifar10...)"),
+        ("scenario.download", bool(sc.download), torchvision, "a torchvision source (mnist, cifar10...)"),
         ("scenario.image_size", sc.image_size is not None, any(k == "folder" for k, _, _ in kinds),
          "the folder source"),
+    ] if builtin else []  # fmt: skip
+    refused += [
         ("scenario.factory", sc.factory is not None, sc.source == "avalanche", "scenario.source=avalanche"),
         ("scenario.args", bool(sc.args), sc.source == "avalanche", "scenario.source=avalanche"),
         ("scenario.identity_first", bool(sc.identity_first), sc.transform == "permute", "scenario.transform=permute"),
-        ("train.momentum", train.momentum != 0, train.optimizer == "sgd",
-         "train.optimizer=sgd (Adam's betas play its part)"),
+    ]
+    for key, given, read, what in refused:
+        if given and not read:
+            raise ConfigError(f"'{key}' is set ({OmegaConf.select(cfg, key)!r}) but only {what} reads it")
+    ignored = [  # often from a base file when one switches the optimizer or the schedule: said, not refused
+        ("train.momentum", train.momentum != 0, train.optimizer == "sgd", "train.optimizer=sgd"),
         ("train.min_lr", train.min_lr != 0, train.lr_schedule == "cosine", "train.lr_schedule=cosine"),
-        ("train.gamma", train.gamma != TrainConfig.gamma, train.lr_schedule == "multistep", "train.lr_schedule=multistep"),
+        ("train.gamma", train.gamma != TrainConfig.gamma, train.lr_schedule == "multistep",
+         "train.lr_schedule=multistep"),
         ("train.compile_mode", train.compile_mode != "default", bool(train.compile), "train.compile=true"),
         ("checkpoint.every_n_steps", cfg.checkpoint.every_n_steps is not None, bool(cfg.checkpoint.enabled),
          "checkpoint.enabled=true"),
     ]  # fmt: skip
-    for key, given, read, what in needs:
+    for key, given, read, what in ignored:
         if given and not read:
-            raise ConfigError(f"'{key}' is set ({OmegaConf.select(cfg, key)!r}) but only {what} reads it")
+            warnings.warn(f"'{key}' is set ({OmegaConf.select(cfg, key)!r}) but only {what} reads it: it is not used",
+                          ConfigWarning, stacklevel=3)
 
 
 #: Sources that read no torchvision root.
 _LOCAL_SOURCES = ("digits", "npz", "folder", "avalanche")
+
+_SAVED_RUN: contextvars.ContextVar[bool] = contextvars.ContextVar("contlearn_saved_run_config", default=False)
+
+
+@contextlib.contextmanager
+def saved_run_config() -> Iterator[None]:
+    """Validate configs as the saved config of an existing run (a resume,
+    unlearning): without the checks a new run's config is held to, which the
+    run may have been made without."""
+    token = _SAVED_RUN.set(True)
+    try:
+        yield
+    finally:
+        _SAVED_RUN.reset(token)
 
 
 def _check_schedule(train: DictConfig) -> None:

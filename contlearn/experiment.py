@@ -50,6 +50,7 @@ from contlearn.config import (
     merge_config,
     override_keys,
     override_list,
+    saved_run_config,
     schema_defaults,
     to_container,
     to_yaml,
@@ -260,7 +261,8 @@ class Experiment:
         classes = {n: p for n, p in given_plugins(plugins, "Experiment.resume(plugins=...)").items() if isinstance(p, type)}
         _check_stream(stream)
         try:
-            config = load_config(config_file, overrides, plugins=classes)
+            with saved_run_config():  # checked as it was when the run started
+                config = load_config(config_file, overrides, plugins=classes)
         except PluginError as exc:
             if not str(exc).startswith("unknown plugin"):
                 raise
@@ -281,7 +283,8 @@ class Experiment:
         except ConfigError as exc:
             raise ConfigError(f"{exc} (a resume may change only device, threads and checkpoint.*)") from None
         _refuse_finished(run_dir, state)
-        experiment = cls(config, out_dir=run_dir, plugins=plugins, stream=stream)
+        with saved_run_config():
+            experiment = cls(config, out_dir=run_dir, plugins=plugins, stream=stream)
         experiment._resume_from = (path, state)
         return experiment
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from contlearn import checkpoint as ckpt
-from contlearn.config import load_config, schema_defaults, to_container, to_yaml
+from contlearn.config import load_config, saved_run_config, schema_defaults, to_container, to_yaml
 from contlearn.errors import CheckpointError, ConfigError
 from contlearn.reporting import fmt
 from contlearn.results import prepare_run_dir, write_atomic
@@ -66,9 +66,8 @@ def unlearn_run_dir(
         raise ConfigError(
             f"--out must be a new directory, not the run directory '{run_dir}' (its checkpoint is kept)"
         )
-    config = load_config(
-        config_file, ["out=null"]
-    )  # the run directory's config must not make the rebuild write there
+    with saved_run_config():  # the run directory's config must not make the rebuild write there
+        config = load_config(config_file, ["out=null"])
     if not ckpt.list_checkpoints(run_dir / ckpt.DIRNAME):
         raise CheckpointError(
             f"no checkpoint in '{run_dir / ckpt.DIRNAME}': nothing to unlearn from (checkpoint.enabled was off?)"
@@ -83,8 +82,10 @@ def unlearn_run_dir(
         )
 
     refuse_existing_run(out_dir)
+    with saved_run_config():
+        experiment = Experiment(config)
     with cpu_threads(config.threads):
-        return _unlearn(Experiment(config), state, path, run_dir, out_dir, request, ssd_config), out_dir
+        return _unlearn(experiment, state, path, run_dir, out_dir, request, ssd_config), out_dir
 
 
 def _unlearn(

@@ -472,6 +472,9 @@ SOURCES: dict[str, SourceFn] = {
     **{name: _torchvision(name) for name in TORCHVISION},
 }
 
+#: The sources contlearn ships (a config's checks know what these read).
+BUILTIN_SOURCES = frozenset(SOURCES)
+
 
 def load_source(name: str, cfg: Any, seed: int) -> Split:
     """The split the source ``name`` gives for a scenario config. ``name`` may

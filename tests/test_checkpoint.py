@@ -186,6 +186,33 @@ def test_a_flipped_bit_in_a_tensor_fails_the_crc_check(run_dir, tmp_path):
         ckpt.load(path)
 
 
+def test_a_checkpoint_saved_without_crcs_loads(run_dir, tmp_path):
+    """torch.serialization.set_crc32_options(False) writes a CRC of 0 for every record."""
+    state = ckpt.load(ckpt.list_checkpoints(run_dir / "checkpoints")[-1])
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(state, tmp_path / "ckpt-002-000000008.pt")
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert ckpt.load(tmp_path / "ckpt-002-000000008.pt")["position"] == state["position"]
+
+
+def test_a_run_whose_config_predates_the_new_run_checks_resumes_and_unlearns(tmp_path, capsys):
+    """A saved config is checked as it was when the run started."""
+    from contlearn.cli import main
+    from contlearn.config import saved_run_config
+
+    out = tmp_path / "run"
+    with saved_run_config():  # as older code accepted it
+        Experiment(load_config(None, [*TINY, "name=group/first", "scenario.image_size=8"]), out_dir=out).run()
+    with pytest.raises(ConfigError, match="'name' names the run"):
+        load_config(out / "config.yaml")
+    (out / "results.json").unlink()
+    ckpt.list_checkpoints(out / "checkpoints")[-1].unlink()
+    assert main(["resume", str(out), "--quiet"]) == 0, capsys.readouterr().err
+    assert main(["unlearn", str(out), "--classes", "0", "--alpha", "10", "--lam", "1", "--out", str(tmp_path / "u")]) == 0
+
+
 def test_a_checkpoint_that_cannot_be_opened_is_not_called_corrupt(run_dir, monkeypatch):
     """Permissions: the file may be whole, so it is not skipped (and later rotated away)."""
     def refuse(path, mode="r"):

@@ -204,15 +204,33 @@ def test_a_list_inside_a_list_of_plain_values_is_named(override, message):
     (["scenario.image_size=8"], "scenario.image_size"),
     (["scenario.factory=nc_benchmark"], "scenario.factory"),
     (["scenario.identity_first=true"], "scenario.identity_first"),
-    (["train.optimizer=adam", "train.momentum=0.9"], "train.momentum"),
-    (["train.min_lr=0.01"], "train.min_lr"),
-    (["train.gamma=0.5"], "train.gamma"),
-    (["train.compile_mode=max-autotune"], "train.compile_mode"),
-    (["checkpoint.enabled=false", "checkpoint.every_n_steps=5"], "checkpoint.every_n_steps"),
+    (["scenario.source=avalanche", "scenario.factory=nc_benchmark", "scenario.n_experiences=3"],
+     "scenario.n_experiences does not apply to scenario.source=avalanche"),
 ])  # fmt: skip
-def test_a_setting_nothing_reads_is_refused(overrides, key):
-    with pytest.raises(ConfigError, match=f"^'{key}' is set .* but only .* reads it"):
+def test_a_data_setting_nothing_reads_is_refused(overrides, key):
+    with pytest.raises(ConfigError, match=f"^'?{key}"):
         load_config("split-digits", overrides)
+
+
+@pytest.mark.parametrize("source, overrides, key", [
+    ("split-cifar10", ["train.optimizer=adamw"], "train.momentum"),  # the shipped file sets momentum
+    ("split-digits", ["train.min_lr=0.01"], "train.min_lr"),
+    ("split-digits", ["train.gamma=0.5"], "train.gamma"),
+    ("split-digits", ["train.compile_mode=max-autotune"], "train.compile_mode"),
+    ("split-digits", ["checkpoint.enabled=false", "checkpoint.every_n_steps=5"], "checkpoint.every_n_steps"),
+])  # fmt: skip
+def test_a_training_setting_nothing_reads_is_said_not_refused(source, overrides, key):
+    from contlearn.config import ConfigWarning
+
+    with pytest.warns(ConfigWarning, match=f"^'{key}' is set .* but only .* reads it: it is not used"):
+        load_config(source, overrides)
+
+
+def test_a_data_source_of_ones_own_may_read_any_scenario_key(monkeypatch):
+    from contlearn.scenarios import sources
+
+    monkeypatch.setitem(sources.SOURCES, "mine", lambda cfg, seed: sources.digits(cfg.test_fraction, seed))
+    load_config(None, ["scenario.source=mine", "scenario.path=mine.pt", "scenario.image_size=8"])
 
 
 def test_settings_read_by_the_sources_in_use_pass():
