@@ -261,6 +261,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     """contlearn's own warnings (a broken plugin, a skipped checkpoint) as one
     line, each once per command (the plugins are loaded more than once)."""
     if category.__module__.split(".")[0] == "contlearn":
+        if category.__name__ == "ConfigWarning" and _process() not in ("", "[rank 0] "):
+            return  # every process reads the same config: process 0 says it
         if str(message) not in _shown:
             _shown.add(str(message))
             print(f"{_process()}warning: {message}", file=sys.stderr)

@@ -348,7 +348,9 @@ def validate(cfg: DictConfig, plugins: PluginClasses = None) -> DictConfig:
     """
     from contlearn._registry import PluginRegistry  # a plugin may import config
 
-    _check_finite(cfg)
+    for section in cfg.keys():  # the plugins' sections once typed, below
+        if section != "plugins":
+            _check_finite(cfg._get_node(section), f"{section}.")
     allowed = {
         "device": None,
         "scenario.setting": ("class", "task", "domain"),
@@ -396,12 +398,6 @@ def validate(cfg: DictConfig, plugins: PluginClasses = None) -> DictConfig:
     _check_schedule(cfg.train)
     if not _SAVED_RUN.get():
         _check_new_run(cfg)
-    if not cfg.model.cosine_scale > 0:
-        raise ConfigError(f"'model.cosine_scale' must be positive, got {cfg.model.cosine_scale}")
-    if cfg.train.momentum >= 1:
-        raise ConfigError(f"'train.momentum' must be below 1, got {cfg.train.momentum}")
-    if cfg.out is not None and not str(cfg.out).strip():
-        raise ConfigError("'out' is empty: give the run directory, or null for runs/<name>-<time>")
     if not 0 < cfg.scenario.test_fraction < 1:
         raise ConfigError(f"'scenario.test_fraction' must be in (0, 1), got {cfg.scenario.test_fraction}")
 
@@ -416,7 +412,8 @@ def validate(cfg: DictConfig, plugins: PluginClasses = None) -> DictConfig:
         section = cfg.plugins[name]
         for key in keys:
             if isinstance(section, DictConfig) and key in section:
-                _check_finite(section._get_node(key), f"plugins.{name}.{key}.")
+                # infinity: a plugin may give it a meaning, and older runs were made with it
+                _check_finite(section._get_node(key), f"plugins.{name}.{key}.", infinity=_SAVED_RUN.get())
     return cfg
 
 
@@ -424,14 +421,14 @@ def validate(cfg: DictConfig, plugins: PluginClasses = None) -> DictConfig:
 _UNBOUNDED = ("scenario.memory_limit_gb",)
 
 
-def _check_finite(node: Any, key: str = "", numbers: bool = True) -> None:
-    """:raises ConfigError: naming a NaN or an infinity (unless ``numbers`` is
-    false: a plugin's defaults are its own) except where it means "no limit"
-    (:data:`_UNBOUNDED`); or a list or mapping in a list of numbers, strings or
-    booleans."""
+def _check_finite(node: Any, key: str = "", numbers: bool = True, infinity: bool = False) -> None:
+    """:raises ConfigError: naming a NaN or (unless ``infinity``) an infinity,
+    except where it means "no limit" (:data:`_UNBOUNDED`), unless ``numbers`` is
+    false (a plugin's defaults are its own); or a list or mapping in a list of
+    numbers, strings or booleans."""
     if isinstance(node, DictConfig):
         for name in node.keys():
-            _check_finite(node._get_node(name), f"{key}{name}.", numbers)
+            _check_finite(node._get_node(name), f"{key}{name}.", numbers, infinity)
     elif isinstance(node, ListConfig):
         kind = node._metadata.element_type
         for i in range(len(node)):
@@ -440,11 +437,11 @@ def _check_finite(node: Any, key: str = "", numbers: bool = True) -> None:
                 # OmegaConf types a list's plain elements but lets a container through
                 raise ConfigError(f"wrong value for '{key[:-1]}[{i}]': expected {kind.__name__}, got "
                                   f"{OmegaConf.to_container(item)!r}")
-            _check_finite(item, f"{key[:-1]}[{i}].", numbers)
+            _check_finite(item, f"{key[:-1]}[{i}].", numbers, infinity)
     else:
         value = node._value() if hasattr(node, "_value") else node
         if numbers and isinstance(value, float) and not math.isfinite(value):
-            if not (value == math.inf and key[:-1] in _UNBOUNDED):
+            if math.isnan(value) or not (infinity or (value == math.inf and key[:-1] in _UNBOUNDED)):
                 raise ConfigError(f"'{key[:-1]}' must be a finite number, got {value}")
 
 
@@ -464,6 +461,20 @@ AVALANCHE_MAKES = ("setting", "n_experiences", "class_order", "classes_per_exper
                    "domains", "identity_first", "storage")
 
 
+def check_avalanche_keys(scenario: Any) -> None:
+    """:raises ConfigError: with ``source: avalanche``, a key that shapes
+    experiences set away from its default (the benchmark makes them)."""
+    if scenario.source != "avalanche":
+        return
+    defaults = ScenarioConfig()
+    given = [key for key in AVALANCHE_MAKES if scenario[key] != getattr(defaults, key)]
+    if given:
+        raise ConfigError(
+            f"scenario.{given[0]} does not apply to scenario.source=avalanche: the benchmark makes the "
+            f"experiences (its setting is detected; give the factory's own arguments in scenario.args)"
+        )
+
+
 class ConfigWarning(UserWarning):
     """A setting the config gives that nothing reads (one a base file set, say)."""
 
@@ -480,19 +491,18 @@ def _check_new_run(cfg: DictConfig) -> None:
 
     from contlearn.scenarios.sources import BUILTIN_SOURCES
 
+    if not cfg.model.cosine_scale > 0:
+        raise ConfigError(f"'model.cosine_scale' must be positive, got {cfg.model.cosine_scale}")
+    if cfg.train.optimizer == "sgd" and cfg.train.momentum >= 1:
+        raise ConfigError(f"'train.momentum' must be below 1, got {cfg.train.momentum}")
+    if cfg.out is not None and not str(cfg.out).strip():
+        raise ConfigError("'out' is empty: give the run directory, or null for runs/<name>-<time>")
     name = str(cfg.name)
     if not name.strip() or name in (".", "..") or any(c in name for c in "/\\"):
         raise ConfigError(f"'name' names the run and its default directory runs/<name>-<time>: give a name without "
                           f"'/' or '\\', got {name!r}")
     sc, train = cfg.scenario, cfg.train
-    if sc.source == "avalanche":
-        defaults = ScenarioConfig()
-        given = [key for key in AVALANCHE_MAKES if sc[key] != getattr(defaults, key)]
-        if given:
-            raise ConfigError(
-                f"scenario.{given[0]} does not apply to scenario.source=avalanche: the benchmark makes the "
-                f"experiences (its setting is detected; give the factory's own arguments in scenario.args)"
-            )
+    check_avalanche_keys(sc)
     kinds = [source.partition(":") for source in _sources_read(sc)]
     builtin = all(kind in BUILTIN_SOURCES for kind, _, _ in kinds)  # a source of one's own may read any key
     torchvision = any(kind not in _LOCAL_SOURCES for kind, _, _ in kinds)

@@ -244,8 +244,10 @@ def _build_avalanche(cfg: Any, seed: int) -> Stream:
     """The stream of the Avalanche benchmark ``scenario.factory`` makes, then
     what contlearn adds to any stream: ``samples_per_class`` (per class of each
     experience), the transforms (``normalize`` fitted on all training data) and the
-    augmentation, validation sets. The keys that shape experiences do not apply
-    (a new run's config refuses them: ``config.AVALANCHE_MAKES``)."""
+    augmentation, validation sets. The keys that shape experiences are refused."""
+    from contlearn.config import check_avalanche_keys
+
+    check_avalanche_keys(cfg)
     check_scenario(cfg)
     from contlearn.interop.avalanche import stream_from_config
 

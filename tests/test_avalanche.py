@@ -978,3 +978,10 @@ def test_more_experiences_than_classes_is_a_config_error():
     with pytest.raises(ConfigError, match=r"scenario.args \{'num_experiences': 20\} makes train experience \d+ "
                                           r"without samples"):
         stream_of(load_config(None, [*AVALANCHE_SOURCE[:2], "scenario.args={num_experiences: 20}"]))
+
+
+def test_build_stream_refuses_keys_that_shape_experiences_of_an_avalanche_source():
+    from contlearn.scenarios import build_stream
+
+    with pytest.raises(ConfigError, match="scenario.setting does not apply to scenario.source=avalanche"):
+        build_stream({"source": "avalanche", "factory": "nc_benchmark", "args": {"n_experiences": 5}, "setting": "task"}, 0)

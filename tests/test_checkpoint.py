@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -202,15 +203,32 @@ def test_a_run_whose_config_predates_the_new_run_checks_resumes_and_unlearns(tmp
     from contlearn.cli import main
     from contlearn.config import saved_run_config
 
+    class Clip:  # a plugin of one's own that gives infinity a meaning
+        @dataclass
+        class Config:
+            max_norm: float = 1.0
+
+        def __init__(self, config):
+            self.config = config
+
     out = tmp_path / "run"
+    older = [*TINY, "name=group/first", "scenario.image_size=8", "train.optimizer=adam", "train.momentum=1.0",
+             "model.head=cosine", "model.cosine_scale=-5", "plugins.clip.max_norm=.inf"]  # fmt: skip
     with saved_run_config():  # as older code accepted it
-        Experiment(load_config(None, [*TINY, "name=group/first", "scenario.image_size=8"]), out_dir=out).run()
-    with pytest.raises(ConfigError, match="'name' names the run"):
-        load_config(out / "config.yaml")
+        Experiment(load_config(None, older, plugins={"clip": Clip}), out_dir=out, plugins={"clip": Clip}).run()
+    with pytest.raises(ConfigError, match="must be positive"):
+        load_config(out / "config.yaml", plugins={"clip": Clip})
     (out / "results.json").unlink()
     ckpt.list_checkpoints(out / "checkpoints")[-1].unlink()
-    assert main(["resume", str(out), "--quiet"]) == 0, capsys.readouterr().err
-    assert main(["unlearn", str(out), "--classes", "0", "--alpha", "10", "--lam", "1", "--out", str(tmp_path / "u")]) == 0
+    Experiment.resume(out, plugins={"clip": Clip}).run()
+    without_plugin = tmp_path / "run2"
+    with saved_run_config():
+        Experiment(load_config(None, older[:-1]), out_dir=without_plugin).run()
+    (without_plugin / "results.json").unlink()
+    ckpt.list_checkpoints(without_plugin / "checkpoints")[-1].unlink()
+    assert main(["resume", str(without_plugin), "--quiet"]) == 0, capsys.readouterr().err
+    assert main(["unlearn", str(without_plugin), "--classes", "0", "--alpha", "10", "--lam", "1",
+                 "--out", str(tmp_path / "u")]) == 0  # fmt: skip
 
 
 def test_a_checkpoint_that_cannot_be_opened_is_not_called_corrupt(run_dir, monkeypatch):

@@ -122,3 +122,15 @@ def test_help_and_import_do_not_load_torch():
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_config_warning_is_said_by_process_0_only(monkeypatch, capsys):
+    from contlearn import cli
+    from contlearn.config import ConfigWarning
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        cli._shown.clear()
+        cli._show_warning(ConfigWarning("unused"), ConfigWarning, "x.py", 1)
+    assert capsys.readouterr().err == "[rank 0] warning: unused\n"

@@ -77,7 +77,7 @@ def test_pattern_that_matches_nothing_is_one_clear_error(quick):
 
 
 @pytest.mark.parametrize("override, needle", [("plugins.l2.pattern=(", "regular expression"), ("plugins.l2.anchor=best", "anchor"),
-                                             ("plugins.l2.lam=.inf", "lam. must be a finite number, got inf")])
+                                             ("plugins.l2.lam=.inf", "lam must be a non-negative finite number")])
 def test_bad_config(override, needle):
     with pytest.raises(ConfigError, match=needle):
         load_config(None, [override])
