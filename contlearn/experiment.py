@@ -292,7 +292,8 @@ class Experiment:
         """Stop after the current training step (or evaluation): write a
         checkpoint if the run has a directory, then raise
         :class:`~contlearn.errors.Interrupted`. Under torchrun the processes agree
-        on it at the end of the epoch, and stop there. Safe to call from a signal handler."""
+        on it at the end of the epoch or at the next periodic checkpoint, and stop
+        there. Safe to call from a signal handler."""
         self._stop_requested = True
         if self._control is not None:
             self._control.stop = True
