@@ -8,7 +8,7 @@ import dataclasses
 import typing
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import BooleanNode, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from contlearn.errors import ConfigError, choices
@@ -64,7 +64,9 @@ def merge_checked(schema: Any, *layers: Any, where: str = "") -> DictConfig:
     """Merge layers over a structured schema, turning OmegaConf errors into
     :class:`ConfigError` messages that name the key and the valid choices."""
     try:
-        return OmegaConf.merge(OmegaConf.structured(schema), *layers)  # type: ignore[return-value]
+        merged = OmegaConf.merge(OmegaConf.structured(schema), *layers)
+        _check_booleans(merged, layers, where)
+        return merged  # type: ignore[return-value]
     except ConfigKeyError as exc:
         full_key = f"{where}{exc.full_key}" if exc.full_key else where.rstrip(".")
         valid = _valid_keys(schema, str(exc.full_key))
@@ -93,6 +95,19 @@ def merge_checked(schema: Any, *layers: Any, where: str = "") -> DictConfig:
         raise ConfigError(f"invalid config{f' at {where}' if where else ''}: {first_line(exc.msg)}") from None
     except TypeError as exc:  # OmegaConf's "Cannot merge incompatible container types", without the key
         raise container_mismatch_error(OmegaConf.structured(schema), layers, exc, where) from None
+
+
+def _check_booleans(node: DictConfig, layers: tuple[Any, ...], where: str, prefix: str = "") -> None:
+    """:raises ConfigError: a number other than 0 or 1 given for a boolean
+    (OmegaConf takes any number: ``train.amp=2`` would be true)."""
+    for name in node.keys():
+        child, key = node._get_node(name), f"{prefix}{name}"
+        if isinstance(child, BooleanNode):
+            given = _given_value(layers, key)
+            if isinstance(given, (int, float)) and not isinstance(given, bool) and given not in (0, 1):
+                raise ConfigError(f"wrong value for '{where}{key}': expected true or false, got {given}")
+        elif isinstance(child, DictConfig):
+            _check_booleans(child, layers, where, f"{key}.")
 
 
 def container_mismatch_error(base: DictConfig, layers: tuple[Any, ...], exc: TypeError, where: str = "") -> ConfigError:

@@ -301,3 +301,11 @@ def test_a_file_over_a_base_with_a_list_for_a_mapping_names_the_key(tmp_path, te
 def test_overrides_that_do_not_go_together_are_named(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config("split-digits", overrides)
+
+
+@pytest.mark.parametrize("override, key", [("train.amp=2", "train.amp"), ("checkpoint.enabled=-1", "checkpoint.enabled"),
+                                           ("plugins.dmn.flip=3", "plugins.dmn.flip")])
+def test_a_number_for_a_boolean_is_refused_but_0_and_1(override, key):
+    with pytest.raises(ConfigError, match=rf"wrong value for '{key}': expected true or false, got -?\d"):
+        load_config("split-digits", [override])
+    assert load_config("split-digits", ["train.amp=1", "eval.fwt=0"]).train.amp is True
