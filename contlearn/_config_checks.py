@@ -242,8 +242,9 @@ def _check_new_run(cfg: DictConfig) -> None:
     ]  # fmt: skip
     for key, given, read, what in ignored:
         if given and not read:
+            # attributed here, not to a caller: a config validated twice (load_config, then Experiment) says it once
             warnings.warn(f"'{key}' is set ({OmegaConf.select(cfg, key)!r}) but only {what} reads it: it is not used",
-                          ConfigWarning, stacklevel=3)
+                          ConfigWarning, stacklevel=1)
 
 
 #: Sources that read no torchvision root.

@@ -680,7 +680,7 @@ def restore(
     run.model.load_state_dict(state["model"])
     try:  # plugins apply states that need the run's device here
         run.hook.setup(run=run)
-    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+    except _MALFORMED as exc:
         raise CheckpointError(f"cannot resume from checkpoint '{source}': a plugin's setup failed on its saved "
                               f"state (written by another version of it?): {type(exc).__name__}: {exc}") from exc
 
@@ -711,12 +711,16 @@ def restore(
     return progress, resumed
 
 
+#: What reading a value of the wrong type or shape raises.
+_MALFORMED = (TypeError, ValueError, KeyError, IndexError, AttributeError)
+
+
 @contextlib.contextmanager
 def _fits(source: str, what: str) -> Iterator[None]:
     """A value of the wrong type or shape in a checkpoint (edited by hand, or by
     another version) as a :class:`CheckpointError` naming the part it is in."""
     try:
         yield
-    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+    except _MALFORMED as exc:
         raise CheckpointError(f"checkpoint '{source}' is malformed: {what} does not fit this run "
                               f"({type(exc).__name__}: {exc})") from exc
