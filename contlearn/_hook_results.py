@@ -1,7 +1,7 @@
 """What the experience hooks return, checked where the loop and a resume receive it.
 
 ``train_data`` and ``configure_optimizer`` are asked once per experience, by the
-loop and again by :func:`contlearn.checkpoint.restore` on a resume inside an
+loop and again by :func:`contlearn._run_state.restore` on a resume inside an
 experience; both paths get the same checks and the same messages.
 """
 

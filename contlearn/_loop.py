@@ -22,7 +22,8 @@ import torch
 
 from contlearn import _manager
 from contlearn._hook_results import describe, experience_data, experience_optimizer
-from contlearn.checkpoint import EpochState, Resumed, rng_state, set_rng_state
+from contlearn._random_state import rng_state, set_rng_state
+from contlearn._run_state import EpochState, Resumed
 from contlearn.defaults import (
     Defaults,
     ScheduleWarning,

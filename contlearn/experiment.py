@@ -9,7 +9,8 @@ read once per epoch; hooks that no plugin implements are not called, and
 
 With a run directory, a checkpoint is written after every experience (and every
 ``checkpoint.every_n_steps`` steps); :meth:`Experiment.resume` continues a run
-from its newest one (:mod:`contlearn.checkpoint`, docs/reliability.md).
+from its newest one (:mod:`contlearn.checkpoint`, :mod:`contlearn._run_state`,
+docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from contlearn import _manager
+from contlearn import _run_state as run_state
 from contlearn import checkpoint as ckpt
 from contlearn._environment import environment_world_size
 from contlearn._loop import (
@@ -43,8 +45,10 @@ from contlearn._loop import (
     raise_if_not_finite,
     train_experience,
 )
+from contlearn._random_state import own_gpu, rng_state
 from contlearn._registry import PluginRegistry, given_plugins
-from contlearn.checkpoint import EpochState, Progress, Resumed
+from contlearn._run_state import EpochState, Progress, Resumed
+from contlearn._stream_signature import stream_signature
 from contlearn.config import (
     load_config,
     merge_config,
@@ -279,7 +283,7 @@ class Experiment:
         path, state = ckpt.latest(run_dir / ckpt.DIRNAME)
         try:
             defaults = schema_defaults(list(config.plugins), plugins=classes)
-            ckpt.check_config(state["config"], to_container(config), path.name, defaults)
+            run_state.check_config(state["config"], to_container(config), path.name, defaults)
         except ConfigError as exc:
             raise ConfigError(f"{exc} (a resume may change only device, threads and checkpoint.*)") from None
         _refuse_finished(run_dir, state)
@@ -422,7 +426,7 @@ class Experiment:
                     progress.timings["eval_seconds"] += time.perf_counter() - t0
             else:
                 path, state = self._resume_from
-                progress, resumed = ckpt.restore(run, state, path.name, _class_paths(self.given_plugins))
+                progress, resumed = run_state.restore(run, state, path.name, _class_paths(self.given_plugins))
                 compile_model(run)
                 ctl.progress = progress
             timings = progress.timings
@@ -471,7 +475,7 @@ class Experiment:
             config=to_container(self.config),
             given={
                 "plugins": _class_paths(self.given_plugins),
-                "stream": ckpt.stream_signature(run.stream) if self.stream is not None else None,
+                "stream": stream_signature(run.stream) if self.stream is not None else None,
             },
             **summary(R, initial),  # type: ignore[arg-type]
         )
@@ -652,14 +656,14 @@ class _Control:
         check_weights(run, exp)  # on every process (the weights are the same): they raise together
         processes = None
         if self.dist.world_size > 1:
-            processes = self.dist.gather_object(ckpt.rng_state(run.generator, ckpt.own_gpu(run)))
+            processes = self.dist.gather_object(rng_state(run.generator, own_gpu(run)))
         if self.directory is None:
             return None
         timings = dict(self.progress.timings)
         timings["train_seconds"] += train_so_far
         now = Progress(timings, self.progress.initial, self.progress.confusion,
                        elapsed=self.progress.elapsed + time.perf_counter() - self.t_start)
-        state = ckpt.capture(run, self.config, now, epoch, self.given_plugins, processes)
+        state = run_state.capture(run, self.config, now, epoch, self.given_plugins, processes)
         return ckpt.write(self.directory, state, self.keep_last)
 
     def _stopped(self, where: str, path: Path | None) -> str:

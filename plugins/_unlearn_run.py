@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from contlearn import _run_state as run_state
 from contlearn import checkpoint as ckpt
 from contlearn.config import load_config, saved_run_config, schema_defaults, to_container, to_yaml
 from contlearn.errors import CheckpointError, ConfigError
@@ -73,7 +74,7 @@ def unlearn_run_dir(
             f"no checkpoint in '{run_dir / ckpt.DIRNAME}': nothing to unlearn from (checkpoint.enabled was off?)"
         )
     path, state = ckpt.latest(run_dir / ckpt.DIRNAME)
-    ckpt.check_config(state["config"], to_container(config), path.name, schema_defaults(list(config.plugins)))
+    run_state.check_config(state["config"], to_container(config), path.name, schema_defaults(list(config.plugins)))
     pos = state["position"]
     if pos["inside_experience"]:
         raise CheckpointError(
@@ -101,14 +102,14 @@ def _unlearn(
 
     config = experiment.config
     run = experiment.build()
-    progress, _ = ckpt.restore(run, state, path.name)
+    progress, _ = run_state.restore(run, state, path.name)
     try:
         if "ssd" not in run.plugins:
             plugin = SSD(SSD.Config(**(ssd_config or {})))
             run.pm.register(plugin, name="ssd")  # type: ignore[attr-defined]
             plugin.setup(run)
         report = experiment.unlearn(**request)
-        new_state = ckpt.capture(run, to_container(config), progress)
+        new_state = run_state.capture(run, to_container(config), progress)
         prepare_run_dir(out_dir)
         write_atomic(out_dir / "config.yaml", to_yaml(config))
         written = ckpt.write(out_dir / ckpt.DIRNAME, new_state, int(config.checkpoint.keep_last))

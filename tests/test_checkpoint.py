@@ -292,19 +292,6 @@ def test_a_checkpoint_with_values_of_the_wrong_kind_is_malformed_by_part(tmp_pat
         Experiment.resume(out).run()
 
 
-def test_config_differences_name_keys_and_ignore_device_and_out():
-    a = {"seed": 0, "device": "cuda", "out": "x", "model": {"hidden": [8]}, "plugins": {"finetune": {}, "ewc": {"lam": 1.0}}}
-    b = {"seed": 0, "device": "cpu", "out": None, "model": {"hidden": [16]}, "plugins": {"finetune": {}}}
-    assert ckpt.config_differences(a, b) == [
-        "model.hidden: [8] in the checkpoint, [16] now",
-        "plugins.ewc.lam: 1.0 in the checkpoint, '(absent)' now",
-    ]
-    c = {**a, "plugins": {"ewc": {"lam": 1.0}, "finetune": {}}}
-    assert ckpt.config_differences(a, c) == ["plugin order: ['finetune', 'ewc'] in the checkpoint, ['ewc', 'finetune'] now"]
-    with pytest.raises(ConfigError, match="'ckpt-x' was written by a different experiment: model.hidden"):
-        ckpt.check_config(a, b, "ckpt-x")
-
-
 def test_plugin_states_must_match_the_plugins(run_dir, tmp_path):
     class Counter:
         @hookimpl
@@ -327,34 +314,10 @@ def test_plugin_states_must_match_the_plugins(run_dir, tmp_path):
         Experiment.resume(unfinished, plugins={"counter": Counter()}).run()
 
 
-def test_rng_state_round_trip():
-    g = torch.Generator().manual_seed(3)
-    state = ckpt.rng_state(g)
-    ckpt.check_plain(state)
-    expected = (np.random.rand(), torch.rand(2), torch.rand(2, generator=g), __import__("random").random())
-    ckpt.set_rng_state(state, g)
-    again = (np.random.rand(), torch.rand(2), torch.rand(2, generator=g), __import__("random").random())
-    assert expected[0] == again[0] and expected[3] == again[3]
-    assert torch.equal(expected[1], again[1]) and torch.equal(expected[2], again[2])
-
-
 @pytest.mark.parametrize("override, key", [("checkpoint.keep_last=0", "keep_last"), ("checkpoint.every_n_steps=0", "every_n_steps")])
 def test_checkpoint_settings_are_validated(override, key):
     with pytest.raises(ConfigError, match=f"checkpoint.{key}"):
         load_config(None, [override])
-
-
-def test_an_option_added_since_the_checkpoint_is_no_difference_at_its_default():
-    saved = {"seed": 0, "train": {"lr": 0.1}, "plugins": {"ewc": {"lam": 1.0}}}
-    current = {"seed": 0, "train": {"lr": 0.1, "new": "none"}, "plugins": {"ewc": {"lam": 1.0, "added": 2}}}
-    defaults = {"seed": 0, "train": {"lr": 0.1, "new": "none"}, "plugins": {"ewc": {"lam": 30.0, "added": 2}}}
-    assert ckpt.config_differences(saved, current, defaults) == []
-    current["train"]["new"] = "cosine"  # set away from its default: the old run did not do that
-    assert ckpt.config_differences(saved, current, defaults) == ["train.new: '(absent)' in the checkpoint, 'cosine' now"]
-    current["train"]["new"] = "none"
-    current["plugins"]["lwf"] = {"alpha": 1.0}  # a plugin the run did not have, even at its defaults
-    defaults["plugins"]["lwf"] = {"alpha": 1.0}
-    assert ckpt.config_differences(saved, current, defaults) == ["plugins.lwf.alpha: '(absent)' in the checkpoint, 1.0 now"]
 
 
 def test_a_run_written_before_an_option_existed_resumes(run_dir, tmp_path):
@@ -371,77 +334,3 @@ def test_a_run_written_before_an_option_existed_resumes(run_dir, tmp_path):
     (old / "config.yaml").write_text(OmegaConf.to_yaml(config))
     results = Experiment.resume(old).run()
     assert len(results.accuracy_matrix) == 2
-
-
-def test_the_stream_signature_names_shifts_without_addresses():
-    from contlearn.scenarios import Stream
-
-    class Scale:  # a user's shift with the default repr (a memory address)
-        def __call__(self, x):
-            return 2 * x
-
-    x, y = np.random.default_rng(0).normal(size=(60, 16)).astype(np.float32), np.arange(60) % 3
-
-    def stream(seed):
-        return Stream.from_tensors(x, y, setting="domain", transform="permute", n_experiences=2, seed=seed)
-
-    a, b = stream(0), stream(0)
-    for s in (a, b):
-        s.experiences[1].shift = Scale()  # a new object, as a new process would build
-    assert ckpt.stream_signature(a) == ckpt.stream_signature(b)
-    assert ckpt.stream_signature(a)["experiences"][1][4].endswith("Scale")
-    assert ckpt.stream_signature(stream(0)) != ckpt.stream_signature(stream(1))  # other permutations
-
-
-def test_the_data_checksum_reads_values_not_layout_and_sees_a_changed_element():
-    from contlearn.scenarios import TensorData
-
-    x = torch.randn(1000, 3, 8, 8)
-    y = torch.arange(1000) % 10
-    checksum = ckpt.data_checksum(TensorData(x, y))
-    assert ckpt.data_checksum(TensorData(x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2), y)) == checksum
-    changed = x.clone()
-    changed[4 * 4, 0, 0, 0] += 1  # sample 16 of every 4th: read; position 0: read
-    assert ckpt.data_checksum(TensorData(changed, y)) != checksum
-    assert ckpt.data_checksum(TensorData(x, (y + 1) % 10)) != checksum
-    assert ckpt.data_checksum(TensorData(torch.full((3, 2), float("nan")), y[:3])) == ckpt.data_checksum(
-        TensorData(torch.full((3, 2), float("nan")), y[:3]))
-
-
-def test_a_resume_on_other_data_of_the_same_shape_warns_naming_the_experience():
-    from contlearn.scenarios import Stream
-
-    x, y = np.random.default_rng(0).normal(size=(60, 16)).astype(np.float32), np.arange(60) % 3
-    saved = ckpt.stream_signature(Stream.from_tensors(x, y, setting="domain", transform="permute", n_experiences=2))
-    same = Stream.from_tensors(x, y, setting="domain", transform="permute", n_experiences=2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        ckpt._check_stream(saved, same, "ckpt-1.pt")
-    other = Stream.from_tensors(x, y, setting="domain", transform="permute", n_experiences=2)
-    other.experiences[1].train.x[5, 3] += 1.0  # one element: a checksum sees it only if it sums it
-    other.experiences[1].train.x[0, 0] += 1.0
-    with pytest.warns(ckpt.CheckpointWarning, match="other data: the training inputs of experience 1 differ"):
-        ckpt._check_stream(saved, other, "ckpt-1.pt")
-    older = {k: v for k, v in saved.items() if k != "data"}  # written before checksums: nothing to compare
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        ckpt._check_stream(older, other, "ckpt-1.pt")
-
-
-@pytest.mark.parametrize("world, rank, expected", [(2, 1, "p1"), (2, 0, "p0"), (1, 0, "main"), (3, 2, "main")])
-def test_each_process_resumes_with_its_own_random_state_when_as_many(world, rank, expected):
-    from types import SimpleNamespace
-
-    from contlearn.distributed import DistributedView
-
-    state = {"rng": "main", "rng_processes": ["p0", "p1"]}
-    run = SimpleNamespace(dist=DistributedView(rank, world))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert ckpt._own_rng(state, run, "c.pt") == expected
-    warned = [str(w.message) for w in caught]
-    if world != 2 and rank == 0:  # another number of processes: process 0 says so once
-        assert len(warned) == 1 and f"written by 2 processes and this resume has {world}" in warned[0]
-    else:
-        assert warned == []
-    assert ckpt._own_rng({"rng": "main", "rng_processes": None}, run, "c.pt") == "main"
