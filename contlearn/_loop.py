@@ -40,7 +40,7 @@ from contlearn.run import Run
 from contlearn.scenarios import Batch, Experience
 
 if TYPE_CHECKING:
-    from contlearn.experiment import _Control
+    from contlearn._control import Control
 
 class StepHooks:
     """The hooks of a training or evaluation step, bound once per experience:
@@ -79,7 +79,7 @@ def train_experience(
     run: Run,
     exp: Experience,
     hooks: StepHooks,
-    ctl: _Control | None = None,
+    ctl: Control | None = None,
     resumed: Resumed | None = None,
 ) -> None:
     """Train one experience: grow the head, call the experience hooks, run the

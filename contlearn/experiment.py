@@ -16,7 +16,6 @@ docs/reliability.md).
 from __future__ import annotations
 
 import contextlib
-import json
 import random
 import signal
 import sys
@@ -35,19 +34,17 @@ from omegaconf import DictConfig, OmegaConf
 from contlearn import _manager
 from contlearn import _run_state as run_state
 from contlearn import checkpoint as ckpt
+from contlearn._control import Control, class_paths
 from contlearn._environment import environment_world_size
 from contlearn._loop import (
     StepHooks,
-    check_weights,
     evaluate,
     evaluate_initial,
-    loss_table,
-    raise_if_not_finite,
     train_experience,
 )
-from contlearn._random_state import own_gpu, rng_state
 from contlearn._registry import PluginRegistry, given_plugins
-from contlearn._run_state import EpochState, Progress, Resumed
+from contlearn._run_dir import refuse_existing_run, refuse_finished
+from contlearn._run_state import Progress, Resumed
 from contlearn._stream_signature import stream_signature
 from contlearn.config import (
     load_config,
@@ -65,7 +62,6 @@ from contlearn.errors import (
     ConfigError,
     ContlearnError,
     DataError,
-    Interrupted,
     PluginError,
 )
 from contlearn.metrics import per_class_accuracy, summary
@@ -79,7 +75,7 @@ from contlearn.results import (
     write_results,
 )
 from contlearn.run import Run
-from contlearn.scenarios import Experience, Stream, TensorData, build_stream
+from contlearn.scenarios import Stream, TensorData, build_stream
 
 #: Plugin objects an Experiment has trained with, by id, weakly held: one given to
 #: another Experiment would carry what it learnt into that run.
@@ -108,53 +104,6 @@ def cpu_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def refuse_existing_run(out_dir: Path) -> None:
-    """:raises ConfigError: when ``out_dir`` already holds a run (a checkpoint or
-    results): a new run there would overwrite its results, and its newer
-    checkpoints would shadow the new run's (and be deleted by them). A directory
-    left by a run that stopped before its first checkpoint can be reused."""
-    if (out_dir / "results.json").exists():  # checked first: a finished run keeps its checkpoints
-        raise ConfigError(
-            f"'{out_dir}' already holds a finished run (results.json): give the new run another directory"
-        )
-    if ckpt.list_checkpoints(out_dir / ckpt.DIRNAME):
-        copy = (out_dir / "unlearn.json").exists()
-        raise ConfigError(
-            f"'{out_dir}' already holds a {'model that unlearned' if copy else 'run'} (checkpoints): continue it "
-            f"with 'contlearn resume {out_dir}'{' if experiences are left' if copy else ''}, or give the new run "
-            f"another directory"
-        )
-
-
-def _refuse_finished(run_dir: Path, state: dict[str, Any]) -> None:
-    """:raises ConfigError: when the run has written its results (for every
-    experience of its stream), whichever checkpoint it would resume from (an
-    older one, when the newest is unreadable or a session wrote none): there is
-    nothing left to train, and resuming would only rewrite them."""
-    results = run_dir / "results.json"
-    position = state["position"]
-    n_experiences = len((state.get("stream") or {}).get("experiences") or ())
-    if not results.is_file():
-        at_end = not position["inside_experience"] and position["completed"] == n_experiences
-        if at_end and (run_dir / "unlearn.json").is_file():
-            raise ConfigError(
-                f"'{run_dir}' holds a model that unlearned after its last experience: there is nothing left to "
-                f"train, and its accuracy matrix predates the unlearning (unlearn.json has what it measured after)"
-            )
-        return
-    try:
-        rows = len(json.loads(results.read_text(encoding="utf-8"))["accuracy_matrix"])
-    except (ValueError, KeyError, TypeError):
-        return  # unreadable results: resuming writes them again
-    if n_experiences:
-        finished = rows == n_experiences
-    else:  # a checkpoint without its stream's description: it must be the last one
-        finished = not position["inside_experience"] and rows == position["completed"]
-    if finished:
-        raise ConfigError(f"'{run_dir}' is finished: its {rows} experiences are trained and its results written "
-                          f"(if its report is missing: contlearn report {run_dir})")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -229,7 +178,7 @@ class Experiment:
         self.defaults = Defaults()
         self._resume_from: tuple[Path, dict[str, Any]] | None = None
         self._stop_requested = False
-        self._control: _Control | None = None
+        self._control: Control | None = None
         self._started = False
         #: the plugins given in Python that take part in training, by name (set by :meth:`build`)
         self.given_plugins: dict[str, type] = {}
@@ -286,7 +235,7 @@ class Experiment:
             run_state.check_config(state["config"], to_container(config), path.name, defaults)
         except ConfigError as exc:
             raise ConfigError(f"{exc} (a resume may change only device, threads and checkpoint.*)") from None
-        _refuse_finished(run_dir, state)
+        refuse_finished(run_dir, state)
         with saved_run_config():
             experiment = cls(config, out_dir=run_dir, plugins=plugins, stream=stream)
         experiment._resume_from = (path, state)
@@ -414,7 +363,7 @@ class Experiment:
             with contextlib.suppress(TypeError):  # an object without weak references is not tracked
                 _TRAINED_PLUGINS[id(plugin)] = plugin
         progress = Progress()
-        ctl = self._control = _Control(self, run, progress, t_start)
+        ctl = self._control = Control(self, run, progress, t_start)
         resumed: Resumed | None = None
         try:
             if self._resume_from is None:
@@ -426,7 +375,7 @@ class Experiment:
                     progress.timings["eval_seconds"] += time.perf_counter() - t0
             else:
                 path, state = self._resume_from
-                progress, resumed = run_state.restore(run, state, path.name, _class_paths(self.given_plugins))
+                progress, resumed = run_state.restore(run, state, path.name, class_paths(self.given_plugins))
                 compile_model(run)
                 ctl.progress = progress
             timings = progress.timings
@@ -474,7 +423,7 @@ class Experiment:
             versions=versions(),
             config=to_container(self.config),
             given={
-                "plugins": _class_paths(self.given_plugins),
+                "plugins": class_paths(self.given_plugins),
                 "stream": stream_signature(run.stream) if self.stream is not None else None,
             },
             **summary(R, initial),  # type: ignore[arg-type]
@@ -549,129 +498,6 @@ def _given_plugins(experiment: Experiment, pm: pluggy.PluginManager) -> dict[str
         if callable(getattr(plugin, "state_dict", None)) or hooks - _OBSERVING_HOOKS:
             given[name] = type(plugin)
     return given
-
-
-def _class_paths(classes: dict[str, type]) -> dict[str, str]:
-    return {name: f"{cls.__module__}.{cls.__qualname__}" for name, cls in classes.items()}
-
-
-def _how_to_resume(experiment: Experiment) -> str:
-    """The command that continues this run. ``contlearn resume`` rebuilds only the
-    installed plugins (and its own displays and logs): a run given a stream, or
-    plugins that take part in training, continues from Python with them."""
-    plugins = experiment.given_plugins
-    given, what = [], []
-    if plugins:
-        entries = [f"{n!r}: {cls.__name__}" if n in experiment.plugin_classes else f"{n!r}: {cls.__name__}(...)"
-                   for n, cls in plugins.items()]
-        given.append(f"plugins={{{', '.join(entries)}}}")
-        what.append("the same plugins (new objects)" if len(entries) > len(experiment.plugin_classes) else "the same plugins")
-    if experiment.stream is not None:
-        given.append("stream=...")
-        what.append("the same stream")
-    if not given:
-        return f"contlearn resume {experiment.out_dir}"
-    return f"Experiment.resume({str(experiment.out_dir)!r}, {', '.join(given)}) in Python, with {' and '.join(what)}"
-
-
-class _Control:
-    """Checkpoints and stop requests at step and experience boundaries.
-
-    Checkpoints go to ``out_dir/checkpoints`` when the run has a directory and
-    ``checkpoint.enabled``; inside experiences every ``checkpoint.every_n_steps``
-    global steps, and at the step where a stop was requested. Nothing is read
-    from the device except when a checkpoint is written.
-    """
-
-    def __init__(self, experiment: Experiment, run: Run, progress: Progress, t_start: float):
-        cfg = run.config.checkpoint
-        out = experiment.out_dir
-        self.directory = out / ckpt.DIRNAME if out is not None and cfg.enabled else None
-        # Every process takes part in a checkpoint (its random state goes to process 0, which writes).
-        self.saving = experiment._has_run_dir and bool(cfg.enabled)
-        self.every: int | None = cfg.every_n_steps if self.saving else None
-        self.keep_last = int(cfg.keep_last)
-        self.stop = experiment._stop_requested  # asked of this process (a signal, request_stop)
-        self.agreed = False  # several processes: a stop that all of them agreed on (vote)
-        self.saved: tuple[int, Path] | None = None  # the global step and path of the last step checkpoint
-        self.dist, self.device = run.dist, run.device
-        self.out_dir = out
-        self.how_to_resume = _how_to_resume(experiment)
-        self.given_plugins = _class_paths(experiment.given_plugins)
-        self.config = to_container(run.config)
-        self.progress = progress
-        self.t_start = self.t_experience = t_start
-        if self.directory is not None:
-            ckpt.remove_temporaries(self.directory)
-
-    @property
-    def stopping(self) -> bool:
-        """Whether the run stops at the next boundary: when asked, on one process;
-        when all processes agreed on it (:meth:`vote`), on several."""
-        return self.stop if self.dist.world_size == 1 else self.agreed
-
-    def due(self, global_step: int) -> bool:
-        """Whether the step just done ends with a checkpoint or a stop."""
-        return self.stopping or (self.every is not None and global_step % self.every == 0)
-
-    def vote(self) -> bool:
-        """Several processes: whether any of them was asked to stop, agreed by all
-        of them at the end of every epoch and at every periodic checkpoint (a
-        one-number all-reduce; every process must call it). Each process's signal
-        arrives at its own step, so a stop waits for the next of these. False on
-        one process."""
-        if self.dist.world_size == 1:
-            return False
-        flag = torch.tensor([1.0 if self.stop else 0.0], device=self.device)  # NCCL needs the GPU
-        self.agreed = self.dist.all_reduce_(flag).item() > 0
-        return self.agreed
-
-    def end_of_step(self, run: Run, exp: Experience, epoch: EpochState) -> None:
-        where = f"step {run.step} of experience {exp.index} (epoch {run.epoch})"
-        path = None
-        if self.saving and self.saved is not None and self.saved[0] == run.global_step:
-            path = self.saved[1]  # a periodic checkpoint of this step, before the processes' vote
-        elif self.saving:
-            # every process checks the losses (averaged over them: what the checkpoint keeps) and raises together
-            names, values = loss_table(epoch.losses, epoch.terms, self.dist)
-            raise_if_not_finite(run, exp, names, values)
-            if self.dist.world_size > 1:
-                terms = {name: list(v.unbind()) for name, v in zip(names[1:], values[1:], strict=True)}
-                epoch = EpochState(list(values[0].unbind()), terms, epoch.generator)
-            path = self._save(run, exp, epoch, time.perf_counter() - self.t_experience)
-            self.saved = (run.global_step, path)
-            if not self.agreed:  # a checkpoint is a collective already: the processes agree on a stop there too
-                self.vote()
-        if self.stopping:
-            raise Interrupted(self._stopped(f"after {where}", path))
-
-    def end_of_experience(self, run: Run, exp: Experience) -> None:
-        path = self._save(run, exp, None, 0.0) if self.saving else None
-        if self.stopping and exp.index < len(run.stream) - 1:
-            raise Interrupted(self._stopped(f"after experience {exp.index} (experiences 0-{len(run.stream) - 1})", path))
-
-    def _save(self, run: Run, exp: Experience, epoch: EpochState | None, train_so_far: float) -> Path | None:
-        """Write a checkpoint (process 0; a collective on several processes, which
-        gathers their random states). Returns its path, ``None`` on the others."""
-        check_weights(run, exp)  # on every process (the weights are the same): they raise together
-        processes = None
-        if self.dist.world_size > 1:
-            processes = self.dist.gather_object(rng_state(run.generator, own_gpu(run)))
-        if self.directory is None:
-            return None
-        timings = dict(self.progress.timings)
-        timings["train_seconds"] += train_so_far
-        now = Progress(timings, self.progress.initial, self.progress.confusion,
-                       elapsed=self.progress.elapsed + time.perf_counter() - self.t_start)
-        state = run_state.capture(run, self.config, now, epoch, self.given_plugins, processes)
-        return ckpt.write(self.directory, state, self.keep_last)
-
-    def _stopped(self, where: str, path: Path | None) -> str:
-        if not self.dist.is_main:
-            return f"interrupted {where}, with process 0 (which writes the checkpoint)"
-        if path is None:
-            return f"interrupted {where}; no checkpoint was written (no run directory, or checkpoint.enabled=false)"
-        return f"interrupted {where}; state saved in {path}; continue with: {self.how_to_resume}"
 
 
 def stream_of(config: DictConfig) -> Stream:

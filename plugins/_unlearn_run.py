@@ -54,7 +54,8 @@ def unlearn_run_dir(
     :raises CheckpointError: no usable checkpoint, or one inside an experience.
     """
     from contlearn._environment import environment_world_size
-    from contlearn.experiment import Experiment, cpu_threads, refuse_existing_run
+    from contlearn._run_dir import refuse_existing_run
+    from contlearn.experiment import Experiment, cpu_threads
 
     if environment_world_size() > 1:
         raise ConfigError("unlearning runs in one process: start 'contlearn unlearn' without torchrun")
