@@ -123,8 +123,12 @@ class Control:
         if self.stopping:
             raise Interrupted(self._stopped(f"after {where}", path))
 
+    def save_experience(self, run: Run, exp: Experience) -> Path | None:
+        """The checkpoint after experience ``exp`` (none without a run directory)."""
+        return self._save(run, exp, None, 0.0) if self.saving else None
+
     def end_of_experience(self, run: Run, exp: Experience) -> None:
-        path = self._save(run, exp, None, 0.0) if self.saving else None
+        path = self.save_experience(run, exp)
         if self.stopping and exp.index < len(run.stream) - 1:
             raise Interrupted(self._stopped(f"after experience {exp.index} (experiences 0-{len(run.stream) - 1})", path))
 

@@ -335,14 +335,17 @@ def _accuracies(run: Run, hits: torch.Tensor) -> list[float]:
 @torch.no_grad()
 def evaluate(run: Run, hooks: StepHooks) -> tuple[list[float], np.ndarray]:
     """Accuracy on every experience's test data (one host read), and the
-    confusion matrix over all test data. Under torchrun each process predicts
+    confusion matrix over all test data: ``[true class][predicted class]``, with
+    a last column for predictions that are no class of the stream (a strategy's
+    own "none of these", or a bug), which count as wrong. Under torchrun each process predicts
     its share of every test set (:func:`sharded_evaluation`) and the counts are
     summed."""
     model = run.model
     was_training = model.training
     model.eval()
     n_classes = run.stream.n_classes
-    confusion = torch.zeros(n_classes * n_classes, dtype=torch.long, device=run.device)
+    columns = n_classes + 1  # the last: a prediction that is no class of the stream
+    confusion = torch.zeros(n_classes * columns, dtype=torch.long, device=run.device)
     correct = []
     batch_size = run.config.train.eval_batch_size
     sharded = sharded_evaluation(run)
@@ -362,11 +365,12 @@ def evaluate(run: Run, hooks: StepHooks) -> tuple[list[float], np.ndarray]:
             if hooks.after_eval_batch is not None:
                 hooks.after_eval_batch(run=run, batch=batch, predictions=pred)
             hits += (pred == batch.y).sum()
-            confusion += torch.bincount(batch.y * n_classes + pred.clamp(0, n_classes - 1), minlength=n_classes**2)
+            column = torch.where((pred >= 0) & (pred < n_classes), pred, n_classes)
+            confusion += torch.bincount(batch.y * columns + column, minlength=n_classes * columns)
         correct.append(hits)
     model.train(was_training)
     hits_per_exp, confusion = _summed_over_processes(run, sharded, torch.stack(correct), confusion)
-    return _accuracies(run, hits_per_exp), confusion.view(n_classes, n_classes).cpu().numpy()
+    return _accuracies(run, hits_per_exp), confusion.view(n_classes, columns).cpu().numpy()
 
 
 @torch.no_grad()

@@ -142,7 +142,13 @@ def _run_to_the_end(experiment, out: str | Path) -> int:
             experiment.run()
         if environment_rank() != 0:
             return 0
-        write_report([out])
+        try:
+            write_report([out])
+        except ContlearnError as exc:  # a full disk, say: the run itself is finished and its results kept
+            print(experiment.summary_text())
+            print(f"error: the run finished and its results are in {out}, but its report could not be written "
+                  f"({exc}); write it with: contlearn report {out}", file=sys.stderr)
+            return exc.exit_code
     except KeyboardInterrupt:
         if experiment.results is None or not (Path(out) / "results.json").is_file():
             raise

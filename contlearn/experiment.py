@@ -390,25 +390,29 @@ class Experiment:
                 timings["eval_seconds"] += time.perf_counter() - t1
                 run.accuracy_rows.append(row)
                 run.experience = None
-                run.hook.on_metrics(
-                    run=run,
-                    metrics={
-                        "kind": "eval",
-                        "experience": exp.index,
-                        "epoch": None,
-                        "accuracy": row,
-                        "average_accuracy": float(np.mean(row)),
-                    },
-                )
+                metrics = {"kind": "eval", "experience": exp.index, "epoch": None, "accuracy": row,
+                           "average_accuracy": float(np.mean(row))}
+                try:
+                    run.hook.on_metrics(run=run, metrics=metrics)
+                except Exception:  # a logger that failed (a full disk) costs neither the experience nor the results
+                    with contextlib.suppress(ContlearnError):
+                        ctl.save_experience(run, exp)
+                        if len(run.accuracy_rows) == len(run.stream):
+                            self._finish(run, progress, t_start)
+                    raise
                 ctl.end_of_experience(run, exp)
-            timings["total_seconds"] = progress.elapsed + time.perf_counter() - t_start
-            self.results = self._results(run, progress.initial, progress.confusion, timings)
-            if self.out_dir is not None:
-                write_results(self.out_dir, self.results)
+            self._finish(run, progress, t_start)
         finally:
             self._control = None
             run.hook.teardown(run=run)
         return self.results
+
+    def _finish(self, run: Run, progress: Progress, t_start: float) -> None:
+        """The results of the run, trained on every experience, kept and written."""
+        progress.timings["total_seconds"] = progress.elapsed + time.perf_counter() - t_start
+        self.results = self._results(run, progress.initial, progress.confusion, progress.timings)
+        if self.out_dir is not None:
+            write_results(self.out_dir, self.results)
 
     def _results(self, run: Run, initial, confusion, timings) -> Results:
         R = run.accuracy_rows

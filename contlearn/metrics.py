@@ -82,7 +82,8 @@ def fwt(R: Matrix, initial: Sequence[float] | None) -> float | None:
 
 def per_class_accuracy(confusion: np.ndarray) -> list[float | None]:
     """Accuracy of each true class from a confusion matrix ``confusion[true][pred]``
-    (``None`` for a class without test samples)."""
+    (``None`` for a class without test samples). Columns past the last class
+    (predictions that are no class) count in each class's total, as wrong."""
     confusion = np.asarray(confusion)
     totals = confusion.sum(axis=1)
     return [float(confusion[c, c] / totals[c]) if totals[c] else None for c in range(confusion.shape[0])]

@@ -89,6 +89,10 @@ def load_run(path: str | Path) -> FinishedRun:
     complete = bool(matrix) and all(len(row) == len(matrix[0]) for row in matrix) and len(matrix) == len(matrix[0])
     if not complete:
         raise ConfigError(f"'{path}' is not a finished run: its accuracy matrix is incomplete")
+    wrong = next((a for row in matrix for a in row if not 0 <= a <= 1), None)  # NaN fails both comparisons
+    if wrong is not None:
+        raise ConfigError(f"'{file}' is not a contlearn results file: its accuracy matrix holds {wrong!r:.40}, "
+                          f"not an accuracy (a number from 0 to 1)")
     _check_fields(file, results)
     return FinishedRun(path, results)
 

@@ -34,6 +34,17 @@ def test_ctrl_c_while_the_report_is_written_says_the_run_finished(tmp_path, caps
     assert (tmp_path / "results.json").is_file()
 
 
+def test_a_report_that_cannot_be_written_says_the_run_finished(tmp_path, capsys):
+    (tmp_path / "accuracy.png").mkdir()  # the report's plot cannot be written there
+    assert main(["run", "train.epochs=1", "scenario.n_experiences=2", "--out", str(tmp_path), "--quiet"]) == 1
+    captured = capsys.readouterr()
+    assert "Accuracy matrix" in captured.out  # the finished run's table is still shown
+    err = captured.err.strip()
+    assert err.startswith(f"error: the run finished and its results are in {tmp_path}, but its report could not be written")
+    assert err.endswith(f"write it with: contlearn report {tmp_path}") and "accuracy.png" in err and "\n" not in err
+    assert (tmp_path / "results.json").is_file()
+
+
 def test_ctrl_c_in_a_plugins_teardown_after_the_results_says_the_run_finished(tmp_path, capsys, monkeypatch):
     from contlearn.loggers import JSONLLogger
 

@@ -136,6 +136,17 @@ def test_firstresult_strategy_wins_over_default(quick):
     assert 0.1 < results.accuracy_matrix[-1][0] < 0.3
 
 
+def test_predictions_that_are_no_class_count_as_wrong_in_every_metric(quick):
+    class OutOfRange:  # -1 ("none of these") and one past the last class: both wrong
+        @hookimpl
+        def predict(self, run, batch):
+            return torch.where(batch.y % 2 == 0, -1, run.stream.n_classes)
+
+    _, results = _run(quick, plugins={"none": OutOfRange()})
+    assert results.accuracy_matrix[-1] == [0.0, 0.0]
+    assert results.per_class_accuracy == [0.0] * 10  # not clamped onto classes 0 and 9
+
+
 def test_compute_loss_override_is_used(quick):
     class NoLoss:
         @hookimpl

@@ -244,3 +244,25 @@ def test_a_full_disk_under_the_event_log_is_one_error(tmp_path):
 
     with pytest.raises(ContlearnError, match=f"cannot write the event log '{path}': No space left on device"):
         Experiment(load_config(None, SMALL_RUN), plugins={"events": logger, "fill": Fill()}).run()
+
+
+@pytest.mark.parametrize("failing_eval, checkpoint, finished", [(0, "ckpt-001-", False), (2, "ckpt-003-", True)])
+def test_a_logger_failing_on_an_evaluation_costs_neither_the_experience_nor_the_results(
+    tmp_path, failing_eval, checkpoint, finished
+):
+    from contlearn import ContlearnError
+    from contlearn.checkpoint import list_checkpoints
+
+    class FailsOnEvaluation:
+        @hookimpl
+        def on_metrics(self, run, metrics):
+            if metrics["kind"] == "eval" and metrics["experience"] == failing_eval:
+                raise ContlearnError("cannot write the event log: No space left on device")
+
+    out = tmp_path / "run"
+    with pytest.raises(ContlearnError, match="No space left on device"):
+        Experiment(load_config(None, SMALL_RUN), out_dir=out, plugins={"log": FailsOnEvaluation()}).run()
+    assert list_checkpoints(out / "checkpoints")[-1].name.startswith(checkpoint)  # the experience trained is kept
+    assert (out / "results.json").is_file() == finished
+    if not finished:
+        assert len(Experiment.resume(out).run().accuracy_matrix) == 3

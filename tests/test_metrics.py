@@ -68,6 +68,8 @@ def test_bad_shapes_are_rejected():
 def test_per_class_accuracy_from_confusion():
     confusion = np.array([[3, 1, 0], [0, 0, 0], [2, 0, 2]])
     assert metrics.per_class_accuracy(confusion) == [0.75, None, 0.5]
+    with_none_of_these = np.array([[3, 1, 0, 4], [0, 0, 0, 0], [2, 0, 2, 0]])  # last column: no class
+    assert metrics.per_class_accuracy(with_none_of_these) == [0.375, None, 0.5]
 
 
 def test_summary_names_match_results_json():

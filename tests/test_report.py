@@ -151,6 +151,19 @@ def test_wrong_fields_are_one_clear_error_before_anything_is_written(tmp_path, f
     assert sorted(p.name for p in bad.iterdir()) == ["results.json"] and not (tmp_path / "cmp").exists()
 
 
+@pytest.mark.parametrize("entry", ["1" + "0" * 400, "NaN", "Infinity", "-0.5", "1.5"])
+def test_an_accuracy_matrix_entry_that_is_no_accuracy_is_one_clear_error(tmp_path, finished, capsys, entry):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    text = (finished[0] / "results.json").read_text()
+    data = json.loads(text)
+    data["accuracy_matrix"][-1][0] = 0.123456789
+    (bad / "results.json").write_text(json.dumps(data).replace("0.123456789", entry, 1))
+    assert main(["report", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "its accuracy matrix holds" in err and "not an accuracy (a number from 0 to 1)" in err and err.count("\n") == 1
+
+
 def test_runs_sharing_a_folder_name_are_told_apart(tmp_path, finished, capsys):
     import shutil
 
