@@ -22,6 +22,7 @@ from contlearn._hook_results import experience_data, experience_optimizer
 from contlearn._random_state import own_gpu, own_rng, rng_state, set_rng_state
 from contlearn._stream_signature import check_stream, stream_signature
 from contlearn.checkpoint import FORMAT, VERSION, CheckpointWarning
+from contlearn.config import flatten
 from contlearn.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
@@ -67,15 +68,6 @@ class Resumed:
 # ------------------------------------------------------------------ compatibility
 
 
-def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(obj, dict) and obj:
-        out: dict[str, Any] = {}
-        for key, value in obj.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: obj}
-
-
 def _section_saved(saved: dict[str, Any], key: str) -> bool:
     """Whether the section holding ``key`` is in ``saved``: an option added to a
     section the run had, not a plugin (or section) the run did not have."""
@@ -96,10 +88,10 @@ def config_differences(
     values; keys of :data:`MAY_DIFFER` are ignored. A key the checkpoint lacks
     whose current value is its default in ``defaults`` is not a difference: it is
     an option added since the checkpoint was written, at the value the old code had."""
-    a = {k: v for k, v in _flatten(saved).items() if k.split(".")[0] not in MAY_DIFFER}
-    b = {k: v for k, v in _flatten(current).items() if k.split(".")[0] not in MAY_DIFFER}
+    a = {k: v for k, v in flatten(saved).items() if k.split(".")[0] not in MAY_DIFFER}
+    b = {k: v for k, v in flatten(current).items() if k.split(".")[0] not in MAY_DIFFER}
     if defaults is not None:
-        default = _flatten(defaults)
+        default = flatten(defaults)
         for k in set(b) - set(a):
             if k in default and default[k] == b[k] and _section_saved(saved, k):
                 a[k] = b[k]

@@ -248,7 +248,7 @@ def cmd_configs(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from contlearn.report import comparison_table, label_runs, load_run, write_report
+    from contlearn.report import comparison_markdown, label_runs, load_run, write_report
 
     _refuse_empty_out(args.out, "where to write the comparison")
     for path in write_report(args.run_dirs, args.out):
@@ -256,7 +256,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     runs = [load_run(p) for p in args.run_dirs]
     label_runs(runs)
     print()
-    print(comparison_table(runs), end="")
+    print(comparison_markdown(runs), end="")
     return 0
 
 

@@ -412,3 +412,15 @@ def schema_defaults(plugin_names: list[str], plugins: PluginClasses = None) -> d
 def to_container(cfg: DictConfig | ListConfig) -> Any:
     """Plain Python containers, for JSON."""
     return OmegaConf.to_container(cfg, resolve=True)
+
+
+def flatten(container: Any, prefix: str = "") -> dict[str, Any]:
+    """A config as plain containers (:func:`to_container`), as dotted keys and
+    their values: ``{"train": {"lr": 0.1}}`` -> ``{"train.lr": 0.1}``. Lists and
+    empty mappings are values."""
+    if isinstance(container, dict) and container:
+        out: dict[str, Any] = {}
+        for key, value in container.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: container}

@@ -8,7 +8,8 @@ For every run directory :func:`write_report` writes
   seen so far, the average over all, and each experience's own curve);
 * ``report.md``: headline metrics, the matrix as a table, links to the plots;
 
-and, given several runs, ``comparison.md`` (one table row per run) and
+and, given several runs, ``comparison.md`` (one table row per run, and one
+per experiment run with several seeds: mean ± std) and
 ``comparison.png`` (their accuracy curves) in ``out_dir`` (default: the first
 run's directory). Plots use matplotlib's Agg canvas directly, so no display is
 needed and the global pyplot backend is left alone.
@@ -24,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from contlearn._report_groups import group_by_experiment, group_labels, mean_std, scenario_key
 from contlearn.errors import ConfigError, ContlearnError
 from contlearn.results import write_atomic
 
@@ -117,6 +119,9 @@ def _check_fields(file: Path, results: dict[str, Any]) -> None:
             isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
         ):
             raise ConfigError(f"'{file}' is not a contlearn results file: '{key}' is not a finite number ({value!r})")
+    seed = results.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ConfigError(f"'{file}' is not a contlearn results file: 'seed' is not an integer ({seed!r:.40})")
     seconds = (results.get("timings") or {}).get("total_seconds")
     if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))):
         raise ConfigError(f"'{file}' is not a contlearn results file: 'timings.total_seconds' is not a number")
@@ -159,19 +164,48 @@ def _fmt(value: float | None, signed: bool = False) -> str:
 def comparison_table(runs: list[FinishedRun]) -> str:
     """A Markdown table with one row per run: its headline metrics and time."""
     lines = [
-        "| run | strategy | final avg acc | avg incremental acc | forgetting | BWT | FWT | seconds |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | strategy | seed | final avg acc | avg incremental acc | forgetting | BWT | FWT | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         r = run.results
         seconds = (r.get("timings") or {}).get("total_seconds")
         lines.append(
-            f"| {run.label} | {run.strategy} | {_fmt(r.get('average_accuracy'))} | "
+            f"| {run.label} | {run.strategy} | {r.get('seed', 'n/a')} | {_fmt(r.get('average_accuracy'))} | "
             f"{_fmt(r.get('average_incremental_accuracy'))} | {_fmt(r.get('forgetting'))} | "
             f"{_fmt(r.get('bwt'), True)} | {_fmt(r.get('fwt'), True)} | "
             f"{'n/a' if seconds is None else f'{seconds:.1f}'} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def seeds_table(groups: list[list[FinishedRun]]) -> str:
+    """A Markdown table with one row per experiment: its headline metrics as
+    mean ± sample standard deviation over its runs (seeds)."""
+    lines = [
+        "| strategy | runs | seeds | final avg acc | avg incremental acc | forgetting | BWT | FWT |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for group, label in zip(groups, group_labels(groups), strict=True):
+        seeds = ", ".join(str(run.results.get("seed", "n/a")) for run in group)
+        cells = [mean_std([run.results.get(key) for run in group]) for key in HEADLINE]
+        lines.append(f"| {label} | {len(group)} | {seeds} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def comparison_markdown(runs: list[FinishedRun]) -> str:
+    """What ``comparison.md`` holds (and ``contlearn report`` prints): one row per
+    run; where an experiment was run with several seeds, one row per experiment
+    (mean ± std); and a note when the runs are not on one scenario."""
+    text = comparison_table(runs)
+    groups = group_by_experiment(runs)
+    if any(len(group) > 1 for group in groups):
+        text += "\nOver seeds (mean ± sample standard deviation, n - 1):\n\n" + seeds_table(groups)
+    scenarios = {scenario_key(run.results) for run in runs}
+    if len(scenarios) > 1:
+        text += (f"\nNote: these runs are on {len(scenarios)} different scenarios (the config's `scenario`, or "
+                 f"the stream given in Python): their numbers are not comparable across scenarios.\n")
+    return text
 
 
 def matrix_table(R: np.ndarray) -> str:
@@ -318,7 +352,7 @@ def write_report(run_dirs: str | Path | list[str | Path], out_dir: str | Path | 
     for run in runs:
         written += write_run_report(run)
     if len(runs) > 1:
-        write_atomic(out / COMPARISON_MD, "# Comparison\n\n" + comparison_table(runs) + f"\n![comparison]({COMPARISON_PNG})\n")
+        write_atomic(out / COMPARISON_MD, "# Comparison\n\n" + comparison_markdown(runs) + f"\n![comparison]({COMPARISON_PNG})\n")
         plot_comparison(runs, out / COMPARISON_PNG)
         written += [out / COMPARISON_MD, out / COMPARISON_PNG]
     return written

@@ -48,13 +48,49 @@ def test_comparison_of_several_runs(finished, tmp_path):
     assert {p.name for p in written} >= {"comparison.md", "comparison.png"}
     table = (tmp_path / "comparison.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ft") or line.startswith("| rp")]
-    assert len(rows) == 2 and "| replay |" in rows[1] and "| finetune |" in rows[0]
+    assert len(rows) == 2 and "| replay | 0 |" in rows[1] and "| finetune | 0 |" in rows[0]
+    assert "Over seeds" not in table and "Note:" not in table  # one run per experiment, one scenario
 
 
 def test_cli_report_prints_the_table(finished, capsys):
     assert main(["report", *map(str, finished)]) == 0
     out = capsys.readouterr().out
-    assert "wrote" in out and "| run | strategy | final avg acc" in out
+    assert "wrote" in out and "| run | strategy | seed | final avg acc" in out
+
+
+def _copy_run(source, target, change):
+    target.mkdir(parents=True)
+    data = json.loads((source / "results.json").read_text())
+    change(data)
+    (target / "results.json").write_text(json.dumps(data))
+    return target
+
+
+def test_runs_of_one_experiment_over_seeds_are_summarised_as_mean_and_sample_std(finished, tmp_path, capsys):
+    import statistics
+
+    ft, rp = finished
+    seeds = [ft, _copy_run(ft, tmp_path / "ft1", lambda d: d.update(seed=1, average_accuracy=0.5))]
+    fast = _copy_run(rp, tmp_path / "rp_fast", lambda d: d["config"]["train"].update(lr=0.5))
+    elsewhere = _copy_run(ft, tmp_path / "ft_cpu", lambda d: d.update(seed=2, device="cpu") or d["config"].update(
+        device="cpu", threads=1, out="elsewhere", name="other"))  # where and how it ran: the same experiment
+    assert main(["report", *map(str, [*seeds, rp, fast, elsewhere]), "--out", str(tmp_path / "cmp")]) == 0
+    text = capsys.readouterr().out
+    assert text.count("Over seeds (mean ± sample standard deviation, n - 1)") == 1
+    accuracies = [json.loads((d / "results.json").read_text())["average_accuracy"] for d in [*seeds, elsewhere]]
+    mean, std = statistics.mean(accuracies), statistics.stdev(accuracies)
+    assert f"| finetune | 3 | 0, 1, 2 | {mean:.3f} ± {std:.3f} |" in text
+    lr = json.loads((rp / "results.json").read_text())["config"]["train"]["lr"]
+    assert f"| replay (train.lr={lr}) | 1 | 0 |" in text and "| replay (train.lr=0.5) | 1 | 0 |" in text
+    assert "Note:" not in text
+    assert (tmp_path / "cmp" / "comparison.md").read_text().count("| finetune | 3 |") == 1
+
+
+def test_runs_on_different_scenarios_are_flagged(finished, tmp_path, capsys):
+    ft, rp = finished
+    task = _copy_run(rp, tmp_path / "task", lambda d: d["config"]["scenario"].update(setting="task"))
+    assert main(["report", str(ft), str(task), "--out", str(tmp_path / "cmp")]) == 0
+    assert "Note: these runs are on 2 different scenarios" in capsys.readouterr().out
 
 
 def test_cli_run_writes_report_and_event_log(tmp_path, capsys):
@@ -133,6 +169,7 @@ def test_a_run_directory_that_cannot_be_written_is_one_clear_error(finished, mon
         (lambda d: d["config"].update(scenario="digits"), "config.scenario"),
         (lambda d: d.update(timings=[1.0]), "timings"),
         (lambda d: d.update(timings={"total_seconds": "slow"}), "timings.total_seconds"),
+        (lambda d: d.update(seed="0|1"), "seed"),
     ],
 )
 def test_wrong_fields_are_one_clear_error_before_anything_is_written(tmp_path, finished, capsys, change, field):
@@ -143,7 +180,7 @@ def test_wrong_fields_are_one_clear_error_before_anything_is_written(tmp_path, f
     (bad / "results.json").write_text(json.dumps(data))
     if field is None:
         assert main(["report", str(bad)]) == 0
-        assert "| bad | finetune | n/a |" in capsys.readouterr().out
+        assert "| bad | finetune | 0 | n/a |" in capsys.readouterr().out
         return
     assert main(["report", str(bad), str(finished[0]), "--out", str(tmp_path / "cmp")]) == 2
     err = capsys.readouterr().err

@@ -1,0 +1,79 @@
+"""Finished runs grouped by experiment, for the report's mean ± std over seeds.
+
+Two runs are one experiment when their configs are the same but for the seed
+and what does not change what is learnt (:data:`NOT_THE_EXPERIMENT`), and they
+were given the same things in Python (plugin objects, a stream). Continual-
+learning papers report each method as the mean and the sample standard
+deviation (n - 1) over seeds; the report does the same for every group.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from contlearn.config import flatten
+
+if TYPE_CHECKING:
+    from contlearn.report import FinishedRun
+
+#: Top-level config keys that do not make another experiment: its seed, its name,
+#: and where and how fast it ran.
+NOT_THE_EXPERIMENT = ("seed", "name", "out", "device", "threads", "checkpoint")
+
+
+def experiment_key(results: dict[str, Any]) -> str | None:
+    """What makes a run's experiment, as text (``None``: a results file without
+    its config, which is an experiment of its own)."""
+    config = results.get("config")
+    if not isinstance(config, dict):
+        return None
+    kept = {k: v for k, v in config.items() if k not in NOT_THE_EXPERIMENT}
+    return json.dumps([kept, results.get("given")], default=str)
+
+
+def scenario_key(results: dict[str, Any]) -> str:
+    """What a run was trained and tested on, as text."""
+    scenario = (results.get("config") or {}).get("scenario")
+    return json.dumps([scenario, (results.get("given") or {}).get("stream")], sort_keys=True, default=str)
+
+
+def group_by_experiment(runs: Sequence[FinishedRun]) -> list[list[FinishedRun]]:
+    """The runs in groups of one experiment each, in the order each group's first run is given."""
+    groups: dict[Any, list[FinishedRun]] = {}
+    for k, run in enumerate(runs):
+        key = experiment_key(run.results)
+        groups.setdefault(key if key is not None else k, []).append(run)
+    return list(groups.values())
+
+
+def group_labels(groups: Sequence[Sequence[FinishedRun]]) -> list[str]:
+    """Each group's strategy, with the settings that tell apart groups of the
+    same strategy (``replay (train.lr=0.1)``), at most three of them."""
+    strategies = [group[0].strategy for group in groups]
+    flat = [flatten({k: v for k, v in (group[0].results.get("config") or {}).items() if k not in NOT_THE_EXPERIMENT})
+            for group in groups]
+    labels = []
+    for k, strategy in enumerate(strategies):
+        same = [j for j, s in enumerate(strategies) if s == strategy]
+        if len(same) == 1:
+            labels.append(strategy)
+            continue
+        keys = sorted({key for j in same for key in flat[j]})
+        differing = [key for key in keys if len({json.dumps(flat[j].get(key), default=str) for j in same}) > 1]
+        settings = ", ".join(f"{key}={flat[k].get(key)}" for key in differing[:3])
+        labels.append(f"{strategy} ({settings})" if settings else f"{strategy} (#{same.index(k) + 1})")
+    return labels
+
+
+def mean_std(values: Sequence[float | None]) -> str:
+    """``mean ± sample std`` to three decimals; one value alone; ``n/a`` when any is missing."""
+    if not values or any(v is None or not math.isfinite(v) for v in values):
+        return "n/a"
+    numbers = [float(v) for v in values if v is not None]
+    if len(numbers) == 1:
+        return f"{numbers[0]:.3f}"
+    return f"{statistics.mean(numbers):.3f} ± {statistics.stdev(numbers):.3f}"
