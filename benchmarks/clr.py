@@ -49,6 +49,7 @@ from torch import nn
 from contlearn import Experiment, hookimpl, load_config
 from contlearn.errors import ConfigError, TrainingError
 from contlearn.models import create_backbone
+from contlearn.report import mean_std
 
 #: --workload -> (default epochs, default seeds, default --ewc-lam; None: the plugin's 30).
 #: On the ResNet, EWC's penalty is stable under plain SGD only while
@@ -149,12 +150,6 @@ def run_one(
     }
 
 
-def fmt(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", default="digits", choices=list(WORKLOADS))
@@ -226,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         share = 100 * added / base
         percent = f"{share:.1f}%" if share >= 0.1 else "<0.1%"
         print(
-            f"| {name} | {fmt([r['acc'] for r in rs])} | {fmt([r['bwt'] for r in rs])} | "
+            f"| {name} | {mean_std([r['acc'] for r in rs])} | {mean_std([r['bwt'] for r in rs])} | "
             f"{added:,} ({percent} of the {base:,}-parameter backbone) | "
             f"{statistics.mean(r['seconds'] for r in rs):.0f} |"
         )

@@ -52,6 +52,7 @@ from contlearn.plugins.replay import Replay
 from contlearn.scenarios import TensorData
 
 from contlearn import Experiment, hookimpl, load_config
+from contlearn.report import mean_std
 
 ER, JOINED = "replay (ER, herding)", "replay (joined, herding)"
 ER_SAME, JOINED_SAME = "replay (ER, same memory)", "replay (joined, same memory)"
@@ -186,12 +187,6 @@ def run_all(jobs: list[Job], n_jobs: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _stat(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
 ORDER = ["finetune", "memo wa=true", "memo wa=false", JOINED, ER, JOINED_SAME, ER_SAME]
 
 
@@ -205,12 +200,12 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (w, b, s) in sorted(groups, key=lambda k: (k[0], k[1], ORDER.index(k[2]))):
         g = groups[(w, b, s)]
-        nme = _stat([r["nme"] for r in g]) if g[0]["nme"] is not None else "-"
+        nme = mean_std([r["nme"] for r in g]) if g[0]["nme"] is not None else "-"
 
         def mean(key: str, g: list[dict[str, Any]] = g) -> float:
             return statistics.mean(r[key] for r in g)
 
-        lines.append(f"| {w} | {b} | {s} | {g[0]['size']} | {_stat([r['acc'] for r in g])} | {nme} "
+        lines.append(f"| {w} | {b} | {s} | {g[0]['size']} | {mean_std([r['acc'] for r in g])} | {nme} "
                      f"| {mean('kept'):.0f} | {mean('model_bytes'):.0f} | {mean('exemplar_bytes'):.0f} "
                      f"| {mean('total_bytes'):.0f} | {mean('seconds'):.0f} |")
     return lines

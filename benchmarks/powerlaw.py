@@ -60,6 +60,7 @@ import torch
 from _parallel import map_runs
 
 from contlearn import Experiment, TrainingError, hookimpl, load_config
+from contlearn.report import mean_std
 
 #: method label -> plugin overrides (besides the common budget)
 METHODS: dict[str, list[str]] = {
@@ -163,12 +164,6 @@ def run_one(job: tuple[str, str, int, list[str]]) -> dict[str, Any]:
     }
 
 
-def _ms(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
 def table(rows: list[dict[str, Any]], methods: list[str]) -> str:
     lines = [
         "| method | final avg acc | forgetting | forward facilitation | rehearsed / phase | seconds |",
@@ -187,8 +182,8 @@ def table(rows: list[dict[str, Any]], methods: list[str]) -> str:
         reh_text = "-" if reh[0] is None else f"{statistics.mean(reh):.0f}"
         secs = statistics.mean(r["seconds"] for r in mine)
         lines.append(
-            f"| {m} | {_ms([r['average_accuracy'] for r in mine])} | {_ms([r['forgetting'] for r in mine])} "
-            f"| {_ms([r['facilitation'] for r in mine])} | {reh_text} | {secs:.0f} |"
+            f"| {m} | {mean_std([r['average_accuracy'] for r in mine])} | {mean_std([r['forgetting'] for r in mine])} "
+            f"| {mean_std([r['facilitation'] for r in mine])} | {reh_text} | {secs:.0f} |"
         )
     return "\n".join(lines)
 
