@@ -35,7 +35,7 @@ from contlearn.defaults import (
     warmup_steps,
 )
 from contlearn.distributed import DistributedView
-from contlearn.errors import ConfigError, DataError, TrainingError
+from contlearn.errors import ConfigError, DataError, PluginError, TrainingError
 from contlearn.run import Run
 from contlearn.scenarios import Batch, Experience
 
@@ -160,9 +160,11 @@ def _rest_of_epoch(batches: Iterator[Batch], state: EpochState, generator: torch
 
 
 def _forward_and_losses(
-    run: Run, batch: Batch, hooks: StepHooks, terms: dict[str, list[torch.Tensor]]
+    run: Run, batch: Batch, hooks: StepHooks, terms: dict[str, list[torch.Tensor]], steps_done: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The base loss and the total with every plugin's terms (appended to ``terms``)."""
+    """The base loss and the total with every plugin's terms, appended to
+    ``terms`` (which holds ``steps_done`` values per name: a term that a plugin
+    returns at some steps only is 0 at the others)."""
     out = hooks.forward(run=run, batch=batch)
     loss = hooks.compute_loss(run=run, batch=batch, out=out)
     if not isinstance(loss, torch.Tensor) or loss.dim():
@@ -185,9 +187,20 @@ def _forward_and_losses(
                     )
                 if name in seen:
                     raise TrainingError(f"two plugins return a loss term named '{name}'")
+                if not value.requires_grad and torch.is_grad_enabled():
+                    raise PluginError(
+                        f"loss term '{name}' carries no gradient, so it would train nothing: it was computed "
+                        f"without autograd (from outputs another plugin's forward made under torch.no_grad, or "
+                        f"from detached tensors); the plugins do not combine, or the term should be None where "
+                        f"it does not apply"
+                    )
                 seen.add(name)
                 total = total + value
-                terms.setdefault(name, []).append(value.detach())
+                if name not in terms:
+                    terms[name] = [value.new_zeros(()).detach()] * steps_done
+                terms[name].append(value.detach())
+        for name in terms.keys() - seen:  # a term not returned at this step
+            terms[name].append(terms[name][-1].new_zeros(()))
     return loss, total
 
 
@@ -212,10 +225,10 @@ def train_step(
         batch = Batch(batch.x[rows], batch.y[rows], batch.t[rows])
     try:
         if hooks.autocast is None:
-            loss, total = _forward_and_losses(run, batch, hooks, terms)
+            loss, total = _forward_and_losses(run, batch, hooks, terms, len(losses))
         else:
             with hooks.autocast:
-                loss, total = _forward_and_losses(run, batch, hooks, terms)
+                loss, total = _forward_and_losses(run, batch, hooks, terms, len(losses))
     except ValueError as exc:
         if len(batch) == 1 and "more than 1 value per channel" in str(exc):  # torch's BatchNorm
             where = f"step {run.step} of experience {run.experience.index} (epoch {run.epoch})"

@@ -106,23 +106,27 @@ def check_firstresult_conflicts(pm: pluggy.PluginManager) -> None:
 
     Only one implementation's result would be used, chosen by registration order;
     that silently disables the other strategy's behaviour. Marking one of them
-    ``tryfirst`` or ``trylast`` (or ``wrapper``) states the intent and passes.
+    ``tryfirst`` or ``trylast`` (or ``wrapper``) states the intent and passes; two
+    marked alike (both ``tryfirst``) state nothing between them and are refused.
     """
     for hook_name in sorted(hook_names(pm)):
         caller = getattr(pm.hook, hook_name)
         if not caller.spec.opts.get("firstresult"):
             continue
-        impls = [
-            impl
-            for impl in caller.get_hookimpls()
-            if impl.plugin_name != DEFAULTS_NAME and not (impl.tryfirst or impl.trylast or impl.wrapper or impl.hookwrapper)
-        ]
-        if len(impls) > 1:
-            names = " and ".join(f"'{impl.plugin_name}'" for impl in impls)
-            raise PluginError(
-                f"plugins {names} both implement the firstresult hook '{hook_name}'; only one "
-                f"result can be used. Mark one implementation tryfirst or trylast, or drop a plugin."
-            )
+        tiers: dict[str, list[str]] = {}
+        for impl in caller.get_hookimpls():
+            if impl.plugin_name == DEFAULTS_NAME or impl.wrapper or impl.hookwrapper:
+                continue
+            tier = "tryfirst" if impl.tryfirst else "trylast" if impl.trylast else ""
+            tiers.setdefault(tier, []).append(impl.plugin_name)
+        for tier, names in tiers.items():
+            if len(names) > 1:
+                listed, every = " and ".join(f"'{name}'" for name in names), "both" if len(names) == 2 else "all"
+                alike = f", {every} marked {tier}" if tier else ""
+                raise PluginError(
+                    f"plugins {listed} {every} implement the firstresult hook '{hook_name}'{alike}; only one "
+                    f"result can be used. Mark one implementation tryfirst or trylast, or drop a plugin."
+                )
 
 
 def implemented(pm: pluggy.PluginManager, hook_name: str, include_defaults: bool = True) -> bool:

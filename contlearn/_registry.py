@@ -137,6 +137,13 @@ class PluginRegistry:
             for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
                 dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist is not None else "unknown distribution"
                 entry = PluginEntry(ep.name, ep.value, dist)
+                if not _NAME.fullmatch(ep.name):
+                    broken[ep.name] = (
+                        f"plugin {ep.name!r} from {dist} has a name that cannot be its config key plugins.<name> "
+                        f"(it holds '.', '[', ']', '=' or spaces); it is ignored: rename its entry point"
+                    )
+                    warnings.warn(broken[ep.name], PluginLoadWarning, stacklevel=2)
+                    continue
                 if ep.name in entries:
                     warnings.warn(
                         f"plugin '{ep.name}' from {dist} has the name of a plugin from "

@@ -73,7 +73,12 @@ def train_data(run: Run, exp: Experience) -> TensorData | None:
     """Produce the training data of an experience.
 
     Called at the start of each training experience, before
-    :func:`before_experience`.
+    :func:`before_experience`; and again when a run resumes from a checkpoint
+    inside the experience, after the plugins' states are restored and without
+    :func:`before_experience`. It must therefore return the same data when
+    called again from the same state, and leave that state as it was: draw from
+    what ``before_experience`` or a restored state fixed, not from a generator
+    this call advances.
 
     :param run: the current run.
     :param exp: the training experience about to start.
@@ -103,7 +108,9 @@ def before_experience(run: Run, exp: Experience) -> None:
 def configure_optimizer(run: Run, exp: Experience) -> torch.optim.Optimizer | None:
     """Produce the optimizer for an experience.
 
-    Called once per training experience, after :func:`before_experience`.
+    Called once per training experience, after :func:`before_experience`; and
+    again, after :func:`train_data`, when a run resumes from a checkpoint inside
+    the experience (the optimizer's saved state is then loaded into it).
 
     :param run: the current run.
     :param exp: the training experience about to start.
@@ -186,7 +193,11 @@ def loss_terms(run: Run, batch: Batch, out: Output) -> dict[str, torch.Tensor] |
     :return: a mapping from term name to scalar tensor, or ``None``. All terms of
         all implementations are summed into the loss, and each is logged under its
         name (``loss/<name>``); two plugins returning the same name, or a term that
-        is not a scalar tensor, is a :class:`~contlearn.errors.TrainingError`.
+        is not a scalar tensor, is a :class:`~contlearn.errors.TrainingError`, and a
+        term that carries no gradient (computed under ``torch.no_grad``: it would
+        train nothing) a :class:`~contlearn.errors.PluginError`. A term may be
+        returned at some steps only; it counts as 0 at the others in its epoch's
+        logged mean.
 
     Regularisers (EWC, L2), distillation (LwF, PRD), auxiliary losses (MEMO).
     """

@@ -162,7 +162,9 @@ class DMN:
 
     # ----------------------------------------------------------------- hooks
 
-    @hookimpl
+    # tryfirst: the CLIP replaces run.model before other plugins' setup, which
+    # would otherwise anchor or select parameters of the model that is discarded.
+    @hookimpl(tryfirst=True)
     def setup(self, run) -> None:
         """Replaces ``run.model`` by the CLIP (kept when :meth:`restore` built it)."""
         if not isinstance(run.model, ClipClassifier):

@@ -165,7 +165,10 @@ class MEMO:
             aux[c] = k + 1
         return aux.to(device)
 
-    @hookimpl
+    # tryfirst: the new network replaces run.model before other plugins' setup,
+    # which would otherwise anchor (l2, ewc) or select parameters of the model
+    # that is discarded.
+    @hookimpl(tryfirst=True)
     def setup(self, run: Any) -> None:
         if not isinstance(run.model, MemoNet):
             model = self._build(run)

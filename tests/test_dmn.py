@@ -317,3 +317,21 @@ def test_fit_outside_a_stream_needs_what_its_mode_uses():
         DMN(DMN.Config(views=2)).fit(model, {0: torch.rand(2, 1, 8, 8), 1: torch.rand(2, 1, 8, 8)})
     with pytest.raises(ConfigError, match="needs the shots"):
         DMN(DMN.Config(views=2, alpha_dynamic=1.0, alpha_static=1.0)).fit(model)
+
+
+
+def test_other_plugins_setup_sees_the_clip():
+    from contlearn.plugins.dmn import ClipClassifier
+
+    from contlearn import hookimpl
+
+    class Watcher:  # registered after DMN: without DMN's tryfirst, its setup would run first
+        seen = None
+
+        @hookimpl
+        def setup(self, run):
+            Watcher.seen = type(run.model)
+
+    run = Experiment(load_config(None, TINY_RUN), plugins={"watcher": Watcher()}).build()
+    run.hook.setup(run=run)
+    assert Watcher.seen is ClipClassifier

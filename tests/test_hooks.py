@@ -247,6 +247,46 @@ def test_two_firstresult_implementations_need_an_order():
         Experiment(load_config(None, ["train.epochs=1"]), plugins={"p1": P1(), "p2": P2()}).build()
     Experiment(load_config(None, ["train.epochs=1"]), plugins={"p1": P1(), "p3": P3()}).build()
 
+    class P4:  # marked like P3: the two say nothing about which of them goes first
+        @hookimpl(tryfirst=True)
+        def predict(self, batch):
+            return batch.y
+
+    with pytest.raises(PluginError, match="'p3' and 'p4' both implement the firstresult hook 'predict', both marked tryfirst"):
+        Experiment(load_config(None, ["train.epochs=1"]), plugins={"p1": P1(), "p3": P3(), "p4": P4()}).build()
+
+
+
+def test_a_loss_term_returned_at_some_steps_only_counts_as_zero_at_the_others(quick):
+    class EveryOtherStep:
+        @hookimpl
+        def loss_terms(self, run, out):
+            return {"sometimes": out.logits.sum() * 0 + 1.0} if run.step % 2 == 1 else None
+
+    class Metrics:
+        def __init__(self):
+            self.epochs = []
+
+        @hookimpl
+        def on_metrics(self, metrics):
+            if metrics["kind"] == "epoch":
+                self.epochs.append(metrics)
+
+    metrics = Metrics()
+    _run(quick, "train.epochs=1", plugins={"sometimes": EveryOtherStep(), "metrics": metrics})
+    for epoch in metrics.epochs:  # 1 at odd steps, 0 at even ones: the mean is about 1/2
+        assert 0.4 < epoch["loss/sometimes"] < 0.6
+
+
+def test_a_loss_term_without_gradient_is_refused(quick):
+    class Detached:
+        @hookimpl
+        def loss_terms(self, out):
+            return {"detached": out.logits.detach().sum()}
+
+    with pytest.raises(PluginError, match="loss term 'detached' carries no gradient"):
+        _run(quick, plugins={"detached": Detached()})
+
 
 def test_implementation_of_unknown_hook_is_refused():
     class Typo:

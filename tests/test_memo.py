@@ -308,3 +308,16 @@ def test_compile_survives_the_surgery(monkeypatch: pytest.MonkeyPatch):
     backbone = experiment.run_state.model.backbone
     assert backbone.generalized._compiled_call_impl is not None
     assert all(block._compiled_call_impl is not None for block in backbone.specialized)
+
+
+@pytest.mark.parametrize("order", [["plugins.memo={}", "plugins.l2.anchor=initial"], ["plugins.l2.anchor=initial", "plugins.memo={}"]])
+def test_other_plugins_setup_sees_the_memo_network_whatever_the_order(order):
+    from contlearn.plugins._memo_net import MemoNet
+
+    config = load_config(None, [*TINY[:-1], *order])
+    run = Experiment(config).build()
+    run.hook.setup(run=run)
+    assert isinstance(run.model, MemoNet)
+    parameters = dict(run.model.named_parameters())
+    anchor = run.plugins["l2"].anchor  # taken from the network that trains, not the one MEMO discards
+    assert anchor and all(name in parameters and parameters[name].shape == t.shape for name, t in anchor.items())

@@ -3,6 +3,7 @@ real entry point (a dist-info directory on sys.path), broken plugins reported.""
 
 from __future__ import annotations
 
+import re
 import sys
 import textwrap
 
@@ -49,7 +50,7 @@ def third_party(tmp_path, monkeypatch):
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: cl-extras\nVersion: 1.2\n")
     (dist / "entry_points.txt").write_text(
-        "[contlearn.plugins]\nshout = cl_extras:Shout\nbroken = cl_broken:Plugin\n"
+        "[contlearn.plugins]\nshout = cl_extras:Shout\nbroken = cl_broken:Plugin\nloud.shout = cl_extras:Shout\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     yield tmp_path
@@ -77,11 +78,20 @@ def test_entry_point_plugin_is_found_and_runs(third_party):
 
 
 def test_broken_entry_point_warns_with_name_and_distribution(third_party):
-    with pytest.warns(PluginLoadWarning, match=r"'broken'.*cl-extras 1\.2.*needs a missing library"):
+    with pytest.warns(PluginLoadWarning) as caught:
         registry = PluginRegistry.load()
+    assert any(re.search(r"'broken'.*cl-extras 1\.2.*needs a missing library", str(w.message)) for w in caught)
     assert "shout" in registry.names() and "broken" not in registry.names()
     with pytest.raises(PluginError, match="broken.*cl-extras"):
         registry.get("broken")
+
+
+
+def test_an_entry_point_whose_name_cannot_be_a_config_key_is_reported_not_listed(third_party):
+    with pytest.warns(PluginLoadWarning) as caught:
+        registry = PluginRegistry.load()
+    assert any("'loud.shout' from cl-extras 1.2 has a name that cannot be its config key" in str(w.message) for w in caught)
+    assert "loud.shout" not in registry.names() and "shout" in registry.names()
 
 
 def test_autoload_can_be_disabled(third_party, monkeypatch):
