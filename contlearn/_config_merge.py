@@ -86,7 +86,8 @@ def merge_checked(schema: Any, *layers: Any, where: str = "") -> DictConfig:
         if in_list is not None:
             full_key = in_list[0]
         if "is not a ListConfig" in exc.msg:  # OmegaConf's words for a plain value given to a list
-            value = _given_value(layers, str(exc.full_key))
+            # the key in the layers: OmegaConf names one inside a list of mappings by its last part
+            value = _given_value(layers, full_key[len(where):] if full_key.startswith(where) else str(exc.full_key))
             raise ConfigError(
                 f"wrong value for '{full_key}': expected a list in brackets, e.g. {full_key}=[{value}], got {value}"
             ) from None

@@ -93,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     unlearn.add_argument("--recompute-fisher", action="store_true", help="recompute F_D instead of the cached one")
     unlearn.add_argument("--out", default=None, help="new run directory (default RUN_DIR/unlearn-<k>)")
+    unlearn.add_argument("--device", default=None, help="where to unlearn: auto, cpu, cuda[:k] (default: the run's device)")
+    unlearn.add_argument("--threads", type=int, default=None, help="CPU threads (default: the run's threads setting)")
     return parser
 
 
@@ -199,7 +201,9 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
         "lam": args.lam, "auto": args.auto or None, "target": args.target, "fisher": args.fisher,
         "batch_size": args.batch_size, "fisher_d_order": args.fisher_d_order, "recompute": args.recompute_fisher or None,
     }  # fmt: skip
-    report, out = unlearn_run_dir(args.run_dir, {k: v for k, v in request.items() if v is not None}, args.out)
+    where = [f"{key}={value}" for key, value in (("device", args.device), ("threads", args.threads)) if value is not None]
+    report, out = unlearn_run_dir(args.run_dir, {k: v for k, v in request.items() if v is not None}, args.out,
+                                  overrides=where)
     print(summary(report))
     print(f"\nnew run directory: {out}")
     return 0

@@ -17,6 +17,7 @@ run's).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ def unlearn_run_dir(
     request: dict[str, Any],
     out: str | Path | None = None,
     ssd_config: dict[str, Any] | None = None,
+    overrides: Sequence[str] = (),
 ) -> tuple[dict[str, Any], Path]:
     """Make the model of ``run_dir``'s newest checkpoint forget what ``request`` names.
 
@@ -49,6 +51,8 @@ def unlearn_run_dir(
         ``samples``, ``alpha``, ``lam``, ``auto``, ``target``, ``recompute`` ...).
     :param out: the new run directory (default ``run_dir/unlearn-<k>``, the first free k).
     :param ssd_config: fields of the SSD plugin to use when the run has none.
+    :param overrides: ``device=...``, ``threads=...``: where this unlearning runs
+        (a run trained on a GPU, unlearnt on a machine without one).
     :return: the report (also in ``out/unlearn.json``) and ``out``.
     :raises ConfigError: not a run directory, ``out`` is ``run_dir``, a bad request.
     :raises CheckpointError: no usable checkpoint, or one inside an experience.
@@ -69,7 +73,7 @@ def unlearn_run_dir(
             f"--out must be a new directory, not the run directory '{run_dir}' (its checkpoint is kept)"
         )
     with saved_run_config():  # the run directory's config must not make the rebuild write there
-        config = load_config(config_file, ["out=null"])
+        config = load_config(config_file, [*_where_it_runs(overrides), "out=null"])
     if not ckpt.list_checkpoints(run_dir / ckpt.DIRNAME):
         raise CheckpointError(
             f"no checkpoint in '{run_dir / ckpt.DIRNAME}': nothing to unlearn from (checkpoint.enabled was off?)"
@@ -77,8 +81,9 @@ def unlearn_run_dir(
     path, state = ckpt.latest(run_dir / ckpt.DIRNAME)
     run_state.check_config(state["config"], to_container(config), path.name, schema_defaults(list(config.plugins)))
     pos = state["position"]
+    _refuse_an_older_model(run_dir, path, pos)
     if pos["inside_experience"]:
-        raise CheckpointError(
+        raise ConfigError(
             f"the newest checkpoint '{path.name}' is inside experience {pos['completed']}; unlearning needs a model "
             f"between experiences: finish the run with 'contlearn resume {run_dir}' first"
         )
@@ -88,6 +93,32 @@ def unlearn_run_dir(
         experiment = Experiment(config)
     with cpu_threads(config.threads):
         return _unlearn(experiment, state, path, run_dir, out_dir, request, ssd_config), out_dir
+
+
+def _where_it_runs(overrides: Sequence[str]) -> list[str]:
+    """The overrides an unlearning takes: where it runs, never what the run was."""
+    for override in overrides:
+        if override.split("=", 1)[0].strip() not in ("device", "threads"):
+            raise ConfigError(
+                f"contlearn unlearn takes only device= and threads= overrides (where it runs), got {override!r}"
+            )
+    return list(overrides)
+
+
+def _refuse_an_older_model(run_dir: Path, path: Path, position: dict[str, Any]) -> None:
+    """:raises CheckpointError: the run finished, but its newest readable
+    checkpoint is older (the newer ones are unreadable): unlearning it would not
+    unlearn the model the run's results describe."""
+    try:
+        rows = len(json.loads((run_dir / "results.json").read_text(encoding="utf-8"))["accuracy_matrix"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no results (a stopped run) or unreadable ones: the newest readable checkpoint is the run's state
+    if position["inside_experience"] or int(position["completed"]) < rows:
+        raise CheckpointError(
+            f"'{run_dir}' finished its {rows} experiences, but its newest readable checkpoint '{path.name}' is "
+            f"from before the end (the newer ones are unreadable): unlearning it would not unlearn the model its "
+            f"results describe"
+        )
 
 
 def _unlearn(
@@ -113,14 +144,17 @@ def _unlearn(
         new_state = run_state.capture(run, to_container(config), progress)
         prepare_run_dir(out_dir)
         write_atomic(out_dir / "config.yaml", to_yaml(config))
-        written = ckpt.write(out_dir / ckpt.DIRNAME, new_state, int(config.checkpoint.keep_last))
-        report = {
-            **report,
-            "run_dir": str(run_dir),
-            "source_checkpoint": str(path),
-            "checkpoint": str(written),
-        }
+        position = new_state["position"]
+        checkpoint = out_dir / ckpt.DIRNAME / ckpt.checkpoint_name(position["completed"], position["global_step"])
+        report = {**report, "run_dir": str(run_dir), "source_checkpoint": str(path), "checkpoint": str(checkpoint)}
+        # The report first: a copy with a checkpoint is always known for one that unlearned (a resume must
+        # not take it for the run and write results measured before the unlearning).
         write_atomic(out_dir / REPORT, json.dumps(report, indent=2) + "\n")
+        try:
+            ckpt.write(out_dir / ckpt.DIRNAME, new_state, int(config.checkpoint.keep_last))
+        except BaseException:  # a full disk, Ctrl-C: no model, so no report of one
+            (out_dir / REPORT).unlink(missing_ok=True)
+            raise
     finally:
         run.hook.teardown(run=run)
     return report

@@ -121,7 +121,7 @@ class SSD:
         lam: float = 1.0  # dampening: theta *= min(lam * F_D / F_f, 1)
         batch_size: int = 64  # of the F_D and F_f passes (batch mode normalises per batch)
         fisher: str = "batch"  # batch (squared batch gradients, the reference) | per_sample
-        fisher_d_order: str = "class"  # class (F_D batches of one class, the reference) | data
+        fisher_d_order: str = "class"  # class (F_D and F_f batches of one class, the reference) | data
         cache: bool = True  # compute F_D when each training experience ends
         auto: bool = False  # choose alpha and lam per request (see auto_alphas, auto_lams, target)
         target: float = 0.05  # auto: highest accepted accuracy on the forget set's training samples
@@ -214,7 +214,7 @@ class SSD:
         return float(n_samples if mode == "per_sample" else math.ceil(n_samples / batch_size))
 
     def _importance(
-        self, run: Any, data: Any, mode: str, batch_size: int, order: str = "data"
+        self, run: Any, data: Any, mode: str, batch_size: int, order: str
     ) -> dict[str, torch.Tensor]:
         return fisher_information(run.model, self._ordered(data, order), batch_size, mode, run.dist)
 
@@ -372,7 +372,7 @@ class SSD:
         _sync(run.device)
         t1 = time.perf_counter()
         mode, bs = settings["fisher"], settings["batch_size"]
-        fisher_f = self._importance(run, sets.forget_train, mode, bs)
+        fisher_f = self._importance(run, sets.forget_train, mode, bs, settings["fisher_d_order"])  # as F_D's
         t2 = time.perf_counter()
         reason = (
             "recompute was asked for"

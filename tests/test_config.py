@@ -75,9 +75,10 @@ def test_wrong_type_names_the_key():
 
 
 @pytest.mark.parametrize("override, key", [("model.hidden=64", "model.hidden"),
-                                           ("plugins.dmn.alpha_grid=3", "plugins.dmn.alpha_grid")])
+                                           ("plugins.dmn.alpha_grid=3", "plugins.dmn.alpha_grid"),
+                                           ("plugins.ssd.forget=[{after: 1, classes: 7}]", "plugins.ssd.forget[0].classes")])
 def test_a_plain_value_for_a_list_says_to_put_it_in_brackets(override, key):
-    value = override.split("=")[1]
+    value = override.split("=")[1].removeprefix("[{after: 1, classes: ").removesuffix("}]")
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert str(err.value) == f"wrong value for '{key}': expected a list in brackets, e.g. {key}=[{value}], got {value}"

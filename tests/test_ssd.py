@@ -94,11 +94,29 @@ def test_importance_matches_a_hand_computation(per_sample):
     run = tiny_run(n_train=11)
     data = run.stream[0].train
     plugin = SSD(SSD.Config(batch_size=4, fisher="per_sample" if per_sample else "batch"))
-    got = plugin._importance(run, data, plugin.config.fisher, 4)
+    got = plugin._importance(run, data, plugin.config.fisher, 4, "data")
     want = hand_fisher(run.model, data, 4, per_sample)  # per-sample: exact for the Linear layers and the head
     assert got.keys() == want.keys() and any(n.startswith("head.") for n in want)
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-9)
+
+
+
+@pytest.mark.parametrize("order", ["class", "data"])
+def test_the_forget_sets_importance_is_ordered_like_f_d(order):
+    """A request naming several classes: F_f's batches are grouped by class when
+    F_D's are, so that their gradients do not partly cancel in F_f only."""
+    run = tiny_run(n_train=30)
+    plugin = trained_plugin(run, batch_size=4, fisher_d_order=order)
+    before = weights(run.model)
+    report = plugin.forget(run, {"classes": ["dog", "cat"], "metrics": False, "alpha": 1.0})
+    assert report["fisher_d"] == "cache"
+    run.model.load_state_dict(before)
+    forget = run.stream[0].train.subset(torch.nonzero(run.stream[0].train.y < 2).squeeze(1))
+    ordered = forget.subset(torch.sort(forget.y, stable=True).indices) if order == "class" else forget
+    fisher_f = hand_fisher(run.model, ordered, 4)
+    selected = sum(int((fisher_f[n] > 1.0 * plugin.fisher_d[n]).sum()) for n in fisher_f)
+    assert report["dampened"] == selected
 
 
 def test_a_request_that_dampens_nothing_warns_and_says_why_when_alpha_is_past_the_bound():

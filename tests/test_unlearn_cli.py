@@ -151,3 +151,64 @@ def test_resume_continues_a_copy_that_unlearned_mid_stream_and_refuses_a_finishe
     assert main(["unlearn", str(midway), "--classes", "3", "--out", str(copy)]) == 0
     assert main(["resume", str(copy), "--quiet"]) == 0
     assert len(json.loads((copy / "results.json").read_text())["accuracy_matrix"]) == 2
+
+
+@pytest.mark.parametrize("fails", ["report", "checkpoint"])
+def test_an_unlearning_interrupted_while_written_leaves_no_resumable_copy(run_dir, tmp_path, monkeypatch, capsys, fails):
+    """Ctrl-C (or a full disk) while the copy is written: it never holds a model
+    without the report that says it unlearned, so a resume cannot take it for
+    the run (and write results measured before the unlearning)."""
+    from contlearn.plugins import _unlearn_run
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if fails == "checkpoint":
+        monkeypatch.setattr(ckpt, "write", interrupted)
+    else:
+        real = _unlearn_run.write_atomic
+        monkeypatch.setattr(_unlearn_run, "write_atomic",
+                            lambda path, text: interrupted() if path.name == "unlearn.json" else real(path, text))
+    copy = tmp_path / "copy"
+    assert main(["unlearn", str(run_dir), "--classes", "3", "--out", str(copy)]) == 130
+    assert not ckpt.list_checkpoints(copy / ckpt.DIRNAME) and not (copy / "unlearn.json").exists()
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(["resume", str(copy), "--quiet"]) != 0 and "no checkpoint" in capsys.readouterr().err
+    assert main(["unlearn", str(run_dir), "--classes", "3", "--out", str(copy)]) == 0  # the directory is reused
+    assert ckpt.list_checkpoints(copy / ckpt.DIRNAME) and (copy / "unlearn.json").is_file()
+
+
+def test_unlearn_runs_where_it_is_told_and_takes_no_other_override(run_dir, tmp_path, capsys):
+    import shutil
+
+    gpu_run = tmp_path / "gpu-run"  # as a run trained with device=cuda left it
+    shutil.copytree(run_dir, gpu_run, ignore=shutil.ignore_patterns("unlearn-*"))
+    config = gpu_run / "config.yaml"
+    config.write_text(config.read_text().replace("device: auto", "device: cuda"))
+    newest = ckpt.list_checkpoints(gpu_run / ckpt.DIRNAME)[-1]
+    state = ckpt.load(newest)
+    state["config"]["device"] = "cuda"
+    torch.save(state, newest)
+    if not torch.cuda.is_available():
+        assert main(["unlearn", str(gpu_run), "--classes", "3", "--out", str(tmp_path / "a")]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+    assert main(["unlearn", str(gpu_run), "--classes", "3", "--device", "cpu", "--threads", "1",
+                 "--out", str(tmp_path / "b")]) == 0
+    from contlearn.plugins._unlearn_run import unlearn_run_dir
+
+    with pytest.raises(Exception, match="takes only device= and threads= overrides"):
+        unlearn_run_dir(gpu_run, {"classes": ["3"]}, tmp_path / "c", overrides=["train.lr=1"])
+
+
+def test_a_finished_run_whose_newest_checkpoint_is_unreadable_is_not_unlearnt_from_an_older_one(run_dir, tmp_path, capsys):
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run_dir, damaged, ignore=shutil.ignore_patterns("unlearn-*"))
+    newest = ckpt.list_checkpoints(damaged / ckpt.DIRNAME)[-1]
+    newest.write_bytes(newest.read_bytes()[:1000])
+    assert main(["unlearn", str(damaged), "--classes", "3", "--out", str(tmp_path / "copy")]) == 1
+    err = capsys.readouterr().err
+    assert "finished its 2 experiences, but its newest readable checkpoint" in err
+    assert not (tmp_path / "copy").exists()
