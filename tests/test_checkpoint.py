@@ -64,7 +64,7 @@ def test_contents_load_with_weights_only(run_dir):
     assert state["plugins"] == {"finetune": {}}
     metrics = state["metrics"]
     assert len(metrics["accuracy_rows"]) == 1 and metrics["initial_accuracy"] is not None
-    assert metrics["epoch_losses"].shape == (2,) and metrics["confusion"].shape == (10, 10)
+    assert metrics["epoch_losses"].shape == (2,) and metrics["confusion"].shape == (10, 11)  # last column: no class
     assert state["config"]["model"]["hidden"] == [8]
 
 
