@@ -35,7 +35,7 @@ from contlearn.defaults import (
     warmup_steps,
 )
 from contlearn.distributed import DistributedView
-from contlearn.errors import ConfigError, DataError, PluginError, TrainingError
+from contlearn.errors import ConfigError, DataError, TrainingError
 from contlearn.run import Run
 from contlearn.scenarios import Batch, Experience
 
@@ -187,13 +187,6 @@ def _forward_and_losses(
                     )
                 if name in seen:
                     raise TrainingError(f"two plugins return a loss term named '{name}'")
-                if not value.requires_grad and torch.is_grad_enabled():
-                    raise PluginError(
-                        f"loss term '{name}' carries no gradient, so it would train nothing: it was computed "
-                        f"without autograd (from outputs another plugin's forward made under torch.no_grad, or "
-                        f"from detached tensors); the plugins do not combine, or the term should be None where "
-                        f"it does not apply"
-                    )
                 seen.add(name)
                 total = total + value
                 if name not in terms:

@@ -193,11 +193,10 @@ def loss_terms(run: Run, batch: Batch, out: Output) -> dict[str, torch.Tensor] |
     :return: a mapping from term name to scalar tensor, or ``None``. All terms of
         all implementations are summed into the loss, and each is logged under its
         name (``loss/<name>``); two plugins returning the same name, or a term that
-        is not a scalar tensor, is a :class:`~contlearn.errors.TrainingError`, and a
-        term that carries no gradient (computed under ``torch.no_grad``: it would
-        train nothing) a :class:`~contlearn.errors.PluginError`. A term may be
-        returned at some steps only; it counts as 0 at the others in its epoch's
-        logged mean.
+        is not a scalar tensor, is a :class:`~contlearn.errors.TrainingError`. A
+        term may be returned at some steps only; it counts as 0 at the others in
+        its epoch's logged mean. A term without gradient is added and logged, but
+        trains nothing.
 
     Regularisers (EWC, L2), distillation (LwF, PRD), auxiliary losses (MEMO).
     """

@@ -96,6 +96,7 @@ class LwF:
                 raise PluginError("lwf: a multi-head model must return its features (Output.features)")
             with torch.no_grad():
                 features = self.teacher.backbone(batch.x)
+            _check_trainable(out.features, "features")
             heads = run.model.head.heads
             terms = []
             for t in teacher_head.tasks:
@@ -114,6 +115,7 @@ class LwF:
                     old = self.teacher.task_logits(batch.x, t)
                 terms.append(distillation(run.model.task_logits(batch.x, t)[:, : old.shape[1]], old, T))
             return {"lwf": self.config.alpha * sum(terms)}
+        _check_trainable(out.logits, "logits")
         with torch.no_grad():
             old = self.teacher(batch.x, batch.t).logits
         return {"lwf": self.config.alpha * distillation(out.logits[:, : old.shape[1]], old, T)}
@@ -127,3 +129,14 @@ class LwF:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.teacher = None
         self._pending = dict(state["teacher"]) or None
+
+
+def _check_trainable(student: torch.Tensor, what: str) -> None:
+    """:raises PluginError: the forward pass gave the outputs LwF distils no
+    gradient (another plugin's forward made them under ``torch.no_grad``, as
+    PRD does with its logits): the distillation would train nothing."""
+    if torch.is_grad_enabled() and not student.requires_grad:
+        raise PluginError(
+            f"lwf distils the model's {what}, but the forward pass made them without gradient (another plugin's "
+            f"forward: PRD scores its classes without one), so lwf would train nothing: drop one of the two plugins"
+        )

@@ -340,3 +340,10 @@ def test_routing_follows_the_streams_setting_not_the_configs():
     probe = TaskOfPredictions()
     Experiment(cfg, stream=stream, plugins={"probe": probe}).run()
     assert stream.setting == "task" and probe.inside and all(probe.inside)
+
+
+def test_lwf_on_prd_is_refused_since_prd_scores_its_classes_without_gradient():
+    from contlearn import Experiment, PluginError
+
+    with pytest.raises(PluginError, match="lwf distils the model's logits, but the forward pass made them without gradient"):
+        Experiment(load_config(None, [*TINY, "plugins.lwf={}"])).run()
