@@ -62,7 +62,7 @@ def test_only_the_teachers_classes_are_distilled_and_the_teacher_is_frozen():
     assert value.item() == pytest.approx(0.5 * distillation(logits[:, :2], teacher_logits, 2.0).item(), rel=1e-6)
     value.backward()
     assert all(not p.requires_grad for p in plugin.teacher.parameters())
-    changed = logits.detach().clone()
+    changed = logits.detach().clone().requires_grad_()
     changed[:, 2:] += 10.0
     assert plugin.loss_terms(run, batch, Output(changed))["lwf"].item() == pytest.approx(value.item())
 
