@@ -62,8 +62,9 @@ def test_only_the_teachers_classes_are_distilled_and_the_teacher_is_frozen():
     assert value.item() == pytest.approx(0.5 * distillation(logits[:, :2], teacher_logits, 2.0).item(), rel=1e-6)
     value.backward()
     assert all(not p.requires_grad for p in plugin.teacher.parameters())
-    changed = logits.detach().clone().requires_grad_()
+    changed = logits.detach().clone()
     changed[:, 2:] += 10.0
+    changed.requires_grad_()  # as a forward's logits
     assert plugin.loss_terms(run, batch, Output(changed))["lwf"].item() == pytest.approx(value.item())
 
 
