@@ -264,11 +264,17 @@ def loss_table(
     """The names and the [terms, steps] values of an epoch's losses so far, read
     once; with ``dist``, averaged over the processes (a collective: every process
     must call it)."""
-    names = ["loss", *terms]
-    values = torch.stack([torch.stack(losses), *(torch.stack(v) for v in terms.values())]).float()
+    if dist is None or dist.world_size == 1:
+        names = list(terms)
+    else:  # a term one process's share never gave is 0 there; every process sums the rows in one order
+        gathered = dist.gather_object(list(terms))
+        names = dist.broadcast_object(sorted({n for own in gathered for n in own}) if gathered is not None else None)
+    steps = torch.stack(losses)
+    rows = [torch.stack(terms[n]) if n in terms else steps.new_zeros(len(losses)) for n in names]
+    values = torch.stack([steps, *rows]).float()
     if dist is not None and dist.world_size > 1:
         values = dist.all_reduce_(values) / dist.world_size
-    return names, values.cpu()
+    return ["loss", *names], values.cpu()
 
 
 def raise_if_not_finite(run: Run, exp: Experience, names: list[str], values: torch.Tensor) -> None:

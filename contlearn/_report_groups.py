@@ -23,6 +23,20 @@ if TYPE_CHECKING:
 #: Top-level config keys that do not make another experiment: its seed, its name,
 #: and where and how fast it ran.
 NOT_THE_EXPERIMENT = ("seed", "name", "out", "device", "threads", "checkpoint")
+#: Keys of sections that say how the data were loaded or how fast the run went,
+#: not what it learnt.
+HOW_IT_RAN = {
+    "scenario": ("root", "download", "storage", "memory_limit_gb", "num_workers"),
+    "train": ("eval_batch_size", "compile", "compile_mode", "channels_last"),
+}
+
+
+def _what_it_learnt(config: dict[str, Any]) -> dict[str, Any]:
+    kept = {k: v for k, v in config.items() if k not in NOT_THE_EXPERIMENT}
+    for section, keys in HOW_IT_RAN.items():
+        if isinstance(kept.get(section), dict):
+            kept[section] = {k: v for k, v in kept[section].items() if k not in keys}
+    return kept
 
 
 def experiment_key(results: dict[str, Any]) -> str | None:
@@ -31,14 +45,17 @@ def experiment_key(results: dict[str, Any]) -> str | None:
     config = results.get("config")
     if not isinstance(config, dict):
         return None
-    kept = {k: v for k, v in config.items() if k not in NOT_THE_EXPERIMENT}
-    return json.dumps([kept, results.get("given")], default=str)
+    return json.dumps([_what_it_learnt(config), results.get("given")], default=str)
 
 
-def scenario_key(results: dict[str, Any]) -> str:
-    """What a run was trained and tested on, as text."""
-    scenario = (results.get("config") or {}).get("scenario")
-    return json.dumps([scenario, (results.get("given") or {}).get("stream")], sort_keys=True, default=str)
+def scenario_key(results: dict[str, Any]) -> str | None:
+    """What a run was trained and tested on, as text (``None``: not recorded)."""
+    config = results.get("config")
+    stream = (results.get("given") or {}).get("stream")
+    if not isinstance(config, dict) and stream is None:
+        return None
+    scenario = _what_it_learnt({"scenario": (config or {}).get("scenario")})["scenario"]
+    return json.dumps([scenario, stream], sort_keys=True, default=str)
 
 
 def group_by_experiment(runs: Sequence[FinishedRun]) -> list[list[FinishedRun]]:
@@ -54,8 +71,7 @@ def group_labels(groups: Sequence[Sequence[FinishedRun]]) -> list[str]:
     """Each group's strategy, with the settings that tell apart groups of the
     same strategy (``replay (train.lr=0.1)``), at most three of them."""
     strategies = [group[0].strategy for group in groups]
-    flat = [flatten({k: v for k, v in (group[0].results.get("config") or {}).items() if k not in NOT_THE_EXPERIMENT})
-            for group in groups]
+    flat = [flatten(_what_it_learnt(group[0].results.get("config") or {})) for group in groups]
     labels = []
     for k, strategy in enumerate(strategies):
         same = [j for j, s in enumerate(strategies) if s == strategy]
@@ -69,11 +85,11 @@ def group_labels(groups: Sequence[Sequence[FinishedRun]]) -> list[str]:
     return labels
 
 
-def mean_std(values: Sequence[float | None]) -> str:
-    """``mean ± sample std`` to three decimals; one value alone; ``n/a`` when any is missing."""
+def mean_std(values: Sequence[float | None], signed: bool = False) -> str:
+    """``mean ± sample std`` to three decimals (the mean with its sign, when
+    ``signed``); one value alone; ``n/a`` when any is missing."""
     if not values or any(v is None or not math.isfinite(v) for v in values):
         return "n/a"
     numbers = [float(v) for v in values if v is not None]
-    if len(numbers) == 1:
-        return f"{numbers[0]:.3f}"
-    return f"{statistics.mean(numbers):.3f} ± {statistics.stdev(numbers):.3f}"
+    mean = f"{statistics.mean(numbers):+.3f}" if signed else f"{statistics.mean(numbers):.3f}"
+    return mean if len(numbers) == 1 else f"{mean} ± {statistics.stdev(numbers):.3f}"

@@ -188,7 +188,7 @@ def seeds_table(groups: list[list[FinishedRun]]) -> str:
     ]
     for group, label in zip(groups, group_labels(groups), strict=True):
         seeds = ", ".join(str(run.results.get("seed", "n/a")) for run in group)
-        cells = [mean_std([run.results.get(key) for run in group]) for key in HEADLINE]
+        cells = [mean_std([run.results.get(key) for run in group], signed=key in ("bwt", "fwt")) for key in HEADLINE]
         lines.append(f"| {label} | {len(group)} | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -201,7 +201,7 @@ def comparison_markdown(runs: list[FinishedRun]) -> str:
     groups = group_by_experiment(runs)
     if any(len(group) > 1 for group in groups):
         text += "\nOver seeds (mean ± sample standard deviation, n - 1):\n\n" + seeds_table(groups)
-    scenarios = {scenario_key(run.results) for run in runs}
+    scenarios = {key for key in map(scenario_key, (run.results for run in runs)) if key is not None}
     if len(scenarios) > 1:
         text += (f"\nNote: these runs are on {len(scenarios)} different scenarios (the config's `scenario`, or "
                  f"the stream given in Python): their numbers are not comparable across scenarios.\n")

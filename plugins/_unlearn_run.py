@@ -54,12 +54,15 @@ def unlearn_run_dir(
     :param overrides: ``device=...``, ``threads=...``: where this unlearning runs
         (a run trained on a GPU, unlearnt on a machine without one).
     :return: the report (also in ``out/unlearn.json``) and ``out``.
-    :raises ConfigError: not a run directory, ``out`` is ``run_dir``, a bad request.
-    :raises CheckpointError: no usable checkpoint, or one inside an experience.
+    :raises ConfigError: not a run directory, ``out`` is ``run_dir``, a newest
+        checkpoint inside an experience (finish the run first), an override other
+        than ``device``/``threads``, an absent device, a bad request.
+    :raises CheckpointError: no usable checkpoint, or a finished run whose newest
+        readable checkpoint is older than its results.
     """
     from contlearn._environment import environment_world_size
     from contlearn._run_dir import refuse_existing_run
-    from contlearn.experiment import Experiment, cpu_threads
+    from contlearn.experiment import Experiment, cpu_threads, resolve_device
 
     if environment_world_size() > 1:
         raise ConfigError("unlearning runs in one process: start 'contlearn unlearn' without torchrun")
@@ -89,6 +92,10 @@ def unlearn_run_dir(
         )
 
     refuse_existing_run(out_dir)
+    try:
+        resolve_device(config.device)
+    except ConfigError as exc:  # its advice names the override a run takes
+        raise ConfigError(f"{str(exc).split('; use ')[0]}; unlearn elsewhere with --device cpu (or auto)") from None
     with saved_run_config():
         experiment = Experiment(config)
     with cpu_threads(config.threads):

@@ -69,6 +69,12 @@ class LwF:
 
     @hookimpl
     def setup(self, run: Any) -> None:
+        voiding = [name for name, plugin in run.plugins.items() if getattr(plugin, "logits_without_gradient", False)]
+        if voiding:
+            raise PluginError(
+                f"lwf distils the model's logits, but plugin {voiding[0]!r} makes them without gradient, so lwf "
+                f"would train nothing: drop one of the two plugins"
+            )
         if self._pending is not None:  # after a resume: the teacher's weights over a copy of the model
             teacher = frozen_copy(run.model)
             drop_unsaved_entries(teacher, self._pending)  # blocks added to the model since (MEMO, surgery)
@@ -138,5 +144,5 @@ def _check_trainable(student: torch.Tensor, what: str) -> None:
     if torch.is_grad_enabled() and not student.requires_grad:
         raise PluginError(
             f"lwf distils the model's {what}, but the forward pass made them without gradient (another plugin's "
-            f"forward: PRD scores its classes without one), so lwf would train nothing: drop one of the two plugins"
+            f"forward), so lwf would train nothing: drop one of the two plugins"
         )

@@ -139,6 +139,11 @@ def projection_mlp(in_features: int, hidden: int, out_features: int, layers: int
 class PRD:
     """Prototype-sample relation distillation (Asadi et al., ICML 2023): replay-free SupCon with prototypes."""
 
+    #: its forward scores the classes by prototype similarity without gradient (the
+    #: features train through SupCon and the prototypes): a plugin that would train
+    #: through the logits (lwf) refuses to run beside it
+    logits_without_gradient = True
+
     #: a one-epoch split-digits run (tests/test_plugins.py) needs the digits setup of
     #: configs/split-digits-prd.yaml: SGD at lr 0.1 collapses the projections, and
     #: the reference's CIFAR views are too strong for 8x8 digits

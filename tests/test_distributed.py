@@ -194,6 +194,59 @@ def test_every_process_keeps_the_same_model_with_batchnorm_and_per_share_draws(t
         assert torch.equal(value, ranks[1][name]), name
 
 
+
+TERMS_SCRIPT = """
+import json
+import sys
+
+from contlearn import Experiment, hookimpl, load_config
+
+
+class ByShare:
+    \"\"\"Terms that depend on a process's share: 'a' and 'b' on alternate steps,
+    in opposite turns on the two processes, and 'only0' on process 0 alone.\"\"\"
+
+    @hookimpl
+    def loss_terms(self, run, out):
+        zero = 0.0 * out.logits.sum()
+        terms = {"a": zero + 1.0} if (run.step + run.dist.rank) % 2 == 0 else {"b": zero + 100.0}
+        if run.dist.rank == 0:
+            terms["only0"] = zero + 2.0
+        return terms
+
+
+class Epochs:
+    def __init__(self):
+        self.seen = []
+
+    @hookimpl
+    def on_metrics(self, metrics):
+        if metrics["kind"] == "epoch":
+            self.seen.append({k: v for k, v in metrics.items() if k.startswith("loss/")})
+
+
+out, overrides = sys.argv[1], sys.argv[2:]
+epochs = Epochs()
+experiment = Experiment(load_config("split-digits", overrides), out_dir=f"{out}/run", plugins={"terms": ByShare(), "epochs": epochs})
+experiment.run()
+if experiment.run_state.dist.rank == 0:
+    with open(f"{out}/epochs.json", "w") as f:
+        json.dump(epochs.seen, f)
+"""
+
+
+def test_terms_a_share_gives_at_some_steps_only_are_averaged_by_name_over_the_processes(tmp_path):
+    script = tmp_path / "terms.py"
+    script.write_text(TERMS_SCRIPT)
+    proc = two_processes(str(script), str(tmp_path), *SMALL_RUN, "eval.fwt=false", "checkpoint.every_n_steps=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    epochs = json.loads((tmp_path / "epochs.json").read_text())
+    assert len(epochs) == 6  # 3 experiences of 2 epochs
+    for epoch in epochs:  # each step: one process's 1 (or 100) and the other's 0, averaged
+        assert epoch["loss/a"] == pytest.approx(0.5) and epoch["loss/b"] == pytest.approx(50.0)
+        assert epoch["loss/only0"] == pytest.approx(1.0)
+
+
 RESUME_SCRIPT = """
 import sys
 

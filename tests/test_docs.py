@@ -24,6 +24,17 @@ def python_blocks(path: Path) -> list[str]:
     return BLOCK.findall(path.read_text(encoding="utf-8"))
 
 
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_code_fences_open_with_a_language_and_close_alone(path):
+    """A fence closed with text after it (CommonMark) runs on, swallowing what follows."""
+    fences = [(k + 1, line) for k, line in enumerate(path.read_text(encoding="utf-8").splitlines())
+              if line.lstrip().startswith("```")]
+    assert len(fences) % 2 == 0, f"{path.name}: an unclosed code fence"
+    for (n_open, opening), (n_close, closing) in zip(fences[::2], fences[1::2], strict=True):
+        assert re.fullmatch(r"\s*```[\w+-]+", opening), f"{path.name}:{n_open}: {opening!r} opens no language"
+        assert closing.strip() == "```", f"{path.name}:{n_close}: {closing!r} does not close its fence alone"
+
+
 @pytest.mark.parametrize("path", [p for p in DOCS if python_blocks(p)], ids=lambda p: str(p.relative_to(ROOT)))
 def test_python_blocks_run(path, tmp_path, monkeypatch):
     """The blocks of one page run in order in one module (dataclasses need a real one)."""

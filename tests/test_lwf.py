@@ -12,7 +12,7 @@ from contlearn.scenarios import Batch
 from omegaconf import OmegaConf
 from torch.nn import functional as F
 
-from contlearn import ConfigError, load_config
+from contlearn import ConfigError, PluginError, load_config
 from contlearn.models import MLP, ContinualModel, IncrementalLinear, Output
 
 
@@ -43,7 +43,7 @@ def tiny_run() -> SimpleNamespace:
     torch.manual_seed(0)
     model = ContinualModel(MLP((5,), [6]), IncrementalLinear(6))
     model.head.grow(2)
-    return SimpleNamespace(model=model, config=OmegaConf.create({"seed": 0}), device=torch.device("cpu"))
+    return SimpleNamespace(model=model, config=OmegaConf.create({"seed": 0}), device=torch.device("cpu"), plugins={})
 
 
 def test_only_the_teachers_classes_are_distilled_and_the_teacher_is_frozen():
@@ -167,3 +167,14 @@ def test_a_known_task_that_gains_classes_is_distilled_on_its_old_classes():
         old = plugin.teacher.head.heads["0"](plugin.teacher.backbone(batch.x))
     want = 4.0 * distillation(model.head.heads["0"](out.features)[:, :2], old, 2.0)
     assert plugin.loss_terms(run, batch, out)["lwf"].item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_logits_made_without_gradient_are_refused_at_the_first_distillation():
+    run = tiny_run()
+    plugin = LwF(LwF.Config())
+    batch = Batch(torch.randn(8, 5), torch.zeros(8, dtype=torch.long), torch.zeros(8, dtype=torch.long))
+    plugin.after_experience(run)
+    with torch.no_grad():
+        logits = run.model(batch.x).logits  # as a forward that scores without gradient
+    with pytest.raises(PluginError, match="the forward pass made them without gradient"):
+        plugin.loss_terms(run, batch, Output(logits))

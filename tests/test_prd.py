@@ -345,5 +345,5 @@ def test_routing_follows_the_streams_setting_not_the_configs():
 def test_lwf_on_prd_is_refused_since_prd_scores_its_classes_without_gradient():
     from contlearn import Experiment, PluginError
 
-    with pytest.raises(PluginError, match="lwf distils the model's logits, but the forward pass made them without gradient"):
-        Experiment(load_config(None, [*TINY, "plugins.lwf={}"])).run()
+    with pytest.raises(PluginError, match="lwf distils the model's logits, but plugin 'prd' makes them without gradient"):
+        Experiment(load_config(None, [*TINY, "plugins.lwf={}"])).run()  # refused at setup, before training

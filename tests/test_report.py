@@ -72,8 +72,13 @@ def test_runs_of_one_experiment_over_seeds_are_summarised_as_mean_and_sample_std
     ft, rp = finished
     seeds = [ft, _copy_run(ft, tmp_path / "ft1", lambda d: d.update(seed=1, average_accuracy=0.5))]
     fast = _copy_run(rp, tmp_path / "rp_fast", lambda d: d["config"]["train"].update(lr=0.5))
-    elsewhere = _copy_run(ft, tmp_path / "ft_cpu", lambda d: d.update(seed=2, device="cpu") or d["config"].update(
-        device="cpu", threads=1, out="elsewhere", name="other"))  # where and how it ran: the same experiment
+    def elsewhere_and_otherwise(d):  # where and how it ran, and how it loaded its data: the same experiment
+        d.update(seed=2)
+        d["config"].update(device="cpu", threads=1, out="elsewhere", name="other")
+        d["config"]["scenario"].update(num_workers=0, storage="loader")
+        d["config"]["train"].update(eval_batch_size=7)
+
+    elsewhere = _copy_run(ft, tmp_path / "ft_cpu", elsewhere_and_otherwise)
     assert main(["report", *map(str, [*seeds, rp, fast, elsewhere]), "--out", str(tmp_path / "cmp")]) == 0
     text = capsys.readouterr().out
     assert text.count("Over seeds (mean ± sample standard deviation, n - 1)") == 1

@@ -369,8 +369,8 @@ class _AdapterLogic:
             "epoch": self.run.epoch,
             "loss": float(torch.stack(self._losses).mean()),
         }
-        for name, values in self._terms.items():
-            metrics[f"loss/{name}"] = float(torch.stack(values).mean())
+        for name, values in self._terms.items():  # a term returned at some steps only counts 0 at the others
+            metrics[f"loss/{name}"] = float(torch.stack(values).sum() / len(self._losses))
         self.pm.hook.on_metrics(run=self.run, metrics=metrics)
 
     def after_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
