@@ -66,6 +66,14 @@ class StepHooks:
         self.after_eval_batch = bind("after_eval_batch")
         #: bf16 autocast for forward and loss (``train.amp``); None when off
         self.autocast = torch.autocast(device_type, dtype=torch.bfloat16) if autocast else None
+        self._zero: torch.Tensor | None = None
+
+    def zero(self, like: torch.Tensor) -> torch.Tensor:
+        """A scalar 0 on ``like``'s device, made once per experience (the value of
+        a loss term at a step its plugin did not return it)."""
+        if self._zero is None:
+            self._zero = torch.zeros((), device=like.device)
+        return self._zero
 
     @classmethod
     def for_run(cls, run: Run, defaults: Defaults) -> StepHooks:
@@ -98,7 +106,8 @@ def train_experience(
     else:
         data = resumed.data
     run.model.train()
-    steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
+    batch_size = cfg.batch_size
+    steps_per_epoch = math.ceil(len(data) / batch_size)
     unreached = unreached_milestones(cfg, steps_per_epoch)
     if unreached and resumed is None:
         unit = cfg.lr_schedule_unit
@@ -116,8 +125,8 @@ def train_experience(
         for epoch in range(run.epoch, cfg.epochs):
             run.epoch = epoch
             if not by_step:
-                set_epoch_lr(run.optimizer, cfg, epoch)
-            batches = data.batches(cfg.batch_size, shuffle=True, generator=run.generator)
+                set_epoch_lr(run.optimizer, schedule, epoch)
+            batches = data.batches(batch_size, shuffle=True, generator=run.generator)
             if resumed is not None:
                 state = resumed.epoch
                 batches = _rest_of_epoch(batches, state, run.generator)
@@ -190,10 +199,10 @@ def _forward_and_losses(
                 seen.add(name)
                 total = total + value
                 if name not in terms:
-                    terms[name] = [value.new_zeros(()).detach()] * steps_done
+                    terms[name] = [hooks.zero(value)] * steps_done
                 terms[name].append(value.detach())
         for name in terms.keys() - seen:  # a term not returned at this step
-            terms[name].append(terms[name][-1].new_zeros(()))
+            terms[name].append(hooks.zero(loss))
     return loss, total
 
 
@@ -346,12 +355,12 @@ def _accuracies(run: Run, hits: torch.Tensor) -> list[float]:
 
 @torch.no_grad()
 def evaluate(run: Run, hooks: StepHooks) -> tuple[list[float], np.ndarray]:
-    """Accuracy on every experience's test data (one host read), and the
-    confusion matrix over all test data: ``[true class][predicted class]``, with
-    a last column for predictions that are no class of the stream (a strategy's
-    own "none of these", or a bug), which count as wrong. Under torchrun each process predicts
-    its share of every test set (:func:`sharded_evaluation`) and the counts are
-    summed."""
+    """Accuracy on every experience's test data, and the confusion matrix over
+    all test data: ``[true class][predicted class]``, with a last column for
+    predictions that are no class of the stream (a strategy's own "none of
+    these", or a bug), which count as wrong. Both are counted on the device and
+    read back once, at the end. Under torchrun each process predicts its share
+    of every test set (:func:`sharded_evaluation`) and the counts are summed."""
     model = run.model
     was_training = model.training
     model.eval()
@@ -378,7 +387,8 @@ def evaluate(run: Run, hooks: StepHooks) -> tuple[list[float], np.ndarray]:
                 hooks.after_eval_batch(run=run, batch=batch, predictions=pred)
             hits += (pred == batch.y).sum()
             column = torch.where((pred >= 0) & (pred < n_classes), pred, n_classes)
-            confusion += torch.bincount(batch.y * columns + column, minlength=n_classes * columns)
+            # index_add_, not bincount: bincount reads its input's range back to the host on CUDA
+            confusion.index_add_(0, batch.y * columns + column, torch.ones_like(column, dtype=torch.long))
         correct.append(hits)
     model.train(was_training)
     hits_per_exp, confusion = _summed_over_processes(run, sharded, torch.stack(correct), confusion)

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from contlearn.scenarios import Batch
+from contlearn.scenarios.stream import host_to_device
 
 
 class _Storage:
@@ -50,8 +51,8 @@ class _Storage:
             self._allocate(batch)
         assert self.x is not None and self.y is not None and self.t is not None
         src = batch.x.device
-        rows = rows.to(src, non_blocking=True)
-        slots = slots.to(self.x.device, non_blocking=True)
+        rows = host_to_device(rows, src)
+        slots = host_to_device(slots, self.x.device)
         for dst, values in ((self.x, batch.x), (self.y, batch.y), (self.t, batch.t)):
             # device -> host copies block (a CPU buffer written from the GPU costs a copy per write)
             dst.index_copy_(0, slots, values.index_select(0, rows).to(dst.device))
@@ -59,7 +60,7 @@ class _Storage:
     def read(self, slots: torch.Tensor, device: torch.device | str) -> Batch:
         """The samples in ``slots`` (a CPU index tensor), on ``device``."""
         assert self.x is not None and self.y is not None and self.t is not None
-        index = slots.to(self.x.device, non_blocking=True)
+        index = host_to_device(slots, self.x.device)
         parts = [v.index_select(0, index) for v in (self.x, self.y, self.t)]
         if self.x.device != torch.device(device):
             if self.x.device.type == "cpu" and torch.device(device).type == "cuda":

@@ -68,6 +68,7 @@ class Replay:
         self.generator = torch.Generator()
         self.buffer: ReservoirBuffer | BalancedBuffer | None = None
         self._pending: dict[str, Any] | None = None
+        self._batch_size = 0  # replayed samples per step, set in setup (read at every step)
 
     def _make_buffer(self, device: torch.device) -> ReservoirBuffer | BalancedBuffer:
         storage = torch.device("cpu") if self.config.storage == "cpu" else device
@@ -76,6 +77,7 @@ class Replay:
 
     @hookimpl
     def setup(self, run: Any) -> None:
+        self._batch_size = self.config.batch_size or run.config.train.batch_size
         if self.buffer is None:
             self.generator.manual_seed(plugin_generator(run.config.seed, "replay"))
             self.buffer = self._make_buffer(run.device)
@@ -87,8 +89,7 @@ class Replay:
     def extra_samples(self, run: Any, batch: Batch) -> Batch | None:
         buffer = self.buffer
         assert buffer is not None, "replay: setup was not called"
-        n = self.config.batch_size or run.config.train.batch_size
-        replayed = buffer.sample(n, run.device)
+        replayed = buffer.sample(self._batch_size, run.device)
         if isinstance(buffer, ReservoirBuffer) and run.epoch == 0:
             buffer.add(batch.unaugmented)
         if replayed is None or batch.raw is None or not self.config.augment:

@@ -16,6 +16,16 @@ from typing import Any
 import torch
 
 
+def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor (drawn from a CPU generator, so the same on every device) on
+    ``device``, without waiting for it: on CUDA it is pinned and copied
+    asynchronously, where a copy from pageable memory would wait until the GPU
+    has run everything queued (a stall at every training step)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def _rows(index: torch.Tensor | Sequence[int]) -> torch.Tensor:
     """Row indices as int64: from indices, or from a boolean mask (its True rows)."""
     index = torch.as_tensor(index)
@@ -159,7 +169,7 @@ class TensorData:
         n = len(self)
         stop = n - n % batch_size if drop_last else n
         if shuffle:
-            order = torch.randperm(n, generator=generator).to(self.x.device)
+            order = host_to_device(torch.randperm(n, generator=generator), self.x.device)
             for start in range(0, stop, batch_size):
                 yield self._augmented(self.batch(order[start : start + batch_size]), generator)
         else:

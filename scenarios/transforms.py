@@ -22,6 +22,7 @@ import math
 from collections.abc import Iterable, Sequence
 
 import torch
+from contlearn.scenarios.stream import host_to_device
 from torch.nn import functional as F
 
 from contlearn.errors import ConfigError, DataError, choices
@@ -237,7 +238,7 @@ class RandomCrop(RandomOp):
         _image(x, "random_crop")
         p = self.padding
         b, _, h, w = x.shape
-        offsets = torch.randint(0, 2 * p + 1, (b, 2), generator=generator).to(x.device)
+        offsets = host_to_device(torch.randint(0, 2 * p + 1, (b, 2), generator=generator), x.device)
         padded = F.pad(x, (p, p, p, p))
         rows = (offsets[:, 0:1] + torch.arange(h, device=x.device))[:, :, None]
         cols = (offsets[:, 1:2] + torch.arange(w, device=x.device))[:, None, :]
@@ -255,7 +256,7 @@ class HFlip(RandomOp):
 
     def __call__(self, x, generator):
         _image(x, "hflip")
-        flip = (torch.rand(x.shape[0], generator=generator) < self.p).to(x.device)
+        flip = host_to_device(torch.rand(x.shape[0], generator=generator) < self.p, x.device)
         return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
