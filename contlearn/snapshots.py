@@ -15,12 +15,11 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["ParameterLookup", "frozen_copy", "load_tensors", "module_tensors", "overlap", "selected_parameters", "snapshot"]
+__all__ = ["frozen_copy", "load_tensors", "module_tensors", "overlap", "selected_parameters", "snapshot"]
 
 
 def overlap(param: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor | None:
@@ -102,22 +101,3 @@ def module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     out = {name: p.detach() for name, p in module.named_parameters()}
     out.update({name: b.detach() for name, b in module.named_buffers()})
     return out
-
-
-class ParameterLookup:
-    """``dict(run.model.named_parameters())`` for a penalty computed at every
-    step (EWC, L2), walked once per experience rather than at every step (a
-    ResNet-18 has a thousand calls' worth of modules). The model's parameters
-    change only between experiences (head growth, surgery, a resume), before the
-    experience's optimizer is built: the lookup is made again when the model,
-    the experience or the optimizer is another object."""
-
-    def __init__(self) -> None:
-        self._key: tuple[Any, Any, Any] | None = None
-        self._parameters: dict[str, nn.Parameter] = {}
-
-    def __call__(self, run: Any) -> dict[str, nn.Parameter]:
-        key = (run.model, getattr(run, "experience", None), getattr(run, "optimizer", None))
-        if self._key is None or any(a is not b for a, b in zip(self._key, key, strict=True)):
-            self._parameters, self._key = dict(run.model.named_parameters()), key
-        return self._parameters

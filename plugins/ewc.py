@@ -38,7 +38,7 @@ from torch.nn import functional as F
 
 from contlearn.errors import ConfigError, PluginError, choices
 from contlearn.hookspecs import hookimpl
-from contlearn.snapshots import ParameterLookup, overlap, snapshot
+from contlearn.snapshots import overlap, snapshot
 
 if TYPE_CHECKING:
     from contlearn.distributed import DistributedView
@@ -217,7 +217,6 @@ class EWC:
         self.offset = 0.0
         self.generator = torch.Generator()
         self._seeded = False
-        self._parameters = ParameterLookup()
 
     @hookimpl
     def setup(self, run: Any) -> None:
@@ -252,7 +251,9 @@ class EWC:
     def loss_terms(self, run: Any) -> dict[str, torch.Tensor] | None:
         if not self.importance:
             return None
-        total = quadratic_penalty(self._parameters(run), self.center, self.importance)
+        # looked up at every step, not cached: a module may be replaced inside an experience (Avalanche's
+        # IncrementalClassifier grows at a periodic evaluation), and a cache would penalise the old one
+        total = quadratic_penalty(dict(run.model.named_parameters()), self.center, self.importance)
         if total is None:
             return None
         return {"ewc": 0.5 * self.config.lam * (total + self.offset)}

@@ -29,7 +29,7 @@ from contlearn.plugins.ewc import quadratic_penalty
 
 from contlearn.errors import ConfigError, PluginError, choices
 from contlearn.hookspecs import hookimpl
-from contlearn.snapshots import ParameterLookup, selected_parameters, snapshot
+from contlearn.snapshots import selected_parameters, snapshot
 
 ANCHORS = ("previous", "initial")
 
@@ -54,7 +54,6 @@ class L2:
         self.pattern = re.compile(config.pattern) if config.pattern is not None else None
         self.config = config
         self.anchor: dict[str, torch.Tensor] = {}
-        self._parameters = ParameterLookup()
 
     @hookimpl
     def setup(self, run: Any) -> None:
@@ -78,7 +77,7 @@ class L2:
     def loss_terms(self, run: Any) -> dict[str, torch.Tensor] | None:
         if not self.anchor:
             return None
-        total = quadratic_penalty(self._parameters(run), self.anchor, None)
+        total = quadratic_penalty(dict(run.model.named_parameters()), self.anchor, None)
         if total is None:
             return None
         return {"l2": 0.5 * self.config.lam * total}

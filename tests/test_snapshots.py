@@ -13,7 +13,6 @@ from torch import nn
 
 from contlearn import Experiment, load_config
 from contlearn.snapshots import (
-    ParameterLookup,
     frozen_copy,
     load_tensors,
     module_tensors,
@@ -99,28 +98,6 @@ def documented_plugin() -> type:
     namespace: dict = {}
     exec(block.split("\ncfg = ")[0], namespace)
     return namespace["LogitAnchor"]
-
-
-
-def test_the_parameter_lookup_is_made_again_when_the_model_experience_or_optimizer_changes():
-    from types import SimpleNamespace
-
-    from contlearn.models import MLP, ContinualModel, IncrementalLinear
-
-    model = ContinualModel(MLP((4,), [8]), IncrementalLinear(8))
-    model.head.grow(2)
-    run = SimpleNamespace(model=model, experience="exp 0", optimizer="opt 0")
-    lookup = ParameterLookup()
-    first = lookup(run)
-    assert first == dict(model.named_parameters()) and lookup(run) is first  # walked once per experience
-    model.head.grow(4)  # the next experience grows the head (new parameter objects), then builds its optimizer
-    run.experience, run.optimizer = "exp 1", "opt 1"
-    again = lookup(run)
-    assert again is not first and again["head.weight"].shape[0] == 4
-    run.optimizer = "opt 1, rebuilt on resume"
-    assert lookup(run) is not again
-    run.model = frozen_copy(model)
-    assert lookup(run)["head.weight"] is run.model.head.weight
 
 
 def test_the_documented_plugin_resumes_exactly(tmp_path):
