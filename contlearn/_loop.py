@@ -366,7 +366,8 @@ def evaluate(run: Run, hooks: StepHooks) -> tuple[list[float], np.ndarray]:
     model.eval()
     n_classes = run.stream.n_classes
     columns = n_classes + 1  # the last: a prediction that is no class of the stream
-    confusion = torch.zeros(n_classes * columns, dtype=torch.long, device=run.device)
+    # int32 counts: index_add_ of int64 is missing on some backends (Apple's MPS before torch 2.9)
+    confusion = torch.zeros(n_classes * columns, dtype=torch.int32, device=run.device)
     correct = []
     batch_size = run.config.train.eval_batch_size
     sharded = sharded_evaluation(run)
@@ -388,10 +389,10 @@ def evaluate(run: Run, hooks: StepHooks) -> tuple[list[float], np.ndarray]:
             hits += (pred == batch.y).sum()
             column = torch.where((pred >= 0) & (pred < n_classes), pred, n_classes)
             # index_add_, not bincount: bincount reads its input's range back to the host on CUDA
-            confusion.index_add_(0, batch.y * columns + column, torch.ones_like(column, dtype=torch.long))
+            confusion.index_add_(0, batch.y * columns + column, torch.ones_like(column, dtype=torch.int32))
         correct.append(hits)
     model.train(was_training)
-    hits_per_exp, confusion = _summed_over_processes(run, sharded, torch.stack(correct), confusion)
+    hits_per_exp, confusion = _summed_over_processes(run, sharded, torch.stack(correct), confusion.long())
     return _accuracies(run, hits_per_exp), confusion.view(n_classes, columns).cpu().numpy()
 
 

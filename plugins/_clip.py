@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from contlearn.scenarios.stream import host_to_device
 from torch import nn
 from torch.nn import functional as F
 
@@ -495,12 +496,12 @@ def train_contrastive(
     model.train()
     losses = []
     for _ in range(epochs):
-        order = torch.randperm(len(y), generator=generator).to(y.device)
+        order = host_to_device(torch.randperm(len(y), generator=generator), y.device)
         total, count = 0.0, 0
         for start in range(0, len(y), batch_size):
             idx = order[start : start + batch_size]
             xb, yb = x[idx], y[idx]
-            t = torch.randint(tokens.shape[1], (len(idx),), generator=generator).to(y.device)
+            t = host_to_device(torch.randint(tokens.shape[1], (len(idx),), generator=generator), y.device)
             img = enc(xb)
             txt = F.normalize(clip.encode_text(tokens[yb, t]), dim=-1)
             scale = scale_param.exp().clamp(max=100) if scale_param is not None else torch.tensor(100.0)

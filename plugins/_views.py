@@ -28,6 +28,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+from contlearn.scenarios.stream import host_to_device
 from contlearn.scenarios.transforms import HFlip, RandomCrop, RandomOp
 from torch.nn import functional as F
 
@@ -70,7 +71,7 @@ class RandomResizedCrop(RandomOp):
         cy = (2 * torch.rand(b, generator=generator) - 1) * (1 - h)
         theta = torch.zeros(b, 2, 3)
         theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w, cx, h, cy
-        grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+        grid = F.affine_grid(host_to_device(theta, x.device).to(x.dtype), list(x.shape), align_corners=False)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
     def __repr__(self) -> str:
@@ -95,7 +96,7 @@ class ColorJitter(RandomOp):
         fb = torch.where(apply, self._factor(self.brightness, b, generator), one)
         fc = torch.where(apply, self._factor(self.contrast, b, generator), one)
         fs = torch.where(apply, self._factor(self.saturation, b, generator), one)
-        fb, fc, fs = (f.to(x.device, x.dtype).view(b, 1, 1, 1) for f in (fb, fc, fs))
+        fb, fc, fs = (host_to_device(f, x.device).to(x.dtype).view(b, 1, 1, 1) for f in (fb, fc, fs))
         x = x * fb
         mean = _luma(x).mean(dim=(1, 2, 3), keepdim=True)
         x = (x - mean) * fc + mean
@@ -117,7 +118,7 @@ class RandomGrayscale(RandomOp):
         self.p = float(p)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        grey = (torch.rand(x.shape[0], generator=generator) < self.p).to(x.device)
+        grey = host_to_device(torch.rand(x.shape[0], generator=generator) < self.p, x.device)
         if x.shape[1] != 3:
             return x
         return torch.where(grey[:, None, None, None], _luma(x).expand_as(x), x)

@@ -256,11 +256,12 @@ class MEMO:
         assert self._exp_of_class is not None
         n_exp = len(run.stream)
         index = self._exp_of_class[batch.y]
+        # index_add_, not bincount: bincount reads its input's range back to the host on CUDA
         self._hits.setdefault("count", torch.zeros(n_exp, device=run.device))
-        self._hits["count"] += torch.bincount(index, minlength=n_exp)
+        self._hits["count"].index_add_(0, index, torch.ones(len(index), device=run.device))
         for name, p in preds.items():
             self._hits.setdefault(name, torch.zeros(n_exp, device=run.device))
-            self._hits[name] += torch.bincount(index, weights=(p == batch.y).float(), minlength=n_exp)
+            self._hits[name].index_add_(0, index, (p == batch.y).float())
         return preds.get(self.config.predict, cnn)
 
     @hookimpl

@@ -571,6 +571,35 @@ def test_adapter_uses_a_plugin_optimizer(av, raw):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+
+def test_a_loss_term_returned_at_some_steps_only_is_averaged_over_every_step_as_the_loop_does(av, raw):
+    class EveryOtherStep:
+        def __init__(self):
+            self.epochs = []
+
+        @hookimpl
+        def loss_terms(self, run, out):
+            return {"sometimes": 0.0 * out.logits.sum() + 1.0} if run.step % 2 == 0 else None
+
+        @hookimpl
+        def on_metrics(self, metrics):
+            if metrics["kind"] == "epoch":
+                self.epochs.append(metrics)
+
+    x_tr, y_tr, x_te, y_te = raw
+    train, test = y_tr < 2, y_te < 2
+    bench = av.b.tensors_benchmark([[x_tr[train], y_tr[train]]], [[x_te[test], y_te[test]]], task_labels=[0])
+    plugin = EveryOtherStep()
+    model = mlp()
+    strategy = av.t.Naive(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05), train_mb_size=16, train_epochs=1,
+        eval_mb_size=512, evaluator=silent(av), plugins=[cav.as_avalanche_plugin(plugin)],
+    )
+    train_eval(strategy, bench)
+    steps = -(-int(train.sum()) // 16)
+    assert plugin.epochs[0]["loss/sometimes"] == pytest.approx(((steps + 1) // 2) / steps)  # 1 at even steps, 0 at odd
+
+
 def test_unmappable_hooks_are_refused(av):
     class Forwarding(Quiet):
         @hookimpl

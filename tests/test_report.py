@@ -85,6 +85,8 @@ def test_runs_of_one_experiment_over_seeds_are_summarised_as_mean_and_sample_std
     accuracies = [json.loads((d / "results.json").read_text())["average_accuracy"] for d in [*seeds, elsewhere]]
     mean, std = statistics.mean(accuracies), statistics.stdev(accuracies)
     assert f"| finetune | 3 | 0, 1, 2 | {mean:.3f} ± {std:.3f} |" in text
+    bwt = [json.loads((d / "results.json").read_text())["bwt"] for d in [*seeds, elsewhere]]
+    assert f" | {statistics.mean(bwt):+.3f} ± {statistics.stdev(bwt):.3f} | " in text  # BWT and FWT with their sign
     lr = json.loads((rp / "results.json").read_text())["config"]["train"]["lr"]
     assert f"| replay (train.lr={lr}) | 1 | 0 |" in text and "| replay (train.lr=0.5) | 1 | 0 |" in text
     assert "Note:" not in text
