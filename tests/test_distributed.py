@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -39,14 +40,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_processes(*args: str) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node 2 ARGS`` on the loopback, one thread per process."""
+def two_processes(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2 ARGS`` on the loopback, one thread per process.
+    Past ``timeout`` (processes stuck in a collective) the whole group is killed,
+    workers included, and the test fails saying so."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     torchrun += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
-    return subprocess.run([*torchrun, *args], env=env, capture_output=True, text=True, timeout=300)
+    with subprocess.Popen([*torchrun, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.terminate()  # torchrun stops its workers (their own sessions) on SIGTERM
+            try:
+                out, err = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                out, err = proc.communicate()
+            pytest.fail(f"torchrun was still running after {timeout} s (a collective that never completes?): {err[-2000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def test_two_processes_train_as_one_and_only_process_0_writes(tmp_path):
