@@ -234,6 +234,6 @@ def latest(directory: Path) -> tuple[Path, dict[str, Any]]:
             problems.append(str(exc))
             continue
         for problem in problems:
-            warnings.warn(f"{problem}; resuming from the previous one, '{path.name}'", CheckpointWarning, stacklevel=2)
+            warnings.warn(f"{problem}; using the previous one, '{path.name}'", CheckpointWarning, stacklevel=2)
         return path, state
     raise CheckpointError(f"no readable checkpoint in '{directory}': {'; '.join(problems)}")

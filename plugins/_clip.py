@@ -452,7 +452,7 @@ def random_views(
     theta[:, 0, 2] = cx
     theta[:, 1, 1] = h
     theta[:, 1, 2] = cy
-    theta = theta.to(x.device, x.dtype)
+    theta = host_to_device(theta, x.device).to(x.dtype)
     src = x.unsqueeze(1).expand(B, n_views - 1, C, H, W).reshape(n, C, H, W)
     grid = F.affine_grid(theta, [n, C, H, W], align_corners=False)
     crops = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)

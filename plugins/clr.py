@@ -275,7 +275,9 @@ class CLR:
 
     # --------------------------------------------------------------- hooks
 
-    @hookimpl
+    # tryfirst: the reprogramming surgery comes before other plugins' setup, which
+    # may select (l2's pattern) or anchor (l2, ewc) the model's parameters by name.
+    @hookimpl(tryfirst=True)
     def setup(self, run) -> None:
         self._build(run, fresh=True)
         self._to_device(run.device)

@@ -290,7 +290,7 @@ def test_truncated_checkpoint_is_skipped_and_the_user_told(finished_run, tmp_pat
     assert main(["resume", str(run), "--quiet"]) == 0
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"warning: checkpoint '{newest.name}' is truncated or corrupt")
-    assert "resuming from the previous one, 'ckpt-" in err
+    assert "using the previous one, 'ckpt-" in err
     assert (run / "results.json").read_text().count('"accuracy_matrix"') == 1
     assert ckpt.load(newest)  # rewritten whole by the resumed run
 

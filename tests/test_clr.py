@@ -294,3 +294,12 @@ def test_benchmark_resnet32x32_runs_and_clr_has_zero_bwt(capsys):
     assert set(rows) == {"| method", "| clr", "| independent"}
     # 2 tasks of 5 classes: 6,192 kernels + 1,376 BatchNorm + a 5-class head on 64 features
     assert " | 0.000 | 7,893 (2.9% of the 269,072-parameter backbone) |" in rows["| clr"]
+
+
+def test_other_plugins_setup_sees_the_reprogrammed_model():
+    """CLR's surgery goes first: l2 registered before it selects the reprogramming
+    parameters by name (they did not exist yet when l2's setup ran first)."""
+    run = Experiment(clr_config("plugins.l2.pattern=reprogram", "plugins.l2.anchor=initial")).build()
+    run.hook.setup(run=run)
+    anchor = run.plugins["l2"].anchor
+    assert anchor and all("reprogram" in name for name in anchor)

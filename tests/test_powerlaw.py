@@ -295,7 +295,7 @@ def test_resume_inside_an_experience_reuses_the_held_draw():
     held = first.train_data(run, run.stream[3])  # experience 3 started, then the process died
     resumed, run = make(seed=2, since="last", pool_size=14)
     resumed.load_state_dict(_through_bytes(first.state_dict()))
-    again = resumed.train_data(run, run.stream[3])  # what checkpoint.restore calls
+    again = resumed.train_data(run, run.stream[3])  # what _run_state.restore calls
     assert torch.equal(again.x, held.x)
     resumed.after_experience(run, run.stream[3])
     drive(resumed, run, range(4, 5))
