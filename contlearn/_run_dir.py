@@ -49,9 +49,8 @@ def refuse_finished(run_dir: Path, state: dict[str, Any]) -> None:
                 f"train, and its accuracy matrix predates the unlearning (unlearn.json has what it measured after)"
             )
         return
-    try:
-        rows = len(json.loads(results.read_text(encoding="utf-8"))["accuracy_matrix"])
-    except (ValueError, KeyError, TypeError):
+    rows = results_rows(run_dir)
+    if rows is None:
         return  # unreadable results: resuming writes them again
     if n_experiences:
         finished = rows == n_experiences
@@ -60,3 +59,12 @@ def refuse_finished(run_dir: Path, state: dict[str, Any]) -> None:
     if finished:
         raise ConfigError(f"'{run_dir}' is finished: its {rows} experiences are trained and its results written "
                           f"(if its report is missing: contlearn report {run_dir})")
+
+
+def results_rows(run_dir: Path) -> int | None:
+    """The number of rows (experiences trained) of ``run_dir``'s results, ``None``
+    without a readable ``results.json``."""
+    try:
+        return len(json.loads((run_dir / "results.json").read_text(encoding="utf-8"))["accuracy_matrix"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

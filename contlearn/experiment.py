@@ -106,17 +106,18 @@ def cpu_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when present, else the CPU; asking for an absent CUDA is an error."""
+def resolve_device(name: str, instead: str = "use device=auto or cpu") -> torch.device:
+    """``auto`` is CUDA when present, else the CPU; asking for an absent device is
+    an error, whose advice is ``instead`` (what the command at hand takes)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device '{name}' was asked for but CUDA is not available; use device=auto or cpu")
+        raise ConfigError(f"device '{name}' was asked for but CUDA is not available; {instead}")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ConfigError(f"device '{name}' was asked for but this machine has {torch.cuda.device_count()} CUDA device(s)")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"device '{name}' was asked for but MPS is not available here; use device=auto or cpu")
+        raise ConfigError(f"device '{name}' was asked for but MPS is not available here; {instead}")
     return device
 
 

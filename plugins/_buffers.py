@@ -63,9 +63,7 @@ class _Storage:
         index = host_to_device(slots, self.x.device)
         parts = [v.index_select(0, index) for v in (self.x, self.y, self.t)]
         if self.x.device != torch.device(device):
-            if self.x.device.type == "cpu" and torch.device(device).type == "cuda":
-                parts = [p.pin_memory() for p in parts]
-            parts = [p.to(device, non_blocking=True) for p in parts]
+            parts = [host_to_device(p, torch.device(device)) for p in parts]
         return Batch(*parts)
 
     def state_dict(self) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from typing import Any
 
 from contlearn import _run_state as run_state
 from contlearn import checkpoint as ckpt
+from contlearn._run_dir import refuse_existing_run, results_rows
 from contlearn.config import load_config, saved_run_config, schema_defaults, to_container, to_yaml
 from contlearn.errors import CheckpointError, ConfigError
 from contlearn.reporting import fmt
@@ -61,7 +62,6 @@ def unlearn_run_dir(
         readable checkpoint is older than its results.
     """
     from contlearn._environment import environment_world_size
-    from contlearn._run_dir import refuse_existing_run
     from contlearn.experiment import Experiment, cpu_threads, resolve_device
 
     if environment_world_size() > 1:
@@ -92,10 +92,7 @@ def unlearn_run_dir(
         )
 
     refuse_existing_run(out_dir)
-    try:
-        resolve_device(config.device)
-    except ConfigError as exc:  # its advice names the override a run takes
-        raise ConfigError(f"{str(exc).split('; use ')[0]}; unlearn elsewhere with --device cpu (or auto)") from None
+    resolve_device(config.device, instead="unlearn elsewhere with --device cpu (or auto)")
     with saved_run_config():
         experiment = Experiment(config)
     with cpu_threads(config.threads):
@@ -116,9 +113,8 @@ def _refuse_an_older_model(run_dir: Path, path: Path, position: dict[str, Any]) 
     """:raises CheckpointError: the run finished, but its newest readable
     checkpoint is older (the newer ones are unreadable): unlearning it would not
     unlearn the model the run's results describe."""
-    try:
-        rows = len(json.loads((run_dir / "results.json").read_text(encoding="utf-8"))["accuracy_matrix"])
-    except (OSError, ValueError, KeyError, TypeError):
+    rows = results_rows(run_dir)
+    if rows is None:
         return  # no results (a stopped run) or unreadable ones: the newest readable checkpoint is the run's state
     if position["inside_experience"] or int(position["completed"]) < rows:
         raise CheckpointError(

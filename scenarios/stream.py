@@ -17,11 +17,11 @@ import torch
 
 
 def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CPU tensor (drawn from a CPU generator, so the same on every device) on
-    ``device``, without waiting for it: on CUDA it is pinned and copied
-    asynchronously, where a copy from pageable memory would wait until the GPU
-    has run everything queued (a stall at every training step)."""
-    if device.type != "cuda":
+    """``tensor`` on ``device``; a CPU tensor (drawn from a CPU generator, so the
+    same on every device) reaches a GPU without waiting for it: pinned, then
+    copied asynchronously, where a copy from pageable memory would wait until
+    the GPU has run everything queued (a stall at every training step)."""
+    if device.type != "cuda" or tensor.device.type != "cpu":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
 
