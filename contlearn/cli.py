@@ -252,13 +252,12 @@ def cmd_configs(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from contlearn.report import comparison_markdown, label_runs, load_run, write_report
+    from contlearn.report import comparison_markdown, load_runs, write_runs_report
 
     _refuse_empty_out(args.out, "where to write the comparison")
-    for path in write_report(args.run_dirs, args.out):
+    runs = load_runs(args.run_dirs)
+    for path in write_runs_report(runs, args.out):
         print(f"wrote {path}")
-    runs = [load_run(p) for p in args.run_dirs]
-    label_runs(runs)
     print()
     print(comparison_markdown(runs), end="")
     return 0

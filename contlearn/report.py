@@ -330,16 +330,26 @@ def write_run_report(run: FinishedRun) -> list[Path]:
     return paths
 
 
-def write_report(run_dirs: str | Path | list[str | Path], out_dir: str | Path | None = None) -> list[Path]:
-    """Report every run directory (one, or a list); with several, compare them in
-    ``out_dir`` (default: the first run's directory). Every directory is checked
-    before anything is written. Returns the files written."""
+def load_runs(run_dirs: str | Path | list[str | Path]) -> list[FinishedRun]:
+    """Every run directory (one, or a list) loaded, checked and labelled."""
     if isinstance(run_dirs, (str, Path)):
         run_dirs = [run_dirs]
     if not run_dirs:
         raise ConfigError("name at least one run directory to report on")
     runs = [load_run(p) for p in run_dirs]
     label_runs(runs)
+    return runs
+
+
+def write_report(run_dirs: str | Path | list[str | Path], out_dir: str | Path | None = None) -> list[Path]:
+    """Report every run directory (one, or a list); with several, compare them in
+    ``out_dir`` (default: the first run's directory). Every directory is checked
+    before anything is written. Returns the files written."""
+    return write_runs_report(load_runs(run_dirs), out_dir)
+
+
+def write_runs_report(runs: list[FinishedRun], out_dir: str | Path | None = None) -> list[Path]:
+    """:func:`write_report` of runs already loaded by :func:`load_runs`."""
     if len(runs) == 1 and out_dir is not None:
         raise ConfigError("--out names where several runs are compared; one run's report is written in its own directory")
     out = Path(out_dir) if out_dir is not None else runs[0].path
