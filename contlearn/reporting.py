@@ -8,6 +8,12 @@ from typing import Any, TextIO
 from contlearn.hookspecs import hookimpl
 
 
+def numbered(index: int, total: int) -> str:
+    """An index as the config, the results and the errors write it (from 0), with
+    its place among ``total``: ``3 (4/5)``."""
+    return f"{index} ({index + 1}/{total})"
+
+
 def fmt(value: float | None) -> str:
     """A measured fraction to three decimals, ``-`` when it was not measured."""
     return "-" if value is None else f"{value:.3f}"
@@ -16,7 +22,7 @@ def fmt(value: float | None) -> str:
 def unlearn_line(metrics: dict[str, Any]) -> str:
     """One line on a forget event (``on_metrics`` with ``kind: "unlearn"``)."""
     return (
-        f"after experience {metrics['experience'] + 1}: forgot (SSD alpha {metrics['alpha']:g}, "
+        f"after experience {metrics['experience']}: forgot (SSD alpha {metrics['alpha']:g}, "
         f"lambda {metrics['lam']:g}): forget accuracy {fmt(metrics.get('forget_accuracy'))}, "
         f"retain accuracy {fmt(metrics.get('retain_accuracy'))}, "
         f"{100 * (metrics.get('dampened_fraction') or 0.0):.2f}% of parameters dampened"
@@ -35,7 +41,8 @@ class ConsoleProgress:
         n = len(run.stream)
         if metrics["kind"] == "epoch" and self.epochs:
             print(
-                f"experience {metrics['experience'] + 1}/{n} epoch {metrics['epoch'] + 1}: loss {metrics['loss']:.4f}",
+                f"experience {numbered(metrics['experience'], n)} "
+                f"epoch {numbered(metrics['epoch'], run.config.train.epochs)}: loss {metrics['loss']:.4f}",
                 file=self.stream,
             )
         elif metrics["kind"] == "unlearn":
@@ -43,7 +50,7 @@ class ConsoleProgress:
         elif metrics["kind"] == "eval":
             row = " ".join(f"{a:.3f}" for a in metrics["accuracy"])
             print(
-                f"experience {metrics['experience'] + 1}/{n}: average accuracy "
+                f"experience {numbered(metrics['experience'], n)}: average accuracy "
                 f"{metrics['average_accuracy']:.4f}  [{row}]",
                 file=self.stream,
                 flush=True,
@@ -86,7 +93,7 @@ class TqdmProgress:
                 self.epochs = self._bar(
                     total=run.config.train.epochs,
                     initial=metrics["epoch"],
-                    desc=f"experience {metrics['experience'] + 1}/{n}",
+                    desc=f"experience {numbered(metrics['experience'], n)}",
                     unit="epoch",
                     leave=False,
                 )

@@ -60,7 +60,7 @@ def test_ctrl_c_in_a_plugins_teardown_after_the_results_says_the_run_finished(tm
 def test_run_by_name_prints_progress(tmp_path, capsys):
     assert main(["run", "split-digits", "train.epochs=1", "eval.fwt=false", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "experience 5/5" in out
+    assert "experience 4 (5/5)" in out
 
 
 @pytest.mark.parametrize(

@@ -184,7 +184,7 @@ def test_progress_bars_show_experiences_epochs_and_loss(quick):
     Experiment(quick_cfg(quick), plugins={"progress": bars}).run()
     text = out.getvalue()
     assert "experiences" in text and "2/2" in text and "avg_acc=" in text
-    assert "experience 2/2" in text and "loss=" in text
+    assert "experience 1 (2/2)" in text and "loss=" in text
     assert bars.experiences is None and bars.epochs is None, "closed at teardown"
 
 
@@ -201,8 +201,8 @@ def test_console_progress_reports_a_forget_event(quick):
     overrides = [*quick, "scenario.n_experiences=2", "plugins.ssd.forget=[{after: 1, classes: [0]}]"]
     Experiment(load_config(None, overrides), plugins={"console": ConsoleProgress(out)}).run()
     lines = out.getvalue().splitlines()
-    assert [line.split(":")[0] for line in lines] == ["experience 1/2", "after experience 2", "experience 2/2"]
-    assert lines[1].startswith("after experience 2: forgot (SSD alpha ") and "% of parameters dampened" in lines[1]
+    assert [line.split(":")[0] for line in lines] == ["experience 0 (1/2)", "after experience 1", "experience 1 (2/2)"]
+    assert lines[1].startswith("after experience 1: forgot (SSD alpha ") and "% of parameters dampened" in lines[1]
 
 
 def test_a_lost_evaluation_line_keeps_the_events_of_the_experiences_completed(tmp_path, uninterrupted_events):
