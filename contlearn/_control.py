@@ -21,7 +21,7 @@ from contlearn._loop import check_weights, loss_table, raise_if_not_finite
 from contlearn._random_state import own_gpu, rng_state
 from contlearn._run_state import EpochState, Progress
 from contlearn.config import to_container
-from contlearn.errors import Interrupted
+from contlearn.errors import Interrupted, command
 
 if TYPE_CHECKING:
     from contlearn.experiment import Experiment
@@ -48,7 +48,7 @@ def how_to_resume(experiment: Experiment) -> str:
         given.append("stream=...")
         what.append("the same stream")
     if not given:
-        return f"contlearn resume {experiment.out_dir}"
+        return command("contlearn", "resume", experiment.out_dir)
     return f"Experiment.resume({str(experiment.out_dir)!r}, {', '.join(given)}) in Python, with {' and '.join(what)}"
 
 

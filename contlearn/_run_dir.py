@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from contlearn import checkpoint as ckpt
-from contlearn.errors import ConfigError
+from contlearn.errors import ConfigError, command
 
 
 def refuse_existing_run(out_dir: Path) -> None:
@@ -27,9 +27,9 @@ def refuse_existing_run(out_dir: Path) -> None:
     if ckpt.list_checkpoints(out_dir / ckpt.DIRNAME):
         copy = (out_dir / "unlearn.json").exists()
         raise ConfigError(
-            f"'{out_dir}' already holds a {'model that unlearned' if copy else 'run'} (checkpoints): continue it "
-            f"with 'contlearn resume {out_dir}'{' if experiences are left' if copy else ''}, or give the new run "
-            f"another directory"
+            f"'{out_dir}' already holds a {'model that unlearned' if copy else 'run'} (checkpoints): give the new "
+            f"run another directory, or continue that one{' if experiences are left' if copy else ''} with: "
+            f"{command('contlearn', 'resume', out_dir)}"
         )
 
 
@@ -58,7 +58,7 @@ def refuse_finished(run_dir: Path, state: dict[str, Any]) -> None:
         finished = not position["inside_experience"] and rows == position["completed"]
     if finished:
         raise ConfigError(f"'{run_dir}' is finished: its {rows} experiences are trained and its results written "
-                          f"(if its report is missing: contlearn report {run_dir})")
+                          f"(if its report is missing: {command('contlearn', 'report', run_dir)})")
 
 
 def results_rows(run_dir: Path) -> int | None:

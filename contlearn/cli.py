@@ -6,8 +6,8 @@
 ``contlearn resume RUN_DIR [key=value ...] [--quiet]``,
 ``contlearn unlearn RUN_DIR (--classes C ... | --samples I ...) [--alpha A --lam L | --auto [--target T]]``.
 Errors meant for the user print one line to stderr and exit with 2 (usage and
-config) or 1 (run time), without a traceback. The first Ctrl-C during a run
-finishes the current step, writes a checkpoint and exits with 130.
+config) or 1 (run time), without a traceback. The first Ctrl-C (or SIGTERM)
+during a run finishes the current step, writes a checkpoint and exits with 130.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from contlearn.errors import ConfigError, ContlearnError, Interrupted, one_line
+from contlearn.errors import ConfigError, ContlearnError, Interrupted, command, one_line
 
 EXIT_INTERRUPTED = 130
 
@@ -149,14 +149,14 @@ def _run_to_the_end(experiment, out: str | Path) -> int:
         except ContlearnError as exc:  # a full disk, say: the run itself is finished and its results kept
             print(experiment.summary_text())
             print(f"error: the run finished and its results are in {out}, but its report could not be written "
-                  f"({exc}); write it with: contlearn report {out}", file=sys.stderr)
+                  f"({exc}); write it with: {command('contlearn', 'report', out)}", file=sys.stderr)
             return exc.exit_code
     except KeyboardInterrupt:
         if experiment.results is None or not (Path(out) / "results.json").is_file():
             raise
         # the run is finished and its results written (a Ctrl-C in the plugins' teardown, or the report's)
         print(f"error: the run finished and its results are in {out}, but the report was interrupted; "
-              f"write it with: contlearn report {out}", file=sys.stderr)
+              f"write it with: {command('contlearn', 'report', out)}", file=sys.stderr)
         return 130
     print(experiment.summary_text())
     print(f"\nrun directory: {out}")

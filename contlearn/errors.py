@@ -7,6 +7,7 @@ failures at run time.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Iterable
 
 
@@ -63,3 +64,9 @@ def one_line(exc: BaseException) -> str:
     """A library's error inside one of ours: ``Type: first line of its message``."""
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def command(*words: object) -> str:
+    """A command line a message suggests, quoted where a shell needs it (a path
+    with a space), so that it can be pasted as it is."""
+    return shlex.join(str(word) for word in words)

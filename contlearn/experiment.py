@@ -254,9 +254,10 @@ class Experiment:
 
     @contextlib.contextmanager
     def interruptible(self) -> Iterator[None]:
-        """While active (in the main thread), the first Ctrl-C calls
-        :meth:`request_stop`; a second one interrupts at once
-        (``KeyboardInterrupt``)."""
+        """While active (in the main thread), the first Ctrl-C or SIGTERM (what
+        a scheduler sends before it kills a job) calls :meth:`request_stop`; a
+        second one of the same signal acts at once (Ctrl-C: ``KeyboardInterrupt``;
+        SIGTERM: the process ends)."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -264,17 +265,21 @@ class Experiment:
         when = "after the current step"
         if environment_world_size() > 1:  # the processes agree on it there
             when = "at the end of the epoch or the next periodic checkpoint (checkpoint.every_n_steps)"
+        names = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+        at_once = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
 
-        def on_sigint(signum: int, frame: Any) -> None:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            print(f"\nstopping {when} (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        def on_signal(signum: int, frame: Any) -> None:
+            signal.signal(signum, at_once[signum])
+            print(f"\n{names[signum]}: stopping {when} ({names[signum]} again to stop at once)",
+                  file=sys.stderr, flush=True)
             self.request_stop()
 
-        previous = signal.signal(signal.SIGINT, on_sigint)
+        previous = {signum: signal.signal(signum, on_signal) for signum in names}
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
     # ------------------------------------------------------------------ build
 

@@ -430,14 +430,27 @@ def random_views(
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     flip: bool = True,
 ) -> torch.Tensor:
-    """``[B, n_views, C, H, W]``: view 0 is ``x`` itself, the others random
-    resized crops (area fraction in ``scale``, aspect ratio in ``ratio``, at the
-    input's size) with random horizontal flips. Crop parameters are drawn from
-    ``generator`` (on the CPU), per image and view."""
-    B, C, H, W = x.shape
-    n = B * (n_views - 1)
-    if n == 0:
+    """``[B, n_views, C, H, W]``: view 0 is ``x`` itself, the others
+    :func:`random_crops` of it."""
+    if n_views == 1:
         return x.unsqueeze(1)
+    return torch.cat([x.unsqueeze(1), random_crops(x, n_views - 1, generator, scale, ratio, flip)], dim=1)
+
+
+def random_crops(
+    x: torch.Tensor,
+    n_crops: int,
+    generator: torch.Generator,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    flip: bool = True,
+) -> torch.Tensor:
+    """``[B, n_crops, C, H, W]`` random resized crops of ``x`` (area fraction in
+    ``scale``, aspect ratio in ``ratio``, at the input's size) with random
+    horizontal flips. Crop parameters are drawn from ``generator`` (on the
+    CPU), per image and crop."""
+    B, C, H, W = x.shape
+    n = B * n_crops
     u = torch.rand(5, n, generator=generator)
     area = scale[0] + (scale[1] - scale[0]) * u[0]
     log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[1]
@@ -453,10 +466,10 @@ def random_views(
     theta[:, 1, 1] = h
     theta[:, 1, 2] = cy
     theta = host_to_device(theta, x.device).to(x.dtype)
-    src = x.unsqueeze(1).expand(B, n_views - 1, C, H, W).reshape(n, C, H, W)
+    src = x.unsqueeze(1).expand(B, n_crops, C, H, W).reshape(n, C, H, W)
     grid = F.affine_grid(theta, [n, C, H, W], align_corners=False)
     crops = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return torch.cat([x.unsqueeze(1), crops.view(B, n_views - 1, C, H, W)], dim=1)
+    return crops.view(B, n_crops, C, H, W)
 
 
 # --------------------------------------------------------------------- training

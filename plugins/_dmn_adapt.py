@@ -16,8 +16,9 @@ from __future__ import annotations
 import math
 
 import torch
-from contlearn.plugins._clip import ClipImageEncoder, random_views
+from contlearn.plugins._clip import ClipImageEncoder, random_crops, random_views
 from contlearn.plugins._dmn_memory import BIASES, DualMemory
+from contlearn.scenarios.stream import host_to_device
 from torch.nn import functional as F
 
 #: Weights searched for alpha_d and alpha_s (the reference code's grid).
@@ -73,20 +74,21 @@ def train_biases(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=1e-7)
     losses = []
     for _ in range(epochs):
-        order, total = torch.randperm(len(y), generator=generator), 0.0
+        order = torch.randperm(len(y), generator=generator)
+        total = torch.zeros((), dtype=torch.float64, device=device)  # read once per epoch, not per step
         for idx in torch.split(order, batch_size):
-            xb, yb = x[idx].to(device), y[idx].to(device)
+            xb, yb = host_to_device(x[idx], device), host_to_device(y[idx], device)
             with torch.no_grad():
-                crops = random_views(encoder.prepare(xb), 2, generator, (crop_min, 1.0), flip=flip)
-                v = encoder.encode_prepared(crops[:, 1])
+                crops = random_crops(encoder.prepare(xb), 1, generator, (crop_min, 1.0), flip=flip)
+                v = encoder.encode_prepared(crops[:, 0])
             text_logits = memory.logit_scale * v @ memory.text_weights().t()
             loss = F.cross_entropy(memory.static_logits(v), yb) + F.cross_entropy(text_logits, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss.detach()) * len(idx)
-        losses.append(total / len(y))
+            total += loss.detach().double() * len(idx)
+        losses.append(float(total) / len(y))
     return losses
 
 

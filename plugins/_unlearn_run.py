@@ -25,7 +25,7 @@ from contlearn import _run_state as run_state
 from contlearn import checkpoint as ckpt
 from contlearn._run_dir import refuse_existing_run, results_rows
 from contlearn.config import load_config, saved_run_config, schema_defaults, to_container, to_yaml
-from contlearn.errors import CheckpointError, ConfigError
+from contlearn.errors import CheckpointError, ConfigError, command
 from contlearn.reporting import fmt
 from contlearn.results import prepare_run_dir, write_atomic
 
@@ -88,7 +88,7 @@ def unlearn_run_dir(
     if pos["inside_experience"]:
         raise ConfigError(
             f"the newest checkpoint '{path.name}' is inside experience {pos['completed']}; unlearning needs a model "
-            f"between experiences: finish the run with 'contlearn resume {run_dir}' first"
+            f"between experiences: finish the run first with: {command('contlearn', 'resume', run_dir)}"
         )
 
     refuse_existing_run(out_dir)

@@ -24,6 +24,7 @@ may be normalised.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -41,12 +42,17 @@ def _uniform(n: int, low: float, high: float, generator: torch.Generator | None)
     return low + (high - low) * torch.rand(n, generator=generator)
 
 
+@functools.cache
+def _luma_weights(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The luma weights as a ``[1, 3, 1, 1]`` tensor, copied to a device once."""
+    return host_to_device(torch.tensor(_LUMA, dtype=dtype).view(1, 3, 1, 1), device)
+
+
 def _luma(x: torch.Tensor) -> torch.Tensor:
     """``[B, 1, H, W]`` grey level of ``[B, C, H, W]`` images (the image itself when ``C == 1``)."""
     if x.shape[1] != 3:
         return x.mean(dim=1, keepdim=True)
-    w = torch.tensor(_LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x * w).sum(dim=1, keepdim=True)
+    return (x * _luma_weights(x.device, x.dtype)).sum(dim=1, keepdim=True)
 
 
 class RandomResizedCrop(RandomOp):

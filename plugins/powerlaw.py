@@ -36,6 +36,7 @@ import torch
 from contlearn.plugins._common import plugin_generator
 from contlearn.plugins._schedules import Schedule
 from contlearn.scenarios import Batch, TensorData
+from contlearn.scenarios.stream import host_to_device
 
 from contlearn.errors import ConfigError, choices
 from contlearn.hookspecs import hookimpl
@@ -136,9 +137,8 @@ class PowerLaw:
             return None
         if self._order is None or self._order[0] != run.epoch:
             g = torch.Generator().manual_seed(self._epoch_seed(run.epoch))
-            self._order = (run.epoch, torch.randperm(n, generator=g))
-        pick = self._order[1][j * per_step : (j + 1) * per_step]
-        return data.batch(pick.to(data.device))
+            self._order = (run.epoch, host_to_device(torch.randperm(n, generator=g), data.device))
+        return data.batch(self._order[1][j * per_step : (j + 1) * per_step])
 
     @hookimpl
     def after_experience(self, run: Any, exp: Any) -> None:

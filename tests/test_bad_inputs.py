@@ -4,6 +4,7 @@ clear line on stderr and its exit code (2: usage and config, 1: run time,
 
 from __future__ import annotations
 
+import shlex
 import sys
 import textwrap
 from pathlib import Path
@@ -168,12 +169,13 @@ def test_a_plugin_list_instead_of_a_mapping_in_a_file(tmp_path, capsys):
 
 
 def test_a_new_run_in_a_directory_that_holds_a_run_is_refused(finished_run, tmp_path, capsys):
-    run = copy_run(finished_run, tmp_path / "run")  # checkpoints without results: a run that stopped
+    run = copy_run(finished_run, tmp_path / "my run")  # checkpoints without results: a run that stopped
     err = one_error_line(capsys, 2, ["run", *TINY, "--out", str(run), "--quiet"])
-    assert err == (
-        f"error: '{run}' already holds a run (checkpoints): continue it with "
-        f"'contlearn resume {run}', or give the new run another directory"
+    assert err == (  # the command quoted, to be pasted as it is
+        f"error: '{run}' already holds a run (checkpoints): give the new run another directory, or continue "
+        f"that one with: contlearn resume {shlex.quote(str(run))}"
     )
+    assert shlex.quote(str(run)) != str(run)
     assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == [
         p.name for p in ckpt.list_checkpoints(finished_run / "checkpoints")
     ]

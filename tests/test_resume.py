@@ -121,25 +121,28 @@ def test_a_resume_inside_an_experience_checks_the_optimizer_as_a_run_does(tmp_pa
     Experiment.resume(out, plugins={"sgd": OwnSGD()}).run()  # the checkpoint is still there
 
 
-def test_ctrl_c_finishes_the_step_checkpoints_and_exits_130(tmp_path, reference, monkeypatch, capsys):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_finishes_the_step_checkpoints_and_exits_130(tmp_path, reference, monkeypatch, capsys,
+                                                                       signum):
     import contlearn._loop as loop
 
     train_step = loop.train_step
 
-    def step_then_sigint(run, *args):
+    def step_then_signal(run, *args):
         train_step(run, *args)
         if run.global_step == 13:
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signum)
 
-    monkeypatch.setattr(loop, "train_step", step_then_sigint)
-    handler_before = signal.getsignal(signal.SIGINT)  # SIG_IGN when the suite runs as a background job
+    monkeypatch.setattr(loop, "train_step", step_then_signal)
+    handler_before = signal.getsignal(signum)  # SIG_IGN for SIGINT when the suite runs as a background job
     out = tmp_path / "run"
     assert main(["run", *TINY, "--out", str(out), "--quiet"]) == 130
     err = capsys.readouterr().err
     assert f"contlearn resume {out}" in err and "Traceback" not in err
+    assert f"{'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'}: stopping after the current step" in err
     assert "interrupted after step 3 of experience 1 (epoch 0)" in err
     assert ckpt.list_checkpoints(out / "checkpoints")[-1].name == "ckpt-001-000000013.pt"
-    assert signal.getsignal(signal.SIGINT) is handler_before
+    assert signal.getsignal(signum) is handler_before
 
     monkeypatch.setattr(loop, "train_step", train_step)
     assert main(["resume", str(out), "--quiet"]) == 0
