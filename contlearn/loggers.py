@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import IO, Any
@@ -166,6 +168,7 @@ class TensorBoardLogger:
         self._writer_cls = SummaryWriter
         self.log_dir = Path(log_dir)
         self.writer: Any = None
+        self._excepthook: Any = None
 
     @hookimpl
     def setup(self, run: Any) -> None:
@@ -175,26 +178,70 @@ class TensorBoardLogger:
         # epoch's point, at the checkpoint's own step, is not logged again: kept.
         if run.dist.is_main and self.writer is None:
             between = run.experience is None and run.global_step > 0
-            self.writer = self._writer_cls(log_dir=str(self.log_dir), purge_step=run.global_step + between)
+            try:  # checked here: TensorBoard's writer thread would fail on its own, with its traceback
+                self.log_dir.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryFile(dir=self.log_dir):
+                    pass
+                _wait_for_a_later_second(self.log_dir)
+                self._excepthook = threading.excepthook
+                threading.excepthook = _quiet_writer_threads(self._excepthook)
+                self.writer = self._writer_cls(log_dir=str(self.log_dir), purge_step=run.global_step + between)
+            except OSError as exc:
+                self.teardown()
+                raise ContlearnError(f"cannot open the TensorBoard log '{self.log_dir}': {exc.strerror or exc}") from None
 
     @hookimpl
     def on_metrics(self, run: Any, metrics: dict[str, Any]) -> None:
         if self.writer is None:
             return
-        if metrics["kind"] == "epoch":
-            for name, value in metrics.items():
-                if name == "loss" or name.startswith("loss/"):
-                    tag = "train/loss" if name == "loss" else f"train/{name}"
-                    self.writer.add_scalar(tag, value, run.global_step)
-        elif metrics["kind"] == "eval":
-            step = metrics["experience"]
-            self.writer.add_scalar("eval/average_accuracy", metrics["average_accuracy"], step)
-            for j, acc in enumerate(metrics["accuracy"]):
-                self.writer.add_scalar(f"eval/accuracy/exp{j}", acc, step)
-        self.writer.flush()
+        try:
+            if metrics["kind"] == "epoch":
+                for name, value in metrics.items():
+                    if name == "loss" or name.startswith("loss/"):
+                        tag = "train/loss" if name == "loss" else f"train/{name}"
+                        self.writer.add_scalar(tag, value, run.global_step)
+            elif metrics["kind"] == "eval":
+                step = metrics["experience"]
+                self.writer.add_scalar("eval/average_accuracy", metrics["average_accuracy"], step)
+                for j, acc in enumerate(metrics["accuracy"]):
+                    self.writer.add_scalar(f"eval/accuracy/exp{j}", acc, step)
+            self.writer.flush()
+        except OSError as exc:  # a full disk: raised here, or by the writer's thread and passed on here
+            raise ContlearnError(f"cannot write the TensorBoard log '{self.log_dir}': {exc.strerror or exc}") from None
 
     @hookimpl
     def teardown(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            with contextlib.suppress(OSError):  # a write failure is the error being reported
+                self.writer.close()
             self.writer = None
+        if self._excepthook is not None:
+            threading.excepthook = self._excepthook
+            self._excepthook = None
+
+
+def _wait_for_a_later_second(log_dir: Path) -> None:
+    """TensorBoard reads a directory's event files in name order and names them by
+    the second a writer opened them in, then a counter that sorts 10 before 9: a
+    writer opened in the second of an earlier one (a run resumed in the process
+    that crashed) waits for the next second, so that its purge applies after."""
+    stamps = []
+    for path in log_dir.glob("events.out.tfevents.*"):
+        with contextlib.suppress(IndexError, ValueError):
+            stamps.append(int(path.name.split(".")[3]))
+    now = time.time()
+    if int(now) in stamps:
+        time.sleep(int(now) + 1 - now)
+
+
+def _quiet_writer_threads(previous: Any) -> Any:
+    """A ``threading.excepthook`` that leaves out the OSError of TensorBoard's
+    writer thread (the logger reports it, once, from the main thread) and passes
+    every other exception to ``previous``."""
+
+    def hook(args: Any) -> None:
+        if isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboard."):
+            return
+        previous(args)
+
+    return hook

@@ -161,6 +161,11 @@ def _fmt(value: float | None, signed: bool = False) -> str:
     return f"{value:+.3f}" if signed else f"{value:.3f}"
 
 
+def _cell(text: object) -> str:
+    """``text`` as one Markdown table cell (a run directory may be named ``a|b``)."""
+    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
 def comparison_table(runs: list[FinishedRun]) -> str:
     """A Markdown table with one row per run: its headline metrics and time."""
     lines = [
@@ -171,7 +176,7 @@ def comparison_table(runs: list[FinishedRun]) -> str:
         r = run.results
         seconds = (r.get("timings") or {}).get("total_seconds")
         lines.append(
-            f"| {run.label} | {run.strategy} | {r.get('seed', 'n/a')} | {_fmt(r.get('average_accuracy'))} | "
+            f"| {_cell(run.label)} | {_cell(run.strategy)} | {r.get('seed', 'n/a')} | {_fmt(r.get('average_accuracy'))} | "
             f"{_fmt(r.get('average_incremental_accuracy'))} | {_fmt(r.get('forgetting'))} | "
             f"{_fmt(r.get('bwt'), True)} | {_fmt(r.get('fwt'), True)} | "
             f"{'n/a' if seconds is None else f'{seconds:.1f}'} |"
@@ -189,7 +194,7 @@ def seeds_table(groups: list[list[FinishedRun]]) -> str:
     for group, label in zip(groups, group_labels(groups), strict=True):
         seeds = ", ".join(str(run.results.get("seed", "n/a")) for run in group)
         cells = [mean_std([run.results.get(key) for run in group], signed=key in ("bwt", "fwt")) for key in HEADLINE]
-        lines.append(f"| {label} | {len(group)} | {seeds} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_cell(label)} | {len(group)} | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

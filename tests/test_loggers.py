@@ -101,6 +101,41 @@ def test_tensorboard_scalars(quick, tmp_path):
     assert len(acc.Scalars("train/loss")) == 4
 
 
+def test_tensorboard_write_failures_are_one_message(quick, tmp_path, monkeypatch, capsys):
+    """A full disk under the log (its writer thread fails) or a log directory that
+    cannot be made: one ContlearnError, no thread's traceback, the hook restored."""
+    pytest.importorskip("tensorboard")
+    import errno
+    import threading
+
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    from contlearn.errors import ContlearnError
+
+    uncaught = []
+    monkeypatch.setattr(threading, "excepthook", uncaught.append)
+    hook = threading.excepthook
+    write = RecordWriter.write
+    records = []
+
+    def fills_the_disk(self, data):
+        records.append(data)
+        if len(records) > 1:  # the file's header gets written
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(self, data)
+
+    monkeypatch.setattr(RecordWriter, "write", fills_the_disk)
+    with pytest.raises(ContlearnError, match=r"cannot write the TensorBoard log '.*tb': No space left on device"):
+        Experiment(quick_cfg(quick), plugins={"tb": TensorBoardLogger(tmp_path / "tb")}).run()
+    assert threading.excepthook is hook and uncaught == [] and "Traceback" not in capsys.readouterr().err
+    monkeypatch.setattr(RecordWriter, "write", write)
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ContlearnError, match=r"cannot open the TensorBoard log '.*file'"):
+        Experiment(quick_cfg(quick), plugins={"tb": TensorBoardLogger(tmp_path / "file")}).run()
+    assert threading.excepthook is hook
+
+
 def _tensorboard_points(log_dir, tag="train/loss"):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -93,6 +93,15 @@ def test_runs_of_one_experiment_over_seeds_are_summarised_as_mean_and_sample_std
     assert (tmp_path / "cmp" / "comparison.md").read_text().count("| finetune | 3 |") == 1
 
 
+def test_a_run_named_with_a_pipe_keeps_the_table_whole(finished, tmp_path, capsys):
+    ft, rp = finished
+    pipe = _copy_run(rp, tmp_path / "pipe|run", lambda d: None)
+    assert main(["report", str(ft), str(pipe), "--out", str(tmp_path / "cmp")]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    cells = [len(line.replace("\\|", "").split("|")) for line in rows]
+    assert len(set(cells)) == 1 and any(line.startswith("| pipe\\|run |") for line in rows)
+
+
 def test_runs_on_different_scenarios_are_flagged(finished, tmp_path, capsys):
     ft, rp = finished
     task = _copy_run(rp, tmp_path / "task", lambda d: d["config"]["scenario"].update(setting="task"))
