@@ -123,6 +123,8 @@ def validate(cfg: DictConfig, plugins: Any = None) -> DictConfig:
     return cfg
 
 
+_FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max, without importing torch
+
 #: settings where infinity means "no limit"
 _UNBOUNDED = ("scenario.memory_limit_gb",)
 
@@ -146,9 +148,11 @@ def _check_finite(node: Any, key: str = "", numbers: bool = True, infinity: bool
             _check_finite(item, f"{key[:-1]}[{i}].", numbers, infinity)
     else:
         value = node._value() if hasattr(node, "_value") else node
-        if numbers and isinstance(value, float) and not math.isfinite(value):
-            if math.isnan(value) or not (infinity or (value == math.inf and key[:-1] in _UNBOUNDED)):
-                raise ConfigError(f"'{key[:-1]}' must be a finite number, got {value}")
+        if numbers and isinstance(value, float) and not abs(value) <= _FLOAT32_MAX:
+            if math.isnan(value) or not (infinity or (value > 0 and key[:-1] in _UNBOUNDED)):
+                # the run computes in float32: a larger number is an infinity there
+                size = "" if not math.isfinite(value) else f" of size at most {_FLOAT32_MAX:.4g} (fp32's largest)"
+                raise ConfigError(f"'{key[:-1]}' must be a finite number{size}, got {value}")
 
 
 def _sources_read(scenario: DictConfig) -> list[str]:
@@ -281,6 +285,10 @@ def _check_schedule(train: DictConfig) -> None:
             )
     if train.gamma <= 0:
         raise ConfigError(f"'train.gamma' must be positive, got {train.gamma}")
+    last_lr = math.log(train.lr) + len(milestones) * math.log(train.gamma)  # in logs: no overflow here
+    if train.lr_schedule == "multistep" and last_lr > math.log(_FLOAT32_MAX):
+        raise ConfigError(f"'train.gamma' {train.gamma} raises train.lr {train.lr} past fp32's largest number "
+                          f"({_FLOAT32_MAX:.4g}) at the last of the milestones {milestones}")
     if not 0 <= train.min_lr < train.lr:
         raise ConfigError(f"'train.min_lr' must be in [0, train.lr), got {train.min_lr}")
     if not 0 <= train.warmup < 1:

@@ -233,7 +233,7 @@ def train_step(
                 loss, total = _forward_and_losses(run, batch, hooks, terms, len(losses))
     except ValueError as exc:
         if len(batch) == 1 and "more than 1 value per channel" in str(exc):  # torch's BatchNorm
-            where = f"step {run.step} of experience {run.experience.index} (epoch {run.epoch})"
+            where = f"step {run.step + 1} of experience {run.experience.index} (epoch {run.epoch})"
             why = "which BatchNorm cannot normalise in training (one value per channel)"
             if run.dist.world_size > 1:
                 raise ConfigError(

@@ -203,9 +203,10 @@ def _inputs(x: Any, name: str, what: str) -> torch.Tensor:
             f"(one feature per sample: x[:, None])"
         )
     if x.is_floating_point():
-        bad = int((~torch.isfinite(x)).sum())
+        bad = int((~torch.isfinite(x.to(torch.float32))).sum())  # as the samples are read: float32
         if bad:
-            raise DataError(f"{name}: x_{what} holds {bad} non-finite values (NaN or inf)")
+            raise DataError(f"{name}: x_{what} holds {bad} values that are not finite in float32 "
+                            f"(NaN, inf, or beyond ±{torch.finfo(torch.float32).max:.3g})")
     return x
 
 

@@ -322,8 +322,12 @@ def _normalize(arg: str, spec: str) -> Normalize:
         mean, std = (tuple(float(v) for v in part.split(",")) for part in arg.split("/"))
     except ValueError:
         raise ConfigError(f"transform '{spec}' must be 'normalize' or 'normalize:M1,M2,../S1,S2,..'") from None
-    if len(mean) != len(std) or min(std) <= 0:
+    if len(mean) != len(std) or not min(std) > 0:
         raise ConfigError(f"transform '{spec}': give as many positive stds as means")
+    limit = torch.finfo(torch.float32)
+    if not all(abs(v) <= limit.max for v in mean) or not all(limit.tiny <= v <= limit.max for v in std):
+        raise ConfigError(f"transform '{spec}': means and stds must be finite numbers in float32, "
+                          f"stds at least {limit.tiny:.3g}")
     return Normalize(mean, std)
 
 

@@ -339,7 +339,7 @@ def test_a_batch_of_one_sample_through_batchnorm_says_which_step_and_why(tmp_pat
     code = main(["run", "split-digits", *overrides, f"train.batch_size={batch_size}", "--out", str(tmp_path / "r"), "--quiet"])
     err = capsys.readouterr().err
     assert code == 2, err
-    assert err.strip().startswith(f"error: step {n // batch_size} of experience 0 (epoch 0) has a batch of one sample")
+    assert err.strip().startswith(f"error: step {n // batch_size + 1} of experience 0 (epoch 0) has a batch of one sample")
     assert f"train.batch_size={batch_size}" in err and "Traceback" not in err
 
 
@@ -349,5 +349,5 @@ def test_a_batch_size_of_one_through_batchnorm_is_named_as_the_cause(tmp_path, c
     code = main(["run", "split-digits", *overrides, "--out", str(tmp_path / "r"), "--quiet"])
     err = capsys.readouterr().err
     assert code == 2, err
-    assert err.strip().startswith("error: step 0 of experience 0 (epoch 0) has a batch of one sample")
+    assert err.strip().startswith("error: step 1 of experience 0 (epoch 0) has a batch of one sample")
     assert "train.batch_size=1 makes every batch one sample: use at least 2" in err and "Traceback" not in err

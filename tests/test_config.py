@@ -181,6 +181,24 @@ def test_a_number_that_is_not_finite_is_named(override, key):
         load_config("split-digits", [override])  # a plugin's own check may come first
 
 
+@pytest.mark.parametrize("override", ["train.lr=1e39", "train.weight_decay=-1e39", "model.cosine_scale=1e39",
+                                      "plugins.prd.prototype_lr=1e39"])
+def test_a_number_beyond_float32_is_refused(override):
+    """The run computes in float32, where these are infinities (a traceback in
+    the optimizer's step, or an infinite scale, before)."""
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"'{key}' must be a finite number of size at most 3.403e\+38 \(fp32's"):
+        load_config("split-digits", [override])
+    assert load_config("split-digits", ["scenario.memory_limit_gb=1e39"]).scenario.memory_limit_gb == 1e39
+
+
+def test_a_gamma_that_takes_the_rate_beyond_float32_is_refused():
+    multistep = ["train.lr_schedule=multistep", "train.milestones=[1,2]"]
+    with pytest.raises(ConfigError, match=r"'train.gamma' 1e\+20 raises train.lr 0.1 past fp32's largest number"):
+        load_config("split-digits", [*multistep, "train.gamma=1e20"])
+    assert load_config("split-digits", [*multistep, "train.gamma=1e18"]).train.gamma == 1e18
+
+
 @pytest.mark.parametrize("override", ["plugins.powerlaw.budget_fraction=inf", "plugins.memo.alpha_aux=inf",
                                       "plugins.prd.temperature=inf", "plugins.dmn.beta=-inf"])
 def test_an_infinity_a_user_gives_a_plugin_is_refused_too(override):

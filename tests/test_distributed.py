@@ -501,7 +501,7 @@ def test_a_share_of_one_sample_through_batchnorm_says_how_many_samples_a_batch_n
                  "model.hidden=[4,4,4,4]", "train.epochs=1", "eval.fwt=false", "train.batch_size=3"]
     proc = two_processes("-m", "contlearn", "run", "split-digits", *overrides, "--out", str(tmp_path / "r"), "--quiet")
     assert proc.returncode != 0
-    assert ("step 0 of experience 0 (epoch 0) gives this process a share of one sample, which BatchNorm cannot "
+    assert ("step 1 of experience 0 (epoch 0) gives this process a share of one sample, which BatchNorm cannot "
             "normalise in training (one value per channel); with 2 processes every batch needs at least 4 samples"
             ) in proc.stderr, proc.stderr[-2000:]
 

@@ -263,6 +263,18 @@ def test_random_ops_follow_the_generator():
     assert torch.equal(crop0(x, None), x)
 
 
+@pytest.mark.parametrize("spec, message", [
+    ("normalize:0/nan", "give as many positive stds as means"),
+    ("normalize:0/-1", "give as many positive stds as means"),
+    ("normalize:inf/1", "means and stds must be finite numbers in float32"),
+    ("normalize:0/1e39", "means and stds must be finite numbers in float32"),
+    ("normalize:0/1e-45", r"stds at least 1.18e-38"),  # a denormal in float32: x / std is inf
+])
+def test_a_normalize_that_would_make_every_input_nan_or_inf_is_refused(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_transforms([spec], "scenario.eval_transform")
+
+
 def test_loader_data_batches_like_tensor_data():
     transforms = ["scenario.train_transform=[normalize,random_crop:1,hflip]", "scenario.eval_transform=[normalize]"]
     stream = stream_of(*transforms)

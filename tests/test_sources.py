@@ -261,8 +261,12 @@ def test_from_tensors_refuses_what_it_would_ignore_or_misread():
         Stream.from_tensors(x, y, x[:20], names, n_experiences=1)
     bad = x.clone()
     bad[3, 2] = float("nan")
-    with pytest.raises(DataError, match=r"x_train holds 1 non-finite values \(NaN or inf\)"):
+    with pytest.raises(DataError, match=r"x_train holds 1 values that are not finite in float32 \(NaN, inf, or beyond"):
         Stream.from_tensors(bad, y, n_experiences=1)
+    huge = x.double()
+    huge[3, 2] = 1e39  # finite in float64, inf in the float32 the samples are read as
+    with pytest.raises(DataError, match=r"x_train holds 1 values that are not finite in float32"):
+        Stream.from_tensors(huge, y, n_experiences=1)
 
 
 def test_normalize_refuses_training_inputs_that_are_not_finite():
