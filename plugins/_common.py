@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import re
 import zlib
+from typing import Any
 
-from contlearn.errors import ConfigError
+from contlearn.errors import ConfigError, PluginError
 
 
 def plugin_generator(seed: int, name: str) -> int:
@@ -21,3 +22,24 @@ def check_pattern(key: str, pattern: str | None) -> None:
         re.compile(pattern or "")
     except re.error as exc:
         raise ConfigError(f"{key} {pattern!r} is not a regular expression: {exc}") from None
+
+
+def require_trainable(run: Any, plugin: str, work: str) -> None:
+    """:raises PluginError: the model has no trainable parameter after the
+    plugins' ``setup`` (a plugin that freezes the model, as ``dmn`` with
+    ``train_clip=false``), so that ``plugin``'s ``work`` on them would do nothing."""
+    if any(p.requires_grad for p in run.model.parameters()):
+        return
+    frozen = [name for name, other in run.plugins.items() if getattr(other, "freezes_model", False)]
+    by = f" (plugin {frozen[0]!r} freezes it)" if frozen else ""
+    raise PluginError(f"plugin {plugin} {work}, but the model has no trainable parameters{by}: "
+                      f"{plugin} would do nothing; drop one of the two plugins")
+
+
+def refuse_model_builders(run: Any, plugin: str, why: str) -> None:
+    """:raises PluginError: another plugin builds the run's model (``builds_model``),
+    which ``plugin`` cannot be combined with (``why``), whatever their order."""
+    builders = [name for name, other in run.plugins.items() if getattr(other, "builds_model", False)]
+    if builders:
+        raise PluginError(f"plugin {plugin} {why}, and plugin {builders[0]!r} builds a model of its own: "
+                          f"{plugin} cannot be combined with it")

@@ -74,6 +74,13 @@ class LoRALinear(nn.Module):
 
 #: torch modules that use their linear children's weights directly (fused attention, fast paths)
 _READS_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+#: the same, by module and class name, from libraries that need not be installed
+_READS_WEIGHTS_BY_NAME = {("open_clip.modified_resnet", "AttentionPool2d")}  # its q/k/v_proj.weight
+
+
+def _reads_weights(module: nn.Module) -> bool:
+    kind = type(module)
+    return isinstance(module, _READS_WEIGHTS) or (kind.__module__, kind.__name__) in _READS_WEIGHTS_BY_NAME
 
 
 def insert_lora(
@@ -111,7 +118,7 @@ def insert_lora(
             if child is None:
                 continue
             name = f"{prefix}{attr}"
-            if isinstance(child, _READS_WEIGHTS):
+            if _reads_weights(child):
                 skipped.append(f"{name} ({type(child).__name__})")
             elif isinstance(child, (nn.Linear, LoRALinear)):
                 places.setdefault(id(child), []).append((parent, attr, name))
@@ -119,7 +126,7 @@ def insert_lora(
             else:
                 walk(child, f"{name}.")
 
-    if isinstance(module, _READS_WEIGHTS):
+    if _reads_weights(module):
         skipped.append(f"the module itself ({type(module).__name__})")
     else:
         walk(module, "")

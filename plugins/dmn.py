@@ -77,6 +77,9 @@ class DMN:
     #: evaluates all test data, in order, and stays in step with the others
     sequential_evaluation = True
 
+    #: setup replaces the run's model by the CLIP (see :class:`~contlearn.plugins.memo.MEMO`)
+    builds_model = True
+
     smoke_overrides = [
         "plugins.dmn.clip=contlearn-tiny-clip",
         "plugins.dmn.pretrained=null",
@@ -119,6 +122,9 @@ class DMN:
 
     def __init__(self, config: Config):
         c = self.config = config
+        # without train_clip the CLIP stays frozen and the loop's logits are zeros:
+        # ewc, l2 and ssd would weigh no parameter, lwf distil nothing (they refuse)
+        self.freezes_model = self.logits_without_gradient = not c.train_clip
         if c.mode not in MODES:
             raise ConfigError(f"plugins.dmn.mode must be one of {', '.join(MODES)}, got {c.mode!r}")
         if c.dynamic_memory not in ("reset", "keep"):

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from contlearn.kernels.fisher import fisher_sums
-from contlearn.plugins._common import plugin_generator
+from contlearn.plugins._common import plugin_generator, require_trainable
 from torch.nn import functional as F
 
 from contlearn.errors import ConfigError, PluginError, choices
@@ -220,6 +220,7 @@ class EWC:
 
     @hookimpl
     def setup(self, run: Any) -> None:
+        require_trainable(run, "ewc", "weighs the model's trainable parameters by their Fisher information")
         if not self._seeded:
             self.generator.manual_seed(plugin_generator(run.config.seed, "ewc"))
             self._seeded = True

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-from contlearn.plugins._common import check_pattern
+from contlearn.plugins._common import check_pattern, require_trainable
 from contlearn.plugins.ewc import quadratic_penalty
 
 from contlearn.errors import ConfigError, PluginError, choices
@@ -57,6 +57,7 @@ class L2:
 
     @hookimpl
     def setup(self, run: Any) -> None:
+        require_trainable(run, "l2", "pulls the model's trainable parameters towards an anchor")
         if self.pattern is not None and not any(True for _ in selected_parameters(run.model, self.pattern)):
             names = [n for n, _ in run.model.named_parameters()]
             raise PluginError(

@@ -51,6 +51,10 @@ BYTES_PER_PARAMETER = 4
 class MEMO:
     """MEMO: expandable specialized blocks over shared generalized blocks, with herding exemplars (Zhou et al., ICLR 2023)."""
 
+    #: setup replaces the run's model by MEMO's network (a plugin that adapts the
+    #: run's model in place, reglora, refuses to run beside it)
+    builds_model = True
+
     smoke_overrides = ["plugins.memo.memory_size=40"]
 
     @dataclass

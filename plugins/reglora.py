@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional
 
 import torch
-from contlearn.plugins._common import check_pattern
+from contlearn.plugins._common import check_pattern, refuse_model_builders
 from contlearn.plugins._lora import LoRALinear, adapter_parameters, insert_lora, lora_layers
 from torch import nn
 
@@ -186,6 +186,8 @@ class RegLoRA:
     # parameters by name (l2's pattern, ewc's anchors).
     @hookimpl(tryfirst=True)
     def setup(self, run: Any) -> None:
+        # both setups go first (tryfirst): which one runs first depends on the plugins' order
+        refuse_model_builders(run, "reglora", "adapts the linear layers of the model the run builds")
         if not self.config.train_head and run.stream.setting != "domain" and len(run.stream) > 1:
             raise ConfigError(
                 "plugins.reglora.train_head=false leaves the classes of later experiences untrained: it is for "

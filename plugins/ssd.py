@@ -38,6 +38,7 @@ from typing import Any, List, Optional
 import torch
 from contlearn.kernels.dampen import MAX_SCALAR, dampen_
 from contlearn.plugins import _forget_sets as fs
+from contlearn.plugins._common import require_trainable
 from contlearn.plugins._unlearning_metrics import accuracy, forgetting_metrics
 from contlearn.plugins.ewc import fisher_and_divisors, fisher_information
 from contlearn.scenarios import Batch
@@ -181,6 +182,7 @@ class SSD:
 
     @hookimpl
     def setup(self, run: Any) -> None:
+        require_trainable(run, "ssd", "dampens the model's trainable parameters")
         self.fisher_d = {n: t.to(run.device) for n, t in self.fisher_d.items()}
         for k, event in enumerate(self.config.forget):
             self._check_event(run, k, event)

@@ -198,6 +198,23 @@ TINY_RUN = [
 ]
 
 
+@pytest.mark.parametrize("other, message", [
+    ("ewc", "plugin ewc weighs the model's trainable parameters by their Fisher information, but the model has no "
+            "trainable parameters (plugin 'dmn' freezes it)"),
+    ("l2", "plugin l2 pulls the model's trainable parameters towards an anchor, but the model has no trainable"),
+    ("ssd", "plugin ssd dampens the model's trainable parameters, but the model has no trainable"),
+    ("lwf", "lwf distils the model's logits, but plugin 'dmn' makes them without gradient"),
+])
+def test_a_frozen_clip_refuses_plugins_that_act_on_its_parameters(other, message):
+    """Without train_clip nothing trains: ewc stopped after the first experience
+    (its work lost), l2 and ssd did nothing, lwf was refused only at its first
+    distillation."""
+    with pytest.raises(PluginError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Experiment(load_config(None, [*TINY_RUN, f"plugins.{other}={{}}"])).run()
+    run = Experiment(load_config(None, [*TINY_RUN, "plugins.dmn.train_clip=true", f"plugins.{other}={{}}"])).build()
+    run.hook.setup(run=run)  # a CLIP that trains: accepted
+
+
 @pytest.fixture(scope="module")
 def finished() -> Experiment:
     experiment = Experiment(load_config(None, [*TINY_RUN, "plugins.dmn.dynamic_memory=keep"]))

@@ -290,6 +290,22 @@ def test_a_plugin_that_replaces_the_model_is_refused_by_name():
         Experiment(config("plugins.reglora={}"), plugins={"other": _ReplacesTheModel()}).run()
 
 
+@pytest.mark.parametrize("builder", [
+    ["plugins.memo.memory_size=20"],
+    ["plugins.dmn.clip=contlearn-tiny-clip", "plugins.dmn.pretrained=null", "plugins.dmn.train_clip=true"],
+], ids=["memo", "dmn"])
+@pytest.mark.parametrize("reglora_first", [True, False], ids=["reglora-first", "reglora-second"])
+def test_a_plugin_that_builds_its_own_model_is_refused_in_either_order(builder, reglora_first):
+    """Both setups go first (tryfirst), so the plugins' order decided which ran
+    first: listed first, reglora adapted MEMO's network and left the blocks MEMO
+    copied later with adapters never merged nor penalised (exit 0), or crashed
+    inside DMN's CLIP (its attention pooling reads q_proj.weight)."""
+    name = builder[0].split(".")[1]
+    order = ["plugins.reglora={}", *builder] if reglora_first else [*builder, "plugins.reglora={}"]
+    with pytest.raises(PluginError, match=f"plugin reglora adapts .* and plugin '{name}' builds a model of its own"):
+        Experiment(load_config("split-digits", [*TINY, "scenario.n_experiences=2", *order])).run()
+
+
 def test_teardown_before_setup_changes_no_trainability():
     model = nn.Sequential(nn.Linear(2, 2))
     model[0].weight.requires_grad_(False)
