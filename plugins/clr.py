@@ -167,6 +167,14 @@ class CLR:
     See the module docstring and docs/plugins/clr.md.
     """
 
+    #: the parameters of the earlier tasks are CLR's own banks, out of the model
+    #: that an unlearning plugin (ssd) dampens: it refuses to forget beside CLR
+    cannot_unlearn = "the earlier tasks' reprogramming parameters and heads are CLR's own banks, out of the model"
+
+    #: predict uses what after_experience makes (the bank of the task just trained):
+    #: ssd's forget events, which come first there, refuse to run beside it
+    predicts_from_after_experience = True
+
     smoke_overrides = ["scenario.setting=task", "model.head=multi", "model.backbone=cnn-bn", "model.hidden=[32,64]"]
 
     @dataclass

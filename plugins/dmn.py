@@ -80,6 +80,10 @@ class DMN:
     #: setup replaces the run's model by the CLIP (see :class:`~contlearn.plugins.memo.MEMO`)
     builds_model = True
 
+    #: predict uses the memories after_experience fills with the new classes (see
+    #: :class:`~contlearn.plugins.clr.CLR`)
+    predicts_from_after_experience = True
+
     smoke_overrides = [
         "plugins.dmn.clip=contlearn-tiny-clip",
         "plugins.dmn.pretrained=null",

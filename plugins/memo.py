@@ -84,6 +84,8 @@ class MEMO:
 
     def __init__(self, config: Config | None = None):
         self.config = config if config is not None else self.Config()
+        # nme predicts with the class means after_experience computes (see CLR)
+        self.predicts_from_after_experience = self.config.predict == "nme"
         self.generator = torch.Generator()
         self.memory: HerdingMemory | None = None
         self.model: MemoNet | None = None  # the run's model, once rebuilt
@@ -98,6 +100,7 @@ class MEMO:
         self._pending: dict[str, Any] | None = None
         self._aux_map: torch.Tensor | None = None
         self._hits: dict[str, torch.Tensor] = {}
+        self._predicted: tuple[Any, dict[str, torch.Tensor]] | None = None  # the last batch predict answered
         self._exp_of_class: torch.Tensor | None = None
 
     # ------------------------------------------------------------- surgery
@@ -257,6 +260,18 @@ class MEMO:
         preds = {"classifier": cnn}
         if self.class_means is not None:
             preds["nme"] = self.nme(out.features)
+        self._predicted = (batch, preds)
+        return preds.get(self.config.predict, cnn)
+
+    @hookimpl
+    def after_eval_batch(self, run: Any, batch: Any) -> None:
+        """Counts both predictions of the batch just predicted: in the run's
+        evaluations only, not in other plugins' calls of ``predict`` (SSD's
+        measurements before and after it forgets)."""
+        if self._predicted is None or self._predicted[0] is not batch:
+            return
+        preds = self._predicted[1]
+        self._predicted = None
         assert self._exp_of_class is not None
         n_exp = len(run.stream)
         index = self._exp_of_class[batch.y]
@@ -266,7 +281,6 @@ class MEMO:
         for name, p in preds.items():
             self._hits.setdefault(name, torch.zeros(n_exp, device=run.device))
             self._hits[name].index_add_(0, index, (p == batch.y).float())
-        return preds.get(self.config.predict, cnn)
 
     @hookimpl
     def on_metrics(self, run: Any, metrics: dict[str, Any]) -> None:

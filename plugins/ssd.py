@@ -43,7 +43,14 @@ from contlearn.plugins._unlearning_metrics import accuracy, forgetting_metrics
 from contlearn.plugins.ewc import fisher_and_divisors, fisher_information
 from contlearn.scenarios import Batch
 
-from contlearn.errors import ConfigError, ContlearnError, DataError, TrainingError, choices
+from contlearn.errors import (
+    ConfigError,
+    ContlearnError,
+    DataError,
+    PluginError,
+    TrainingError,
+    choices,
+)
 from contlearn.hookspecs import hookimpl
 from contlearn.results import write_atomic
 
@@ -184,6 +191,15 @@ class SSD:
     def setup(self, run: Any) -> None:
         require_trainable(run, "ssd", "dampens the model's trainable parameters")
         self.fisher_d = {n: t.to(run.device) for n, t in self.fisher_d.items()}
+        if self.config.forget:
+            _refuse_what_cannot_unlearn(run)
+            later = [name for name, p in run.plugins.items() if getattr(p, "predicts_from_after_experience", False)]
+            if later:
+                raise PluginError(
+                    f"plugins.ssd.forget: a forget event runs (and measures) at the end of its experience before "
+                    f"plugin {later[0]!r} has made what it predicts with there; forget after the run instead: "
+                    f"contlearn unlearn RUN_DIR --classes ..."
+                )
         for k, event in enumerate(self.config.forget):
             self._check_event(run, k, event)
 
@@ -203,6 +219,7 @@ class SSD:
 
     @hookimpl
     def unlearn(self, run: Any, request: Any) -> dict[str, Any]:
+        _refuse_what_cannot_unlearn(run)
         return self.forget(run, dict(request))
 
     # ---------------------------------------------------------------- F_D cache
@@ -535,3 +552,13 @@ class SSD:
         self.fisher_d_weights = {str(n): float(w) for n, w in state.get("fisher_d_weights", {}).items()}
         self.fisher_d_experiences = [int(i) for i in state["fisher_d_experiences"]]
         self.reports = list(state["reports"])
+
+
+def _refuse_what_cannot_unlearn(run: Any) -> None:
+    """:raises PluginError: a plugin keeps what SSD would have to dampen out of the
+    model (its ``cannot_unlearn`` says why): dampening could not forget."""
+    for name, plugin in run.plugins.items():
+        why = getattr(plugin, "cannot_unlearn", None)
+        if why:
+            raise PluginError(f"ssd dampens the model's parameters and cannot make a run with plugin {name!r} "
+                              f"forget: {why}")

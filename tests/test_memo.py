@@ -321,3 +321,20 @@ def test_other_plugins_setup_sees_the_memo_network_whatever_the_order(order):
     parameters = dict(run.model.named_parameters())
     anchor = run.plugins["l2"].anchor  # taken from the network that trains, not the one MEMO discards
     assert anchor and all(name in parameters and parameters[name].shape == t.shape for name, t in anchor.items())
+
+
+def test_its_accuracies_count_the_run_evaluations_only():
+    """SSD's measurements before and after it forgets call ``predict`` on test
+    and training data: they were counted into MEMO's accuracies of the next
+    evaluation. Predicting with the classifier, MEMO's matrix is the run's."""
+    overrides = ["scenario.samples_per_class=20", "scenario.n_experiences=2", "train.epochs=2", "eval.fwt=false",
+                 "plugins={}", "model.hidden=[16]", "plugins.memo.memory_size=20", "plugins.memo.predict=classifier",
+                 "plugins.ssd.forget=[{after: 0, classes: ['4']}]"]
+    experiment = Experiment(load_config("split-digits", overrides))
+    results = experiment.run()
+    memo = experiment.run_state.plugins["memo"]
+    assert experiment.run_state.plugins["ssd"].reports  # SSD did measure
+    expected = [list(row) for row in results.accuracy_matrix]
+    assert len(memo.accuracy["classifier"]) == 2
+    for mine, run in zip(memo.accuracy["classifier"], expected, strict=True):
+        assert mine == pytest.approx(run, abs=1e-6)  # counted in float32 there

@@ -475,3 +475,38 @@ def test_experiment_unlearn_reaches_the_plugin():
     name = experiment.run_state.stream.class_names[3]
     report = experiment.unlearn(classes=[int(name)], alpha=5.0)
     assert report["classes"] == [name] and report["fisher_d"] == "cache" and report["alpha"] == 5.0
+
+
+SMALL = ["plugins={}", "model.hidden=[16]", "scenario.samples_per_class=20", "scenario.n_experiences=2",
+         "train.epochs=1", "eval.fwt=false"]
+TINY_DMN = ["plugins.dmn.clip=contlearn-tiny-clip", "plugins.dmn.pretrained=null", "plugins.dmn.shots=2",
+            "plugins.dmn.views=4", "plugins.dmn.validation_per_class=2", "plugins.dmn.train_clip=true"]
+TASKS_CLR = ["scenario.setting=task", "model.head=multi", "model.backbone=cnn-bn", "model.hidden=[8,8]", "plugins.clr={}"]
+
+
+@pytest.mark.parametrize("others, name", [
+    (TINY_DMN, "dmn"), (["plugins.memo.memory_size=20", "plugins.memo.predict=nme"], "memo"),
+], ids=["dmn", "memo-nme"])
+def test_a_forget_event_beside_a_plugin_that_predicts_with_its_end_of_experience_work_is_refused(others, name):
+    """SSD forgets (and measures) first at the end of an experience: DMN had no
+    memory of the new classes yet (an IndexError), MEMO's NME no class means."""
+    from contlearn.errors import PluginError
+
+    forget = "plugins.ssd.forget=[{after: 0, classes: ['4']}]"
+    with pytest.raises(PluginError, match=rf"before plugin '{name}' has made what it predicts with there; forget "
+                                          r"after the run instead: contlearn unlearn RUN_DIR"):
+        Experiment(load_config("split-digits", [*SMALL, *others, forget])).run()
+
+
+def test_a_run_with_clr_cannot_be_made_to_forget():
+    """CLR keeps the earlier tasks' parameters in its banks: SSD dampened 57% of
+    the model in auto mode and the class kept its accuracy."""
+    from contlearn.errors import PluginError
+
+    message = r"ssd dampens the model's parameters and cannot make a run with plugin 'clr' forget: the earlier"
+    with pytest.raises(PluginError, match=message):
+        Experiment(load_config("split-digits", [*SMALL, *TASKS_CLR, "plugins.ssd.forget=[{after: 1, classes: ['4']}]"])).run()
+    experiment = Experiment(load_config("split-digits", [*SMALL, *TASKS_CLR, "plugins.ssd={}"]))
+    experiment.run()
+    with pytest.raises(PluginError, match=message):
+        experiment.unlearn(classes=[4])
