@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig, ListConfig
 
 from contlearn import hookspecs
+from contlearn._registry import BUILTIN_PLUGINS
 from contlearn.errors import PluginError
 
 DEFAULTS_NAME = "defaults"
@@ -122,6 +123,9 @@ def check_firstresult_conflicts(pm: pluggy.PluginManager) -> None:
         for tier, names in tiers.items():
             if len(names) > 1:
                 listed, every = " and ".join(f"'{name}'" for name in names), "both" if len(names) == 2 else "all"
+                if all(name in BUILTIN_PLUGINS for name in names):  # a config's user can only drop one
+                    raise PluginError(f"plugins {listed} cannot be combined: {every} decide the run's "
+                                      f"'{hook_name}' (a firstresult hook); drop one of them")
                 alike = f", {every} marked {tier}" if tier else ""
                 raise PluginError(
                     f"plugins {listed} {every} implement the firstresult hook '{hook_name}'{alike}; only one "

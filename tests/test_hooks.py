@@ -256,6 +256,12 @@ def test_two_firstresult_implementations_need_an_order():
         Experiment(load_config(None, ["train.epochs=1"]), plugins={"p1": P1(), "p3": P3(), "p4": P4()}).build()
 
 
+def test_two_builtins_that_decide_one_thing_are_told_apart_from_a_plugin_author_s_conflict():
+    with pytest.raises(PluginError, match=r"^plugins '(prd|memo)' and '(prd|memo)' cannot be combined: both decide the "
+                                          r"run's 'predict' \(a firstresult hook\); drop one of them$"):
+        Experiment(load_config("split-digits", ["plugins={}", "plugins.prd={}", "plugins.memo={}"])).run()
+
+
 
 def test_a_loss_term_returned_at_some_steps_only_counts_as_zero_at_the_others(quick):
     class EveryOtherStep:
