@@ -16,7 +16,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from contlearn._config_merge import first_line, is_structured, merge_checked
-from contlearn.errors import ConfigError, PluginError, choices
+from contlearn.errors import ConfigError, PluginError, choices, one_line
 
 
 def plugin_config(name: str, config_cls: type | None, section: Any) -> Any:
@@ -43,6 +43,8 @@ def plugin_config(name: str, config_cls: type | None, section: Any) -> Any:
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:  # what the checks above let through
         raise ConfigError(f"wrong value in plugins.{name}: {first_line(str(exc))}") from None
+    except (ValueError, TypeError, AssertionError) as exc:  # the Config's own check (__post_init__) refused a value
+        raise ConfigError(f"plugins.{name}: {one_line(exc)}") from None
 
 
 def validate(cfg: DictConfig, plugins: Any = None) -> DictConfig:

@@ -8,6 +8,8 @@ each other's plugins.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import re
 import types
 from typing import Any
 
@@ -63,6 +65,12 @@ def register_plugins(pm: pluggy.PluginManager, plugins: dict[str, Any], defaults
                 f"plugin '{name}' is {type(plugin).__name__} {plugin!r:.60}, not a plugin: pass an object whose "
                 f"methods are marked @contlearn.hookimpl (a config section goes under plugins.<name> instead)"
             )
+        restores = callable(getattr(plugin, "load_state_dict", None)) or callable(getattr(plugin, "restore", None))
+        if callable(getattr(plugin, "state_dict", None)) and not restores:
+            raise PluginError(  # found out otherwise at the first resume, when the checkpoints exist
+                f"plugin '{name}' saves its state (state_dict) but has no load_state_dict (nor restore) to take it "
+                f"back on resume: add one"
+            )
     try:
         pm.register(defaults, name=DEFAULTS_NAME)
         for name, plugin in plugins.items():
@@ -71,7 +79,17 @@ def register_plugins(pm: pluggy.PluginManager, plugins: dict[str, Any], defaults
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
         name = pm.get_name(exc.plugin) or repr(exc.plugin)
-        raise PluginError(f"plugin '{name}' does not fit the hook contract: {exc}") from None
+        unknown = re.match(r"unknown hook '(\w+)'", str(exc))
+        if unknown:
+            hooks = sorted(hook_names(pm))
+            close = difflib.get_close_matches(unknown[1], hooks, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"the hooks are {', '.join(hooks)}"
+            raise PluginError(f"plugin '{name}' implements '{unknown[1]}', which is no hook: {hint}") from None
+        hook = re.search(r"for hook '(\w+)'", str(exc))
+        spec = getattr(getattr(pm.hook, hook[1], None), "spec", None) if hook else None
+        takes = f"; '{hook[1]}' takes ({', '.join(spec.argnames)})" if spec is not None else ""
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise PluginError(f"plugin '{name}' does not fit the hook contract: {'; '.join(lines)}{takes}") from None
     except ValueError as exc:  # duplicate registration
         raise PluginError(str(exc)) from None
     check_firstresult_conflicts(pm)
@@ -127,9 +145,11 @@ def check_firstresult_conflicts(pm: pluggy.PluginManager) -> None:
                     raise PluginError(f"plugins {listed} cannot be combined: {every} decide the run's "
                                       f"'{hook_name}' (a firstresult hook); drop one of them")
                 alike = f", {every} marked {tier}" if tier else ""
+                mark = f"Unmark one, or mark it {'trylast' if tier == 'tryfirst' else 'tryfirst'}" if tier else (
+                    "Mark one implementation tryfirst or trylast")
                 raise PluginError(
                     f"plugins {listed} {every} implement the firstresult hook '{hook_name}'{alike}; only one "
-                    f"result can be used. Mark one implementation tryfirst or trylast, or drop a plugin."
+                    f"result can be used. {mark}, or drop a plugin."
                 )
 
 

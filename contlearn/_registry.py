@@ -177,7 +177,9 @@ class PluginRegistry:
             return self.entries[name]
         if name in self.broken:
             raise PluginError(self.broken[name])
-        raise PluginError(f"unknown plugin '{name}'; available plugins: {choices(self.entries)}")
+        skipped = f" (installed plugins are not loaded: {DISABLE_AUTOLOAD_ENV} is set)" if os.environ.get(
+            DISABLE_AUTOLOAD_ENV) else ""
+        raise PluginError(f"unknown plugin '{name}'; available plugins: {choices(self.entries)}{skipped}")
 
     def names(self) -> list[str]:
         return list(self.entries)

@@ -23,7 +23,7 @@ from contlearn._random_state import own_gpu, own_rng, rng_state, set_rng_state
 from contlearn._stream_signature import check_stream, stream_signature
 from contlearn.checkpoint import FORMAT, VERSION, CheckpointWarning
 from contlearn.config import flatten
-from contlearn.errors import CheckpointError, ConfigError
+from contlearn.errors import CheckpointError, ConfigError, raised_in_a_hook
 
 if TYPE_CHECKING:
     from contlearn.run import Run
@@ -264,7 +264,9 @@ def restore(
     try:  # plugins apply states that need the run's device here
         run.hook.setup(run=run)
     except _MALFORMED as exc:
-        raise CheckpointError(f"cannot resume from checkpoint '{source}': a plugin's setup failed on its saved "
+        where = raised_in_a_hook(exc)
+        plugin = "a plugin's setup" if where is None else f"plugin {where[0]}'s setup"
+        raise CheckpointError(f"cannot resume from checkpoint '{source}': {plugin} failed on its saved "
                               f"state (written by another version of it?): {type(exc).__name__}: {exc}") from exc
 
     resumed = None

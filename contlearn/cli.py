@@ -15,11 +15,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from contlearn.errors import ConfigError, ContlearnError, Interrupted, command, one_line
+from contlearn.errors import (
+    ConfigError,
+    ContlearnError,
+    Interrupted,
+    command,
+    one_line,
+    raised_in_a_hook,
+)
 
 EXIT_INTERRUPTED = 130
 
@@ -311,6 +319,20 @@ def _lost_a_peer(exc: RuntimeError) -> bool:
     )
 
 
+def _failed_in_a_plugin(exc: Exception) -> int:
+    """An unexpected error (a bug) raised in a plugin's hook: its traceback, then
+    which plugin and hook, and that the checkpoints written before are kept.
+    Any other is raised on (a bug of contlearn's: the traceback says where)."""
+    where = raised_in_a_hook(exc)
+    if where is None:
+        raise exc
+    traceback.print_exception(exc, file=sys.stderr)
+    print(f"{_process()}error: plugin {where[0]} raised {type(exc).__name__} in its hook '{where[1]}' "
+          f"(above); the run's checkpoints written before are kept: once it is fixed, contlearn resume "
+          f"continues the run", file=sys.stderr)
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     previous, warnings.showwarning = warnings.showwarning, _show_warning
@@ -332,15 +354,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except RuntimeError as exc:
         if not _lost_a_peer(exc):
-            raise
+            return _failed_in_a_plugin(exc)
         # the process that failed printed its own error; this one only lost it mid-collective
         print(f"{_process()}error: another process of this run stopped ({one_line(exc)}); stopping too",
               file=sys.stderr)
         return 1
     except OSError as exc:
-        if exc.filename is None:  # not about a file of the user's (a bug, or the network): the traceback helps
-            raise
+        if exc.filename is None or raised_in_a_hook(exc) is not None:  # a bug, or the network: the traceback helps
+            return _failed_in_a_plugin(exc)
         print(f"{_process()}error: {exc}", file=sys.stderr)  # a file or folder this user cannot read or write
         return 1
+    except Exception as exc:
+        return _failed_in_a_plugin(exc)
     finally:
         warnings.showwarning = previous

@@ -70,3 +70,19 @@ def command(*words: object) -> str:
     """A command line a message suggests, quoted where a shell needs it (a path
     with a space), so that it can be pasted as it is."""
     return shlex.join(str(word) for word in words)
+
+
+def raised_in_a_hook(exc: BaseException) -> tuple[str, str] | None:
+    """The plugin (its class, by module and name) and the hook whose
+    implementation ``exc`` was raised in (the outermost such frame of its
+    traceback), or ``None`` when no plugin's hook is in it."""
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        owner = frame.f_locals.get("self")
+        method = getattr(type(owner), frame.f_code.co_name, None) if owner is not None else None
+        if getattr(method, "contlearn_impl", None) is not None:  # what @hookimpl marks
+            kind = type(owner)
+            return f"{kind.__module__}.{kind.__qualname__}", frame.f_code.co_name
+        tb = tb.tb_next
+    return None

@@ -78,10 +78,22 @@ def catalogue_plugins(tmp_path, monkeypatch):
             @hookimpl
             def train_data(self, exp):
                 return exp.train.subset(torch.zeros(0, dtype=torch.long))
+
+        class Buggy:
+            @hookimpl
+            def before_experience(self, exp):
+                if exp.index == 1:
+                    raise RuntimeError("a bug of the plugin")
+
+        class OpensFile:
+            @hookimpl
+            def after_step(self, run):
+                open("/nonexistent/dir/stats.json")
     '''
     names = {f"{hook}_{v}": f"cl_catalogue:{cls}{v.upper()}" for hook, cls in
              (("predict", "Predict"), ("forward", "Forward"), ("compute_loss", "ComputeLoss")) for v in "ab"}
-    names |= {"bad_labels": "cl_catalogue:BadLabels", "empty": "cl_catalogue:Empty"}
+    names |= {"bad_labels": "cl_catalogue:BadLabels", "empty": "cl_catalogue:Empty", "buggy": "cl_catalogue:Buggy",
+              "opens_file": "cl_catalogue:OpensFile"}
     install_distribution(tmp_path, "cl_catalogue", source, "cl-catalogue", names)
     monkeypatch.syspath_prepend(str(tmp_path))
     yield
@@ -127,6 +139,24 @@ def test_wrongly_typed_value_names_the_key(capsys):
 def test_two_plugins_claiming_a_firstresult_hook(hook, catalogue_plugins, capsys):
     err = one_error_line(capsys, 2, ["run", *TINY, f"plugins.{hook}_a={{}}", f"plugins.{hook}_b={{}}"])
     assert f"plugins '{hook}_a' and '{hook}_b' both implement the firstresult hook '{hook}'" in err
+
+
+@pytest.mark.parametrize("plugin, error, hook", [("buggy", "RuntimeError", "before_experience"),
+                                                 ("opens_file", "FileNotFoundError", "after_step")])
+def test_a_bug_in_a_plugin_s_hook_names_the_plugin_and_the_hook(plugin, error, hook, catalogue_plugins, tmp_path,
+                                                               capsys):
+    """A plugin's bug: its traceback, then one line naming it (an OSError of its
+    own was reported as a file of the user's, without plugin or traceback)."""
+    out = tmp_path / "run"
+    assert main(["run", *TINY, f"plugins.{plugin}={{}}", "--out", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err
+    assert err.splitlines()[-1] == (
+        f"error: plugin cl_catalogue.{plugin.title().replace('_', '')} raised {error} in its hook '{hook}' (above); "
+        f"the run's checkpoints written before are kept: once it is fixed, contlearn resume continues the run"
+    )
+    if plugin == "buggy":
+        assert ckpt.list_checkpoints(out / "checkpoints")  # experience 0's
 
 
 def test_npz_source_without_a_path(capsys):

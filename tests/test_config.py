@@ -328,3 +328,23 @@ def test_a_number_for_a_boolean_is_refused_but_0_and_1(override, key):
     with pytest.raises(ConfigError, match=rf"wrong value for '{key}': expected true or false, got -?\d"):
         load_config("split-digits", [override])
     assert load_config("split-digits", ["train.amp=1", "eval.fwt=0"]).train.amp is True
+
+
+def test_a_plugin_config_s_own_check_is_a_config_error():
+    """A Config whose __post_init__ raises ValueError was a traceback (exit 1)."""
+    from dataclasses import dataclass
+
+    class Picky:
+        @dataclass
+        class Config:
+            mode: str = "a"
+
+            def __post_init__(self):
+                if self.mode not in ("a", "b"):
+                    raise ValueError(f"mode must be a or b, got {self.mode!r}")
+
+        def __init__(self, config):
+            self.config = config
+
+    with pytest.raises(ConfigError, match=r"^plugins.picky: ValueError: mode must be a or b, got 'c'$"):
+        load_config("split-digits", ["plugins.picky.mode=c"], plugins={"picky": Picky})

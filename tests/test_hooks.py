@@ -372,3 +372,47 @@ def test_teardown_runs_when_training_fails(quick):
     with pytest.raises(RuntimeError, match="boom"):
         _run(quick, plugins={"rec": rec, "boom": Boom()})
     assert rec.calls[-1] == "teardown"
+
+
+def test_a_plugin_that_saves_its_state_but_cannot_take_it_back_is_refused_before_training():
+    """Found out otherwise at the first resume, when the run's checkpoints hold a
+    state nothing can load."""
+
+    class HalfState:
+        @hookimpl
+        def after_step(self, run):
+            pass
+
+        def state_dict(self):
+            return {"count": 1}
+
+    with pytest.raises(PluginError, match=r"plugin 'half' saves its state \(state_dict\) but has no load_state_dict"):
+        Experiment(load_config(None, ["train.epochs=1", "scenario.n_experiences=2"]), plugins={"half": HalfState()}).run()
+
+
+def test_a_method_marked_for_no_hook_or_with_arguments_the_hook_lacks_is_refused_by_name():
+    class Misnamed:
+        @hookimpl
+        def after_experiance(self, run):
+            pass
+
+    class ExtraArgument:
+        @hookimpl
+        def after_step(self, run, optimizer):
+            pass
+
+    cfg = load_config(None, ["train.epochs=1", "scenario.n_experiences=2"])
+    with pytest.raises(PluginError, match=r"^plugin 'typo' implements 'after_experiance', which is no hook: did you "
+                                          r"mean 'after_experience'\?$"):
+        Experiment(cfg, plugins={"typo": Misnamed()}).run()
+    with pytest.raises(PluginError, match=r"^plugin 'extra' does not fit the hook contract: .*optimizer"):
+        Experiment(cfg, plugins={"extra": ExtraArgument()}).run()
+
+
+def test_unknown_plugin_says_when_installed_plugins_are_not_loaded(monkeypatch):
+    from contlearn._registry import DISABLE_AUTOLOAD_ENV
+
+    monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, "1")
+    with pytest.raises(PluginError, match=rf"unknown plugin 'mine'; .* \(installed plugins are not loaded: "
+                                          rf"{DISABLE_AUTOLOAD_ENV} is set\)$"):
+        load_config(None, ["plugins.mine={}"])
