@@ -45,6 +45,10 @@ def plugin_config(name: str, config_cls: type | None, section: Any) -> Any:
         raise ConfigError(f"wrong value in plugins.{name}: {first_line(str(exc))}") from None
     except (ValueError, TypeError, AssertionError) as exc:  # the Config's own check (__post_init__) refused a value
         raise ConfigError(f"plugins.{name}: {one_line(exc)}") from None
+    except ConfigError as exc:  # the same, in contlearn's words: named, unless it names its key itself
+        if type(exc) is not ConfigError or str(exc).startswith(f"plugins.{name}"):
+            raise
+        raise ConfigError(f"plugins.{name}: {exc}") from None
 
 
 def validate(cfg: DictConfig, plugins: Any = None) -> DictConfig:

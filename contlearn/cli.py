@@ -185,7 +185,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _refuse_empty_out(args.out, "the run directory")
     source, overrides = _split_config_arg(args.config, args.overrides)
     cfg = load_config(source, overrides)
-    out = args.out or cfg.out or default_run_dir(cfg.name)
+    out = args.out = args.out or cfg.out or default_run_dir(cfg.name)  # args.out: where an error says it is
     return _run_to_the_end(Experiment(cfg, out_dir=out, plugins=_command_plugins(args, out)), out)
 
 
@@ -319,17 +319,25 @@ def _lost_a_peer(exc: RuntimeError) -> bool:
     )
 
 
-def _failed_in_a_plugin(exc: Exception) -> int:
+def _failed_in_a_plugin(exc: Exception, args: argparse.Namespace | None) -> int:
     """An unexpected error (a bug) raised in a plugin's hook: its traceback, then
-    which plugin and hook, and that the checkpoints written before are kept.
-    Any other is raised on (a bug of contlearn's: the traceback says where)."""
+    which plugin and hook, and what of the run is kept. Any other is raised on
+    (a bug of contlearn's, or of the model: the traceback says where)."""
+    from contlearn import checkpoint as ckpt
+
     where = raised_in_a_hook(exc)
     if where is None:
         raise exc
     traceback.print_exception(exc, file=sys.stderr)
-    print(f"{_process()}error: plugin {where[0]} raised {type(exc).__name__} in its hook '{where[1]}' "
-          f"(above); the run's checkpoints written before are kept: once it is fixed, contlearn resume "
-          f"continues the run", file=sys.stderr)
+    command_name = getattr(args, "command", None)
+    run_dir = getattr(args, "run_dir", None) if command_name == "resume" else getattr(args, "out", None)
+    kept = ""
+    if command_name == "unlearn":
+        kept = f"; the run directory {args.run_dir} is unchanged"
+    elif run_dir is not None and ckpt.list_checkpoints(Path(run_dir) / ckpt.DIRNAME):
+        kept = f"; the run's checkpoints are kept: once it is fixed, continue with: {command('contlearn', 'resume', run_dir)}"
+    print(f"{_process()}error: plugin {where[0]} raised {type(exc).__name__} in its hook '{where[1]}' (above){kept}",
+          file=sys.stderr)
     return 1
 
 
@@ -337,6 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     previous, warnings.showwarning = warnings.showwarning, _show_warning
     _shown.clear()
+    args = None
     try:
         if not (sys.argv[1:] if argv is None else list(argv)):
             _parser().print_help()
@@ -354,17 +363,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except RuntimeError as exc:
         if not _lost_a_peer(exc):
-            return _failed_in_a_plugin(exc)
+            return _failed_in_a_plugin(exc, args)
         # the process that failed printed its own error; this one only lost it mid-collective
         print(f"{_process()}error: another process of this run stopped ({one_line(exc)}); stopping too",
               file=sys.stderr)
         return 1
     except OSError as exc:
         if exc.filename is None or raised_in_a_hook(exc) is not None:  # a bug, or the network: the traceback helps
-            return _failed_in_a_plugin(exc)
+            return _failed_in_a_plugin(exc, args)
         print(f"{_process()}error: {exc}", file=sys.stderr)  # a file or folder this user cannot read or write
         return 1
     except Exception as exc:
-        return _failed_in_a_plugin(exc)
+        return _failed_in_a_plugin(exc, args)
     finally:
         warnings.showwarning = previous

@@ -74,15 +74,18 @@ def command(*words: object) -> str:
 
 def raised_in_a_hook(exc: BaseException) -> tuple[str, str] | None:
     """The plugin (its class, by module and name) and the hook whose
-    implementation ``exc`` was raised in (the outermost such frame of its
-    traceback), or ``None`` when no plugin's hook is in it."""
+    implementation ``exc`` was raised in: the innermost such frame of its
+    traceback (a hook a plugin calls from its own, or a wrapper around it, is
+    further out), contlearn's own defaults left out; ``None`` when there is none."""
+    found = None
     tb = exc.__traceback__
     while tb is not None:
         frame = tb.tb_frame
         owner = frame.f_locals.get("self")
-        method = getattr(type(owner), frame.f_code.co_name, None) if owner is not None else None
-        if getattr(method, "contlearn_impl", None) is not None:  # what @hookimpl marks
-            kind = type(owner)
-            return f"{kind.__module__}.{kind.__qualname__}", frame.f_code.co_name
+        kind = type(owner)
+        method = getattr(kind, frame.f_code.co_name, None) if owner is not None else None
+        # what @hookimpl marks; the loop's defaults are contlearn's (a model's error passes through them)
+        if getattr(method, "contlearn_impl", None) is not None and kind.__module__ != "contlearn.defaults":
+            found = f"{kind.__module__}.{kind.__qualname__}", frame.f_code.co_name
         tb = tb.tb_next
-    return None
+    return found

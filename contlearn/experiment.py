@@ -35,7 +35,7 @@ from contlearn import _manager
 from contlearn import _run_state as run_state
 from contlearn import checkpoint as ckpt
 from contlearn._control import Control, class_paths
-from contlearn._environment import environment_world_size
+from contlearn._environment import environment_rank, environment_world_size
 from contlearn._loop import (
     StepHooks,
     evaluate,
@@ -257,21 +257,29 @@ class Experiment:
         """While active (in the main thread), the first Ctrl-C or SIGTERM (what
         a scheduler sends before it kills a job) calls :meth:`request_stop`; a
         second one of the same signal acts at once (Ctrl-C: ``KeyboardInterrupt``;
-        SIGTERM: the process ends)."""
+        SIGTERM: the process ends), except a SIGTERM under torchrun, which a
+        scheduler and torchrun both send to each process (torchrun kills them
+        after its ``--shutdown_timeout``)."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
 
-        when = "after the current step"
+        when, process = "after the current step", ""
         if environment_world_size() > 1:  # the processes agree on it there
             when = "at the end of the epoch or the next periodic checkpoint (checkpoint.every_n_steps)"
+            process = f"[rank {environment_rank()}] "
         names = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
         at_once = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
 
         def on_signal(signum: int, frame: Any) -> None:
-            signal.signal(signum, at_once[signum])
-            print(f"\n{names[signum]}: stopping {when} ({names[signum]} again to stop at once)",
-                  file=sys.stderr, flush=True)
+            again = f"{names[signum]} again to stop at once"
+            if process and signum == signal.SIGTERM:  # this handler stays: the next SIGTERM is the same request
+                if self._stop_requested:
+                    return
+                again = "torchrun kills the processes after its --shutdown_timeout"
+            else:
+                signal.signal(signum, at_once[signum])
+            print(f"\n{process}{names[signum]}: stopping {when} ({again})", file=sys.stderr, flush=True)
             self.request_stop()
 
         previous = {signum: signal.signal(signum, on_signal) for signum in names}

@@ -43,3 +43,14 @@ def refuse_model_builders(run: Any, plugin: str, why: str) -> None:
     if builders:
         raise PluginError(f"plugin {plugin} {why}, and plugin {builders[0]!r} builds a model of its own: "
                           f"{plugin} cannot be combined with it")
+
+
+def refuse_logits_without_gradient(run: Any, plugin: str, work: str) -> None:
+    """:raises PluginError: another plugin makes the run's logits without gradient
+    (``logits_without_gradient``: it predicts another way, as PRD by prototypes),
+    so that ``plugin``'s ``work`` on the model's logits would come from a head
+    that does not train."""
+    voiding = [name for name, other in run.plugins.items() if getattr(other, "logits_without_gradient", False)]
+    if voiding:
+        raise PluginError(f"plugin {plugin} {work}, but plugin {voiding[0]!r} makes them without gradient (it "
+                          f"predicts another way): the model's head does not train; drop one of the two plugins")

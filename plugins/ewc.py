@@ -33,7 +33,11 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from contlearn.kernels.fisher import fisher_sums
-from contlearn.plugins._common import plugin_generator, require_trainable
+from contlearn.plugins._common import (
+    plugin_generator,
+    refuse_logits_without_gradient,
+    require_trainable,
+)
 from torch.nn import functional as F
 
 from contlearn.errors import ConfigError, PluginError, choices
@@ -221,6 +225,7 @@ class EWC:
     @hookimpl
     def setup(self, run: Any) -> None:
         require_trainable(run, "ewc", "weighs the model's trainable parameters by their Fisher information")
+        refuse_logits_without_gradient(run, "ewc", "weighs parameters by the Fisher information of the model's logits")
         if not self._seeded:
             self.generator.manual_seed(plugin_generator(run.config.seed, "ewc"))
             self._seeded = True

@@ -38,7 +38,7 @@ from typing import Any, List, Optional
 import torch
 from contlearn.kernels.dampen import MAX_SCALAR, dampen_
 from contlearn.plugins import _forget_sets as fs
-from contlearn.plugins._common import require_trainable
+from contlearn.plugins._common import refuse_logits_without_gradient, require_trainable
 from contlearn.plugins._unlearning_metrics import accuracy, forgetting_metrics
 from contlearn.plugins.ewc import fisher_and_divisors, fisher_information
 from contlearn.scenarios import Batch
@@ -190,6 +190,7 @@ class SSD:
     @hookimpl
     def setup(self, run: Any) -> None:
         require_trainable(run, "ssd", "dampens the model's trainable parameters")
+        refuse_logits_without_gradient(run, "ssd", "selects parameters by the Fisher information of the model's logits")
         self.fisher_d = {n: t.to(run.device) for n, t in self.fisher_d.items()}
         if self.config.forget:
             _refuse_what_cannot_unlearn(run)

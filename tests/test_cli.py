@@ -145,3 +145,50 @@ def test_a_config_warning_is_said_by_process_0_only(monkeypatch, capsys):
         cli._shown.clear()
         cli._show_warning(ConfigWarning("unused"), ConfigWarning, "x.py", 1)
     assert capsys.readouterr().err == "[rank 0] warning: unused\n"
+
+
+def test_a_failure_is_put_on_the_innermost_plugin_hook_and_never_on_contlearn_s_defaults():
+    """A logger failing on SSD's forget report (a hook SSD calls from its own
+    after_experience) is the logger's; an error in the model is no plugin's."""
+    from contlearn import Experiment, hookimpl, load_config
+    from contlearn.errors import raised_in_a_hook
+
+    class Logger:
+        @hookimpl
+        def on_metrics(self, metrics):
+            if metrics["kind"] == "unlearn":
+                raise KeyError("alpha")
+
+    small = ["train.epochs=1", "scenario.n_experiences=2", "scenario.samples_per_class=20", "eval.fwt=false"]
+    cfg = load_config(None, [*small, "plugins.ssd.forget=[{after: 0, classes: ['4']}]"])
+    with pytest.raises(KeyError) as failed:
+        Experiment(cfg, plugins={"log": Logger()}).run()
+    assert raised_in_a_hook(failed.value) == (f"{__name__}.{Logger.__qualname__}", "on_metrics")
+
+    class BrokenModel:
+        @hookimpl(tryfirst=True)
+        def setup(self, run):
+            run.model.backbone.register_forward_hook(lambda *_: 1 / 0)
+
+    with pytest.raises(ZeroDivisionError) as failed:
+        Experiment(load_config(None, small), plugins={"broken": BrokenModel()}).run()
+    assert raised_in_a_hook(failed.value) is None  # through contlearn's forward, no plugin's
+
+
+def test_under_torchrun_a_second_sigterm_is_the_same_stop_request(monkeypatch, capsys):
+    """A scheduler signals every process of a job, and torchrun forwards its own
+    SIGTERM too: the second must not kill the process before the agreed stop."""
+    import signal
+
+    from contlearn import Experiment, load_config
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    experiment = Experiment(load_config(None, ["train.epochs=1"]))
+    with experiment.interruptible():
+        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)  # the default action would end this test's process
+        assert experiment._stop_requested
+    err = capsys.readouterr().err
+    assert err.count("SIGTERM: stopping") == 1
+    assert "[rank 1] SIGTERM: stopping at the end of the epoch" in err

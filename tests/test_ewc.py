@@ -27,7 +27,7 @@ def tiny_run(n_classes: int = 2, seed: int = 0) -> SimpleNamespace:
     model = ContinualModel(MLP((5,), [6]), IncrementalLinear(6))
     model.head.grow(n_classes)
     cfg = OmegaConf.create({"seed": seed, "train": {"batch_size": 8}})
-    return SimpleNamespace(model=model, config=cfg, device=torch.device("cpu"), dist=DistributedView())
+    return SimpleNamespace(model=model, config=cfg, device=torch.device("cpu"), dist=DistributedView(), plugins={})
 
 
 def tiny_data(n: int = 24, n_classes: int = 2, seed: int = 1) -> TensorData:

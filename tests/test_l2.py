@@ -18,7 +18,7 @@ def tiny_run() -> SimpleNamespace:
     model = ContinualModel(MLP((5,), [6]), IncrementalLinear(6))
     model.head.grow(2)
     cfg = OmegaConf.create({"seed": 0, "train": {"batch_size": 8}})
-    return SimpleNamespace(model=model, config=cfg, device=torch.device("cpu"))
+    return SimpleNamespace(model=model, config=cfg, device=torch.device("cpu"), plugins={})
 
 
 def shift(model, amount: float = 0.1) -> None:

@@ -347,3 +347,17 @@ def test_lwf_on_prd_is_refused_since_prd_scores_its_classes_without_gradient():
 
     with pytest.raises(PluginError, match="lwf distils the model's logits, but plugin 'prd' makes them without gradient"):
         Experiment(load_config(None, [*TINY, "plugins.lwf={}"])).run()  # refused at setup, before training
+
+
+@pytest.mark.parametrize("other, work", [
+    ("ewc", "weighs parameters by the Fisher information of the model's logits"),
+    ("ssd", "selects parameters by the Fisher information of the model's logits"),
+])
+def test_plugins_that_weigh_parameters_by_the_model_s_logits_are_refused_beside_it(other, work):
+    """PRD predicts by prototypes; the model's head never trains: a Fisher of
+    its logits weighs the backbone through a random head."""
+    from contlearn.errors import PluginError
+
+    overrides = ["scenario.samples_per_class=20", "scenario.n_experiences=2", "train.epochs=1", f"plugins.{other}={{}}"]
+    with pytest.raises(PluginError, match=rf"^plugin {other} {work}, but plugin 'prd' makes them without gradient"):
+        Experiment(load_config("split-digits-prd", overrides)).run()

@@ -48,7 +48,7 @@ def tiny_run(n_train: int = 30, seed: int = 0, experiences: int = 1) -> SimpleNa
     cfg = OmegaConf.create({"seed": seed, "train": {"eval_batch_size": 16, "batch_size": 8}})
     return SimpleNamespace(
         model=model, stream=stream, experience=None, accuracy_rows=[[0.0]] * experiences, config=cfg,
-        device=torch.device("cpu"), hook=hook, out_dir=None, dist=DistributedView(),
+        device=torch.device("cpu"), hook=hook, out_dir=None, dist=DistributedView(), plugins={},
     )  # fmt: skip
 
 
