@@ -24,7 +24,10 @@ def check_pattern(key: str, pattern: str | None) -> None:
         raise ConfigError(f"{key} {pattern!r} is not a regular expression: {exc}") from None
 
 
-def require_trainable(run: Any, plugin: str, work: str) -> None:
+DROP_ONE = "drop one of the two plugins"
+
+
+def require_trainable(run: Any, plugin: str, work: str, advice: str = DROP_ONE) -> None:
     """:raises PluginError: the model has no trainable parameter after the
     plugins' ``setup`` (a plugin that freezes the model, as ``dmn`` with
     ``train_clip=false``), so that ``plugin``'s ``work`` on them would do nothing."""
@@ -33,7 +36,7 @@ def require_trainable(run: Any, plugin: str, work: str) -> None:
     frozen = [name for name, other in run.plugins.items() if getattr(other, "freezes_model", False)]
     by = f" (plugin {frozen[0]!r} freezes it)" if frozen else ""
     raise PluginError(f"plugin {plugin} {work}, but the model has no trainable parameters{by}: "
-                      f"{plugin} would do nothing; drop one of the two plugins")
+                      f"{plugin} would do nothing; {advice}")
 
 
 def refuse_model_builders(run: Any, plugin: str, why: str) -> None:
@@ -45,7 +48,7 @@ def refuse_model_builders(run: Any, plugin: str, why: str) -> None:
                           f"{plugin} cannot be combined with it")
 
 
-def refuse_logits_without_gradient(run: Any, plugin: str, work: str) -> None:
+def refuse_logits_without_gradient(run: Any, plugin: str, work: str, advice: str = DROP_ONE) -> None:
     """:raises PluginError: another plugin makes the run's logits without gradient
     (``logits_without_gradient``: it predicts another way, as PRD by prototypes),
     so that ``plugin``'s ``work`` on the model's logits would come from a head
@@ -53,4 +56,4 @@ def refuse_logits_without_gradient(run: Any, plugin: str, work: str) -> None:
     voiding = [name for name, other in run.plugins.items() if getattr(other, "logits_without_gradient", False)]
     if voiding:
         raise PluginError(f"plugin {plugin} {work}, but plugin {voiding[0]!r} makes them without gradient (it "
-                          f"predicts another way): the model's head does not train; drop one of the two plugins")
+                          f"predicts another way): the model's head does not train; {advice}")

@@ -141,6 +141,7 @@ def _unlearn(
     try:
         if "ssd" not in run.plugins:
             plugin = SSD(SSD.Config(**(ssd_config or {})))
+            plugin.refusal_advice = "SSD cannot unlearn this run"  # the user did not list it
             run.pm.register(plugin, name="ssd")  # type: ignore[attr-defined]
             plugin.setup(run)
         report = experiment.unlearn(**request)

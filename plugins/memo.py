@@ -258,7 +258,9 @@ class MEMO:
         out = run.model(batch.x, batch.t)
         cnn = out.logits.argmax(dim=1)
         preds = {"classifier": cnn}
-        if self.class_means is not None:
+        # the means of the network before the experience's block, when another plugin predicts
+        # before after_experience has computed them again (SSD's forget events): no NME then
+        if self.class_means is not None and self.class_means.shape[1] == out.features.shape[1]:
             preds["nme"] = self.nme(out.features)
         self._predicted = (batch, preds)
         return preds.get(self.config.predict, cnn)

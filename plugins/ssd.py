@@ -38,7 +38,7 @@ from typing import Any, List, Optional
 import torch
 from contlearn.kernels.dampen import MAX_SCALAR, dampen_
 from contlearn.plugins import _forget_sets as fs
-from contlearn.plugins._common import refuse_logits_without_gradient, require_trainable
+from contlearn.plugins._common import DROP_ONE, refuse_logits_without_gradient, require_trainable
 from contlearn.plugins._unlearning_metrics import accuracy, forgetting_metrics
 from contlearn.plugins.ewc import fisher_and_divisors, fisher_information
 from contlearn.scenarios import Batch
@@ -177,6 +177,8 @@ class SSD:
 
     def __init__(self, config: Config):
         self.config = config
+        #: what a refusal of the run's model advises (contlearn unlearn, which adds SSD, says otherwise)
+        self.refusal_advice = DROP_ONE
         self.fisher_d: dict[str, torch.Tensor] = {}
         self.fisher_d_weight = 0.0  # batches (batch mode) or samples (per_sample) behind the cache
         #: by parameter, what its cached value is a mean over: samples where per_sample mode computes it per
@@ -189,8 +191,9 @@ class SSD:
 
     @hookimpl
     def setup(self, run: Any) -> None:
-        require_trainable(run, "ssd", "dampens the model's trainable parameters")
-        refuse_logits_without_gradient(run, "ssd", "selects parameters by the Fisher information of the model's logits")
+        require_trainable(run, "ssd", "dampens the model's trainable parameters", self.refusal_advice)
+        refuse_logits_without_gradient(run, "ssd", "selects parameters by the Fisher information of the model's logits",
+                                       self.refusal_advice)
         self.fisher_d = {n: t.to(run.device) for n, t in self.fisher_d.items()}
         if self.config.forget:
             _refuse_what_cannot_unlearn(run)

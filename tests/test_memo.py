@@ -323,13 +323,16 @@ def test_other_plugins_setup_sees_the_memo_network_whatever_the_order(order):
     assert anchor and all(name in parameters and parameters[name].shape == t.shape for name, t in anchor.items())
 
 
-def test_its_accuracies_count_the_run_evaluations_only():
+@pytest.mark.parametrize("after", [0, 1])
+def test_its_accuracies_count_the_run_evaluations_only(after):
     """SSD's measurements before and after it forgets call ``predict`` on test
     and training data: they were counted into MEMO's accuracies of the next
-    evaluation. Predicting with the classifier, MEMO's matrix is the run's."""
+    evaluation. Predicting with the classifier, MEMO's matrix is the run's.
+    After the first experience SSD predicts before MEMO's class means are
+    computed again for the network's new block (NME failed on their width)."""
     overrides = ["scenario.samples_per_class=20", "scenario.n_experiences=2", "train.epochs=2", "eval.fwt=false",
                  "plugins={}", "model.hidden=[16]", "plugins.memo.memory_size=20", "plugins.memo.predict=classifier",
-                 "plugins.ssd.forget=[{after: 0, classes: ['4']}]"]
+                 f"plugins.ssd.forget=[{{after: {after}, classes: ['4']}}]"]
     experiment = Experiment(load_config("split-digits", overrides))
     results = experiment.run()
     memo = experiment.run_state.plugins["memo"]

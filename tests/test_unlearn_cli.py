@@ -213,3 +213,16 @@ def test_a_finished_run_whose_newest_checkpoint_is_unreadable_is_not_unlearnt_fr
     err = capsys.readouterr().err
     assert "finished its 2 experiences, but its newest readable checkpoint" in err
     assert not (tmp_path / "copy").exists()
+
+
+def test_a_run_ssd_cannot_act_on_is_refused_with_advice_that_fits(tmp_path, capsys):
+    """contlearn unlearn adds SSD itself: 'drop one of the two plugins' was advice
+    the user could not follow."""
+    run = tmp_path / "prd"
+    assert main(["run", "split-digits-prd", "scenario.samples_per_class=20", "scenario.n_experiences=2",
+                 "train.epochs=1", "--out", str(run), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["unlearn", str(run), "--classes", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "plugin 'prd' makes them without gradient" in err and err.strip().endswith("; SSD cannot unlearn this run")
+    assert not (run / "unlearn-1").exists()
