@@ -51,9 +51,10 @@ def refuse_model_builders(run: Any, plugin: str, why: str) -> None:
 def refuse_logits_without_gradient(run: Any, plugin: str, work: str, advice: str = DROP_ONE) -> None:
     """:raises PluginError: another plugin makes the run's logits without gradient
     (``logits_without_gradient``: it predicts another way, as PRD by prototypes),
-    so that ``plugin``'s ``work`` on the model's logits would come from a head
-    that does not train."""
+    so that ``plugin``'s ``work`` on the model's logits would act on a head that
+    does not train (LwF would train nothing, EWC and SSD weigh parameters through
+    a random head)."""
     voiding = [name for name, other in run.plugins.items() if getattr(other, "logits_without_gradient", False)]
     if voiding:
         raise PluginError(f"plugin {plugin} {work}, but plugin {voiding[0]!r} makes them without gradient (it "
-                          f"predicts another way): the model's head does not train; {advice}")
+                          f"predicts another way): {plugin} would act on a head that does not train; {advice}")

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from contlearn.plugins._common import refuse_logits_without_gradient
 from torch import nn
 from torch.nn import functional as F
 
@@ -69,12 +70,7 @@ class LwF:
 
     @hookimpl
     def setup(self, run: Any) -> None:
-        voiding = [name for name, plugin in run.plugins.items() if getattr(plugin, "logits_without_gradient", False)]
-        if voiding:
-            raise PluginError(
-                f"lwf distils the model's logits, but plugin {voiding[0]!r} makes them without gradient, so lwf "
-                f"would train nothing: drop one of the two plugins"
-            )
+        refuse_logits_without_gradient(run, "lwf", "distils the model's logits")
         if self._pending is not None:  # after a resume: the teacher's weights over a copy of the model
             teacher = frozen_copy(run.model)
             drop_unsaved_entries(teacher, self._pending)  # blocks added to the model since (MEMO, surgery)
