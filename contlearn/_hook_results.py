@@ -28,6 +28,17 @@ def describe(value: Any) -> str:
     return "None" if value is None else f"a {type(value).__name__}"
 
 
+def duplicate_loss_term(name: str, loss_terms: Any) -> TrainingError:
+    """The error for two plugins returning a loss term of the same name; pluggy
+    drops the ``None`` results, so the message lists every plugin implementing
+    ``loss_terms`` (``loss_terms`` is the hook caller)."""
+    owners = [impl.plugin_name for impl in loss_terms.get_hookimpls() if not (impl.wrapper or impl.hookwrapper)]
+    return TrainingError(
+        f"two plugins return a loss term named '{name}' (plugins with loss_terms: {', '.join(owners)}); "
+        f"the terms are summed into the loss and logged by name, so each plugin must give its own names"
+    )
+
+
 def experience_data(run: Run, exp: Experience) -> TensorData:
     """The training data of ``exp`` (``train_data`` hook), checked."""
     data = run.hook.train_data(run=run, exp=exp)

@@ -21,7 +21,12 @@ import pluggy
 import torch
 
 from contlearn import _manager
-from contlearn._hook_results import describe, experience_data, experience_optimizer
+from contlearn._hook_results import (
+    describe,
+    duplicate_loss_term,
+    experience_data,
+    experience_optimizer,
+)
 from contlearn._random_state import rng_state, set_rng_state
 from contlearn._run_state import EpochState, Resumed
 from contlearn.defaults import (
@@ -195,7 +200,7 @@ def _forward_and_losses(
                         f"e.g. with .mean())"
                     )
                 if name in seen:
-                    raise TrainingError(f"two plugins return a loss term named '{name}'")
+                    raise duplicate_loss_term(name, hooks.loss_terms)
                 seen.add(name)
                 total = total + value
                 if name not in terms:

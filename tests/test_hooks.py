@@ -175,9 +175,6 @@ def test_loss_terms_are_summed_and_logged_by_name(quick):
             if metrics["kind"] == "epoch":
                 seen.append(metrics)
 
-    class TotalCheck:
-        """Sees the total through the gradient: a term of value v adds nothing to it."""
-
     _run(quick, plugins={"a": Terms("alpha", 1.5), "b": Terms("beta", 2.0), "log": Log()})
     assert seen and all(m["loss/alpha"] == pytest.approx(1.5) and m["loss/beta"] == pytest.approx(2.0) for m in seen)
     assert all(m["loss"] > 0 for m in seen)
@@ -200,8 +197,13 @@ def test_duplicate_loss_term_names_are_an_error(quick):
         def loss_terms(self, out):
             return {"same": out.logits.sum() * 0}
 
-    with pytest.raises(TrainingError, match="same"):
-        _run(quick, plugins={"a": Same(), "b": Same()})
+    class Other:
+        @hookimpl
+        def loss_terms(self, out):
+            return None
+
+    with pytest.raises(TrainingError, match=r"named 'same' \(plugins with loss_terms: (?=.*\ba\b)(?=.*\bb\b)(?=.*other)"):
+        _run(quick, plugins={"a": Same(), "other": Other(), "b": Same()})
 
 
 def test_extra_samples_are_concatenated(quick):

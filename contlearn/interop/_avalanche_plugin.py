@@ -45,7 +45,8 @@ import torch
 from torch import nn
 
 from contlearn import _manager
-from contlearn.errors import ContlearnError, PluginError, TrainingError
+from contlearn._hook_results import duplicate_loss_term
+from contlearn.errors import ContlearnError, PluginError
 from contlearn.interop._avalanche_model import LogitsModel
 from contlearn.interop._avalanche_stream import (
     LazyExperience,
@@ -343,7 +344,7 @@ class _AdapterLogic:
         for result in self.pm.hook.loss_terms(run=self.run, batch=batch, out=out):
             for name, value in (result or {}).items():
                 if name in seen:
-                    raise TrainingError(f"two plugins return a loss term named '{name}'")
+                    raise duplicate_loss_term(name, self.pm.hook.loss_terms)
                 seen.add(name)
                 total = value if total is None else total + value
                 self._terms.setdefault(name, []).append(value.detach().reshape(()))
