@@ -198,11 +198,33 @@ class DistributedView:
 
     def sum_gradients_(self, params: Iterable[torch.nn.Parameter], weight: float) -> None:
         """Replace every gradient by the sum over processes of ``weight * grad``:
-        one all-reduce per dtype (:meth:`summed`)."""
+        one all-reduce per dtype (:meth:`summed`). A trainable parameter that has
+        no gradient on some processes (the head of a task that only some shares
+        hold, :class:`~contlearn.models.MultiHead`) takes part with zeros there,
+        so that every process sums the same tensors; where no process had a
+        gradient it is left without one (one host read, on the processes that
+        lacked one), so that the optimizer leaves it alone as on one process."""
+        params = [p for p in params if p.requires_grad]
+        if not params:
+            return
+        missing = [p.grad is None for p in params]
+        for p, lacks in zip(params, missing, strict=True):
+            if lacks:
+                p.grad = torch.zeros_like(p)
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for p in params:
-            if p.grad is not None:
-                by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
-        for grads in by_dtype.values():
-            for g, total in zip(grads, self.summed(grads, weight), strict=True):
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)  # type: ignore[union-attr]
+        first = next(iter(by_dtype))
+        # weight > 0 on every process, so a parameter's sum of weights is > 0 where any process had its gradient
+        had = torch.tensor([0.0 if lacks else 1.0 for lacks in missing], dtype=first).to(params[0].device)
+        for dtype, grads in by_dtype.items():
+            if dtype == first:
+                *totals, had = self.summed([*grads, had], weight)
+            else:
+                totals = self.summed(grads, weight)
+            for g, total in zip(grads, totals, strict=True):
                 g.copy_(total)
+        if any(missing):
+            for p, lacks, anywhere in zip(params, missing, had.tolist(), strict=True):
+                if lacks and anywhere == 0:
+                    p.grad = None

@@ -85,6 +85,56 @@ def test_two_processes_train_as_one_and_only_process_0_writes(tmp_path):
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)  # the processes' losses, averaged
 
 
+def test_task_heads_a_share_lacks_get_the_summed_gradient_and_absent_heads_none(tmp_path):
+    """Task-incremental with replay: a process's share may lack a task whose head
+    another share trains (it must still sum the same tensors), and old heads no
+    share trains keep no gradient, so weight decay leaves them as on one process."""
+    overrides = [*SMALL_RUN, "scenario.setting=task", "model.head=multi", "eval.fwt=false", "train.momentum=0.9",
+                 "train.weight_decay=0.05", "plugins.replay.size=12"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["run", *overrides, "--out", str(one), "--quiet"]) == 0
+    proc = two_processes("-m", "contlearn", "run", *overrides, "--out", str(two), "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    weights_a, weights_b = (ckpt.load(ckpt.list_checkpoints(d / "checkpoints")[-1])["model"] for d in (one, two))
+    for name, value in weights_a.items():
+        torch.testing.assert_close(weights_b[name], value, rtol=1e-4, atol=1e-5)
+
+
+SPARSE_GRADIENTS_SCRIPT = """
+import sys
+
+import torch
+
+from contlearn.distributed import DistributedView
+
+dist, _ = DistributedView.from_environment(torch.device("cpu"))
+both, mine, none = (torch.zeros(3, requires_grad=True) for _ in range(3))
+half = torch.zeros(2, dtype=torch.bfloat16, requires_grad=True)  # a second dtype, one all-reduce of its own
+frozen = torch.zeros(2)
+both.grad = torch.full((3,), 1.0 + dist.rank)
+half.grad = torch.ones(2, dtype=torch.bfloat16)
+if dist.rank == 1:
+    mine.grad = torch.full((3,), 4.0)
+dist.sum_gradients_([both, mine, none, half, frozen], 0.5)
+torch.save({"both": both.grad, "mine": mine.grad, "none": none.grad, "half": half.grad}, f"{sys.argv[1]}/rank{dist.rank}.pt")
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_gradients_some_processes_lack_are_summed_and_none_stays_none(tmp_path):
+    path = tmp_path / "sparse.py"
+    path.write_text(SPARSE_GRADIENTS_SCRIPT)
+    proc = two_processes(str(path), str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert torch.equal(got["both"], torch.full((3,), 1.5))
+        assert torch.equal(got["mine"], torch.full((3,), 2.0))
+        assert got["none"] is None
+        assert torch.equal(got["half"], torch.ones(2, dtype=torch.bfloat16))
+
+
 SHARDING_SCRIPT = """
 import json, sys
 import torch

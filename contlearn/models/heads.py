@@ -123,9 +123,14 @@ class MultiHead(nn.Module):
     task's head with classes it lacks). ``forward(features, task)`` returns
     logits over all classes seen so far, with :data:`MASKED_LOGIT` outside
     each sample's task classes, so argmax and cross-entropy with global labels
-    work unchanged. A batch may mix task labels: every head is applied and
-    each sample keeps its own task's columns (no host synchronisation). A
-    sample whose task has no head yet gets only masked logits.
+    work unchanged. A batch may mix task labels; each sample keeps its own
+    task's columns. In training (train mode, gradients on) only the heads of
+    the tasks in the batch run, read from its task labels (one host read on an
+    accelerator): a head run on a batch without its task's samples would get a
+    zero gradient, which weight decay and momentum act on, moving a finished
+    task's head (a head not run gets no gradient, as in Avalanche's
+    ``MultiHeadClassifier``). Otherwise every head is applied, with no host
+    read. A sample whose task has no head yet gets only masked logits.
     """
 
     def __init__(self, in_features: int):
@@ -178,12 +183,18 @@ class MultiHead(nn.Module):
                 raise ConfigError("a multi-head model needs task labels; use scenario.setting=task")
             task = torch.full((features.shape[0],), next(iter(self.task_classes), 0), device=features.device)
         out = features.new_full((features.shape[0], self.out_features), MASKED_LOGIT)
-        for t in self.tasks:
+        for t in self._tasks_to_run(task):
             cols = self._cols(t, features.device)
             logits = self.heads[str(t)](features)
             mine = (task == t).unsqueeze(1)
             out[:, cols] = torch.where(mine, logits, out[:, cols])
         return out
+
+    def _tasks_to_run(self, task: torch.Tensor) -> list[int]:
+        if len(self.task_classes) < 2 or not (self.training and torch.is_grad_enabled()):
+            return self.tasks
+        present = set(torch.unique(task).tolist())
+        return [t for t in self.tasks if t in present]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, tasks={self.tasks}, out_features={self.out_features}"
