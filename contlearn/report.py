@@ -260,19 +260,25 @@ def _figure(width: float, height: float) -> Any:
     return fig
 
 
+#: experiences up to which plots size themselves by them, label each and (the
+#: heatmap) annotate each cell; longer streams get a figure of that size
+LABELLED_EXPERIENCES = 20
+
+
 def plot_matrix(R: np.ndarray, title: str, path: Path) -> None:
-    """Heatmap of the accuracy matrix, each cell annotated."""
+    """Heatmap of the accuracy matrix, each cell annotated (up to
+    :data:`LABELLED_EXPERIENCES` experiences; the figure's size stops growing there)."""
     n_rows, n_cols = R.shape
-    fig = _figure(1.2 + 0.75 * n_cols, 1.0 + 0.6 * n_rows)
+    fig = _figure(1.2 + 0.75 * min(n_cols, LABELLED_EXPERIENCES), 1.0 + 0.6 * min(n_rows, LABELLED_EXPERIENCES))
     ax = fig.add_subplot()
-    image = ax.imshow(R, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-    if n_rows * n_cols <= 400:
+    image = ax.imshow(R, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", interpolation="nearest")
+    if max(n_rows, n_cols) <= LABELLED_EXPERIENCES:
         for i in range(n_rows):
             for j in range(n_cols):
                 ax.text(j, i, f"{R[i, j]:.2f}", ha="center", va="center", fontsize=8,
                         color="black" if R[i, j] > 0.6 else "white")
-    ax.set_xticks(range(n_cols))
-    ax.set_yticks(range(n_rows))
+    _experience_ticks(ax.xaxis, np.arange(n_cols))
+    _experience_ticks(ax.yaxis, np.arange(n_rows))
     ax.set_xlabel("evaluated on experience")
     ax.set_ylabel("after training experience")
     ax.set_title(title, fontsize=10)
@@ -312,8 +318,18 @@ def plot_comparison(runs: list[FinishedRun], path: Path) -> None:
     _save(fig, path)
 
 
+def _experience_ticks(axis: Any, positions: np.ndarray) -> None:
+    """A tick per experience, or on a long stream a few at whole numbers."""
+    if len(positions) <= LABELLED_EXPERIENCES:
+        axis.set_ticks(positions)
+    else:
+        from matplotlib.ticker import MaxNLocator
+
+        axis.set_major_locator(MaxNLocator(nbins=10, integer=True))
+
+
 def _decorate(ax: Any, x: np.ndarray, title: str) -> None:
-    ax.set_xticks(x)
+    _experience_ticks(ax.xaxis, x)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("experiences trained")
     ax.set_ylabel("accuracy")

@@ -244,3 +244,26 @@ def test_a_run_given_twice_is_refused(finished, capsys):
     run = finished[0]
     assert main(["report", str(run), str(run)]) == 2
     assert capsys.readouterr().err == f"error: run directory '{run}' is given twice\n"  # its rows were both '//...'
+
+
+def test_the_plots_of_a_long_stream_keep_the_size_of_twenty_experiences(tmp_path):
+    """The heatmap grew with the square of the stream (1.9 GB of memory at 100 experiences)."""
+    import struct
+
+    import numpy as np
+
+    from contlearn.report import plot_curve, plot_matrix
+
+    def pixels(path):
+        width, height = struct.unpack(">II", path.read_bytes()[16:24])  # the PNG's IHDR
+        return width, height
+
+    rng = np.random.default_rng(0)
+    sizes = {}
+    for n in (20, 300):
+        R = np.tril(rng.uniform(size=(n, n)))
+        plot_matrix(R, "long", tmp_path / f"m{n}.png")
+        plot_curve(R, "long", tmp_path / f"c{n}.png")
+        sizes[n] = pixels(tmp_path / f"m{n}.png"), pixels(tmp_path / f"c{n}.png")
+    assert sizes[300] == sizes[20]
+    assert sizes[20][0][0] <= 1800 and sizes[20][0][1] <= 1400
