@@ -14,8 +14,9 @@ import torch
 from contlearn.errors import DataError, TrainingError
 
 if TYPE_CHECKING:
-    from contlearn.run import Run
+    from contlearn.run import OptimizerLike, Run
     from contlearn.scenarios import Experience, TensorData
+    from contlearn.scenarios.loader import LoaderData
 
 #: what the loop, schedules, resumes and distributed runs use of an optimizer
 _OPTIMIZER_METHODS = ("step", "zero_grad", "state_dict", "load_state_dict")
@@ -39,14 +40,14 @@ def duplicate_loss_term(name: str, loss_terms: Any) -> TrainingError:
     )
 
 
-def experience_data(run: Run, exp: Experience) -> TensorData:
+def experience_data(run: Run, exp: Experience) -> TensorData | LoaderData:
     """The training data of ``exp`` (``train_data`` hook), checked."""
     data = run.hook.train_data(run=run, exp=exp)
     check_training_data(run, exp, data)
     return data
 
 
-def experience_optimizer(run: Run, exp: Experience) -> torch.optim.Optimizer:
+def experience_optimizer(run: Run, exp: Experience) -> OptimizerLike:
     """The optimizer of ``exp`` (``configure_optimizer`` hook), checked: a
     ``torch.optim.Optimizer`` instance, or an object with what the loop uses of one."""
     optimizer = run.hook.configure_optimizer(run=run, exp=exp)

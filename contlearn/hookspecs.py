@@ -28,8 +28,9 @@ if TYPE_CHECKING:
     import torch
 
     from contlearn.models import Output
-    from contlearn.run import Run
+    from contlearn.run import OptimizerLike, Run
     from contlearn.scenarios import Batch, Experience, TensorData
+    from contlearn.scenarios.loader import LoaderData
 
 PROJECT = "contlearn"
 
@@ -69,7 +70,7 @@ def teardown(run: Run) -> None:
 
 
 @hookspec(firstresult=True)
-def train_data(run: Run, exp: Experience) -> TensorData | None:
+def train_data(run: Run, exp: Experience) -> TensorData | LoaderData | None:
     """Produce the training data of an experience.
 
     Called at the start of each training experience, before
@@ -105,7 +106,7 @@ def before_experience(run: Run, exp: Experience) -> None:
 
 
 @hookspec(firstresult=True)
-def configure_optimizer(run: Run, exp: Experience) -> torch.optim.Optimizer | None:
+def configure_optimizer(run: Run, exp: Experience) -> OptimizerLike | None:
     """Produce the optimizer for an experience.
 
     Called once per training experience, after :func:`before_experience`; and

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 import torch
 
@@ -55,6 +55,22 @@ class Stash:
         del self._values[key]
 
 
+class OptimizerLike(Protocol):
+    """What the loop, schedules, resumes and torchrun use of an optimizer, what
+    ``configure_optimizer`` returns: every ``torch.optim.Optimizer`` has it, and
+    so may an object of a plugin's own (DMN's, for a model with nothing to train)."""
+
+    param_groups: list[dict[str, Any]]
+
+    def step(self, closure: Any = None) -> Any: ...
+
+    def zero_grad(self, set_to_none: bool = True) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
+
+
 @dataclass(eq=False)
 class Run:
     """Everything about the run in progress.
@@ -65,7 +81,8 @@ class Run:
     :ivar device: where the model and in-memory data live.
     :ivar hook: the plugin manager's hook relay (``run.hook.loss_terms(...)``).
     :ivar plugins: active strategy plugins by name, in config order.
-    :ivar optimizer: the optimizer of the current experience.
+    :ivar optimizer: the optimizer of the current experience (a
+        ``torch.optim.Optimizer``, or an object with what the loop uses of one).
     :ivar experience: the experience being trained (``None`` between experiences).
     :ivar epoch: the epoch within the experience, from 0.
     :ivar step: the training step within the experience, from 0.
@@ -85,7 +102,7 @@ class Run:
     plugins: dict[str, Any]
     generator: torch.Generator
     out_dir: Path | None = None
-    optimizer: torch.optim.Optimizer | None = None
+    optimizer: OptimizerLike | None = None
     experience: Experience | None = None
     epoch: int = 0
     step: int = 0

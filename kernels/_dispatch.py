@@ -16,7 +16,7 @@ import functools
 import operator
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Literal
@@ -311,7 +311,7 @@ def group_tensors(operands: Sequence[Sequence[torch.Tensor]], block: int) -> lis
     return groups
 
 
-Tensors = Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
+Tensors = Iterable[torch.Tensor] | Mapping[str, torch.Tensor]
 
 
 def parallel_lists(op: str, args: dict[str, Any]) -> tuple[list[str] | None, list[list[Any]]]:

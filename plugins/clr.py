@@ -184,7 +184,7 @@ class CLR:
         variant: str = "reduced"  # reduced | full | scale
         lam: float = 1e-5  # weight of the sum of L2 norms of the trained parameters
 
-    def __init__(self, config: Config | None = None):
+    def __init__(self, config: CLR.Config | None = None):
         self.config = config or self.Config()
         c = self.config
         if c.anchor not in ANCHORS:

@@ -124,7 +124,7 @@ class DMN:
         batch_size: int = 128
         weight_decay: float = 1e-4
 
-    def __init__(self, config: Config):
+    def __init__(self, config: DMN.Config):
         c = self.config = config
         # without train_clip the CLIP stays frozen and the loop's logits are zeros:
         # ewc, l2 and ssd would weigh no parameter, lwf distil nothing (they refuse)

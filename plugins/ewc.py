@@ -213,7 +213,7 @@ class EWC:
                 if value is not None and value < 1:
                     raise ConfigError(f"plugins.ewc.{key} must be at least 1, got {value}")
 
-    def __init__(self, config: Config):
+    def __init__(self, config: EWC.Config):
         self.config = config
         #: the penalty S (theta - m)^2 + offset, by parameter name
         self.importance: dict[str, torch.Tensor] = {}

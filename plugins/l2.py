@@ -50,7 +50,7 @@ class L2:
                 raise ConfigError(f"plugins.l2.lam must be a non-negative finite number, got {self.lam}")
             check_pattern("plugins.l2.pattern", self.pattern)
 
-    def __init__(self, config: Config):
+    def __init__(self, config: L2.Config):
         self.pattern = re.compile(config.pattern) if config.pattern is not None else None
         self.config = config
         self.anchor: dict[str, torch.Tensor] = {}

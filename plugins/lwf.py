@@ -63,7 +63,7 @@ class LwF:
             if not (math.isfinite(self.alpha) and self.alpha >= 0):
                 raise ConfigError(f"plugins.lwf.alpha must be non-negative and finite, got {self.alpha}")
 
-    def __init__(self, config: Config):
+    def __init__(self, config: LwF.Config):
         self.config = config
         self.teacher: nn.Module | None = None
         self._pending: dict[str, torch.Tensor] | None = None

@@ -82,7 +82,7 @@ class MEMO:
             if self.alpha_aux < 0:
                 raise ConfigError(f"plugins.memo.alpha_aux must be >= 0, got {self.alpha_aux}")
 
-    def __init__(self, config: Config | None = None):
+    def __init__(self, config: MEMO.Config | None = None):
         self.config = config if config is not None else self.Config()
         # nme predicts with the class means after_experience computes (see CLR)
         self.predicts_from_after_experience = self.config.predict == "nme"

@@ -63,7 +63,7 @@ class PowerLaw:
         pool_size: Optional[int] = None  # samples kept per task; None: the whole experience
         via: str = "mixture"  # mixture (train_data) | extra_samples (spread over the steps)
 
-    def __init__(self, config: Config):
+    def __init__(self, config: PowerLaw.Config):
         if config.via not in VIA:
             raise ConfigError(
                 f"plugins.powerlaw.via must be one of {choices(VIA)}, got {config.via!r}"

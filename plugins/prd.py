@@ -171,7 +171,7 @@ class PRD:
         views: List[str] = field(default_factory=lambda: list(REFERENCE_VIEWS))  # augmentation of each view
         teacher_bn: str = "batch"  # batch (reference: batch statistics) | running (teacher in eval mode)
 
-    def __init__(self, config: Config):
+    def __init__(self, config: PRD.Config):
         if config.relation not in RELATIONS:
             raise ConfigError(f"plugins.prd.relation must be one of {choices(RELATIONS)}, got {config.relation!r}")
         if config.teacher_bn not in TEACHER_BN:

@@ -122,7 +122,7 @@ class RegLoRA:
                 raise ConfigError(f"plugins.reglora.lam must be a finite number >= 0, got {self.lam}")
             check_pattern("plugins.reglora.pattern", self.pattern)
 
-    def __init__(self, config: Config | None = None):
+    def __init__(self, config: RegLoRA.Config | None = None):
         self.config = config or self.Config()
         #: accumulated key positions by adapted layer name: flat indices into its weight
         self.keys: dict[str, torch.Tensor] = {}
@@ -214,7 +214,7 @@ class RegLoRA:
     # after_experience (tryfirst ones included): they see the adapters merged
     # (the weights evaluated), never in flight.
     @hookimpl(wrapper=True)
-    def after_experience(self, run: Any, exp: Any) -> Generator[None, None, None]:
+    def after_experience(self, run: Any, exp: Any) -> Generator[None, Any, Any]:
         if self._trains_adapters:
             for name, layer in zip(self._names, self._layers, strict=True):
                 self.keys[name] = torch.cat([self.keys[name], key_elements(layer.delta(), self.config.top)])

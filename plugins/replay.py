@@ -63,7 +63,7 @@ class Replay:
             if self.batch_size is not None and self.batch_size < 1:
                 raise ConfigError(f"plugins.replay.batch_size must be at least 1, got {self.batch_size}")
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Replay.Config):
         self.config = config
         self.generator = torch.Generator()
         self.buffer: ReservoirBuffer | BalancedBuffer | None = None

@@ -175,7 +175,7 @@ class SSD:
                         f"{where}.forget[{k}] needs exactly one of 'classes' or 'samples'"
                     )
 
-    def __init__(self, config: Config):
+    def __init__(self, config: SSD.Config):
         self.config = config
         #: what a refusal of the run's model advises (contlearn unlearn, which adds SSD, says otherwise)
         self.refusal_advice = DROP_ONE

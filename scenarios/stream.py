@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from contlearn.scenarios.loader import LoaderData
 
 
 def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -218,9 +221,9 @@ class Experience:
     index: int
     classes: list[int]
     task: int
-    train: TensorData
-    test: TensorData
-    val: TensorData | None = None
+    train: TensorData | LoaderData
+    test: TensorData | LoaderData
+    val: TensorData | LoaderData | None = None
     shift: Any = None
 
     def __repr__(self) -> str:

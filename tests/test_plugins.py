@@ -59,3 +59,15 @@ def test_builtin_plugin_resumes_exactly_inside_an_experience(name, quick, tmp_pa
     if len(steps) < 2:
         pytest.fail(f"plugin {name} trains fewer than 2 steps in experience 1: no step inside it to crash at")
     assert_resume_is_exact(None, overrides, tmp_path, crash_at=steps[len(steps) // 2])
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_PLUGINS))
+def test_builtin_plugin_annotations_resolve(name):
+    """Type checkers and documentation tools read them: a nested ``Config`` is
+    named through its class (``Replay.Config``), which resolves at module level."""
+    import typing
+
+    cls = PluginRegistry.load(autoload=False).get(name).load()
+    for method in (cls.__init__, *(getattr(cls, n) for n in dir(cls) if not n.startswith("_"))):
+        if callable(method) and hasattr(method, "__annotations__"):
+            typing.get_type_hints(method)
