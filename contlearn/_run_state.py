@@ -173,6 +173,7 @@ def capture(
         },
         "stream": stream_signature(run.stream),
         "given_plugins": dict(given_plugins or {}),
+        "threads": torch.get_num_threads(),  # the CPU's order of summation depends on it
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict() if inside and run.optimizer is not None else None,
         "plugins": _plugin_states(run),
@@ -210,6 +211,23 @@ def _warn_given_plugins(saved: dict[str, str], given: dict[str, str], source: st
     )
 
 
+def _warn_other_threads(saved: Any, run: Run, source: str) -> None:
+    """Warn when a run on the CPU resumes on another number of threads than the
+    checkpoint's: its sums then run in another order, and the rest of the run is
+    not bitwise the uninterrupted run's (checkpoints written before this record
+    lack the number)."""
+    threads = torch.get_num_threads()
+    if not isinstance(saved, int) or saved == threads or run.device.type != "cpu" or not run.dist.is_main:
+        return
+    warnings.warn(
+        f"checkpoint '{source}' was written by a run on {saved} CPU thread{'s' if saved != 1 else ''} and this "
+        f"resume runs on {threads}: sums run in another order, so the rest of the run will not be bitwise the "
+        f"uninterrupted run's (resume with threads={saved} for that)",
+        CheckpointWarning,
+        stacklevel=5,  # the caller of Experiment.run
+    )
+
+
 def restore(
     run: Run, state: dict[str, Any], source: str, given_plugins: dict[str, str] | None = None
 ) -> tuple[Progress, Resumed | None]:
@@ -232,6 +250,7 @@ def restore(
         check_stream(state["stream"], stream, source)
     if "given_plugins" in state:
         _warn_given_plugins(state["given_plugins"], dict(given_plugins or {}), source)
+    _warn_other_threads(state.get("threads"), run, source)
     if completed + inside > len(stream):
         raise CheckpointError(f"checkpoint '{source}' is past the end of the stream ({len(stream)} experiences)")
     run.accuracy_rows = accuracy_rows

@@ -382,3 +382,15 @@ def test_a_batch_size_of_one_through_batchnorm_is_named_as_the_cause(tmp_path, c
     assert code == 2, err
     assert err.strip().startswith("error: step 1 of experience 0 (epoch 0) has a batch of one sample")
     assert "train.batch_size=1 makes every batch one sample: use at least 2" in err and "Traceback" not in err
+
+
+def test_a_resume_on_another_number_of_threads_is_one_warning(finished_run, tmp_path, capsys):
+    run = copy_run(finished_run, tmp_path / "run")
+    newest = ckpt.list_checkpoints(run / "checkpoints")[-1]
+    newest.unlink()  # the run is unfinished from the one before
+    saved = ckpt.load(ckpt.list_checkpoints(run / "checkpoints")[-1])["threads"]
+    other = 1 if saved != 1 else 2
+    assert main(["resume", str(run), f"threads={other}", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: checkpoint 'ckpt-")
+    assert f"a run on {saved} CPU thread" in err and f"resume runs on {other}: " in err
