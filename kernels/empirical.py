@@ -252,10 +252,11 @@ def fisher_sums(
                 if per_sample_modules is None:
                     per_sample_modules = taps.fired()
                     taps.drop_functional_uses(loss)
-                elif taps.fired() != per_sample_modules:
+                elif not taps.fired() <= per_sample_modules:  # one not called: its samples' gradients are 0
                     raise RuntimeError(
-                        "empirical_fisher(per_sample): the model called different Linear layers "
-                        "in different batches"
+                        f"empirical_fisher(per_sample): batch {n_batches} called Linear layers that the first "
+                        "batch did not (in training, a multi-head model runs only the heads of each batch's "
+                        "tasks: put it in eval mode, model.eval(), where it runs every head)"
                     )
                 n_samples += _accumulate_per_sample(
                     fisher, named, taps, per_sample_modules, loss, batch_size, backend

@@ -136,10 +136,11 @@ def _per_sample_loop(model: nn.Module, batches, loss_fn) -> dict[str, torch.Tens
     for x, y in batches:
         for i in range(x.shape[0]):
             grads = torch.autograd.grad(
-                loss_fn(model, x[i : i + 1], y[i : i + 1]), [p for _, p in named]
+                loss_fn(model, x[i : i + 1], y[i : i + 1]), [p for _, p in named], allow_unused=True
             )
             for (n, _), g in zip(named, grads, strict=True):
-                out[n] += g**2
+                if g is not None:  # a parameter the sample's loss does not use (another task's head): 0
+                    out[n] += g**2
             count += 1
     return {n: v / count for n, v in out.items()}
 
@@ -249,6 +250,35 @@ def test_per_sample_mode_is_exact_for_contlearn_heads_but_cosine(head: str) -> N
     for name in got:
         want = per_sample[name] if name in exact else batch[name]
         torch.testing.assert_close(got[name], want, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_per_sample_mode_on_a_multi_head_model_in_training_with_one_task_per_batch() -> None:
+    """In training a multi-head model runs only the heads of the batch's tasks: a
+    later batch without a task contributes 0 to its head's per-sample sum (exact);
+    a later batch calling a head the first did not is refused, pointing to eval
+    mode, where every head runs."""
+    torch.manual_seed(0)
+    model = _HeadNet("multi")
+    assert model.training
+
+    def batch(tasks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.tensor(tasks, dtype=torch.float32)
+        return torch.cat([torch.randn(len(tasks), 5), t[:, None]], dim=1), (2 * t).long() + torch.randint(0, 2, (len(tasks),))
+
+    mixed_first = [batch([0, 1, 0, 1]), batch([0, 0, 0]), batch([1, 1])]
+    got = fisher.empirical_fisher(model, mixed_first, _xent, mode="per_sample")
+    want = _per_sample_loop(model, mixed_first, _xent)
+    for name in got:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-7, msg=name)
+
+    one_task_first = [batch([0, 0, 0]), batch([1, 1])]
+    with pytest.raises(RuntimeError, match=r"batch 1 called Linear layers that the first batch did not .*model\.eval\(\)"):
+        fisher.empirical_fisher(model, one_task_first, _xent, mode="per_sample")
+    model.eval()
+    got = fisher.empirical_fisher(model, one_task_first, _xent, mode="per_sample")
+    want = _per_sample_loop(model, one_task_first, _xent)
+    for name in got:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
 def test_leaves_grads_mode_and_frozen_params_alone() -> None:
