@@ -177,6 +177,7 @@ class DMN:
     @hookimpl(tryfirst=True)
     def setup(self, run) -> None:
         """Replaces ``run.model`` by the CLIP (kept when :meth:`restore` built it)."""
+        self._refuse_task_labels(run)
         if not isinstance(run.model, ClipClassifier):
             run.model = self._build_model(run)
             self.generator.manual_seed(int(run.config.seed))
@@ -184,10 +185,22 @@ class DMN:
             self.memory = self._new_memory(run.model.backbone.out_features)
         self.memory.to(run.device)
 
+    @staticmethod
+    def _refuse_task_labels(run) -> None:
+        """DMN classifies among every class seen, and its dynamic memory takes its
+        own predictions as labels: a task label would go unused, and a task-incremental
+        score would be a class-incremental one."""
+        if run.stream.setting == "task":  # the stream's: an Avalanche benchmark's is detected, not configured
+            raise ConfigError(
+                "the dmn plugin classifies among all the classes seen (class- or domain-incremental) and does not "
+                "use task labels: scenario.setting=task would report its class-incremental accuracy as task-incremental"
+            )
+
     def restore(self, run, state: dict[str, Any]) -> None:
         """Resuming from a checkpoint: build the CLIP, grown to the classes of the
         experiences started, so that the checkpoint's weights fit it; then
         :meth:`load_state_dict`."""
+        self._refuse_task_labels(run)
         model = self._build_model(run)
         started = len(run.accuracy_rows) + (run.experience is not None)
         for exp in run.stream.experiences[:started]:

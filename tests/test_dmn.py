@@ -215,6 +215,16 @@ def test_a_frozen_clip_refuses_plugins_that_act_on_its_parameters(other, message
     run.hook.setup(run=run)  # a CLIP that trains: accepted
 
 
+def test_task_labels_are_refused_before_the_clip_is_built(monkeypatch):
+    """DMN ignored them: a task-incremental run reported its class-incremental
+    accuracy (the same matrix as with scenario.setting=class)."""
+    from contlearn.plugins import dmn
+
+    monkeypatch.setattr(dmn.DMN, "_build_model", lambda self, run: pytest.fail("the CLIP was built"))
+    with pytest.raises(ConfigError, match=r"does not use task labels: scenario.setting=task would report"):
+        Experiment(load_config(None, [*TINY_RUN, "scenario.setting=task", "model.head=multi"])).run()
+
+
 @pytest.fixture(scope="module")
 def finished() -> Experiment:
     experiment = Experiment(load_config(None, [*TINY_RUN, "plugins.dmn.dynamic_memory=keep"]))
