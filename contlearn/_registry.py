@@ -82,6 +82,17 @@ class PluginLoadWarning(UserWarning):
     """A third-party plugin could not be loaded; the others still are."""
 
 
+#: the entry-point problems reported in this process: a config, a check and a run
+#: each load the plugins, and a script should hear of each problem once
+_REPORTED: set[str] = set()
+
+
+def _report(message: str) -> None:
+    if message not in _REPORTED:
+        _REPORTED.add(message)
+        warnings.warn(message, PluginLoadWarning, stacklevel=4)
+
+
 @dataclass
 class PluginEntry:
     """One available plugin: its name, where it comes from, how to import it."""
@@ -124,8 +135,8 @@ class PluginRegistry:
         """Built-ins, plus entry points of the group ``contlearn.plugins`` unless
         autoload is off, plus the plugin classes ``given`` by name in Python (a
         script's own). A third-party plugin that fails to import is reported
-        with a :class:`PluginLoadWarning` naming it and its distribution, and left
-        out; the others are still available.
+        with a :class:`PluginLoadWarning` naming it and its distribution (once per
+        process), and left out; the others are still available.
 
         :raises PluginError: a given class under the name of another plugin.
         """
@@ -142,21 +153,17 @@ class PluginRegistry:
                         f"plugin {ep.name!r} from {dist} has a name that cannot be its config key plugins.<name> "
                         f"(it holds '.', '[', ']', '=' or spaces); it is ignored: rename its entry point"
                     )
-                    warnings.warn(broken[ep.name], PluginLoadWarning, stacklevel=2)
+                    _report(broken[ep.name])
                     continue
                 if ep.name in entries:
-                    warnings.warn(
-                        f"plugin '{ep.name}' from {dist} has the name of a plugin from "
-                        f"{entries[ep.name].source}; it is ignored",
-                        PluginLoadWarning,
-                        stacklevel=2,
-                    )
+                    _report(f"plugin '{ep.name}' from {dist} has the name of a plugin from "
+                            f"{entries[ep.name].source}; it is ignored")
                     continue
                 try:
                     entry.load()
                 except PluginError as exc:
                     broken[ep.name] = str(exc)
-                    warnings.warn(str(exc), PluginLoadWarning, stacklevel=2)
+                    _report(str(exc))
                     continue
                 entries[ep.name] = entry
         for name, plugin_class in given_plugins(given, "plugins", classes_only=True).items():

@@ -22,3 +22,12 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def _plugin_problems_unreported(monkeypatch):
+    """Each test starts as a fresh process would: a broken entry point is
+    reported once per process, and each test installs its own."""
+    from contlearn import _registry
+
+    monkeypatch.setattr(_registry, "_REPORTED", set())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import sys
 import textwrap
+import warnings
 
 import pytest
 
@@ -63,18 +64,22 @@ def test_builtins_are_listed_by_short_name():
     assert registry.get("finetune").source == "builtin"
 
 
-def test_entry_point_plugin_is_found_and_runs(third_party):
-    with pytest.warns(PluginLoadWarning):
+def test_entry_point_plugin_is_found_and_runs_and_the_broken_ones_are_reported_once(third_party):
+    with pytest.warns(PluginLoadWarning) as caught:
         registry = PluginRegistry.load()
     entry = registry.get("shout")
     assert entry.source == "cl-extras 1.2"
-    with pytest.warns(PluginLoadWarning):
+    with warnings.catch_warnings(record=True) as later:  # a config, its check and a run load the plugins again
+        warnings.simplefilter("always")
         cfg = load_config(None, ["train.epochs=1", "eval.fwt=false", "plugins.shout.volume=5"])
-    assert cfg.plugins.shout.volume == 5
-    with pytest.warns(PluginLoadWarning):
         exp = Experiment(cfg)
         exp.run()
+    assert cfg.plugins.shout.volume == 5
     assert exp.run_state.plugins["shout"].steps > 0
+    assert len(caught) == 2  # 'broken' and 'loud.shout'
+    assert not [w for w in later if issubclass(w.category, PluginLoadWarning)]
+    with pytest.raises(PluginError, match="needs a missing library"):  # still refused by name
+        PluginRegistry.load().get("broken")
 
 
 def test_broken_entry_point_warns_with_name_and_distribution(third_party):
@@ -107,7 +112,7 @@ def test_wrong_plugin_field_type(third_party):
 
     with pytest.warns(PluginLoadWarning), pytest.raises(ConfigError, match="plugins.shout.volume"):
         load_config(None, ["plugins.shout.volume=loud"])
-    with pytest.warns(PluginLoadWarning), pytest.raises(ConfigError, match="plugins.shout.pitch.*'volume'"):
+    with pytest.raises(ConfigError, match="plugins.shout.pitch.*'volume'"):  # the broken one reported already
         load_config(None, ["plugins.shout.pitch=1"])
 
 
@@ -128,6 +133,6 @@ def test_the_class_an_entry_point_names_may_be_given_under_its_name_too(third_pa
     class Other(cl_extras.Shout):
         pass
 
-    with pytest.warns(PluginLoadWarning), pytest.raises(PluginError, match="the plugin class Other is given as "
-                                                                          "'shout', the name of a plugin from cl-extras"):
+    with pytest.raises(PluginError, match="the plugin class Other is given as 'shout', the name of a plugin from "
+                                          "cl-extras"):
         load_config(None, [], plugins={"shout": Other})
