@@ -106,20 +106,24 @@ def _fisher_over_processes(
     one all-reduce, then divided."""
     n_batches = math.ceil(len(data) / batch_size)
     mine = dist.part(n_batches)
+    rows = range(mine.start * batch_size, min(mine.stop * batch_size, len(data))) if len(mine) else range(0)
     if len(mine):
-        rows = range(mine.start * batch_size, min(mine.stop * batch_size, len(data)))
-        sums, divisors, per_sample = _fisher_sums(model, data.subset(rows), batch_size, mode)
+        sums, _, per_sample = _fisher_sums(model, data.subset(rows), batch_size, mode)
     else:  # fewer batches than processes: nothing here, but the all-reduce all the same
         device = next(p for p in model.parameters() if p.requires_grad).device
         sums = {n: torch.zeros(p.shape, dtype=torch.float32, device=device)
                 for n, p in model.named_parameters() if p.requires_grad}
-        divisors, per_sample = dict.fromkeys(sums, 0), frozenset()
+        per_sample = frozenset()
     device = next(iter(sums.values())).device
-    counts = torch.tensor([float(divisors[n]) for n in sums], device=device)
-    # the processes that computed each parameter per sample, and from batch gradients: all processes with
-    # batches must agree, as one process's batches must (empirical_fisher)
-    kinds = torch.tensor([[float(n in per_sample), float(n not in per_sample)] if len(mine) else [0.0, 0.0]
-                          for n in sums], device=device)
+    # Per parameter, how this process computed it: per sample, from batch gradients, or either (no gradient
+    # here at all: a linear layer its batches never called, which adds 0 per sample as well as per batch),
+    # and what it adds to each divisor, its samples and its batches. All processes that computed a parameter
+    # must agree, as one process's batches must (empirical_fisher). One host read: whether sums are 0.
+    used = torch.stack([value.ne(0).any() for value in sums.values()]).tolist()
+    kind = [(n in per_sample, n not in per_sample and nonzero) for n, nonzero in zip(sums, used, strict=True)]
+    kinds = torch.tensor([[float(a), float(b)] for a, b in kind], device=device)
+    counts = torch.tensor([[0.0 if on_batches else float(len(rows)), 0.0 if on_samples else float(len(mine))]
+                           for on_samples, on_batches in kind], device=device)
     *totals, total_counts, total_kinds = dist.summed([*sums.values(), counts, kinds])
     mixed = [n for n, (on_samples, on_batches) in zip(sums, total_kinds.tolist(), strict=True) if on_samples and on_batches]
     if mixed:
@@ -127,6 +131,8 @@ def _fisher_over_processes(
             f"the Fisher pass shared out between processes computed {mixed[0]} per sample on some and from batch "
             "gradients on others: the model called different linear layers in different batches"
         )
+    by_samples = (total_kinds[:, 0] > 0).tolist()
+    total_counts = torch.stack([c[0] if s else c[1] for c, s in zip(total_counts, by_samples, strict=True)])
     divisors = dict(zip(sums, total_counts.tolist(), strict=True))
     return {n: value / divisors[n] for n, value in zip(sums, totals, strict=True)}, divisors
 

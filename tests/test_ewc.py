@@ -229,8 +229,6 @@ def test_shipped_configs_run_by_name(name, quick):
 
 
 def test_fisher_of_a_frozen_model_is_a_clear_error():
-    from contlearn import PluginError
-
     model = torch.nn.Linear(3, 2).requires_grad_(False)
     with pytest.raises(PluginError, match="the model has no trainable parameters"):
         fisher_information(model, None, 8)
@@ -263,16 +261,49 @@ class _Routed(torch.nn.Module):
         return Output(logits=logits, features=x)
 
 
-def test_a_shared_out_pass_whose_processes_disagree_is_an_error_on_every_process():
-    """Rank 0's batches call ``b`` (per sample), rank 1's never (batch formula): one process
-    would refuse such a model; shared out, every process refuses it after the all-reduce."""
+def test_a_layer_some_batches_never_call_is_computed_per_sample_alone_and_shared_out_alike():
+    """The first two batches call ``b``, the last two never (a task's head in
+    training). Its samples there add 0 to its per-sample sum, so one process
+    divides by all 20 samples; shared out, process 1 never calls ``b`` and says
+    so, and the two processes' pass is one process's (it was refused)."""
     torch.manual_seed(0)
     model = _Routed()
     x = torch.randn(20, 4).abs()
     x[10:, 0] *= -1
     data = TensorData(x, torch.arange(20) % 3)
-    with pytest.raises(RuntimeError, match="different Linear layers"):
-        fisher_information(model, data, 5, "per_sample")
+    whole = fisher_information(model, data, 5, "per_sample")
+    assert float(whole["b.weight"].abs().sum()) > 0
+    second = _Recording(1, 2)
+    fisher_information(model, data, 5, "per_sample", dist=second)
+
+    class First(_Recording):
+        def all_reduce_(self, tensor):
+            return tensor.add_(second.sent[0])
+
+    shared = fisher_information(model, data, 5, "per_sample", dist=First(0, 2))
+    for name, value in whole.items():
+        torch.testing.assert_close(shared[name], value, rtol=1e-5, atol=1e-8, msg=name)
+
+
+class _Bypassed(_Routed):
+    """Calls ``b`` through its forward for batches whose first input is positive,
+    else through ``F.linear`` on its weight (which per-sample mode cannot tap)."""
+
+    def forward(self, x, t=None):
+        from contlearn.models import Output
+
+        b = self.b(x) if float(x[0, 0]) > 0 else torch.nn.functional.linear(x, self.b.weight, self.b.bias)
+        return Output(logits=self.a(x) + b, features=x)
+
+
+def test_a_shared_out_pass_whose_processes_disagree_is_an_error_on_every_process():
+    """Process 0 computes ``b`` per sample, process 1 from its batch gradients: the
+    sums cannot be added, and every process says so after the all-reduce."""
+    torch.manual_seed(0)
+    model = _Bypassed()
+    x = torch.randn(20, 4).abs()
+    x[10:, 0] *= -1
+    data = TensorData(x, torch.arange(20) % 3)
     second = _Recording(1, 2)
     fisher_information(model, data, 5, "per_sample", dist=second)  # alone it sees only its share: b by batches
 
@@ -299,10 +330,12 @@ def test_a_fisher_pass_shared_out_sums_to_one_process_s(n, world, mode):
         assert len(view.sent) == 1
         sent.extend(view.sent)
     total = torch.stack(sent).sum(dim=0)
-    counts, kinds = total[-3 * len(whole):-2 * len(whole)], total[-2 * len(whole):].view(-1, 2)
+    # per parameter: (samples, batches) it is divided by, and (processes per sample, by batches)
+    counts, kinds = total[-4 * len(whole):-2 * len(whole)].view(-1, 2), total[-2 * len(whole):].view(-1, 2)
     assert kinds[:, 1 if mode == "per_sample" else 0].eq(0).all()  # every share computed each parameter alike
-    assert counts.tolist() == [float(n if mode == "per_sample" else -(-n // 5))] * len(whole)  # MLP and head: all per sample
+    divisors = counts[:, 0 if mode == "per_sample" else 1]
+    assert divisors.tolist() == [float(n if mode == "per_sample" else -(-n // 5))] * len(whole)  # MLP and head: all per sample
     offset = 0
-    for value, count in zip(whole.values(), counts.tolist(), strict=True):
+    for value, count in zip(whole.values(), divisors.tolist(), strict=True):
         torch.testing.assert_close(total[offset:offset + value.numel()].view_as(value) / count, value, rtol=1e-5, atol=1e-8)
         offset += value.numel()
