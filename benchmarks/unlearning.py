@@ -253,7 +253,7 @@ def bn_diagnosis(epochs: int, device: str, names: list[str]) -> str:
     ]
     for name in names:
         sets = _sets(run, name)
-        fisher_f = plugin._importance(run, sets.forget_train, "batch", plugin.config.batch_size)
+        fisher_f = plugin._importance(run, sets.forget_train, "batch", plugin.config.batch_size, plugin.config.fisher_d_order)
         for label, keep in groups.items():
             model.load_state_dict(original)
             params = {n: p for n, p in model.named_parameters() if keep(n)}
