@@ -13,7 +13,7 @@ when a check fails:
 * split digits: joint >= replay (200) >= 0.85 > finetune;
 * permuted digits: each of ewc, l2 and lwf beats finetune.
 
-    python benchmarks/baselines.py                     # both settings (about 20 CPU minutes)
+    python benchmarks/baselines.py                     # both settings (about 9 minutes on one idle core)
     python benchmarks/baselines.py --settings split --device cuda
     python benchmarks/baselines.py --sweep             # how the defaults were chosen
 

@@ -119,13 +119,13 @@ def main() -> None:
         with torch.no_grad():
             p_clip = torch.softmax(100 * test_feats[:, 0] @ model.head.classifier().t(), dim=1)
         acc = (accuracy(p_clip, y_te, list(range(10))), accuracy(p_clip, y_te, seen), accuracy(p_clip, y_te, unseen))
-        rows.setdefault("CLIP zero-shot", []).append((*acc, [0.0, 0.0]))
+        rows.setdefault("CLIP zero-shot", []).append((*acc, None))  # no memories, so no alphas
         run("DMN zero-shot", config(mode="zero_shot", shots=0), 0)
         for k in [int(s) for s in args.shots.split(",")]:
             run(f"DMN training-free, {k} shot{'s' if k > 1 else ''}", config(mode="training_free", shots=k), k)
         k = args.learnable_shots
         run(
-            f"DMN learnable, {k} shots",
+            f"DMN learnable, {k} shots (lr {args.learnable_lr:g}, {args.learnable_epochs} epochs)",
             config(mode="learnable", shots=k, lr=args.learnable_lr, epochs=args.learnable_epochs),
             k,
         )
@@ -143,8 +143,8 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name, results in rows.items():
         all_, s, u, alphas = zip(*results, strict=True)
-        med = np.median(np.array(alphas), axis=0)
-        print(f"| {name} | {fmt(list(all_))} | {fmt(list(s))} | {fmt(list(u))} | {med[0]:g}, {med[1]:g} |")
+        med = "-" if alphas[0] is None else ", ".join(f"{v:g}" for v in np.median(np.array(alphas), axis=0))
+        print(f"| {name} | {fmt(list(all_))} | {fmt(list(s))} | {fmt(list(u))} | {med} |")
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
 
 
