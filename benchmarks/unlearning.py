@@ -292,7 +292,7 @@ def bn_diagnosis(epochs: int, device: str, names: list[str]) -> str:
 def table(result: dict[str, Any]) -> str:
     lines = [
         f"### {result['backbone']} (test accuracy {result['test_accuracy']:.3f}, {len(result['classes'])} classes "
-        f"forgotten in turn, {result['device']})",
+        f"forgotten in turn: {', '.join(map(str, result['classes']))}; {result['device']})",
         "",
         "| method | forget acc (mean / worst) | retain acc (mean / worst) | MIA (mean / worst) | seconds (mean) |",
         "|---|---|---|---|---|",
@@ -350,7 +350,8 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--finetune-epochs", type=int, default=5)
     parser.add_argument(
-        "--classes", nargs="+", type=int, default=None, help="model-side class ids (default: all)"
+        "--classes", nargs="+", type=int, default=None,
+        help="model-side class ids, in the stream's class order (default: all); the table names the classes forgotten"
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
