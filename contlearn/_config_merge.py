@@ -5,6 +5,7 @@ valid there (OmegaConf's own words name node types, or nothing)."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from typing import Any
 
@@ -81,19 +82,28 @@ def merge_checked(schema: Any, *layers: Any, where: str = "") -> DictConfig:
                 raise ConfigError(
                     f"'{where}{section}' is a section: set its keys ({where}{section}.KEY=VALUE), not a value"
                 ) from None
-        full_key = f"{where}{exc.full_key}"
+        full_key = f"{where}{exc.full_key}" if exc.full_key else where.rstrip(".")
         in_list = _key_in_a_list(schema, layers, exc, where)
         if in_list is not None:
             full_key = in_list[0]
-        if "is not a ListConfig" in exc.msg:  # OmegaConf's words for a plain value given to a list
+        message = exc.msg or str(exc)  # None when a section is given another section (plugins.x=${train})
+        other = re.search(r"(\w+) is not a subclass of \w+", message)
+        if other is not None:
+            raise ConfigError(
+                f"wrong value for '{full_key}': a section takes its own fields, not another section "
+                f"(got the fields of a {other.group(1)})"
+            ) from None
+        if "is not a ListConfig" in message:  # OmegaConf's words for a plain value given to a list
             # the key in the layers: OmegaConf names one inside a list of mappings by its last part
             value = _given_value(layers, full_key[len(where):] if full_key.startswith(where) else str(exc.full_key))
             raise ConfigError(
                 f"wrong value for '{full_key}': expected a list in brackets, e.g. {full_key}=[{value}], got {value}"
             ) from None
-        raise ConfigError(f"wrong value for '{full_key}': {first_line(exc.msg)}") from None
+        raise ConfigError(f"wrong value for '{full_key.rstrip('.')}': {first_line(message)}") from None
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"invalid config{f' at {where}' if where else ''}: {first_line(exc.msg)}") from None
+        raise ConfigError(
+            f"invalid config{f' at {where.rstrip(chr(46))}' if where else ''}: {first_line(exc.msg or str(exc))}"
+        ) from None
     except TypeError as exc:  # OmegaConf's "Cannot merge incompatible container types", without the key
         raise container_mismatch_error(OmegaConf.structured(schema), layers, exc, where) from None
 

@@ -74,6 +74,15 @@ def register_plugins(pm: pluggy.PluginManager, plugins: dict[str, Any], defaults
     try:
         pm.register(defaults, name=DEFAULTS_NAME)
         for name, plugin in plugins.items():
+            same = pm.get_name(plugin)
+            if same is not None:  # pluggy's messages dump the whole registry
+                raise PluginError(
+                    f"plugin '{name}' is the same object as plugin '{same}': a plugin object keeps its own "
+                    f"state, so give each name its own object"
+                )
+            if name == DEFAULTS_NAME:
+                raise PluginError(f"'{DEFAULTS_NAME}' names contlearn's built-in behaviour: give plugin "
+                                  f"{type(plugin).__name__} another name")
             pm.register(plugin, name=name)
             check_unmarked_hooks(pm, name, plugin)
         pm.check_pending()
@@ -90,8 +99,6 @@ def register_plugins(pm: pluggy.PluginManager, plugins: dict[str, Any], defaults
         takes = f"; '{hook[1]}' takes ({', '.join(spec.argnames)})" if spec is not None else ""
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         raise PluginError(f"plugin '{name}' does not fit the hook contract: {'; '.join(lines)}{takes}") from None
-    except ValueError as exc:  # duplicate registration
-        raise PluginError(str(exc)) from None
     check_firstresult_conflicts(pm)
 
 

@@ -375,10 +375,12 @@ def write_runs_report(runs: list[FinishedRun], out_dir: str | Path | None = None
         raise ConfigError("--out names where several runs are compared; one run's report is written in its own directory")
     out = Path(out_dir) if out_dir is not None else runs[0].path
     if len(runs) > 1:
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--out '{out}' is a file: the comparison is written into a directory (give another path)")
         try:
             out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"cannot write the comparison to '{out}': {exc.strerror or exc}") from None
+        except OSError as exc:  # the system refuses (permissions, a full disk): a failure at run time
+            raise ContlearnError(f"cannot write the comparison to '{out}': {exc.strerror or exc}") from None
     written: list[Path] = []
     for run in runs:
         written += write_run_report(run)

@@ -379,7 +379,7 @@ class ClipClassifier(ContinualModel):
             dim = int(visual(torch.zeros(1, 3, pre.image_size, pre.image_size, device=device)).shape[-1])
         backbone = ClipImageEncoder(visual, pre, dim)
         head = ClipTextHead(
-            model, open_clip.get_tokenizer(name), class_names, templates or CLIP_TEMPLATES, logit_scale
+            model, open_clip.get_tokenizer(name), class_names, CLIP_TEMPLATES if templates is None else templates, logit_scale
         )
         return cls(backbone, head).to(device)
 

@@ -22,7 +22,9 @@ from contlearn.errors import ConfigError, PluginError
 from contlearn.models import MLP, ContinualModel, IncrementalLinear, Output, ResNet, SmallCNN
 
 
-def split_backbone(backbone: nn.Module, specialized_width: int | None = None) -> tuple[nn.Module, nn.Module, int]:
+def split_backbone(
+    backbone: nn.Module, specialized_width: int | None = None, name: str | None = None
+) -> tuple[nn.Module, nn.Module, int]:
     """``(generalized, specialized, feature size)`` of a built-in backbone.
 
     - CIFAR ResNets / ResNet-18: MEMO's split (:meth:`ResNet.split`): stem and
@@ -64,7 +66,8 @@ def split_backbone(backbone: nn.Module, specialized_width: int | None = None) ->
         out = next(m.out_channels for m in block if isinstance(m, nn.Conv2d))
         return nn.Sequential(*layers[:start]), nn.Sequential(*block), int(out)
     raise ConfigError(
-        f"the memo plugin cannot split a {type(backbone).__name__} backbone into generalized and specialized "
+        f"the memo plugin cannot split {f'model.backbone={name}' if name else f'a {type(backbone).__name__} backbone'}"
+        f" into generalized and specialized "
         f"blocks; valid model.backbone: 'mlp', 'cnn', 'cnn-bn', 'resnet20/32/44/56', 'resnet18', 'resnet18-imagenet'"
     )
 

@@ -264,8 +264,10 @@ class Schedule:
 
 
 def _overflow(log_weight: float, where: str) -> ConfigError:
+    """``where`` is the prefix of the schedule's field names (``plugins.powerlaw.``)."""
     return ConfigError(
-        f"{where}the schedule's weights overflow (a weight of e^{log_weight:.4g}): lower the exponent or alpha"
+        f"{where}schedule: its weights overflow (a weight of e^{log_weight:.4g}) with {where}scale set: lower "
+        f"the exponent or alpha, or give a budget instead of the scale"
     )
 
 

@@ -131,6 +131,11 @@ class DMN:
         self.freezes_model = self.logits_without_gradient = not c.train_clip
         if c.mode not in MODES:
             raise ConfigError(f"plugins.dmn.mode must be one of {', '.join(MODES)}, got {c.mode!r}")
+        if c.templates is not None and (not c.templates or any(str(t).count("{}") != 1 for t in c.templates)):
+            raise ConfigError(
+                f"plugins.dmn.templates: every prompt template needs exactly one '{{}}' for the class name "
+                f"(null: CLIP's 7), got {list(c.templates)}"
+            )
         if c.dynamic_memory not in ("reset", "keep"):
             raise ConfigError(f"plugins.dmn.dynamic_memory must be 'reset' or 'keep', got {c.dynamic_memory!r}")
         for key in ("memory_size", "views", "epochs", "batch_size"):
@@ -177,7 +182,7 @@ class DMN:
     @hookimpl(tryfirst=True)
     def setup(self, run) -> None:
         """Replaces ``run.model`` by the CLIP (kept when :meth:`restore` built it)."""
-        self._refuse_task_labels(run)
+        self._check_stream(run)
         if not isinstance(run.model, ClipClassifier):
             run.model = self._build_model(run)
             self.generator.manual_seed(int(run.config.seed))
@@ -186,21 +191,24 @@ class DMN:
         self.memory.to(run.device)
 
     @staticmethod
-    def _refuse_task_labels(run) -> None:
-        """DMN classifies among every class seen, and its dynamic memory takes its
-        own predictions as labels: a task label would go unused, and a task-incremental
-        score would be a class-incremental one."""
+    def _check_stream(run) -> None:
+        """Before the CLIP is built: the stream has images, and no task labels (DMN
+        classifies among every class seen, and its dynamic memory takes its own
+        predictions as labels: a task-incremental score would be a class-incremental one)."""
         if run.stream.setting == "task":  # the stream's: an Avalanche benchmark's is detected, not configured
             raise ConfigError(
                 "the dmn plugin classifies among all the classes seen (class- or domain-incremental) and does not "
                 "use task labels: scenario.setting=task would report its class-incremental accuracy as task-incremental"
             )
+        shape = tuple(run.stream.input_shape)
+        if len(shape) != 3 or shape[0] not in (1, 3):
+            raise ConfigError(f"the dmn plugin's CLIP needs image inputs [1 or 3, H, W], the data has shape {shape}")
 
     def restore(self, run, state: dict[str, Any]) -> None:
         """Resuming from a checkpoint: build the CLIP, grown to the classes of the
         experiences started, so that the checkpoint's weights fit it; then
         :meth:`load_state_dict`."""
-        self._refuse_task_labels(run)
+        self._check_stream(run)
         model = self._build_model(run)
         started = len(run.accuracy_rows) + (run.experience is not None)
         for exp in run.stream.experiences[:started]:

@@ -112,7 +112,7 @@ class MEMO:
         head = run.model.head
         if not isinstance(head, IncrementalLinear) or isinstance(head, CosineLinear):
             raise ConfigError(f"the memo plugin needs model.head=incremental, got '{cfg.model.head}'")
-        generalized, specialized, d = split_backbone(run.model.backbone, self.config.specialized_width)
+        generalized, specialized, d = split_backbone(run.model.backbone, self.config.specialized_width, str(cfg.model.backbone))
         model = MemoNet(ExpandableBackbone(generalized, specialized, d), head.out_features)
         return model.to(run.device)
 

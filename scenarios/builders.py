@@ -102,8 +102,11 @@ def _relabel(data, remap: torch.Tensor, what: str):
     y = data.y.cpu()
     if len(y) and int(y.min()) < 0:
         raise DataError(f"the {what} set has a negative label ({int(y.min())}): labels must be 0 or more")
-    if int(y.max()) >= remap.numel() or bool((remap[y] < 0).any()):
-        raise DataError(f"the {what} set has classes that the training set lacks")
+    if int(y.max()) >= remap.numel() or bool((remap[y.clamp(max=remap.numel() - 1)] < 0).any()):
+        known = set(torch.nonzero(remap >= 0).flatten().tolist())
+        lacking = sorted(set(y.unique().tolist()) - known)
+        shown = ", ".join(map(str, lacking[:5])) + (f" and {len(lacking) - 5} more" if len(lacking) > 5 else "")
+        raise DataError(f"the {what} set has classes that the training set lacks: labels {shown}")
     return data.with_labels(remap[y])
 
 

@@ -219,7 +219,14 @@ def _are_names(y: Any) -> bool:
 
 
 def _labels_of(y: Any, names: list[str] | None) -> tuple[torch.Tensor, list[str] | None]:
-    """Integer labels as int64; other labels (strings) as ids into sorted names."""
+    """Integer labels as int64; other labels (strings) as ids into sorted names.
+    One label per sample: ``[N]`` (or ``[N, 1]``)."""
+    shape = tuple(y.shape) if hasattr(y, "shape") else np.shape(y)
+    if len(shape) > 2 or (len(shape) == 2 and shape[1] != 1):
+        raise DataError(
+            f"labels y have shape {shape}: a label is one class per sample, y of shape (N,) "
+            f"(for one-hot or soft targets, give their argmax)"
+        )
     if isinstance(y, torch.Tensor):
         if y.is_floating_point() and not bool((y == y.round()).all()):
             raise DataError("labels y must be integers or names, got fractional numbers")

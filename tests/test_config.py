@@ -348,3 +348,11 @@ def test_a_plugin_config_s_own_check_is_a_config_error():
 
     with pytest.raises(ConfigError, match=r"^plugins.picky: ValueError: mode must be a or b, got 'c'$"):
         load_config("split-digits", ["plugins.picky.mode=c"], plugins={"picky": Picky})
+
+
+@pytest.mark.parametrize("override", ["plugins.replay=${train}", "plugins.ssd=${scenario}"])
+def test_a_plugin_section_given_another_section_is_one_message(override):
+    """OmegaConf's error has no message there (None): it was a TypeError traceback."""
+    with pytest.raises(ConfigError, match=r"^wrong value for 'plugins\.(replay|ssd)': a section takes its own fields, "
+                                          r"not another section \(got the fields of a (Train|Scenario)Config\)$"):
+        load_config("split-digits", [override])

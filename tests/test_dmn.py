@@ -3,10 +3,12 @@ and the plugin in a stream, on the tiny open_clip CLIP built without weights."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from contlearn.plugins._clip import ClipClassifier
 from contlearn.plugins.dmn import BIASES, DMN, DualMemory, entropy, search_alphas
+from contlearn.scenarios import Stream
 from torch.nn import functional as F
 
 from contlearn import Experiment, load_config
@@ -176,7 +178,10 @@ def test_bad_config_is_a_config_error():
     DMN(DMN.Config(mode="zero_shot", shots=0))
     for field, value, match in [("lr", -1.0, "lr must be positive"), ("logit_scale", -100.0, "logit_scale must be"),
                                 ("weight_decay", -1.0, "weight_decay must be non-negative"),
-                                ("beta", float("nan"), "beta must be non-negative")]:
+                                ("beta", float("nan"), "beta must be non-negative"),
+                                # an empty list was silently CLIP's 7 templates
+                                ("templates", [], r"templates: every prompt template .*\(null: CLIP's 7\), got \[\]"),
+                                ("templates", ["a {} photo of {}"], "exactly one '{}'")]:
         with pytest.raises(ConfigError, match=match):
             DMN(DMN.Config(**{field: value}))
     DMN(DMN.Config(weight_decay=0.0, beta=0.0))
@@ -223,6 +228,10 @@ def test_task_labels_are_refused_before_the_clip_is_built(monkeypatch):
     monkeypatch.setattr(dmn.DMN, "_build_model", lambda self, run: pytest.fail("the CLIP was built"))
     with pytest.raises(ConfigError, match=r"does not use task labels: scenario.setting=task would report"):
         Experiment(load_config(None, [*TINY_RUN, "scenario.setting=task", "model.head=multi"])).run()
+    vectors = Stream.from_tensors(np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32), np.arange(40) % 4,
+                                  n_experiences=2)
+    with pytest.raises(ConfigError, match=r"CLIP needs image inputs \[1 or 3, H, W\], the data has shape \(8,\)$"):
+        Experiment(load_config(None, TINY_RUN), stream=vectors).run()  # was a DataError (exit 1) at the first batch
 
 
 @pytest.fixture(scope="module")

@@ -418,3 +418,16 @@ def test_unknown_plugin_says_when_installed_plugins_are_not_loaded(monkeypatch):
     with pytest.raises(PluginError, match=rf"unknown plugin 'mine'; .* \(installed plugins are not loaded: "
                                           rf"{DISABLE_AUTOLOAD_ENV} is set\)$"):
         load_config(None, ["plugins.mine={}"])
+
+
+def test_one_plugin_object_under_two_names_or_the_defaults_name_is_one_clear_error(quick):
+    class Watch:
+        @hookimpl
+        def after_step(self, run):
+            pass
+
+    watch = Watch()
+    with pytest.raises(PluginError, match=r"^plugin 'b' is the same object as plugin 'a': .*give each name its own object$"):
+        _run(quick, plugins={"a": watch, "b": watch})
+    with pytest.raises(PluginError, match=r"^'defaults' names contlearn's built-in behaviour: give plugin Watch another name$"):
+        _run(quick, plugins={"defaults": Watch()})

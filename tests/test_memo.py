@@ -71,6 +71,8 @@ def test_mlp_split_with_a_narrow_specialized_block():
 def test_unsplittable_backbone_is_a_config_error():
     with pytest.raises(ConfigError, match="cannot split a Linear backbone.*valid model.backbone"):
         split_backbone(torch.nn.Linear(3, 3))
+    with pytest.raises(ConfigError, match=r"cannot split model\.backbone=tv:resnet18 into"):  # not its private class
+        split_backbone(torch.nn.Linear(3, 3), name="tv:resnet18")
     with pytest.raises(ConfigError, match="specialized_width applies to the mlp and cnn"):
         split_backbone(resnet.cifar_resnet(20), specialized_width=8)
 

@@ -110,8 +110,9 @@ def test_steep_schedules_give_the_budget_to_the_youngest_task_without_float_erro
     assert steep.recurrence([1, 2]) == [0.5, 0.0]
     assert steep.plan([2, 1], [500, 500], 0, torch.Generator().manual_seed(0)) == [0, 100]
     assert Schedule("exponential", tau=0.001, scale=100.0).plan([2, 1], capacity[:2], 0) == [0, 0]
-    with pytest.raises(ConfigError, match="weights overflow"):
-        Schedule("power_law_index", alpha=1000, scale=1.0).plan([2, 1], capacity[:2], 0)
+    with pytest.raises(ConfigError, match=r"^plugins\.powerlaw\.schedule: its weights overflow \(a weight of e\^\d+\) "
+                                          r"with plugins\.powerlaw\.scale set: lower the exponent or alpha"):
+        Schedule("power_law_index", alpha=1000, scale=1.0, where="plugins.powerlaw.").plan([2, 1], capacity[:2], 0)
 
 
 def test_apportion_caps_a_task_at_its_pool_and_gives_the_rest_to_the_others():

@@ -240,6 +240,21 @@ def test_out_with_one_run_is_refused(finished, tmp_path, capsys):
     assert "--out" in capsys.readouterr().err and not (tmp_path / "cmp").exists()
 
 
+def test_out_naming_a_file_is_refused_and_a_directory_the_system_refuses_is_a_failure(finished, tmp_path, capsys,
+                                                                                      monkeypatch):
+    (tmp_path / "taken").write_text("mine")
+    assert main(["report", *map(str, finished), "--out", str(tmp_path / "taken")]) == 2
+    assert capsys.readouterr().err == f"error: --out '{tmp_path / 'taken'}' is a file: the comparison is written into a directory (give another path)\n"
+    assert (tmp_path / "taken").read_text() == "mine"
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("pathlib.Path.mkdir", refuse)
+    assert main(["report", *map(str, finished), "--out", str(tmp_path / "cmp")]) == 1
+    assert capsys.readouterr().err == f"error: cannot write the comparison to '{tmp_path / 'cmp'}': Permission denied\n"
+
+
 def test_a_run_given_twice_is_refused(finished, capsys):
     run = finished[0]
     assert main(["report", str(run), str(run)]) == 2

@@ -60,7 +60,12 @@ def test_npz_layouts_and_a_given_test_split(tmp_path):
 
 @pytest.mark.parametrize(
     "arrays, match",
-    [({"x": np.zeros((4, 2))}, r"lacks array\(s\) \['y'\]"), ({"x": np.zeros((4, 2)), "y": np.zeros(3)}, "samples")],
+    [
+        ({"x": np.zeros((4, 2))}, r"lacks array\(s\) \['y'\]"),
+        ({"x": np.zeros((4, 2)), "y": np.zeros(3)}, "samples"),
+        # one-hot labels were flattened: "x has 4 samples but y has 12"
+        ({"x": np.zeros((4, 2)), "y": np.eye(3)[[0, 1, 2, 0]]}, r"labels y have shape \(4, 3\): .*give their argmax"),
+    ],
 )
 def test_bad_npz_files(tmp_path, arrays, match):
     np.savez(tmp_path / "bad.npz", **arrays)
@@ -277,3 +282,11 @@ def test_normalize_refuses_training_inputs_that_are_not_finite():
     with pytest.raises(DataError, match=r"transform 'normalize': the training inputs hold non-finite values .* channel\(s\) \[2\]"):
         Normalize().fit([batch])
 
+
+
+def test_test_labels_the_training_set_lacks_are_named(tmp_path):
+    x, y = np.zeros((40, 2), dtype=np.float32), np.arange(40) % 4
+    np.savez(tmp_path / "extra.npz", x=x, y=y, x_test=x[:8], y_test=np.array([0, 1, 2, 3, 7, 9, 9, 3]))
+    cfg = load_config(None, ["scenario.source=npz", f"scenario.path={tmp_path / 'extra.npz'}", "scenario.n_experiences=2"])
+    with pytest.raises(DataError, match=r"^the test set has classes that the training set lacks: labels 7, 9$"):
+        build_stream(cfg.scenario, 0)
