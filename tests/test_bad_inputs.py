@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from contlearn import DataError, Experiment, load_config
@@ -187,6 +188,7 @@ def test_resume_of_a_directory_that_is_no_run(tmp_path, capsys):
         ("model.hidden=[0]", "'model.hidden' widths must be at least 1"),
         ("device=cuda:abc", "'device' must be auto, cpu, cuda, cuda:N or mps"),
         ("seed=-1", "'seed' must be in [0, 2**32)"),
+        ("plugins.replay=${train}", "wrong value for 'plugins.replay': a section takes its own fields, not another"),
     ],
 )
 def test_overrides_that_do_not_parse_or_are_out_of_range(override, message, capsys):
@@ -243,6 +245,28 @@ def test_missing_dataset_path(tmp_path, capsys):
     missing = tmp_path / "digits.npz"
     err = one_error_line(capsys, 1, ["run", "scenario.source=npz", f"scenario.path={missing}", "--out", str(tmp_path / "run")])
     assert err == f"error: npz file '{missing}' does not exist (scenario.path)"
+
+
+def test_one_hot_labels_in_an_npz_file(tmp_path, capsys):
+    path = tmp_path / "onehot.npz"
+    np.savez(path, x=np.zeros((40, 4), dtype=np.float32), y=np.eye(4)[np.arange(40) % 4])
+    err = one_error_line(capsys, 1, ["run", "scenario.source=npz", f"scenario.path={path}", "--out", str(tmp_path / "run")])
+    assert err == ("error: labels y have shape (40, 4): a label is one class per sample, y of shape (N,) "
+                   "(for one-hot or soft targets, give their argmax)")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["scenario.setting=task", "model.head=multi"], "the dmn plugin classifies among all the classes seen"),
+    (["scenario.source=npz", "scenario.n_experiences=2"], "the dmn plugin's CLIP needs image inputs [1 or 3, H, W]"),
+])
+def test_dmn_on_task_labels_or_data_that_are_not_images(overrides, message, tmp_path, capsys):
+    pytest.importorskip("open_clip")
+    path = tmp_path / "vectors.npz"
+    np.savez(path, x=np.zeros((40, 4), dtype=np.float32), y=np.arange(40) % 4)
+    extra = [f"scenario.path={path}"] if "scenario.source=npz" in overrides else []
+    tiny_clip = ["plugins.dmn.clip=contlearn-tiny-clip", "plugins.dmn.pretrained=null"]
+    err = one_error_line(capsys, 2, ["run", "digits-dmn", *tiny_clip, *overrides, *extra, "--out", str(tmp_path / "run")])
+    assert err.startswith(f"error: {message}")
 
 
 def test_labels_outside_the_head(catalogue_plugins, tmp_path, capsys):
