@@ -225,6 +225,16 @@ class Schedule:
             ]
         return apportion(total, weights, capacity)
 
+    def check_phases(self, n_phases: int) -> None:
+        """:raises ConfigError: where a stream of ``n_phases`` phases would meet a
+        weight too large for a float (with a set ``scale``), before any training.
+        The last phase holds every past task at every age and index, so it meets
+        the largest weight if any phase does."""
+        if self.scale is None or n_phases < 2 or self.since == "last" or self.kind not in DECAYING:
+            return
+        past = range(n_phases - 1)
+        self._weights([n_phases - 1 - i for i in past], past)
+
     def _weights(self, ages: Sequence[int], tasks: Sequence[int]) -> list[float]:
         """Each past task's weight: ``f(age)``, or ``(offset + index) ** (alpha - 1)``
         for ``power_law_index``. Where these leave a float's range (all of them

@@ -106,6 +106,7 @@ class PowerLaw:
 
     @hookimpl
     def setup(self, run: Any) -> None:
+        self.schedule.check_phases(len(run.stream))  # an overflow found before training, not after experience 0
         self._seed = int(run.config.seed)
         if not self._seeded:
             self.generator.manual_seed(plugin_generator(run.config.seed, "powerlaw"))

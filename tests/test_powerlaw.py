@@ -16,7 +16,7 @@ from contlearn.plugins.powerlaw import PowerLaw
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from contlearn import ConfigError, Experiment, load_config
+from contlearn import ConfigError, Experiment, hookimpl, load_config
 from contlearn import checkpoint as ckpt
 from contlearn.experiment import stream_of
 
@@ -348,3 +348,24 @@ def test_shipped_configs_run_by_name(name):
     assert "powerlaw" in cfg.plugins
     results = Experiment(cfg).run()
     assert len(results.accuracy_matrix) == 2
+
+
+def test_a_schedule_whose_weights_overflow_is_refused_before_training(tmp_path):
+    """It was found when the second experience planned its rehearsal, after the
+    first had trained and been checkpointed."""
+    Schedule("power_law_index", alpha=2.0, scale=1.0).check_phases(100)  # in range: nothing to say
+    Schedule("power_law", exponent=1000, offset=-0.5, scale=1.0, since="last").check_phases(5)  # draws, no weights
+    with pytest.raises(ConfigError, match="weights overflow"):
+        Schedule("power_law", exponent=1000, offset=-0.99, scale=1.0).check_phases(2)
+    steps = []
+
+    class Count:
+        @hookimpl
+        def after_step(self, run):
+            steps.append(run.global_step)
+
+    overrides = ["scenario.n_experiences=2", "train.epochs=1", "plugins.powerlaw.schedule=power_law_index",
+                 "plugins.powerlaw.alpha=1000", "plugins.powerlaw.scale=1", "plugins.powerlaw.budget_fraction=null"]
+    with pytest.raises(ConfigError, match=r"^plugins\.powerlaw\.schedule: its weights overflow"):
+        Experiment(load_config("split-digits-powerlaw", overrides), out_dir=tmp_path, plugins={"count": Count()}).run()
+    assert steps == []
