@@ -94,6 +94,8 @@ def test_every_backend_returns_a_detached_result(device: torch.device) -> None:
     for backend in ("auto", "torch", "triton"):
         assert not per_sample.per_sample_linear(a, d, backend=backend).requires_grad, backend
         assert not per_sample.per_sample_linear_bias(d, backend=backend).requires_grad, backend
+    # what "auto" runs for fp32 T > 1 on a GPU: its batched GEMMs write into a buffer, which autograd refuses
+    assert not per_sample.per_sample_linear_bmm(a, d).requires_grad
 
 
 def test_empty_batch(device: torch.device) -> None:
