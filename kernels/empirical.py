@@ -131,14 +131,16 @@ class _LinearTaps:
         d_all = torch.cat([d.reshape(b, -1, d.shape[-1]) for _, d in pairs], dim=1)  # type: ignore[union-attr]
         return a_all, d_all
 
-    def drop_functional_uses(self, loss: torch.Tensor) -> None:
+    def drop_functional_uses(self, loss: torch.Tensor, modules: Iterable[nn.Module] | None = None) -> None:
         """Leave to batch mode a tapped parameter that ``loss`` also uses outside its
         layer's forward (``x @ layer.weight.T`` elsewhere in the model): the taps see
         only the forward's share of its per-sample gradient. Every use is one edge
         into the parameter's gradient accumulator in the autograd graph, and every
-        forward call one; more edges than calls is a use the taps miss."""
-        calls = {id(p): len(self.calls[m]) for m in self.modules for p in m.parameters(recurse=False)}
-        edges = dict.fromkeys(self.exclusive, 0)
+        forward call one; more edges than calls is a use the taps miss. ``modules``:
+        only these layers' parameters are judged (default: every tapped layer)."""
+        judged = self.modules if modules is None else list(modules)
+        calls = {id(p): len(self.calls[m]) for m in judged for p in m.parameters(recurse=False)}
+        edges = dict.fromkeys(self.exclusive & calls.keys(), 0)
         seen: set[Any] = set()
         stack = [loss.grad_fn]
         while stack:
@@ -232,6 +234,7 @@ def fisher_sums(
     fisher = {n: torch.zeros(p.shape, dtype=torch.float32, device=device) for n, p in named}
     taps = _LinearTaps(model, {id(p) for _, p in named}) if mode == "per_sample" else None
     per_sample_modules: frozenset[nn.Module] | None = None
+    fallback_used: set[int] = set()  # parameters that got a batch-formula gradient so far
     n_batches = n_samples = 0
     try:
         for batch in batches:
@@ -249,17 +252,25 @@ def fisher_sums(
             if taps is None:
                 _accumulate_batch(fisher, named, loss, backend)
             else:
+                fired = taps.fired()
                 if per_sample_modules is None:
-                    per_sample_modules = taps.fired()
+                    per_sample_modules = fired
                     taps.drop_functional_uses(loss)
-                elif not taps.fired() <= per_sample_modules:  # one not called: its samples' gradients are 0
-                    raise RuntimeError(
-                        f"empirical_fisher(per_sample): batch {n_batches} called Linear layers that the first "
-                        "batch did not (in training, a multi-head model runs only the heads of each batch's "
-                        "tasks: put it in eval mode, model.eval(), where it runs every head)"
-                    )
+                elif not fired <= per_sample_modules:
+                    # a layer first called now (a task's head): exact per sample from here, its earlier
+                    # samples' gradients being 0, unless an earlier batch reached its weights another way
+                    new = fired - per_sample_modules
+                    reached = [m for m in new if any(id(p) in fallback_used for p in m.parameters(recurse=False))]
+                    if reached:
+                        raise RuntimeError(
+                            f"empirical_fisher(per_sample): batch {n_batches} calls a Linear layer whose "
+                            "parameters earlier batches reached without calling it (F.linear on its weight): "
+                            "its per-sample gradients cannot be told apart"
+                        )
+                    per_sample_modules = per_sample_modules | new
+                    taps.drop_functional_uses(loss, new)
                 n_samples += _accumulate_per_sample(
-                    fisher, named, taps, per_sample_modules, loss, batch_size, backend
+                    fisher, named, taps, per_sample_modules, loss, batch_size, backend, fallback_used, n_batches
                 )
                 taps.clear()
             n_batches += 1
@@ -298,21 +309,32 @@ def _accumulate_per_sample(
     loss: torch.Tensor,
     batch_size: int | None,
     backend: Backend,
+    fallback_used: set[int],
+    batch_index: int,
 ) -> int:
     sample_params = _sample_params(taps, modules)
     fallback = [(n, p) for n, p in named if id(p) not in sample_params]
     # Asking autograd for one parameter per tapped layer makes it run every output
     # hook while skipping those layers' batch weight-gradient GEMMs.
-    anchors = []
+    anchored: list[tuple[nn.Module, nn.Parameter]] = []
     for m in modules:
         own = [p for p in (m.bias, m.weight) if p is not None and id(p) in sample_params]
-        anchors.extend(own[:1])
-    grads = torch.autograd.grad(loss, [p for _, p in fallback] + anchors, allow_unused=True)
+        anchored.extend((m, p) for p in own[:1])
+    grads = torch.autograd.grad(loss, [p for _, p in fallback] + [p for _, p in anchored], allow_unused=True)
+    fired = taps.fired()
+    for (m, _), g in zip(anchored, grads[len(fallback):], strict=True):
+        if g is not None and m not in fired:  # the taps saw no call, yet the loss reaches the layer
+            raise RuntimeError(
+                f"empirical_fisher(per_sample): batch {batch_index} uses a Linear layer's parameters without "
+                "calling it (F.linear on its weight), after a batch that called it: its per-sample gradients "
+                "cannot be told apart"
+            )
     used = [
         (fisher[n], g)
-        for (n, _), g in zip(fallback, grads[: len(fallback)], strict=True)
+        for (n, p), g in zip(fallback, grads[: len(fallback)], strict=True)
         if g is not None
     ]
+    fallback_used.update(id(p) for (_, p), g in zip(fallback, grads[: len(fallback)], strict=True) if g is not None)
     accumulate_([f for f, _ in used], [g for _, g in used], backend=backend)
 
     names = {id(p): n for n, p in named}

@@ -261,17 +261,37 @@ class _Routed(torch.nn.Module):
         return Output(logits=logits, features=x)
 
 
-def test_a_layer_some_batches_never_call_is_computed_per_sample_alone_and_shared_out_alike():
-    """The first two batches call ``b``, the last two never (a task's head in
-    training). Its samples there add 0 to its per-sample sum, so one process
-    divides by all 20 samples; shared out, process 1 never calls ``b`` and says
-    so, and the two processes' pass is one process's (it was refused)."""
+def _per_sample_loop(model, x, y) -> dict[str, torch.Tensor]:
+    """(1/N) sum_n (d l_n / d theta)**2, one backward pass per sample (0 for a
+    parameter a sample's loss does not use)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    out = {n: torch.zeros_like(p) for n, p in named}
+    for i in range(len(y)):
+        loss = torch.nn.functional.cross_entropy(model(x[i : i + 1]).logits, y[i : i + 1])
+        for (n, _), g in zip(named, torch.autograd.grad(loss, [p for _, p in named], allow_unused=True), strict=True):
+            if g is not None:
+                out[n] += g**2
+    return {n: v / len(y) for n, v in out.items()}
+
+
+@pytest.mark.parametrize("calls_b", ["first batches", "last batches"])
+def test_a_layer_some_batches_never_call_is_computed_per_sample_alone_and_shared_out_alike(calls_b):
+    """Two batches of four call ``b`` (a task's head in training), the others
+    never: their samples add 0 to its per-sample sum, so one process divides by all
+    20 samples, whether the first batch calls it or not (both were refused), and
+    two processes, one of which never calls ``b``, give one process's pass."""
     torch.manual_seed(0)
     model = _Routed()
     x = torch.randn(20, 4).abs()
     x[10:, 0] *= -1
-    data = TensorData(x, torch.arange(20) % 3)
+    if calls_b == "last batches":
+        x = torch.cat([x[10:], x[:10]])
+    y = torch.arange(20) % 3
+    data = TensorData(x, y)
     whole = fisher_information(model, data, 5, "per_sample")
+    exact = _per_sample_loop(model, x, y)
+    for name, value in exact.items():
+        torch.testing.assert_close(whole[name], value, rtol=1e-4, atol=1e-7, msg=name)
     assert float(whole["b.weight"].abs().sum()) > 0
     second = _Recording(1, 2)
     fisher_information(model, data, 5, "per_sample", dist=second)
@@ -294,6 +314,20 @@ class _Bypassed(_Routed):
 
         b = self.b(x) if float(x[0, 0]) > 0 else torch.nn.functional.linear(x, self.b.weight, self.b.bias)
         return Output(logits=self.a(x) + b, features=x)
+
+
+@pytest.mark.parametrize("order", ["called first", "bypassed first"])
+def test_a_layer_some_batches_reach_through_f_linear_is_refused_on_one_process(order):
+    """Its gradient in those batches reaches no tap: counted per sample, it came
+    out 41% low, silently."""
+    torch.manual_seed(0)
+    model = _Bypassed()
+    x = torch.randn(20, 4).abs()
+    x[10:, 0] *= -1
+    if order == "bypassed first":
+        x = torch.cat([x[10:], x[:10]])
+    with pytest.raises(RuntimeError, match=r"batch 2 .*F\.linear on its weight.*cannot be told apart"):
+        fisher_information(model, TensorData(x, torch.arange(20) % 3), 5, "per_sample")
 
 
 def test_a_shared_out_pass_whose_processes_disagree_is_an_error_on_every_process():
