@@ -215,8 +215,11 @@ class DistributedView:
         for p in params:
             by_dtype.setdefault(p.grad.dtype, []).append(p.grad)  # type: ignore[union-attr]
         first = next(iter(by_dtype))
-        # weight > 0 on every process, so a parameter's sum of weights is > 0 where any process had its gradient
-        had = torch.tensor([0.0 if lacks else 1.0 for lacks in missing], dtype=first).to(params[0].device)
+        # weight > 0 on every process, so a parameter's sum of weights is > 0 where any process had its gradient;
+        # made on the device, element by element (no copy from the host, which would wait for the GPU)
+        had = torch.ones(len(params), dtype=first, device=params[0].device)
+        for i in (i for i, lacks in enumerate(missing) if lacks):
+            had[i] = 0.0
         for dtype, grads in by_dtype.items():
             if dtype == first:
                 *totals, had = self.summed([*grads, had], weight)

@@ -60,6 +60,18 @@ def test_training_step_never_reads_back_to_the_host(monkeypatch, extra):
     assert reads < counter.steps / 4, f"{reads} host reads for {counter.steps} steps"
 
 
+def test_a_multi_head_model_reads_the_batch_s_task_labels_once_per_step_and_nothing_else(monkeypatch):
+    """To run only the heads of the tasks present (docs/performance.md's one exception)."""
+    overrides = ["train.epochs=3", "train.batch_size=8", "eval.fwt=false", "scenario.n_experiences=2"]
+    counter = StepCounter()
+    reads = count_host_reads(monkeypatch, load_config("task-digits", overrides), {"count": counter})
+    counter_single = StepCounter()
+    single = count_host_reads(monkeypatch, load_config(None, overrides), {"count": counter_single})
+    assert counter.steps == counter_single.steps > 400
+    second_experience = counter.steps // 2  # one head in the first experience: nothing to choose
+    assert reads - single == pytest.approx(second_experience, abs=5), (reads, single, counter.steps)
+
+
 def test_a_step_hook_that_reads_per_step_is_caught(monkeypatch):
     """The counter above would see a plugin (or loop change) that syncs every step."""
 

@@ -193,7 +193,7 @@ class MultiHead(nn.Module):
     def _tasks_to_run(self, task: torch.Tensor) -> list[int]:
         if len(self.task_classes) < 2 or not (self.training and torch.is_grad_enabled()):
             return self.tasks
-        present = set(torch.unique(task).tolist())
+        present = set(task.tolist())  # one read of the labels (torch.unique on a GPU would read twice)
         return [t for t in self.tasks if t in present]
 
     def extra_repr(self) -> str:
