@@ -44,6 +44,7 @@ from contlearn._loop import (
 )
 from contlearn._registry import PluginRegistry, given_plugins
 from contlearn._run_dir import refuse_existing_run, refuse_finished
+from contlearn._run_lock import RunLock, hold, refuse_if_in_use
 from contlearn._run_state import Progress, Resumed
 from contlearn._stream_signature import stream_signature
 from contlearn.config import (
@@ -181,6 +182,7 @@ class Experiment:
         self._stop_requested = False
         self._control: Control | None = None
         self._started = False
+        self._lock: RunLock | None = None  # the run directory's, while this process builds and runs in it
         #: the plugins given in Python that take part in training, by name (set by :meth:`build`)
         self.given_plugins: dict[str, type] = {}
 
@@ -230,6 +232,7 @@ class Experiment:
                 f"plugin classes {new} are given, but the run in '{run_dir}' has no such plugins: a resume "
                 f"continues the run's own plugins"
             )
+        refuse_if_in_use(run_dir, "a resume")  # before its checkpoints are read
         path, state = ckpt.latest(run_dir / ckpt.DIRNAME)
         try:
             defaults = schema_defaults(list(config.plugins), plugins=classes)
@@ -299,17 +302,25 @@ class Experiment:
         if not dist.is_main:
             self.out_dir = None  # process 0 writes the run directory
         created = self.out_dir is not None and not self.out_dir.exists()
-        if self.out_dir is not None:
-            if self._resume_from is None:
-                refuse_existing_run(self.out_dir)
-            prepare_run_dir(self.out_dir)
         try:
+            if self.out_dir is not None:
+                prepare_run_dir(self.out_dir)
+                self._lock = hold(self.out_dir, "a resume" if self._resume_from is not None else "a run")
+                if self._resume_from is None:
+                    refuse_existing_run(self.out_dir)
             return self._build(dist, device)
         except BaseException:
-            if created:
+            if created and self._lock is not None:
                 with contextlib.suppress(OSError):  # not empty, or gone: left as it is
+                    self._lock.path.unlink()
                     self.out_dir.rmdir()
+            self._release_lock()
             raise
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _build(self, dist: DistributedView, device: torch.device) -> Run:
         cfg = self.config
@@ -418,7 +429,10 @@ class Experiment:
             self._finish(run, progress, t_start)
         finally:
             self._control = None
-            run.hook.teardown(run=run)
+            try:
+                run.hook.teardown(run=run)
+            finally:
+                self._release_lock()
         return self.results
 
     def _finish(self, run: Run, progress: Progress, t_start: float) -> None:

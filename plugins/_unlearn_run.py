@@ -16,6 +16,7 @@ run's).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,8 +25,9 @@ from typing import Any
 from contlearn import _run_state as run_state
 from contlearn import checkpoint as ckpt
 from contlearn._run_dir import refuse_existing_run, results_rows
+from contlearn._run_lock import LOCK_NAME, holding
 from contlearn.config import load_config, saved_run_config, schema_defaults, to_container, to_yaml
-from contlearn.errors import CheckpointError, ConfigError, command
+from contlearn.errors import CheckpointError, ConfigError, ContlearnError, command
 from contlearn.reporting import fmt
 from contlearn.results import prepare_run_dir, write_atomic
 
@@ -33,10 +35,19 @@ REPORT = "unlearn.json"
 
 
 def _default_out(run_dir: Path) -> Path:
+    """The first free ``run_dir/unlearn-<k>``, created here, so that two
+    unlearnings at once never take the same one."""
     k = 1
-    while (run_dir / f"unlearn-{k}").exists():
-        k += 1
-    return run_dir / f"unlearn-{k}"
+    while True:
+        out = run_dir / f"unlearn-{k}"
+        try:
+            out.mkdir()
+        except FileExistsError:
+            k += 1
+            continue
+        except OSError as exc:
+            raise ContlearnError(f"cannot write to the output directory '{out}': {exc.strerror or exc}") from None
+        return out
 
 
 def unlearn_run_dir(
@@ -62,7 +73,6 @@ def unlearn_run_dir(
         readable checkpoint is older than its results.
     """
     from contlearn._environment import environment_world_size
-    from contlearn.experiment import Experiment, cpu_threads, resolve_device
 
     if environment_world_size() > 1:
         raise ConfigError("unlearning runs in one process: start 'contlearn unlearn' without torchrun")
@@ -70,11 +80,28 @@ def unlearn_run_dir(
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
         raise ConfigError(f"'{run_dir}' is not a run directory: it has no config.yaml")
-    out_dir = Path(out) if out is not None else _default_out(run_dir)
-    if out_dir.resolve() == run_dir.resolve():
+    if out is not None and Path(out).resolve() == run_dir.resolve():
         raise ConfigError(
             f"--out must be a new directory, not the run directory '{run_dir}' (its checkpoint is kept)"
         )
+    with holding(run_dir, "an unlearning from its checkpoint"):  # no run or resume rotates it meanwhile
+        out_dir = Path(out) if out is not None else _default_out(run_dir)
+        try:
+            return _unlearn_locked(run_dir, out_dir, request, ssd_config, overrides)
+        except BaseException:
+            if out is None:  # the directory made for it, if nothing was written there
+                with contextlib.suppress(OSError):
+                    (out_dir / LOCK_NAME).unlink(missing_ok=True)
+                    out_dir.rmdir()
+            raise
+
+
+def _unlearn_locked(
+    run_dir: Path, out_dir: Path, request: dict[str, Any], ssd_config: dict[str, Any] | None, overrides: Sequence[str]
+) -> tuple[dict[str, Any], Path]:
+    from contlearn.experiment import Experiment, cpu_threads, resolve_device
+
+    config_file = run_dir / "config.yaml"
     with saved_run_config():  # the run directory's config must not make the rebuild write there
         config = load_config(config_file, [*_where_it_runs(overrides), "out=null"])
     if not ckpt.list_checkpoints(run_dir / ckpt.DIRNAME):
@@ -147,20 +174,29 @@ def _unlearn(
         report = experiment.unlearn(**request)
         new_state = run_state.capture(run, to_container(config), progress)
         prepare_run_dir(out_dir)
-        write_atomic(out_dir / "config.yaml", to_yaml(config))
-        position = new_state["position"]
-        checkpoint = out_dir / ckpt.DIRNAME / ckpt.checkpoint_name(position["completed"], position["global_step"])
-        report = {**report, "run_dir": str(run_dir), "source_checkpoint": str(path), "checkpoint": str(checkpoint)}
-        # The report first: a copy with a checkpoint is always known for one that unlearned (a resume must
-        # not take it for the run and write results measured before the unlearning).
-        write_atomic(out_dir / REPORT, json.dumps(report, indent=2) + "\n")
-        try:
-            ckpt.write(out_dir / ckpt.DIRNAME, new_state, int(config.checkpoint.keep_last))
-        except BaseException:  # a full disk, Ctrl-C: no model, so no report of one
-            (out_dir / REPORT).unlink(missing_ok=True)
-            raise
+        with holding(out_dir, "an unlearning"):
+            refuse_existing_run(out_dir)  # again, now that no other process may write there
+            return _write_copy(out_dir, config, new_state, report, run_dir, path)
     finally:
         run.hook.teardown(run=run)
+
+
+def _write_copy(
+    out_dir: Path, config: Any, new_state: dict[str, Any], report: dict[str, Any], run_dir: Path, path: Path
+) -> dict[str, Any]:
+    """The unlearnt run (its config, its report, then its checkpoint) and the report."""
+    write_atomic(out_dir / "config.yaml", to_yaml(config))
+    position = new_state["position"]
+    checkpoint = out_dir / ckpt.DIRNAME / ckpt.checkpoint_name(position["completed"], position["global_step"])
+    report = {**report, "run_dir": str(run_dir), "source_checkpoint": str(path), "checkpoint": str(checkpoint)}
+    # The report first: a copy with a checkpoint is always known for one that unlearned (a resume must
+    # not take it for the run and write results measured before the unlearning).
+    write_atomic(out_dir / REPORT, json.dumps(report, indent=2) + "\n")
+    try:
+        ckpt.write(out_dir / ckpt.DIRNAME, new_state, int(config.checkpoint.keep_last))
+    except BaseException:  # a full disk, Ctrl-C: no model, so no report of one
+        (out_dir / REPORT).unlink(missing_ok=True)
+        raise
     return report
 
 
