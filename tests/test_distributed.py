@@ -122,13 +122,17 @@ torch.distributed.destroy_process_group()
 """
 
 
-def test_gradients_some_processes_lack_are_summed_and_none_stays_none(tmp_path):
-    path = tmp_path / "sparse.py"
-    path.write_text(SPARSE_GRADIENTS_SCRIPT)
+def each_process_s(script: str, tmp_path) -> list[dict]:
+    """Run ``script`` (given the folder to save ``rank<k>.pt`` in) on two processes; what each saved."""
+    path = tmp_path / "script.py"
+    path.write_text(script)
     proc = two_processes(str(path), str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for rank in (0, 1):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
+    return [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+
+
+def test_gradients_some_processes_lack_are_summed_and_none_stays_none(tmp_path):
+    for got in each_process_s(SPARSE_GRADIENTS_SCRIPT, tmp_path):
         assert torch.equal(got["both"], torch.full((3,), 1.5))
         assert torch.equal(got["mine"], torch.full((3,), 2.0))
         assert got["none"] is None
@@ -462,12 +466,7 @@ def test_a_contrastive_loss_over_the_processes_is_the_whole_batch_s(tmp_path, sc
     see the gathered batch, and its prototype loss averages over every process's
     samples that have a prototype: the value and the summed gradient are one
     process's, with uneven shares (and rehearsed samples in one share only)."""
-    path = tmp_path / "loss.py"
-    path.write_text(script)
-    proc = two_processes(str(path), str(tmp_path))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for rank in (0, 1):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
+    for got in each_process_s(script, tmp_path):
         assert got["loss"] == pytest.approx(got["whole"], rel=1e-6)
         torch.testing.assert_close(got["grad"], got["one"], rtol=1e-5, atol=1e-7)
 
