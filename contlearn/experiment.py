@@ -310,9 +310,10 @@ class Experiment:
                     refuse_existing_run(self.out_dir)
             return self._build(dist, device)
         except BaseException:
-            if created and self._lock is not None:
-                with contextlib.suppress(OSError):  # not empty, or gone: left as it is
-                    self._lock.path.unlink()
+            if created:
+                with contextlib.suppress(OSError):  # not empty (another process's lock), or gone: left as it is
+                    if self._lock is not None:
+                        self._lock.path.unlink()
                     self.out_dir.rmdir()
             self._release_lock()
             raise

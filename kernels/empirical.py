@@ -331,7 +331,7 @@ def _accumulate_per_sample(
             )
     used = [
         (fisher[n], g)
-        for (n, p), g in zip(fallback, grads[: len(fallback)], strict=True)
+        for (n, _), g in zip(fallback, grads[: len(fallback)], strict=True)
         if g is not None
     ]
     fallback_used.update(id(p) for (_, p), g in zip(fallback, grads[: len(fallback)], strict=True) if g is not None)
