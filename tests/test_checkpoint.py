@@ -81,7 +81,7 @@ def test_disabled_and_library_runs_write_no_checkpoint(tmp_path, monkeypatch):
     assert (tmp_path / "a" / "results.json").is_file() and not (tmp_path / "a" / "checkpoints").exists()
     monkeypatch.chdir(tmp_path / "a")
     Experiment(load_config(None, TINY)).run()  # no out_dir: nothing written anywhere
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["config.yaml", "metrics.csv", "results.json"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [".lock", "config.yaml", "metrics.csv", "results.json"]
 
 
 def test_a_run_whose_metrics_csv_cannot_be_written_can_be_resumed(tmp_path, monkeypatch):
