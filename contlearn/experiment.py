@@ -305,7 +305,8 @@ class Experiment:
         try:
             if self.out_dir is not None:
                 prepare_run_dir(self.out_dir)
-                self._lock = hold(self.out_dir, "a resume" if self._resume_from is not None else "a run")
+                if self._lock is None:  # an earlier build() of this experiment may hold it already
+                    self._lock = hold(self.out_dir, "a resume" if self._resume_from is not None else "a run")
                 if self._resume_from is None:
                     refuse_existing_run(self.out_dir)
             return self._build(dist, device)

@@ -104,3 +104,10 @@ def test_a_run_whose_build_fails_leaves_no_directory_behind(tmp_path):
         Experiment(load_config(None, [*SMALL_RUN, "scenario.source=npz", f"scenario.path={tmp_path / 'no.npz'}"]),
                    out_dir=out).run()
     assert not out.exists()
+
+
+def test_an_experiment_built_before_it_runs_keeps_its_own_lock(tmp_path):
+    experiment = Experiment(load_config(None, SMALL_RUN), out_dir=tmp_path)
+    experiment.build()  # run() builds again, in the directory this experiment holds
+    experiment.run()
+    hold(tmp_path, "a check").release()  # let go after the run
