@@ -101,9 +101,8 @@ def merge_checked(schema: Any, *layers: Any, where: str = "") -> DictConfig:
             ) from None
         raise ConfigError(f"wrong value for '{full_key.rstrip('.')}': {first_line(message)}") from None
     except OmegaConfBaseException as exc:
-        raise ConfigError(
-            f"invalid config{f' at {where.rstrip(chr(46))}' if where else ''}: {first_line(exc.msg or str(exc))}"
-        ) from None
+        at = f" at {where.rstrip('.')}" if where else ""
+        raise ConfigError(f"invalid config{at}: {first_line(exc.msg or str(exc))}") from None
     except TypeError as exc:  # OmegaConf's "Cannot merge incompatible container types", without the key
         raise container_mismatch_error(OmegaConf.structured(schema), layers, exc, where) from None
 

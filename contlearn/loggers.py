@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 
 from contlearn.errors import ContlearnError, PluginError
 from contlearn.hookspecs import hookimpl
-from contlearn.results import write_atomic
+from contlearn.results import make_writable_dir, write_atomic
 
 
 def _plain(value: Any) -> Any:
@@ -179,9 +178,7 @@ class TensorBoardLogger:
         if run.dist.is_main and self.writer is None:
             between = run.experience is None and run.global_step > 0
             try:  # checked here: TensorBoard's writer thread would fail on its own, with its traceback
-                self.log_dir.mkdir(parents=True, exist_ok=True)
-                with tempfile.TemporaryFile(dir=self.log_dir):
-                    pass
+                make_writable_dir(self.log_dir)
                 _wait_for_a_later_second(self.log_dir)
                 self._excepthook = threading.excepthook
                 threading.excepthook = _quiet_writer_threads(self._excepthook)

@@ -87,13 +87,20 @@ def default_run_dir(name: str, root: str | Path = "runs") -> Path:
     return path
 
 
+def make_writable_dir(path: Path) -> None:
+    """Create ``path`` and write (and remove) a file in it.
+
+    :raises OSError: it cannot be made or written (no permission, a full disk)."""
+    path.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+        pass
+
+
 def prepare_run_dir(path: str | Path) -> Path:
     """Create the run directory and check that it can be written, before training."""
     path = Path(path)
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
+        make_writable_dir(path)
     except OSError as exc:
         raise ContlearnError(f"cannot write to the output directory '{path}': {exc.strerror or exc}") from None
     return path

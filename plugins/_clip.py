@@ -262,6 +262,16 @@ class ClipImageEncoder(nn.Module):
         return self.encode_prepared(self.prepare(x))
 
 
+def check_templates(templates: Sequence[str], key: str = "", default: str = "") -> None:
+    """:raises ConfigError: no templates, or one without exactly one ``{}`` for the
+    class name (``key``: the config field that gave them, ``default``: what leaving
+    it unset gives, both for the message)."""
+    if not templates or any(str(t).count("{}") != 1 for t in templates):
+        where, unset = f"{key}: " if key else "", f" ({default})" if default else ""
+        raise ConfigError(f"{where}every prompt template needs exactly one '{{}}' for the class name{unset}, "
+                          f"got {list(templates)}")
+
+
 class ClipTextHead(nn.Module):
     """The zero-shot classifier: ``scale * v . w_c`` where ``w_c`` is the
     renormalised mean of the normalised text embeddings of class ``c``'s prompts
@@ -287,8 +297,7 @@ class ClipTextHead(nn.Module):
         logit_scale: float | None = None,
     ):
         super().__init__()
-        if not templates or any(t.count("{}") != 1 for t in templates):
-            raise ConfigError(f"every prompt template needs exactly one '{{}}' for the class name, got {list(templates)}")
+        check_templates(templates)
         self.text_model = text_model
         self.tokenizer = tokenizer
         self.class_names = list(class_names)

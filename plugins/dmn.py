@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 import torch
-from contlearn.plugins._clip import ClipClassifier, class_names_for
+from contlearn.plugins._clip import ClipClassifier, check_templates, class_names_for
 from contlearn.plugins._dmn_adapt import ALPHA_GRID, encode_views, search_alphas, train_biases
 from contlearn.plugins._dmn_memory import BIASES, DualMemory, entropy
 
@@ -131,11 +131,8 @@ class DMN:
         self.freezes_model = self.logits_without_gradient = not c.train_clip
         if c.mode not in MODES:
             raise ConfigError(f"plugins.dmn.mode must be one of {', '.join(MODES)}, got {c.mode!r}")
-        if c.templates is not None and (not c.templates or any(str(t).count("{}") != 1 for t in c.templates)):
-            raise ConfigError(
-                f"plugins.dmn.templates: every prompt template needs exactly one '{{}}' for the class name "
-                f"(null: CLIP's 7), got {list(c.templates)}"
-            )
+        if c.templates is not None:  # before the CLIP is built (null: CLIP's 7)
+            check_templates(c.templates, "plugins.dmn.templates", "null: CLIP's 7")
         if c.dynamic_memory not in ("reset", "keep"):
             raise ConfigError(f"plugins.dmn.dynamic_memory must be 'reset' or 'keep', got {c.dynamic_memory!r}")
         for key in ("memory_size", "views", "epochs", "batch_size"):

@@ -38,7 +38,12 @@ from typing import Any, List, Optional
 import torch
 from contlearn.kernels.dampen import MAX_SCALAR, dampen_
 from contlearn.plugins import _forget_sets as fs
-from contlearn.plugins._common import DROP_ONE, refuse_logits_without_gradient, require_trainable
+from contlearn.plugins._common import (
+    DROP_ONE,
+    declaring,
+    refuse_logits_without_gradient,
+    require_trainable,
+)
 from contlearn.plugins._unlearning_metrics import accuracy, forgetting_metrics
 from contlearn.plugins.ewc import fisher_and_divisors, fisher_information
 from contlearn.scenarios import Batch
@@ -197,7 +202,7 @@ class SSD:
         self.fisher_d = {n: t.to(run.device) for n, t in self.fisher_d.items()}
         if self.config.forget:
             _refuse_what_cannot_unlearn(run)
-            later = [name for name, p in run.plugins.items() if getattr(p, "predicts_from_after_experience", False)]
+            later = declaring(run, "predicts_from_after_experience")
             if later:
                 raise PluginError(
                     f"plugins.ssd.forget: a forget event runs (and measures) at the end of its experience before "
@@ -561,8 +566,6 @@ class SSD:
 def _refuse_what_cannot_unlearn(run: Any) -> None:
     """:raises PluginError: a plugin keeps what SSD would have to dampen out of the
     model (its ``cannot_unlearn`` says why): dampening could not forget."""
-    for name, plugin in run.plugins.items():
-        why = getattr(plugin, "cannot_unlearn", None)
-        if why:
-            raise PluginError(f"ssd dampens the model's parameters and cannot make a run with plugin {name!r} "
-                              f"forget: {why}")
+    for name in declaring(run, "cannot_unlearn"):
+        raise PluginError(f"ssd dampens the model's parameters and cannot make a run with plugin {name!r} "
+                          f"forget: {run.plugins[name].cannot_unlearn}")
