@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import traceback
 import warnings
@@ -30,6 +31,7 @@ from contlearn.errors import (
 )
 
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # as a shell reports a process SIGPIPE stopped: 128 + 13
 
 
 class _Parser(argparse.ArgumentParser):
@@ -341,6 +343,18 @@ def _failed_in_a_plugin(exc: Exception, args: argparse.Namespace | None) -> int:
     return 1
 
 
+def _silence_stdout() -> None:
+    """Point standard output at the null device, so that the interpreter's final
+    flush of what is still buffered does not fail on the closed pipe again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (captured, replaced)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     previous, warnings.showwarning = warnings.showwarning, _show_warning
@@ -368,6 +382,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{_process()}error: another process of this run stopped ({one_line(exc)}); stopping too",
               file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader of our output went away (``contlearn plugins | head -1``)
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except OSError as exc:
         if exc.filename is None or raised_in_a_hook(exc) is not None:  # a bug, or the network: the traceback helps
             return _failed_in_a_plugin(exc, args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -102,6 +103,18 @@ def test_python_dash_m_and_exit_code_in_a_real_process(tmp_path):
     )
     assert proc.returncode == 2
     assert "error: unknown config key 'train.epochz'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_reader_that_went_away_is_no_traceback():
+    """``contlearn plugins | head -1``: the pipe's reader is gone before the listing is written."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "contlearn", "plugins"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141 and proc.stderr == ""
 
 
 def test_a_file_the_user_cannot_read_is_one_line(tmp_path, monkeypatch, capsys):
