@@ -13,7 +13,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from contlearn.errors import ConfigError, ContlearnError, DataError, PluginError, TrainingError
+from contlearn.errors import (
+    ConfigError,
+    ContlearnError,
+    DataError,
+    MissingDependencyError,
+    PluginError,
+    TrainingError,
+)
 from contlearn.hookspecs import hookimpl, hookspec
 
 __version__ = "0.1.0"
@@ -51,6 +58,7 @@ __all__ = [
     "ConfigError",
     "ContlearnError",
     "DataError",
+    "MissingDependencyError",
     "Experiment",
     "PluginError",
     "Results",

@@ -7,8 +7,10 @@ failures at run time.
 
 from __future__ import annotations
 
+import importlib
 import shlex
 from collections.abc import Iterable
+from types import ModuleType
 
 
 class ContlearnError(Exception):
@@ -45,6 +47,24 @@ class CheckpointError(ContlearnError):
     """No usable checkpoint, or one that does not fit the run it is loaded into."""
 
     exit_code = 1
+
+
+class MissingDependencyError(ContlearnError):
+    """An optional package a feature needs is not installed (or fails to import);
+    the message names the package and the extra that installs it. Nothing ran."""
+
+    exit_code = 2
+
+
+def optional_import(module: str, *, package: str, extra: str, needed_for: str) -> ModuleType:
+    """``importlib.import_module(module)``, or a :class:`MissingDependencyError`
+    saying that ``needed_for`` needs ``package``, installed by ``contlearn[extra]``."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"{needed_for} needs the '{package}' package ({exc}); install it with: pip install 'contlearn[{extra}]'"
+        ) from None
 
 
 class Interrupted(ContlearnError):

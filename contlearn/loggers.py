@@ -23,7 +23,7 @@ from typing import IO, Any
 import numpy as np
 import torch
 
-from contlearn.errors import ContlearnError, PluginError
+from contlearn.errors import ContlearnError, optional_import
 from contlearn.hookspecs import hookimpl
 from contlearn.results import make_writable_dir, write_atomic
 
@@ -158,13 +158,10 @@ class TensorBoardLogger:
     (x: the experience just trained)."""
 
     def __init__(self, log_dir: str | Path):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise PluginError(
-                "the TensorBoard logger needs the tensorboard package: pip install 'contlearn[tensorboard]'"
-            ) from None
-        self._writer_cls = SummaryWriter
+        tensorboard = optional_import(
+            "torch.utils.tensorboard", package="tensorboard", extra="tensorboard", needed_for="the TensorBoard logger"
+        )
+        self._writer_cls = tensorboard.SummaryWriter
         self.log_dir = Path(log_dir)
         self.writer: Any = None
         self._excepthook: Any = None

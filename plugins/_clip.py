@@ -29,6 +29,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -36,7 +37,7 @@ from contlearn.scenarios.stream import host_to_device
 from torch import nn
 from torch.nn import functional as F
 
-from contlearn.errors import ConfigError, DataError
+from contlearn.errors import ConfigError, DataError, optional_import
 from contlearn.models import ContinualModel
 
 #: The 7 prompt templates of CLIP's ImageNet prompt ensemble (the subset chosen
@@ -77,14 +78,8 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def _open_clip():
-    try:
-        import open_clip
-    except ImportError:  # pragma: no cover - the clip extra is installed in development
-        raise ConfigError(
-            "CLIP models need open_clip_torch: pip install 'contlearn[clip]'"
-        ) from None
-    return open_clip
+def _open_clip() -> ModuleType:
+    return optional_import("open_clip", package="open_clip_torch", extra="clip", needed_for="a CLIP model")
 
 
 def register_tiny_configs() -> None:

@@ -161,6 +161,25 @@ def test_a_bug_in_a_plugin_s_hook_names_the_plugin_and_the_hook(plugin, error, h
     assert bool(ckpt.list_checkpoints(out / "checkpoints")) == (plugin == "buggy")
 
 
+@pytest.mark.parametrize(
+    "module, argv, message",
+    [
+        ("timm", ["run", "model.backbone=timm:resnet18"],
+         "error: backbone 'timm:resnet18' needs the 'timm' package (import of timm halted; None in sys.modules); "
+         "install it with: pip install 'contlearn[timm]'"),
+        ("open_clip", ["run", "digits-dmn"], "error: a CLIP model needs the 'open_clip_torch' package"),
+        ("torch.utils.tensorboard", ["run", "--tensorboard"], "error: the TensorBoard logger needs the 'tensorboard' package"),
+        ("avalanche", ["run", "scenario.source=avalanche", "scenario.factory=nc_benchmark"],
+         "error: Avalanche interop needs the 'avalanche-lib' package"),
+    ],
+)
+def test_a_missing_optional_package_names_its_extra(module, argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, module, None)  # makes `import module` fail
+    err = one_error_line(capsys, 2, [*argv, "--out", str(tmp_path / "run")])
+    assert err.startswith(message) and "pip install 'contlearn[" in err, err
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
 def test_npz_source_without_a_path(capsys):
     assert "needs scenario.path" in one_error_line(capsys, 2, ["run", "scenario.source=npz"])
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
 import torch
 
-from contlearn.errors import ConfigError, ContlearnError, DataError, choices
+from contlearn.errors import ConfigError, DataError, choices, optional_import
 from contlearn.scenarios import Experience, Stream, TensorData
 
 INSTALL_HINT = "pip install 'contlearn[avalanche]'"
@@ -23,16 +24,11 @@ SETTINGS = ("class", "task", "domain")
 
 
 def require_avalanche() -> ModuleType:
-    """The ``avalanche`` module; a :class:`ContlearnError` saying how to install it
-    when it is missing or broken."""
-    try:
-        import avalanche
-        import avalanche.benchmarks  # noqa: F401  (the part every caller needs)
-    except ImportError as exc:
-        raise ContlearnError(
-            f"Avalanche interop needs the 'avalanche-lib' package ({exc}); install it with: {INSTALL_HINT}"
-        ) from None
-    return avalanche
+    """The ``avalanche`` module; a :class:`~contlearn.errors.MissingDependencyError`
+    saying how to install it when it is missing or broken."""
+    for module in ("avalanche", "avalanche.benchmarks"):  # the second: the part every caller needs
+        optional_import(module, package="avalanche-lib", extra="avalanche", needed_for="Avalanche interop")
+    return sys.modules["avalanche"]
 
 
 # ------------------------------------------------------------------ materialising

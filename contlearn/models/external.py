@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from contlearn.errors import ConfigError, ContlearnError, one_line
+from contlearn.errors import ConfigError, ContlearnError, one_line, optional_import
 
 
 class WeightsError(ContlearnError):
@@ -159,8 +159,7 @@ def _no_log_records() -> Iterator[None]:
 def timm_backbone(arch: str, input_shape: Sequence[int], pretrained: bool, weights: str | None) -> nn.Module:
     """``timm.create_model(arch, num_classes=0)``: pooled features; ``weights``
     is a pretrained tag (``resnet50.a1_in1k`` is ``arch=resnet50, weights=a1_in1k``)."""
-    import timm
-
+    timm = optional_import("timm", package="timm", extra="timm", needed_for=f"backbone 'timm:{arch}'")
     if len(input_shape) != 3:
         raise ConfigError(f"backbone 'timm:{arch}' needs image inputs [C, H, W], got {tuple(input_shape)}")
     base, _, tag = arch.partition(".")
@@ -271,10 +270,7 @@ def clip_backbone(arch: str, input_shape: Sequence[int], pretrained: bool, weigh
     """The image tower (``model.visual``) of open_clip's ``arch``; ``weights`` is
     a pretrained tag (default: the first open_clip lists for ``arch``).
     Needs the ``clip`` extra (``pip install contlearn[clip]``)."""
-    try:
-        import open_clip
-    except ImportError:
-        raise ConfigError(f"backbone 'clip:{arch}' needs open_clip: pip install 'contlearn[clip]'") from None
+    open_clip = optional_import("open_clip", package="open_clip_torch", extra="clip", needed_for=f"backbone 'clip:{arch}'")
     if arch not in open_clip.list_models():
         raise ConfigError(f"unknown open_clip model '{arch}' (backbone 'clip:{arch}'); "
                           f"list them with open_clip.list_models()")
