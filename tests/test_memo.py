@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from _crash import CrashAt, SimulatedCrash, assert_same_final_weights, comparable
+from contlearn.plugins import _herding
 from contlearn.plugins._herding import HerdingMemory, herding
 from contlearn.plugins._memo_net import (
     ExpandableBackbone,
@@ -123,6 +126,37 @@ def test_aux_labels_map_new_classes_to_rank_plus_one_and_old_ones_to_zero():
     assert MEMO.aux_targets(aux_map, y).tolist() == [0, 1, 2, 3, 0, 0]
 
 
+def test_the_auxiliary_head_reads_the_newest_blocks_features():
+    torch.manual_seed(0)
+    net = _net()
+    net.expand([0, 1, 2])
+    with torch.no_grad():
+        net.blocks[1][0].weight.add_(1.0)  # trained away from the block it was copied from
+    net.set_aux_head(3)
+    net.eval()
+    x = torch.randn(5, 6)
+    out = net(x)
+    newest = net.blocks[1](net.backbone.generalized(x))
+    torch.testing.assert_close(out.features[:, 4:], newest)
+    assert not torch.allclose(out.features[:, :4], newest)
+    torch.testing.assert_close(out.extras["aux_logits"], net.aux_head(newest))
+
+
+def test_a_new_block_is_a_copy_of_the_newest_block():
+    torch.manual_seed(0)
+    net = _net()
+    net.expand([0, 1, 2])
+    with torch.no_grad():  # block 1 trained (weights and batch-norm statistics) away from block 0
+        for p in net.blocks[1].parameters():
+            p.add_(0.5)
+        net.blocks[1][1].running_mean.fill_(0.3)
+    net.expand([0, 1, 2])
+    oldest, newest, new = _tensors(net.blocks[0]), _tensors(net.blocks[1]), _tensors(net.blocks[2])
+    assert new.keys() == newest.keys() and all(torch.equal(new[k], newest[k]) for k in new)
+    assert not torch.equal(new["0.weight"], oldest["0.weight"])
+    assert net.blocks[2][0].weight is not net.blocks[1][0].weight
+
+
 def test_frozen_blocks_stay_in_eval_mode():
     net = _net()
     net.expand([0, 1, 2])
@@ -166,6 +200,52 @@ def test_herding_memory_keeps_the_budget_and_the_head_of_each_ranking():
     assert torch.equal(memory.x[memory.labels == 2], expected)
     with pytest.raises(ConfigError, match="cannot hold one exemplar for each of 11 classes"):
         memory.per_class(11)
+
+
+def test_herding_is_icarls_greedy_choice_at_every_step():
+    """A brute-force iCaRL loop: step k takes the unpicked row whose addition
+    brings the mean of the k picked rows closest to the class mean."""
+    f = torch.nn.functional.normalize(torch.randn(6, 3, generator=torch.Generator().manual_seed(3)), dim=1).double()
+    mu, order, total = f.mean(dim=0), [], torch.zeros(3, dtype=torch.double)
+    for k in range(1, 7):
+        rest = [i for i in range(6) if i not in order]
+        best = min(rest, key=lambda i: (float(((mu - (total + f[i]) / k) ** 2).sum()), i))
+        order.append(best)
+        total = total + f[best]
+    assert herding(f, 6).tolist() == order
+    assert herding(f, 4).tolist() == order[:4]
+
+
+def test_class_means_are_the_normalised_means_of_normalised_features():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 4, generator=g) * torch.arange(1, 13)[:, None]  # norms far apart
+    y = torch.arange(12) % 2
+    memory = HerdingMemory(8)
+    identity = lambda v: v  # noqa: E731
+    memory.update(identity, TensorData(x, y), [0, 1], n_seen=2)
+    means = memory.class_means(identity, 3)
+    assert torch.isnan(means[2]).all()  # no exemplar of class 2
+    for c in (0, 1):
+        f = torch.nn.functional.normalize(memory.x[memory.labels == c], dim=1)
+        torch.testing.assert_close(means[c], torch.nn.functional.normalize(f.mean(dim=0), dim=0))
+    torch.testing.assert_close(means[:2].norm(dim=1), torch.ones(2))
+
+
+def test_nme_depends_on_the_direction_of_the_features_only():
+    """iCaRL's nearest mean compares normalised features with the normalised class
+    means. A class whose exemplars' directions cancel has a zero mean: at distance 1
+    from every normalised feature, whatever the feature's length."""
+    memory = HerdingMemory(4)
+    x = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, 2.0]])
+    memory.update(lambda v: v, TensorData(x, torch.tensor([0, 0, 1, 1])), [0, 1], n_seen=2)
+    plugin = MEMO()
+    plugin.class_means = memory.class_means(lambda v: v, 2)
+    torch.testing.assert_close(plugin.class_means, torch.tensor([[0.0, 0.0], [0.0, 1.0]]))
+    f = torch.tensor([[0.0, 0.1], [0.3, 0.1], [1.0, 1.0], [-0.2, 0.05]])
+    # cosine to class 1 above 1/2: nearer than the zero mean of class 0
+    assert plugin.nme(f).tolist() == [1, 0, 1, 0]
+    for scale in (0.1, 3.0, 10.0):
+        assert torch.equal(plugin.nme(scale * f), plugin.nme(f))
 
 
 def test_joined_appends_the_exemplars_to_the_training_set():
@@ -278,6 +358,82 @@ def test_bad_settings_are_config_errors():
         load_config(None, [*TINY, "plugins.memo.predict=knn"])
     with pytest.raises(ConfigError, match="needs model.head=incremental"):
         Experiment(load_config(None, [*TINY, "model.head=cosine"])).run()
+
+
+class Recorder:
+    """Records, per experience: what it should train on (its data and the exemplars
+    stored as it starts), the inputs of its first epoch's batches, its epoch metrics;
+    and the width of the features that herding and the class means are computed on,
+    beside the network's."""
+
+    def __init__(self) -> None:
+        self.run: Any = None
+        self.expected: dict[int, tuple[torch.Tensor, int]] = {}
+        self.seen: dict[int, list[torch.Tensor]] = {}
+        self.metrics: list[dict[str, Any]] = []
+        self.widths: list[tuple[int, int]] = []
+
+    def features(self, normalized_features):
+        def spy(feature_fn, x, chunk=512):
+            feats = normalized_features(feature_fn, x, chunk)
+            self.widths.append((feats.shape[1], self.run.model.backbone.out_features))
+            return feats
+
+        return spy
+
+    @hookimpl
+    def setup(self, run):
+        self.run = run
+
+    @hookimpl
+    def before_experience(self, run, exp):
+        memory = run.plugins["memo"].memory
+        parts = [exp.train.x] + ([memory.x] if len(memory) else [])
+        self.expected[exp.index] = (torch.cat(parts).clone(), len(memory))
+
+    @hookimpl
+    def loss_terms(self, run, batch):
+        if run.epoch == 0:
+            self.seen.setdefault(run.experience.index, []).append(batch.x.clone())
+
+    @hookimpl
+    def on_metrics(self, metrics):
+        if metrics.get("kind") == "epoch":
+            self.metrics.append(dict(metrics))
+
+
+@pytest.fixture(scope="module")
+def recorded() -> Recorder:
+    """One TINY run (one epoch per experience) under a :class:`Recorder`."""
+    recorder = Recorder()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_herding, "normalized_features", recorder.features(_herding.normalized_features))
+        Experiment(load_config(None, [*TINY, "train.epochs=1"]), plugins={"recorder": recorder}).run()
+    return recorder
+
+
+def _rows(x: torch.Tensor) -> list[tuple[float, ...]]:
+    return sorted(map(tuple, x.reshape(len(x), -1).tolist()))
+
+
+def test_each_experience_trains_on_its_data_and_the_exemplars(recorded):
+    assert sorted(recorded.seen) == [0, 1, 2]
+    assert recorded.expected[0][1] == 0 and all(recorded.expected[k][1] > 0 for k in (1, 2))
+    for k, (expected, _) in recorded.expected.items():
+        assert _rows(torch.cat(recorded.seen[k])) == _rows(expected), k
+
+
+def test_the_auxiliary_loss_starts_with_the_second_experience(recorded):
+    by_experience = {m["experience"]: m for m in recorded.metrics}
+    assert sorted(by_experience) == [0, 1, 2]
+    assert "loss/aux" not in by_experience[0]
+    assert all(by_experience[k]["loss/aux"] > 0 for k in (1, 2))
+
+
+def test_herding_and_class_means_use_the_whole_networks_features(recorded):
+    d = recorded.run.model.backbone.block_features
+    assert recorded.widths and all(width == whole for width, whole in recorded.widths)
+    assert {whole for _, whole in recorded.widths} == {d, 2 * d, 3 * d}
 
 
 @pytest.mark.parametrize("crash_step", [13, 20])  # inside experience 1 (mid-epoch), inside experience 2

@@ -4,12 +4,16 @@ prediction, state and resume, the shipped configs."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 from _crash import CrashAt, SimulatedCrash
+from contlearn.plugins import prd as prd_module
 from contlearn.plugins._supcon import supcon_loss
 from contlearn.plugins._views import Views
 from contlearn.plugins.prd import PRD, prototype_loss, relation_distillation, relation_scores
@@ -179,6 +183,141 @@ def test_each_term_sends_gradients_only_where_it_should(trained):
     assert _grads_of(prd, spy.run, "supcon") == {
         "encoder": True, "projection": True, "old_prototypes": False, "new_prototypes": False, "teacher": False,
     }
+
+
+def _copy_of(prd: PRD, run: Any, **changes: Any) -> PRD:
+    """A PRD with ``prd``'s state (and ``changes`` to its config) set up on ``run``,
+    for tests that alter it: the module's trained plugin stays as it was."""
+    again = PRD(dataclasses.replace(prd.config, **changes))
+    again.load_state_dict(prd.state_dict())
+    again.setup(run=run)
+    return again
+
+
+def _step(prd: PRD, run: Any, n: int = 8) -> tuple[Any, Any, dict[str, torch.Tensor]]:
+    """One training step's batch of experience 1, PRD's output and its loss terms."""
+    batch = next(run.stream[1].train.batches(n))
+    out = prd.forward(run=run, batch=batch)
+    return batch, out, prd.loss_terms(run=run, batch=batch, out=out)
+
+
+def _kl(teacher: torch.Tensor, student: torch.Tensor) -> float:
+    """``KL(softmax(teacher) || softmax(student))`` per row, averaged over the rows (T = 1)."""
+    q, p = teacher.double().log_softmax(dim=1), student.double().log_softmax(dim=1)
+    return float((q.exp() * (q - p)).sum(dim=1).mean())
+
+
+def test_the_two_views_are_two_draws_of_the_augmentation(trained):
+    prd, spy, _ = trained
+    state = prd.generator.get_state()
+    batch, out, _ = _step(prd, spy.run)
+    b, views = len(batch), out.extras["views"]
+    again = torch.Generator().manual_seed(0)
+    again.set_state(state)
+    first, second = prd.views(batch.x, again), prd.views(batch.x, again)
+    assert torch.equal(views, torch.cat([first, second]))
+    assert not torch.equal(views[:b], views[b:])
+    z = out.extras["projections"]
+    assert z.shape[:2] == (b, 2) and not torch.allclose(z[:, 0], z[:, 1])
+    torch.testing.assert_close(out.extras["view_features"], spy.run.model.backbone(views))
+
+
+def test_the_teacher_sees_both_views(trained):
+    prd, spy, _ = trained
+    seen: list[torch.Tensor] = []
+    handle = prd.teacher.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    try:
+        batch, out, _ = _step(prd, spy.run)
+    finally:
+        handle.remove()
+    views = out.extras["views"]
+    assert not torch.equal(views[: len(batch)], views[len(batch) :])
+    assert len(seen) == 1 and torch.equal(seen[0], views)
+
+
+def test_the_prototype_term_is_its_weight_times_the_prototype_loss(trained):
+    prd, spy, _ = trained
+    batch, out, terms = _step(prd, spy.run)
+    row = {c: r for r, c in enumerate(prd.classes[-1])}  # class -> row of the newest prototypes
+    targets = torch.tensor([row.get(int(c), -1) for c in batch.y]).repeat(2)
+    expected = prototype_loss(out.extras["view_features"].detach(), targets, prd.prototypes[-1].detach())
+    assert (prd.config.prototype_weight, prd.config.distill_weight) == (2.0, 4.0)  # L_sc + 2 L_p + 4 L_d
+    assert float(expected) > 0
+    assert float(terms["prototype"].detach()) == pytest.approx(2.0 * float(expected), rel=1e-5)
+
+
+def test_the_distill_term_is_the_kl_from_the_teachers_relations_to_the_students(trained):
+    prd, spy, _ = trained
+    plugin = _copy_of(prd, spy.run)
+    with torch.no_grad():  # the old prototypes far from the teacher's: KL's two directions differ
+        plugin.prototypes[0].add_(torch.randn(plugin.prototypes[0].shape, generator=torch.Generator().manual_seed(0)))
+    _, out, terms = _step(plugin, spy.run)
+    with torch.no_grad():
+        teacher = relation_scores(plugin.teacher(out.extras["views"]), plugin.teacher_prototypes[0])
+        student = relation_scores(out.extras["view_features"], plugin.prototypes[0])
+    kl, reverse = _kl(teacher, student), _kl(student, teacher)
+    assert abs(kl - reverse) > 0.05 * kl
+    assert plugin.config.distill_weight == 4.0
+    assert float(terms["distill"].detach()) == pytest.approx(4.0 * kl, rel=1e-4)
+
+
+def test_the_teacher_scores_use_the_frozen_prototypes_not_the_live_ones(trained, monkeypatch):
+    prd, spy, _ = trained
+    run = spy.run
+    plugin = _copy_of(prd, run)
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    distill = prd_module.relation_distillation
+
+    def record(student, teacher, *args):
+        calls.append((student.detach().clone(), teacher.detach().clone()))
+        return distill(student, teacher, *args)
+
+    monkeypatch.setattr(prd_module, "relation_distillation", record)
+    batch, out, _ = _step(plugin, run)
+    with torch.no_grad():
+        frozen = relation_scores(plugin.teacher(out.extras["views"]), plugin.teacher_prototypes[0])
+        plugin.prototypes[0].mul_(-2.0)  # the live old prototypes move; the teacher's stay
+    plugin.loss_terms(run=run, batch=batch, out=out)
+    (student_before, teacher_before), (student_after, teacher_after) = calls
+    assert torch.equal(teacher_before, frozen) and torch.equal(teacher_after, frozen)
+    assert not torch.allclose(student_before, student_after)
+
+
+def test_the_distill_term_sums_over_every_earlier_experience(trained):
+    prd, spy, _ = trained
+    run = spy.run
+    plugin = _copy_of(prd, run)
+    plugin.before_experience(run=run, exp=SimpleNamespace(index=2, classes=[10, 11], task=0))  # a third experience
+    assert len(plugin.prototypes) == 3 and len(plugin.teacher_prototypes) == 2
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # the old prototypes of both earlier experiences move away from the teacher's
+        for p in plugin.prototypes[:2]:
+            p.add_(torch.randn(p.shape, generator=g))
+    _, out, terms = _step(plugin, run)
+    with torch.no_grad():
+        old_features = plugin.teacher(out.extras["views"])
+        kls = [
+            _kl(relation_scores(old_features, t), relation_scores(out.extras["view_features"], s))
+            for s, t in zip(plugin.prototypes[:2], plugin.teacher_prototypes, strict=True)
+        ]
+    assert min(kls) > 0.01
+    assert float(terms["distill"].detach()) == pytest.approx(4.0 * sum(kls), rel=1e-4)
+
+
+def test_teacher_bn_batch_normalises_by_the_batch_and_running_by_the_running_statistics(trained):
+    prd, spy, _ = trained
+    run = spy.run
+    x = next(run.stream[1].train.batches(16)).x
+    previous = copy.deepcopy(run.model.backbone)  # the encoder after experience 0
+    previous.load_state_dict(spy.encoders[0])
+    with torch.no_grad():
+        assert prd.config.teacher_bn == "batch" and prd.teacher.training
+        torch.testing.assert_close(prd.teacher(x), copy.deepcopy(previous).train()(x))
+        assert not torch.allclose(prd.teacher(x)[:4], prd.teacher(x[:4]))  # each batch's own statistics
+        running = _copy_of(prd, run, teacher_bn="running").teacher
+        assert not running.training
+        torch.testing.assert_close(running(x), previous.eval()(x))
+        torch.testing.assert_close(running(x)[:4], running(x[:4]))
 
 
 def _tensors(obj: Any, seen: set[int]) -> list[torch.Tensor]:
