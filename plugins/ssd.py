@@ -477,7 +477,7 @@ class SSD:
 
     def _auto(self, run, params, original, fisher_d, fisher_f, sets, settings, predict):  # type: ignore[no-untyped-def]
         """Weakest to strongest: alpha from large to small at lam = 1, then lam from
-        large to small at the smallest alpha; each trial from the original weights.
+        large to small at the list's last alpha; each trial from the original weights.
         The first whose forget-set training accuracy is <= target is kept (else the last)."""
         cfg = self.config
         walk = [(float(a), 1.0) for a in cfg.auto_alphas] + [

@@ -10,7 +10,14 @@ import pytest
 import torch
 from _crash import CrashAt, SimulatedCrash, assert_same_final_weights, comparable
 from _spies import TrainedNames
-from contlearn.plugins.clr import CLR, ReprogrammedConv, insert_reprogramming, parameter_overhead
+from contlearn.plugins.clr import (
+    CLR,
+    ReprogrammedConv,
+    batchnorm_tensors,
+    insert_reprogramming,
+    parameter_overhead,
+    reprogramming_parameters,
+)
 from contlearn.scenarios import Batch, build_stream
 from torch import nn
 from torch.nn import functional as F
@@ -74,6 +81,25 @@ def test_identity_at_initialisation(variant):
     torch.testing.assert_close(backbone(x), before, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize(("variant", "pointwise"), [("reduced", None), ("full", 3), ("scale", 1)])
+def test_the_variant_sets_the_kernel_after_1x1_convolutions(variant, pointwise):
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 6, 1), nn.BatchNorm2d(6)
+    ).eval()
+    x = torch.randn(2, 1, 6, 6)
+    before = net(x)
+    names = insert_reprogramming(net, variant)
+    assert names == (["0"] if pointwise is None else ["0", "3"])
+    assert net[0].reprogram.kernel_size == (3, 3)  # a 3x3 convolution: 3x3 in every variant
+    if pointwise is None:
+        assert type(net[3]) is nn.Conv2d
+    else:
+        assert net[3].reprogram.kernel_size == (pointwise, pointwise)
+        assert net[3].reprogram.groups == 6 and net[3].reprogram.bias is None
+    torch.testing.assert_close(net(x), before, rtol=0, atol=1e-6)
+
+
 def test_resnet18_reduced_overhead_and_identity():
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
@@ -111,6 +137,51 @@ def test_only_clr_parameters_train_and_old_tasks_stay_bit_identical():
     assert torch.equal(spy.logits[0], spy.logits[1])
     R = results.accuracy_matrix
     assert R[1][0] == R[0][0] and results.bwt == 0.0
+
+
+
+class _StartOfExperience:
+    """Copies the backbone's kernels and BatchNorm tensors once CLR's
+    before_experience has run (trylast: after it)."""
+
+    def __init__(self):
+        self.kernels: dict[int, dict[str, torch.Tensor]] = {}
+        self.bn: dict[int, dict[str, torch.Tensor]] = {}
+
+    @hookimpl(trylast=True)
+    def before_experience(self, run, exp):
+        backbone = run.model.backbone
+        kernels, bn = reprogramming_parameters(backbone), batchnorm_tensors(backbone)
+        self.kernels[exp.index] = {k: v.detach().clone() for k, v in kernels.items()}
+        self.bn[exp.index] = {k: v.detach().clone() for k, v in bn.items()}
+
+
+def _dirac(weight: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros_like(weight)
+    c = weight.shape[-1] // 2
+    out[:, 0, c, c] = 1
+    return out
+
+
+def test_new_tasks_start_from_identity_and_the_anchor_and_returning_ones_from_their_bank():
+    start = _StartOfExperience()
+    three = ["scenario.n_experiences=3", "scenario.classes_per_experience=[2,2,6]", "scenario.samples_per_class=10"]
+    experiment = Experiment(clr_config(*three), plugins={"start": start})
+    experiment.run()
+    run = experiment.run_state
+    clr: CLR = run.plugins["clr"]
+    kernels, bn = start.kernels[2], start.bn[2]  # after task 1 trained kernels and BatchNorm
+    assert kernels and all(torch.equal(w, _dirac(w)) for w in kernels.values())
+    assert bn.keys() == clr.anchor_bn.keys()
+    assert all(torch.equal(bn[k], clr.anchor_bn[k]) for k in bn)
+    # task 1 did move both away from there, so the reset is what put them back
+    assert any(not torch.equal(clr.banks[1][k], kernels[k]) for k in kernels)
+    assert any(not torch.equal(clr.banks[1][k], bn[k]) for k in bn)
+    # task 1 comes back (after task 2): it starts from its bank, not the anchor
+    clr.before_experience(run, run.stream[1])
+    live = {**reprogramming_parameters(run.model.backbone), **batchnorm_tensors(run.model.backbone)}
+    assert live.keys() == clr.banks[1].keys()
+    assert all(torch.equal(live[k], clr.banks[1][k]) for k in live)
 
 
 def test_mixed_task_batches_are_routed_by_task():

@@ -177,6 +177,22 @@ def test_penalty_is_the_mean_over_matrices_of_the_mean_absolute_key_update():
     torch.testing.assert_close(key_penalty(layers, index), expected)
 
 
+
+def test_the_gathered_penalty_sends_gradients_to_both_factors_as_the_whole_update_does():
+    torch.manual_seed(1)
+    layer = LoRALinear(nn.Linear(6, 5), 3, 12.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    flat = torch.tensor([0, 7, 7, 29])
+    key = key_index(flat, layer)
+    assert key.gather
+    got = torch.autograd.grad(key_penalty([layer], [key]), [layer.lora_A, layer.lora_B])
+    whole = layer.delta().flatten()[flat].abs().mean()
+    want = torch.autograd.grad(whole, [layer.lora_A, layer.lora_B])
+    assert got[0][:, key.cols].abs().min() > 0  # A moves at the key columns, not only B
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+
 class _Spy(TrainedNames):
     """Per experience: names of parameters that got a gradient; the penalty
     terms seen; the backbone weights after the experience."""

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from contlearn.plugins import _forget_sets as fs
 from contlearn.plugins.ewc import fisher_and_divisors
 from contlearn.plugins.ssd import SSD, SelectionWarning
 from contlearn.scenarios import Experience, Stream, TensorData
@@ -280,6 +281,39 @@ def test_report_holds_the_metrics_before_and_after():
     assert report["forget_samples"] == 20
 
 
+def _hand_accuracy(model, data: TensorData) -> float:
+    with torch.no_grad():
+        return float((model.eval()(data.x).logits.argmax(1) == data.y).float().mean())
+
+
+def test_class_forgetting_measures_on_the_test_samples_of_the_forgotten_and_the_retained_classes():
+    run = tiny_run(n_train=60, experiences=2)
+    plugin = trained_plugin(run, batch_size=8)
+    tests = [e.test for e in run.stream]
+    test = TensorData(torch.cat([t.x for t in tests]), torch.cat([t.y for t in tests]))
+    forgotten = test.subset(torch.nonzero(test.y == 2).flatten())
+    retained = test.subset(torch.nonzero(test.y != 2).flatten())
+    before = (_hand_accuracy(run.model, forgotten), _hand_accuracy(run.model, retained))
+    report = plugin.forget(run, {"classes": ["owl"], "alpha": 1.0, "lam": 0.0})
+    after = (_hand_accuracy(run.model, forgotten), _hand_accuracy(run.model, retained))
+    assert after[0] != after[1]  # the two sets tell apart
+    assert (report["forget_accuracy"], report["retain_accuracy"]) == pytest.approx(after)
+    assert (report["before"]["forget_accuracy"], report["before"]["retain_accuracy"]) == pytest.approx(before)
+
+
+@pytest.mark.parametrize("request_, forgotten", [({"classes": ["dog"]}, 20), ({"samples": [0, 5, 44]}, 3)])
+def test_the_attack_s_members_are_the_training_data_without_the_forget_set(request_, forgotten):
+    run = tiny_run(n_train=30, experiences=2)
+    sets = fs.resolve(run, request_)
+    seen = torch.cat([e.train.x for e in run.stream])
+    assert len(sets.forget_train) == forgotten
+    assert len(sets.retain_train) == len(seen) - forgotten
+    members = {tuple(x.tolist()) for x in sets.retain_train.x}
+    assert not members & {tuple(x.tolist()) for x in sets.forget_train.x}
+    if "classes" in request_:
+        assert not torch.isin(sets.retain_train.y, torch.tensor([1])).any()
+
+
 def test_sample_forgetting_measures_on_the_forget_samples():
     run = tiny_run(n_train=30, experiences=2)
     plugin = trained_plugin(run, batch_size=8)
@@ -315,6 +349,33 @@ def test_auto_walks_weak_to_strong_from_the_original_weights():
     assert direct["dampened"] == report["dampened"]
     assert_same(chosen, weights(run.model))
 
+
+
+def test_auto_tries_the_lambdas_at_the_last_alpha():
+    run = tiny_run(n_train=60)
+    plugin = trained_plugin(run, batch_size=8, auto_alphas=[1e6, 1e5], auto_lams=[0.5, 0.0])
+    report = plugin.forget(run, {"classes": ["cat"], "auto": True, "target": 0.0, "metrics": False})
+    assert [(t["alpha"], t["lam"]) for t in report["trials"]] == [(1e6, 1.0), (1e5, 1.0), (1e5, 0.5), (1e5, 0.0)]
+    assert report["target_reached"] is False and (report["alpha"], report["lam"]) == (1e5, 0.0)
+
+
+def test_every_auto_trial_dampens_the_original_weights():
+    """Here every trial dampens something, so a trial that started from the one
+    before would dampen twice."""
+    run = tiny_run(n_train=60)
+    plugin = trained_plugin(run, batch_size=8, auto_alphas=[3.0, 2.0, 1.5, 1.0], auto_lams=[0.5, 0.0])
+    original = weights(run.model)
+    report = plugin.forget(run, {"classes": ["cat"], "auto": True, "target": 0.0, "metrics": False})
+    trials = report["trials"]
+    assert len(trials) >= 2 and all(t["dampened"] > 0 for t in trials)
+    chosen = weights(run.model)
+    forget = run.stream[0].train.subset(torch.nonzero(run.stream[0].train.y == 0).flatten())
+    for trial in trials:
+        run.model.load_state_dict(original)
+        plugin.forget(run, {"classes": ["cat"], "alpha": trial["alpha"], "lam": trial["lam"], "metrics": False})
+        assert trial["forget_train_accuracy"] == pytest.approx(_hand_accuracy(run.model, forget))
+    assert (trials[-1]["alpha"], trials[-1]["lam"]) == (report["alpha"], report["lam"])
+    assert_same(chosen, weights(run.model))  # the last trial, done directly from the original weights
 
 # ------------------------------------------------------------------ bad input
 
