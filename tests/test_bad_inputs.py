@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from contlearn import DataError, Experiment, load_config
+from contlearn import DataError, Experiment, TrainingError, hookimpl, load_config
 from contlearn import checkpoint as ckpt
 from contlearn.cli import main
 from contlearn.experiment import stream_of
@@ -342,6 +342,19 @@ def test_non_finite_loss_names_step_experience_and_term(tmp_path, capsys):
     err = one_error_line(capsys, 1, ["run", *TINY, "train.lr=1e30", "--out", str(tmp_path), "--quiet"])
     assert "non-finite loss at step 2 (epoch 0) of experience 0: loss went bad" in err
     assert not ckpt.list_checkpoints(tmp_path / "checkpoints")
+
+
+def test_a_non_finite_loss_in_a_later_epoch_names_its_step_counted_from_the_experience_s_start(tmp_path):
+    class GoesBad:
+        @hookimpl
+        def loss_terms(self, run, out):
+            bad = run.epoch == 1 and run.step == 6  # steps done so far: the 7th step of the experience
+            return {"boom": out.logits.sum() * 0 + (float("nan") if bad else 0.0)}
+
+    # 4 steps per epoch (about 50 samples in batches of 16): step 7 is the 3rd of epoch 1
+    cfg = load_config(None, [*TINY, "train.epochs=2", "train.batch_size=16"])
+    with pytest.raises(TrainingError, match=r"^non-finite loss at step 7 \(epoch 1\) of experience 0: boom went bad;"):
+        Experiment(cfg, out_dir=tmp_path, plugins={"bad": GoesBad()}).run()
 
 
 @pytest.fixture(scope="module")

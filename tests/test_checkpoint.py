@@ -118,6 +118,26 @@ def test_write_is_atomic(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == [first]
 
 
+def test_a_run_removes_the_temporary_files_a_killed_writer_left(run_dir, tmp_path):
+    unfinished = tmp_path / "run"
+    shutil.copytree(run_dir, unfinished)
+    (unfinished / "results.json").unlink()  # as if the run had stopped after its last checkpoint
+    newest = ckpt.list_checkpoints(unfinished / "checkpoints")[-1]
+    stale = unfinished / "checkpoints" / f".{newest.name}.tmp"  # the name write() gives its temporary file
+    stale.write_bytes(newest.read_bytes()[:1000])  # the writer was killed halfway
+    Experiment.resume(unfinished).run()
+    assert not stale.exists()
+    assert [p.name for p in (unfinished / "checkpoints").iterdir() if p.name.startswith(".")] == []
+
+
+def test_keys_other_than_str_or_int_are_refused():
+    ckpt.check_plain({"a": {1: torch.zeros(1)}})
+    with pytest.raises(CheckpointError, match=r"^checkpoint\.plugins has a key of type tuple; use str or int keys$"):
+        ckpt.check_plain({(1, 2): 0}, "checkpoint.plugins")
+    with pytest.raises(CheckpointError, match=r"^checkpoint\.a has a key of type float"):
+        ckpt.check_plain({"a": {0.5: 1}})
+
+
 def test_plain_containers_only(tmp_path):
     class Holder:
         def __init__(self, value):
@@ -169,6 +189,22 @@ def test_latest_skips_a_truncated_checkpoint_and_says_so(run_dir, tmp_path):
     with warnings.catch_warnings(), pytest.raises(CheckpointError, match="no readable checkpoint"):
         warnings.simplefilter("ignore")
         ckpt.latest(tmp_path)
+
+
+def test_latest_names_every_unreadable_checkpoint_it_skips(run_dir, tmp_path):
+    for p in ckpt.list_checkpoints(run_dir / "checkpoints")[-3:]:
+        (tmp_path / p.name).write_bytes(p.read_bytes())
+    *_, older, newest = ckpt.list_checkpoints(tmp_path)
+    for p in (older, newest):
+        p.write_bytes(p.read_bytes()[:1000])
+    with pytest.warns(ckpt.CheckpointWarning) as caught:
+        path, _ = ckpt.latest(tmp_path)
+    assert path.name == "ckpt-001-000000006.pt"
+    messages = [str(w.message) for w in caught if issubclass(w.category, ckpt.CheckpointWarning)]
+    assert len(messages) == 2
+    assert f"'{newest.name}' is truncated or corrupt" in messages[0]
+    assert f"'{older.name}' is truncated or corrupt" in messages[1]
+    assert all(m.endswith("using the previous one, 'ckpt-001-000000006.pt'") for m in messages)
 
 
 def test_a_flipped_bit_in_a_tensor_fails_the_crc_check(run_dir, tmp_path):
@@ -261,6 +297,17 @@ def test_a_checkpoint_with_malformed_sections_is_incomplete(run_dir, tmp_path):
         ckpt.load(tmp_path / "ckpt-002-000000008.pt")
 
 
+def test_a_checkpoint_without_the_epoch_s_generator_state_is_incomplete(run_dir, tmp_path):
+    """Needed to draw again the order of an epoch that a checkpoint interrupted."""
+    inside = ckpt.list_checkpoints(run_dir / "checkpoints")[3]
+    state = ckpt.load(inside)
+    assert state["position"]["inside_experience"]
+    del state["metrics"]["epoch_generator"]
+    torch.save(state, tmp_path / inside.name)
+    with pytest.raises(CheckpointError, match=r"is incomplete: it lacks \['metrics.epoch_generator'\]$"):
+        ckpt.load(tmp_path / inside.name)
+
+
 def test_a_checkpoint_with_hand_edited_random_state_or_sections_is_refused_by_name(run_dir, tmp_path):
     state = ckpt.load(ckpt.list_checkpoints(run_dir / "checkpoints")[-1])
     del state["rng"]["numpy"]
@@ -290,6 +337,19 @@ def test_a_checkpoint_with_values_of_the_wrong_kind_is_malformed_by_part(tmp_pat
     torch.save(state, newest)
     with pytest.raises(CheckpointError, match=rf"'{newest.name}'(: | is malformed: ){part}"):
         Experiment.resume(out).run()
+
+
+def test_a_checkpoint_edited_to_stand_past_the_end_of_the_stream_is_refused(run_dir, tmp_path):
+    unfinished = tmp_path / "run"
+    shutil.copytree(run_dir, unfinished)
+    (unfinished / "results.json").unlink()
+    newest = ckpt.list_checkpoints(unfinished / "checkpoints")[-1]
+    state = ckpt.load(newest)
+    assert state["position"]["completed"] == 2  # every experience of the stream
+    state["position"]["inside_experience"] = True  # inside a third, which the stream lacks
+    torch.save(state, newest)
+    with pytest.raises(CheckpointError, match=rf"^checkpoint '{newest.name}' is past the end of the stream \(2 experiences\)$"):
+        Experiment.resume(unfinished).run()
 
 
 def test_plugin_states_must_match_the_plugins(run_dir, tmp_path):

@@ -431,3 +431,73 @@ def test_one_plugin_object_under_two_names_or_the_defaults_name_is_one_clear_err
         _run(quick, plugins={"a": watch, "b": watch})
     with pytest.raises(PluginError, match=r"^'defaults' names contlearn's built-in behaviour: give plugin Watch another name$"):
         _run(quick, plugins={"defaults": Watch()})
+
+
+def test_evaluation_and_the_fwt_baseline_run_the_model_in_eval_mode(quick):
+    class Modes:
+        """Records the mode the model predicts in: in evaluate (after_eval_batch)
+        and in the FWT baseline, which predicts with a copy of the model."""
+
+        def __init__(self):
+            self.eval_batches: list[bool] = []
+            self.copies: list[bool] = []
+
+        @hookimpl
+        def setup(self, run):
+            model, copies = run.model, self.copies
+
+            def forward_hook(module, args, output):  # a function: the copy's hook appends here too
+                if module is not model:
+                    copies.append(module.training)
+
+            model.register_forward_hook(forward_hook)
+
+        @hookimpl
+        def after_eval_batch(self, run):
+            self.eval_batches.append(run.model.training)
+
+    modes = Modes()
+    _run(quick, "eval.fwt=true", plugins={"modes": modes})
+    assert modes.eval_batches and not any(modes.eval_batches)  # BatchNorm and dropout as at inference
+    assert modes.copies and not any(modes.copies)
+
+
+def test_accuracy_is_each_experience_s_hits_over_its_own_test_size(quick):
+    class ConstantPredictor:
+        def __init__(self):
+            self.stream = None
+
+        @hookimpl
+        def predict(self, run, batch):
+            self.stream = run.stream
+            return torch.full_like(batch.y, 1)
+
+    const = ConstantPredictor()
+    _, results = _run(quick, "scenario.classes_per_experience=[3,7]", plugins={"const": const})
+    tests = [exp.test for exp in const.stream]
+    assert len(tests[0]) != len(tests[1])  # a mean size would be wrong for both
+    shares = [int((data.y == 1).sum()) / len(data) for data in tests]
+    assert shares[0] > 0 and shares[1] == 0
+    assert results.accuracy_matrix[0] == pytest.approx(shares, rel=1e-12)
+
+
+def test_the_logged_loss_is_the_base_loss_without_the_plugins_terms(quick):
+    class Constant:  # a term with no gradient: training is the plain run's, step for step
+        @hookimpl
+        def loss_terms(self, out):
+            return {"constant": out.logits.sum() * 0 + 100.0}
+
+    class Log:
+        def __init__(self):
+            self.epochs = []
+
+        @hookimpl
+        def on_metrics(self, metrics):
+            if metrics["kind"] == "epoch":
+                self.epochs.append(metrics)
+
+    plain, added = Log(), Log()
+    _run(quick, plugins={"log": plain})
+    _run(quick, plugins={"constant": Constant(), "log": added})
+    assert [m["loss/constant"] for m in added.epochs] == pytest.approx([100.0, 100.0])
+    assert [m["loss"] for m in added.epochs] == pytest.approx([m["loss"] for m in plain.epochs], rel=1e-6)

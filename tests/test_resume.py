@@ -94,6 +94,24 @@ def test_resume_inside_an_experience_mid_epoch_is_exact(tmp_path, reference):
     assert comparable(out) == expected
 
 
+def test_a_resumed_run_s_timings_count_the_time_before_the_crash(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(SimulatedCrash):
+        Experiment(load_config(None, [*TINY, "checkpoint.every_n_steps=4"]), out_dir=out, plugins={"crash": CrashAt(15)}).run()
+    newest = ckpt.list_checkpoints(out / ckpt.DIRNAME)[-1]
+    state = ckpt.load(newest)
+    assert state["position"]["inside_experience"]
+    metrics = state["metrics"]  # as if the session before the crash had taken hours: no clock can make this flaky
+    metrics["elapsed"] += 30000.0
+    metrics["timings"] = {k: v + 10000.0 for k, v in metrics["timings"].items()}
+    torch.save(state, newest)
+    timings = Experiment.resume(out).run().timings
+    assert timings["total_seconds"] >= metrics["elapsed"]
+    assert timings["train_seconds"] >= metrics["timings"]["train_seconds"]
+    assert timings["eval_seconds"] >= metrics["timings"]["eval_seconds"]
+    assert timings["total_seconds"] < metrics["elapsed"] + 600  # the resumed session's own time, added once
+
+
 class OwnSGD:
     """A plugin's optimizer; on resume, by mistake, the optimizer class itself."""
 
