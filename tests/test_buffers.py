@@ -77,6 +77,19 @@ def test_reservoir_sample_draws_from_stored():
     assert drawn is not None and sorted(drawn.x[:, 0].long().tolist()) == [0, 1, 2]
 
 
+def test_reservoir_samples_are_drawn_afresh_from_every_slot():
+    """20 draws of 5 from 50 stored samples reach about 44 of them (50 (1 - 0.9^20));
+    draws that always took the same slots would reach 5."""
+    buffer = ReservoirBuffer(50, torch.Generator().manual_seed(0))
+    offer(buffer, 50, 50)
+    seen: set[int] = set()
+    for _ in range(20):
+        drawn = buffer.sample(5, "cpu").x[:, 0].long().tolist()
+        assert len(set(drawn)) == 5
+        seen.update(drawn)
+    assert len(seen) > 30
+
+
 def test_reservoir_state_round_trip_continues_identically():
     a = ReservoirBuffer(8, torch.Generator().manual_seed(3))
     offer(a, 20, 4)
@@ -142,6 +155,25 @@ def test_class_balanced_subset_is_uniform_within_a_class():
         counts[buffer.storage.x[filled, 0].long()] += 1
     # p = 5/20 per sample: Binomial(500, 0.25), sd 9.7; bound 6 sd
     assert float((counts - runs * 0.25).abs().max()) < 6 * 9.7
+
+
+def test_class_balanced_class_offered_again_keeps_a_uniform_subset_of_all_its_samples():
+    """One class offered as 20 samples, then 20 more, into 10 slots: each of the 40
+    is kept with probability 1/4, whether it came first or second (the stored
+    samples keep their keys and compete with the new ones on them)."""
+    generator = torch.Generator().manual_seed(7)
+    counts = torch.zeros(40)
+    labels = torch.zeros(40, dtype=torch.long)
+    runs = 500
+    for _ in range(runs):
+        buffer = BalancedBuffer(10, generator)
+        for ids in (torch.arange(20), torch.arange(20, 40)):
+            buffer.add(labels[ids], lambda rows, ids=ids: make_batch(ids[rows], labels[ids][rows]))
+        filled = buffer.groups >= 0
+        counts[buffer.storage.x[filled, 0].long()] += 1
+    # Binomial(500, 0.25) per sample: sd 9.7; bound 6 sd
+    assert counts.sum() == runs * 10
+    assert float((counts - runs * 0.25).abs().max()) < 6 * 9.7, counts
 
 
 def test_balanced_quotas_water_filling():

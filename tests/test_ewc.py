@@ -128,13 +128,15 @@ def test_grown_head_only_old_rows_are_penalised():
     assert penalty(plugin, run).item() == before
 
 
-def test_separate_mode_equals_the_sum_of_per_experience_penalties():
+@pytest.mark.parametrize("classes", [(2, 4), (2, 4, 5)])
+def test_separate_mode_equals_the_sum_of_per_experience_penalties(classes):
+    """With three experiences the merged penalty's constant adds up over both merges."""
     run = tiny_run(n_classes=2)
     lam = 2.0
     plugin = EWC(EWC.Config(lam=lam))
     plugin.setup(run)
     terms = []
-    for k, n_classes in enumerate((2, 4)):
+    for k, n_classes in enumerate(classes):
         run.model.head.grow(n_classes)
         with torch.no_grad():
             for p in run.model.parameters():
@@ -163,6 +165,71 @@ def test_separate_mode_equals_the_sum_of_per_experience_penalties():
         torch.testing.assert_close(p.grad, expected_grad[n], rtol=1e-4, atol=1e-7)
 
 
+def test_fisher_batch_size_is_the_batch_size_of_the_fisher_pass():
+    run = tiny_run()
+    data = tiny_data(24)
+    plugin = ewc_after(run, data, fisher_batch_size=4)  # train.batch_size is 8
+    for name, value in fisher_information(run.model, data, 4).items():
+        torch.testing.assert_close(plugin.importance[name], value)
+    assert any(not torch.allclose(plugin.importance[n], v) for n, v in fisher_information(run.model, data, 8).items())
+
+
+def differs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return any(not torch.allclose(a[n], b[n]) for n in b)
+
+
+def test_fisher_samples_is_a_random_subset_drawn_from_the_run_seed():
+    run = tiny_run()
+    data = tiny_data(24)
+    first = ewc_after(run, data, fisher_samples=6).importance
+    assert differs(first, fisher_information(run.model, data, 8)), "all 24 samples were used"
+    assert differs(first, fisher_information(run.model, data.subset(range(6)), 8)), "the first 6 samples, not a random 6"
+    run.config.seed = 1  # the same model, another seed: another subset
+    assert differs(ewc_after(run, data, fisher_samples=6).importance, first)
+    run.config.seed = 0
+    again = ewc_after(run, data, fisher_samples=6).importance
+    assert not differs(again, first)
+
+
+def test_fisher_ignores_the_training_augmentation():
+    run = tiny_run()
+    plain = tiny_data(24)
+    augmented = plain.with_augment(lambda x, generator: x + 100.0)
+    shifted = TensorData(plain.x + 100.0, plain.y)
+    assert differs(fisher_information(run.model, shifted, 8), fisher_information(run.model, plain, 8))  # it would matter
+    plugin = ewc_after(run, augmented)
+    for name, value in fisher_information(run.model, plain, 8).items():
+        torch.testing.assert_close(plugin.importance[name], value)
+
+
+def test_fisher_of_a_batchnorm_model_in_training_mode_is_taken_in_eval_mode():
+    """BatchNorm normalises with its running statistics, as at test time, and
+    the pass neither updates them nor leaves the model in eval mode."""
+    torch.manual_seed(0)
+    backbone = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.BatchNorm1d(6), torch.nn.ReLU())
+    model = ContinualModel(backbone, IncrementalLinear(6))
+    model.head.grow(2)
+    with torch.no_grad():
+        backbone[1].running_mean.uniform_(-1, 1)
+        backbone[1].running_var.uniform_(0.5, 2)
+    stats = {n: b.clone() for n, b in model.named_buffers()}
+    data = tiny_data(24)
+    params = dict(model.named_parameters())
+    model.eval()
+    expected = {n: torch.zeros_like(p) for n, p in params.items()}
+    for b in data.batches(8):
+        loss = F.cross_entropy(model(b.x).logits, b.y)
+        for (n, _), g in zip(params.items(), torch.autograd.grad(loss, list(params.values())), strict=True):
+            expected[n] += g**2 / 3
+    model.train()
+    fisher = fisher_information(model, data, 8)
+    for n in params:
+        torch.testing.assert_close(fisher[n], expected[n])
+    assert model.training and backbone[1].training
+    for n, b in model.named_buffers():
+        assert torch.equal(b, stats[n]), n
+
+
 def test_online_mode_decays_the_running_fisher():
     run = tiny_run()
     gamma = 0.5
@@ -183,9 +250,17 @@ def test_online_mode_decays_the_running_fisher():
     assert plugin.offset == 0.0
 
 
-def test_state_round_trip_gives_the_same_penalty():
+@pytest.mark.parametrize("experiences", [1, 2])
+def test_state_round_trip_gives_the_same_penalty(experiences):
+    """Two experiences in separate mode: the merged penalty's constant is saved too."""
     run = tiny_run()
     plugin = ewc_after(run, tiny_data(), lam=4.0)
+    if experiences == 2:
+        with torch.no_grad():
+            for p in run.model.parameters():
+                p.add_(torch.randn_like(p) * 0.2)
+        plugin.after_experience(run, SimpleNamespace(train=tiny_data(seed=2)))
+        assert plugin.offset > 0
     with torch.no_grad():
         for p in run.model.parameters():
             p.add_(0.05)

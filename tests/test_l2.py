@@ -70,6 +70,26 @@ def test_initial_anchor_is_taken_at_setup_and_head_growth_is_free():
     torch.testing.assert_close(run.model.head.weight.grad[:2], run.model.head.weight.detach()[:2] - before["head.weight"])
 
 
+def test_initial_anchor_stays_at_the_start_after_an_experience():
+    run = tiny_run()
+    plugin = L2(L2.Config(lam=2.0, anchor="initial"))
+    plugin.setup(run)
+    shift(run.model, 0.2)  # trained in the first experience
+    plugin.after_experience(run)
+    n_params = sum(p.numel() for p in run.model.parameters())
+    assert plugin.loss_terms(run)["l2"].item() == pytest.approx(0.5 * 2.0 * 0.04 * n_params, rel=1e-5)
+
+
+def test_initial_anchor_with_a_pattern_holds_only_the_selected_weights():
+    run = tiny_run()
+    plugin = L2(L2.Config(lam=1.0, anchor="initial", pattern=r"^head\."))
+    plugin.setup(run)
+    assert set(plugin.anchor) == {"head.weight", "head.bias"}
+    shift(run.model, 0.2)
+    n_head = run.model.head.weight.numel() + run.model.head.bias.numel()
+    assert plugin.loss_terms(run)["l2"].item() == pytest.approx(0.5 * 0.04 * n_head, rel=1e-5)
+
+
 def test_pattern_that_matches_nothing_is_one_clear_error(quick):
     cfg = load_config(None, [*quick, "plugins.l2.pattern=attn"])
     with pytest.raises(PluginError, match="matches no trainable parameter.*backbone.net.1.weight"):
@@ -93,3 +113,16 @@ def test_state_round_trip():
     copy.load_state_dict(plugin.state_dict())
     copy.setup(run)
     assert copy.loss_terms(run)["l2"].item() == pytest.approx(plugin.loss_terms(run)["l2"].item())
+
+
+def test_state_round_trip_keeps_the_initial_anchor():
+    """After a resume the saved initial weights are the anchor, not the weights the run resumes with."""
+    run = tiny_run()
+    plugin = L2(L2.Config(lam=2.0, anchor="initial"))
+    plugin.setup(run)
+    shift(run.model)
+    copy = L2(L2.Config(lam=2.0, anchor="initial"))
+    copy.load_state_dict(plugin.state_dict())
+    copy.setup(run)
+    value = copy.loss_terms(run)["l2"].item()
+    assert value > 0 and value == pytest.approx(plugin.loss_terms(run)["l2"].item())

@@ -86,6 +86,28 @@ def test_state_round_trip_rebuilds_the_teacher_over_a_grown_model():
     torch.testing.assert_close(copy.teacher(x).logits, before)
 
 
+def test_state_round_trip_keeps_the_teachers_batchnorm_statistics():
+    """The teacher's buffers (running mean and variance) are saved with its
+    parameters, not taken from the model it is rebuilt over."""
+    torch.manual_seed(0)
+    backbone = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.BatchNorm1d(6), torch.nn.ReLU())
+    model = ContinualModel(backbone, IncrementalLinear(6))
+    model.head.grow(2)
+    model(torch.randn(16, 5) * 3 + 1)  # a training-mode forward: running statistics away from 0 and 1
+    run = SimpleNamespace(model=model, config=OmegaConf.create({"seed": 0}), device=torch.device("cpu"), plugins={})
+    plugin = LwF(LwF.Config())
+    plugin.after_experience(run)
+    x = torch.randn(3, 5)
+    before = plugin.teacher(x).logits
+    state = plugin.state_dict()
+    model(torch.randn(16, 5) * 5 - 2)  # the model's statistics move on in the next experience
+    copy = LwF(LwF.Config())
+    copy.load_state_dict(state)
+    copy.setup(run)
+    assert not copy.teacher.training
+    torch.testing.assert_close(copy.teacher(x).logits, before)
+
+
 @pytest.mark.parametrize(
     "override",
     ["plugins.lwf.T=0", "plugins.lwf.alpha=-1", "plugins.lwf.T=nan", "plugins.lwf.alpha=nan", "plugins.lwf.alpha=inf"],
@@ -129,6 +151,31 @@ def test_multi_head_distils_every_old_tasks_head_on_the_new_data():
     value.backward()
     assert model.head.heads["0"].weight.grad.abs().sum() > 0  # the old head is held to its outputs
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters())
+
+
+def test_multi_head_sums_the_distillation_of_every_old_task():
+    """Two old tasks: the term is the sum of their heads' distillations (Li and Hoiem), not their mean."""
+    from contlearn.models.heads import MultiHead
+
+    torch.manual_seed(0)
+    model = ContinualModel(MLP((5,), [6]), MultiHead(6))
+    model.head.adapt([0, 1], task=0)
+    model.head.adapt([2, 3], task=1)
+    run = SimpleNamespace(model=model)
+    plugin = LwF(LwF.Config(T=2.0, alpha=3.0))
+    plugin.after_experience(run)
+    model.head.adapt([4, 5], task=2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    batch = Batch(torch.randn(8, 5), torch.full((8,), 4), torch.full((8,), 2))
+    out = model(batch.x, batch.t)
+    with torch.no_grad():
+        features = plugin.teacher.backbone(batch.x)
+    per_task = [distillation(model.head.heads[t](out.features), plugin.teacher.head.heads[t](features), 2.0).item()
+                for t in ("0", "1")]
+    value = plugin.loss_terms(run, batch, out)["lwf"].item()
+    assert value == pytest.approx(3.0 * sum(per_task), rel=1e-6)
 
 
 def test_task_incremental_resume_inside_an_experience_equals_the_uninterrupted_run(tmp_path):

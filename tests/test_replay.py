@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from _crash import SMALL_RUN, CrashAt, SimulatedCrash
 from contlearn.plugins._buffers import BalancedBuffer, ReservoirBuffer
+from contlearn.plugins.replay import Replay
+from contlearn.scenarios import TensorData
+from omegaconf import OmegaConf
 
 from contlearn import ConfigError, Experiment, hookimpl, load_config
 from contlearn.experiment import stream_of
@@ -81,6 +86,23 @@ def test_replay_stores_samples_unaugmented_and_augments_them_when_drawn(quick, p
         assert len(corner.unique()) > len(replayed) // 2  # drawn afresh, not stored
     else:
         assert replayed.max() <= 1
+
+
+def test_replayed_samples_are_augmented_from_the_plugins_own_generator():
+    """Drawing and augmenting a replay batch leaves the loop's generator as it was
+    (plugins do not shift the run's random stream: plugin_generator)."""
+    data = TensorData(torch.rand(8, 3), torch.zeros(8), augment=shifted_up)
+    run = SimpleNamespace(config=OmegaConf.create({"seed": 0, "train": {"batch_size": 4}}), device=torch.device("cpu"),
+                          generator=torch.Generator().manual_seed(5), epoch=0,
+                          experience=SimpleNamespace(train=data))
+    plugin = Replay(Replay.Config(size=10))
+    plugin.setup(run)
+    batches = list(data.batches(4, shuffle=True, generator=run.generator))
+    assert plugin.extra_samples(run, batches[0]) is None  # nothing stored yet
+    loop_state = run.generator.get_state()
+    replayed = plugin.extra_samples(run, batches[1])
+    assert torch.equal(run.generator.get_state(), loop_state)
+    assert len(replayed) == 4 and bool((replayed.x >= 2).all()) and bool((replayed.raw <= 1).all())
 
 
 def test_replay_batch_size_defaults_to_the_train_batch_size(quick):
@@ -169,8 +191,6 @@ def test_state_round_trip_restores_the_buffer(quick):
     run = experiment.run_state
     plugin = run.plugins["replay"]
     state = plugin.state_dict()
-    from contlearn.plugins.replay import Replay
-
     copy = Replay(Replay.Config(size=40))
     copy.load_state_dict(state)
     copy.setup(run)
