@@ -176,6 +176,24 @@ def test_class_balanced_class_offered_again_keeps_a_uniform_subset_of_all_its_sa
     assert float((counts - runs * 0.25).abs().max()) < 6 * 9.7, counts
 
 
+def test_class_balanced_state_round_trip_continues_identically():
+    """The state carries each class's count of samples offered so far: a restored
+    buffer offered more of a class keeps what the uninterrupted one keeps."""
+    a = BalancedBuffer(6, torch.Generator().manual_seed(5))
+    labels = torch.tensor([0] * 10 + [1] * 10)
+    ids = torch.arange(20)
+    a.add(labels, lambda rows: make_batch(ids[rows], labels[rows]))
+    b = BalancedBuffer(6, torch.Generator())
+    b.load_state_dict(a.state_dict())
+    b.generator.set_state(a.generator.get_state())
+    assert b.available == a.available == {0: 10, 1: 10}
+    more = torch.tensor([0] * 30 + [2] * 3)
+    more_ids = torch.arange(100, 133)
+    for buffer in (a, b):
+        buffer.add(more, lambda rows: make_batch(more_ids[rows], more[rows]))
+    assert torch.equal(a.groups, b.groups) and torch.equal(a.storage.x, b.storage.x)
+
+
 def test_balanced_quotas_water_filling():
     assert balanced_quotas({0: 100, 1: 100, 2: 100}, 10) == {0: 4, 1: 3, 2: 3}
     assert balanced_quotas({0: 2, 1: 100, 2: 100}, 10) == {0: 2, 1: 4, 2: 4}
