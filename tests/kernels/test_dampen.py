@@ -391,3 +391,57 @@ def test_iterators_are_read_once(backend, monkeypatch):
         n = dampen.dampen_(iter(thetas), iter(fds), iter(ffs), alpha=1.0, lam=0.5, backend=backend)
         assert n == 8
     assert torch.equal(thetas[0], torch.full((5,), 0.125**2)) and torch.equal(thetas[1], torch.full((3,), 0.125**2))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_dampen_exact_tie_is_not_selected(device: torch.device, backend: str) -> None:
+    """F_f == alpha * F_D exactly (fp32) is not selected (strict >), also fp32."""
+    theta = torch.tensor([3.0, 3.0], device=device)
+    fd, ff = torch.tensor([1.0, 1.0], device=device), torch.tensor([2.0, 4.0], device=device)
+    assert dampen.dampen_([theta], [fd], [ff], alpha=2.0, lam=1.0, backend=backend) == 1
+    assert theta.tolist() == [3.0, 0.75]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_dampen_refuses_a_parameter_passed_as_a_F_D_tensor(device: torch.device, backend: str) -> None:
+    first, theta = torch.ones(3, device=device), torch.full((3,), 4.0, device=device)
+    fds, ffs = [torch.zeros(3, device=device), theta], [torch.ones(3, device=device)] * 2
+    with pytest.raises(ValueError, match=r"params\[1\] is also passed as a F_D tensor"):
+        dampen.dampen_([first, theta], fds, [ffs[0], ffs[1].clone()], 0.1, 0.5, backend=backend)
+    assert torch.equal(first, torch.ones(3, device=device))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_dampen_refuses_a_broadcastable_F_f(device: torch.device, backend: str) -> None:
+    theta = torch.ones(3, device=device)
+    with pytest.raises(ValueError, match="shape"):
+        dampen.dampen_([theta], [torch.ones(3, device=device)], [torch.full((1,), 5.0, device=device)], 1.0, 1.0,
+                       backend=backend)
+    assert torch.equal(theta, torch.ones(3, device=device))
+
+
+def test_dampen_error_names_the_key_of_this_call_after_a_cached_plan(device: torch.device) -> None:
+    dampen._PLANS.clear()
+    t, fd, ff = torch.ones(4, device=device), torch.ones(4, device=device), torch.ones(4, device=device)
+    dampen.dampen_({"a": t}, {"a": fd}, {"a": ff}, 1.0, 1.0, backend="triton")
+    ff[0] = float("nan")
+    with pytest.raises(ValueError, match="F_f of b;"):
+        dampen.dampen_({"b": t}, {"b": fd}, {"b": ff}, 1.0, 1.0, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_dampen_takes_several_empty_parameters(device: torch.device, backend: str) -> None:
+    thetas = [torch.zeros(0, device=device), torch.zeros(0, device=device), torch.ones(2, device=device)]
+    fds = [torch.zeros(t.shape, device=device) for t in thetas]
+    ffs = [torch.ones(t.shape, device=device) for t in thetas]
+    assert dampen.dampen_(thetas, fds, ffs, 1.0, 1.0, backend=backend) == 2
+
+
+def test_dampen_float16_on_the_triton_path(device: torch.device) -> None:
+    thetas = [torch.randn(s, device=device).half() for s in [(7,), (1025,)]]
+    fds = [torch.rand(t.shape, device=device).half() for t in thetas]
+    ffs = [(torch.rand(t.shape, device=device) * 4).half() for t in thetas]
+    ref = [t.clone() for t in thetas]
+    assert dampen.dampen_(thetas, fds, ffs, 2.0, 1.5, backend="triton") == dampen.dampen_reference_(ref, fds, ffs, 2.0, 1.5)
+    for got, r in zip(thetas, ref, strict=True):
+        torch.testing.assert_close(got, r, rtol=2**-9, atol=0)

@@ -94,3 +94,11 @@ def test_launch_table_maps_blocks_to_tensors() -> None:
     assert table.addrs[0].tolist() == [t.data_ptr() for t in xs]
     assert table.addrs[1].tolist() == [t.data_ptr() for t in ys]
     assert table.n_blocks == 4
+
+
+def test_launch_table_alignment_flag() -> None:
+    """ALIGNED adds tl.multiple_of(ptr, 16): wrong on an offset view (misaligned vector loads on a GPU)."""
+    x = torch.zeros(64)
+    assert _dispatch.launch_table([[x]], 1024).aligned
+    assert not _dispatch.launch_table([[x[1:]]], 1024).aligned
+    assert not _dispatch.launch_table([[x], [x[3:]]], 1024).aligned

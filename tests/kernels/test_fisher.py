@@ -485,3 +485,130 @@ def test_empirical_fisher_refuses_a_model_without_trainable_parameters() -> None
     model = nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match=r"model \(Linear\) has no trainable parameters"):
         fisher.empirical_fisher(model, [(torch.randn(2, 2), torch.tensor([0, 1]))], _xent)
+
+
+# ------------------------------------------------------------------ edges found by mutation testing
+
+
+@pytest.mark.parametrize("n", [7, 1023, 1025])
+def test_accumulate_writes_nothing_past_a_tensor_end(device: torch.device, n: int) -> None:
+    """Kills tail-mask off-by-one mutants (offs <= n; full-block test start+BLOCK <= n+1):
+    the importance is a view into a larger buffer, whose next element must stay 0."""
+    base, gbase = torch.zeros(n + 64, device=device), torch.ones(n + 64, device=device)
+    fisher.accumulate_([base[:n]], [gbase[:n]], backend="triton")
+    assert bool(base[:n].eq(1).all()) and bool(base[n:].eq(0).all())
+
+
+def test_accumulate_mixed_grad_dtypes_under_one_importance_dtype(device: torch.device) -> None:
+    """fp32 importances (what empirical_fisher makes) with fp32 and bf16 grads in one
+    list: each (imp, grad) dtype pair must get its own launch meta."""
+    shapes = [(7,), (1025,), (33, 31), (5,)]
+    imps = [torch.rand(s, device=device) for s in shapes]
+    grads = [torch.randn(s, device=device).to(dt)
+             for s, dt in zip(shapes, [torch.float32, torch.bfloat16, torch.float32, torch.bfloat16], strict=True)]
+    want = [t.clone() for t in imps]
+    fisher.accumulate_reference_(want, grads, 0.37)
+    fisher.accumulate_(imps, grads, 0.37, backend="triton")
+    for got, ref in zip(imps, want, strict=True):
+        torch.testing.assert_close(got, ref)
+
+
+def test_accumulate_float16_on_the_triton_path(device: torch.device) -> None:
+    imps = [torch.rand(s, device=device).half() for s in [(7,), (1025,)]]
+    grads = [torch.randn(t.shape, device=device).half() for t in imps]
+    want = [t.clone() for t in imps]
+    fisher.accumulate_reference_(want, grads, 0.5)
+    fisher.accumulate_(imps, grads, 0.5, backend="triton")
+    for got, ref in zip(imps, want, strict=True):
+        torch.testing.assert_close(got, ref)
+
+
+def test_reference_applies_scale_to_every_tensor_of_a_mixed_dtype_list() -> None:
+    imps = [torch.zeros(3), torch.zeros(3, dtype=torch.bfloat16)]
+    fisher.accumulate_reference_(imps, [torch.ones(3), torch.ones(3)], 0.5)
+    assert imps[0].tolist() == [0.5] * 3 and imps[1].tolist() == [0.5] * 3
+
+
+def test_plan_cache_tells_apart_views_at_one_address(device: torch.device) -> None:
+    """Same data_ptr and dtype, different shape: a cached plan must not be reused."""
+    accumulate._PLANS.clear()
+    base, g = torch.zeros(2048, device=device), torch.ones(2048, device=device)
+    fisher.accumulate_([base[:8]], [g[:8]], backend="triton")
+    fisher.accumulate_([base[:2000]], [g[:2000]], backend="triton")
+    assert base[:8].eq(2).all() and base[8:2000].eq(1).all() and base[2000:].eq(0).all()
+
+
+@pytest.mark.parametrize("mode", ["batch", "per_sample"])
+def test_empirical_fisher_is_fp32_for_a_bf16_model(mode: str) -> None:
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(torch.bfloat16)
+    batches = [(torch.randn(6, 4).bfloat16(), torch.randint(0, 3, (6,))) for _ in range(3)]
+    got = fisher.empirical_fisher(model, batches, _xent, mode=mode)
+    assert all(v.dtype == torch.float32 for v in got.values())
+
+
+class _SeqFirst(nn.Module):
+    """Applies its Linear to a [T, B, I] (sequence-first) tensor: batch not leading."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, T, 4]
+        return self.lin(x.transpose(0, 1)).mean(0)
+
+
+def test_per_sample_refuses_a_linear_whose_input_is_not_batch_first() -> None:
+    batches = [(torch.randn(3, 5, 4), torch.randint(0, 3, (3,)))]
+    with pytest.raises(ValueError, match="leading dimension"):
+        fisher.empirical_fisher(_SeqFirst(), batches, _xent, mode="per_sample")
+
+
+class _LateHead(nn.Module):
+    """Head 1 is first called in batch 2, where its weight is also used outside its forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.h0, self.h1 = nn.Linear(4, 4), nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.body(x[:, :4]))
+        if float(x[0, 4]) == 0:
+            return self.h0(h)
+        return self.h1(h) + 0.5 * (h @ self.h1.weight.T)
+
+
+def test_per_sample_judges_functional_uses_of_a_layer_first_called_later() -> None:
+    torch.manual_seed(0)
+    model = _LateHead()
+
+    def batch(task: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.cat([torch.randn(b, 4), torch.full((b, 1), float(task))], 1), torch.randint(0, 3, (b,))
+
+    batches = [batch(0, 4), batch(1, 3)]
+    got = fisher.empirical_fisher(model, batches, _xent, mode="per_sample")
+    (g,) = torch.autograd.grad(_xent(model, *batches[1]), [model.h1.weight])
+    torch.testing.assert_close(got["h1.weight"], g**2 / 2)  # batch formula over K = 2 batches
+
+
+class _SometimesFunctional(nn.Module):
+    """Calls its head in batches flagged 0, reaches the head's weight through F.linear in those flagged 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.body(x[:, :4]))
+        return self.head(h) if float(x[0, 4]) == 0 else F.linear(h, self.head.weight, self.head.bias)
+
+
+@pytest.mark.parametrize("order", [(0, 1), (1, 0)])
+def test_per_sample_refuses_a_layer_some_batches_reach_through_f_linear(order: tuple[int, int]) -> None:
+    """The taps see a layer's calls only: per-sample gradients of the batches that
+    bypass it cannot be told apart, whichever comes first."""
+    torch.manual_seed(0)
+    batches = [(torch.cat([torch.randn(3, 4), torch.full((3, 1), float(flag))], 1), torch.randint(0, 3, (3,)))
+               for flag in order]
+    with pytest.raises(RuntimeError, match=r"F\.linear on its weight"):
+        fisher.empirical_fisher(_SometimesFunctional(), batches, _xent, mode="per_sample")
+    assert fisher.empirical_fisher(_SometimesFunctional(), batches, _xent, mode="batch")  # batch mode is fine
