@@ -4,7 +4,9 @@ tiny MNIST written in its own format), and the shipped configs."""
 from __future__ import annotations
 
 import json
+import math
 import struct
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -42,6 +44,42 @@ def test_cli_runs_split_digits_on_an_npz_file(tmp_path, capsys):
     assert data["config"]["scenario"]["path"] == str(file)
 
 
+def test_digits_are_grey_8x8_images_in_0_1():
+    split = sources.digits(0.2, 0)
+    x = torch.cat([split.train.x, split.test.x])
+    assert x.shape == (1797, 1, 8, 8) and float(x.min()) == 0 and float(x.max()) == 1
+    assert torch.equal(x * 16, (x * 16).round())  # scikit-learn's 4-bit values 0..16, over 16
+
+
+@pytest.mark.parametrize("test_fraction", [0.2, 0.3])
+def test_digits_test_split_is_test_fraction_of_each_class(test_fraction):
+    split = sources.digits(test_fraction, 0)
+    n_test = math.ceil(test_fraction * 1797)
+    assert len(split.test) == n_test and len(split.train) == 1797 - n_test
+    per_class = torch.bincount(torch.cat([split.train.targets, split.test.targets]))
+    assert float((torch.bincount(split.test.targets) - test_fraction * per_class).abs().max()) <= 1
+
+
+def test_digits_split_follows_the_seed():
+    a, again, b = sources.digits(0.2, 0), sources.digits(0.2, 0), sources.digits(0.2, 1)
+    assert torch.equal(a.test.x, again.test.x) and torch.equal(a.test.targets, again.test.targets)
+    assert not torch.equal(a.test.x, b.test.x)
+
+
+def test_a_split_without_a_test_set_is_stratified_and_follows_the_seed(tmp_path):
+    y = np.repeat(np.arange(5), [50, 30, 10, 5, 5])
+    x = np.arange(2 * len(y), dtype=np.float32).reshape(-1, 2)  # every row its own
+    np.savez(tmp_path / "uneven.npz", x=x, y=y)
+    tests = set()
+    for seed in (0, 1, 2, 0):
+        split = sources.npz(str(tmp_path / "uneven.npz"), 0.2, seed)
+        assert torch.bincount(split.test.targets).tolist() == [10, 6, 2, 1, 1]  # a fifth of each class
+        rows = torch.cat([split.train.x, split.test.x])[:, 0]
+        assert sorted(rows.tolist()) == x[:, 0].tolist()  # every sample once
+        assert torch.equal(split.test.targets, torch.as_tensor(y)[split.test.x[:, 0].long() // 2])
+        tests.add(tuple(split.test.x[:, 0].tolist()))
+    assert len(tests) == 3  # one split per seed
+
 def test_npz_layouts_and_a_given_test_split(tmp_path):
     cfg = load_config("split-digits", ["scenario.source=npz", f"scenario.path={digits_npz(tmp_path / 'a.npz', test=True)}"])
     stream = build_stream(cfg.scenario, 0)
@@ -57,6 +95,25 @@ def test_npz_layouts_and_a_given_test_split(tmp_path):
     np.savez(tmp_path / "hw.npz", x=x[..., 0], y=np.arange(50) % 5)
     assert sources.npz(str(tmp_path / "hw.npz"), 0.2, 0).input_shape == (1, 6, 6)
 
+
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_npz_channels_last_images_become_channels_first(tmp_path, channels):
+    x = np.random.default_rng(0).integers(0, 256, size=(20, 6, 5, channels), dtype=np.uint8)
+    np.savez(tmp_path / "img.npz", x=x, y=np.arange(20) % 2, x_test=x[:4], y_test=np.arange(4) % 2)
+    split = sources.npz(str(tmp_path / "img.npz"))
+    assert split.input_shape == (channels, 6, 5)
+    assert torch.equal(split.train.load(), torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255)
+
+
+def test_label_names_become_sorted_ids_shared_by_the_test_set(tmp_path):
+    y, y_test = np.array(["dog", "cat", "eel"] * 10), np.array(["eel", "cat"] * 3)  # no dog in the test set
+    x = np.zeros((30, 2), dtype=np.float32)
+    np.savez(tmp_path / "named.npz", x=x, y=y, x_test=x[:6], y_test=y_test)
+    split = sources.npz(str(tmp_path / "named.npz"))
+    assert split.class_names == ["cat", "dog", "eel"]
+    names = np.array(split.class_names)
+    assert names[split.train.targets.numpy()].tolist() == y.tolist()
+    assert names[split.test.targets.numpy()].tolist() == y_test.tolist()
 
 @pytest.mark.parametrize(
     "arrays, match",
@@ -147,6 +204,18 @@ def test_environment_variable_sets_the_default_root(tmp_path, monkeypatch):
     assert len(sources.torchvision_source("mnist", None).train) == 120
 
 
+def test_torchvision_channels_last_images_become_channels_first(monkeypatch):
+    """CIFAR's ``data`` is [N, H, W, 3] uint8 (a fake set here: nothing is read or downloaded)."""
+    rng = np.random.default_rng(0)
+    fake = {train: SimpleNamespace(data=rng.integers(0, 256, size=(n, 4, 5, 3), dtype=np.uint8),
+                                   targets=[i % 2 for i in range(n)], classes=["cat", "dog"])
+            for train, n in ((True, 6), (False, 4))}  # fmt: skip
+    monkeypatch.setattr(sources, "_torchvision_set", lambda name, root, train, download: fake[train])
+    split = sources.torchvision_source("cifar10", "unused")
+    assert split.input_shape == (3, 4, 5) and split.class_names == ["cat", "dog"]
+    for samples, train in ((split.train, True), (split.test, False)):
+        assert torch.equal(samples.load(), torch.from_numpy(fake[train].data).permute(0, 3, 1, 2).float() / 255)
+
 def write_image_folder(root, sizes=((5, 5),), per_class: int = 6, classes=("ant", "bee", "cow")):
     from PIL import Image
 
@@ -221,6 +290,24 @@ def test_image_folder_test_classes_must_be_training_classes(tmp_path):
     assert len(sources.folder(str(tmp_path / "split")).test) == 18
 
 
+def test_image_folder_pixels_are_8_bit_values_over_255(tmp_path):
+    from PIL import Image
+
+    split = sources.folder(str(write_image_folder(tmp_path / "imgs")))
+    decoded = [np.asarray(Image.open(p).convert("RGB")) for p in split.train.paths]
+    expected = torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2).float() / 255
+    assert torch.equal(split.train.load(), expected)
+
+
+def test_image_folder_train_and_test_folders_are_the_splits(tmp_path):
+    write_image_folder(tmp_path / "split" / "train")
+    write_image_folder(tmp_path / "split" / "test", per_class=2)
+    split = sources.folder(str(tmp_path / "split"))
+    assert len(split.train) == 18 and len(split.test) == 6
+    for samples, where in ((split.train, "train"), (split.test, "test")):
+        assert [p.parent.parent.name for p in samples.paths] == [where] * len(samples)  # no test image in training
+        assert [split.class_names[t] for t in samples.targets] == [p.parent.name for p in samples.paths]
+
 @pytest.mark.parametrize("name", ["task-digits", "permuted-digits", "rotated-digits", "split-mnist", "split-cifar10",
                                   "split-cifar100", "permuted-mnist"])
 def test_shipped_configs_load(name):
@@ -290,3 +377,42 @@ def test_test_labels_the_training_set_lacks_are_named(tmp_path):
     cfg = load_config(None, ["scenario.source=npz", f"scenario.path={tmp_path / 'extra.npz'}", "scenario.n_experiences=2"])
     with pytest.raises(DataError, match=r"^the test set has classes that the training set lacks: labels 7, 9$"):
         build_stream(cfg.scenario, 0)
+
+
+def test_domain_entries_read_their_own_files(tmp_path):
+    split = sources.digits(0.2, 0)
+    x, y = split.train.x.numpy(), split.train.targets.numpy()
+    for name, values in (("a", x), ("b", 1 - x), ("other", 0.5 * x)):
+        np.savez(tmp_path / f"{name}.npz", x=values, y=y)
+    # scenario.path (refused next to domains by a config's checks, not by a plain mapping) does not replace FILE
+    stream = build_stream({"setting": "domain", "domains": [f"npz:{tmp_path}/a.npz", f"npz:{tmp_path}/b.npz"],
+                           "path": str(tmp_path / "other.npz")}, 0)  # fmt: skip
+    assert stream.name == "a+b"
+    for exp, name in zip(stream, "ab", strict=True):
+        own = sources.npz(str(tmp_path / f"{name}.npz"), 0.2, 0).train.load()
+        assert torch.equal(exp.train.x.flatten(1).sort(0).values, own.flatten(1).sort(0).values)
+
+
+def _image(path, value):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((3, 3, 3), value, dtype=np.uint8)).save(path)
+
+
+def test_image_folder_class_ids_follow_the_folder_names_sorted(tmp_path):
+    for name in ("cow", "ant", "bee"):  # made out of order
+        for i in range(2):
+            _image(tmp_path / "train" / name / f"{i}.png", 10)
+            _image(tmp_path / "test" / name / f"{i}.png", 10)
+    split = sources.folder(str(tmp_path))
+    assert split.class_names == ["ant", "bee", "cow"]
+    assert [split.class_names[t] for t in split.train.targets] == [p.parent.name for p in split.train.paths]
+
+
+def test_image_folder_reads_images_in_nested_folders(tmp_path):
+    for name in ("ant", "bee"):
+        _image(tmp_path / "train" / name / "0.png", 10)
+        _image(tmp_path / "train" / name / "day2" / "1.png", 10)
+        _image(tmp_path / "test" / name / "0.png", 10)
+    assert len(sources.folder(str(tmp_path)).train) == 4
