@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from contlearn.scenarios import Stream, build_stream, class_incremental, sources
+from contlearn.scenarios import Stream, TensorData, build_stream, class_incremental, sources
 from contlearn.scenarios.builders import (
     carve_validation,
     permutations,
@@ -28,7 +28,7 @@ from contlearn.scenarios.transforms import (
 )
 
 from contlearn import Experiment, load_config
-from contlearn.errors import ConfigError
+from contlearn.errors import ConfigError, DataError
 
 
 def stream_of(*overrides: str) -> Stream:
@@ -72,18 +72,55 @@ def test_class_names_map_back_to_the_original_labels():
     assert torch.equal(exp0.train.x[exp0.train.y == 0], digit3)
 
 
+def test_default_class_order_is_the_labels_shuffled_with_the_seed():
+    orders = {seed: stream_of(f"seed={seed}").class_names for seed in (0, 1, 2)}
+    for seed, names in orders.items():  # pinned: numpy's default_rng(seed) permuting the sorted labels
+        assert names == [str(c) for c in np.random.default_rng(seed).permutation(10)]
+    assert len({tuple(names) for names in orders.values()}) == 3
+
+
+def test_experience_i_holds_the_samples_of_its_classes_relabelled_by_their_place_in_the_order():
+    order = [2, 0, 3, 1, 5, 4]  # not its own inverse: a table built backwards relabels 0 as 2, not 1
+    y, y_test = torch.arange(60) % 6, torch.arange(18) % 6
+    x = torch.stack([y.float(), torch.arange(60.0)], 1)  # [original label, sample id]
+    x_test = torch.stack([y_test.float(), 100 + torch.arange(18.0)], 1)
+    stream = Stream.from_tensors(x, y, x_test, y_test, n_experiences=3, class_order=order)
+    assert stream.class_names == [str(c) for c in order] and stream.n_classes == 6
+    assert [e.classes for e in stream] == [[0, 1], [2, 3], [4, 5]]
+    for i, exp in enumerate(stream):
+        for data in (exp.train, exp.test):
+            assert torch.equal(data.x[:, 0].long(), torch.tensor(order)[data.y])  # class k is order[k]
+            assert set(data.x[:, 0].long().tolist()) == set(order[2 * i : 2 * i + 2])
+    assert torch.equal(torch.cat([e.train.x[:, 1] for e in stream]).sort().values, torch.arange(60.0))
+
+
+def test_labels_with_gaps_are_renumbered_densely():
+    y = torch.tensor([0, 5, 7, 10] * 5)
+    stream = Stream.from_tensors(y.float()[:, None], y, y.float()[:, None], y, n_experiences=2, class_order=[10, 0, 7, 5])
+    assert stream.n_classes == 4 and stream.class_names == ["10", "0", "7", "5"]
+    assert [e.classes for e in stream] == [[0, 1], [2, 3]]
+
+
+def test_a_test_label_between_the_training_labels_is_refused():
+    x = np.zeros((6, 2), np.float32)
+    with pytest.raises(DataError, match=r"^the test set has classes that the training set lacks: labels 1$"):
+        Stream.from_tensors(x, [0, 2, 4] * 2, x[:2], [1, 2], n_experiences=1)
+
+
 def test_listed_classes_per_experience():
     stream = stream_of("scenario.n_experiences=4", "scenario.classes_per_experience=[4,2,2,2]")
     assert [len(e.classes) for e in stream] == [4, 2, 2, 2]
     assert stream[0].classes == [0, 1, 2, 3]
 
 
-def test_task_labels_are_present_and_right():
-    stream = stream_of("scenario.setting=task")
+@pytest.mark.parametrize("storage", ["tensor", "loader"])
+def test_task_labels_are_present_and_right(storage):
+    stream = stream_of("scenario.setting=task", f"scenario.storage={storage}", "scenario.num_workers=0")
     assert stream.setting == "task" and stream.n_tasks == 5
     for i, exp in enumerate(stream):
         assert exp.task == i
         assert bool((exp.train.t == i).all()) and bool((exp.test.t == i).all())
+        assert bool((next(exp.test.batches(4096)).t == i).all())
     class_stream = stream_of()
     assert all(bool((e.train.t == 0).all()) for e in class_stream)
 
@@ -94,11 +131,15 @@ def test_task_labels_are_present_and_right():
         (["scenario.n_experiences=3"], "do not split evenly"),
         (["scenario.class_order=[0,1,2]"], "missing"),
         (["scenario.classes_per_experience=[5,5]"], "n_experiences=5"),
+        (["scenario.n_experiences=4", "scenario.classes_per_experience=[4,0,3,3]"], "positive entries"),
         (["scenario.transform=permute"], "setting=domain"),
         (["scenario.setting=domain"], "transform=permute|rotate"),
         (["scenario.setting=domain", "scenario.transform=permute", "scenario.class_order=[0,1,2,3,4,5,6,7,8,9]"], "do not apply"),
         (["scenario.source=nope"], "valid sources"),
         (["scenario.validation_fraction=1.5"], "validation_fraction"),
+        (["scenario.validation_fraction=1"], r"'scenario.validation_fraction' must be in \[0, 1\)"),
+        (["scenario.setting=domain", "scenario.transform=permute", "scenario.rotations=[0,90]"],
+         "rotations needs scenario.transform=rotate"),  # would be ignored
         (["scenario.eval_transform=[hflip]"], "deterministic"),
         (["scenario.train_transform=[hflip,normalize]"], "before random"),
         (["scenario.train_transform=[sharpen]"], "unknown transform"),
@@ -153,6 +194,14 @@ def test_permutations_are_deterministic_per_seed_and_differ_across_experiences()
     assert all(torch.equal(e.train.x, f.train.x) for e, f in zip(s1, s2, strict=True))
 
 
+def test_permutations_are_drawn_one_per_experience_from_a_generator_seeded_with_the_seed():
+    stream = stream_of("seed=3", "scenario.setting=domain", "scenario.transform=permute", "scenario.n_experiences=3")
+    base = sources.digits(0.2, 3).test.x.flatten(1)
+    generator = torch.Generator().manual_seed(3)
+    for exp in stream:
+        assert torch.equal(exp.test.x.flatten(1), base[:, torch.randperm(64, generator=generator)])
+
+
 def test_identity_first_keeps_experience_zero_unpermuted_and_the_others_unchanged():
     base = stream_of("scenario.setting=domain", "scenario.transform=permute", "scenario.n_experiences=3")
     ident = stream_of("scenario.setting=domain", "scenario.transform=permute", "scenario.n_experiences=3",
@@ -171,6 +220,27 @@ def test_rotated_experiences():
     explicit = stream_of("scenario.setting=domain", "scenario.transform=rotate", "scenario.n_experiences=2",
                          "scenario.rotations=[0,90]")
     assert torch.allclose(explicit[1].test.x, torch.rot90(base, 1, (2, 3)), atol=1e-5)
+
+
+def test_rotations_make_one_experience_each_whatever_n_experiences_says():
+    stream = stream_of("scenario.setting=domain", "scenario.transform=rotate", "scenario.rotations=[0,90,180]")
+    assert [e.shift.degrees for e in stream] == [0, 90, 180]  # n_experiences is 5
+
+
+def test_rotated_streams_apply_the_transforms_after_rotating():
+    stream = stream_of("scenario.setting=domain", "scenario.transform=rotate", "scenario.rotations=[0,45]",
+                       "scenario.train_transform=[normalize]", "scenario.eval_transform=[normalize]")  # fmt: skip
+    background = stream[0].train.x[:, 0, 0, 0]  # an unrotated corner: raw 0 in every digit, normalized
+    assert float(background[0]) < 0 and torch.allclose(background, background[:1].expand_as(background))
+    for data in (stream[1].train, stream[1].test):  # rotated in from outside the image: raw 0, normalized too
+        assert torch.allclose(data.x[:, 0, 0, 0], background[:1].expand(len(data)), atol=1e-5)
+
+
+@pytest.mark.parametrize("shift", [["scenario.transform=permute"], ["scenario.transform=rotate"]], ids=["permute", "rotate"])
+def test_a_shifted_stream_reports_the_input_shape_after_its_transforms(shift):
+    stream = stream_of("scenario.setting=domain", *shift, "scenario.n_experiences=2",
+                       "scenario.train_transform=[resize:12]", "scenario.eval_transform=[resize:12]")  # fmt: skip
+    assert stream.input_shape == stream[0].train.input_shape == stream[1].test.input_shape == (1, 12, 12)
 
 
 def test_rotation_is_counter_clockwise_and_exact_at_right_angles():
@@ -216,6 +286,51 @@ def test_validation_is_carved_from_train_per_class():
         val_rows = {tuple(r.tolist()) for r in exp.val.x.flatten(1)}
         train_rows = {tuple(r.tolist()) for r in exp.train.x.flatten(1)}
         assert val_rows <= rows and train_rows <= rows and not (val_rows & train_rows)
+
+
+@pytest.mark.parametrize("storage", ["tensor", "loader"])
+def test_validation_data_gets_the_deterministic_transforms_and_no_augmentation(storage):
+    common = ["scenario.validation_fraction=0.2", "scenario.eval_transform=[normalize]"]
+    stream = stream_of(*common, "scenario.train_transform=[normalize,hflip:1]", f"scenario.storage={storage}",
+                       "scenario.num_workers=0")  # fmt: skip
+    plain = stream_of(*common, "scenario.train_transform=[normalize]")
+    for exp, ref in zip(stream, plain, strict=True):
+        assert torch.equal(all_x(exp.val), ref.val.x)
+        assert all(b.raw is None for b in exp.val.batches(64, True, torch.Generator().manual_seed(0)))
+        assert torch.equal(all_x(exp.train), ref.train.x.flip(3))  # the training data is augmented
+
+
+def seeded_streams(**scenario) -> dict:
+    """Streams of 400 samples (x = sample id) whose only draw is the one ``scenario`` asks for."""
+    x, y = torch.arange(400.0)[:, None], torch.arange(400) % 4
+    return {seed: Stream.from_tensors(x, y, x[:8], y[:8], seed=seed, class_order=[0, 1, 2, 3], n_experiences=2,
+                                      **scenario) for seed in (0, 1)}  # fmt: skip
+
+
+def test_validation_split_is_drawn_with_the_seed_alone():
+    torch.manual_seed(1)
+    first = seeded_streams(validation_fraction=0.25)
+    torch.manual_seed(2)  # the global RNG plays no part
+    again = seeded_streams(validation_fraction=0.25)
+    for exp, same, other in zip(first[0], again[0], first[1], strict=True):
+        assert torch.equal(exp.val.x, same.val.x) and not torch.equal(exp.val.x, other.val.x)
+        assert torch.bincount(exp.val.y).tolist()[min(exp.classes):] == [25, 25]
+
+
+def test_validation_takes_the_nearest_count_of_each_class():
+    y = torch.tensor([0] * 19 + [1] * 7 + [2] * 2 + [3])
+    train, val = carve_validation(y, 0.25, 0)  # 4.75, 1.75, 0.5 (at least 1 of 2), 0.25 (none of 1)
+    assert torch.bincount(y[val], minlength=4).tolist() == [5, 2, 1, 0]
+
+
+def test_subsampling_is_drawn_with_the_seed_alone():
+    torch.manual_seed(1)
+    first = seeded_streams(samples_per_class=10)
+    torch.manual_seed(2)
+    again = seeded_streams(samples_per_class=10)
+    for exp, same, other in zip(first[0], again[0], first[1], strict=True):
+        assert torch.equal(exp.train.x, same.train.x) and not torch.equal(exp.train.x, other.train.x)
+        assert torch.bincount(exp.train.y).tolist()[min(exp.classes):] == [10, 10]
 
 
 def test_samples_per_class():
@@ -313,6 +428,43 @@ def test_tensor_and_dataloader_paths_give_identical_results(overrides):
     assert all(torch.equal(state_t[k], state_l[k]) for k in state_t)
 
 
+@pytest.mark.parametrize("storage", ["tensor", "loader"])
+def test_training_batches_are_augmented_shuffled_or_not_and_keep_their_raw_inputs(storage):
+    data = stream_of("scenario.train_transform=[hflip:1]", f"scenario.storage={storage}", "scenario.num_workers=0")[0].train
+    plain = stream_of()[0].train
+    for shuffle in (False, True):
+        batch = next(data.batches(50, shuffle, torch.Generator().manual_seed(0)))
+        ref = next(plain.batches(50, shuffle, torch.Generator().manual_seed(0)))
+        assert batch.raw is not None and torch.equal(batch.raw, ref.x) and torch.equal(batch.y, ref.y)
+        assert torch.equal(batch.x, ref.x.flip(3))
+
+
+@pytest.mark.parametrize("storage", ["tensor", "loader"])
+def test_subset_and_with_tasks_change_only_what_they_say(storage):
+    data = stream_of("scenario.train_transform=[hflip:1]", f"scenario.storage={storage}", "scenario.num_workers=0")[0].train
+    tasked = data.with_tasks(3)
+    assert bool((tasked.t == 3).all()) and torch.equal(tasked.y, data.y) and tasked.augment is data.augment
+    part = data.subset(range(2, 7))
+    assert torch.equal(part.y, data.y[2:7]) and part.augment is data.augment
+    assert torch.equal(all_x(part), all_x(data.subset(torch.arange(2, 7))))
+
+
+def test_a_batch_at_an_unsorted_index_is_the_same_in_both_storages():
+    t = stream_of()[0].train
+    ld = stream_of("scenario.storage=loader", "scenario.num_workers=0")[0].train
+    index = torch.tensor([5, 1, 3, 0])
+    a, b = t.batch(index), ld.batch(index)
+    assert torch.equal(a.x, t.x[index]) and torch.equal(b.x, a.x) and torch.equal(b.y, a.y)
+
+
+def test_auto_storage_counts_every_shifted_copy():
+    limit = "scenario.memory_limit_gb=0.001"  # digits' 1,797 inputs of 64 float32: 0.46 MB, ten copies 4.6 MB
+    assert not isinstance(stream_of(limit)[0].train, LoaderData)
+    shifted = stream_of(limit, "scenario.num_workers=0", "scenario.setting=domain", "scenario.transform=permute",
+                        "scenario.n_experiences=10")  # fmt: skip
+    assert isinstance(shifted[0].train, LoaderData)
+
+
 def test_auto_storage_picks_the_loader_above_the_memory_limit():
     assert not isinstance(stream_of()[0].train, LoaderData)
     assert isinstance(stream_of("scenario.memory_limit_gb=0.0001", "scenario.num_workers=0")[0].train, LoaderData)
@@ -325,6 +477,23 @@ def test_concat_of_tensor_and_loader_data():
     assert isinstance(both, LoaderData) and len(both) == len(t) + len(ld)
     x = all_x(both)
     assert torch.equal(x[: len(t)], t.x)
+
+
+@pytest.mark.parametrize("storage", ["tensor", "loader"])
+def test_concat_augments_every_part_with_the_parts_augmentation(storage):
+    """concat([exp.train, more]): ``more`` (raw exemplars, say) is trained on as
+    exp.train is; two different augmentations cannot be one, and are refused."""
+    train = stream_of(f"scenario.storage={storage}", "scenario.num_workers=0",
+                      "scenario.train_transform=[hflip]")[0].train
+    more = TensorData(torch.zeros(3, *train.x.shape[1:]) if storage == "tensor" else torch.zeros(3, 64),
+                      torch.zeros(3, dtype=torch.long))
+    assert train.augment is not None
+    assert type(train).concat([train, more]).augment is train.augment
+    assert type(train).concat([more, train]).augment is train.augment
+    assert TensorData.concat([more, more]).augment is None
+    other = stream_of("scenario.train_transform=[hflip]")[0].train.augment
+    with pytest.raises(ValueError, match="2 different augmentations"):
+        type(train).concat([train, more.with_augment(other)])
 
 
 # --------------------------------------------------------------- tensors
@@ -343,6 +512,13 @@ def test_stream_from_tensors():
     assert len(domain) == 3 and all(e.classes == [0, 1, 2] for e in domain)
     with pytest.raises(ConfigError, match="unknown config key"):
         Stream.from_tensors(x, y, n_experience=2)
+
+
+def test_from_tensors_takes_the_seeds_a_config_takes():
+    x, y = np.eye(4, dtype=np.float32), [0, 1, 2, 3]
+    with pytest.raises(ConfigError, match=r"seed must be an integer in \[0, 2\*\*32\), got 4294967296"):
+        Stream.from_tensors(x, y, x, y, n_experiences=1, seed=2**32)
+    assert len(Stream.from_tensors(x, y, x, y, n_experiences=1, seed=2**32 - 1)) == 1
 
 
 def test_class_incremental_on_a_split_directly():
@@ -372,6 +548,13 @@ def test_normalize_leaves_a_feature_constant_in_training_at_its_scale():
     assert bool(constant.any())  # digits' corner pixels are 0 in every training image
     test = torch.cat([e.test.x for e in stream])
     assert float(test[:, constant].abs().max()) <= 1  # raw values in [0, 1], minus a mean of 0, over 1 (was up to 62,500)
+
+
+def test_normalize_takes_its_statistics_from_the_training_data_seen_through_the_transforms_before_it():
+    stream = stream_of("scenario.train_transform=[center_crop:4,normalize]", "scenario.eval_transform=[center_crop:4,normalize]")
+    train = torch.cat([e.train.x for e in stream])  # the central 4x4 of the digits: brighter than the whole 8x8
+    assert train.shape[1:] == (1, 4, 4)
+    assert abs(float(train.mean())) < 1e-4 and abs(float(train.std(unbiased=False)) - 1) < 1e-3
 
 
 def test_permuted_streams_normalize_before_permuting():
