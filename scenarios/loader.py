@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from contlearn.scenarios.stream import Batch, _rows
+from contlearn.scenarios.stream import Batch, _rows, shared_augment
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from contlearn.errors import DataError
@@ -175,15 +175,15 @@ class LoaderData:
 
     @staticmethod
     def concat(parts: Sequence[Any]) -> LoaderData:
-        """One data set of all ``parts`` (TensorData parts are wrapped)."""
+        """One data set of all ``parts`` (TensorData parts are wrapped), augmented
+        as :meth:`TensorData.concat` says."""
         datasets, ys, ts = [], [], []
         for p in parts:
             datasets.append(p.dataset if isinstance(p, LoaderData) else _TensorItems(p.x))
             ys.append(p.y.cpu())
             ts.append(p.t.cpu())
         first = next(p for p in parts if isinstance(p, LoaderData))
-        augment = first.augment if all(getattr(p, "augment", None) is first.augment for p in parts) else None
-        return first._like(ConcatDataset(datasets), torch.cat(ys), torch.cat(ts), augment=augment)
+        return first._like(ConcatDataset(datasets), torch.cat(ys), torch.cat(ts), augment=shared_augment(parts))
 
 
 class _TensorItems(Dataset):

@@ -187,18 +187,33 @@ class TensorData:
 
     @staticmethod
     def concat(parts: Sequence[Any]) -> Any:
-        """One data set of all ``parts`` (a :class:`LoaderData` if any part is one)."""
+        """One data set of all ``parts`` (a :class:`LoaderData` if any part is one),
+        augmented by the parts' augmentation: every sample of it, those of parts
+        without one too (``concat([exp.train, more])`` trains on ``more`` as on
+        ``exp.train``, as iCaRL's exemplars are); parts with different
+        augmentations are a ValueError."""
         if not all(isinstance(p, TensorData) for p in parts):
             from contlearn.scenarios.loader import LoaderData
 
             return LoaderData.concat(parts)
-        augment = parts[0].augment if all(p.augment is parts[0].augment for p in parts) else None
+        augment = shared_augment(parts)
         return TensorData(
             torch.cat([p.x for p in parts]),
             torch.cat([p.y for p in parts]),
             torch.cat([p.t for p in parts]),
             augment,
         )
+
+
+def shared_augment(parts: Sequence[Any]) -> Any:
+    """The one augmentation among ``parts`` (``None`` if none has one)."""
+    found = {id(a): a for a in (getattr(p, "augment", None) for p in parts) if a is not None}
+    if len(found) > 1:
+        raise ValueError(
+            f"concat: the parts have {len(found)} different augmentations and the result can have one; "
+            "give the parts the same one (part.with_augment(...))"
+        )
+    return next(iter(found.values()), None)
 
 
 @dataclass
