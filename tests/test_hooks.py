@@ -98,6 +98,18 @@ def _run(quick, *overrides, plugins=None):
     return exp, exp.run()
 
 
+
+class EpochLog:
+    """Keeps the epoch events a run reports."""
+
+    def __init__(self):
+        self.epochs = []
+
+    @hookimpl
+    def on_metrics(self, metrics):
+        if metrics["kind"] == "epoch":
+            self.epochs.append(metrics)
+
 def test_recorder_covers_every_hookspec():
     implemented = {name for name, fn in vars(Recorder).items() if hasattr(fn, "contlearn_impl")}
     assert implemented == set(ALL_HOOKS)
@@ -271,16 +283,7 @@ def test_a_loss_term_returned_at_some_steps_only_counts_as_zero_at_the_others(qu
         def loss_terms(self, run, out):
             return {"sometimes": out.logits.sum() * 0 + 1.0} if run.step % 2 == 1 else None
 
-    class Metrics:
-        def __init__(self):
-            self.epochs = []
-
-        @hookimpl
-        def on_metrics(self, metrics):
-            if metrics["kind"] == "epoch":
-                self.epochs.append(metrics)
-
-    metrics = Metrics()
+    metrics = EpochLog()
     _run(quick, "train.epochs=1", plugins={"sometimes": EveryOtherStep(), "metrics": metrics})
     for epoch in metrics.epochs:  # 1 at odd steps, 0 at even ones: the mean is about 1/2
         assert 0.4 < epoch["loss/sometimes"] < 0.6
@@ -487,16 +490,7 @@ def test_the_logged_loss_is_the_base_loss_without_the_plugins_terms(quick):
         def loss_terms(self, out):
             return {"constant": out.logits.sum() * 0 + 100.0}
 
-    class Log:
-        def __init__(self):
-            self.epochs = []
-
-        @hookimpl
-        def on_metrics(self, metrics):
-            if metrics["kind"] == "epoch":
-                self.epochs.append(metrics)
-
-    plain, added = Log(), Log()
+    plain, added = EpochLog(), EpochLog()
     _run(quick, plugins={"log": plain})
     _run(quick, plugins={"constant": Constant(), "log": added})
     assert [m["loss/constant"] for m in added.epochs] == pytest.approx([100.0, 100.0])
