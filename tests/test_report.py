@@ -282,3 +282,68 @@ def test_the_plots_of_a_long_stream_keep_the_size_of_twenty_experiences(tmp_path
         sizes[n] = pixels(tmp_path / f"m{n}.png"), pixels(tmp_path / f"c{n}.png")
     assert sizes[300] == sizes[20]
     assert sizes[20][0][0] <= 1800 and sizes[20][0][1] <= 1400
+
+
+# An accuracy matrix whose cells, and whose headline metrics, all differ (and one cell is exactly 1.0).
+DISTINCT = [[1.0, 0.2, 0.1], [0.7, 0.9, 0.3], [0.4, 0.6, 0.8]]
+
+
+def _distinct_run(finished, target):
+    from contlearn import metrics
+
+    def change(d):
+        d.update(accuracy_matrix=DISTINCT, **metrics.summary(DISTINCT, initial=[0.1, 0.15, 0.05]))
+
+    return _copy_run(finished[0], target, change)
+
+
+def test_each_headline_metric_and_matrix_cell_is_reported_in_its_own_column(finished, tmp_path):
+    from contlearn import metrics
+
+    expected = {"average_accuracy": 0.6, "average_incremental_accuracy": 0.8, "forgetting": 0.45, "bwt": -0.45,
+                "fwt": 0.15}
+    assert metrics.summary(DISTINCT, initial=[0.1, 0.15, 0.05]) == pytest.approx(expected)  # by hand
+    run = _distinct_run(finished, tmp_path / "distinct")
+    assert load_run(run).matrix.tolist() == DISTINCT  # an accuracy of 1.0 is an accuracy
+    write_report([run])
+    lines = (run / "report.md").read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| run |"))
+    row = next(line for line in lines if line.startswith("| distinct |"))
+    cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")], strict=True))
+    assert [cells[k] for k in ("final avg acc", "avg incremental acc", "forgetting", "BWT", "FWT")] == [
+        "0.600", "0.800", "0.450", "-0.450", "+0.150"]
+    assert lines[lines.index("| after \\ on | exp 0 | exp 1 | exp 2 |") + 2:][:3] == [
+        "| exp 0 | 1.000 | 0.200 | 0.100 |", "| exp 1 | 0.700 | 0.900 | 0.300 |", "| exp 2 | 0.400 | 0.600 | 0.800 |"]
+
+
+def test_the_curves_plot_each_experience_from_when_it_is_trained_and_the_two_averages(finished, tmp_path,
+                                                                                       monkeypatch):
+    import numpy as np
+
+    from contlearn import report
+
+    figures = {}
+    monkeypatch.setattr(report, "_save", lambda fig, path: figures.update({path.name: fig}))
+    R = np.array(DISTINCT)
+    assert report.seen_average(R).tolist() == pytest.approx([1.0, 0.8, 0.6])  # experiences trained so far only
+    write_report([_distinct_run(finished, tmp_path / "distinct")])
+    assert figures["accuracy_matrix.png"].axes[0].get_images()[0].get_array().tolist() == DISTINCT
+    lines = [(line.get_xdata().tolist(), line.get_ydata().tolist()) for line in figures["accuracy.png"].axes[0].get_lines()]
+    assert lines == [
+        ([1, 2, 3], [1.0, 0.7, 0.4]), ([2, 3], [0.9, 0.6]), ([3], [0.8]),  # each experience, once trained
+        ([1, 2, 3], pytest.approx([1.0, 0.8, 0.6])),  # average over the experiences seen
+        ([1, 2, 3], pytest.approx([13 / 30, 19 / 30, 0.6])),  # average over all
+    ]
+
+
+def test_several_runs_are_compared_in_the_first_run_directory_by_default(finished, tmp_path):
+    first, second = _distinct_run(finished, tmp_path / "a"), _copy_run(finished[1], tmp_path / "b", lambda d: None)
+    written = write_report([first, second])
+    assert first / "comparison.md" in written and (first / "comparison.png").is_file()
+    assert not (second / "comparison.md").exists() and not (second / "comparison.png").exists()
+
+
+def test_a_ragged_accuracy_matrix_is_incomplete(finished, tmp_path):
+    ragged = _copy_run(finished[0], tmp_path / "ragged", lambda d: d.update(accuracy_matrix=[[0.5, 0.5], [0.5]]))
+    with pytest.raises(ConfigError, match="its accuracy matrix is incomplete"):
+        load_run(ragged)
