@@ -237,6 +237,7 @@ def _check_new_run(cfg: DictConfig) -> None:
         ("scenario.factory", sc.factory is not None, sc.source == "avalanche", "scenario.source=avalanche"),
         ("scenario.args", bool(sc.args), sc.source == "avalanche", "scenario.source=avalanche"),
         ("scenario.identity_first", bool(sc.identity_first), sc.transform == "permute", "scenario.transform=permute"),
+        ("scenario.domains", sc.domains is not None, sc.setting == "domain", "scenario.setting=domain"),
     ]
     for key, given, read, what in refused:
         if given and not read:

@@ -356,3 +356,38 @@ def test_a_plugin_section_given_another_section_is_one_message(override):
     with pytest.raises(ConfigError, match=r"^wrong value for 'plugins\.(replay|ssd)': a section takes its own fields, "
                                           r"not another section \(got the fields of a (Train|Scenario)Config\)$"):
         load_config("split-digits", [override])
+
+
+def test_a_file_in_the_working_directory_is_read_before_a_shipped_experiment_of_its_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "split-digits").write_text("name: mine\ntrain:\n  epochs: 2\n")
+    cfg = load_config("split-digits")
+    assert cfg.name == "mine" and cfg.train.epochs == 2
+
+
+def test_flatten_keeps_an_empty_mapping_as_a_value():
+    from contlearn.config import flatten
+
+    assert flatten({"plugins": {}, "train": {"lr": 0.1, "milestones": []}}) == {
+        "plugins": {}, "train.lr": 0.1, "train.milestones": []}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["seed=4294967296"], r"^'seed' must be in \[0, 2\*\*32\), got 4294967296$"),  # docs/scenarios.md
+    (["scenario.transform=rotate", "scenario.identity_first=true"],
+     r"^'scenario.identity_first' is set \(True\) but only scenario.transform=permute reads it"),
+    (["train.lr=1", "train.lr_schedule=multistep", "train.milestones=[1,2]", "train.gamma=2e19"],  # 4e38 at the last
+     r"^'train.gamma' 2e\+19 raises train.lr 1.0 past fp32's largest number \(3.403e\+38\)"),
+    (["train.lr=0"], r"^'train.lr' must be positive, got 0.0$"),  # docs/configuration.md, each
+    (["train.lr_schedule=multistep", "train.milestones=[2,2]"], r"^'train.milestones' must be increasing epochs"),
+    (["train.lr_schedule=cosine", "train.min_lr=0.1"], r"^'train.min_lr' must be in \[0, train.lr\), got 0.1$"),
+    (["scenario.test_fraction=1"], r"^'scenario.test_fraction' must be in \(0, 1\), got 1.0$"),
+    (["scenario.domains=[digits]"], r"^'scenario.domains' is set \(\['digits'\]\) but only scenario.setting=domain reads it"),
+    (["scenario.domains=[mnist]", "scenario.root=/data"],  # domains are read only with setting=domain
+     r"^'scenario.root' is set \('/data'\) but only a torchvision source \(mnist, cifar10...\) reads it"),
+])  # fmt: skip
+def test_values_just_past_a_documented_bound_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("split-digits", overrides)
+    load_config("split-digits", ["seed=4294967295", "train.lr=1", "train.lr_schedule=multistep",
+                                 "train.milestones=[1,2]", "train.gamma=1.8e19"])  # fmt: skip
