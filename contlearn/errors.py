@@ -1,8 +1,8 @@
 """Errors that reach the user as one clear message and an exit code.
 
 The CLI catches :class:`ContlearnError` and prints its message without a
-traceback; ``exit_code`` is 2 for usage and configuration errors and 1 for
-failures at run time.
+traceback; ``exit_code`` is 2 for usage and configuration errors (and a
+missing optional package: nothing ran) and 1 for failures at run time.
 """
 
 from __future__ import annotations
