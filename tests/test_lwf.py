@@ -125,21 +125,29 @@ def test_shipped_config_runs_by_name(quick):
     assert Experiment(cfg).run().accuracy_matrix[0][0] > 0.5
 
 
-def test_multi_head_distils_every_old_tasks_head_on_the_new_data():
-    """Task-incremental: the new data's own (task 1) logits mask the old task's
-    classes, so LwF applies task 0's head to it, for the teacher and the model."""
+def _lwf_after_old_tasks(n_old: int, alpha: float) -> tuple[ContinualModel, SimpleNamespace, LwF]:
+    """A multi-head model after ``n_old`` tasks of two classes (LwF's teacher taken),
+    then the next task's head added and every parameter moved a little."""
     from contlearn.models.heads import MultiHead
 
     torch.manual_seed(0)
     model = ContinualModel(MLP((5,), [6]), MultiHead(6))
-    model.head.adapt([0, 1], task=0)
+    for t in range(n_old):
+        model.head.adapt([2 * t, 2 * t + 1], task=t)
     run = SimpleNamespace(model=model)
-    plugin = LwF(LwF.Config(T=2.0, alpha=1.0))
+    plugin = LwF(LwF.Config(T=2.0, alpha=alpha))
     plugin.after_experience(run)
-    model.head.adapt([2, 3], task=1)
+    model.head.adapt([2 * n_old, 2 * n_old + 1], task=n_old)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
+    return model, run, plugin
+
+
+def test_multi_head_distils_every_old_tasks_head_on_the_new_data():
+    """Task-incremental: the new data's own (task 1) logits mask the old task's
+    classes, so LwF applies task 0's head to it, for the teacher and the model."""
+    model, run, plugin = _lwf_after_old_tasks(1, alpha=1.0)
     batch = Batch(torch.randn(8, 5), torch.full((8,), 2), torch.ones(8, dtype=torch.long))
     out = model(batch.x, batch.t)
     value = plugin.loss_terms(run, batch, out)["lwf"]
@@ -155,19 +163,7 @@ def test_multi_head_distils_every_old_tasks_head_on_the_new_data():
 
 def test_multi_head_sums_the_distillation_of_every_old_task():
     """Two old tasks: the term is the sum of their heads' distillations (Li and Hoiem), not their mean."""
-    from contlearn.models.heads import MultiHead
-
-    torch.manual_seed(0)
-    model = ContinualModel(MLP((5,), [6]), MultiHead(6))
-    model.head.adapt([0, 1], task=0)
-    model.head.adapt([2, 3], task=1)
-    run = SimpleNamespace(model=model)
-    plugin = LwF(LwF.Config(T=2.0, alpha=3.0))
-    plugin.after_experience(run)
-    model.head.adapt([4, 5], task=2)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    model, run, plugin = _lwf_after_old_tasks(2, alpha=3.0)
     batch = Batch(torch.randn(8, 5), torch.full((8,), 4), torch.full((8,), 2))
     out = model(batch.x, batch.t)
     with torch.no_grad():

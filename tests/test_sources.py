@@ -393,26 +393,17 @@ def test_domain_entries_read_their_own_files(tmp_path):
         assert torch.equal(exp.train.x.flatten(1).sort(0).values, own.flatten(1).sort(0).values)
 
 
-def _image(path, value):
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full((3, 3, 3), value, dtype=np.uint8)).save(path)
-
-
 def test_image_folder_class_ids_follow_the_folder_names_sorted(tmp_path):
-    for name in ("cow", "ant", "bee"):  # made out of order
-        for i in range(2):
-            _image(tmp_path / "train" / name / f"{i}.png", 10)
-            _image(tmp_path / "test" / name / f"{i}.png", 10)
+    for where in ("train", "test"):
+        write_image_folder(tmp_path / where, per_class=2, classes=("cow", "ant", "bee"))  # made out of order
     split = sources.folder(str(tmp_path))
     assert split.class_names == ["ant", "bee", "cow"]
     assert [split.class_names[t] for t in split.train.targets] == [p.parent.name for p in split.train.paths]
 
 
 def test_image_folder_reads_images_in_nested_folders(tmp_path):
+    for where in ("train", "test"):
+        write_image_folder(tmp_path / where, per_class=1, classes=("ant", "bee"))
     for name in ("ant", "bee"):
-        _image(tmp_path / "train" / name / "0.png", 10)
-        _image(tmp_path / "train" / name / "day2" / "1.png", 10)
-        _image(tmp_path / "test" / name / "0.png", 10)
+        write_image_folder(tmp_path / "train" / name, per_class=1, classes=("day2",))  # train/<class>/day2/0.png
     assert len(sources.folder(str(tmp_path)).train) == 4
