@@ -150,9 +150,7 @@ class HerdingMemory:
         memory = self.data()
         if memory is None:
             return None
-        memory = memory.to(train.device)
-        return TensorData(torch.cat([train.x, memory.x]), torch.cat([train.y, memory.y]),
-                          torch.cat([train.t, memory.t]), train.augment)
+        return TensorData.concat([train, memory.to(train.device)])  # the exemplars augmented as train is
 
     def sample(self, n: int, device: torch.device | str) -> Batch | None:
         """``n`` exemplars drawn uniformly without replacement (all when fewer)."""
