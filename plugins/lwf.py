@@ -120,7 +120,13 @@ class LwF:
         _check_trainable(out.logits, "logits")
         with torch.no_grad():
             old = self.teacher(batch.x, batch.t).logits
-        return {"lwf": self.config.alpha * distillation(out.logits[:, : old.shape[1]], old, T)}
+        new = out.logits[:, : old.shape[1]]
+        known = getattr(self.teacher, "trained_classes", None)
+        if known is not None and len(known) < old.shape[1]:
+            # an Avalanche model whose class ids have gaps: the columns between are
+            # masked units, not old classes (as Avalanche's own LwF reads prev_classes)
+            old, new = old[:, known], new[:, known]
+        return {"lwf": self.config.alpha * distillation(new, old, T)}
 
     def state_dict(self) -> dict[str, Any]:
         """The teacher's parameters and buffers by name (empty before the first experience)."""

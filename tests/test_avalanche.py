@@ -4,6 +4,7 @@ strategies, and metric parity (docs/avalanche.md)."""
 from __future__ import annotations
 
 import copy
+import math
 import pickle
 import sys
 import types
@@ -941,6 +942,33 @@ def test_a_teacher_of_an_incremental_classifier_has_only_the_classes_trained(av,
         widths.append((model[2].classifier.out_features, adapter.plugin.teacher(x_te[:4]).logits.shape[1]))
     assert widths == [(6, 2), (6, 4)]
     assert adapter.plugin.teacher(x_te[:4]).logits.min() > -100  # no masked unit among the targets
+
+
+def test_lwf_distils_only_the_trained_classes_when_class_ids_have_gaps(av, raw):
+    """A shuffled class order kept unrenumbered trains classes 3 and 7 first: the
+    teacher's columns 0-2 and 4-6 are masked units, not old classes."""
+    from avalanche.models import IncrementalClassifier
+
+    x_tr, y_tr, x_te, y_te = raw
+    x_tr, x_te = x_tr.flatten(1), x_te.flatten(1)
+    keep, keep_te = y_tr < 8, y_te < 8
+    bench = av.b.class_incremental_benchmark({"train": dataset(x_tr[keep], y_tr[keep]),
+                                              "test": dataset(x_te[keep_te], y_te[keep_te])},
+                                             class_order=[3, 7, 1, 5, 0, 2, 4, 6], num_experiences=4)  # fmt: skip
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), IncrementalClassifier(32, 2))
+    adapter = cav.as_avalanche_plugin("lwf")
+    strategy = naive(av, model, [adapter])
+    strategy.train(bench.train_stream[0], eval_streams=[])
+    lwf = adapter.plugin
+    assert lwf.teacher.trained_classes == [3, 7]
+    x = x_te[:16]
+    student = torch.zeros(16, 8, requires_grad=True)  # uniform over any set of columns
+    batch = Batch(x=x, y=torch.zeros(16, dtype=torch.long), t=torch.zeros(16, dtype=torch.long))
+    term = lwf.loss_terms(run=adapter.run, batch=batch, out=Output(student))["lwf"]
+    assert term.item() == pytest.approx(lwf.config.alpha * math.log(2))  # 2 classes, not the 8 columns
+    strategy.train(bench.train_stream[1], eval_streams=[])
+    assert lwf.teacher.trained_classes == [1, 3, 5, 7]
 
 
 def test_materialised_samples_are_float_inputs_and_one_class_id_each():

@@ -96,16 +96,19 @@ class AvalancheModelView(nn.Module):
     ``Output(logits, features=None)``. Parameters are the model's own (prefixed
     ``module.``). ``adapt`` does nothing: Avalanche adapts its dynamic modules.
 
-    The logits are cut to ``trained_width`` outputs, one per class trained so far
-    (the adapter sets it before each training experience), as a contlearn head has
-    them: Avalanche's ``IncrementalClassifier`` also grows on evaluation
-    experiences, with its untrained units masked at -1000, and a copy of the model
-    (a teacher) must not hand those on as the old model's answer."""
+    ``trained_classes`` lists the class ids trained so far (the adapter sets it
+    before each training experience), and the logits are cut to the columns up to
+    the largest of them, as a contlearn head has them: Avalanche's
+    ``IncrementalClassifier`` also grows on evaluation experiences, with its
+    untrained units masked at -1000, and a copy of the model (a teacher) must not
+    hand those on as the old model's answer. Where the ids have gaps (a shuffled
+    class order kept unrenumbered), masked columns remain below the largest id;
+    a teacher's consumer then reads the ``trained_classes`` columns only."""
 
     def __init__(self, module: nn.Module):
         super().__init__()
         self.module = module
-        self.trained_width: int | None = None
+        self.trained_classes: list[int] | None = None
 
     def forward(self, x: torch.Tensor, task: torch.Tensor | None = None) -> Output:
         if task is None:
@@ -114,7 +117,7 @@ class AvalancheModelView(nn.Module):
             from avalanche.models.utils import avalanche_forward
 
             logits = avalanche_forward(self.module, x, task)
-        width = self.trained_width
+        width = self.trained_classes[-1] + 1 if self.trained_classes else None
         return Output(logits[:, :width] if width is not None and logits.shape[1] > width else logits)
 
     @property
@@ -287,7 +290,7 @@ class _AdapterLogic:
         if self._model_source is not strategy.model:
             run.model, self._model_source = model_view(strategy.model), strategy.model
         if isinstance(run.model, AvalancheModelView):
-            run.model.trained_width = 1 + max((c for e in self._seen.values() for c in e.classes), default=-1)
+            run.model.trained_classes = sorted({c for e in self._seen.values() for c in e.classes})
         run.device = torch.device(strategy.device)
         for e in run.stream:  # their data on the strategy's device, as contlearn's loop has it
             if isinstance(e, LazyExperience):
