@@ -1042,3 +1042,223 @@ def test_build_stream_refuses_keys_that_shape_experiences_of_an_avalanche_source
 
     with pytest.raises(ConfigError, match="scenario.setting does not apply to scenario.source=avalanche"):
         build_stream({"source": "avalanche", "factory": "nc_benchmark", "args": {"n_experiences": 5}, "setting": "task"}, 0)
+
+
+# ------------------------------------------------------------- found by a mutation review
+
+
+def first_four_digits(av, raw, task_labels=(0, 0)):
+    """Two experiences of digits 0-1 and 2-3, tensors as they are."""
+    x_tr, y_tr, x_te, y_te = raw
+    small = [(y_tr < 2), (y_tr >= 2) & (y_tr < 4)]
+    small_te = [(y_te < 2), (y_te >= 2) & (y_te < 4)]
+    return av.b.tensors_benchmark(
+        [[x_tr[m], y_tr[m]] for m in small], [[x_te[m], y_te[m]] for m in small_te], task_labels=list(task_labels)
+    )
+
+
+def rows_of(x):
+    """The inputs as a sorted list of rows: the same samples in any order compare equal."""
+    return sorted(map(tuple, x.flatten(1).tolist()))
+
+
+def test_an_alias_factory_splits_its_data_source_with_the_sections_test_fraction(av, raw):
+    x_tr, y_tr, x_te, y_te = raw
+    section = {"factory": "class_incremental_benchmark", "args": {"num_experiences": 5}, "test_fraction": 0.2}
+    stream = cav.stream_from_config(section, seed=0)
+    test, train = torch.cat([e.test.x for e in stream]), torch.cat([e.train.x for e in stream])
+    assert len(test) == len(y_te) and len(train) == len(y_tr)
+    assert rows_of(test) == rows_of(x_te) and rows_of(train) == rows_of(x_tr)  # the source's test set, never trained
+    other = cav.stream_from_config({**section, "test_fraction": 0.3}, seed=0)
+    n_test = len(cav.split_tensors(digits(0.3, 0))[3])
+    assert sum(len(e.test) for e in other) == n_test != len(y_te)
+
+
+def test_config_seeds_reach_the_factory_unless_args_fix_the_class_order(av, monkeypatch):
+    order = [3, 1, 4, 0, 5, 9, 2, 6, 8, 7]
+    fixed = {"factory": "class_incremental_benchmark", "args": {"num_experiences": 5, "class_order": order}}
+    stream = cav.stream_from_config(fixed, seed=4)  # Avalanche refuses a seed with a fixed class order
+    assert [sorted(int(stream.class_names[c]) for c in e.classes) for e in stream] == [
+        sorted(order[k : k + 2]) for k in range(0, 10, 2)
+    ]
+    seeded = {"factory": "class_incremental_benchmark", "args": {"num_experiences": 5, "seed": 1}}
+    assert cav.stream_from_config(seeded, seed=4).class_names == cav.stream_from_config(seeded, seed=5).class_names
+
+    module = types.ModuleType("seeded_benchmarks")
+    calls = []
+
+    def make(seed=None, class_order=None):
+        calls.append(seed)
+        x, y = torch.randn(8, 3), torch.arange(8) % 2
+        return av.b.tensors_benchmark([[x, y]], [[x, y]], task_labels=[0])
+
+    module.make = make
+    monkeypatch.setitem(sys.modules, "seeded_benchmarks", module)
+    for args in ({}, {"seed": 2}, {"class_order": [1, 0]}):
+        cav.stream_from_config({"factory": "seeded_benchmarks.make", "args": args}, seed=7)
+    assert calls == [7, 2, None]  # the experiment's seed; the user's; none with a fixed order
+
+
+class AvalancheProbe:
+    """An Avalanche plugin that records what the strategy computed: each training
+    step's loss and each evaluation step's argmax predictions."""
+
+    def __new__(cls):
+        from avalanche.core import SupervisedPlugin
+
+        class Probe(SupervisedPlugin):
+            def __init__(self):
+                super().__init__()
+                self.losses, self.predictions = [], []
+
+            def before_training_epoch(self, strategy, *args, **kwargs):
+                self.losses.append([])
+
+            def before_backward(self, strategy, *args, **kwargs):
+                self.losses[-1].append(float(strategy.loss.detach()))
+
+            def after_eval_iteration(self, strategy, *args, **kwargs):
+                self.predictions.append(strategy.mb_output.argmax(1))
+
+        return Probe()
+
+
+def test_adapter_accuracy_and_predictions_are_avalanches_and_batches_keep_their_task_labels(av, raw):
+    class Look(Quiet):
+        def __init__(self):
+            self.predictions, self.evals, self.tasks = [], [], {}
+
+        @hookimpl
+        def loss_terms(self, run, batch):
+            self.tasks.setdefault(("train", run.experience.index), set()).update(batch.t.tolist())
+
+        @hookimpl
+        def after_eval_batch(self, run, batch, predictions):
+            self.predictions.append(predictions)
+            self.tasks.setdefault(("eval", int(batch.y.min()) // 2), set()).update(batch.t.tolist())
+
+        @hookimpl
+        def on_metrics(self, metrics):
+            if metrics["kind"] == "eval":
+                self.evals.append(metrics)
+
+    bench = first_four_digits(av, raw, task_labels=(0, 1))
+    look, probe = Look(), AvalancheProbe()
+    adapter = cav.as_avalanche_plugin(look)
+    model = mlp()
+    strategy = av.t.Naive(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05), train_mb_size=64, train_epochs=1,
+        eval_mb_size=64, evaluator=silent(av, av.m.accuracy_metrics(experience=True)), plugins=[adapter, probe],
+    )
+    R = cav.accuracy_matrix_from_avalanche(train_eval(strategy, bench))
+    assert len(adapter.run.accuracy_rows) == 2
+    for row, expected in zip(adapter.run.accuracy_rows, R, strict=True):
+        assert row == pytest.approx(expected, abs=1e-9)
+    assert [m["accuracy"] for m in look.evals] == adapter.run.accuracy_rows
+    assert [m["average_accuracy"] for m in look.evals] == pytest.approx([sum(r) / len(r) for r in R])
+    assert len(look.predictions) == len(probe.predictions) > 2
+    assert all(torch.equal(a, b) for a, b in zip(look.predictions, probe.predictions, strict=True))
+    assert look.tasks == {("train", 0): {0}, ("train", 1): {1}, ("eval", 0): {0}, ("eval", 1): {1}}
+
+
+def test_adapter_run_holds_the_strategys_settings_and_counts_steps_as_the_loop_does(av, raw):
+    class Count(Quiet):
+        def __init__(self):
+            self.settings, self.counters = None, []
+
+        @hookimpl
+        def setup(self, run):
+            train = run.config.train
+            self.settings = (train.lr, train.epochs, train.momentum, train.optimizer, train.weight_decay,
+                             train.batch_size, run.config.seed, run.generator.initial_seed())  # fmt: skip
+
+        @hookimpl
+        def after_step(self, run):
+            self.counters.append((run.experience.index, run.epoch, run.step, run.global_step))
+
+    class OnlyMetrics:
+        def __init__(self):
+            self.epochs = []
+
+        @hookimpl
+        def on_metrics(self, metrics):
+            if metrics["kind"] == "epoch":
+                self.epochs.append(metrics)
+
+    bench = first_four_digits(av, raw)
+    count, metrics, probe = Count(), OnlyMetrics(), AvalancheProbe()
+    model = mlp()
+    strategy = av.t.Naive(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.5), train_mb_size=128,
+        train_epochs=2, evaluator=silent(av),
+        plugins=[cav.as_avalanche_plugin(count, seed=7), cav.as_avalanche_plugin(metrics), probe],
+    )
+    for exp in bench.train_stream:
+        strategy.train(exp, eval_streams=[])
+    assert count.settings == (pytest.approx(0.03), 2, pytest.approx(0.5), "sgd", 0.0, 128, 7, 7)
+    steps = [-(-len(exp.dataset) // 128) for exp in bench.train_stream]
+    expected, total = [], 0
+    for k, n in enumerate(steps):
+        for epoch in range(2):
+            for i in range(n):
+                expected.append((k, epoch, epoch * n + i, total))
+                total += 1
+    assert count.counters == expected
+    assert [(m["experience"], m["epoch"]) for m in metrics.epochs] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert [m["loss"] for m in metrics.epochs] == pytest.approx([sum(v) / len(v) for v in probe.losses], rel=1e-5)
+    adamw = Count()
+    strategy = av.t.Naive(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=0.002, weight_decay=0.1),
+                          evaluator=silent(av), plugins=[cav.as_avalanche_plugin(adamw)])  # fmt: skip
+    strategy.train(bench.train_stream[0], eval_streams=[])
+    assert adamw.settings[:5] == (pytest.approx(0.002), 1, 0.0, "adamw", pytest.approx(0.1))
+    assert adamw.settings[6:] == (0, 0)  # seed= defaults to 0
+
+
+def test_evaluations_during_training_add_no_accuracy_row(av, raw):
+    bench = first_four_digits(av, raw)
+    adapter = cav.as_avalanche_plugin(Recorder())
+    model = mlp()
+    strategy = av.t.Naive(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05), train_mb_size=64, train_epochs=1,
+        eval_every=1, evaluator=silent(av), plugins=[adapter],
+    )
+    for exp in bench.train_stream:
+        strategy.train(exp, eval_streams=[bench.test_stream])
+    assert adapter.run.accuracy_rows == []
+    assert sum(m["kind"] == "eval" for m in adapter.plugin.metrics) > 0  # the periodic evaluations were seen
+    strategy.eval(bench.test_stream)
+    assert len(adapter.run.accuracy_rows) == 1 and len(adapter.run.accuracy_rows[0]) == 2
+
+
+def test_adapter_experiences_read_their_own_test_data_without_augmentation(av, raw):
+    from contlearn.interop._avalanche_stream import LazyExperience
+
+    x_tr, y_tr, x_te, y_te = raw
+    keep, keep_te = y_tr < 4, y_te < 4
+    flip = lambda x: x.flip(-1)  # noqa: E731
+    bench = av.b.nc_benchmark(dataset(x_tr[keep], y_tr[keep]), dataset(x_te[keep_te], y_te[keep_te]), 2,
+                              task_labels=False, fixed_class_order=[2, 3, 0, 1], train_transform=flip,
+                              eval_transform=None)  # fmt: skip
+    seen = []
+
+    class Look(Quiet):
+        @hookimpl
+        def before_experience(self, run, exp):
+            seen.append((exp.classes, exp.test.classes(), rows_of(exp.test.x), rows_of(exp.train.x)))
+
+    model = mlp()
+    strategy = av.t.Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05), train_mb_size=64,
+                          evaluator=silent(av),
+                          plugins=[cav.as_avalanche_plugin(Look(), benchmark=bench, transforms="train")])  # fmt: skip
+    for exp in bench.train_stream:
+        strategy.train(exp, eval_streams=[])
+    for (classes, test_classes, test_x, train_x), pair in zip(seen, ([2, 3], [0, 1]), strict=True):
+        assert classes == test_classes == pair
+        mask, mask_te = torch.isin(y_tr, torch.tensor(pair)), torch.isin(y_te, torch.tensor(pair))
+        assert test_x == rows_of(x_te[mask_te])  # read with the eval transforms
+        assert train_x == rows_of(x_tr[mask].flip(-1))  # the train group asked for
+    exp = LazyExperience(0, [0], 0, lambda: TensorData(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)),
+                         lambda: TensorData(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)))  # fmt: skip
+    replaced = TensorData(torch.ones(1, 3), torch.ones(1, dtype=torch.long))
+    exp.train, exp.test = replaced, replaced
+    assert exp.train is replaced and exp.test is replaced
