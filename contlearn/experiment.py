@@ -232,7 +232,8 @@ class Experiment:
                 f"plugin classes {new} are given, but the run in '{run_dir}' has no such plugins: a resume "
                 f"continues the run's own plugins"
             )
-        refuse_if_in_use(run_dir, "a resume")  # before its checkpoints are read
+        if environment_rank() == 0:  # process 0 alone holds the lock; its peers checking it raced with each other
+            refuse_if_in_use(run_dir, "a resume")  # before its checkpoints are read
         path, state = ckpt.latest(run_dir / ckpt.DIRNAME)
         try:
             defaults = schema_defaults(list(config.plugins), plugins=classes)

@@ -79,6 +79,22 @@ def test_a_resume_or_an_unlearning_of_a_live_run_is_refused(tmp_path, held_elsew
     assert not list(run_dir.glob("unlearn-*"))
 
 
+def test_only_process_0_checks_the_lock_of_a_run_it_resumes(tmp_path, held_elsewhere, monkeypatch):
+    """Under torchrun every process checked the lock by taking it for a moment, so
+    two of them at once could refuse each other; process 0 alone holds it."""
+    run_dir = tmp_path / "done"
+    assert main(["run", *SMALL_RUN, "--out", str(run_dir), "--quiet"]) == 0
+    (run_dir / "results.json").unlink()
+    ckpt.list_checkpoints(run_dir / ckpt.DIRNAME)[-1].unlink()
+    held_elsewhere[1](run_dir)  # as process 0 of the resume holds it
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    Experiment.resume(run_dir)  # not refused: process 1 does not check
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ConfigError, match="is in use by process"):
+        Experiment.resume(run_dir)
+
+
 def test_a_crashed_run_resumes_and_the_lock_is_let_go_after_each_session(tmp_path):
     with pytest.raises(SimulatedCrash):
         Experiment(load_config(None, SMALL_RUN), out_dir=tmp_path, plugins={"crash": CrashAt(12)}).run()
