@@ -1,4 +1,4 @@
-"""A plugin for tests that records which parameters train."""
+"""Plugins for tests that record what a run did: which parameters train, its epoch events."""
 
 from __future__ import annotations
 
@@ -15,3 +15,15 @@ class TrainedNames:
     def after_backward(self, run):
         names = {n for n, p in run.model.named_parameters() if p.grad is not None}
         self.grads.setdefault(run.experience.index, set()).update(names)
+
+
+class EpochLog:
+    """Keeps the epoch events a run reports."""
+
+    def __init__(self):
+        self.epochs = []
+
+    @hookimpl
+    def on_metrics(self, metrics):
+        if metrics["kind"] == "epoch":
+            self.epochs.append(metrics)

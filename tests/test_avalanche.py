@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+from _spies import EpochLog
 from contlearn.scenarios import Batch, TensorData
 from contlearn.scenarios.sources import digits
 
@@ -1176,17 +1177,8 @@ def test_adapter_run_holds_the_strategys_settings_and_counts_steps_as_the_loop_d
         def after_step(self, run):
             self.counters.append((run.experience.index, run.epoch, run.step, run.global_step))
 
-    class OnlyMetrics:
-        def __init__(self):
-            self.epochs = []
-
-        @hookimpl
-        def on_metrics(self, metrics):
-            if metrics["kind"] == "epoch":
-                self.epochs.append(metrics)
-
     bench = first_four_digits(av, raw)
-    count, metrics, probe = Count(), OnlyMetrics(), AvalancheProbe()
+    count, metrics, probe = Count(), EpochLog(), AvalancheProbe()  # EpochLog implements on_metrics only
     model = mlp()
     strategy = av.t.Naive(
         model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.5), train_mb_size=128,

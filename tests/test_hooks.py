@@ -8,6 +8,7 @@ import inspect
 import pluggy
 import pytest
 import torch
+from _spies import EpochLog
 from contlearn.scenarios import Batch
 
 from contlearn import Experiment, PluginError, TrainingError, hookimpl, hookspecs, load_config
@@ -97,18 +98,6 @@ def _run(quick, *overrides, plugins=None):
     exp = Experiment(load_config(None, [*quick, "scenario.n_experiences=2", "scenario.class_order=[0,1,2,3,4,5,6,7,8,9]", *overrides]), plugins=plugins)
     return exp, exp.run()
 
-
-
-class EpochLog:
-    """Keeps the epoch events a run reports."""
-
-    def __init__(self):
-        self.epochs = []
-
-    @hookimpl
-    def on_metrics(self, metrics):
-        if metrics["kind"] == "epoch":
-            self.epochs.append(metrics)
 
 def test_recorder_covers_every_hookspec():
     implemented = {name for name, fn in vars(Recorder).items() if hasattr(fn, "contlearn_impl")}
