@@ -373,3 +373,26 @@ def test_the_hub_probe_is_skipped_behind_a_proxy_and_offline_mode_is_restored(mo
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")  # a direct probe would say nothing
     with external._hub_or_cache() as reachable:
         assert reachable and not constants.HF_HUB_OFFLINE
+
+
+def test_cached_torchvision_weights_build_the_architecture_they_were_trained_with(tmp_path, monkeypatch):
+    """torchvision's builders let weights set the architecture: googlenet's pretrained
+    model normalises its input (transform_input), SWAG ViTs take 384-pixel images.
+    Loading the weights into a model built without them gave other features, or a
+    bare state-dict error. A stand-in checkpoint in the cache keeps this offline."""
+    import torchvision
+    from torchvision.models import GoogLeNet_Weights, ViT_B_16_Weights
+
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path))
+    (tmp_path / "checkpoints").mkdir()
+    for weights, net in ((GoogLeNet_Weights.DEFAULT, torchvision.models.googlenet(aux_logits=True, init_weights=False)),
+                         (ViT_B_16_Weights.IMAGENET1K_SWAG_E2E_V1, torchvision.models.vit_b_16(image_size=384))):  # fmt: skip
+        torch.save(net.state_dict(), tmp_path / "checkpoints" / os.path.basename(weights.url))
+    ours = create_backbone("tv:googlenet", (3, 64, 64), model_cfg(pretrained=True)).eval()
+    reference = torchvision.models.googlenet(weights=GoogLeNet_Weights.DEFAULT).eval()
+    reference.fc = torch.nn.Identity()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert ours.net.transform_input and torch.equal(ours(x), reference(x))
+    vit = create_backbone("tv:vit_b_16", (3, 384, 384), model_cfg(pretrained=True, weights="IMAGENET1K_SWAG_E2E_V1"))
+    assert vit.net.image_size == 384

@@ -223,10 +223,11 @@ def torchvision_backbone(arch: str, input_shape: Sequence[int], pretrained: bool
         raise ConfigError(f"'{arch}' is {what} (backbone 'tv:{arch}'); list the classification "
                           f"models with torchvision.models.list_models(module=torchvision.models)")
     _rgb(f"tv:{arch}", input_shape)
-    # googlenet and inception_v3 warn unless told how to initialise: their current (truncated normal) way
-    options = {"init_weights": True} if arch in ("googlenet", "inception_v3") else {}
-    net = torchvision.models.get_model(arch, weights=None, **options)
-    if pretrained:
+    if not pretrained:
+        # googlenet and inception_v3 warn unless told how to initialise: their current (truncated normal) way
+        options = {"init_weights": True} if arch in ("googlenet", "inception_v3") else {}
+        net = torchvision.models.get_model(arch, weights=None, **options)
+    else:
         enum = torchvision.models.get_model_weights(arch)
         tag = weights or "DEFAULT"
         try:
@@ -246,11 +247,10 @@ def torchvision_backbone(arch: str, input_shape: Sequence[int], pretrained: bool
         # torch.hub prints "Downloading: ..." before it tries: only try when the host answers
         if not os.path.exists(file) and not _url_answers(chosen.url):
             raise missing(f"{urlparse(chosen.url).hostname} cannot be reached from here")
-        try:
-            state = chosen.get_state_dict(progress=False, check_hash=True)
+        try:  # torchvision's builder: weights may set the architecture (googlenet's transform_input, SWAG sizes)
+            net = torchvision.models.get_model(arch, weights=chosen, progress=False)
         except (OSError, RuntimeError) as exc:
             raise missing(f"{type(exc).__name__}: {exc}") from None
-        net.load_state_dict(state)
     if getattr(net, "aux_logits", False):  # googlenet, inception_v3: features only, not the auxiliary heads
         net.aux_logits = False
         for aux in ("aux1", "aux2", "AuxLogits"):
