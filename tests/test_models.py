@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import subprocess
 import sys
@@ -10,6 +12,7 @@ import textwrap
 import pytest
 import torch
 from omegaconf import OmegaConf
+from torch import nn
 from torch.nn import functional as F
 
 from contlearn import Experiment, hookimpl, load_config
@@ -17,11 +20,13 @@ from contlearn.config import ModelConfig
 from contlearn.errors import ConfigError
 from contlearn.models import (
     BACKBONES,
+    ContinualModel,
     CosineLinear,
     IncrementalLinear,
     MultiHead,
     create_backbone,
     create_model,
+    resnet,
 )
 from contlearn.models.heads import MASKED_LOGIT
 
@@ -396,3 +401,216 @@ def test_cached_torchvision_weights_build_the_architecture_they_were_trained_wit
         assert ours.net.transform_input and torch.equal(ours(x), reference(x))
     vit = create_backbone("tv:vit_b_16", (3, 384, 384), model_cfg(pretrained=True, weights="IMAGENET1K_SWAG_E2E_V1"))
     assert vit.net.image_size == 384
+
+
+# ------------------------------------------------------------- found by a mutation review
+def test_create_model_passes_cosine_scale():  # I6, H18
+    model = create_model(model_cfg(backbone="mlp", hidden=[8], head="cosine", cosine_scale=3.0), (4,))
+    assert float(model.head.scale.detach()) == 3.0
+
+
+def test_adapt_falls_back_to_grow_for_heads_without_adapt():  # I4
+    class GrowOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def grow(self, n):
+            self.n = max(self.n, n)
+
+        def forward(self, f, task=None):
+            return f[:, : self.n]
+
+    model = ContinualModel(nn.Identity(), GrowOnly())
+    model.adapt([0, 4])
+    assert model.head.n == 5
+
+
+# ------------------------------------------------------------ backbones
+def test_mlp_and_cnn_shapes_and_errors():  # B1, B2, B4, B7, B9
+    with pytest.raises(ConfigError, match="at least one layer"):
+        create_backbone("mlp", (4,), model_cfg(hidden=[]))
+    net = create_backbone("mlp", (4,), model_cfg(hidden=[16, 8]))
+    assert net.out_features == 8 and net(torch.randn(2, 4)).shape == (2, 8)
+    with pytest.raises(ConfigError, match=r"image inputs \[C, H, W\]"):
+        create_backbone("cnn", (64,), model_cfg())
+    assert create_backbone("cnn", (1, 8, 8), model_cfg(hidden=[])).out_features == 64  # (32, 64) when hidden is empty
+    net = create_backbone("cnn", (1, 5, 5), model_cfg(hidden=[4, 4, 4]))  # odd sizes: ceil-mode pooling, 5 -> 3 -> 2 -> 1
+    assert net(torch.randn(2, 1, 5, 5)).shape == (2, 4)
+
+
+def test_cnn_bn_has_batch_norm_and_bias_free_convs():  # B5, B6, B10
+    net = create_backbone("cnn-bn", (1, 8, 8), model_cfg(hidden=[4, 4]))
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) == 2
+    assert all(m.bias is None for m in net.modules() if isinstance(m, nn.Conv2d))
+    assert all(m.bias is not None for m in create_backbone("cnn", (1, 8, 8), model_cfg(hidden=[4])).modules()
+               if isinstance(m, nn.Conv2d))
+
+
+# ------------------------------------------------------------ resnets
+def _shapes(net, x):
+    out = {}
+    for name in ["conv1", "maxpool", *net.stages]:
+        getattr(net, name).register_forward_hook(lambda m, i, o, name=name: out.__setitem__(name, tuple(o.shape[2:])))
+    net(x)
+    return out
+
+
+def test_resnet_resolutions():  # R9 (stride), R10, R11, R12
+    s = _shapes(create_backbone("resnet32", (3, 32, 32), model_cfg()), torch.randn(1, 3, 32, 32))
+    assert s == {"conv1": (32, 32), "maxpool": (32, 32), "layer1": (32, 32), "layer2": (16, 16), "layer3": (8, 8)}
+    s = _shapes(create_backbone("resnet18-imagenet", (3, 64, 64), model_cfg()), torch.randn(1, 3, 64, 64))
+    assert s["conv1"] == (32, 32) and s["maxpool"] == (16, 16) and s["layer4"] == (2, 2)
+
+
+def test_resnet_blocks_pooling_and_init():  # R3, R7, R8, R13
+    torch.manual_seed(0)
+    net = create_backbone("resnet20", (3, 16, 16), model_cfg()).eval()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            assert torch.equal(m.weight, torch.ones_like(m.weight)) and torch.equal(m.bias, torch.zeros_like(m.bias))
+    w = net.layer3[0].conv1.weight  # 64 x 32 x 3 x 3: fan_out = 64 * 9
+    assert float(w.detach().std()) == pytest.approx(math.sqrt(2 / (64 * 9)), rel=0.1)
+    x = torch.randn(2, 3, 16, 16)
+    maps = net.layer3(net.layer2(net.layer1(net.stem(x))))
+    assert (maps >= 0).all()  # ReLU after the residual sum
+    torch.testing.assert_close(net(x), maps.mean((2, 3)))  # global *average* pooling
+
+
+def test_cifar_resnet_depth_is_checked():  # R15
+    with pytest.raises(ValueError, match="6n\\+2"):
+        resnet.cifar_resnet(33)
+
+
+# ------------------------------------------------------------ heads
+def test_masked_logit_is_finite_in_fp16():  # H1, H2
+    assert math.isfinite(MASKED_LOGIT) and math.isfinite(float(torch.tensor(MASKED_LOGIT, dtype=torch.float16)))
+
+
+def test_growth_keeps_old_biases_and_initialises_new_ones_like_linear():  # H4, H5, H6
+    torch.manual_seed(0)
+    head = IncrementalLinear(4)
+    head.adapt([0, 1])
+    old = head.bias.detach().clone()
+    head.adapt(list(range(400)))
+    assert torch.equal(head.bias[:2], old)
+    assert float(head.bias.abs().max()) <= 0.5 and float(head.bias.abs().max()) > 0.3  # U(-1/sqrt(4), 1/sqrt(4))
+
+
+def test_adapt_with_nothing_new_keeps_the_parameters():  # H7, H10
+    head = IncrementalLinear(3)
+    assert head.grow(2) is True
+    w = head.weight
+    assert head.grow(2) is False and head.grow(1) is False
+    head.adapt([0, 1])
+    assert head.weight is w
+
+
+def test_cosine_head_defaults():  # H17, H12
+    head = CosineLinear(4)
+    assert float(head.scale.detach()) == 16.0 and head.bias is None and "bias" not in dict(head.named_parameters())
+
+
+def test_multi_head_column_cache_follows_growth_and_keep_tasks():  # H23, H27, H21, H22, H26
+    torch.manual_seed(0)
+    head = MultiHead(3).eval()
+    head.adapt([0, 1], 0)
+    f = torch.randn(2, 3)
+    head(f, torch.tensor([0, 0]))  # fills the column cache
+    head.adapt([2], 0)
+    assert head(f, torch.tensor([0, 0])).shape == (2, 3)
+    head.adapt([0, 1, 2], 0)  # nothing new: no duplicates
+    assert head.task_classes == {0: [0, 1, 2]} and head.heads["0"].out_features == 3
+    head.adapt([], 1)  # no classes: no head
+    assert head.tasks == [0]
+    head.adapt([3, 4], 1)
+    head(f, torch.tensor([1, 1]))
+    head.keep_tasks([0])
+    assert head.tasks == [0] and list(head.heads) == ["0"] and head.out_features == 3
+    head.adapt([5], 1)  # task 1 again, other classes
+    out = head(f, torch.tensor([1, 1]))
+    assert out.shape == (2, 6) and (out[:, :5] == MASKED_LOGIT).all() and (out[:, 5] != MASKED_LOGIT).all()
+
+
+def test_multi_head_shared_classes_keep_each_sample_s_own_logits():  # H33
+    torch.manual_seed(0)
+    head = MultiHead(2).eval()
+    head.adapt([0, 1], 0)
+    head.adapt([0, 1], 1)
+    f = torch.randn(2, 2)
+    out = head(f, torch.tensor([0, 1]))
+    assert torch.equal(out[0], head.heads["0"](f)[0]) and torch.equal(out[1], head.heads["1"](f)[1])
+
+
+def test_multi_head_without_task_labels():  # H29, H30, H31
+    head = MultiHead(2)
+    head.adapt([0, 1], 3)
+    out = head(torch.randn(2, 2))  # one task: its labels are implied
+    assert (out != MASKED_LOGIT).all()
+    head.adapt([2], 4)
+    with pytest.raises(ConfigError, match="needs task labels"):
+        head(torch.randn(2, 2))
+
+
+# ------------------------------------------------------------ external
+def test_the_build_time_shape_check_leaves_mode_and_statistics_alone():  # E7, E8, E34
+    net = create_backbone("tv:resnet18", (3, 32, 32), model_cfg())
+    assert net.training and all(p.grad is None for p in net.parameters())
+    bn = net.net.bn1
+    assert int(bn.num_batches_tracked) == 0 and torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
+
+
+def test_clip_build_restores_logging():  # E29
+    before = logging.root.manager.disable
+    create_backbone("clip:ViT-S-32", (3, 224, 224), model_cfg())
+    assert logging.root.manager.disable == before
+
+
+def test_clip_out_features_is_the_embedding_size():  # E30
+    net = create_backbone("clip:ViT-S-32", (3, 224, 224), model_cfg())
+    assert net.out_features == net.net.output_dim == net(torch.zeros(1, 3, 224, 224)).shape[1]
+
+
+def test_torchvision_pretrained_weights_load_from_the_cache_offline(tmp_path, monkeypatch):  # E21, E22
+    import torchvision
+
+    from contlearn.models import external
+
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path))
+    monkeypatch.setattr(external, "_url_answers", lambda *a, **k: False)  # offline
+    w = torchvision.models.get_model_weights("resnet18").DEFAULT
+    os.makedirs(tmp_path / "checkpoints")
+    state = torchvision.models.resnet18().state_dict()
+    torch.save(state, tmp_path / "checkpoints" / os.path.basename(w.url))
+    net = create_backbone("tv:resnet18", (3, 32, 32), model_cfg(pretrained=True))
+    assert torch.equal(net.net.conv1.weight, state["conv1.weight"])
+
+
+def test_googlenet_builds_without_warnings():  # E20
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        create_backbone("tv:googlenet", (3, 32, 32), model_cfg())
+
+
+def test_a_timm_build_failure_without_weights_is_a_config_error(monkeypatch):  # E17
+    import timm
+
+    def boom(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(timm, "create_model", boom)
+    with pytest.raises(ConfigError, match="cannot build timm model 'resnet18': boom"):
+        create_backbone("timm:resnet18", (3, 32, 32), model_cfg())
+
+
+def test_more_config_errors():  # E11, E33, H37
+    from contlearn.models import create_head
+
+    with pytest.raises(ConfigError, match=r"needs image inputs \[C, H, W\]"):
+        create_backbone("timm:resnet18", (64,), model_cfg())
+    with pytest.raises(ConfigError, match="'bogus' is not a pretrained tag of clip:ViT-B-32; valid: .*openai"):
+        create_backbone("clip:ViT-B-32", (3, 224, 224), model_cfg(pretrained=True, weights="bogus"))
+    with pytest.raises(ConfigError, match="unknown model.head 'mystery'"):
+        create_head("mystery", 4)
