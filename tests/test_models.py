@@ -131,6 +131,9 @@ def test_pretrained_tags_are_checked_before_anything_loads():
         create_backbone("timm:resnet18.bogus", (3, 32, 32), model_cfg(pretrained=True))
     with pytest.raises(ConfigError, match="names the tag 'a1_in1k' and model.weights names 'tv_in1k': give one"):
         create_backbone("timm:resnet18.a1_in1k", (3, 32, 32), model_cfg(pretrained=True, weights="tv_in1k"))
+    # a model without pretrained weights is said so, before the hub probe and a download that cannot succeed
+    with pytest.raises(ConfigError, match="timm model 'resnet200' has no pretrained weights .*model.pretrained=false"):
+        create_backbone("timm:resnet200", (3, 32, 32), model_cfg(pretrained=True))
 
 
 def test_timm_takes_other_channel_counts_and_torchvision_asks_for_rgb():

@@ -173,12 +173,15 @@ def timm_backbone(arch: str, input_shape: Sequence[int], pretrained: bool, weigh
             f"(or use timm:{base})"
         )
     name = f"{arch}.{weights}" if weights else arch
-    if pretrained and "." in name:
+    if pretrained:
         tags = [t.partition(".")[2] for t in timm.list_pretrained(f"{base}.*")]
-        if name.partition(".")[2] not in tags:
+        if not tags:  # before the hub probe and a download that cannot succeed
+            raise ConfigError(f"timm model '{base}' has no pretrained weights (backbone 'timm:{arch}'); "
+                              f"set model.pretrained=false")
+        if "." in name and name.partition(".")[2] not in tags:
             raise ConfigError(
                 f"'{name.partition('.')[2]}' is not a pretrained tag of timm model '{base}'; valid: "
-                f"{', '.join(tags) or 'none (it has no pretrained weights)'}"
+                f"{', '.join(tags)}"
             )
     reachable = True
     try:
