@@ -397,21 +397,3 @@ def test_a_run_written_before_an_option_existed_resumes(run_dir, tmp_path):
     results = Experiment.resume(old).run()
     assert len(results.accuracy_matrix) == 2
 
-
-def test_a_result_file_that_cannot_be_written_keeps_its_old_content(tmp_path, monkeypatch):
-    import errno
-    import os
-
-    from contlearn import results as results_module
-    from contlearn.errors import ContlearnError
-
-    path = tmp_path / "results.json"
-    path.write_text("old")
-
-    def no_space(fd):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(os, "fsync", no_space)
-    with pytest.raises(ContlearnError, match="No space left on device"):
-        results_module.write_atomic(path, "new")
-    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
