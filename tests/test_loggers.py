@@ -301,3 +301,17 @@ def test_a_logger_failing_on_an_evaluation_costs_neither_the_experience_nor_the_
     assert (out / "results.json").is_file() == finished
     if not finished:
         assert len(Experiment.resume(out).run().accuracy_matrix) == 3
+
+
+def test_a_jsonl_logger_writes_nothing_on_a_process_other_than_0(tmp_path):
+    """Under torchrun a logger given in Python runs on every process; process 0
+    alone writes the file (the CLI adds it there only, Python users everywhere)."""
+    from types import SimpleNamespace
+
+    path = tmp_path / "logs" / "events.jsonl"
+    logger = JSONLLogger(path)
+    run = SimpleNamespace(dist=SimpleNamespace(is_main=False))
+    logger.setup(run=run)
+    logger.on_metrics(run=run, metrics={"kind": "epoch", "experience": 0, "epoch": 0, "loss": 1.0})
+    logger.teardown()
+    assert not path.exists() and not path.parent.exists()
