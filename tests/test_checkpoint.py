@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _crash import SMALL_RUN
 from omegaconf import OmegaConf
 
 from contlearn import ConfigError, Experiment, hookimpl, load_config
@@ -374,6 +375,16 @@ def test_plugin_states_must_match_the_plugins(run_dir, tmp_path):
         pytest.raises(CheckpointError, match=r"holds plugin states for \['finetune'\].*no state for \['counter'\]"),
     ):
         Experiment.resume(unfinished, plugins={"counter": Counter()}).run()
+
+    # and the converse: a run given a stateful plugin in Python must be given it again
+    given = tmp_path / "given"
+    Experiment(load_config(None, SMALL_RUN), out_dir=given, plugins={"counter": Counter()}).run()
+    (given / "results.json").unlink()
+    with (
+        pytest.warns(ckpt.CheckpointWarning, match=r"given these plugins in Python: 'counter'"),
+        pytest.raises(CheckpointError, match=r"holds plugin states for \['counter', 'finetune'\].*no plugin for \['counter'\]"),
+    ):
+        Experiment.resume(given).run()
 
 
 @pytest.mark.parametrize("override, key", [("checkpoint.keep_last=0", "keep_last"), ("checkpoint.every_n_steps=0", "every_n_steps")])
