@@ -315,3 +315,19 @@ def test_a_jsonl_logger_writes_nothing_on_a_process_other_than_0(tmp_path):
     logger.on_metrics(run=run, metrics={"kind": "epoch", "experience": 0, "epoch": 0, "loss": 1.0})
     logger.teardown()
     assert not path.exists() and not path.parent.exists()
+
+
+def test_a_log_line_cut_short_is_dropped_on_resume_even_when_it_parses(tmp_path):
+    """A crash can cut the last line where it still parses as JSON (after a closing
+    brace); kept, the next event appended would share its line."""
+    import json
+    from types import SimpleNamespace
+
+    from contlearn.loggers import _events_before
+
+    kept = json.dumps({"kind": "step", "experience": 1, "global_step": 2}) + "\n"
+    cut = json.dumps({"kind": "step", "experience": 1, "global_step": 3})  # no newline: the crash came first
+    path = tmp_path / "events.jsonl"
+    path.write_text(kept + cut)
+    run = SimpleNamespace(accuracy_rows=[[1.0]], experience=SimpleNamespace(index=1), global_step=10)
+    assert _events_before(path, run) == [kept]
