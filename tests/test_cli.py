@@ -205,3 +205,12 @@ def test_under_torchrun_a_second_sigterm_is_the_same_stop_request(monkeypatch, c
     err = capsys.readouterr().err
     assert err.count("SIGTERM: stopping") == 1
     assert "[rank 1] SIGTERM: stopping at the end of the epoch" in err
+
+
+def test_overrides_only_go_to_commands_that_take_them_and_out_beats_the_configs(tmp_path, capsys):
+    assert main(["plugins", "x=1"]) == 2
+    assert "unrecognized arguments: x=1" in capsys.readouterr().err
+    given = tmp_path / "given"
+    tiny = ["scenario.n_experiences=2", "scenario.samples_per_class=10", "train.epochs=1", "model.hidden=[8]"]
+    assert main(["run", *tiny, f"out={tmp_path / 'configured'}", "--out", str(given), "--quiet"]) == 0
+    assert (given / "results.json").is_file() and not (tmp_path / "configured").exists()
