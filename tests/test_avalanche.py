@@ -921,21 +921,28 @@ def test_lwf_on_an_avalanche_multi_task_model_distils_every_old_tasks_classifier
     assert lwf.teacher.trained_tasks == [0, 1, 2]
 
 
-def test_a_teacher_of_an_incremental_classifier_has_only_the_classes_trained(av, raw):
-    """Avalanche's IncrementalClassifier grows on evaluation experiences too, its
-    new units masked at -1000; LwF distilled those as the old model's answer."""
+def lwf_on_an_incremental_classifier(av, raw, class_order):
+    """The digits of ``class_order`` in experiences of two classes (ids kept), an
+    MLP with Avalanche's IncrementalClassifier, and Naive with contlearn's LwF:
+    (bench, model, adapter, strategy, flattened test inputs)."""
     from avalanche.models import IncrementalClassifier
 
     x_tr, y_tr, x_te, y_te = raw
     x_tr, x_te = x_tr.flatten(1), x_te.flatten(1)
-    keep, keep_te = y_tr < 6, y_te < 6
+    keep, keep_te = y_tr < len(class_order), y_te < len(class_order)
     bench = av.b.class_incremental_benchmark({"train": dataset(x_tr[keep], y_tr[keep]),
                                               "test": dataset(x_te[keep_te], y_te[keep_te])},
-                                             class_order=list(range(6)), num_experiences=3)  # fmt: skip
+                                             class_order=class_order, num_experiences=len(class_order) // 2)  # fmt: skip
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), IncrementalClassifier(32, 2))
     adapter = cav.as_avalanche_plugin("lwf")
-    strategy = naive(av, model, [adapter])
+    return bench, model, adapter, naive(av, model, [adapter]), x_te
+
+
+def test_a_teacher_of_an_incremental_classifier_has_only_the_classes_trained(av, raw):
+    """Avalanche's IncrementalClassifier grows on evaluation experiences too, its
+    new units masked at -1000; LwF distilled those as the old model's answer."""
+    bench, model, adapter, strategy, x_te = lwf_on_an_incremental_classifier(av, raw, list(range(6)))
     widths = []
     for exp in bench.train_stream[:2]:
         strategy.train(exp, eval_streams=[])
@@ -948,24 +955,12 @@ def test_a_teacher_of_an_incremental_classifier_has_only_the_classes_trained(av,
 def test_lwf_distils_only_the_trained_classes_when_class_ids_have_gaps(av, raw):
     """A shuffled class order kept unrenumbered trains classes 3 and 7 first: the
     teacher's columns 0-2 and 4-6 are masked units, not old classes."""
-    from avalanche.models import IncrementalClassifier
-
-    x_tr, y_tr, x_te, y_te = raw
-    x_tr, x_te = x_tr.flatten(1), x_te.flatten(1)
-    keep, keep_te = y_tr < 8, y_te < 8
-    bench = av.b.class_incremental_benchmark({"train": dataset(x_tr[keep], y_tr[keep]),
-                                              "test": dataset(x_te[keep_te], y_te[keep_te])},
-                                             class_order=[3, 7, 1, 5, 0, 2, 4, 6], num_experiences=4)  # fmt: skip
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), IncrementalClassifier(32, 2))
-    adapter = cav.as_avalanche_plugin("lwf")
-    strategy = naive(av, model, [adapter])
+    bench, _, adapter, strategy, x_te = lwf_on_an_incremental_classifier(av, raw, [3, 7, 1, 5, 0, 2, 4, 6])
     strategy.train(bench.train_stream[0], eval_streams=[])
     lwf = adapter.plugin
     assert lwf.teacher.trained_classes == [3, 7]
-    x = x_te[:16]
     student = torch.zeros(16, 8, requires_grad=True)  # uniform over any set of columns
-    batch = Batch(x=x, y=torch.zeros(16, dtype=torch.long), t=torch.zeros(16, dtype=torch.long))
+    batch = Batch(x=x_te[:16], y=torch.zeros(16, dtype=torch.long), t=torch.zeros(16, dtype=torch.long))
     term = lwf.loss_terms(run=adapter.run, batch=batch, out=Output(student))["lwf"]
     assert term.item() == pytest.approx(lwf.config.alpha * math.log(2))  # 2 classes, not the 8 columns
     strategy.train(bench.train_stream[1], eval_streams=[])

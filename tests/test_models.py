@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -383,22 +384,29 @@ def test_the_hub_probe_is_skipped_behind_a_proxy_and_offline_mode_is_restored(mo
         assert reachable and not constants.HF_HUB_OFFLINE
 
 
-def test_cached_torchvision_weights_build_the_architecture_they_were_trained_with(tmp_path, monkeypatch):
+def test_cached_torchvision_weights_load_offline_into_the_architecture_they_were_trained_with(tmp_path, monkeypatch):  # E21, E22
     """torchvision's builders let weights set the architecture: googlenet's pretrained
     model normalises its input (transform_input), SWAG ViTs take 384-pixel images.
     Loading the weights into a model built without them gave other features, or a
     bare state-dict error. A stand-in checkpoint in the cache keeps this offline."""
     import torchvision
-    from torchvision.models import GoogLeNet_Weights, ViT_B_16_Weights
+    from torchvision.models import GoogLeNet_Weights, ResNet18_Weights, ViT_B_16_Weights
+
+    from contlearn.models import external
 
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path))
+    monkeypatch.setattr(external, "_url_answers", lambda *a, **k: False)  # offline: the cache alone
     (tmp_path / "checkpoints").mkdir()
-    for weights, net in ((GoogLeNet_Weights.DEFAULT, torchvision.models.googlenet(aux_logits=True, init_weights=False)),
-                         (ViT_B_16_Weights.IMAGENET1K_SWAG_E2E_V1, torchvision.models.vit_b_16(image_size=384))):  # fmt: skip
-        torch.save(net.state_dict(), tmp_path / "checkpoints" / os.path.basename(weights.url))
+    resnet18 = torchvision.models.resnet18().state_dict()
+    for weights, state in ((ResNet18_Weights.DEFAULT, resnet18),
+                           (GoogLeNet_Weights.DEFAULT, torchvision.models.googlenet(aux_logits=True, init_weights=False).state_dict()),
+                           (ViT_B_16_Weights.IMAGENET1K_SWAG_E2E_V1, torchvision.models.vit_b_16(image_size=384).state_dict())):  # fmt: skip
+        torch.save(state, tmp_path / "checkpoints" / os.path.basename(weights.url))
+    net = create_backbone("tv:resnet18", (3, 32, 32), model_cfg(pretrained=True))
+    assert torch.equal(net.net.conv1.weight, resnet18["conv1.weight"])  # loaded, not initialised
     ours = create_backbone("tv:googlenet", (3, 64, 64), model_cfg(pretrained=True)).eval()
     reference = torchvision.models.googlenet(weights=GoogLeNet_Weights.DEFAULT).eval()
-    reference.fc = torch.nn.Identity()
+    reference.fc = nn.Identity()
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         assert ours.net.transform_input and torch.equal(ours(x), reference(x))
@@ -563,35 +571,14 @@ def test_the_build_time_shape_check_leaves_mode_and_statistics_alone():  # E7, E
     assert int(bn.num_batches_tracked) == 0 and torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
 
 
-def test_clip_build_restores_logging():  # E29
+def test_a_clip_tower_gives_its_embedding_and_the_build_restores_logging():  # E29, E30
     before = logging.root.manager.disable
-    create_backbone("clip:ViT-S-32", (3, 224, 224), model_cfg())
-    assert logging.root.manager.disable == before
-
-
-def test_clip_out_features_is_the_embedding_size():  # E30
     net = create_backbone("clip:ViT-S-32", (3, 224, 224), model_cfg())
+    assert logging.root.manager.disable == before
     assert net.out_features == net.net.output_dim == net(torch.zeros(1, 3, 224, 224)).shape[1]
 
 
-def test_torchvision_pretrained_weights_load_from_the_cache_offline(tmp_path, monkeypatch):  # E21, E22
-    import torchvision
-
-    from contlearn.models import external
-
-    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path))
-    monkeypatch.setattr(external, "_url_answers", lambda *a, **k: False)  # offline
-    w = torchvision.models.get_model_weights("resnet18").DEFAULT
-    os.makedirs(tmp_path / "checkpoints")
-    state = torchvision.models.resnet18().state_dict()
-    torch.save(state, tmp_path / "checkpoints" / os.path.basename(w.url))
-    net = create_backbone("tv:resnet18", (3, 32, 32), model_cfg(pretrained=True))
-    assert torch.equal(net.net.conv1.weight, state["conv1.weight"])
-
-
 def test_googlenet_builds_without_warnings():  # E20
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         create_backbone("tv:googlenet", (3, 32, 32), model_cfg())
