@@ -16,7 +16,15 @@ from _spies import EpochLog
 from contlearn.scenarios import Batch, TensorData
 from contlearn.scenarios.sources import digits
 
-from contlearn import ConfigError, ContlearnError, Experiment, PluginError, hookimpl, load_config
+from contlearn import (
+    ConfigError,
+    ContlearnError,
+    DataError,
+    Experiment,
+    PluginError,
+    hookimpl,
+    load_config,
+)
 from contlearn import metrics as M
 from contlearn.experiment import seed_everything, stream_of
 from contlearn.interop import avalanche as cav
@@ -190,6 +198,34 @@ def test_bad_benchmark_arguments(av):
         cav.materialise([(torch.zeros(2), 0), (torch.zeros(3), 1)])
     data = cav.materialise([(torch.ones(2), 3, 1), (torch.zeros(2), 4, 1)])
     assert data.y.tolist() == [3, 4] and data.t.tolist() == [1, 1] and data.x.shape == (2, 2)
+
+
+def test_labels_kept_or_renumbered_a_setting_given_and_streams_that_do_not_fit(av):
+    x = torch.randn(12, 3)
+    y = torch.tensor([4, 4, 7, 7, 4, 7, 1, 1, 9, 9, 1, 9])  # experience 0: classes 4 and 7; experience 1: 1 and 9
+    train = [[x[:6], y[:6]], [x[6:], y[6:]]]
+    bench = av.b.tensors_benchmark(train, train, task_labels=[0, 0])
+    auto = cav.stream_from_avalanche(bench)
+    assert [e.classes for e in auto] == [[0, 1], [2, 3]] and auto.n_classes == 4
+    assert auto.class_names == ["4", "7", "1", "9"] and auto.experiences[1].train.y.tolist() == [2, 2, 3, 3, 2, 3]
+    kept = cav.stream_from_avalanche(bench, remap=False)
+    assert [e.classes for e in kept] == [[4, 7], [1, 9]] and kept.n_classes == 10 and kept.class_names[9] == "9"
+    assert torch.equal(kept.experiences[1].train.y, y[6:]) and torch.equal(kept.experiences[1].test.y, y[6:])
+    assert auto.setting == "class" and cav.stream_from_avalanche(bench, setting="domain").setting == "domain"
+    with pytest.raises(ConfigError, match="remap must be 'auto', True or False, got 'yes'"):
+        cav.stream_from_avalanche(bench, remap="yes")
+
+    def experience(n):
+        return types.SimpleNamespace(dataset=[(torch.zeros(3), 0)] * n, classes_in_this_experience=[0], task_label=0)
+
+    uneven = types.SimpleNamespace(train_stream=[experience(2)] * 3, test_stream=[experience(1)] * 2)
+    with pytest.raises(DataError, match="has 3 train but 2 test experiences"):
+        cav.stream_from_avalanche(uneven)
+    with pytest.raises(DataError, match="train stream has no experiences"):
+        cav.stream_from_avalanche(types.SimpleNamespace(train_stream=[], test_stream=[]))
+    hollow = types.SimpleNamespace(train_stream=[experience(2), experience(0)], test_stream=[experience(1)] * 2)
+    with pytest.raises(DataError, match="train experience 1 of the Avalanche benchmark has no samples"):
+        cav.stream_from_avalanche(hollow)
 
 
 def test_an_unknown_transform_group_is_a_data_error(av, raw):
