@@ -29,6 +29,7 @@ from contlearn import metrics as M
 from contlearn.experiment import seed_everything, stream_of
 from contlearn.interop import avalanche as cav
 from contlearn.models import MLP, ContinualModel, IncrementalLinear, MultiHead, Output, create_model
+from contlearn.models.heads import MASKED_LOGIT
 
 
 def test_missing_avalanche_says_how_to_install(monkeypatch):
@@ -761,6 +762,13 @@ def test_wrapped_model_grows_its_head_from_each_training_experience(av, raw):
     R = cav.accuracy_matrix_from_avalanche(results)
     assert all(R[i][i] > 0.4 for i in range(3)) and R[1][1] > 0.8  # each new head trained
     assert R[0][1] == R[0][2] == 0.0  # masked logits: classes the head lacks are never predicted
+    # evaluated on classes beyond the head, logits are padded with MASKED_LOGIT: finite, never the argmax
+    wrapped.eval()
+    wrapped.adaptation(types.SimpleNamespace(classes_in_this_experience=[7, 9]))
+    with torch.no_grad():
+        logits = wrapped(x_te[:5])
+    assert logits.shape == (5, 10) and bool((logits[:, 6:] == MASKED_LOGIT).all()) and bool((logits.argmax(1) < 6).all())
+    assert math.isfinite(float(torch.nn.functional.cross_entropy(logits, torch.tensor([9, 7, 9, 7, 9]))))
     # a model the user already adapted: adapt is idempotent, nothing grows twice
     model.adapt([0, 1, 2, 3, 4, 5, 6, 7])
     strategy.train(bench.train_stream[0], eval_streams=[])
