@@ -357,6 +357,25 @@ def _silence_stdout() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
+    code = _dispatch(argv)
+    if code == EXIT_INTERRUPTED and argv is None:
+        _ignore_further_stops()
+    return code
+
+
+def _ignore_further_stops() -> None:
+    """The console script stopped on Ctrl-C or SIGTERM and is exiting: the same
+    signal again (pressed to hurry it) would land in the exit itself, a
+    traceback from an ``atexit`` callback, so the process ignores it now."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
+
+
+def _dispatch(argv: Sequence[str] | None) -> int:
     previous, warnings.showwarning = warnings.showwarning, _show_warning
     _shown.clear()
     args = None

@@ -214,3 +214,30 @@ def test_overrides_only_go_to_commands_that_take_them_and_out_beats_the_configs(
     tiny = ["scenario.n_experiences=2", "scenario.samples_per_class=10", "train.epochs=1", "model.hidden=[8]"]
     assert main(["run", *tiny, f"out={tmp_path / 'configured'}", "--out", str(given), "--quiet"]) == 0
     assert (given / "results.json").is_file() and not (tmp_path / "configured").exists()
+
+
+def test_a_second_ctrl_c_while_a_stopped_run_exits_is_ignored(tmp_path):
+    """Pressed again to hurry a run that has already stopped, Ctrl-C lands in the
+    exit itself (an atexit callback here): the process still exits 130, quietly."""
+    script = """
+import atexit, signal
+import contlearn._loop as loop
+from contlearn.cli import main
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if this suite runs in the background
+atexit.register(signal.raise_signal, signal.SIGINT)  # runs last: the second Ctrl-C, during the exit
+train_step = loop.train_step
+
+def step_then_ctrl_c(run, *args):
+    train_step(run, *args)
+    if run.global_step == 2:
+        signal.raise_signal(signal.SIGINT)
+
+loop.train_step = step_then_ctrl_c
+raise SystemExit(main())
+"""
+    argv = [sys.executable, "-c", script, "run", "train.epochs=1", "--out", str(tmp_path / "run"), "--quiet"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 130, done.stderr
+    assert "interrupted after step 2 of experience 0" in done.stderr
+    assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr, done.stderr
