@@ -36,6 +36,8 @@ def _what_it_learnt(config: dict[str, Any]) -> dict[str, Any]:
     for section, keys in HOW_IT_RAN.items():
         if isinstance(kept.get(section), dict):
             kept[section] = {k: v for k, v in kept[section].items() if k not in keys}
+    if isinstance(kept.get("plugins"), dict):  # finetune adds nothing: with or without it, one experiment
+        kept["plugins"] = {k: v for k, v in kept["plugins"].items() if k != "finetune"}
     return kept
 
 
@@ -80,9 +82,16 @@ def group_labels(groups: Sequence[Sequence[FinishedRun]]) -> list[str]:
             continue
         keys = sorted({key for j in same for key in flat[j]})
         differing = [key for key in keys if len({json.dumps(flat[j].get(key), default=str) for j in same}) > 1]
-        settings = ", ".join(f"{key}={flat[k].get(key)}" for key in differing[:3])
+        settings = ", ".join(f"{key}={flat[k][key]}" if key in flat[k] else f"without {key}" for key in differing[:3])
         labels.append(f"{strategy} ({settings})" if settings else f"{strategy} (#{same.index(k) + 1})")
     return labels
+
+
+def repeated_seeds(group: Sequence[FinishedRun]) -> list[Any]:
+    """The seeds that more than one run of an experiment has (a copied or rerun
+    directory): the same run counted twice in its mean ± std."""
+    seeds = [run.results.get("seed") for run in group]
+    return sorted({seed for seed in seeds if seeds.count(seed) > 1}, key=str)
 
 
 def mean_std(values: Sequence[float | None], signed: bool = False) -> str:

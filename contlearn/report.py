@@ -25,7 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from contlearn._report_groups import group_by_experiment, group_labels, mean_std, scenario_key
+from contlearn._report_groups import (
+    group_by_experiment,
+    group_labels,
+    mean_std,
+    repeated_seeds,
+    scenario_key,
+)
 from contlearn.errors import ConfigError, ContlearnError
 from contlearn.results import write_atomic
 
@@ -206,11 +212,29 @@ def comparison_markdown(runs: list[FinishedRun]) -> str:
     groups = group_by_experiment(runs)
     if any(len(group) > 1 for group in groups):
         text += "\nOver seeds (mean ± sample standard deviation, n - 1):\n\n" + seeds_table(groups)
+        for group, label in zip(groups, group_labels(groups), strict=True):
+            if seeds := repeated_seeds(group):
+                text += (f"\nNote: {label} has several runs of seed {', '.join(map(str, seeds))} (a copied or "
+                         f"rerun directory): its mean ± std counts the same run more than once.\n")
     scenarios = {key for key in map(scenario_key, (run.results for run in runs)) if key is not None}
     if len(scenarios) > 1:
         text += (f"\nNote: these runs are on {len(scenarios)} different scenarios (the config's `scenario`, or "
                  f"the stream given in Python): their numbers are not comparable across scenarios.\n")
-    return text
+    return text + _fwt_note(runs)
+
+
+def _fwt_note(runs: list[FinishedRun]) -> str:
+    """A note under a table whose FWT says nothing: no run predicted any test
+    sample of an experience before training it (a growing head, a task's head
+    made when the task is trained), so FWT is minus the untrained model's
+    accuracy, the same for every method of a seed (docs/metrics.md)."""
+    if not runs or any(run.results.get("fwt") is None for run in runs):
+        return ""
+    if any(run.matrix[j - 1, j] != 0 for run in runs for j in range(1, run.matrix.shape[1])):
+        return ""
+    return ("\nNote: FWT here is minus the untrained model's accuracy, the same for every method: no run got any "
+            "test sample of an experience right before training it (a head that grows with the classes or "
+            "tasks has no outputs for them yet).\n")
 
 
 def matrix_table(R: np.ndarray) -> str:
@@ -242,6 +266,7 @@ def run_markdown(run: FinishedRun) -> str:
         f"Model: {model.get('backbone')}. Training: {train.get('epochs')} epochs per experience, "
         f"{train.get('optimizer')} lr {train.get('lr')}, batch {train.get('batch_size')}.\n\n"
         + comparison_table([run])
+        + _fwt_note([run])
         + "\n## Accuracy matrix\n\nRow i: after training experience i; column j: test data of experience j.\n\n"
         + matrix_table(run.matrix)
         + f"\n![accuracy matrix]({MATRIX_PNG})\n\n![accuracy over experiences]({CURVE_PNG})\n"

@@ -49,7 +49,7 @@ def test_comparison_of_several_runs(finished, tmp_path):
     table = (tmp_path / "comparison.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ft") or line.startswith("| rp")]
     assert len(rows) == 2 and "| replay | 0 |" in rows[1] and "| finetune | 0 |" in rows[0]
-    assert "Over seeds" not in table and "Note:" not in table  # one run per experiment, one scenario
+    assert "Over seeds" not in table and "different scenarios" not in table  # one run per experiment, one scenario
 
 
 def test_cli_report_prints_the_table(finished, capsys):
@@ -89,8 +89,42 @@ def test_runs_of_one_experiment_over_seeds_are_summarised_as_mean_and_sample_std
     assert f" | {statistics.mean(bwt):+.3f} ± {statistics.stdev(bwt):.3f} | " in text  # BWT and FWT with their sign
     lr = json.loads((rp / "results.json").read_text())["config"]["train"]["lr"]
     assert f"| replay (train.lr={lr}) | 1 | 0 |" in text and "| replay (train.lr=0.5) | 1 | 0 |" in text
-    assert "Note:" not in text
+    assert "different scenarios" not in text and "several runs of seed" not in text
     assert (tmp_path / "cmp" / "comparison.md").read_text().count("| finetune | 3 |") == 1
+
+
+def test_finetune_beside_another_strategy_is_the_same_experiment_and_a_repeated_seed_is_noted(finished, tmp_path, capsys):
+    ft, rp = finished
+    # the README's `contlearn run split-digits plugins.replay.size=200` keeps split-digits' finetune
+    with_finetune = _copy_run(rp, tmp_path / "rp1", lambda d: d.update(seed=1) or d["config"]["plugins"].update(finetune={}))
+    rerun = _copy_run(ft, tmp_path / "ft_again", lambda d: None)
+    assert main(["report", *map(str, [ft, rp, with_finetune, rerun]), "--out", str(tmp_path / "cmp")]) == 0
+    text = capsys.readouterr().out
+    assert "| replay | 2 | 0, 1 |" in text and "| finetune | 2 | 0, 0 |" in text
+    assert "Note: finetune has several runs of seed 0 (a copied or rerun directory)" in text
+    assert "Note: replay has" not in text
+    older = _copy_run(rp, tmp_path / "older", lambda d: d["config"]["train"].pop("momentum"))  # a key it lacks
+    assert main(["report", str(rp), str(with_finetune), str(older), "--out", str(tmp_path / "cmp")]) == 0
+    momentum = json.loads((rp / "results.json").read_text())["config"]["train"]["momentum"]
+    text = capsys.readouterr().out
+    assert f"| replay (train.momentum={momentum}) | 2 |" in text and "| replay (without train.momentum) | 1 |" in text
+
+
+def test_a_table_whose_fwt_says_nothing_has_a_note(finished, tmp_path, capsys):
+    ft, rp = finished
+    assert json.loads((ft / "results.json").read_text())["accuracy_matrix"][0][1] == 0  # a growing head
+    assert main(["report", str(ft), str(rp), "--out", str(tmp_path / "cmp")]) == 0
+    assert "Note: FWT here is minus the untrained model's accuracy" in capsys.readouterr().out
+    assert "Note: FWT here" in (ft / "report.md").read_text()
+
+    def predicted_early(d):
+        d["accuracy_matrix"][0][1] = 0.25
+
+    domain = _copy_run(rp, tmp_path / "early", predicted_early)
+    assert main(["report", str(ft), str(domain), "--out", str(tmp_path / "cmp")]) == 0
+    assert "Note: FWT" not in capsys.readouterr().out
+    no_fwt = _copy_run(ft, tmp_path / "no_fwt", lambda d: d.update(fwt=None))
+    assert main(["report", str(no_fwt)]) == 0 and "Note: FWT" not in (no_fwt / "report.md").read_text()
 
 
 def test_a_run_named_with_a_pipe_keeps_the_table_whole(finished, tmp_path, capsys):
