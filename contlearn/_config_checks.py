@@ -113,7 +113,7 @@ def validate(cfg: DictConfig, plugins: Any = None) -> DictConfig:
     if not 0 < cfg.scenario.test_fraction < 1:
         raise ConfigError(f"'scenario.test_fraction' must be in (0, 1), got {cfg.scenario.test_fraction}")
 
-    registry = PluginRegistry.load(given=plugins)
+    registry = PluginRegistry.load(given=plugins, requested=list(cfg.plugins.keys()))
     given = {name: list(section.keys()) if isinstance(section, DictConfig) else [] for name, section in cfg.plugins.items()}
     for name in list(cfg.plugins.keys()):
         entry = registry.get(name)

@@ -14,7 +14,7 @@ import importlib
 import os
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
@@ -131,12 +131,16 @@ class PluginRegistry:
         self.broken = broken or {}
 
     @classmethod
-    def load(cls, autoload: bool | None = None, given: Mapping[str, type] | None = None) -> PluginRegistry:
+    def load(
+        cls, autoload: bool | None = None, given: Mapping[str, type] | None = None, requested: Collection[str] = ()
+    ) -> PluginRegistry:
         """Built-ins, plus entry points of the group ``contlearn.plugins`` unless
         autoload is off, plus the plugin classes ``given`` by name in Python (a
         script's own). A third-party plugin that fails to import is reported
         with a :class:`PluginLoadWarning` naming it and its distribution (once per
-        process), and left out; the others are still available.
+        process), and left out; the others are still available. A broken plugin
+        among the names ``requested`` (a config's plugins) is not warned about:
+        :meth:`get` raises its error for the caller to report, once.
 
         :raises PluginError: a given class under the name of another plugin.
         """
@@ -163,7 +167,8 @@ class PluginRegistry:
                     entry.load()
                 except PluginError as exc:
                     broken[ep.name] = str(exc)
-                    _report(str(exc))
+                    if ep.name not in requested:
+                        _report(str(exc))
                     continue
                 entries[ep.name] = entry
         for name, plugin_class in given_plugins(given, "plugins", classes_only=True).items():

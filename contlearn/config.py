@@ -398,7 +398,7 @@ def schema_defaults(plugin_names: list[str], plugins: PluginClasses = None) -> d
     ``plugins``: plugin classes by name besides the installed ones."""
     from contlearn._registry import PluginRegistry
 
-    registry = PluginRegistry.load(given=plugins)
+    registry = PluginRegistry.load(given=plugins, requested=plugin_names)
     out = to_container(OmegaConf.structured(ExperimentConfig))
     for name in plugin_names:
         try:

@@ -341,7 +341,7 @@ class Experiment:
             _inputs_channels_last(stream)
 
         _import_what_optimizers_import()
-        registry = PluginRegistry.load(given=self.plugin_classes)
+        registry = PluginRegistry.load(given=self.plugin_classes, requested=list(cfg.plugins))
         plugins: dict[str, Any] = {}
         for name in cfg.plugins:
             section = cfg.plugins[name]

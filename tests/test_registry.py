@@ -91,6 +91,14 @@ def test_broken_entry_point_warns_with_name_and_distribution(third_party):
         registry.get("broken")
 
 
+def test_a_broken_plugin_a_run_asks_for_is_one_error_not_a_warning_too(third_party, tmp_path, capsys):
+    from contlearn.cli import main
+
+    assert main(["run", "plugins.broken={}", "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("needs a missing library") == 1 and "error: plugin 'broken' (cl_broken:Plugin" in err, err
+    assert "'loud.shout' from cl-extras 1.2 has a name that cannot be its config key" in err  # not asked for: warned
+
 
 def test_an_entry_point_whose_name_cannot_be_a_config_key_is_reported_not_listed(third_party):
     with pytest.warns(PluginLoadWarning) as caught:
