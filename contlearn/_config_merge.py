@@ -74,7 +74,11 @@ def merge_checked(schema: Any, *layers: Any, where: str = "") -> DictConfig:
         in_list = _key_in_a_list(schema, layers, exc, where)
         if in_list is not None:
             full_key, valid = in_list
-        raise ConfigError(f"unknown config key '{full_key}'; valid keys here: {choices(valid)}") from None
+        hint = ""
+        key, _, value = full_key.rpartition(".")[2].partition(":")
+        if value and key in valid:  # `x={lam:5}` is YAML for the key 'lam:5'
+            hint = f" (in YAML, a space after the colon: {{{key}: {value}}}, not {{{key}:{value}}})"
+        raise ConfigError(f"unknown config key '{full_key}'; valid keys here: {choices(valid)}{hint}") from None
     except ValidationError as exc:
         if not exc.full_key:  # OmegaConf says nothing when a section is given a plain value
             section = _section_given_a_value(schema, layers)

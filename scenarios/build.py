@@ -74,9 +74,10 @@ def check_scenario(cfg: Any) -> None:
         raise ConfigError("scenario.class_order and classes_per_experience do not apply to setting=domain "
                           "(every experience has all classes)")
     if (cfg.transform == "none") == (cfg.domains is None):
+        given = "neither is set" if cfg.domains is None else f"both are set (transform={cfg.transform})"
         raise ConfigError(
-            "scenario.setting=domain needs either scenario.transform=permute|rotate (one data set, shifted) "
-            "or scenario.domains=[SOURCE, ...] (one data set per experience), not both"
+            "scenario.setting=domain needs one of scenario.transform=permute|rotate (one data set, shifted) "
+            f"and scenario.domains=[SOURCE, ...] (one data set per experience); {given}"
         )
     if cfg.rotations is not None and (cfg.transform != "rotate" or not len(cfg.rotations)):
         raise ConfigError("scenario.rotations needs scenario.transform=rotate and at least one angle")

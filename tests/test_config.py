@@ -69,6 +69,14 @@ def test_unknown_top_level_key():
         load_config(None, ["foo=1"])
 
 
+def test_a_yaml_mapping_without_a_space_after_the_colon_gets_a_hint():
+    with pytest.raises(ConfigError, match=r"'plugins.ewc.lam:5'.*\(in YAML, a space after the colon: \{lam: 5\}, not "):
+        load_config(None, ["plugins.ewc={lam:5}"])
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["train={epochz:1}"])  # not a key of the section with a space either: no hint
+    assert "space" not in str(err.value)
+
+
 def test_wrong_type_names_the_key():
     with pytest.raises(ConfigError, match="train.epochs"):
         load_config(None, ["train.epochs=many"])
