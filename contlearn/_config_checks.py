@@ -256,6 +256,22 @@ def _check_new_run(cfg: DictConfig) -> None:
             # attributed here, not to a caller: a config validated twice (load_config, then Experiment) says it once
             warnings.warn(f"'{key}' is set ({OmegaConf.select(cfg, key)!r}) but only {what} reads it: it is not used",
                           ConfigWarning, stacklevel=1)
+    _check_joint_alone(list(cfg.plugins.keys()))
+
+
+def _check_joint_alone(plugins: list[str]) -> None:
+    """Joint training is the upper bound every method is compared with; another
+    built-in strategy beside it makes a run that is neither (a plugin of one's
+    own, a logger say, is not counted)."""
+    import warnings
+
+    from contlearn._registry import BUILTIN_PLUGINS
+
+    others = [name for name in plugins if name in BUILTIN_PLUGINS and name not in ("joint", "finetune")]
+    if "joint" in plugins and others:
+        warnings.warn(f"plugins.joint trains on all the data seen so far, the upper bound methods are compared "
+                      f"with; with {' and '.join(repr(n) for n in others)} beside it, the run is neither",
+                      ConfigWarning, stacklevel=1)
 
 
 #: Sources that read no torchvision root.

@@ -77,7 +77,7 @@ def merge_checked(schema: Any, *layers: Any, where: str = "") -> DictConfig:
         hint = ""
         key, _, value = full_key.rpartition(".")[2].partition(":")
         if value and key in valid:  # `x={lam:5}` is YAML for the key 'lam:5'
-            hint = f" (in YAML, a space after the colon: {{{key}: {value}}}, not {{{key}:{value}}})"
+            hint = f" (in YAML, a ':' in a mapping needs a space after it: {{{key}: {value}}}, not {{{key}:{value}}})"
         raise ConfigError(f"unknown config key '{full_key}'; valid keys here: {choices(valid)}{hint}") from None
     except ValidationError as exc:
         if not exc.full_key:  # OmegaConf says nothing when a section is given a plain value

@@ -70,7 +70,7 @@ def test_unknown_top_level_key():
 
 
 def test_a_yaml_mapping_without_a_space_after_the_colon_gets_a_hint():
-    with pytest.raises(ConfigError, match=r"'plugins.ewc.lam:5'.*\(in YAML, a space after the colon: \{lam: 5\}, not "):
+    with pytest.raises(ConfigError, match=r"'plugins.ewc.lam:5'.*\(in YAML, a ':' in a mapping needs a space after it: \{lam: 5\}, not "):
         load_config(None, ["plugins.ewc={lam:5}"])
     with pytest.raises(ConfigError) as err:
         load_config(None, ["train={epochz:1}"])  # not a key of the section with a space either: no hint
@@ -251,6 +251,17 @@ def test_a_training_setting_nothing_reads_is_said_not_refused(source, overrides,
 
     with pytest.warns(ConfigWarning, match=f"^'{key}' is set .* but only .* reads it: it is not used"):
         load_config(source, overrides)
+
+
+def test_joint_training_beside_another_strategy_is_said(recwarn):
+    from contlearn.config import ConfigWarning
+
+    with pytest.warns(ConfigWarning, match=r"^plugins.joint trains on all the data .* with 'replay' and 'ewc' beside"):
+        load_config("split-digits", ["plugins.joint={}", "plugins.replay={}", "plugins.ewc={}"])
+    recwarn.clear()
+    load_config("split-digits", ["plugins.joint={}"])  # beside split-digits' finetune, which adds nothing
+    load_config("split-digits-replay", [])
+    assert not [w for w in recwarn if issubclass(w.category, ConfigWarning)]
 
 
 def test_a_data_source_of_ones_own_may_read_any_scenario_key(monkeypatch):
