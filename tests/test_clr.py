@@ -270,6 +270,7 @@ def test_checkpoint_anchor_is_loaded_and_frozen(tmp_path):
         (["plugins.joint={}"], r"\['joint'\] implement"),
     ],
 )
+@pytest.mark.filterwarnings("ignore:plugins.joint trains on all the data")  # said, then refused: clr makes the data
 def test_bad_configs_are_one_clear_error(overrides, message):
     # ConfigError (PluginError when building the plugin)
     with pytest.raises(ContlearnError, match=message):
