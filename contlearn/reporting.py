@@ -21,9 +21,10 @@ def fmt(value: float | None) -> str:
 
 def unlearn_line(metrics: dict[str, Any]) -> str:
     """One line on a forget event (``on_metrics`` with ``kind: "unlearn"``)."""
+    setting = "no dampening needed" if metrics["alpha"] is None else f"alpha {metrics['alpha']:g}, lambda {metrics['lam']:g}"
     return (
-        f"after experience {metrics['experience']}: forgot (SSD alpha {metrics['alpha']:g}, "
-        f"lambda {metrics['lam']:g}): forget accuracy {fmt(metrics.get('forget_accuracy'))}, "
+        f"after experience {metrics['experience']}: forgot (SSD {setting}): "
+        f"forget accuracy {fmt(metrics.get('forget_accuracy'))}, "
         f"retain accuracy {fmt(metrics.get('retain_accuracy'))}, "
         f"{100 * (metrics.get('dampened_fraction') or 0.0):.2f}% of parameters dampened"
     )

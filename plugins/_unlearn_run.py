@@ -210,7 +210,8 @@ def summary(report: dict[str, Any]) -> str:
     )
     lines = [
         f"forgot {what} in {report['seconds']:.3f} s (F_D: {report['fisher_d']}); "
-        f"alpha {report['alpha']:g}, lambda {report['lam']:g}"
+        + ("no dampening (the forget set was already at the target)" if report["alpha"] is None
+           else f"alpha {report['alpha']:g}, lambda {report['lam']:g}")
         + (
             f" (auto, target {report['target']:g} for the forget train accuracy"
             f"{'' if report['target_reached'] else ', NOT reached'})"

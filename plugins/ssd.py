@@ -476,20 +476,22 @@ class SSD:
         return report
 
     def _auto(self, run, params, original, fisher_d, fisher_f, sets, settings, predict):  # type: ignore[no-untyped-def]
-        """Weakest to strongest: alpha from large to small at lam = 1, then lam from
-        large to small at the list's last alpha; each trial from the original weights.
-        The first whose forget-set training accuracy is <= target is kept (else the last)."""
+        """Weakest to strongest: no dampening, then alpha from large to small at
+        lam = 1, then lam from large to small at the list's last alpha; each trial
+        from the original weights. The first whose forget-set training accuracy is
+        <= target is kept (else the last). A model that already meets the target
+        is left as it is: alpha and lam are then ``None``."""
         cfg = self.config
-        walk = [(float(a), 1.0) for a in cfg.auto_alphas] + [
-            (float(cfg.auto_alphas[-1]), float(lam)) for lam in cfg.auto_lams
-        ]
+        walk: list[tuple[float | None, float | None]] = [(None, None)]
+        walk += [(float(a), 1.0) for a in cfg.auto_alphas]
+        walk += [(float(cfg.auto_alphas[-1]), float(lam)) for lam in cfg.auto_lams]
         trials: list[dict[str, Any]] = []
         eval_bs = int(run.config.train.eval_batch_size)
         dampened = 0
         for k, (alpha, lam) in enumerate(walk):
-            if k:
+            if k > 1:
                 self._restore(params, original)
-            dampened = dampen_(params, fisher_d, fisher_f, alpha, lam)
+            dampened = 0 if alpha is None else dampen_(params, fisher_d, fisher_f, alpha, lam)
             acc = accuracy(run.model, predict, sets.forget_train, eval_bs)
             trials.append(
                 {

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from contlearn.plugins import _forget_sets as fs
+from contlearn.plugins._unlearn_run import summary
 from contlearn.plugins.ewc import fisher_and_divisors
 from contlearn.plugins.ssd import SSD, SelectionWarning
 from contlearn.scenarios import Experience, Stream, TensorData
@@ -18,6 +19,7 @@ from torch.nn import functional as F
 from contlearn import ConfigError, DataError, Experiment, TrainingError, load_config
 from contlearn.distributed import DistributedView
 from contlearn.models import MLP, ContinualModel, IncrementalLinear, SmallCNN
+from contlearn.reporting import unlearn_line
 
 NAMES = ["cat", "dog", "owl"]
 
@@ -336,8 +338,9 @@ def test_auto_walks_weak_to_strong_from_the_original_weights():
     original = weights(run.model)
     report = plugin.forget(run, {"classes": ["cat"], "auto": True, "target": 0.0})
     trials = report["trials"]
-    walk = [(100.0, 1.0), (10.0, 1.0), (1.0, 1.0), (1.0, 0.1), (1.0, 0.0)]
-    assert [(t["alpha"], t["lam"]) for t in trials] == walk[: len(trials)]
+    walk = [(None, None), (100.0, 1.0), (10.0, 1.0), (1.0, 1.0), (1.0, 0.1), (1.0, 0.0)]
+    assert [(t["alpha"], t["lam"]) for t in trials] == walk[: len(trials)] and len(trials) > 1
+    assert trials[0]["dampened"] == 0 and trials[0]["forget_train_accuracy"] == report["before"]["forget_train_accuracy"]
     assert all(t["forget_train_accuracy"] > 0.0 for t in trials[:-1])
     assert report["target_reached"] == (trials[-1]["forget_train_accuracy"] <= 0.0)
     assert (report["alpha"], report["lam"]) == (trials[-1]["alpha"], trials[-1]["lam"])
@@ -355,7 +358,9 @@ def test_auto_tries_the_lambdas_at_the_last_alpha():
     run = tiny_run(n_train=60)
     plugin = trained_plugin(run, batch_size=8, auto_alphas=[1e6, 1e5], auto_lams=[0.5, 0.0])
     report = plugin.forget(run, {"classes": ["cat"], "auto": True, "target": 0.0, "metrics": False})
-    assert [(t["alpha"], t["lam"]) for t in report["trials"]] == [(1e6, 1.0), (1e5, 1.0), (1e5, 0.5), (1e5, 0.0)]
+    assert [(t["alpha"], t["lam"]) for t in report["trials"]] == [
+        (None, None), (1e6, 1.0), (1e5, 1.0), (1e5, 0.5), (1e5, 0.0)
+    ]
     assert report["target_reached"] is False and (report["alpha"], report["lam"]) == (1e5, 0.0)
 
 
@@ -367,6 +372,8 @@ def test_every_auto_trial_dampens_the_original_weights():
     original = weights(run.model)
     report = plugin.forget(run, {"classes": ["cat"], "auto": True, "target": 0.0, "metrics": False})
     trials = report["trials"]
+    assert trials[0]["alpha"] is None and trials[0]["dampened"] == 0  # the model as it is, first
+    trials = trials[1:]
     assert len(trials) >= 2 and all(t["dampened"] > 0 for t in trials)
     chosen = weights(run.model)
     forget = run.stream[0].train.subset(torch.nonzero(run.stream[0].train.y == 0).flatten())
@@ -376,6 +383,19 @@ def test_every_auto_trial_dampens_the_original_weights():
         assert trial["forget_train_accuracy"] == pytest.approx(_hand_accuracy(run.model, forget))
     assert (trials[-1]["alpha"], trials[-1]["lam"]) == (report["alpha"], report["lam"])
     assert_same(chosen, weights(run.model))  # the last trial, done directly from the original weights
+
+
+def test_auto_leaves_a_model_that_already_meets_the_target_as_it_is():
+    run = tiny_run(n_train=60)
+    plugin = trained_plugin(run, batch_size=8)
+    original = weights(run.model)
+    report = plugin.forget(run, {"classes": ["cat"], "auto": True, "target": 1.0})
+    assert report["target_reached"] is True and report["dampened"] == 0 and report["dampened_fraction"] == 0
+    assert (report["alpha"], report["lam"]) == (None, None) and len(report["trials"]) == 1
+    assert report["forget_accuracy"] == report["before"]["forget_accuracy"]
+    assert_same(original, weights(run.model))
+    assert "no dampening (the forget set was already at the target)" in summary(report)
+    assert "forgot (SSD no dampening needed)" in unlearn_line({**report, "experience": 0})
 
 # ------------------------------------------------------------------ bad input
 
