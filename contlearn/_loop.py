@@ -298,9 +298,11 @@ def raise_if_not_finite(run: Run, exp: Experience, names: list[str], values: tor
         bad_step = int((~finite).any(dim=0).nonzero()[0])
         bad_terms = [names[k] for k in range(len(names)) if not finite[k, bad_step]]
         first_step = run.step - values.shape[1] + bad_step + 1  # numbered from 1, as in the stop messages
+        added = [name for name in bad_terms if name != "loss"]  # "loss" is the model's own, not a plugin's term
+        advice = "lower train.lr" + (f" or check the plugin that adds {', '.join(added)}" if added else "")
         raise TrainingError(
             f"non-finite loss at step {first_step} (epoch {run.epoch}) of experience {exp.index}: "
-            f"{', '.join(bad_terms)} went bad; lower train.lr or check the plugin that adds it"
+            f"{', '.join(bad_terms)} went bad; {advice}"
         )
 
 
