@@ -56,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="print only the final table")
     run.add_argument("--tensorboard", action="store_true", help="also log to RUN_DIR/tensorboard")
 
-    sub.add_parser("plugins", help="list available plugins and their config fields")
+    plugins = sub.add_parser("plugins", help="list available plugins and their config fields")
+    plugins.add_argument("names", nargs="*", metavar="NAME", help="plugins to show (default: all)")
 
     show = sub.add_parser("show-config", help="print the merged config of an experiment")
     show.add_argument("config", nargs="?", default=None, help="YAML file or shipped experiment name (default: split-digits)")
@@ -223,10 +224,15 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     from contlearn._config_merge import field_defaults
     from contlearn._registry import PluginRegistry
 
+    overrides = [name for name in args.names if "=" in name]
+    if overrides:
+        raise ConfigError(f"contlearn plugins: unrecognized arguments: {' '.join(overrides)} (it takes plugin names)")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         registry = PluginRegistry.load()
-    for name in registry.names():
+    for name in args.names:
+        registry.get(name)  # an unknown name is refused, with the available ones
+    for name in args.names or registry.names():
         entry = registry.get(name)
         try:
             cls = entry.load()

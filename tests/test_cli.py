@@ -210,6 +210,12 @@ def test_under_torchrun_a_second_sigterm_is_the_same_stop_request(monkeypatch, c
 def test_overrides_only_go_to_commands_that_take_them_and_out_beats_the_configs(tmp_path, capsys):
     assert main(["plugins", "x=1"]) == 2
     assert "unrecognized arguments: x=1" in capsys.readouterr().err
+    assert main(["plugins", "lwf", "ewc"]) == 0  # the plugins named, in that order
+    out = capsys.readouterr().out
+    assert out.startswith("lwf  [builtin]") and "\newc  [builtin]" in out and "replay" not in out and "    T = 2.0" in out
+    assert main(["plugins", "ewz"]) == 2 and "unknown plugin 'ewz'; available plugins:" in capsys.readouterr().err
+    assert main(["show-config", "ewc"]) == 2
+    assert "('ewc' is a plugin: `contlearn plugins ewc` lists its fields" in capsys.readouterr().err
     given = tmp_path / "given"
     tiny = ["scenario.n_experiences=2", "scenario.samples_per_class=10", "train.epochs=1", "model.hidden=[8]"]
     assert main(["run", *tiny, f"out={tmp_path / 'configured'}", "--out", str(given), "--quiet"]) == 0
