@@ -50,6 +50,17 @@ def _offline_hint(reachable: bool = True) -> str:
     return ""
 
 
+def _why_not_downloaded(exc: BaseException, reachable: bool) -> str:
+    """Why weights were not downloaded: offline, or the hub out of reach, when we
+    know it (the hub client's own error then only repeats it at length), else the
+    client's error (a missing repository, a refused token)."""
+    known = _offline_hint(reachable)
+    if known:
+        return known
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f": {type(exc).__name__}: {first}" if first else f": {type(exc).__name__}"
+
+
 @contextlib.contextmanager
 def _hub_or_cache(probe_seconds: float = 3.0) -> Iterator[bool]:
     """Load through the Hugging Face Hub when it answers a short connection probe,
@@ -197,9 +208,8 @@ def timm_backbone(arch: str, input_shape: Sequence[int], pretrained: bool, weigh
         hub = getattr(cfg, "hf_hub_id", None) or getattr(cfg, "url", None) or name
         raise WeightsError(
             f"pretrained weights for timm model '{name}' ({hub}) are not in the Hugging Face cache "
-            f"'{_hf_cache()}' and could not be downloaded{_offline_hint(reachable)}: {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}; connect once to fill the cache, or set "
-            f"model.pretrained=false (and model.weights=null)"
+            f"'{_hf_cache()}' and could not be downloaded{_why_not_downloaded(exc, reachable)}; connect once to "
+            f"fill the cache, or set model.pretrained=false (and model.weights=null)"
         ) from None
     return _Features(net, int(net.num_features), f"timm:{name}")
 
@@ -293,9 +303,8 @@ def clip_backbone(arch: str, input_shape: Sequence[int], pretrained: bool, weigh
         hub = cfg.get("hf_hub") or cfg.get("url") or tag
         raise WeightsError(
             f"pretrained weights '{tag}' for clip:{arch} ({hub}) are not in the Hugging Face cache "
-            f"'{_hf_cache()}' and could not be downloaded{_offline_hint(reachable)}: "
-            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; connect once to fill the cache, "
-            f"or set model.pretrained=false (and model.weights=null)"
+            f"'{_hf_cache()}' and could not be downloaded{_why_not_downloaded(exc, reachable)}; connect once to "
+            f"fill the cache, or set model.pretrained=false (and model.weights=null)"
         ) from None
     visual = model.visual
     out_features = int(getattr(visual, "output_dim", 0) or model.text_projection.shape[1])
