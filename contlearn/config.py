@@ -157,9 +157,9 @@ def resolve_config_path(name_or_path: str) -> Path:
         raise ConfigError(f"config '{name_or_path}' is a directory, not a YAML file")
     if _names_a_file(path):
         raise ConfigError(f"config file '{name_or_path}' does not exist")
-    missing = f"no config file or shipped experiment named '{name_or_path}'"
     from contlearn._registry import BUILTIN_PLUGINS
 
+    missing = f"no config file or shipped experiment named '{name_or_path}'"
     if name_or_path in BUILTIN_PLUGINS:
         missing += (f" ('{name_or_path}' is a plugin: `contlearn plugins {name_or_path}` lists its fields, and "
                     f"`contlearn run split-digits plugins.{name_or_path}={{}}` adds it to an experiment)")

@@ -210,7 +210,7 @@ def summary(report: dict[str, Any]) -> str:
     )
     lines = [
         f"forgot {what} in {report['seconds']:.3f} s (F_D: {report['fisher_d']}); "
-        + ("no dampening (the forget set was already at the target)" if report["alpha"] is None
+        + ("no dampening needed" if report["alpha"] is None
            else f"alpha {report['alpha']:g}, lambda {report['lam']:g}")
         + (
             f" (auto, target {report['target']:g} for the forget train accuracy"

@@ -394,7 +394,7 @@ def test_auto_leaves_a_model_that_already_meets_the_target_as_it_is():
     assert (report["alpha"], report["lam"]) == (None, None) and len(report["trials"]) == 1
     assert report["forget_accuracy"] == report["before"]["forget_accuracy"]
     assert_same(original, weights(run.model))
-    assert "no dampening (the forget set was already at the target)" in summary(report)
+    assert "; no dampening needed (auto, target 1 for the forget train accuracy); 0.00% of" in summary(report)
     assert "forgot (SSD no dampening needed)" in unlearn_line({**report, "experience": 0})
 
 # ------------------------------------------------------------------ bad input
