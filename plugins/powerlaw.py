@@ -88,6 +88,10 @@ class PowerLaw:
         )
         self.generator = torch.Generator()
         self._seeded = False
+        #: only the mixture replaces an experience's data; with extra_samples,
+        #: train_data draws the phase's rehearsal and returns nothing (an
+        #: Avalanche strategy, which builds its data itself, can run it then)
+        self.produces_train_data = config.via == "mixture"
         #: task -> indices into its experience's training data
         self.pools: dict[int, torch.Tensor] = {}
         self.introduced: dict[int, int] = {}  # task -> phase that trained it

@@ -454,6 +454,42 @@ def test_contlearn_ewc_in_avalanche_naive_reduces_forgetting(av, raw):
         assert row_ewc == pytest.approx(row_ref, abs=0.02)
 
 
+def test_power_law_rehearsal_through_extra_samples_runs_in_avalanche_and_its_mixture_is_refused(av, raw):
+    """With via=extra_samples, power-law rehearsal's train_data only draws the
+    phase's rehearsal (produces_train_data is false): the adapter calls it for
+    that, and the drawn samples join the strategy's mini-batches."""
+    x_tr, y_tr, x_te, y_te = raw
+    bench = av.b.nc_benchmark(dataset(x_tr, y_tr), dataset(x_te, y_te), 2, task_labels=False,
+                              fixed_class_order=list(range(10)))
+
+    def run(plugins):
+        model = mlp()
+        strategy = av.t.Naive(
+            model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05), train_mb_size=32, train_epochs=2,
+            eval_mb_size=512, evaluator=silent(av, av.m.accuracy_metrics(experience=True)), plugins=plugins,
+        )
+        return cav.accuracy_matrix_from_avalanche(train_eval(strategy, bench))
+
+    adapter = cav.as_avalanche_plugin("powerlaw", {"via": "extra_samples"})
+    naive, rehearsed = run([]), run([adapter])
+    print(f"\naccuracy on digits 0-4 after 5-9: Naive {naive[1][0]:.3f}, with power-law rehearsal {rehearsed[1][0]:.3f}")
+    history = adapter.plugin.history
+    assert [h["phase"] for h in history] == [0, 1] and history[1]["tasks"] == [0] and history[1]["counts"][0] > 0
+    assert naive[1][0] < 0.1 < 0.5 < rehearsed[1][0]  # the first five digits, kept by the rehearsal alone
+    with pytest.raises(PluginError, match=r"implements train_data, which an Avalanche strategy cannot call"):
+        cav.as_avalanche_plugin("powerlaw")  # the mixture replaces the experience's data
+
+    class SaysNoDataButGivesSome(Quiet):
+        produces_train_data = False
+
+        @hookimpl
+        def train_data(self, run, exp):
+            return exp.train
+
+    with pytest.raises(PluginError, match=r"returned training data \(train_data\) though it says it produces none"):
+        run([cav.as_avalanche_plugin(SaysNoDataButGivesSome())])
+
+
 def test_contlearn_reglora_in_avalanche_adapts_a_contlearn_model_and_holds_its_key_elements(av, raw):
     """Model surgery inside Avalanche: the adapters join the strategy's optimizer, the base weights
     change only by the merges, and the key elements accumulate over the experiences."""

@@ -27,11 +27,16 @@ after_eval_batch      ``after_eval_iteration``                     predictions: 
 on_metrics            ``after_training_epoch``, ``after_eval``     losses; accuracy row
 teardown              none: ``adapter.close()``                    Avalanche has no end-of-run callback
 unlearn               none: ``adapter.unlearn(**request)``         no post-hoc phase in Avalanche
-train_data            cannot be mapped                             PluginError
+train_data            cannot be mapped                             PluginError (but: below)
 forward               cannot be mapped                             PluginError
 compute_loss          cannot be mapped                             PluginError
 predict               cannot be mapped                             PluginError
 ===================== ============================================ =====================
+
+A plugin whose ``produces_train_data`` is false (``powerlaw`` with ``via:
+extra_samples``) implements ``train_data`` for its work alone (a draw) and returns
+nothing: the adapter calls it at ``before_training_exp``, before ``before_experience``
+as the loop does, and refuses data it returns after all.
 """
 
 from __future__ import annotations
@@ -161,6 +166,10 @@ class _AdapterLogic:
 
         _manager.register_plugins(self.pm, {name: plugin}, Defaults())
         bad = [h for h in UNSUPPORTED if _manager.implemented(self.pm, h, include_defaults=False)]
+        # train_data called for its work alone: the plugin says it returns no data (powerlaw's extra_samples)
+        self._prepares_only = "train_data" in bad and getattr(plugin, "produces_train_data", True) is False
+        if self._prepares_only:
+            bad.remove("train_data")
         if bad:
             reasons = "; ".join(f"{h}: {UNSUPPORTED[h]}" for h in bad)
             raise PluginError(
@@ -300,6 +309,8 @@ class _AdapterLogic:
         params = [id(p) for p in strategy.model.parameters()]  # before setup, which may add some (adapters)
         if first and self.implements["setup"]:
             self.pm.hook.setup(run=run)
+        if self._prepares_only:
+            self._prepare_data(run, exp)
         if self.implements["before_experience"]:
             self.pm.hook.before_experience(run=run, exp=exp)
         optimizer = None
@@ -312,6 +323,14 @@ class _AdapterLogic:
         elif [id(p) for p in strategy.model.parameters()] != params and hasattr(strategy, "make_optimizer"):
             strategy.make_optimizer()
         run.optimizer = strategy.optimizer
+
+    def _prepare_data(self, run: Run, exp: Any) -> None:
+        """Call the plugin's ``train_data`` for its work (a draw), as the loop does
+        before ``before_experience``; data it returns after all are refused."""
+        own = self.pm.subset_hook_caller("train_data", remove_plugins=[self.pm.get_plugin(_manager.DEFAULTS_NAME)])
+        if own(run=run, exp=exp) is not None:
+            raise PluginError(f"plugin '{self.name}' returned training data (train_data) though it says it "
+                              f"produces none (produces_train_data is false): {UNSUPPORTED['train_data']}")
 
     def before_training_epoch(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         self.run.epoch = int(strategy.clock.train_exp_epochs)
