@@ -429,21 +429,23 @@ def mlp():
     return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
 
 
+def naive_mlp_matrix(av, bench, plugins):
+    """The accuracy matrix of Avalanche's Naive training :func:`mlp` with ``plugins`` (SGD 0.05, 2 epochs)."""
+    model = mlp()
+    strategy = av.t.Naive(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05), train_mb_size=32, train_epochs=2,
+        eval_mb_size=512, evaluator=silent(av, av.m.accuracy_metrics(experience=True)), plugins=plugins,
+    )
+    return cav.accuracy_matrix_from_avalanche(train_eval(strategy, bench))
+
+
 def test_contlearn_ewc_in_avalanche_naive_reduces_forgetting(av, raw):
     bench = permuted_digits(av, raw, 2)
     lam = 1000.0
 
-    def run(plugins):
-        model = mlp()
-        strategy = av.t.Naive(
-            model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05), train_mb_size=32, train_epochs=2,
-            eval_mb_size=512, evaluator=silent(av, av.m.accuracy_metrics(experience=True)), plugins=plugins,
-        )
-        return cav.accuracy_matrix_from_avalanche(train_eval(strategy, bench))
-
-    naive = run([])
-    ewc = run([cav.as_avalanche_plugin("ewc", {"lam": lam})])
-    reference = run([av.t.plugins.EWCPlugin(ewc_lambda=lam / 2)])  # Avalanche's penalty has no 1/2
+    naive = naive_mlp_matrix(av, bench, [])
+    ewc = naive_mlp_matrix(av, bench, [cav.as_avalanche_plugin("ewc", {"lam": lam})])
+    reference = naive_mlp_matrix(av, bench, [av.t.plugins.EWCPlugin(ewc_lambda=lam / 2)])  # Avalanche's penalty has no 1/2
     print(f"\nforgetting: Naive {M.forgetting(naive):.3f}, Naive + contlearn ewc {M.forgetting(ewc):.3f}, "
           f"Avalanche EWCPlugin {M.forgetting(reference):.3f}; average accuracy {M.average_accuracy(naive):.3f} / "
           f"{M.average_accuracy(ewc):.3f} / {M.average_accuracy(reference):.3f}")
@@ -462,16 +464,8 @@ def test_power_law_rehearsal_through_extra_samples_runs_in_avalanche_and_its_mix
     bench = av.b.nc_benchmark(dataset(x_tr, y_tr), dataset(x_te, y_te), 2, task_labels=False,
                               fixed_class_order=list(range(10)))
 
-    def run(plugins):
-        model = mlp()
-        strategy = av.t.Naive(
-            model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05), train_mb_size=32, train_epochs=2,
-            eval_mb_size=512, evaluator=silent(av, av.m.accuracy_metrics(experience=True)), plugins=plugins,
-        )
-        return cav.accuracy_matrix_from_avalanche(train_eval(strategy, bench))
-
     adapter = cav.as_avalanche_plugin("powerlaw", {"via": "extra_samples"})
-    naive, rehearsed = run([]), run([adapter])
+    naive, rehearsed = naive_mlp_matrix(av, bench, []), naive_mlp_matrix(av, bench, [adapter])
     print(f"\naccuracy on digits 0-4 after 5-9: Naive {naive[1][0]:.3f}, with power-law rehearsal {rehearsed[1][0]:.3f}")
     history = adapter.plugin.history
     assert [h["phase"] for h in history] == [0, 1] and history[1]["tasks"] == [0] and history[1]["counts"][0] > 0
@@ -487,7 +481,7 @@ def test_power_law_rehearsal_through_extra_samples_runs_in_avalanche_and_its_mix
             return exp.train
 
     with pytest.raises(PluginError, match=r"returned training data \(train_data\) though it says it produces none"):
-        run([cav.as_avalanche_plugin(SaysNoDataButGivesSome())])
+        naive_mlp_matrix(av, bench, [cav.as_avalanche_plugin(SaysNoDataButGivesSome())])
 
 
 def test_contlearn_reglora_in_avalanche_adapts_a_contlearn_model_and_holds_its_key_elements(av, raw):
