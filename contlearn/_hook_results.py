@@ -29,6 +29,32 @@ def describe(value: Any) -> str:
     return "None" if value is None else f"a {type(value).__name__}"
 
 
+def check_loss_terms(result: Any) -> dict[str, torch.Tensor]:
+    """One plugin's ``loss_terms`` result, checked: a dict of scalar tensors.
+
+    :raises TrainingError: another type, a term that is no tensor or not a scalar."""
+    if not isinstance(result, dict):
+        raise TrainingError(f"loss_terms must return a dict of named loss tensors or None, got {type(result).__name__}")
+    for name, value in result.items():
+        if not isinstance(value, torch.Tensor):
+            raise TrainingError(f"loss term '{name}' is a {type(value).__name__}, not a tensor: it would carry no gradient")
+        if value.dim():
+            raise TrainingError(
+                f"loss term '{name}' has shape {tuple(value.shape)}: a loss term is a scalar (reduce it, e.g. with .mean())"
+            )
+    return result
+
+
+def check_extra_samples(extra: list[Any]) -> None:
+    """:raises TrainingError: an ``extra_samples`` result (``None`` results left
+    out) that is no :class:`~contlearn.scenarios.Batch`."""
+    from contlearn.scenarios import Batch
+
+    wrong = next((b for b in extra if not isinstance(b, Batch)), None)
+    if wrong is not None:
+        raise TrainingError(f"extra_samples must return a Batch or None, got {describe(wrong)}")
+
+
 def duplicate_loss_term(name: str, loss_terms: Any) -> TrainingError:
     """The error for two plugins returning a loss term of the same name; pluggy
     drops the ``None`` results, so the message lists every plugin implementing

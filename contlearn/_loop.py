@@ -22,6 +22,8 @@ import torch
 
 from contlearn import _manager
 from contlearn._hook_results import (
+    check_extra_samples,
+    check_loss_terms,
     describe,
     duplicate_loss_term,
     experience_data,
@@ -187,18 +189,7 @@ def _forward_and_losses(
     if hooks.loss_terms is not None:
         seen: set[str] = set()
         for result in hooks.loss_terms(run=run, batch=batch, out=out):
-            if not isinstance(result, dict):
-                raise TrainingError(f"loss_terms must return a dict of named loss tensors or None, got {type(result).__name__}")
-            for name, value in result.items():
-                if not isinstance(value, torch.Tensor):
-                    raise TrainingError(
-                        f"loss term '{name}' is a {type(value).__name__}, not a tensor: it would carry no gradient"
-                    )
-                if value.dim():
-                    raise TrainingError(
-                        f"loss term '{name}' has shape {tuple(value.shape)}: a loss term is a scalar (reduce it, "
-                        f"e.g. with .mean())"
-                    )
+            for name, value in check_loss_terms(result).items():
                 if name in seen:
                     raise duplicate_loss_term(name, hooks.loss_terms)
                 seen.add(name)
@@ -222,9 +213,7 @@ def train_step(
     if hooks.extra_samples is not None:
         extra = hooks.extra_samples(run=run, batch=batch)
         if extra:
-            wrong = next((b for b in extra if not isinstance(b, Batch)), None)
-            if wrong is not None:
-                raise TrainingError(f"extra_samples must return a Batch or None, got {describe(wrong)}")
+            check_extra_samples(extra)
             batch = Batch.cat([batch, *extra])
     run.batch_size = len(batch)
     if run.dist.world_size > 1:  # this process's share of the global batch (contlearn.distributed)

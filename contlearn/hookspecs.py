@@ -289,8 +289,9 @@ def on_metrics(run: Run, metrics: dict[str, Any]) -> None:
     """Called whenever the loop has metrics to report: once per training epoch
     (``kind: "epoch"``, losses by name), once per evaluation
     (``kind: "eval"``, the accuracy row), and whenever a plugin reports an
-    event of its own (e.g. ``kind: "unlearn"`` from SSD). Reporters ignore
-    kinds they do not know.
+    event of its own (e.g. ``kind: "unlearn"`` from SSD's forget events during
+    a run; :meth:`Experiment.unlearn` after a run returns its report instead).
+    Reporters ignore kinds they do not know.
 
     :param run: the current run.
     :param metrics: a flat mapping, always with ``kind``, ``experience`` and

@@ -22,6 +22,7 @@ from contlearn import (
     DataError,
     Experiment,
     PluginError,
+    TrainingError,
     hookimpl,
     load_config,
 )
@@ -482,6 +483,21 @@ def test_power_law_rehearsal_through_extra_samples_runs_in_avalanche_and_its_mix
 
     with pytest.raises(PluginError, match=r"returned training data \(train_data\) though it says it produces none"):
         naive_mlp_matrix(av, bench, [cav.as_avalanche_plugin(SaysNoDataButGivesSome())])
+
+
+@pytest.mark.parametrize("hook, returned, message", [
+    ("loss_terms", {"x": 0.5}, "loss term 'x' is a float, not a tensor"),
+    ("loss_terms", {"x": torch.ones(3, requires_grad=True)}, r"loss term 'x' has shape \(3,\): a loss term is a scalar"),
+    ("loss_terms", [torch.tensor(1.0)], "loss_terms must return a dict of named loss tensors or None, got list"),
+    ("extra_samples", (torch.zeros(1, 64), torch.zeros(1)), "extra_samples must return a Batch or None, got a tuple"),
+])  # fmt: skip
+def test_a_hook_result_of_the_wrong_kind_is_the_loops_error_in_avalanche_too(av, raw, hook, returned, message):
+    class Wrong(Quiet):
+        pass
+
+    setattr(Wrong, hook, hookimpl(lambda self, run, batch: returned))
+    with pytest.raises(TrainingError, match=message):
+        naive_mlp_matrix(av, permuted_digits(av, raw, 1), [cav.as_avalanche_plugin(Wrong())])
 
 
 def test_contlearn_reglora_in_avalanche_adapts_a_contlearn_model_and_holds_its_key_elements(av, raw):

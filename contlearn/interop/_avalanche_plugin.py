@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from contlearn import _manager
-from contlearn._hook_results import duplicate_loss_term
+from contlearn._hook_results import check_extra_samples, check_loss_terms, duplicate_loss_term
 from contlearn.errors import ContlearnError, PluginError
 from contlearn.interop._avalanche_model import LogitsModel
 from contlearn.interop._avalanche_stream import (
@@ -343,6 +343,7 @@ class _AdapterLogic:
         extra = [b for b in self.pm.hook.extra_samples(run=self.run, batch=batch) if b is not None]
         if not extra:
             return
+        check_extra_samples(extra)
         if len(strategy.mbatch) > 3:
             raise PluginError(
                 f"plugin '{self.name}' adds samples (extra_samples) but the strategy's mini-batch has "
@@ -364,7 +365,7 @@ class _AdapterLogic:
         total = None
         seen: set[str] = set()
         for result in self.pm.hook.loss_terms(run=self.run, batch=batch, out=out):
-            for name, value in (result or {}).items():
+            for name, value in check_loss_terms(result).items():
                 if name in seen:
                     raise duplicate_loss_term(name, self.pm.hook.loss_terms)
                 seen.add(name)
