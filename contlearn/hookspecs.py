@@ -16,6 +16,11 @@ registered ``trylast``, so any strategy that returns a value wins over them.
 Two active strategies that both implement the same ``firstresult`` hook are an
 error unless one of them orders itself with ``tryfirst``/``trylast``: a silent
 winner would be the worst kind of bug (see ``contlearn._manager``).
+
+The docstrings below say when contlearn's loop calls each hook. Inside an
+Avalanche strategy, :func:`contlearn.interop.avalanche.as_avalanche_plugin`
+calls them at the strategy's callbacks instead; docs/avalanche.md lists where,
+and where the timing differs.
 """
 
 from __future__ import annotations

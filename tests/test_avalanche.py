@@ -500,6 +500,22 @@ def test_a_hook_result_of_the_wrong_kind_is_the_loops_error_in_avalanche_too(av,
         naive_mlp_matrix(av, permuted_digits(av, raw, 1), [cav.as_avalanche_plugin(Wrong())])
 
 
+def test_plugins_see_an_avalanche_model_in_the_mode_avalanche_put_it_in(av, raw):
+    modes = []
+
+    class Mode(Quiet):
+        @hookimpl
+        def after_step(self, run):
+            modes.append(("train", run.model.training))
+
+        @hookimpl
+        def after_eval_batch(self, run, batch, predictions):
+            modes.append(("eval", run.model.training))
+
+    naive_mlp_matrix(av, permuted_digits(av, raw, 1), [cav.as_avalanche_plugin(Mode())])
+    assert {kind: mode for kind, mode in modes} == {"train": True, "eval": False} and len(set(modes)) == 2
+
+
 def test_contlearn_reglora_in_avalanche_adapts_a_contlearn_model_and_holds_its_key_elements(av, raw):
     """Model surgery inside Avalanche: the adapters join the strategy's optimizer, the base weights
     change only by the merges, and the key elements accumulate over the experiences."""

@@ -115,6 +115,15 @@ class AvalancheModelView(nn.Module):
         self.module = module
         self.trained_classes: list[int] | None = None
 
+    @property  # type: ignore[override]
+    def training(self) -> bool:
+        """The wrapped model's mode: Avalanche switches the model it holds, not this view."""
+        return self.__dict__["_modules"]["module"].training
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        pass  # nn.Module's __init__ and train() set it; train() also switches the wrapped model
+
     def forward(self, x: torch.Tensor, task: torch.Tensor | None = None) -> Output:
         if task is None:
             logits = self.module(x)
