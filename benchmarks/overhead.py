@@ -153,7 +153,9 @@ def avalanche_run(overrides: list[str], strategy: str) -> tuple[float, float]:
     seconds = 0.0
     for exp in benchmark.train_stream:
         t0 = time.perf_counter()
-        learner.train(exp, num_workers=0)
+        with warnings.catch_warnings():  # Avalanche's own filters let its DeprecationWarnings through
+            warnings.simplefilter("ignore")
+            learner.train(exp, num_workers=0)
         seconds += time.perf_counter() - t0
     return seconds, accuracy(net, stream, lambda x, t: net(x))
 
