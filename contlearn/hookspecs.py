@@ -9,8 +9,9 @@ breaking plugins.
 How results combine is pluggy's: an ordinary hook returns the list of all
 non-``None`` results (last registered first); a ``firstresult`` hook ("produce
 the X") stops at the first implementation that returns something other than
-``None``. The built-in defaults (cross-entropy, the configured optimizer,
-argmax prediction) are implemented by :class:`contlearn.defaults.Defaults`,
+``None``. The built-in defaults (the experience's own training data, the
+model's forward, cross-entropy, the configured optimizer, argmax prediction)
+are implemented by :class:`contlearn.defaults.Defaults`,
 registered ``trylast``, so any strategy that returns a value wins over them.
 
 Two active strategies that both implement the same ``firstresult`` hook are an
