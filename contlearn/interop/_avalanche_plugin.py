@@ -118,7 +118,7 @@ class AvalancheModelView(nn.Module):
     @property  # type: ignore[override]
     def training(self) -> bool:
         """The wrapped model's mode: Avalanche switches the model it holds, not this view."""
-        return self.__dict__["_modules"]["module"].training
+        return self.module.training
 
     @training.setter
     def training(self, mode: bool) -> None:
