@@ -256,13 +256,19 @@ def _check_new_run(cfg: DictConfig) -> None:
             # attributed here, not to a caller: a config validated twice (load_config, then Experiment) says it once
             warnings.warn(f"'{key}' is set ({OmegaConf.select(cfg, key)!r}) but only {what} reads it: it is not used",
                           ConfigWarning, stacklevel=1)
-    _check_joint_alone(list(cfg.plugins.keys()))
+    _check_strategy_combinations(list(cfg.plugins.keys()))
 
 
-def _check_joint_alone(plugins: list[str]) -> None:
-    """Joint training is the upper bound every method is compared with; another
-    built-in strategy beside it makes a run that is neither (a plugin of one's
-    own, a logger say, is not counted)."""
+#: Built-in strategies that rehearse samples they keep: two of them hold two memories.
+REHEARSAL = ("replay", "memo", "powerlaw")
+
+
+def _check_strategy_combinations(plugins: list[str]) -> None:
+    """Said, not refused: built-in strategies that run together but make a run
+    that compares with nothing. Joint training is the upper bound every method
+    is compared with, and another strategy beside it makes a run that is
+    neither; two rehearsal strategies rehearse from two memories, whose budget
+    is their sum. Plugins of one's own (a logger, say) are not counted."""
     import warnings
 
     from contlearn._registry import BUILTIN_PLUGINS
@@ -271,6 +277,11 @@ def _check_joint_alone(plugins: list[str]) -> None:
     if "joint" in plugins and others:
         warnings.warn(f"plugins.joint trains on all the data seen so far, the upper bound methods are compared "
                       f"with; with {' and '.join(repr(n) for n in others)} beside it, the run is neither",
+                      ConfigWarning, stacklevel=1)
+    memories = [name for name in plugins if name in REHEARSAL]
+    if len(memories) > 1:
+        warnings.warn(f"plugins {' and '.join(repr(n) for n in memories)} each rehearse samples from a memory of "
+                      f"their own: the run holds {len(memories)} memories, and its memory budget is their sum",
                       ConfigWarning, stacklevel=1)
 
 

@@ -264,6 +264,17 @@ def test_joint_training_beside_another_strategy_is_said(recwarn):
     assert not [w for w in recwarn if issubclass(w.category, ConfigWarning)]
 
 
+def test_two_rehearsal_strategies_are_said_to_hold_two_memories(recwarn):
+    from contlearn.config import ConfigWarning
+
+    with pytest.warns(ConfigWarning, match=r"^plugins 'memo' and 'replay' each rehearse .* holds 2 memories"):
+        load_config("split-digits-memo", ["plugins.replay={}"])
+    recwarn.clear()
+    load_config("split-digits-memo", ["plugins.lwf={}"])
+    load_config("split-digits-powerlaw", [])
+    assert not [w for w in recwarn if issubclass(w.category, ConfigWarning)]
+
+
 def test_a_data_source_of_ones_own_may_read_any_scenario_key(monkeypatch):
     from contlearn.scenarios import sources
 
