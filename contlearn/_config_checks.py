@@ -120,6 +120,8 @@ def validate(cfg: DictConfig, plugins: Any = None) -> DictConfig:
         section = cfg.plugins[name]
         plugin_cfg = plugin_config(name, getattr(entry.load(), "Config", None), section)
         cfg.plugins[name] = OmegaConf.structured(plugin_cfg) if plugin_cfg is not None else {}
+    if not _SAVED_RUN.get():
+        _check_strategy_combinations({name: registry.get(name).load() for name in cfg.plugins})
     for name, keys in given.items():  # the values a user set, typed by now (a plugin's defaults are its own)
         section = cfg.plugins[name]
         for key in keys:
@@ -256,19 +258,15 @@ def _check_new_run(cfg: DictConfig) -> None:
             # attributed here, not to a caller: a config validated twice (load_config, then Experiment) says it once
             warnings.warn(f"'{key}' is set ({OmegaConf.select(cfg, key)!r}) but only {what} reads it: it is not used",
                           ConfigWarning, stacklevel=1)
-    _check_strategy_combinations(list(cfg.plugins.keys()))
 
 
-#: Built-in strategies that rehearse samples they keep: two of them hold two memories.
-REHEARSAL = ("replay", "memo", "powerlaw")
-
-
-def _check_strategy_combinations(plugins: list[str]) -> None:
-    """Said, not refused: built-in strategies that run together but make a run
-    that compares with nothing. Joint training is the upper bound every method
-    is compared with, and another strategy beside it makes a run that is
-    neither; two rehearsal strategies rehearse from two memories, whose budget
-    is their sum. Plugins of one's own (a logger, say) are not counted."""
+def _check_strategy_combinations(plugins: dict[str, type]) -> None:
+    """Said, not refused: strategies that run together but make a run that
+    compares with nothing (``plugins``: the config's plugin classes by name).
+    Joint training is the upper bound every method is compared with, and
+    another built-in strategy beside it makes a run that is neither (a plugin of
+    one's own, a logger say, is not counted); two plugins that declare
+    ``keeps_rehearsal_memory`` rehearse from two memories, whose budget is their sum."""
     import warnings
 
     from contlearn._registry import BUILTIN_PLUGINS
@@ -278,7 +276,7 @@ def _check_strategy_combinations(plugins: list[str]) -> None:
         warnings.warn(f"plugins.joint trains on all the data seen so far, the upper bound methods are compared "
                       f"with; with {' and '.join(repr(n) for n in others)} beside it, the run is neither",
                       ConfigWarning, stacklevel=1)
-    memories = [name for name in plugins if name in REHEARSAL]
+    memories = [name for name, cls in plugins.items() if getattr(cls, "keeps_rehearsal_memory", False)]
     if len(memories) > 1:
         warnings.warn(f"plugins {' and '.join(repr(n) for n in memories)} each rehearse samples from a memory of "
                       f"their own: the run holds {len(memories)} memories, and its memory budget is their sum",

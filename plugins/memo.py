@@ -51,6 +51,8 @@ BYTES_PER_PARAMETER = 4
 class MEMO:
     """MEMO: expandable specialized blocks over shared generalized blocks, with herding exemplars (Zhou et al., ICLR 2023)."""
 
+    keeps_rehearsal_memory = True  # rehearses samples it keeps (two such plugins: two memories)
+
     #: setup replaces the run's model by MEMO's network (a plugin that adapts the
     #: run's model in place, reglora, refuses to run beside it)
     builds_model = True

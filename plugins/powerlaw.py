@@ -47,6 +47,8 @@ VIA = ("mixture", "extra_samples")
 class PowerLaw:
     """Power-law rehearsal of past tasks (Gandhi, Shah, Marupudi and Varma, 2024)."""
 
+    keeps_rehearsal_memory = True  # rehearses samples it keeps (two such plugins: two memories)
+
     @dataclass
     class Config:
         schedule: str = "power_law"  # power_law | power_law_index | uniform | exponential | none | all

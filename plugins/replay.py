@@ -45,6 +45,8 @@ STORAGES = ("device", "cpu")
 class Replay:
     """Experience replay from a reservoir or class-balanced buffer (Chaudhry et al., 2019)."""
 
+    keeps_rehearsal_memory = True  # rehearses samples it keeps (two such plugins: two memories)
+
     @dataclass
     class Config:
         size: int = 200  # samples kept in the buffer

@@ -274,6 +274,12 @@ def test_two_rehearsal_strategies_are_said_to_hold_two_memories(recwarn):
     load_config("split-digits-powerlaw", [])
     assert not [w for w in recwarn if issubclass(w.category, ConfigWarning)]
 
+    class OwnMemory:  # a plugin of one's own says so by the attribute
+        keeps_rehearsal_memory = True
+
+    with pytest.warns(ConfigWarning, match=r"^plugins 'replay' and 'mine' each rehearse"):
+        load_config("split-digits-replay", ["plugins.mine={}"], plugins={"mine": OwnMemory})
+
 
 def test_a_data_source_of_ones_own_may_read_any_scenario_key(monkeypatch):
     from contlearn.scenarios import sources
