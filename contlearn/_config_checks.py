@@ -62,7 +62,7 @@ def validate(cfg: DictConfig, plugins: Any = None) -> DictConfig:
 
     for section in cfg.keys():  # the plugins' sections once typed, below
         if section != "plugins":
-            _check_finite(cfg._get_node(section), f"{section}.")
+            _check_finite(cfg._get_node(section), f"{section!s}.")
     allowed = {
         "device": None,
         "scenario.setting": ("class", "task", "domain"),
@@ -124,10 +124,10 @@ def validate(cfg: DictConfig, plugins: Any = None) -> DictConfig:
         _check_strategy_combinations({name: registry.get(name).load() for name in cfg.plugins})
     for name, keys in given.items():  # the values a user set, typed by now (a plugin's defaults are its own)
         section = cfg.plugins[name]
-        for key in keys:
-            if isinstance(section, DictConfig) and key in section:
+        for field in keys:
+            if isinstance(section, DictConfig) and field in section:
                 # infinity: a plugin may give it a meaning, and older runs were made with it
-                _check_finite(section._get_node(key), f"plugins.{name}.{key}.", infinity=_SAVED_RUN.get())
+                _check_finite(section._get_node(field), f"plugins.{name}.{field!s}.", infinity=_SAVED_RUN.get())
     return cfg
 
 
@@ -144,7 +144,7 @@ def _check_finite(node: Any, key: str = "", numbers: bool = True, infinity: bool
     numbers, strings or booleans."""
     if isinstance(node, DictConfig):
         for name in node.keys():
-            _check_finite(node._get_node(name), f"{key}{name}.", numbers, infinity)
+            _check_finite(node._get_node(name), f"{key}{name!s}.", numbers, infinity)
     elif isinstance(node, ListConfig):
         kind = node._metadata.element_type
         for i in range(len(node)):

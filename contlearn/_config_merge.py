@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import typing
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import BooleanNode, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -65,9 +65,9 @@ def merge_checked(schema: Any, *layers: Any, where: str = "") -> DictConfig:
     """Merge layers over a structured schema, turning OmegaConf errors into
     :class:`ConfigError` messages that name the key and the valid choices."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), *layers)
+        merged = cast(DictConfig, OmegaConf.merge(OmegaConf.structured(schema), *layers))  # over a structured class
         _check_booleans(merged, layers, where)
-        return merged  # type: ignore[return-value]
+        return merged
     except ConfigKeyError as exc:
         full_key = f"{where}{exc.full_key}" if exc.full_key else where.rstrip(".")
         valid = _valid_keys(schema, str(exc.full_key))
@@ -115,7 +115,7 @@ def _check_booleans(node: DictConfig, layers: tuple[Any, ...], where: str, prefi
     """:raises ConfigError: a number other than 0 or 1 given for a boolean
     (OmegaConf takes any number: ``train.amp=2`` would be true)."""
     for name in node.keys():
-        child, key = node._get_node(name), f"{prefix}{name}"
+        child, key = node._get_node(name), f"{prefix}{name!s}"
         if isinstance(child, BooleanNode):
             given = _given_value(layers, key)
             if isinstance(given, (int, float)) and not isinstance(given, bool) and given not in (0, 1):
@@ -161,7 +161,7 @@ def _container_mismatch(schema: DictConfig, layers: tuple[Any, ...]) -> tuple[st
             if found is not None:
                 return found
             try:
-                merged = OmegaConf.merge(merged, layer)
+                merged = cast(DictConfig, OmegaConf.merge(merged, layer))  # a mapping over a mapping
             except (OmegaConfBaseException, TypeError):
                 return None
     return None
@@ -191,7 +191,7 @@ def _path_in_lists(layers: tuple[Any, ...], key: str) -> str | None:
             if in_list and key in node:
                 return f"{prefix}.{key}" if prefix else key
             for k, v in node.items():
-                found = walk(v, f"{prefix}.{k}" if prefix else str(k), False)
+                found = walk(v, f"{prefix}.{k!s}" if prefix else str(k), False)
                 if found:
                     return found
         elif isinstance(node, (list, ListConfig)):

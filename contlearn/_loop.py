@@ -43,7 +43,7 @@ from contlearn.defaults import (
 )
 from contlearn.distributed import DistributedView
 from contlearn.errors import ConfigError, DataError, TrainingError
-from contlearn.run import Run
+from contlearn.run import OptimizerLike, Run
 from contlearn.scenarios import Batch, Experience
 
 if TYPE_CHECKING:
@@ -63,13 +63,18 @@ class StepHooks:
                 return getattr(defaults, name)
             return getattr(pm.hook, name)
 
+        def required(name: str) -> Callable[..., Any]:
+            hook = bind(name)
+            assert hook is not None, f"contlearn's defaults implement {name}"
+            return hook
+
         self.extra_samples = bind("extra_samples")
-        self.forward = bind("forward")
-        self.compute_loss = bind("compute_loss")
+        self.forward = required("forward")
+        self.compute_loss = required("compute_loss")
         self.loss_terms = bind("loss_terms")
         self.after_backward = bind("after_backward")
         self.after_step = bind("after_step")
-        self.predict = bind("predict")
+        self.predict = required("predict")
         self.after_eval_batch = bind("after_eval_batch")
         #: bf16 autocast for forward and loss (``train.amp``); None when off
         self.autocast = torch.autocast(device_type, dtype=torch.bfloat16) if autocast else None
@@ -132,7 +137,7 @@ def train_experience(
         for epoch in range(run.epoch, cfg.epochs):
             run.epoch = epoch
             if not by_step:
-                set_epoch_lr(run.optimizer, schedule, epoch)
+                set_epoch_lr(_optimizer(run), schedule, epoch)
             batches = data.batches(batch_size, shuffle=True, generator=run.generator)
             if resumed is not None:
                 state = resumed.epoch
@@ -142,9 +147,9 @@ def train_experience(
                 state = EpochState([], {}, run.generator.get_state())
             for batch in batches:
                 if by_step:
-                    set_step_schedule_lr(run.optimizer, schedule, run.step, cfg.epochs * steps_per_epoch, warmup)
+                    set_step_schedule_lr(_optimizer(run), schedule, run.step, cfg.epochs * steps_per_epoch, warmup)
                 elif warmup:
-                    set_step_lr(run.optimizer, schedule, epoch, run.step, warmup)
+                    set_step_lr(_optimizer(run), schedule, epoch, run.step, warmup)
                 train_step(run, batch, hooks, state.losses, state.terms)
                 if ctl is not None and ctl.due(run.global_step):
                     ctl.end_of_step(run, exp, state)
@@ -160,6 +165,13 @@ def train_experience(
             f"({exc}); check the plugin that adds samples"
         ) from None
     run.hook.after_experience(run=run, exp=exp)
+
+
+def _optimizer(run: Run) -> OptimizerLike:
+    """The optimizer of the experience being trained (set before its first step)."""
+    if run.optimizer is None:
+        raise TrainingError("run.optimizer is None while training: a plugin removed it")
+    return run.optimizer
 
 
 def _rest_of_epoch(batches: Iterator[Batch], state: EpochState, generator: torch.Generator) -> Iterator[Batch]:
@@ -227,7 +239,8 @@ def train_step(
                 loss, total = _forward_and_losses(run, batch, hooks, terms, len(losses))
     except ValueError as exc:
         if len(batch) == 1 and "more than 1 value per channel" in str(exc):  # torch's BatchNorm
-            where = f"step {run.step + 1} of experience {run.experience.index} (epoch {run.epoch})"
+            index = run.experience.index if run.experience is not None else "?"
+            where = f"step {run.step + 1} of experience {index} (epoch {run.epoch})"
             why = "which BatchNorm cannot normalise in training (one value per channel)"
             if run.dist.world_size > 1:
                 raise ConfigError(
@@ -244,7 +257,7 @@ def train_step(
                 f"full batches of train.batch_size={size}: choose a batch size that does not leave one sample"
             ) from None
         raise
-    optimizer = run.optimizer
+    optimizer = _optimizer(run)
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     if run.dist.world_size > 1:

@@ -96,7 +96,7 @@ def register_plugins(pm: pluggy.PluginManager, plugins: dict[str, Any], defaults
             raise PluginError(f"plugin '{name}' implements '{unknown[1]}', which is no hook: {hint}") from None
         hook = re.search(r"for hook '(\w+)'", str(exc))
         spec = getattr(getattr(pm.hook, hook[1], None), "spec", None) if hook else None
-        takes = f"; '{hook[1]}' takes ({', '.join(spec.argnames)})" if spec is not None else ""
+        takes = f"; '{spec.name}' takes ({', '.join(spec.argnames)})" if spec is not None else ""
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         raise PluginError(f"plugin '{name}' does not fit the hook contract: {'; '.join(lines)}{takes}") from None
     check_firstresult_conflicts(pm)

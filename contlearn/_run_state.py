@@ -167,7 +167,7 @@ def capture(
             "completed": completed,
             "inside_experience": inside,
             "epoch": run.epoch if inside else 0,
-            "batch": len(epoch.losses) if inside else 0,
+            "batch": len(epoch.losses) if epoch is not None else 0,
             "step": run.step if inside else 0,
             "global_step": run.global_step,
         },
@@ -185,9 +185,9 @@ def capture(
             "confusion": None if progress.confusion is None else torch.from_numpy(np.asarray(progress.confusion)),
             "timings": dict(progress.timings),
             "elapsed": progress.elapsed,
-            "epoch_losses": torch.stack(epoch.losses).cpu() if inside and epoch.losses else None,
-            "epoch_terms": {k: torch.stack(v).cpu() for k, v in epoch.terms.items()} if inside else {},
-            "epoch_generator": epoch.generator if inside else None,
+            "epoch_losses": torch.stack(epoch.losses).cpu() if epoch is not None and epoch.losses else None,
+            "epoch_terms": {k: torch.stack(v).cpu() for k, v in epoch.terms.items()} if epoch is not None else {},
+            "epoch_generator": epoch.generator if epoch is not None else None,
         },
     }
 

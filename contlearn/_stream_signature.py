@@ -71,7 +71,8 @@ def data_checksum(data: Any) -> str | None:
     if positions is None or x.dim() == 1:
         picked = x[rows]
     else:
-        picked = x[(rows[:, None], *_unravel(positions, x.shape[1:]))]
+        index = (rows[:, None], *_unravel(positions, x.shape[1:]))  # a name: mypy reads x[(a, *b)] as 3.11's x[a, *b]
+        picked = x[index]
     digest = hashlib.blake2b(digest_size=8)
     for part in (picked, y[rows]):
         digest.update(str(part.dtype).encode())

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from contlearn.errors import TrainingError
 from contlearn.hookspecs import hookimpl
 from contlearn.models import Output
-from contlearn.run import Run
+from contlearn.run import OptimizerLike, Run
 from contlearn.scenarios import Batch, Experience
 
 OPTIMIZERS = {
@@ -53,7 +53,7 @@ def epoch_lr(base: float, train_cfg, epoch: int) -> float:
     return base
 
 
-def set_epoch_lr(optimizer: torch.optim.Optimizer, train_cfg, epoch: int, factor: float = 1.0) -> None:
+def set_epoch_lr(optimizer: OptimizerLike, train_cfg, epoch: int, factor: float = 1.0) -> None:
     """Set every parameter group's rate for ``epoch`` (times ``factor``), from the
     group's rate when it was first scheduled (kept as ``initial_lr``, torch's key,
     so that it is in the optimizer's state dict and a resumed run schedules from
@@ -86,7 +86,7 @@ def unreached_milestones(train_cfg, steps_per_epoch: int) -> list[int]:
     return [m for m in train_cfg.milestones if m >= end]
 
 
-def set_step_lr(optimizer: torch.optim.Optimizer, train_cfg, epoch: int, step: int, warmup: int) -> None:
+def set_step_lr(optimizer: OptimizerLike, train_cfg, epoch: int, step: int, warmup: int) -> None:
     """Before step ``step`` (0-based, within the experience): the scheduled rate
     times ``step / warmup`` while ``step < warmup`` (linear warm-up from 0, as
     Hugging Face's schedules), the scheduled rate itself at ``step == warmup``;
@@ -122,7 +122,7 @@ def step_schedule_lr(base: float, train_cfg, step: int, steps: int, warmup: int)
     return rate * step / warmup if step < warmup else rate
 
 
-def set_step_schedule_lr(optimizer: torch.optim.Optimizer, train_cfg, step: int, steps: int, warmup: int) -> None:
+def set_step_schedule_lr(optimizer: OptimizerLike, train_cfg, step: int, steps: int, warmup: int) -> None:
     """Set every parameter group's rate for step ``step`` (:func:`step_schedule_lr`),
     from the group's ``initial_lr`` (see :func:`set_epoch_lr`)."""
     for group in optimizer.param_groups:

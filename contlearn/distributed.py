@@ -208,12 +208,12 @@ class DistributedView:
         if not params:
             return
         missing = [p.grad is None for p in params]
-        for p, lacks in zip(params, missing, strict=True):
-            if lacks:
-                p.grad = torch.zeros_like(p)
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for p in params:
-            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)  # type: ignore[union-attr]
+            grad = p.grad
+            if grad is None:
+                grad = p.grad = torch.zeros_like(p)
+            by_dtype.setdefault(grad.dtype, []).append(grad)
         first = next(iter(by_dtype))
         # weight > 0 on every process, so a parameter's sum of weights is > 0 where any process had its gradient;
         # made on the device, element by element (no copy from the host, which would wait for the GPU)

@@ -74,7 +74,7 @@ class Interrupted(ContlearnError):
     exit_code = 130
 
 
-def choices(valid: Iterable[str]) -> str:
+def choices(valid: Iterable[object]) -> str:
     """Format valid names for an error message: ``'a', 'b', 'c'``."""
     names = sorted(valid, key=str)
     return ", ".join(repr(n) for n in names) if names else "(none)"

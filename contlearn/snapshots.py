@@ -64,7 +64,7 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 def load_tensors(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Set ``module``'s parameters and buffers by name, shapes included (a copy of a
     model whose head has grown since can be given back its older, smaller head)."""
-    own = dict(module.named_parameters())
+    own: dict[str, torch.Tensor] = dict(module.named_parameters())
     own.update(dict(module.named_buffers()))
     missing = sorted(set(tensors) - set(own))
     if missing:

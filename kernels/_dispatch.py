@@ -140,7 +140,8 @@ class TritonKernel:
         self.fn = fn
         self.autotune = autotune
         self._built: dict[bool, Any] = {}
-        functools.update_wrapper(self, fn)
+        # not a callable wrapper (launches go through __getitem__): only fn's name and doc are copied
+        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
 
     def build(self) -> Any:
         interpret = interpreter_enabled()

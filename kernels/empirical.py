@@ -117,7 +117,7 @@ class _LinearTaps:
         self, module: nn.Module, batch_size: int | None
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Inputs [B, T, I] and output gradients [B, T, O] of every call, calls along T."""
-        pairs = [(a, d) for a, d in self.calls[module] if d is not None]
+        pairs = [(a, d) for a, d in self.calls[module] if a is not None and d is not None]  # a: the input, always set
         if not pairs:
             return None
         for a, _ in pairs:
@@ -128,7 +128,7 @@ class _LinearTaps:
                 )
         b = pairs[0][0].shape[0]
         a_all = torch.cat([a.reshape(b, -1, a.shape[-1]) for a, _ in pairs], dim=1)
-        d_all = torch.cat([d.reshape(b, -1, d.shape[-1]) for _, d in pairs], dim=1)  # type: ignore[union-attr]
+        d_all = torch.cat([d.reshape(b, -1, d.shape[-1]) for _, d in pairs], dim=1)
         return a_all, d_all
 
     def drop_functional_uses(self, loss: torch.Tensor, modules: Iterable[nn.Module] | None = None) -> None:
@@ -318,7 +318,7 @@ def _accumulate_per_sample(
     # hook while skipping those layers' batch weight-gradient GEMMs.
     anchored: list[tuple[nn.Module, nn.Parameter]] = []
     for m in modules:
-        own = [p for p in (m.bias, m.weight) if p is not None and id(p) in sample_params]
+        own = [p for p in (m.bias, m.weight) if isinstance(p, nn.Parameter) and id(p) in sample_params]
         anchored.extend((m, p) for p in own[:1])
     grads = torch.autograd.grad(loss, [p for _, p in fallback] + [p for _, p in anchored], allow_unused=True)
     fired = taps.fired()

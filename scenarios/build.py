@@ -13,7 +13,7 @@ import math
 import os
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from contlearn.scenarios import builders
@@ -228,8 +228,9 @@ def _check_eval_shape(stream: Stream, cfg: Any) -> None:
 def build_stream(scenario: Any, seed: int) -> Stream:
     """The stream a ``scenario`` config section describes."""
     if not isinstance(scenario, DictConfig):
-        scenario = scenario_config(OmegaConf.to_container(OmegaConf.structured(scenario))
-                                   if not isinstance(scenario, Mapping) else scenario)
+        if not isinstance(scenario, Mapping):  # a ScenarioConfig: a structured config's container is a dict
+            scenario = cast("dict[str, Any]", OmegaConf.to_container(OmegaConf.structured(scenario)))
+        scenario = scenario_config(scenario)
     if scenario.source == "avalanche":
         return _build_avalanche(scenario, seed)
     check_scenario(scenario)

@@ -107,10 +107,10 @@ class ImageFileSamples(Samples):
         from PIL import Image
 
         try:
-            with Image.open(self.paths[i]) as img:
-                img = img.convert("RGB")
+            with Image.open(self.paths[i]) as file:
+                img = file.convert("RGB")
                 if self.image_size is not None and img.size != (self.image_size, self.image_size):
-                    img = img.resize((self.image_size, self.image_size), Image.BILINEAR)
+                    img = img.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
                 array = np.asarray(img, dtype=np.uint8).copy()
         except OSError as exc:
             raise DataError(f"cannot read image '{self.paths[i]}': {exc}") from None
@@ -389,6 +389,7 @@ def torchvision_source(name: str, root: str | None, download: bool = False) -> S
     8-bit images kept as uint8 [N, C, H, W] and divided by 255 when read."""
     path = Path(root if root is not None else default_root()).expanduser()
     parts = []
+    names: list[str] | None = None
     for train in (True, False):
         ds = _torchvision_set(name, path, train, download)
         data = ds.data

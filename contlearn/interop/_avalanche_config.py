@@ -77,7 +77,10 @@ def _source_config(scenario_cfg: Any) -> Any:
     known = {f.name for f in dataclasses.fields(ScenarioConfig)}
     values = _plain(scenario_cfg)
     if not isinstance(values, dict):
-        values = dataclasses.asdict(values) if dataclasses.is_dataclass(values) else vars(values)
+        if dataclasses.is_dataclass(values) and not isinstance(values, type):  # an instance, not the class
+            values = dataclasses.asdict(values)
+        else:
+            values = vars(values)
     return OmegaConf.merge(
         OmegaConf.structured(ScenarioConfig), {k: v for k, v in values.items() if k in known}
     )

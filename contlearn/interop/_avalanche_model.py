@@ -62,9 +62,10 @@ class LogitsModel(nn.Module):
             self._eval_width = max(classes) + 1 if classes else 0
             return
         self._eval_width = 0
+        adapt = getattr(self.model, "adapt", None)
         for task, classes in classes_by_task(experience).items():
-            if classes and hasattr(self.model, "adapt"):
-                self.model.adapt(classes, task)
+            if classes and adapt is not None:
+                adapt(classes, task)
             self._note_task(task, classes)
 
     def _note_task(self, task: int, classes: Sequence[int]) -> None:
@@ -76,6 +77,10 @@ class _MultiTaskLogits(LogitsModel):
     strategies pass the mini-batch's task labels to ``forward``; without task
     labels it returns ``{task: logits}`` for every task trained, as Avalanche's
     ``MultiTaskModule.forward_all_tasks`` does."""
+
+    # set by Avalanche's MultiTaskModule.__init__ (the other base of the class made below)
+    known_train_tasks_labels: set[int]
+    max_class_label: int
 
     def forward(self, x: torch.Tensor, task_labels: torch.Tensor | int | None = None) -> Any:
         if task_labels is None:

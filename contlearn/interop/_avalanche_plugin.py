@@ -44,7 +44,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -65,7 +65,7 @@ from contlearn.interop._avalanche_stream import (
     lazy_stream,
     require_avalanche,
 )
-from contlearn.models import Output
+from contlearn.models import ContinualModel, Output
 from contlearn.run import Run
 from contlearn.scenarios import Batch, Stream
 
@@ -150,17 +150,20 @@ class AvalancheModelView(nn.Module):
         does, is called with a task label per sample)."""
         from avalanche.models import MultiTaskModule
 
-        if type(self.module).forward_single_task is not MultiTaskModule.forward_single_task:
-            return self.module.forward_single_task(x, task)
+        module = self.module
+        if isinstance(module, MultiTaskModule) and type(module).forward_single_task is not MultiTaskModule.forward_single_task:
+            return module.forward_single_task(x, task)
         return self.module(x, torch.full((x.shape[0],), task, dtype=torch.long, device=x.device))
 
     def adapt(self, classes: Sequence[int], task: int = 0) -> None:
         pass
 
 
-def model_view(model: nn.Module) -> nn.Module:
-    """What ``run.model`` is for an Avalanche strategy's model."""
-    return model.model if isinstance(model, LogitsModel) else AvalancheModelView(model)
+def model_view(model: nn.Module) -> ContinualModel:
+    """What ``run.model`` is for an Avalanche strategy's model: the contlearn model
+    a :class:`LogitsModel` wraps, or a view with a contlearn model's interface
+    (``forward(x, task) -> Output``, ``adapt``), which plugins use as one."""
+    return cast(ContinualModel, model.model if isinstance(model, LogitsModel) else AvalancheModelView(model))
 
 
 class _AdapterLogic:
@@ -297,10 +300,10 @@ class _AdapterLogic:
         self._in_training = False
 
     def before_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
-        first = self.run is None
-        if first:
-            self.run = self._make_run(strategy)
         run = self.run
+        first = run is None
+        if run is None:
+            run = self.run = self._make_run(strategy)
         seen = self._note_experience(strategy)
         if not self._whole:
             run.stream = self._seen_stream()
@@ -333,6 +336,14 @@ class _AdapterLogic:
             strategy.make_optimizer()
         run.optimizer = strategy.optimizer
 
+    def _training_run(self) -> Run:
+        """The run, in a training callback after the first ``before_training_exp`` (which makes it)."""
+        if self.run is None:
+            raise ContlearnError(
+                f"contlearn plugin '{self.name}': an Avalanche training callback came before before_training_exp"
+            )
+        return self.run
+
     def _prepare_data(self, run: Run, exp: Any) -> None:
         """Call the plugin's ``train_data`` for its work (a draw), as the loop does
         before ``before_experience``; data it returns after all are refused."""
@@ -342,7 +353,7 @@ class _AdapterLogic:
                               f"produces none (produces_train_data is false): {UNSUPPORTED['train_data']}")
 
     def before_training_epoch(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
-        self.run.epoch = int(strategy.clock.train_exp_epochs)
+        self._training_run().epoch = int(strategy.clock.train_exp_epochs)
         self._losses, self._terms = [], {}
 
     def before_forward(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
@@ -390,16 +401,18 @@ class _AdapterLogic:
     def after_training_iteration(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         if self.implements["after_step"]:
             self.pm.hook.after_step(run=self.run)
-        self.run.step += 1
-        self.run.global_step += 1
+        run = self._training_run()
+        run.step += 1
+        run.global_step += 1
 
     def after_training_epoch(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         if not self.implements["on_metrics"] or not self._losses:
             return
+        run = self._training_run()
         metrics: dict[str, Any] = {
             "kind": "epoch",
-            "experience": self.run.experience.index,
-            "epoch": self.run.epoch,
+            "experience": run.experience.index if run.experience is not None else None,
+            "epoch": run.epoch,
             "loss": float(torch.stack(self._losses).mean()),
         }
         for name, values in self._terms.items():  # a term returned at some steps only counts 0 at the others
@@ -408,7 +421,8 @@ class _AdapterLogic:
 
     def after_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         if self.implements["after_experience"]:
-            self.pm.hook.after_experience(run=self.run, exp=self.run.experience)
+            run = self._training_run()
+            self.pm.hook.after_experience(run=run, exp=run.experience)
 
     def before_eval(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         self._hits = {}

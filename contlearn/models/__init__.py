@@ -32,6 +32,7 @@ __all__ = [
     "create_backbone",
     "create_head",
     "create_model",
+    "feature_width",
 ]
 
 
@@ -55,7 +56,7 @@ class ContinualModel(nn.Module):
 
     @property
     def out_features(self) -> int:
-        return self.backbone.out_features
+        return feature_width(self.backbone)
 
     def forward(self, x: torch.Tensor, task: torch.Tensor | None = None) -> Output:
         features = self.backbone(x)
@@ -63,10 +64,19 @@ class ContinualModel(nn.Module):
 
     def adapt(self, classes: Sequence[int], task: int = 0) -> None:
         """Make the head able to predict ``classes`` (of task ``task``)."""
-        if hasattr(self.head, "adapt"):
-            self.head.adapt(classes, task)
-        elif hasattr(self.head, "grow"):
-            self.head.grow(max(classes) + 1)
+        adapt = getattr(self.head, "adapt", None)
+        if adapt is not None:
+            adapt(classes, task)
+        elif (grow := getattr(self.head, "grow", None)) is not None:
+            grow(max(classes) + 1)
+
+
+def feature_width(backbone: nn.Module) -> int:
+    """The size of the features ``backbone`` returns (its ``out_features``)."""
+    width = backbone.out_features
+    if isinstance(width, nn.Module):
+        raise TypeError(f"{type(backbone).__name__}.out_features must be a number of features, not a module")
+    return int(width)
 
 
 def create_model(cfg: Any, input_shape: Sequence[int]) -> ContinualModel:
@@ -74,5 +84,5 @@ def create_model(cfg: Any, input_shape: Sequence[int]) -> ContinualModel:
     ``head``, ``pretrained``...), with an empty head that grows as experiences
     arrive."""
     backbone = create_backbone(cfg.backbone, input_shape, cfg)
-    head = create_head(getattr(cfg, "head", "incremental"), backbone.out_features, cfg)
+    head = create_head(getattr(cfg, "head", "incremental"), feature_width(backbone), cfg)
     return ContinualModel(backbone, head)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -133,6 +134,8 @@ class MultiHead(nn.Module):
     read. A sample whose task has no head yet gets only masked logits.
     """
 
+    _anchor: torch.Tensor
+
     def __init__(self, in_features: int):
         super().__init__()
         self.in_features = in_features
@@ -159,7 +162,8 @@ class MultiHead(nn.Module):
         if task not in self.task_classes:
             self.heads[str(task)] = IncrementalLinear(self.in_features).to(self._anchor.device, self._anchor.dtype)
         self.task_classes[task] = known + new
-        self.heads[str(task)].grow(len(self.task_classes[task]))
+        head = cast(IncrementalLinear, self.heads[str(task)])  # all heads are made as above
+        head.grow(len(self.task_classes[task]))
         self._columns.pop(task, None)
 
     def keep_tasks(self, tasks: Sequence[int]) -> None:
