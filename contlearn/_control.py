@@ -19,6 +19,7 @@ from contlearn import _run_state as run_state
 from contlearn import checkpoint as ckpt
 from contlearn._loop import check_weights, loss_table, raise_if_not_finite
 from contlearn._random_state import own_gpu, rng_state
+from contlearn._registry import plugin_options
 from contlearn._run_state import EpochState, Progress
 from contlearn.config import to_container
 from contlearn.errors import Interrupted, command
@@ -34,9 +35,10 @@ def class_paths(classes: dict[str, type]) -> dict[str, str]:
 
 
 def how_to_resume(experiment: Experiment) -> str:
-    """The command that continues this run. ``contlearn resume`` rebuilds only the
-    installed plugins (and its own displays and logs): a run given a stream, or
-    plugins that take part in training, continues from Python with them."""
+    """The command that continues this run. ``contlearn resume`` rebuilds the
+    installed plugins (and its own displays and logs), and the classes ``-p``
+    names: a run given a stream, or other plugins that take part in training,
+    continues from Python with them."""
     plugins = experiment.given_plugins
     given, what = [], []
     if plugins:
@@ -49,6 +51,9 @@ def how_to_resume(experiment: Experiment) -> str:
         what.append("the same stream")
     if not given:
         return command("contlearn", "resume", experiment.out_dir)
+    again = plugin_options(plugins) if experiment.stream is None and set(plugins) <= set(experiment.plugin_classes) else None
+    if again is not None:  # classes the command line named with -p: it names them again
+        return command("contlearn", "resume", experiment.out_dir, *again)
     return f"Experiment.resume({str(experiment.out_dir)!r}, {', '.join(given)}) in Python, with {' and '.join(what)}"
 
 
@@ -71,7 +76,8 @@ class Control:
         self.keep_last = int(cfg.keep_last)
         self.stop = experiment._stop_requested  # asked of this process (a signal, request_stop)
         self.agreed = False  # several processes: a stop that all of them agreed on (vote)
-        self.saved: tuple[int, Path] | None = None  # the global step and path of the last step checkpoint
+        # the global step and path of the last step checkpoint (no path on processes other than 0)
+        self.saved: tuple[int, Path | None] | None = None
         self.dist, self.device = run.dist, run.device
         self.out_dir = out
         self.how_to_resume = how_to_resume(experiment)

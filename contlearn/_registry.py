@@ -11,12 +11,18 @@ Setting ``CONTLEARN_DISABLE_PLUGIN_AUTOLOAD=1`` skips entry points.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import inspect
 import os
 import re
+import sys
+import traceback
 import warnings
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from contlearn.errors import ContlearnError, PluginError, choices
@@ -78,6 +84,91 @@ def given_plugins(plugins: Any, where: str, *, classes_only: bool = False) -> di
     return dict(plugins)
 
 
+def plugin_classes_from_targets(targets: Sequence[str], option: str = "--plugin") -> dict[str, type]:
+    """The plugin classes a command line names, each ``NAME=path/to/file.py:Class``
+    or ``NAME=package.module:Class``: the command-line form of
+    ``Experiment(plugins={NAME: Class})``, for a plugin of one's own that no
+    distribution installs. A file is imported under its own name, its folder
+    last on ``sys.path`` (so it may import its neighbours and shadows nothing).
+
+    :raises PluginError: a malformed target, a missing file, a module that fails to
+        import (the message names the file and line), no such class, a name given twice.
+    """
+    classes: dict[str, type] = {}
+    for text in targets:
+        name, sep, target = text.partition("=")
+        where, _, attr = target.rpartition(":")
+        if not sep or not name or not where or not attr:
+            raise PluginError(
+                f"{option} {text!r}: give NAME=path/to/file.py:Class or NAME=package.module:Class, "
+                f"e.g. {option} anchor=anchor.py:LogitAnchor"
+            )
+        if name in classes:
+            raise PluginError(f"{option}: the plugin name '{name}' is given twice")
+        module = _import_target(where, f"{option} {name}={target}")
+        obj: Any = module
+        for part in attr.split("."):
+            obj = getattr(obj, part, None)
+        if not isinstance(obj, type):
+            defined = [n for n, c in vars(module).items() if inspect.isclass(c) and c.__module__ == module.__name__]
+            what = "no attribute" if obj is None else f"{type(obj).__name__}, not a class, as"
+            raise PluginError(
+                f"{option} {name}={target}: {where} has {what} '{attr}'; the classes it defines: "
+                f"{', '.join(defined) or 'none'}"
+            )
+        classes[name] = obj
+        _TARGETS[obj] = f"{Path(where).expanduser().resolve() if _is_file(where) else where}:{attr}"
+    return given_plugins(classes, option, classes_only=True)
+
+
+#: where the plugin classes a command line named come from (absolute file paths),
+#: so that the command that continues a run can name them again
+_TARGETS: dict[type, str] = {}
+
+
+def plugin_options(classes: Mapping[str, type]) -> list[str] | None:
+    """The ``-p NAME=TARGET`` arguments that give ``classes`` again, or None
+    when one of them was not named on a command line (a script's own)."""
+    if not all(cls in _TARGETS for cls in classes.values()):
+        return None
+    return [arg for name, cls in classes.items() for arg in ("-p", f"{name}={_TARGETS[cls]}")]
+
+
+def _is_file(where: str) -> bool:
+    return where.endswith(".py") or "/" in where or os.sep in where
+
+
+def _import_target(where: str, what: str) -> ModuleType:
+    """The module a target's part before ':' names: a ``.py`` file or a module."""
+    if not _is_file(where):
+        return _import(where, what, None)
+    path = Path(where).expanduser().resolve()
+    if not path.is_file():
+        raise PluginError(f"{what}: no such file {where}")
+    try:
+        other = importlib.util.find_spec(path.stem)
+    except (ImportError, ValueError):
+        other = None
+    if other is not None and Path(other.origin or "").resolve() != path:
+        raise PluginError(
+            f"{what}: the file's module name '{path.stem}' is that of {other.origin or 'a built-in module'}; "
+            f"rename the file"
+        )
+    if str(path.parent) not in sys.path:
+        sys.path.append(str(path.parent))  # its neighbours can be imported; nothing installed is shadowed
+    return _import(path.stem, what, path)
+
+
+def _import(module_name: str, what: str, path: Path | None) -> ModuleType:
+    """Import ``module_name``; a failure names the line of ``path`` it happened at."""
+    try:
+        return importlib.import_module(module_name)
+    except Exception as exc:
+        lines = [f.lineno for f in traceback.extract_tb(exc.__traceback__) if path and Path(f.filename) == path]
+        at = f" (at {path}:{lines[-1]})" if lines and not isinstance(exc, SyntaxError) else ""
+        raise PluginError(f"{what}: importing {path or module_name} failed: {type(exc).__name__}: {exc}{at}") from exc
+
+
 class PluginLoadWarning(UserWarning):
     """A third-party plugin could not be loaded; the others still are."""
 
@@ -132,7 +223,11 @@ class PluginRegistry:
 
     @classmethod
     def load(
-        cls, autoload: bool | None = None, given: Mapping[str, type] | None = None, requested: Collection[str] = ()
+        cls,
+        autoload: bool | None = None,
+        given: Mapping[str, type] | None = None,
+        requested: Collection[str] = (),
+        given_source: str = "given in Python",
     ) -> PluginRegistry:
         """Built-ins, plus entry points of the group ``contlearn.plugins`` unless
         autoload is off, plus the plugin classes ``given`` by name in Python (a
@@ -180,7 +275,7 @@ class PluginRegistry:
                     f"{entries[name].source}; give it another name"
                 )
             target = f"{plugin_class.__module__}:{plugin_class.__qualname__}"
-            entries[name] = PluginEntry(name, target, "given in Python", plugin_class)
+            entries[name] = PluginEntry(name, target, given_source, plugin_class)
         return cls(entries, broken)
 
     def get(self, name: str) -> PluginEntry:

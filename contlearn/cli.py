@@ -1,12 +1,14 @@
 """The ``contlearn`` command.
 
-``contlearn run [CONFIG_OR_NAME] [key=value ...] [--out DIR] [--quiet]``,
-``contlearn plugins``, ``contlearn show-config CONFIG_OR_NAME [key=value ...]``,
+``contlearn run [CONFIG_OR_NAME] [key=value ...] [--out DIR] [--quiet] [-p NAME=FILE.py:CLASS ...]``,
+``contlearn plugins [NAME ...]``, ``contlearn show-config CONFIG_OR_NAME [key=value ...]``,
 ``contlearn report RUN_DIR [RUN_DIR ...] [--out DIR]``,
 ``contlearn resume RUN_DIR [key=value ...] [--quiet]``,
 ``contlearn unlearn RUN_DIR (--classes C ... | --samples I ...) [--alpha A --lam L | --auto [--target T]]``.
 Errors meant for the user print one line to stderr and exit with 2 (usage and
-config) or 1 (run time), without a traceback. The first Ctrl-C (or SIGTERM)
+config) or 1 (run time), without a traceback. ``-p NAME=FILE.py:CLASS`` (run,
+resume, show-config, plugins) gives a plugin class of one's own, as
+``Experiment(plugins={NAME: CLASS})`` does. The first Ctrl-C (or SIGTERM)
 during a run finishes the current step, writes a checkpoint and exits with 130.
 """
 
@@ -20,6 +22,7 @@ import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from contlearn.errors import (
     ConfigError,
@@ -35,7 +38,7 @@ EXIT_BROKEN_PIPE = 141  # as a shell reports a process SIGPIPE stopped: 128 + 13
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse exits 2 on usage errors too
+    def error(self, message: str) -> NoReturn:  # argparse exits 2 on usage errors too
         raise ConfigError(f"{self.prog}: {message}")
 
 
@@ -55,13 +58,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default=None, help="run directory (default runs/<name>-<timestamp>)")
     run.add_argument("--quiet", action="store_true", help="print only the final table")
     run.add_argument("--tensorboard", action="store_true", help="also log to RUN_DIR/tensorboard")
+    _add_plugin_option(run)
 
     plugins = sub.add_parser("plugins", help="list available plugins and their config fields")
     plugins.add_argument("names", nargs="*", metavar="NAME", help="plugins to show (default: all)")
+    _add_plugin_option(plugins)
 
     show = sub.add_parser("show-config", help="print the merged config of an experiment")
     show.add_argument("config", nargs="?", default=None, help="YAML file or shipped experiment name (default: split-digits)")
     show.add_argument("overrides", nargs="*", help="key=value overrides")
+    _add_plugin_option(show)
 
     sub.add_parser("configs", help="list the experiments shipped with the package")
 
@@ -74,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     resume.add_argument("overrides", nargs="*", default=[], help="key=value overrides (device, threads, checkpoint.*)")
     resume.add_argument("--quiet", action="store_true", help="print only the final table")
     resume.add_argument("--tensorboard", action="store_true", help="also log to RUN_DIR/tensorboard")
+    _add_plugin_option(resume)
 
     unlearn = sub.add_parser("unlearn", help="make a run's model forget classes or samples (SSD), into a new run dir")
     unlearn.add_argument("run_dir", metavar="RUN_DIR", help="the run directory")
@@ -107,6 +114,26 @@ def _parser() -> argparse.ArgumentParser:
     unlearn.add_argument("--device", default=None, help="where to unlearn: auto, cpu, cuda[:k] (default: the run's device)")
     unlearn.add_argument("--threads", type=int, default=None, help="CPU threads (default: the run's threads setting)")
     return parser
+
+
+def _add_plugin_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-p", "--plugin", action="append", default=[], metavar="NAME=FILE.py:CLASS",
+        help="a plugin class of one's own, active under NAME (also NAME=package.module:CLASS); repeatable",
+    )
+
+
+def _given_classes(args: argparse.Namespace) -> dict[str, type]:
+    """The plugin classes ``-p NAME=FILE.py:CLASS`` gives."""
+    from contlearn._registry import plugin_classes_from_targets
+
+    return plugin_classes_from_targets(getattr(args, "plugin", []))
+
+
+def _activated(classes: dict[str, type], overrides: list[str]) -> list[str]:
+    """A class given with ``-p`` is active, as one given to ``Experiment(plugins=...)``:
+    an empty section keeps what the config and overrides set."""
+    return [*overrides, *(f"plugins.{name}={{}}" for name in classes)]
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -187,15 +214,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     _refuse_empty_out(args.out, "the run directory")
     source, overrides = _split_config_arg(args.config, args.overrides)
-    cfg = load_config(source, overrides)
+    classes = _given_classes(args)
+    cfg = load_config(source, _activated(classes, overrides), plugins=classes)
     out = args.out = args.out or cfg.out or default_run_dir(cfg.name)  # args.out: where an error says it is
-    return _run_to_the_end(Experiment(cfg, out_dir=out, plugins=_command_plugins(args, out)), out)
+    return _run_to_the_end(Experiment(cfg, out_dir=out, plugins={**classes, **_command_plugins(args, out)}), out)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from contlearn.experiment import Experiment
 
-    plugins = _command_plugins(args, args.run_dir)
+    plugins = {**_given_classes(args), **_command_plugins(args, args.run_dir)}
     return _run_to_the_end(Experiment.resume(args.run_dir, args.overrides, plugins=plugins), args.run_dir)
 
 
@@ -229,7 +257,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         raise ConfigError(f"contlearn plugins: unrecognized arguments: {' '.join(overrides)} (it takes plugin names)")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        registry = PluginRegistry.load()
+        registry = PluginRegistry.load(given=_given_classes(args), given_source="given with --plugin")
     for name in args.names:
         registry.get(name)  # an unknown name is refused, with the available ones
     for name in args.names or registry.names():
@@ -256,7 +284,8 @@ def cmd_show_config(args: argparse.Namespace) -> int:
     from contlearn.config import load_config, to_yaml
 
     source, overrides = _split_config_arg(args.config, args.overrides)
-    print(to_yaml(load_config(source, overrides)), end="")
+    classes = _given_classes(args)
+    print(to_yaml(load_config(source, _activated(classes, overrides), plugins=classes)), end="")
     return 0
 
 
@@ -332,6 +361,7 @@ def _failed_in_a_plugin(exc: Exception, args: argparse.Namespace | None) -> int:
     which plugin and hook, and what of the run is kept. Any other is raised on
     (a bug of contlearn's, or of the model: the traceback says where)."""
     from contlearn import checkpoint as ckpt
+    from contlearn._registry import plugin_options
 
     where = raised_in_a_hook(exc)
     if where is None:
@@ -340,10 +370,12 @@ def _failed_in_a_plugin(exc: Exception, args: argparse.Namespace | None) -> int:
     command_name = getattr(args, "command", None)
     run_dir = getattr(args, "run_dir", None) if command_name == "resume" else getattr(args, "out", None)
     kept = ""
-    if command_name == "unlearn":
+    if command_name == "unlearn" and args is not None:
         kept = f"; the run directory {args.run_dir} is unchanged"
     elif run_dir is not None and ckpt.list_checkpoints(Path(run_dir) / ckpt.DIRNAME):
-        kept = f"; the run's checkpoints are kept: once it is fixed, continue with: {command('contlearn', 'resume', run_dir)}"
+        again = (plugin_options(_given_classes(args)) or []) if args is not None else []
+        kept = (f"; the run's checkpoints are kept: once it is fixed, continue with: "
+                f"{command('contlearn', 'resume', run_dir, *again)}")
     print(f"{_process()}error: plugin {where[0]} raised {type(exc).__name__} in its hook '{where[1]}' (above){kept}",
           file=sys.stderr)
     return 1

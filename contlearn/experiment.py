@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import contextlib
 import random
+import re
 import signal
 import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -220,11 +222,13 @@ class Experiment:
             with saved_run_config():  # checked as it was when the run started
                 config = load_config(config_file, overrides, plugins=classes)
         except PluginError as exc:
-            if not str(exc).startswith("unknown plugin"):
+            unknown = re.match(r"unknown plugin '([^']*)'", str(exc))
+            if unknown is None:
                 raise
+            name = unknown[1]
             raise PluginError(
-                f"{exc} (if the run was given it as a class in Python, give it again: "
-                f"Experiment.resume(run_dir, plugins={{'name': TheClass}}))"
+                f"{exc} (if the run was given it as a class, give it again: on the command line "
+                f"-p {name}=FILE.py:Class, in Python Experiment.resume(run_dir, plugins={{'{name}': TheClass}}))"
             ) from None
         new = [name for name in classes if name not in config.plugins]
         if new:
@@ -273,17 +277,21 @@ class Experiment:
             when = "at the end of the epoch or the next periodic checkpoint (checkpoint.every_n_steps)"
             process = f"[rank {environment_rank()}] "
         names = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
-        at_once = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+        at_once: dict[signal.Signals, Callable[[int, FrameType | None], Any] | signal.Handlers] = {
+            signal.SIGINT: signal.default_int_handler,
+            signal.SIGTERM: signal.SIG_DFL,
+        }
 
         def on_signal(signum: int, frame: Any) -> None:
-            again = f"{names[signum]} again to stop at once"
-            if process and signum == signal.SIGTERM:  # this handler stays: the next SIGTERM is the same request
+            sig = signal.Signals(signum)
+            again = f"{names[sig]} again to stop at once"
+            if process and sig == signal.SIGTERM:  # this handler stays: the next SIGTERM is the same request
                 if self._stop_requested:
                     return
                 again = "torchrun kills the processes after its --shutdown_timeout"
             else:
-                signal.signal(signum, at_once[signum])
-            print(f"\n{process}{names[signum]}: stopping {when} ({again})", file=sys.stderr, flush=True)
+                signal.signal(sig, at_once[sig])
+            print(f"\n{process}{names[sig]}: stopping {when} ({again})", file=sys.stderr, flush=True)
             self.request_stop()
 
         previous = {signum: signal.signal(signum, on_signal) for signum in names}
@@ -302,7 +310,7 @@ class Experiment:
         dist, device = DistributedView.from_environment(resolve_device(self.config.device))
         if not dist.is_main:
             self.out_dir = None  # process 0 writes the run directory
-        created = self.out_dir is not None and not self.out_dir.exists()
+        created = self.out_dir if self.out_dir is not None and not self.out_dir.exists() else None
         try:
             if self.out_dir is not None:
                 prepare_run_dir(self.out_dir)
@@ -312,11 +320,11 @@ class Experiment:
                     refuse_existing_run(self.out_dir)
             return self._build(dist, device)
         except BaseException:
-            if created:
+            if created is not None:
                 with contextlib.suppress(OSError):  # not empty (another process's lock), or gone: left as it is
                     if self._lock is not None:
                         self._lock.path.unlink()
-                    self.out_dir.rmdir()
+                    created.rmdir()
             self._release_lock()
             raise
 
@@ -429,21 +437,22 @@ class Experiment:
                             self._finish(run, progress, t_start)
                     raise
                 ctl.end_of_experience(run, exp)
-            self._finish(run, progress, t_start)
+            results = self._finish(run, progress, t_start)
         finally:
             self._control = None
             try:
                 run.hook.teardown(run=run)
             finally:
                 self._release_lock()
-        return self.results
+        return results
 
-    def _finish(self, run: Run, progress: Progress, t_start: float) -> None:
+    def _finish(self, run: Run, progress: Progress, t_start: float) -> Results:
         """The results of the run, trained on every experience, kept and written."""
         progress.timings["total_seconds"] = progress.elapsed + time.perf_counter() - t_start
-        self.results = self._results(run, progress.initial, progress.confusion, progress.timings)
+        results = self.results = self._results(run, progress.initial, progress.confusion, progress.timings)
         if self.out_dir is not None:
-            write_results(self.out_dir, self.results)
+            write_results(self.out_dir, results)
+        return results
 
     def _results(self, run: Run, initial, confusion, timings) -> Results:
         R = run.accuracy_rows

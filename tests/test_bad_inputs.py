@@ -119,6 +119,16 @@ def test_unknown_plugin_lists_available_ones(capsys):
     assert "unknown plugin 'ewk'; available plugins:" in err and "'finetune'" in err
 
 
+@pytest.mark.parametrize("target, message", [
+    ("anchor", "--plugin 'anchor': give NAME=path/to/file.py:Class or NAME=package.module:Class"),
+    ("anchor=missing.py:Anchor", "--plugin anchor=missing.py:Anchor: no such file missing.py"),
+    ("anchor={file}:Ancher", "has no attribute 'Ancher'; the classes it defines: Anchor"),
+])
+def test_a_plugin_class_the_command_line_cannot_load(target, message, plugin_file, capsys):
+    err = one_error_line(capsys, 2, ["run", "-p", target.format(file=plugin_file), "train.epochs=1"])
+    assert message in err
+
+
 @pytest.mark.parametrize(
     "override, key, valid",
     [
@@ -178,6 +188,13 @@ def test_a_missing_optional_package_names_its_extra(module, argv, message, tmp_p
     err = one_error_line(capsys, 2, [*argv, "--out", str(tmp_path / "run")])
     assert err.startswith(message) and "pip install 'contlearn[" in err, err
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_the_advice_to_continue_after_a_bug_names_the_p_plugins_again(catalogue_plugins, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", *TINY, "-p", "mine=cl_catalogue:Buggy", "--out", str(out), "--quiet"]) == 1
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.endswith(f"continue with: contlearn resume {out} -p mine=cl_catalogue:Buggy"), last
 
 
 def test_npz_source_without_a_path(capsys):

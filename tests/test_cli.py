@@ -247,3 +247,61 @@ raise SystemExit(main())
     assert done.returncode == 130, done.stderr
     assert "interrupted after step 2 of experience 0" in done.stderr
     assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr, done.stderr
+
+
+def test_a_plugin_of_one_s_own_from_a_file_runs_shows_lists_and_resumes_with_p(plugin_file, tmp_path, capsys):
+    import shutil
+
+    from contlearn import checkpoint as ckpt
+
+    tiny = ["scenario.n_experiences=2", "scenario.samples_per_class=10", "model.hidden=[8]", "train.epochs=2",
+            "eval.fwt=false", "checkpoint.every_n_steps=2", "plugins.anchor.weight=0.5"]
+    given = ["-p", f"anchor={plugin_file}:Anchor"]
+    whole = tmp_path / "whole"
+    assert main(["run", *tiny, *given, "--out", str(whole), "--quiet"]) == 0
+    assert "anchor:\n    weight: 0.5" in (whole / "config.yaml").read_text()
+    assert '"loss/anchor"' in (whole / "events.jsonl").read_text()  # its loss term was logged: it trained
+    assert main(["show-config", *given, "train.lr=0.3"]) == 0
+    assert "anchor:\n    weight: 0.1" in capsys.readouterr().out  # active, with its default
+    assert main(["plugins", "anchor", *given]) == 0
+    assert capsys.readouterr().out.startswith("anchor  [given with --plugin]  Keeps the logits small")
+
+    stopped = tmp_path / "stopped"  # the run as a crash half-way left it
+    shutil.copytree(whole, stopped)
+    (stopped / "results.json").unlink()
+    saved = ckpt.list_checkpoints(stopped / "checkpoints")
+    for path in saved[len(saved) // 2:]:
+        path.unlink()
+    assert main(["resume", str(stopped), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown plugin 'anchor'" in err and "-p anchor=FILE.py:Class" in err, err
+    assert main(["resume", str(stopped), *given, "--quiet"]) == 0
+    finished = [json.loads((run / "results.json").read_text())["accuracy_matrix"] for run in (whole, stopped)]
+    assert finished[0] == finished[1]
+
+
+def test_a_stopped_run_s_advice_names_its_p_plugins_again(plugin_file, tmp_path):
+    from contlearn import Experiment
+    from contlearn._registry import plugin_classes_from_targets
+    from contlearn.errors import Interrupted
+
+    class StopAfterTheFirstEpoch:  # only observes: the resume needs not be given it
+        def __init__(self, experiment):
+            self.experiment = experiment
+
+        @hookimpl
+        def on_metrics(self, metrics):
+            if metrics["kind"] == "epoch":
+                self.experiment.request_stop()
+
+    given = plugin_classes_from_targets([f"anchor={plugin_file.parent}/../{plugin_file.parent.name}/{plugin_file.name}:Anchor"])
+    out = tmp_path / "run"
+    experiment = Experiment(None, ["train.epochs=2", "eval.fwt=false"], out_dir=out, plugins=given)
+    experiment.extra_plugins["stop"] = StopAfterTheFirstEpoch(experiment)
+    with pytest.raises(Interrupted, match=rf"continue with: contlearn resume {out} -p anchor={plugin_file}:Anchor$"):
+        experiment.run()
+    script = Experiment(None, ["train.epochs=2", "eval.fwt=false"], out_dir=tmp_path / "script",
+                        plugins={"anchor": type("Anchor", (given["anchor"],), {})})  # a class of the script's own
+    script.extra_plugins["stop"] = StopAfterTheFirstEpoch(script)
+    with pytest.raises(Interrupted, match=r"continue with: Experiment.resume\(.*plugins=\{'anchor': Anchor\}\) in Python"):
+        script.run()

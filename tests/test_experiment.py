@@ -398,7 +398,7 @@ def test_a_plugin_class_given_in_python_is_configured_by_name(quick, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(SimulatedCrash):
         Experiment(None, overrides, out_dir=out, plugins={"damping": Damping, "crash": CrashAt(14)}).run()
-    with pytest.raises(PluginError, match=r"unknown plugin 'damping'.*if the run was given it as a class in Python, give it again"):
+    with pytest.raises(PluginError, match=r"unknown plugin 'damping'.*if the run was given it as a class, give it again: on the command line -p damping=FILE.py:Class"):
         Experiment.resume(out)
     with pytest.raises(ConfigError, match=r"plugin classes \['extra'\] are given, but the run .* has no such plugins"):
         Experiment.resume(out, plugins={"damping": Damping, "extra": Damping})

@@ -144,3 +144,52 @@ def test_the_class_an_entry_point_names_may_be_given_under_its_name_too(third_pa
     with pytest.raises(PluginError, match="the plugin class Other is given as 'shout', the name of a plugin from "
                                           "cl-extras"):
         load_config(None, [], plugins={"shout": Other})
+
+
+# ----------------------------------------------------------------------------- classes a command line names
+
+def test_a_plugin_class_is_named_by_file_or_by_module(plugin_file):
+    from contlearn._registry import plugin_classes_from_targets
+
+    by_file = plugin_classes_from_targets([f"anchor={plugin_file}:Anchor"])["anchor"]
+    assert by_file.__name__ == "Anchor" and by_file.__module__ == plugin_file.stem
+    assert plugin_classes_from_targets([f"a2={plugin_file.stem}:Anchor"]) == {"a2": by_file}  # its folder is on the path now
+    cfg = load_config(None, ["plugins.anchor.weight=0.5"], plugins={"anchor": by_file})
+    assert cfg.plugins.anchor.weight == 0.5
+
+
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        ("anchor", "--plugin 'anchor': give NAME=path/to/file.py:Class or NAME=package.module:Class"),
+        ("anchor={file}", "give NAME=path/to/file.py:Class"),
+        ("={file}:Anchor", "give NAME=path/to/file.py:Class"),
+        ("anchor={dir}/missing.py:Anchor", "--plugin anchor={dir}/missing.py:Anchor: no such file {dir}/missing.py"),
+        ("anchor={dir}/syntax.py:Anchor", "importing {dir}/syntax.py failed: SyntaxError: "),
+        ("anchor={dir}/raises.py:Anchor", "importing {dir}/raises.py failed: RuntimeError: no GPU here (at {dir}/raises.py:2)"),
+        ("anchor=no_such_module_here:Anchor", "importing no_such_module_here failed: ModuleNotFoundError"),
+        ("anchor={file}:Ancher", "has no attribute 'Ancher'; the classes it defines: Anchor"),
+        ("anchor={file}:NOT_A_CLASS", "has int, not a class, as 'NOT_A_CLASS'; the classes it defines: Anchor"),
+        ("anchor={dir}/queue.py:Anchor", "the file's module name 'queue' is that of "),
+        ("a.b={file}:Anchor", "is given as 'a.b', which cannot be its config key"),
+    ],
+)
+def test_a_bad_plugin_target_is_one_clear_error(plugin_file, target, message):
+    from contlearn._registry import plugin_classes_from_targets
+
+    folder = plugin_file.parent
+    (folder / "syntax.py").write_text("def f(:\n")
+    (folder / "raises.py").write_text("import os\nraise RuntimeError('no GPU here')\n")
+    (folder / "queue.py").write_text(plugin_file.read_text())
+    fill = {"file": plugin_file, "dir": folder}
+    with pytest.raises(PluginError) as caught:
+        plugin_classes_from_targets([target.format(**fill)])
+    assert message.format(**fill) in str(caught.value)
+    assert "queue" not in sys.modules or not sys.modules["queue"].__file__.startswith(str(folder))
+
+
+def test_a_plugin_name_given_twice_is_refused(plugin_file):
+    from contlearn._registry import plugin_classes_from_targets
+
+    with pytest.raises(PluginError, match="the plugin name 'anchor' is given twice"):
+        plugin_classes_from_targets([f"anchor={plugin_file}:Anchor", f"anchor={plugin_file}:Anchor"])
