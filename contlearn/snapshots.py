@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Iterator
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -48,12 +49,15 @@ def selected_parameters(
             yield name, p
 
 
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
 def snapshot(model: nn.Module, pattern: re.Pattern[str] | str | None = None) -> dict[str, torch.Tensor]:
     """Detached copies of the selected parameters, by name."""
     return {name: p.detach().clone() for name, p in selected_parameters(model, pattern)}
 
 
-def frozen_copy(model: nn.Module) -> nn.Module:
+def frozen_copy(model: ModuleT) -> ModuleT:
     """A copy of ``model`` in eval mode with gradients off (a teacher)."""
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters():

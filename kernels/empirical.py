@@ -17,7 +17,10 @@ from ._dispatch import Backend
 from .accumulate import accumulate_
 from .per_sample import per_sample_linear, per_sample_linear_bias
 
-__all__ = ["empirical_fisher", "fisher_sums"]
+__all__ = ["FisherMode", "empirical_fisher", "fisher_sums"]
+
+#: how the Fisher is estimated: squared batch gradients, or exact per-sample ones
+FisherMode = Literal["batch", "per_sample"]
 
 
 def _unpack(batch: Any) -> tuple[Any, Any]:
@@ -168,7 +171,7 @@ def empirical_fisher(
     model: nn.Module,
     batches: Iterable[Any],
     loss_fn: Callable[[nn.Module, Any, Any], torch.Tensor],
-    mode: Literal["batch", "per_sample"] = "batch",
+    mode: FisherMode = "batch",
     *,
     backend: Backend = "auto",
 ) -> dict[str, torch.Tensor]:
@@ -213,7 +216,7 @@ def fisher_sums(
     model: nn.Module,
     batches: Iterable[Any],
     loss_fn: Callable[[nn.Module, Any, Any], torch.Tensor],
-    mode: Literal["batch", "per_sample"] = "batch",
+    mode: FisherMode = "batch",
     *,
     backend: Backend = "auto",
 ) -> tuple[dict[str, torch.Tensor], dict[str, int], frozenset[str]]:

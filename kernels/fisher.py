@@ -14,7 +14,7 @@ The public entry points, gathered from the modules that implement them:
 from __future__ import annotations
 
 from .accumulate import accumulate_, accumulate_reference_
-from .empirical import empirical_fisher, fisher_sums
+from .empirical import FisherMode, empirical_fisher, fisher_sums
 from .per_sample import (
     per_sample_linear,
     per_sample_linear_bias,
@@ -23,6 +23,7 @@ from .per_sample import (
 )
 
 __all__ = [
+    "FisherMode",
     "accumulate_",
     "accumulate_reference_",
     "empirical_fisher",

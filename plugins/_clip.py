@@ -158,8 +158,8 @@ def _cached_weight_files(name: str, tag: str, cache_dir: str | None) -> tuple[st
 
 def load_clip(
     name: str, pretrained: str | None = None, cache_dir: str | None = None, device: str | torch.device = "cpu"
-) -> tuple[nn.Module, Preprocess]:
-    """Build the open_clip model ``name``.
+) -> tuple[Any, Preprocess]:
+    """Build the open_clip model ``name`` (a ``CLIP`` or ``CustomTextCLIP``).
 
     :param name: an open_clip architecture (``open_clip.list_models()``), or one
         of :data:`TINY_CONFIGS`.
@@ -194,14 +194,15 @@ def load_clip(
                 f"'{pretrained}' is neither a checkpoint file nor a pretrained tag of CLIP '{name}'; "
                 f"tags: {', '.join(tags) if tags else '(none)'}"
             )
-        path, looked, what = _cached_weight_files(name, pretrained, cache_dir)
-        if path is None:
+        cached, looked, what = _cached_weight_files(name, pretrained, cache_dir)
+        if cached is None:
             raise DataError(
                 f"the weights {what} are not in the local cache; looked in: {'; '.join(looked)}. "
                 f"Download them once where there is a network (python -c \"import open_clip; "
                 f"open_clip.create_model_and_transforms('{name}', pretrained='{pretrained}')\"), "
                 f"point plugins.dmn.cache_dir at the cache, or set pretrained to the checkpoint file"
             )
+        path = cached
     kwargs: dict[str, Any] = {}
     if tag_cfg.get("mean"):
         kwargs.update(image_mean=tuple(tag_cfg["mean"]), image_std=tuple(tag_cfg["std"]))
@@ -227,6 +228,9 @@ class ClipImageEncoder(nn.Module):
     """CLIP's image tower on contlearn inputs: ``[N, C, H, W]`` in ``[0, 1]``
     (one channel is replicated to three), resized to the tower's size,
     normalised; returns L2-normalised features ``v``."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(self, visual: nn.Module, preprocess: Preprocess, out_features: int):
         super().__init__()
@@ -282,6 +286,9 @@ class ClipTextHead(nn.Module):
     The classifier is recomputed at every call in training mode with gradients
     on (so training reaches the text tower) and cached otherwise.
     """
+
+    tokens: torch.Tensor
+    text_model: Any  # an open_clip model: encode_text
 
     def __init__(
         self,

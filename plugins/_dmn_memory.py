@@ -39,6 +39,18 @@ class DualMemory(nn.Module):
         embedding instead of nothing.
     """
 
+    text: torch.Tensor
+    shot_feat: torch.Tensor
+    shot_mask: torch.Tensor
+    dyn_feat: torch.Tensor
+    dyn_ent: torch.Tensor
+    dyn_count: torch.Tensor
+    bias_query: nn.Parameter
+    bias_key: nn.Parameter
+    bias_value: nn.Parameter
+    bias_out: nn.Parameter
+    bias_text: nn.Parameter
+
     def __init__(
         self,
         dim: int,

@@ -194,7 +194,7 @@ def resolve(run: Any, request: dict[str, Any], where: str = "unlearn") -> Forget
                 f"{where}: the forget set is empty: no training samples of classes {classes} seen so far"
             )
         names = class_names(run.stream)
-        described = {
+        described: dict[str, Any] = {
             "classes": [names[i] for i in ids],
             "class_ids": ids,
             "forget_samples": len(forget_train),
@@ -224,7 +224,7 @@ def resolve(run: Any, request: dict[str, Any], where: str = "unlearn") -> Forget
             if len(local):
                 parts.append(e.train.subset(local))
             start += n
-        described: dict[str, Any] = {
+        described = {
             "samples": [int(i) for i in index - offset],
             "forget_samples": len(index),
         }

@@ -80,6 +80,9 @@ class ExpandableBackbone(nn.Module):
     """Generalized blocks followed by specialized blocks side by side; the
     features are the specialized blocks' outputs, concatenated in order."""
 
+    generalized: nn.Module
+    specialized: nn.ModuleList
+
     def __init__(self, generalized: nn.Module, specialized: nn.Module, block_features: int):
         super().__init__()
         self.generalized = generalized
@@ -103,6 +106,9 @@ class MemoNet(ContinualModel):
     :ivar n_frozen: how many specialized blocks (the oldest) are frozen.
     :ivar generalized_frozen: whether the generalized blocks are frozen too.
     """
+
+    backbone: ExpandableBackbone
+    head: IncrementalLinear
 
     def __init__(self, backbone: ExpandableBackbone, n_classes: int = 0):
         super().__init__(backbone, IncrementalLinear(backbone.out_features, n_classes))

@@ -153,7 +153,7 @@ def _crop(arg: str, spec: str) -> RandomOp:
 #: Augmentations by name: parser(argument, spec) -> op.
 AUGMENTATIONS = {
     "random_crop": _crop,
-    "random_resized_crop": lambda arg, spec: RandomResizedCrop(*_floats(arg or "0.2", spec, (1,))),
+    "random_resized_crop": lambda arg, spec: RandomResizedCrop(_floats(arg or "0.2", spec, (1,))[0]),
     "hflip": lambda arg, spec: HFlip(*_floats(arg or "0.5", spec, (1,))),
     "color_jitter": lambda arg, spec: ColorJitter(*_floats(arg, spec, (3, 4))),
     "grayscale": lambda arg, spec: RandomGrayscale(*_floats(arg or "0.2", spec, (1,))),

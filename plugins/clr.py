@@ -109,7 +109,7 @@ def insert_reprogramming(module: nn.Module, variant: str = "reduced") -> list[st
     return names
 
 
-def reprogramming_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
+def reprogramming_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
     """The reprogramming kernels of ``module``, by name."""
     return {f"{n}.reprogram.weight": m.reprogram.weight for n, m in module.named_modules()
             if isinstance(m, ReprogrammedConv)}
@@ -204,7 +204,7 @@ class CLR:
         #: per task: kernels and BatchNorm tensors by backbone-relative name
         self.banks: dict[int, dict[str, torch.Tensor]] = {}
         self._built = False
-        self._trained: list[nn.Parameter] = []
+        self._trained: list[torch.Tensor] = []
 
     # ------------------------------------------------------------- surgery
 
@@ -313,7 +313,7 @@ class CLR:
             p.requires_grad_(True)
         return trained
 
-    def _regularised(self, run, task: int) -> list[nn.Parameter]:
+    def _regularised(self, run, task: int) -> list[torch.Tensor]:
         backbone = run.model.backbone
         params = list(reprogramming_parameters(backbone).values())
         params += [p for m in backbone.modules() if isinstance(m, _BatchNorm) for p in m.parameters()]

@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 import torch
-from contlearn.kernels.fisher import fisher_sums
+from contlearn.kernels.fisher import FisherMode, fisher_sums
 from contlearn.plugins._common import (
     plugin_generator,
     refuse_logits_without_gradient,
@@ -94,7 +94,11 @@ def _fisher_sums(
     model: torch.nn.Module, data: Any, batch_size: int, mode: str
 ) -> tuple[dict[str, torch.Tensor], dict[str, int], frozenset[str]]:
     batches = (((b.x, b.t), b.y) for b in data.batches(batch_size))
-    return fisher_sums(model, batches, lambda m, xt, y: F.cross_entropy(m(xt[0], xt[1]).logits, y), mode=mode)
+
+    def loss(m: torch.nn.Module, xt: Any, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(m(xt[0], xt[1]).logits, y)
+
+    return fisher_sums(model, batches, loss, mode=cast(FisherMode, mode))  # a config's value, checked there
 
 
 def _fisher_over_processes(

@@ -33,11 +33,11 @@ from typing import Any
 
 import torch
 from contlearn.plugins._common import refuse_logits_without_gradient
-from torch import nn
 from torch.nn import functional as F
 
 from contlearn.errors import ConfigError, PluginError
 from contlearn.hookspecs import hookimpl
+from contlearn.models import ContinualModel
 from contlearn.models.heads import MultiHead
 from contlearn.snapshots import drop_unsaved_entries, frozen_copy, load_tensors, module_tensors
 
@@ -65,7 +65,7 @@ class LwF:
 
     def __init__(self, config: LwF.Config):
         self.config = config
-        self.teacher: nn.Module | None = None
+        self.teacher: ContinualModel | None = None  # what run.model is (an Avalanche model's view, too)
         self._pending: dict[str, torch.Tensor] | None = None
 
     @hookimpl
@@ -75,10 +75,10 @@ class LwF:
             teacher = frozen_copy(run.model)
             drop_unsaved_entries(teacher, self._pending)  # blocks added to the model since (MEMO, surgery)
             load_tensors(teacher, self._pending)
-            if isinstance(getattr(teacher, "head", None), MultiHead):
+            if isinstance(head := getattr(teacher, "head", None), MultiHead):
                 # the copy may already hold the head of the experience under way: not distilled
                 saved = {int(name.split(".")[2]) for name in self._pending if name.startswith("head.heads.")}
-                teacher.head.keep_tasks(sorted(saved))
+                head.keep_tasks(sorted(saved))
             self.teacher, self._pending = teacher, None
 
     @hookimpl
@@ -105,18 +105,18 @@ class LwF:
                 old = teacher_head.heads[str(t)](features)
                 # a known task's head may have grown since: its old classes come first
                 terms.append(distillation(heads[str(t)](out.features)[:, : old.shape[1]], old, T))
-            loss = sum(terms)
-            return {"lwf": self.config.alpha * loss}
+            return {"lwf": self.config.alpha * sum(terms[1:], terms[0])} if terms else None
         tasks = getattr(self.teacher, "trained_tasks", None)
         if tasks is not None:
             # an Avalanche multi-task model (contlearn.interop.avalanche), likewise:
             # every old task's classifier on the new data
+            view: Any = self.teacher  # an AvalancheModelView: trained_tasks, task_logits
             terms = []
             for t in tasks:
                 with torch.no_grad():
-                    old = self.teacher.task_logits(batch.x, t)
+                    old = view.task_logits(batch.x, t)
                 terms.append(distillation(run.model.task_logits(batch.x, t)[:, : old.shape[1]], old, T))
-            return {"lwf": self.config.alpha * sum(terms)}
+            return {"lwf": self.config.alpha * sum(terms[1:], terms[0])} if terms else None
         _check_trainable(out.logits, "logits")
         with torch.no_grad():
             old = self.teacher(batch.x, batch.t).logits

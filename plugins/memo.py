@@ -229,6 +229,7 @@ class MEMO:
         aux = out.extras.get("aux_logits")
         if aux is None:
             raise TrainingError("memo: the model output has no 'aux_logits'; another plugin's forward replaced MEMO's")
+        assert self._aux_map is not None, "made by before_experience, with self.old"
         return {"aux": self.config.alpha_aux * F.cross_entropy(aux, self.aux_targets(self._aux_map, batch.y))}
 
     def _features(self, model: MemoNet):

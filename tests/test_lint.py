@@ -15,3 +15,19 @@ def test_ruff_is_clean():
     command = [ruff] if ruff else [sys.executable, "-m", "ruff"]
     proc = subprocess.run([*command, "check", "--output-format", "concise", str(ROOT)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_mypy_is_clean(tmp_path):
+    """mypy over the package as it installs: ``contlearn.plugins`` is ``plugins/``
+    and so on (pyproject's package-dir), which a tree of links reproduces."""
+    tree = tmp_path / "contlearn"
+    tree.mkdir()
+    for entry in (ROOT / "contlearn").iterdir():
+        if entry.name != "__pycache__":
+            (tree / entry.name).symlink_to(entry)
+    for folder in ("plugins", "kernels", "scenarios"):
+        (tree / folder).symlink_to(ROOT / folder)
+    command = [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"),
+               "--cache-dir", str(tmp_path / "cache"), "-p", "contlearn"]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
