@@ -10,6 +10,7 @@ Setting ``CONTLEARN_DISABLE_PLUGIN_AUTOLOAD=1`` skips entry points.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import inspect
@@ -18,7 +19,7 @@ import re
 import sys
 import traceback
 import warnings
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -167,6 +168,25 @@ def _import(module_name: str, what: str, path: Path | None) -> ModuleType:
         lines = [f.lineno for f in traceback.extract_tb(exc.__traceback__) if path and Path(f.filename) == path]
         at = f" (at {path}:{lines[-1]})" if lines and not isinstance(exc, SyntaxError) else ""
         raise PluginError(f"{what}: importing {path or module_name} failed: {type(exc).__name__}: {exc}{at}") from exc
+
+
+@contextlib.contextmanager
+def classes_given_again(python_call: str) -> Iterator[None]:
+    """Reading a run's saved config: a plugin it names that is unknown here was
+    likely given as a class (``-p``, or in Python); say how to give it again.
+    ``python_call`` holds ``{plugins}`` where the mapping goes."""
+    try:
+        yield
+    except PluginError as exc:
+        unknown = re.match(r"unknown plugin '([^']*)'", str(exc))
+        if unknown is None:
+            raise
+        name = unknown[1]
+        python = python_call.format(plugins=f"{{'{name}': TheClass}}")
+        raise PluginError(
+            f"{exc} (if the run was given it as a class, give it again: on the command line "
+            f"-p {name}=FILE.py:Class, in Python {python})"
+        ) from None
 
 
 class PluginLoadWarning(UserWarning):

@@ -7,7 +7,7 @@
 ``contlearn unlearn RUN_DIR (--classes C ... | --samples I ...) [--alpha A --lam L | --auto [--target T]]``.
 Errors meant for the user print one line to stderr and exit with 2 (usage and
 config) or 1 (run time), without a traceback. ``-p NAME=FILE.py:CLASS`` (run,
-resume, show-config, plugins) gives a plugin class of one's own, as
+resume, unlearn, show-config, plugins) gives a plugin class of one's own, as
 ``Experiment(plugins={NAME: CLASS})`` does. The first Ctrl-C (or SIGTERM)
 during a run finishes the current step, writes a checkpoint and exits with 130.
 """
@@ -113,6 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     unlearn.add_argument("--out", default=None, help="new run directory (default RUN_DIR/unlearn-<k>)")
     unlearn.add_argument("--device", default=None, help="where to unlearn: auto, cpu, cuda[:k] (default: the run's device)")
     unlearn.add_argument("--threads", type=int, default=None, help="CPU threads (default: the run's threads setting)")
+    _add_plugin_option(unlearn)
     return parser
 
 
@@ -242,7 +243,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     }  # fmt: skip
     where = [f"{key}={value}" for key, value in (("device", args.device), ("threads", args.threads)) if value is not None]
     report, out = unlearn_run_dir(args.run_dir, {k: v for k, v in request.items() if v is not None}, args.out,
-                                  overrides=where)
+                                  overrides=where, plugins=_given_classes(args))
     print(summary(report))
     print(f"\nnew run directory: {out}")
     return 0

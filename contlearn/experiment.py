@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-import re
 import signal
 import sys
 import threading
@@ -44,7 +43,7 @@ from contlearn._loop import (
     evaluate_initial,
     train_experience,
 )
-from contlearn._registry import PluginRegistry, given_plugins
+from contlearn._registry import PluginRegistry, classes_given_again, given_plugins
 from contlearn._run_dir import refuse_existing_run, refuse_finished
 from contlearn._run_lock import RunLock, hold, refuse_if_in_use
 from contlearn._run_state import Progress, Resumed
@@ -65,7 +64,6 @@ from contlearn.errors import (
     ConfigError,
     ContlearnError,
     DataError,
-    PluginError,
 )
 from contlearn.metrics import per_class_accuracy, summary
 from contlearn.models import create_model
@@ -218,18 +216,8 @@ class Experiment:
             raise ConfigError(f"a run resumes in its own directory '{run_dir}': 'out' cannot be overridden")
         classes = {n: p for n, p in given_plugins(plugins, "Experiment.resume(plugins=...)").items() if isinstance(p, type)}
         _check_stream(stream)
-        try:
-            with saved_run_config():  # checked as it was when the run started
-                config = load_config(config_file, overrides, plugins=classes)
-        except PluginError as exc:
-            unknown = re.match(r"unknown plugin '([^']*)'", str(exc))
-            if unknown is None:
-                raise
-            name = unknown[1]
-            raise PluginError(
-                f"{exc} (if the run was given it as a class, give it again: on the command line "
-                f"-p {name}=FILE.py:Class, in Python Experiment.resume(run_dir, plugins={{'{name}': TheClass}}))"
-            ) from None
+        with saved_run_config(), classes_given_again("Experiment.resume(run_dir, plugins={plugins})"):
+            config = load_config(config_file, overrides, plugins=classes)  # checked as it was when the run started
         new = [name for name in classes if name not in config.plugins]
         if new:
             raise ConfigError(

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from contlearn import _run_state as run_state
 from contlearn import checkpoint as ckpt
+from contlearn._registry import classes_given_again
 from contlearn._run_dir import refuse_existing_run, results_rows
 from contlearn._run_lock import LOCK_NAME, holding
 from contlearn.config import load_config, saved_run_config, schema_defaults, to_container, to_yaml
@@ -56,6 +57,7 @@ def unlearn_run_dir(
     out: str | Path | None = None,
     ssd_config: dict[str, Any] | None = None,
     overrides: Sequence[str] = (),
+    plugins: Mapping[str, type] | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """Make the model of ``run_dir``'s newest checkpoint forget what ``request`` names.
 
@@ -65,6 +67,8 @@ def unlearn_run_dir(
     :param ssd_config: fields of the SSD plugin to use when the run has none.
     :param overrides: ``device=...``, ``threads=...``: where this unlearning runs
         (a run trained on a GPU, unlearnt on a machine without one).
+    :param plugins: the plugin classes the run was given by name (``-p``, or
+        ``Experiment(plugins=...)``), which its model is rebuilt with.
     :return: the report (also in ``out/unlearn.json``) and ``out``.
     :raises ConfigError: not a run directory, ``out`` is ``run_dir``, a newest
         checkpoint inside an experience (finish the run first), an override other
@@ -87,7 +91,7 @@ def unlearn_run_dir(
     with holding(run_dir, "an unlearning from its checkpoint"):  # no run or resume rotates it meanwhile
         out_dir = Path(out) if out is not None else _default_out(run_dir)
         try:
-            return _unlearn_locked(run_dir, out_dir, request, ssd_config, overrides)
+            return _unlearn_locked(run_dir, out_dir, request, ssd_config, overrides, dict(plugins or {}))
         except BaseException:
             if out is None:  # the directory made for it, if nothing was written there
                 with contextlib.suppress(OSError):
@@ -97,19 +101,26 @@ def unlearn_run_dir(
 
 
 def _unlearn_locked(
-    run_dir: Path, out_dir: Path, request: dict[str, Any], ssd_config: dict[str, Any] | None, overrides: Sequence[str]
+    run_dir: Path,
+    out_dir: Path,
+    request: dict[str, Any],
+    ssd_config: dict[str, Any] | None,
+    overrides: Sequence[str],
+    classes: dict[str, type],
 ) -> tuple[dict[str, Any], Path]:
     from contlearn.experiment import Experiment, cpu_threads, resolve_device
 
     config_file = run_dir / "config.yaml"
-    with saved_run_config():  # the run directory's config must not make the rebuild write there
-        config = load_config(config_file, [*_where_it_runs(overrides), "out=null"])
+    with saved_run_config(), classes_given_again("unlearn_run_dir(run_dir, ..., plugins={plugins})"):
+        # the run directory's config must not make the rebuild write there
+        config = load_config(config_file, [*_where_it_runs(overrides), "out=null"], plugins=classes)
     if not ckpt.list_checkpoints(run_dir / ckpt.DIRNAME):
         raise CheckpointError(
             f"no checkpoint in '{run_dir / ckpt.DIRNAME}': nothing to unlearn from (checkpoint.enabled was off?)"
         )
     path, state = ckpt.latest(run_dir / ckpt.DIRNAME)
-    run_state.check_config(state["config"], to_container(config), path.name, schema_defaults(list(config.plugins)))
+    defaults = schema_defaults(list(config.plugins), plugins=classes)
+    run_state.check_config(state["config"], to_container(config), path.name, defaults)
     pos = state["position"]
     _refuse_an_older_model(run_dir, path, pos)
     if pos["inside_experience"]:
@@ -121,7 +132,7 @@ def _unlearn_locked(
     refuse_existing_run(out_dir)
     resolve_device(config.device, instead="unlearn elsewhere with --device cpu (or auto)")
     with saved_run_config():
-        experiment = Experiment(config)
+        experiment = Experiment(config, plugins=classes)
     with cpu_threads(config.threads):
         return _unlearn(experiment, state, path, run_dir, out_dir, request, ssd_config), out_dir
 

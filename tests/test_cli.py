@@ -249,7 +249,7 @@ raise SystemExit(main())
     assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr, done.stderr
 
 
-def test_a_plugin_of_one_s_own_from_a_file_runs_shows_lists_and_resumes_with_p(plugin_file, tmp_path, capsys):
+def test_a_plugin_of_one_s_own_from_a_file_runs_shows_lists_unlearns_and_resumes_with_p(plugin_file, tmp_path, capsys):
     import shutil
 
     from contlearn import checkpoint as ckpt
@@ -265,6 +265,10 @@ def test_a_plugin_of_one_s_own_from_a_file_runs_shows_lists_and_resumes_with_p(p
     assert "anchor:\n    weight: 0.1" in capsys.readouterr().out  # active, with its default
     assert main(["plugins", "anchor", *given]) == 0
     assert capsys.readouterr().out.startswith("anchor  [given with --plugin]  Keeps the logits small")
+    unlearn = ["unlearn", str(whole), "--classes", "0", "--alpha", "10", "--lam", "1"]
+    assert main(unlearn) == 2
+    assert "unknown plugin 'anchor'" in capsys.readouterr().err
+    assert main([*unlearn, *given]) == 0 and (whole / "unlearn-1" / "unlearn.json").is_file()
 
     stopped = tmp_path / "stopped"  # the run as a crash half-way left it
     shutil.copytree(whole, stopped)
