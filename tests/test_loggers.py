@@ -92,11 +92,11 @@ def test_tensorboard_scalars(quick, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    Experiment(quick_cfg(quick), plugins={"tb": TensorBoardLogger(tmp_path / "tb")}).run()
+    Experiment(quick_cfg(quick, "plugins.ewc.lam=1"), plugins={"tb": TensorBoardLogger(tmp_path / "tb")}).run()
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"train/loss", "eval/average_accuracy", "eval/accuracy/exp0", "eval/accuracy/exp1"} <= tags
+    assert {"train/loss", "train/loss/ewc", "eval/average_accuracy", "eval/accuracy/exp0", "eval/accuracy/exp1"} <= tags
     assert [e.step for e in acc.Scalars("eval/average_accuracy")] == [0, 1]
     assert len(acc.Scalars("train/loss")) == 4
 
