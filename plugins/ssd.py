@@ -491,7 +491,7 @@ class SSD:
         for k, (alpha, lam) in enumerate(walk):
             if k > 1:
                 self._restore(params, original)
-            dampened = 0 if alpha is None else dampen_(params, fisher_d, fisher_f, alpha, lam)
+            dampened = 0 if alpha is None or lam is None else dampen_(params, fisher_d, fisher_f, alpha, lam)
             acc = accuracy(run.model, predict, sets.forget_train, eval_bs)
             trials.append(
                 {
